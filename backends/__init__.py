@@ -1,0 +1,111 @@
+"""Backend registry: which implementations of the fisheropt interface can run here.
+
+Every backend is a module exposing the functions named in
+:data:`fisheropt.backends.interface.FUNCTIONS` with the reference's exact
+signatures, plus ``NAME`` (str), ``array_module`` (``numpy`` or ``cupy``) and
+``owns(array) -> bool`` (does this backend operate on this kind of array).
+
+A backend that cannot load is never replaced silently: :func:`get` raises
+:class:`BackendUnavailable` with the reason, and :func:`unavailable` lists the
+reasons for all of them.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .interface import FUNCTIONS, BackendUnavailable
+
+__all__ = ["available", "unavailable", "get", "select", "BackendUnavailable", "FUNCTIONS", "KNOWN"]
+
+# name -> module path; order is the preference order of backend="auto" for host arrays.
+KNOWN = {
+    "numpy": "fisheropt.backends.reference",
+    "numba": "fisheropt.backends.numba",
+    "cupy": "fisheropt.backends.cupy",
+}
+_AUTO_PREFERENCE_HOST = ("numba", "numpy")
+
+_loaded: dict[str, object] = {}
+_reasons: dict[str, str] = {}
+
+
+def _try_load(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _reasons:
+        return None
+    try:
+        module = importlib.import_module(KNOWN[name])
+        check = getattr(module, "check_usable", None)
+        if check is not None:
+            check()  # raises BackendUnavailable with a reason (e.g. no GPU)
+    except BackendUnavailable as exc:
+        _reasons[name] = str(exc)
+        return None
+    except ImportError as exc:
+        _reasons[name] = f"import failed: {exc}"
+        return None
+    missing = [f for f in FUNCTIONS if not callable(getattr(module, f, None))]
+    if missing:
+        _reasons[name] = f"incomplete backend, missing: {', '.join(missing)}"
+        return None
+    _loaded[name] = module
+    return module
+
+
+def available() -> list[str]:
+    """Names of the backends that load and can run on this machine ("numpy" always)."""
+    return [name for name in KNOWN if _try_load(name) is not None]
+
+
+def unavailable() -> dict[str, str]:
+    """Backend name -> why it cannot be used here."""
+    available()
+    return dict(_reasons)
+
+
+def get(name: str):
+    """The backend module called ``name``; a clear error if unknown or unusable."""
+    if not isinstance(name, str) or name not in KNOWN:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(KNOWN)}")
+    module = _try_load(name)
+    if module is None:
+        raise BackendUnavailable(f"backend {name!r} is not usable here: {_reasons[name]}")
+    return module
+
+
+def select(name: str, arrays) -> object:
+    """Resolve ``name`` (a backend name or "auto") for the given arrays.
+
+    "auto" picks the cupy backend when the arrays are CuPy arrays, otherwise
+    the fastest usable host backend (numba, then the numpy reference).
+    An explicit name is checked against the arrays: a host backend given
+    device arrays (or the reverse) is an error, never a silent copy.
+    """
+    arrays = list(arrays)
+    on_device = [_is_cupy_array(a) for a in arrays]
+    if any(on_device) and not all(on_device):
+        raise TypeError("arrays mix CuPy (GPU) and host arrays; put them all on one device")
+    device = bool(on_device) and all(on_device)
+    if name == "auto":
+        if device:
+            return get("cupy")
+        for candidate in _AUTO_PREFERENCE_HOST:
+            module = _try_load(candidate)
+            if module is not None:
+                return module
+        raise BackendUnavailable("no host backend is usable")  # unreachable: numpy always loads
+    module = get(name)
+    for a in arrays:
+        if not module.owns(a):
+            raise TypeError(
+                f"backend {name!r} does not operate on {type(a).__module__}.{type(a).__name__} arrays"
+                + ("; use backend='cupy' or 'auto' for CuPy arrays" if device else "")
+            )
+    return module
+
+
+def _is_cupy_array(a) -> bool:
+    # Checked by type name so that this module never imports cupy itself.
+    t = type(a)
+    return t.__module__.startswith("cupy") and t.__name__ == "ndarray"

@@ -1,0 +1,23 @@
+"""fisheropt: Fisher-information optimizers and natural-gradient estimators.
+
+Public API::
+
+    import fisheropt as fo
+    fo.backends.available()                     # usable backends ("numpy" always)
+    opt = fo.FAdam(params, lr=1e-3, backend="auto")
+    opt.step(grads)
+    fo.save_state(opt.state_dict(), "opt.npz")
+
+The math is in fisheropt.refimpl (NumPy reference) and spec/ (one page per rule).
+"""
+from . import backends
+from .backends import BackendUnavailable
+from .optim import Adam, AdamW, CoupledAdam, FAdam, Optimizer
+from .state_io import load_state, save_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adam", "AdamW", "FAdam", "CoupledAdam", "Optimizer",
+    "backends", "BackendUnavailable", "save_state", "load_state", "__version__",
+]

@@ -1,0 +1,81 @@
+r"""FAdam (Hwang, 2024): Adam read as natural-gradient descent with a diagonal
+empirical Fisher, and corrected accordingly.
+
+Spec: spec/fadam.md (also the history of the epsilon across the paper's versions).
+Per tensor, with RMS(x) = \sqrt{\mathrm{mean}(x^2)} over the whole tensor:
+
+.. math::
+    \hat\beta_2 &= \beta_2\,\frac{1-\beta_2^{t-1}}{1-\beta_2^{t}}
+        && \text{debiased EMA weight (0 at t=1, so } f_1 = g_1^2)\\
+    f_t &= \hat\beta_2 f_{t-1} + (1-\hat\beta_2)\,g_t^2
+        && \text{diagonal empirical Fisher}\\
+    \epsilon_t &= \min(\epsilon,\ \epsilon_2\,\mathrm{RMS}(g_t))^{2p}
+        \ \ (\epsilon^{2p}\text{ if RMS}(g_t)=0) && \text{adaptive epsilon}\\
+    \bar g &= g_t / (f_t^{\,p} + \epsilon_t),\quad
+    \bar g \leftarrow \bar g / \max(1, \mathrm{RMS}(\bar g)/c)
+        && \text{natural gradient, RMS-clipped}\\
+    m_t &= \beta_1 m_{t-1} + (1-\beta_1)\,\bar g
+        && \text{momentum after preconditioning, no bias correction}\\
+    \bar w &= \theta / (f_t^{\,p} + \epsilon_t),\quad
+    \bar w \leftarrow \bar w / \max(1, \mathrm{RMS}(\bar w)/c)
+        && \text{Fisher-preconditioned weight decay}\\
+    \theta_t &= \theta_{t-1} - \alpha\,(m_t + \lambda\,\bar w)
+"""
+import math
+
+import numpy as np
+
+
+def rms(x) -> float:
+    """Root mean square over all elements, accumulated in float64 (0 for an empty tensor)."""
+    if x.size == 0:
+        return 0.0
+    x64 = np.asarray(x, dtype=np.float64)
+    return math.sqrt(np.mean(x64 * x64))
+
+
+def debiased_beta2(beta2, t):
+    r"""\hat\beta_2 = \beta_2 (1-\beta_2^{t-1}) / (1-\beta_2^t)."""
+    return beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
+
+
+def adaptive_epsilon(rms_g, *, eps, eps2, p):
+    r"""\epsilon_t = \min(\epsilon, \epsilon_2 RMS(g))^{2p}; \epsilon^{2p} when RMS(g) = 0.
+
+    The guard matters: v3 of the paper wrote \epsilon\min(1, RMS(g)), which is 0
+    for an all-zero gradient and turns 0/(0+0) into NaN."""
+    if rms_g == 0:
+        return eps ** (2 * p)
+    return min(eps, eps2 * rms_g) ** (2 * p)
+
+
+def clip_scale(rms_x, c):
+    """max(1, RMS(x)/c): divide by this to cap RMS(x) at c (the paper's form)."""
+    return max(1.0, rms_x / c)
+
+
+def fadam_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
+    """One FAdam step on one tensor. Pure: returns (theta, m, f) as new arrays."""
+    dtype = theta.dtype.type
+    beta2_hat = debiased_beta2(beta2, t)
+    f = dtype(beta2_hat) * f + dtype(1 - beta2_hat) * (g * g)
+    eps_t = adaptive_epsilon(rms(g), eps=eps, eps2=eps2, p=p)
+    denom = f ** dtype(p) + dtype(eps_t)
+
+    g_bar = g / denom
+    g_bar = g_bar / dtype(clip_scale(rms(g_bar), clip))
+    m = dtype(beta1) * m + dtype(1 - beta1) * g_bar
+
+    w_bar = theta / denom
+    w_bar = w_bar / dtype(clip_scale(rms(w_bar), clip))
+    theta = theta - dtype(lr) * (m + dtype(weight_decay) * w_bar)
+    return theta, m, f
+
+
+def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
+    """Multi-tensor, in place: the backend interface for FAdam."""
+    for theta_i, g_i, m_i, f_i in zip(params, grads, m, f):
+        theta_new, m_new, f_new = fadam_update(
+            theta_i, g_i, m_i, f_i, t=step, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+        theta_i[...], m_i[...], f_i[...] = theta_new, m_new, f_new
