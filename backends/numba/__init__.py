@@ -1,0 +1,24 @@
+"""The "numba" backend: fused, multi-threaded CPU kernels (Numba, cache=True).
+
+Same function names and signatures as the reference backend
+(fisheropt.backends.reference); see fisheropt.backends.interface.
+Importing this module fails with ImportError when numba is missing, which the
+registry reports as the reason the backend is unavailable.
+"""
+import numpy as np
+import numba  # noqa: F401  (an ImportError here is the registry's "why not")
+
+NAME = "numba"
+array_module = np
+
+
+def owns(array) -> bool:
+    return isinstance(array, np.ndarray)
+
+
+# --- update rules (issue: Numba CPU backend) -------------------------------------
+# from .optim import all_finite, adam_step, adamw_step, fadam_step, coupled_adam_step
+
+# --- Fisher directions (issue: Fisher estimators) --------------------------------
+
+# --- ESimCSE momentum encoder (issue: ESimCSE) -----------------------------------
