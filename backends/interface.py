@@ -34,4 +34,5 @@ FUNCTIONS = (
     "adamw_step",
     "fadam_step",
     "coupled_adam_step",
+    "ema_update",
 )

@@ -12,6 +12,7 @@ from fisheropt.refimpl import (  # noqa: F401  (re-exported as the backend inter
     coupled_adam_step,
     fadam_step,
 )
+from fisheropt.refimpl.esimcse_momentum import ema_update  # noqa: F401  (ESimCSE momentum encoder)
 
 NAME = "numpy"
 array_module = np

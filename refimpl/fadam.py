@@ -10,7 +10,7 @@ Per tensor, with RMS(x) = \sqrt{\mathrm{mean}(x^2)} over the whole tensor:
     f_t &= \hat\beta_2 f_{t-1} + (1-\hat\beta_2)\,g_t^2
         && \text{diagonal empirical Fisher}\\
     \epsilon_t &= \min(\epsilon,\ \epsilon_2\,\mathrm{RMS}(g_t))^{2p}
-        \ \ (\epsilon^{2p}\text{ if RMS}(g_t)=0) && \text{adaptive epsilon}\\
+        \ \ (\epsilon^{2p}\text{ where that is 0}) && \text{adaptive epsilon}\\
     \bar g &= g_t / (f_t^{\,p} + \epsilon_t),\quad
     \bar g \leftarrow \bar g / \max(1, \mathrm{RMS}(\bar g)/c)
         && \text{natural gradient, RMS-clipped}\\
@@ -39,14 +39,22 @@ def debiased_beta2(beta2, t):
     return beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
 
 
-def adaptive_epsilon(rms_g, *, eps, eps2, p):
-    r"""\epsilon_t = \min(\epsilon, \epsilon_2 RMS(g))^{2p}; \epsilon^{2p} when RMS(g) = 0.
+def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype=np.float64):
+    r"""\epsilon_t = \min(\epsilon, \epsilon_2 RMS(g))^{2p}, as a value of ``dtype``.
+
+    Computed in float64, rounded to the parameter dtype. Where it comes out 0,
+    because RMS(g) = 0 or because it underflows (a subnormal gradient, or
+    rounding to float32), \epsilon^{2p} is used instead; the result is then
+    at least the dtype's smallest normal number, so f^p + \epsilon_t > 0 and
+    g / (f^p + \epsilon_t) is never 0/0.
 
     The guard matters: v3 of the paper wrote \epsilon\min(1, RMS(g)), which is 0
     for an all-zero gradient and turns 0/(0+0) into NaN."""
-    if rms_g == 0:
-        return eps ** (2 * p)
-    return min(eps, eps2 * rms_g) ** (2 * p)
+    dtype = np.dtype(dtype).type
+    eps_t = dtype(min(eps, eps2 * rms_g) ** (2 * p))
+    if eps_t == 0:
+        eps_t = dtype(eps ** (2 * p))
+    return max(eps_t, np.finfo(dtype).tiny)
 
 
 def clip_scale(rms_x, c):
@@ -59,8 +67,8 @@ def fadam_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, wei
     dtype = theta.dtype.type
     beta2_hat = debiased_beta2(beta2, t)
     f = dtype(beta2_hat) * f + dtype(1 - beta2_hat) * (g * g)
-    eps_t = adaptive_epsilon(rms(g), eps=eps, eps2=eps2, p=p)
-    denom = f ** dtype(p) + dtype(eps_t)
+    eps_t = adaptive_epsilon(rms(g), eps=eps, eps2=eps2, p=p, dtype=theta.dtype)
+    denom = f ** dtype(p) + eps_t
 
     g_bar = g / denom
     g_bar = g_bar / dtype(clip_scale(rms(g_bar), clip))

@@ -31,3 +31,4 @@ def check_usable() -> None:
 # --- Fisher directions (issue: Fisher estimators) --------------------------------
 
 # --- ESimCSE momentum encoder (issue: ESimCSE) -----------------------------------
+from .esimcse import ema_update  # noqa: E402,F401

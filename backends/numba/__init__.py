@@ -22,3 +22,4 @@ def owns(array) -> bool:
 # --- Fisher directions (issue: Fisher estimators) --------------------------------
 
 # --- ESimCSE momentum encoder (issue: ESimCSE) -----------------------------------
+from .esimcse import ema_update  # noqa: E402,F401

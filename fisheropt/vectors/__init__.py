@@ -36,6 +36,7 @@ SUITES = {
     "adamw": "fisheropt.vectors.optim:adamw_cases",
     "fadam": "fisheropt.vectors.optim:fadam_cases",
     "coupled_adam": "fisheropt.vectors.optim:coupled_adam_cases",
+    "esimcse": "fisheropt.vectors.esimcse:ema_cases",
 }
 
 
@@ -115,9 +116,18 @@ def write_all(directory: Path = VECTOR_DIR, names=None) -> list[Path]:
     written = []
     for name in names or SUITES:
         path = directory / f"{name}.json"
-        path.write_text(json.dumps(generate_suite(name), indent=1) + "\n")
+        path.write_text(_dump(generate_suite(name)))
         written.append(path)
     return written
+
+
+def _dump(suite: dict) -> str:
+    """Header fields one per line, then one case per line: diffable, and compact."""
+    head = {k: v for k, v in suite.items() if k != "cases"}
+    lines = ["{"] + [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+    cases = [" " + json.dumps(c, separators=(",", ":")) for c in suite["cases"]]
+    lines += [' "cases": [', ",\n".join(cases), " ]", "}"]
+    return "\n".join(lines) + "\n"
 
 
 def load_suite(name: str, directory: Path = VECTOR_DIR) -> dict:

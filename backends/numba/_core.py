@@ -1,0 +1,155 @@
+"""Plumbing shared by the fused Numba kernels: raw pointers, chunk tables, plan cache.
+
+A multi-tensor step is ONE call into one parallel kernel, whatever the number of
+tensors. The host passes, per dtype group, int64 arrays of base addresses (one
+per tensor and per operand) and a fixed chunk table ``(tensor, start, stop)``;
+the kernel ``prange``s over the chunks and turns each address into a typed
+pointer with :func:`as_pointer` (an ``inttoptr``, nothing else).
+
+Determinism: chunk boundaries depend only on the tensor sizes (never on the
+thread count), every reduction is a per-chunk partial with a fixed lane
+structure, and partials are combined in chunk order on one thread. Results are
+therefore bitwise identical for any ``numba.set_num_threads``.
+
+Plan cache: the addresses of params and state arrays and the chunk tables are
+cached, keyed on the identities of those arrays (the optimizer passes the same
+arrays every step; only grads change, and their addresses are read each call).
+A cache entry holds *weak* references to the arrays and is used only while every
+one of them is still alive and is the very object it was built for, so a freed
+array (and a recycled ``id``) can never be mistaken for a cached one, and the
+cache never keeps a model's memory alive. The cache holds at most
+``_CACHE_MAX`` entries (least recently used evicted).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+# Elements per chunk of the elementwise passes: 2^16 (256 KiB of float32) keeps
+# each chunk's working set in L2 and balances big and small tensors.
+CHUNK = 1 << 16
+
+_CACHE_MAX = 32
+
+
+@intrinsic
+def as_pointer(typingctx, address, like):
+    """``as_pointer(addr, x)``: the int ``addr`` as a pointer to ``typeof(x)`` elements."""
+    if not isinstance(address, types.Integer):
+        return None
+    ptrty = types.CPointer(like)
+    sig = ptrty(address, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptrty))
+
+    return sig, codegen
+
+
+def address(a: np.ndarray) -> int:
+    """Base address of a (C-contiguous) NumPy array."""
+    return a.__array_interface__["data"][0]
+
+
+def addresses(arrays, idx=None) -> np.ndarray:
+    """int64 array of the base addresses of ``arrays`` (or of ``arrays[i] for i in idx``)."""
+    if idx is None:
+        return np.fromiter((a.__array_interface__["data"][0] for a in arrays), np.int64, len(arrays))
+    return np.fromiter((arrays[i].__array_interface__["data"][0] for i in idx), np.int64, len(idx))
+
+
+def flat_chunks(sizes, chunk: int = CHUNK):
+    """Chunk table over tensors of the given sizes.
+
+    Returns (tens, start, stop, first): chunk c covers elements [start[c], stop[c])
+    of tensor tens[c]; tensor t owns chunks first[t] .. first[t+1]-1 (none if empty).
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    counts = (sizes + chunk - 1) // chunk
+    first = np.zeros(sizes.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=first[1:])
+    nch = int(first[-1])
+    tens = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
+    local = np.arange(nch, dtype=np.int64) - first[tens]
+    start = local * chunk
+    stop = np.minimum(start + chunk, sizes[tens])
+    return tens, start, stop, first
+
+
+def row_chunks(rows, cols, *, target: int = CHUNK, max_blocks=None):
+    """Chunk table over the rows of 2-D tensors (rows[t] x cols[t]).
+
+    Each chunk is a range of whole rows of one tensor, about ``target`` elements
+    (at least one row). With ``max_blocks`` the number of chunks per tensor is
+    capped (bigger row blocks), which bounds the memory of per-chunk column partials.
+    Returns (tens, row_start, row_stop, first).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    per = np.maximum(1, target // np.maximum(cols, 1))
+    if max_blocks is not None:
+        per = np.maximum(per, (rows + max_blocks - 1) // max_blocks)
+    per = np.maximum(per, 1)
+    counts = np.where(rows * cols > 0, (rows + per - 1) // per, 0)
+    first = np.zeros(rows.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=first[1:])
+    nch = int(first[-1])
+    tens = np.repeat(np.arange(rows.size, dtype=np.int64), counts)
+    local = np.arange(nch, dtype=np.int64) - first[tens]
+    start = local * per[tens]
+    stop = np.minimum(start + per[tens], rows[tens])
+    return tens, start, stop, first
+
+
+def dtype_groups(arrays):
+    """[(dtype, [indices])] grouping the arrays by dtype, in first-seen order."""
+    groups: dict = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(a.dtype, []).append(i)
+    return list(groups.items())
+
+
+class PlanCache:
+    """LRU of plans keyed on array identities, validated through weak references."""
+
+    def __init__(self, maxsize: int = _CACHE_MAX):
+        self._maxsize = maxsize
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tag, lists, build):
+        """The plan for ``lists`` (a tuple of lists of arrays), built by ``build(lists)`` if needed."""
+        key = (tag,) + tuple(tuple(map(id, lst)) for lst in lists)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                refs, plan = entry
+                if all(r() is a for r, a in zip(refs, _chain(lists))):
+                    self._entries.move_to_end(key)
+                    return plan
+                del self._entries[key]
+        plan = build(lists)
+        refs = tuple(weakref.ref(a) for a in _chain(lists))
+        with self._lock:
+            self._entries[key] = (refs, plan)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._maxsize:
+                self._entries.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _chain(lists):
+    for lst in lists:
+        yield from lst

@@ -1,0 +1,148 @@
+"""The ``fisheropt`` command (also ``python -m fisheropt``).
+
+::
+
+    fisheropt demo [--quick] [--out DIR] [--seed N]
+    fisheropt experiment NAME [--quick] [--out DIR] [--seed N]   # NAME: see `fisheropt experiment --list`
+    fisheropt experiment all [--quick] [--out DIR]
+    fisheropt bench ...                                          # benchmarks (fisheropt.bench)
+    fisheropt info                                               # version and backends
+
+Every run writes ``report.md`` and PNG plots into ``--out`` (default: a new
+folder ``fisheropt-runs/<name>-<time>`` under the current directory) and prints
+where they are. ``--quick`` is a sub-minute smoke run of the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _default_out(name: str) -> Path:
+    return Path.cwd() / "fisheropt-runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="a small, sub-minute run of the same code (smoke test)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="folder for report.md and the plots (default: fisheropt-runs/<name>-<time>)")
+    p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments import EXPERIMENTS
+
+    parser = argparse.ArgumentParser(
+        prog="fisheropt",
+        description="Fisher-information optimizers: a demo and small-scale reproductions of the papers' claims.")
+    parser.add_argument("--version", action="version", version=f"fisheropt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train the digits MLP with every optimizer on every backend",
+                          description="Train a NumPy MLP on scikit-learn's bundled digits with Adam, AdamW, "
+                                      "FAdam and natural-gradient descent (EF, SF, iEF) on every available "
+                                      "backend; print a table and write loss curves.")
+    _add_common(demo)
+
+    names = ", ".join(sorted(EXPERIMENTS))
+    exp = sub.add_parser("experiment", help=f"run one experiment ({names}, or all)",
+                         description=f"Run a small-scale reproduction of a paper's claim. Experiments: {names}; "
+                                     "'all' runs every one into subfolders of --out.")
+    exp.add_argument("name", nargs="?", help="experiment name, or 'all'")
+    exp.add_argument("--list", action="store_true", help="list the experiments and exit")
+    _add_common(exp)
+
+    bench = sub.add_parser("bench", help="benchmarks (arguments are passed to fisheropt.bench)", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+
+    sub.add_parser("info", help="print the version and which backends are usable here")
+    return parser
+
+
+def _run_demo(args) -> int:
+    from . import demo
+
+    out = args.out or _default_out("demo")
+    out.mkdir(parents=True, exist_ok=True)
+    demo.run(quick=args.quick, out_dir=out, seed=args.seed, verbose=True)
+    print(f"\nReport and plots: {out.resolve()}")
+    return 0
+
+
+def _run_experiment(args, parser) -> int:
+    from . import experiments
+
+    if args.list or not args.name:
+        if not args.list:
+            print("fisheropt experiment: give an experiment name (or 'all')\n", file=sys.stderr)
+        for name in sorted(experiments.EXPERIMENTS):
+            try:
+                line = experiments.describe(name)
+            except ImportError as exc:  # e.g. a module another engineer has not finished
+                line = f"(not importable: {exc})"
+            print(f"  {name:14s} {line}")
+        return 0 if args.list else 2
+    names = sorted(experiments.EXPERIMENTS) if args.name == "all" else [args.name]
+    unknown = [n for n in names if n not in experiments.EXPERIMENTS]
+    if unknown:
+        parser.error(f"unknown experiment {unknown[0]!r}; choose from: "
+                     f"{', '.join(sorted(experiments.EXPERIMENTS))}, all")
+    base = args.out or _default_out("experiment-" + args.name)
+    status = 0
+    for name in names:
+        out = base / name if len(names) > 1 else base
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"== experiment {name}{' (quick)' if args.quick else ''} ==")
+        start = time.perf_counter()
+        result = experiments.run(name, quick=args.quick, out_dir=out, seed=args.seed)
+        summary = result.get("summary") if isinstance(result, dict) else None
+        if summary:
+            print(summary)
+        print(f"Report: {(out / 'report.md').resolve()}  ({time.perf_counter() - start:.1f} s)")
+    return status
+
+
+def _run_info() -> int:
+    from . import backends
+
+    print(f"fisheropt {__version__}")
+    print("backends available:", ", ".join(backends.available()))
+    for name, reason in backends.unavailable().items():
+        print(f"  {name}: unavailable ({reason})")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        # Pass everything through untouched (including --help) to the bench module.
+        from . import bench
+        result = bench.main(argv[1:])
+        return int(result or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _run_demo(args)
+        if args.command == "experiment":
+            return _run_experiment(args, parser)
+        if args.command == "info":
+            return _run_info()
+    except ImportError as exc:
+        print(f"fisheropt: {exc}\n(the demo and experiments need the demo extra: "
+              "pip install 'fisheropt[demo]')", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Shared helpers for the demo and the experiments: progress bars, plots, Markdown.
+
+matplotlib (Agg, no display needed) and tqdm come with ``pip install fisheropt[demo]``;
+they are imported lazily so that ``import fisheropt`` never needs them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+DEMO_EXTRA_HINT = "install the demo extra: pip install 'fisheropt[demo]'"
+
+
+def progress(iterable=None, *, total=None, desc=None, leave=False, **kwargs):
+    """A tqdm progress bar on stderr; shown on a terminal, silent otherwise.
+
+    ``FISHEROPT_PROGRESS=1`` forces it on, ``=0`` off. Falls back to the bare
+    iterable when tqdm is not installed."""
+    flag = os.environ.get("FISHEROPT_PROGRESS")
+    disable = None if flag is None else flag.strip() in ("0", "", "false", "no")
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the demo extra
+        return iterable if iterable is not None else range(total or 0)
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=disable,
+                dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend."""
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError(f"plots need matplotlib; {DEMO_EXTRA_HINT}") from exc
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(path: Path, curves: dict, *, title: str, xlabel: str, ylabel: str,
+                logy: bool = False, bands: dict | None = None, xs: dict | None = None) -> Path:
+    """One line per entry of ``curves`` (label -> y values); optional shaded ``bands``
+    (label -> (low, high)) and x values (label -> xs). Writes a PNG and returns its path."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for label, ys in curves.items():
+        ys = np.asarray(ys, dtype=float)
+        x = np.asarray(xs[label]) if xs and label in xs else np.arange(1, ys.size + 1)
+        (line,) = ax.plot(x, ys, label=label, lw=1.4)
+        if bands and label in bands:
+            lo, hi = bands[label]
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2 if len(curves) > 5 else 1)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(path: Path, labels, values, errors=None, *, title: str, ylabel: str, logy=False) -> Path:
+    """A bar chart (mean ± error) written as PNG."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 2), 4), dpi=110)
+    ax.bar(range(len(labels)), values, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fmt(value, digits=4) -> str:
+    """Compact number formatting for tables (handles ints, nan, inf, tiny/huge)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    v = float(value)
+    if math.isnan(v) or math.isinf(v):
+        return str(v)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        return f"{v:.{max(digits - 1, 1)}e}"
+    return f"{v:.{digits}g}"
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, headers: dict | None = None) -> str:
+    """Rows of dicts as a GitHub Markdown table."""
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or list(rows[0])
+    headers = headers or {}
+    head = "| " + " | ".join(headers.get(c, c) for c in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def text_table(rows: list[dict], columns: list[str] | None = None, headers: dict | None = None) -> str:
+    """The same table, aligned for a terminal."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+    headers = headers or {}
+    cells = [[headers.get(c, c) for c in columns]] + [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def mean_std(values) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def environment_line() -> str:
+    import fisheropt
+    return (f"fisheropt {fisheropt.__version__}, Python {platform.python_version()}, "
+            f"NumPy {np.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"backends available: {', '.join(fisheropt.backends.available())}")
+
+
+@contextmanager
+def stopwatch():
+    """``with stopwatch() as t: ...``; then ``t()`` is the elapsed seconds."""
+    start = time.perf_counter()
+    end = []
+    yield lambda: (end[0] if end else time.perf_counter()) - start
+    end.append(time.perf_counter())
+
+
+def write_report(out_dir: Path, text: str) -> Path:
+    path = Path(out_dir) / "report.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def save_metrics(out_dir: Path, payload: dict, name: str = "metrics.json") -> Path:
+    """Write the raw numbers next to the report (JSON, NaN/inf as strings)."""
+    import json
+
+    def clean(o):
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if isinstance(o, np.ndarray):
+            return clean(o.tolist())
+        if isinstance(o, (np.floating, float)):
+            v = float(o)
+            return v if math.isfinite(v) else str(v)
+        if isinstance(o, np.integer):
+            return int(o)
+        return o
+
+    path = Path(out_dir) / name
+    path.write_text(json.dumps(clean(payload), indent=1), encoding="utf-8")
+    return path

@@ -1,0 +1,103 @@
+r"""A tiny NumPy sentence encoder for the ESimCSE workload, with analytic gradients.
+
+Spec: spec/esimcse.md. A bag of token + position embeddings with dropout, mean
+pooling and a linear projection — the smallest model that, like a Transformer
+with position embeddings, *can* encode a sentence's length (the mean of the
+first L position embeddings is a function of L), which is what ESimCSE's
+length-bias argument is about. For a padded batch of token ids t (B×L) with
+lengths n_b:
+
+.. math::
+    x_{b\ell} &= \mathrm{drop}_p\big(E_{t_{b\ell}} + P_\ell\big) \in \mathbb{R}^d
+        && \text{inverted dropout: } x \cdot \xi / (1-p),\ \xi \sim \mathrm{Bernoulli}(1-p)\\
+    \bar x_b &= \frac1{n_b}\sum_{\ell < n_b} x_{b\ell}
+        && \text{mean pooling over real tokens}\\
+    z_b &= \bar x_b W + c \in \mathbb{R}^{k}
+        && \text{projection; } z \text{ is the sentence embedding}
+
+``params = [E (V,d), P (L_max,d), W (d,k), c (k,)]``; E is the vocabulary
+embedding (``COUPLED = [True, False, False, False]`` for Coupled Adam). Token id
+0 is padding and never contributes. Backward returns the gradients of a scalar
+loss given dL/dz, aligned with params; E's gradient is scattered to the rows of
+the tokens that occur. Computed in the params' dtype.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PAD = 0
+COUPLED = (True, False, False, False)
+PARAM_NAMES = ("token_embedding", "position_embedding", "projection", "projection_bias")
+
+
+def init_params(vocab_size: int, max_len: int, dim: int, out_dim: int, *, rng=None, dtype=np.float64):
+    """Fresh parameters: N(0, 1/d) embeddings, N(0, 1/d) projection, zero bias."""
+    g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    s = 1.0 / np.sqrt(dim)
+    return [
+        (g.standard_normal((vocab_size, dim)) * s).astype(dtype),
+        (g.standard_normal((max_len, dim)) * s).astype(dtype),
+        (g.standard_normal((dim, out_dim)) * s).astype(dtype),
+        np.zeros(out_dim, dtype=dtype),
+    ]
+
+
+def pad_batch(sentences, max_len: int):
+    """List of 1-D int arrays -> (tokens (B, L) int64 padded with 0, lengths (B,) int64).
+
+    Sentences longer than max_len are truncated; L is the longest kept length."""
+    lengths = np.array([min(len(s), max_len) for s in sentences], dtype=np.int64)
+    if np.any(lengths == 0):
+        raise ValueError("empty sentence in batch")
+    L = int(lengths.max())
+    tokens = np.zeros((len(sentences), L), dtype=np.int64)
+    for b, s in enumerate(sentences):
+        tokens[b, :lengths[b]] = np.asarray(s, dtype=np.int64)[:lengths[b]]
+    return tokens, lengths
+
+
+def forward(params, tokens, lengths, *, dropout: float = 0.0, rng=None):
+    """Sentence embeddings z (B, k) and the cache :func:`backward` needs.
+
+    ``dropout`` > 0 draws a fresh mask from ``rng`` (a Generator or seed)."""
+    E, P, W, c = params
+    B, L = tokens.shape
+    valid = np.arange(L)[None, :] < lengths[:, None]                      # (B, L)
+    x = E[tokens] + P[:L][None, :, :]                                      # (B, L, d)
+    keep = None
+    if dropout > 0:
+        g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        keep = (g.random(x.shape) >= dropout).astype(x.dtype) * x.dtype.type(1.0 / (1.0 - dropout))
+        x = x * keep
+    weights = (valid / lengths[:, None]).astype(x.dtype)                  # (B, L): 1/n_b on real tokens
+    pooled = np.einsum("bl,bld->bd", weights, x)
+    z = pooled @ W + c
+    return z, (tokens, weights, keep, pooled)
+
+
+def backward(params, cache, dz):
+    """Gradients [dE, dP, dW, dc] of a loss with dL/dz = ``dz`` (B, k)."""
+    E, P, W, c = params
+    tokens, weights, keep, pooled = cache
+    dz = np.asarray(dz, dtype=W.dtype)
+    dW = pooled.T @ dz
+    dc = dz.sum(axis=0)
+    dpooled = dz @ W.T                                                     # (B, d)
+    dx = weights[:, :, None] * dpooled[:, None, :]                         # (B, L, d)
+    if keep is not None:
+        dx = dx * keep
+    dE = np.zeros_like(E)
+    real = weights > 0
+    np.add.at(dE, tokens[real], dx[real])
+    dP = np.zeros_like(P)
+    dP[:tokens.shape[1]] = dx.sum(axis=0)
+    return [dE, dP, dW, dc]
+
+
+def encode(params, sentences, *, max_len: int, batch_size: int = 256):
+    """Embeddings (N, k) of a list of sentences, dropout off (evaluation)."""
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        tokens, lengths = pad_batch(sentences[i:i + batch_size], max_len)
+        out.append(forward(params, tokens, lengths)[0])
+    return np.concatenate(out, axis=0) if out else np.zeros((0, params[2].shape[1]), params[2].dtype)

@@ -1,0 +1,33 @@
+r"""Diagonal Fisher estimators — spec/fisher.md §5 (the link to Adam / FAdam).
+
+All return a (P,) vector in the input dtype, accumulated in float64:
+
+* diag EF  = :math:`\sum_n g_n\odot g_n`;
+* diag SF  = :math:`\frac1K\sum_{k,n}\hat g_{kn}\odot\hat g_{kn}`;
+* diag F   = :math:`\operatorname{diag}\sum_n J_n^\top H_n J_n = \sum_{n,c} (B_nJ_n)_{c}^{\odot2}`;
+* diag iEF = :math:`\sum_n g_n\odot g_n / s_n`.
+"""
+import numpy as np
+
+from .fisher_exact import fisher_factor
+from .fisher_sampled import sampled_grads
+
+
+def diag_empirical(G):
+    G64 = G.astype(np.float64)
+    return np.einsum("np,np->p", G64, G64).astype(G.dtype)
+
+
+def diag_sampled(J, probs, labels_sampled):
+    Gh = sampled_grads(J, probs, labels_sampled).astype(np.float64)
+    return np.einsum("np,np->p", Gh, Gh).astype(J.dtype)
+
+
+def diag_exact(J, probs):
+    A = fisher_factor(J, probs)
+    return np.einsum("np,np->p", A, A).astype(J.dtype)
+
+
+def diag_improved(G, s):
+    G64 = G.astype(np.float64)
+    return (np.einsum("np,np->p", G64, G64 / s.astype(np.float64)[:, None])).astype(G.dtype)

@@ -1,0 +1,45 @@
+r"""Per-sample gradients and the empirical Fisher (EF) — spec/fisher.md §2–3.
+
+For softmax cross-entropy with logits Jacobians :math:`J_n\in\mathbb R^{C\times P}`,
+probabilities :math:`p_n` and labels :math:`y_n`:
+
+.. math::
+    g_n = \nabla_\theta l_n = J_n^\top (p_n - e_{y_n}),\qquad
+    s_n = \lVert\nabla_{z_n} l_n\rVert^2 = \lVert p_n - e_{y_n}\rVert^2,\qquad
+    \mathrm{EF} = \sum_n g_n g_n^\top = G^\top G .
+
+Inputs are assumed valid (fisheropt.fisher validates).
+"""
+import numpy as np
+
+
+def logit_residuals(probs, labels):
+    """R (N, C): r_n = p_n - e_{y_n} = d l_n / d z_n."""
+    R = probs.copy()
+    R[np.arange(R.shape[0]), labels] -= 1
+    return R
+
+
+def per_sample_grads(J, probs, labels):
+    """G (N, P): g_n = J_n^T (p_n - e_{y_n})."""
+    return np.einsum("ncp,nc->np", J, logit_residuals(probs, labels))
+
+
+def logit_grad_sq_norms(probs, labels):
+    """s (N,): s_n = ||p_n - e_{y_n}||^2 (the logits-level gradient norms squared)."""
+    R = logit_residuals(probs, labels)
+    return np.einsum("nc,nc->n", R, R)
+
+
+def empirical(G):
+    """EF = G^T G, dense (P, P), accumulated in float64 and returned in G's dtype."""
+    G64 = G.astype(np.float64)
+    return (G64.T @ G64).astype(G.dtype)
+
+
+def empirical_bruteforce(G):
+    """EF by the per-sample loop sum_n g_n g_n^T (tests only)."""
+    F = np.zeros((G.shape[1], G.shape[1]))
+    for g in G.astype(np.float64):
+        F += np.outer(g, g)
+    return F

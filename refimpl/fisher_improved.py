@@ -1,0 +1,25 @@
+r"""The improved empirical Fisher (iEF; Wu et al., NeurIPS 2024) — spec/fisher.md §2.
+
+.. math::
+    \tilde F = G^\top \operatorname{diag}(s)^{-1} G = \sum_n \frac{g_n g_n^\top}{s_n},
+    \qquad s_n = \lVert\nabla_{z_n} l_n\rVert^2 .
+
+Each per-sample gradient is rescaled by the inverse norm of its logits-level
+gradient, undoing the "inversely-scaled projection" of EF (well-fitted samples,
+with small :math:`s_n`, no longer dominate the update). The paper's 1/N factor is
+dropped (sum convention); it only rescales the damping.
+"""
+import numpy as np
+
+
+def improved_empirical(G, s):
+    """iEF = G^T diag(s)^{-1} G, dense (P, P), float64 accumulation, G's dtype. Needs s > 0."""
+    G64 = G.astype(np.float64)
+    return ((G64 / s.astype(np.float64)[:, None]).T @ G64).astype(G.dtype)
+
+
+def improved_empirical_bruteforce(G, s):
+    F = np.zeros((G.shape[1],) * 2)
+    for g, sn in zip(G.astype(np.float64), s.astype(np.float64)):
+        F += np.outer(g, g) / sn
+    return F

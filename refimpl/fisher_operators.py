@@ -1,0 +1,58 @@
+r"""Matrix-free Fisher estimators as scipy LinearOperators — spec/fisher.md §4.
+
+Each operator is symmetric, float64, of shape (P, P) and optionally damped
+(:math:`+\lambda I`); a matvec costs O(N·C·P) (or O(N·P)) and stores nothing P×P.
+"""
+import numpy as np
+from scipy.sparse.linalg import LinearOperator
+
+
+def _op(P, mv, damping):
+    damping = float(damping)
+
+    def matvec(v):
+        v = np.asarray(v, dtype=np.float64).ravel()
+        out = mv(v)
+        return out + damping * v if damping else out
+    return LinearOperator((P, P), matvec=matvec, rmatvec=matvec, dtype=np.float64)
+
+
+def exact_operator(J, probs, damping=0.0):
+    """v -> (sum_n J_n^T (diag p_n - p_n p_n^T) J_n + λI) v."""
+    J64 = J.astype(np.float64)
+    p = probs.astype(np.float64)
+
+    def mv(v):
+        Jv = J64 @ v                                   # (N, C)
+        HJv = p * Jv - p * np.sum(p * Jv, axis=1, keepdims=True)
+        return np.einsum("ncp,nc->p", J64, HJv)
+    return _op(J.shape[2], mv, damping)
+
+
+def empirical_operator(G, damping=0.0):
+    """v -> (G^T G + λI) v."""
+    G64 = G.astype(np.float64)
+
+    def mv(v):
+        return G64.T @ (G64 @ v)
+    return _op(G.shape[1], mv, damping)
+
+
+def improved_operator(G, s, damping=0.0):
+    """v -> (G^T diag(s)^{-1} G + λI) v."""
+    s64 = s.astype(np.float64)
+    G64 = G.astype(np.float64)
+
+    def mv(v):
+        return G64.T @ ((G64 @ v) / s64)
+    return _op(G.shape[1], mv, damping)
+
+
+def sampled_operator(J, probs, labels_sampled, damping=0.0):
+    """v -> (Ĝ^T Ĝ + λI) v with Ĝ from labels_sampled (K, N)."""
+    from .fisher_sampled import sampled_grads
+    Gh = sampled_grads(J, probs, labels_sampled).astype(np.float64)
+
+    def mv(v):
+        return Gh.T @ (Gh @ v)
+    return _op(J.shape[2], mv, damping)

@@ -1,0 +1,92 @@
+"""spec/vectors: valid against the schema, reproduced by the reference, passed by every backend."""
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+
+import fisheropt as fo
+from fisheropt import vectors
+
+from conftest import gpu_skip_reason
+
+SCHEMA = json.loads((vectors.VECTOR_DIR / "schema.json").read_text())
+SUITES = sorted(vectors.SUITES)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_vector_file_matches_schema(suite):
+    data = vectors.load_suite(suite)
+    jsonschema.validate(data, SCHEMA)
+    assert data["suite"] == suite
+    names = [c["name"] for c in data["cases"]]
+    assert len(names) == len(set(names)), "case names must be unique within a suite"
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_reference_still_generates_the_stored_vectors(suite):
+    """Drift guard: the stored files equal what the reference generates today
+    (same cases, inputs bit for bit, expected values within each case's tolerance)."""
+    stored = vectors.load_suite(suite)["cases"]
+    fresh = vectors.generate_suite(suite)["cases"]
+    assert [c["name"] for c in fresh] == [c["name"] for c in stored], \
+        "case list changed: regenerate with `python -m fisheropt.vectors`"
+    for new, old in zip(fresh, stored):
+        for key in ("kind", "function", "tolerance", "inputs", "args", "hyperparams", "state_order"):
+            assert json.loads(json.dumps(new.get(key))) == old.get(key), f"{suite}/{old['name']}: {key} changed"
+        assert vectors.compare(vectors.decode(new["expected"]), vectors.decode(old["expected"]),
+                               old["tolerance"], old["name"]) == []
+
+
+def _host_backends():
+    reasons = fo.backends.unavailable()
+    return [pytest.param(n, marks=pytest.mark.skipif(n in reasons, reason=str(reasons.get(n))))
+            for n in ("numpy", "numba")]
+
+
+@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("backend", _host_backends())
+def test_backend_passes_vectors(suite, backend):
+    module = fo.backends.get(backend)
+    failures = []
+    for case in vectors.load_suite(suite)["cases"]:
+        if not hasattr(module, case["function"]):
+            failures.append(f"{case['name']}: backend lacks {case['function']}")
+            continue
+        failures += vectors.run_case(case, module)
+    assert failures == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("suite", SUITES)
+def test_cupy_passes_vectors(suite):
+    assert gpu_skip_reason() is None
+    import cupy
+    module = fo.backends.get("cupy")
+    failures = []
+    for case in vectors.load_suite(suite)["cases"]:
+        failures += vectors.run_case(case, module, to_device=cupy.asarray)
+    assert failures == []
+
+
+def test_checker_detects_a_wrong_result():
+    """The vector checker itself must fail on a perturbed result (guards against a no-op check)."""
+    case = vectors.load_suite("adam")["cases"][0]
+
+    class Perturbed:
+        @staticmethod
+        def adam_step(params, grads, m, v, **kw):
+            fo.backends.get("numpy").adam_step(params, grads, m, v, **kw)
+            params[0][...] = params[0] * (1 + 1e-6)
+
+    assert vectors.run_case(case, Perturbed) != []
+    assert vectors.run_case(case, fo.backends.get("numpy")) == []
+
+
+def test_codec_round_trips_non_finite_and_exact_values():
+    a = np.array([np.nan, np.inf, -np.inf, 0.1, -0.0, 5e-324], dtype=np.float64)
+    b = vectors.decode(json.loads(json.dumps(vectors.encode(a))))
+    assert b.dtype == a.dtype and b.tobytes() == a.tobytes()
+    f = np.float32([1 / 3, 1e-45, 3.4e38])
+    g = vectors.decode(json.loads(json.dumps(vectors.encode(f))))
+    assert g.dtype == np.float32 and g.tobytes() == f.tobytes()
