@@ -35,4 +35,6 @@ FUNCTIONS = (
     "fadam_step",
     "coupled_adam_step",
     "ema_update",
+    "fisher_gram",
+    "fisher_sample_space_direction",
 )

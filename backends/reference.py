@@ -13,6 +13,10 @@ from fisheropt.refimpl import (  # noqa: F401  (re-exported as the backend inter
     fadam_step,
 )
 from fisheropt.refimpl.esimcse_momentum import ema_update  # noqa: F401  (ESimCSE momentum encoder)
+from fisheropt.refimpl.fisher_ngd import (  # noqa: F401  (Fisher directions)
+    fisher_gram,
+    fisher_sample_space_direction,
+)
 
 NAME = "numpy"
 array_module = np

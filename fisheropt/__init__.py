@@ -11,6 +11,7 @@ Public API::
 The math is in fisheropt.refimpl (NumPy reference) and spec/ (one page per rule).
 """
 from . import backends
+from . import fisher
 from .backends import BackendUnavailable
 from .optim import Adam, AdamW, CoupledAdam, FAdam, Optimizer
 from .state_io import load_state, save_state
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adam", "AdamW", "FAdam", "CoupledAdam", "Optimizer",
-    "backends", "BackendUnavailable", "save_state", "load_state", "__version__",
+    "backends", "fisher", "BackendUnavailable", "save_state", "load_state", "__version__",
 ]

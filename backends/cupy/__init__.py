@@ -29,6 +29,7 @@ def check_usable() -> None:
 # --- update rules (issue: CuPy GPU backend) --------------------------------------
 
 # --- Fisher directions (issue: Fisher estimators) --------------------------------
+from .fisher import fisher_gram, fisher_sample_space_direction  # noqa: E402,F401
 
 # --- ESimCSE momentum encoder (issue: ESimCSE) -----------------------------------
 from .esimcse import ema_update  # noqa: E402,F401

@@ -20,6 +20,7 @@ def owns(array) -> bool:
 # from .optim import all_finite, adam_step, adamw_step, fadam_step, coupled_adam_step
 
 # --- Fisher directions (issue: Fisher estimators) --------------------------------
+from .fisher import fisher_gram, fisher_sample_space_direction  # noqa: E402,F401
 
 # --- ESimCSE momentum encoder (issue: ESimCSE) -----------------------------------
 from .esimcse import ema_update  # noqa: E402,F401

@@ -1,0 +1,357 @@
+r"""Fisher estimators and natural-gradient directions (public, validated API).
+
+Conventions (spec/fisher.md): a mini-batch of N samples, P parameters, C classes,
+loss :math:`L=\sum_n l_n` (a **sum**; for the mean loss divide G and ∇L by N, the
+estimators by N, and scale the damping by N to get the same direction).
+
+* ``G`` (N, P): per-sample gradients, row n = :math:`\nabla_\theta l_n`;
+* ``J`` (N, C, P): logits Jacobians; ``probs`` (N, C): softmax probabilities;
+* ``labels`` (N,): integer classes in 0..C-1; ``labels_sampled`` (K, N): K labels per
+  datum drawn from ``probs`` (see :func:`sample_labels`), row k is the k-th draw;
+* ``s`` (N,): :math:`s_n=\lVert p_n-e_{y_n}\rVert^2` (:func:`logit_grad_sq_norms`).
+
+Dense estimators (P×P, for small P and tests): :func:`exact`, :func:`empirical`,
+:func:`sampled`, :func:`improved_empirical`. Matrix-free (scipy LinearOperator):
+:func:`exact_operator`, :func:`empirical_operator`, :func:`sampled_operator`,
+:func:`improved_operator`. Diagonals: :func:`diag_exact`, :func:`diag_empirical`,
+:func:`diag_sampled`, :func:`diag_improved`. Directions: :func:`ngd_direction`
+(never builds anything P×P). Quality: :func:`quality_indicator`, :func:`relative_quality`.
+
+Every function validates all its inputs before computing anything and raises
+``ValueError``/``TypeError`` with the reason.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import backends as _backends
+from ._checks import check_real
+from .refimpl import fisher_diagonal as _diag
+from .refimpl import fisher_empirical as _emp
+from .refimpl import fisher_exact as _exact
+from .refimpl import fisher_improved as _imp
+from .refimpl import fisher_ngd as _ngd
+from .refimpl import fisher_operators as _ops
+from .refimpl import fisher_quality as _quality
+from .refimpl import fisher_sampled as _sampled
+
+__all__ = [
+    "per_sample_grads", "logit_grad_sq_norms", "sample_labels",
+    "exact", "empirical", "sampled", "improved_empirical",
+    "exact_operator", "empirical_operator", "sampled_operator", "improved_operator",
+    "diag_exact", "diag_empirical", "diag_sampled", "diag_improved",
+    "ngd_direction", "KINDS", "quality_indicator", "relative_quality",
+]
+
+KINDS = ("exact", "ef", "sf", "ief")
+_REQUIRED = {
+    "ef": ("G",),
+    "ief": ("G", "s"),
+    "sf": ("G", "J", "probs", "labels_sampled"),
+    "exact": ("G", "J", "probs"),
+}
+
+
+# ---- validation -------------------------------------------------------------------
+def _is_array(a) -> bool:
+    return hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "ndim")
+
+
+def _xp(a):
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+        return cupy
+    return np
+
+
+def _float_array(a, name, ndim, *, host_only=False):
+    if not _is_array(a):
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
+    if host_only and not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array here (this function runs on the host)")
+    if a.dtype.name not in ("float32", "float64"):
+        raise TypeError(f"{name} has dtype {a.dtype.name}; only float32 and float64 are supported")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}")
+    if not bool(_xp(a).isfinite(a).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return a
+
+
+def _int_array(a, name, ndim, n_classes, *, host_only=False):
+    if not _is_array(a):
+        raise TypeError(f"{name} must be an integer array, got {type(a).__name__}")
+    if host_only and not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array here (this function runs on the host)")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer class labels, got dtype {a.dtype.name}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}")
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= n_classes):
+        raise ValueError(f"{name} must lie in 0..{n_classes - 1}, got values in "
+                         f"{int(a.min())}..{int(a.max())}")
+    return a
+
+
+def _check_probs(probs, N=None, *, host_only=False):
+    _float_array(probs, "probs", 2, host_only=host_only)
+    if N is not None and probs.shape[0] != N:
+        raise ValueError(f"probs has {probs.shape[0]} rows but the batch has N={N} samples")
+    if probs.shape[1] < 2:
+        raise ValueError(f"probs must have at least 2 classes, got shape {tuple(probs.shape)}")
+    xp = _xp(probs)
+    if bool((probs < 0).any()):
+        raise ValueError("probs has negative entries; pass softmax probabilities")
+    tol = 1e-3 if probs.dtype == np.float32 else 1e-6
+    err = float(xp.abs(probs.sum(axis=1, dtype=xp.float64) - 1.0).max()) if probs.shape[0] else 0.0
+    if err > tol:
+        raise ValueError(f"rows of probs must sum to 1 (max deviation {err:.3g} > {tol:g})")
+    return probs
+
+
+def _check_J(J, probs=None, *, host_only=False):
+    _float_array(J, "J", 3, host_only=host_only)
+    if probs is not None and tuple(J.shape[:2]) != tuple(probs.shape):
+        raise ValueError(f"J has shape {tuple(J.shape)} but probs has shape {tuple(probs.shape)}; "
+                         "J must be (N, C, P) with probs (N, C)")
+    return J
+
+
+def _check_G(G, *, P=None, N=None, host_only=False):
+    _float_array(G, "G", 2, host_only=host_only)
+    if N is not None and G.shape[0] != N:
+        raise ValueError(f"G has {G.shape[0]} rows but J/probs have N={N} samples")
+    if P is not None and G.shape[1] != P:
+        raise ValueError(f"G has {G.shape[1]} columns but J has P={P} parameters")
+    if G.shape[0] == 0 or G.shape[1] == 0:
+        raise ValueError(f"G must be non-empty, got shape {tuple(G.shape)}")
+    return G
+
+
+def _check_s(s, N, *, positive, host_only=False):
+    _float_array(s, "s", 1, host_only=host_only)
+    if s.shape[0] != N:
+        raise ValueError(f"s has shape {tuple(s.shape)} but G has N={N} rows")
+    if positive and bool((s <= 0).any()):
+        raise ValueError("s must be > 0 (iEF divides by s_n; a sample with s_n = 0 has g_n = 0, drop it)")
+    if not positive and bool((s < 0).any()):
+        raise ValueError("s must be >= 0 (squared norms)")
+    return s
+
+
+def _check_labels_sampled(labels_sampled, N, C, *, host_only=False):
+    _int_array(labels_sampled, "labels_sampled", 2, C, host_only=host_only)
+    if labels_sampled.shape[1] != N or labels_sampled.shape[0] < 1:
+        raise ValueError(f"labels_sampled must have shape (K, N) = (K, {N}) with K >= 1, "
+                         f"got {tuple(labels_sampled.shape)}")
+    return labels_sampled
+
+
+def _check_damping(damping, *, allow_zero=False):
+    return check_real("damping", damping, low=0.0, low_open=not allow_zero)
+
+
+# ---- per-sample quantities ---------------------------------------------------------
+def per_sample_grads(J, probs, labels):
+    """G (N, P): g_n = J_n^T (p_n - e_{y_n}), in J's dtype."""
+    _check_J(J, host_only=True)
+    _check_probs(probs, J.shape[0], host_only=True)
+    _check_J(J, probs)
+    _int_array(labels, "labels", 1, probs.shape[1], host_only=True)
+    if labels.shape[0] != J.shape[0]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but J has N={J.shape[0]} samples")
+    return _emp.per_sample_grads(J, probs.astype(J.dtype), labels).astype(J.dtype, copy=False)
+
+
+def logit_grad_sq_norms(probs, labels):
+    """s (N,): s_n = ||p_n - e_{y_n}||^2, in probs' dtype."""
+    _check_probs(probs, host_only=True)
+    _int_array(labels, "labels", 1, probs.shape[1], host_only=True)
+    if labels.shape[0] != probs.shape[0]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but probs has N={probs.shape[0]} rows")
+    return _emp.logit_grad_sq_norms(probs, labels)
+
+
+def sample_labels(probs, n_samples=1, *, seed=None):
+    """(K, N) int64 labels, labels[k, n] ~ Categorical(probs[n]); ``seed``: int, None or a Generator."""
+    _check_probs(probs, host_only=True)
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    return _sampled.sample_labels(probs, int(n_samples), rng)
+
+
+# ---- dense estimators (P x P; small P only) --------------------------------------------
+def exact(J, probs):
+    """F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n, dense (P, P) in J's dtype."""
+    _check_J(J, host_only=True)
+    _check_probs(probs, J.shape[0], host_only=True)
+    _check_J(J, probs)
+    return _exact.exact(J, probs)
+
+
+def empirical(G):
+    """EF = G^T G, dense (P, P) in G's dtype."""
+    _check_G(G, host_only=True)
+    return _emp.empirical(G)
+
+
+def sampled(J, probs, labels_sampled):
+    """SF = (1/K) sum_{k,n} ĝ_kn ĝ_kn^T with labels_sampled (K, N), dense (P, P)."""
+    _check_J(J, host_only=True)
+    _check_probs(probs, J.shape[0], host_only=True)
+    _check_J(J, probs)
+    _check_labels_sampled(labels_sampled, J.shape[0], J.shape[1], host_only=True)
+    return _sampled.sampled(J, probs.astype(J.dtype), labels_sampled)
+
+
+def improved_empirical(G, s):
+    """iEF = G^T diag(s)^{-1} G (Wu et al. 2024), dense (P, P); needs s > 0."""
+    _check_G(G, host_only=True)
+    _check_s(s, G.shape[0], positive=True, host_only=True)
+    return _imp.improved_empirical(G, s)
+
+
+# ---- matrix-free operators --------------------------------------------------------
+def exact_operator(J, probs, damping=0.0):
+    """scipy LinearOperator v -> (F + damping I) v, float64, nothing P x P stored."""
+    _check_J(J, host_only=True)
+    _check_probs(probs, J.shape[0], host_only=True)
+    _check_J(J, probs)
+    return _ops.exact_operator(J, probs, _check_damping(damping, allow_zero=True))
+
+
+def empirical_operator(G, damping=0.0):
+    """LinearOperator v -> (G^T G + damping I) v."""
+    _check_G(G, host_only=True)
+    return _ops.empirical_operator(G, _check_damping(damping, allow_zero=True))
+
+
+def sampled_operator(J, probs, labels_sampled, damping=0.0):
+    """LinearOperator v -> (Ĝ^T Ĝ + damping I) v."""
+    _check_J(J, host_only=True)
+    _check_probs(probs, J.shape[0], host_only=True)
+    _check_J(J, probs)
+    _check_labels_sampled(labels_sampled, J.shape[0], J.shape[1], host_only=True)
+    return _ops.sampled_operator(J, probs.astype(J.dtype), labels_sampled,
+                                 _check_damping(damping, allow_zero=True))
+
+
+def improved_operator(G, s, damping=0.0):
+    """LinearOperator v -> (G^T diag(s)^{-1} G + damping I) v; needs s > 0."""
+    _check_G(G, host_only=True)
+    _check_s(s, G.shape[0], positive=True, host_only=True)
+    return _ops.improved_operator(G, s, _check_damping(damping, allow_zero=True))
+
+
+# ---- diagonals --------------------------------------------------------------------
+def diag_exact(J, probs):
+    """diag F, (P,)."""
+    _check_J(J, host_only=True)
+    _check_probs(probs, J.shape[0], host_only=True)
+    _check_J(J, probs)
+    return _diag.diag_exact(J, probs)
+
+
+def diag_empirical(G):
+    """diag EF = sum_n g_n^2, (P,)."""
+    _check_G(G, host_only=True)
+    return _diag.diag_empirical(G)
+
+
+def diag_sampled(J, probs, labels_sampled):
+    """diag SF = (1/K) sum_{k,n} ĝ_kn^2, (P,)."""
+    _check_J(J, host_only=True)
+    _check_probs(probs, J.shape[0], host_only=True)
+    _check_J(J, probs)
+    _check_labels_sampled(labels_sampled, J.shape[0], J.shape[1], host_only=True)
+    return _diag.diag_sampled(J, probs.astype(J.dtype), labels_sampled)
+
+
+def diag_improved(G, s):
+    """diag iEF = sum_n g_n^2 / s_n, (P,); needs s > 0."""
+    _check_G(G, host_only=True)
+    _check_s(s, G.shape[0], positive=True, host_only=True)
+    return _diag.diag_improved(G, s)
+
+
+# ---- directions -------------------------------------------------------------------
+def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sampled=None,
+                  backend="numpy", exact_method="auto"):
+    r"""Natural-gradient direction d (update θ ← θ − η d), (P,) in G's dtype.
+
+    kind   required arguments             direction
+    -----  -----------------------------  ---------------------------------------------
+    "ef"   G                              G^T (G G^T + λI)^{-1} 1        = (EF + λI)^{-1} ∇L
+    "ief"  G, s                           G^T (G G^T + λI)^{-1} s        (Wu et al. 2024, Eq. 8)
+    "sf"   G, J, probs, labels_sampled    (SF + λI)^{-1} ∇L  (Woodbury in K·N space)
+    "exact" G, J, probs                   (F + λI)^{-1} ∇L   (Woodbury in N·C space, or CG)
+
+    with ∇L = G^T 1 and λ = ``damping`` > 0. ``backend``: "numpy", "numba", "cupy" or
+    "auto" (CuPy arrays → cupy); host/device arrays are never copied silently.
+    ``exact_method``: "auto" | "woodbury" | "cg" (kind "exact" only). Nothing P×P is built.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
+    given = {"G": G, "s": s, "J": J, "probs": probs, "labels_sampled": labels_sampled}
+    missing = [name for name in _REQUIRED[kind] if given[name] is None]
+    if missing:
+        raise ValueError(f"kind {kind!r} needs {', '.join(_REQUIRED[kind])}; missing: {', '.join(missing)}")
+    unused = [name for name, v in given.items() if v is not None and name not in _REQUIRED[kind]]
+    if unused:
+        raise ValueError(f"kind {kind!r} does not use {', '.join(unused)}; leave them out")
+    if exact_method not in ("auto", "woodbury", "cg"):
+        raise ValueError(f"unknown exact_method {exact_method!r}; use 'auto', 'woodbury' or 'cg'")
+    damping = _check_damping(damping)
+    _check_G(G)
+    N, P = G.shape
+    if kind == "ief":
+        _check_s(s, N, positive=False)
+    if kind in ("sf", "exact"):
+        _check_J(J)
+        if J.shape[0] != N or J.shape[2] != P:
+            raise ValueError(f"J has shape {tuple(J.shape)} but G has shape {tuple(G.shape)}; "
+                             "J must be (N, C, P)")
+        _check_probs(probs, N)
+        _check_J(J, probs)
+    if kind == "sf":
+        _check_labels_sampled(labels_sampled, N, J.shape[1])
+    arrays = [a for a in given.values() if a is not None]
+    ops = _backends.select(backend, arrays)
+    if kind in ("sf", "exact"):
+        probs = probs.astype(J.dtype, copy=False)
+    return _ngd.ngd_direction(kind, G=G, damping=damping, s=s, J=J, probs=probs,
+                              labels_sampled=labels_sampled, ops=ops, exact_method=exact_method)
+
+
+# ---- quality ------------------------------------------------------------------------
+def _check_quality_args(d, F, grad):
+    _float_array(d, "d", 1, host_only=True)
+    _float_array(grad, "grad", 1, host_only=True)
+    P = d.shape[0]
+    if grad.shape != (P,):
+        raise ValueError(f"grad has shape {tuple(grad.shape)} but d has shape ({P},)")
+    if hasattr(F, "matvec") and not isinstance(F, np.ndarray):
+        if tuple(F.shape) != (P, P):
+            raise ValueError(f"F has shape {tuple(F.shape)}; expected ({P}, {P})")
+    else:
+        _float_array(F, "F", 2, host_only=True)
+        if F.shape != (P, P):
+            raise ValueError(f"F has shape {tuple(F.shape)}; expected ({P}, {P})")
+
+
+def quality_indicator(d, F, grad) -> float:
+    r"""γ(d) = sqrt(dᵀ F d) / |dᵀ ∇L|; F dense (P, P) or a scipy LinearOperator.
+
+    Scale-invariant; minimised by the exact natural gradient F⁺∇L. Compare directions
+    with :func:`relative_quality` (γ(d)/γ(∇L), below 1 beats SGD)."""
+    _check_quality_args(d, F, grad)
+    return _quality.quality_indicator(d, F, grad)
+
+
+def relative_quality(d, F, grad) -> float:
+    """γ(d) / γ(grad)."""
+    _check_quality_args(d, F, grad)
+    return _quality.relative_quality(d, F, grad)

@@ -1,0 +1,154 @@
+"""Bad input is a clear error, and a rejected call leaves params and state exactly as they were."""
+import numpy as np
+import pytest
+
+import fisheropt as fo
+
+from conftest import host_backend_params
+
+RULES = {
+    "Adam": lambda ps, backend: fo.Adam(ps, backend=backend),
+    "AdamW": lambda ps, backend: fo.AdamW(ps, backend=backend),
+    "FAdam": lambda ps, backend: fo.FAdam(ps, backend=backend),
+    "CoupledAdam": lambda ps, backend: fo.CoupledAdam(ps, coupled=[True, False], backend=backend),
+}
+
+
+def _warm_optimizer(rule, backend, dtype=np.float64):
+    rng = np.random.default_rng(0)
+    params = [np.asarray(rng.standard_normal((4, 3)), dtype=dtype), np.asarray(rng.standard_normal(5), dtype=dtype)]
+    opt = RULES[rule](params, backend)
+    for _ in range(2):  # non-zero state, so "untouched" is a real check
+        opt.step([np.asarray(rng.standard_normal(p.shape), dtype=dtype) for p in params])
+    return opt
+
+
+def _snapshot(opt):
+    return ([p.tobytes() for p in opt.params],
+            {k: [a.tobytes() for a in v] for k, v in opt.state.items()},
+            opt.step_count, opt.hyperparams)
+
+
+def _good_grads(opt):
+    return [np.ones_like(p) for p in opt.params]
+
+
+def _nan_in_last(opt):
+    g = _good_grads(opt)
+    g[-1][-1] = np.nan
+    return g
+
+
+def _inf_in_first(opt):
+    g = _good_grads(opt)
+    g[0][0, 0] = -np.inf
+    return g
+
+
+BAD_GRADS = {
+    "too few": (lambda o: _good_grads(o)[:1], ValueError, "got 1 grads for 2 params"),
+    "too many": (lambda o: _good_grads(o) + [np.ones(2)], ValueError, "got 3 grads for 2 params"),
+    "wrong shape": (lambda o: [np.ones((3, 4)), np.ones(5)], ValueError, r"shape \(3, 4\) but params\[0\] has shape \(4, 3\)"),
+    "integer dtype": (lambda o: [np.ones((4, 3), dtype=np.int64), np.ones(5)], TypeError, "dtype int64"),
+    "mixed dtype": (lambda o: [np.ones((4, 3), dtype=np.float32), np.ones(5)], TypeError, "mixed dtypes"),
+    "NaN": (_nan_in_last, FloatingPointError, r"grads\[1\]"),
+    "Inf": (_inf_in_first, FloatingPointError, r"grads\[0\]"),
+    "non-contiguous": (lambda o: [np.ones((3, 4)).T, np.ones(5)], ValueError, "not C-contiguous"),
+    "not an array": (lambda o: [[1.0] * 3] * 4 + [np.ones(5)], ValueError, "got 5 grads"),
+    "list instead of array": (lambda o: [[[1.0] * 3] * 4, np.ones(5)], TypeError, "must be a NumPy or CuPy array"),
+    "a single array": (lambda o: np.ones(5), ValueError, "grads"),
+    "None": (lambda o: None, TypeError, "sequence of arrays"),
+}
+
+
+@pytest.mark.parametrize("backend", host_backend_params())
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("case", BAD_GRADS)
+def test_bad_grads_raise_and_change_nothing(backend, rule, case):
+    make, exc, match = BAD_GRADS[case]
+    opt = _warm_optimizer(rule, backend)
+    before = _snapshot(opt)
+    with pytest.raises(exc, match=match):
+        opt.step(make(opt))
+    assert _snapshot(opt) == before
+    opt.step(_good_grads(opt))  # still usable afterwards
+    assert opt.step_count == before[2] + 1
+
+
+BAD_HYPERPARAMS = [
+    ("lr", -1e-3, "lr must be >= 0"),
+    ("lr", float("nan"), "lr must be finite"),
+    ("lr", "0.1", "lr must be a real number"),
+    ("betas", (0.9, 1.0), r"betas\[1\] must be < 1"),
+    ("betas", (-0.1, 0.9), r"betas\[0\] must be >= 0"),
+    ("betas", (0.9,), "betas must be a pair"),
+    ("eps", 0.0, "eps must be > 0"),
+    ("eps", -1e-8, "eps must be > 0"),
+    ("weight_decay", -0.1, "weight_decay must be >= 0"),
+]
+FADAM_ONLY = [("clip", 0.0, "clip must be > 0"), ("clip", -1.0, "clip must be > 0"),
+              ("eps2", 0.0, "eps2 must be > 0"), ("p", 0.0, "p must be > 0"), ("p", 1.5, "p must be <= 1")]
+
+
+@pytest.mark.parametrize("rule,name,value,match",
+                         [(r, *bad) for r in RULES for bad in BAD_HYPERPARAMS] + [("FAdam", *bad) for bad in FADAM_ONLY])
+def test_invalid_hyperparameters(rule, name, value, match):
+    cls = getattr(fo, rule)
+    kwargs = {"coupled": [False]} if rule == "CoupledAdam" else {}
+    with pytest.raises((ValueError, TypeError), match=match):
+        cls([np.zeros(3)], **{name: value}, **kwargs, backend="numpy")
+    # changing it later is validated the same way, all or nothing
+    opt = cls([np.zeros(3)], **kwargs, backend="numpy")
+    before = opt.hyperparams
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.set_hyperparams(lr=0.5, **{name: value}) if name != "lr" else opt.set_hyperparams(**{name: value})
+    assert opt.hyperparams == before
+
+
+BAD_PARAMS = [
+    ("read-only", lambda: [np.frombuffer(np.ones(3).tobytes())], ValueError, "read-only"),
+    ("non-contiguous", lambda: [np.ones((3, 4))[:, ::2]], ValueError, "not C-contiguous"),
+    ("integer", lambda: [np.ones(3, dtype=np.int32)], TypeError, "dtype int32"),
+    ("float16", lambda: [np.ones(3, dtype=np.float16)], TypeError, "dtype float16"),
+    ("empty list", lambda: [], ValueError, "empty"),
+    ("same array twice", lambda: [np.ones(3)] * 2, ValueError, "same array"),
+    ("python list", lambda: [[1.0, 2.0]], TypeError, "NumPy or CuPy array"),
+]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("name,make,exc,match", BAD_PARAMS)
+def test_bad_params_rejected(rule, name, make, exc, match):
+    params = make()
+    kwargs = {"coupled": [False] * len(params)} if rule == "CoupledAdam" else {}
+    with pytest.raises(exc, match=match):
+        getattr(fo, rule)(params, **kwargs, backend="numpy")
+
+
+@pytest.mark.parametrize("coupled,match", [
+    ([True], "must be 2-D"),
+    ([True, True], "2 entries for 1 params"),
+    (None, "coupled is required"),
+    ([1], "must be a bool"),
+])
+def test_coupled_flags_validated(coupled, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fo.CoupledAdam([np.ones(4)], coupled=coupled, backend="numpy")
+
+
+def test_coupled_matrix_needs_rows():
+    with pytest.raises(ValueError, match="V ≥ 1"):
+        fo.CoupledAdam([np.ones((0, 3))], coupled=[True], backend="numpy")
+
+
+@pytest.mark.parametrize("backend", host_backend_params())
+@pytest.mark.parametrize("rule", RULES)
+def test_param_made_read_only_after_construction(backend, rule):
+    """Checked again at every step: otherwise the first tensor would be written
+    before the write into the read-only one failed."""
+    opt = _warm_optimizer(rule, backend)
+    opt.params[1].flags.writeable = False
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"params\[1\] is read-only"):
+        opt.step(_good_grads(opt))
+    assert _snapshot(opt) == before
