@@ -1,0 +1,438 @@
+"""Fused multi-tensor update rules on the CPU (Numba): Adam, AdamW, FAdam, Coupled Adam.
+
+Same names and signatures as the reference (fisheropt.refimpl); same numerics:
+
+* elementwise arithmetic in the parameter dtype, in the reference's order of
+  operations, with every scalar coefficient computed in float64 on the host
+  and rounded to the parameter dtype (the float32 kernels see only float32
+  scalars, so nothing promotes); no fastmath, no FMA contraction: float32 and
+  float64 results of Adam/AdamW agree with the reference bit for bit;
+* global reductions (FAdam's RMS values, Coupled Adam's column means of g^2)
+  accumulated in float64 with a fixed structure (per-chunk, 64 lanes, chunks
+  combined in order), so results do not depend on the thread count; they may
+  differ from NumPy's pairwise sums in the last bits of the float64 sum, which
+  after rounding to float32 is almost always invisible.
+
+Each step is one call into one parallel kernel per dtype present in the lists
+(float32 and float64 tensors may be mixed), whatever the number of tensors; see
+:mod:`._core` for the chunk tables and the plan cache.
+
+Bytes moved per element (float32): Adam/AdamW 28 (read θ,g,m,v; write θ,m,v);
+FAdam 44 in three passes (g | g,f,θ → f | g,f,θ,m → m,θ); Coupled Adam 24
+(g | θ,g,m → θ,m); all_finite 4.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import njit, prange
+
+from ._core import PlanCache, addresses, as_pointer, dtype_groups, flat_chunks, row_chunks
+
+__all__ = ["all_finite", "adam_step", "adamw_step", "fadam_step", "coupled_adam_step", "clear_cache"]
+
+LANES = 64  # float64 accumulators per chunk in the reductions (vectorizable, fixed order)
+
+# Coupled Adam: at most this many row blocks per tensor in the column reduction,
+# which bounds its float64 partials to COUPLED_MAX_BLOCKS * d per tensor.
+COUPLED_MAX_BLOCKS = 64
+
+_plans = PlanCache()
+
+
+def clear_cache() -> None:
+    """Forget every cached plan (addresses and chunk tables); they are rebuilt on demand."""
+    _plans.clear()
+    _finite_plan.cache_clear()
+
+
+# =============================================================================
+# all_finite
+# =============================================================================
+@njit(parallel=True, cache=True)
+def _finite_kernel(addr, ctens, cstart, cstop, mask, limit):
+    # Integer view of the floats: |x| bits >= the exponent-all-ones pattern <=> NaN or Inf.
+    # An unsigned max reduction vectorizes exactly (no float reassociation involved).
+    nch = ctens.size
+    bad = np.zeros(nch, np.uint8)
+    for c in prange(nch):
+        p = as_pointer(addr[ctens[c]], mask)
+        mx = mask - mask
+        for i in range(cstart[c], cstop[c]):
+            mx = max(mx, p[i] & mask)
+        if mx >= limit:
+            bad[c] = 1
+    for c in range(nch):
+        if bad[c] != 0:
+            return False
+    return True
+
+
+_FINITE_BITS = {
+    np.dtype(np.float32): (np.uint32(0x7FFFFFFF), np.uint32(0x7F800000)),
+    np.dtype(np.float64): (np.uint64(0x7FFFFFFFFFFFFFFF), np.uint64(0x7FF0000000000000)),
+}
+
+
+@lru_cache(maxsize=64)
+def _finite_plan(signature):
+    """signature: tuple of (dtype, size) per array -> [(dtype, idx, ctens, cstart, cstop)]."""
+    groups: dict = {}
+    for i, (dt, n) in enumerate(signature):
+        groups.setdefault(dt, []).append(i)
+    plan = []
+    for dt, idx in groups.items():
+        tens, start, stop, _ = flat_chunks([signature[i][1] for i in idx])
+        plan.append((dt, idx, tens, start, stop))
+    return plan
+
+
+def all_finite(arrays) -> bool:
+    """True when every element of every array is finite (no NaN, no ±Inf)."""
+    arrays = list(arrays)
+    if not arrays:
+        return True
+    for a in arrays:
+        if a.dtype not in _FINITE_BITS or not a.flags.c_contiguous:
+            # Not a layout the fused kernel reads: fall back to NumPy (never wrong).
+            return all(bool(np.isfinite(x).all()) for x in arrays)
+    plan = _finite_plan(tuple((a.dtype, a.size) for a in arrays))
+    for dt, idx, tens, start, stop in plan:
+        mask, limit = _FINITE_BITS[dt]
+        if not _finite_kernel(addresses(arrays, idx), tens, start, stop, mask, limit):
+            return False
+    return True
+
+
+# =============================================================================
+# Adam / AdamW
+# =============================================================================
+@njit(parallel=True, cache=True)
+def _adam_kernel(a_th, a_g, a_m, a_v, ctens, cstart, cstop,
+                 b1, omb1, b2, omb2, bc2, eps, step_size, wd, mode):
+    # mode 0: Adam, no decay; 1: Adam with L2 decay g + wd*θ; 2: AdamW, θ*(1 - lr*wd) (wd holds that factor).
+    for c in prange(ctens.size):
+        t = ctens[c]
+        th = as_pointer(a_th[t], b1)
+        g = as_pointer(a_g[t], b1)
+        m = as_pointer(a_m[t], b1)
+        v = as_pointer(a_v[t], b1)
+        s = cstart[c]
+        e = cstop[c]
+        if mode == 2:
+            for i in range(s, e):
+                gi = g[i]
+                mi = b1 * m[i] + omb1 * gi
+                vi = b2 * v[i] + omb2 * (gi * gi)
+                m[i] = mi
+                v[i] = vi
+                th[i] = th[i] * wd - step_size * (mi / (np.sqrt(vi) / bc2 + eps))
+        elif mode == 1:
+            for i in range(s, e):
+                ti = th[i]
+                gi = g[i] + wd * ti
+                mi = b1 * m[i] + omb1 * gi
+                vi = b2 * v[i] + omb2 * (gi * gi)
+                m[i] = mi
+                v[i] = vi
+                th[i] = ti - step_size * (mi / (np.sqrt(vi) / bc2 + eps))
+        else:
+            for i in range(s, e):
+                gi = g[i]
+                mi = b1 * m[i] + omb1 * gi
+                vi = b2 * v[i] + omb2 * (gi * gi)
+                m[i] = mi
+                v[i] = vi
+                th[i] = th[i] - step_size * (mi / (np.sqrt(vi) / bc2 + eps))
+
+
+def _build_flat_plan(lists):
+    params = lists[0]
+    plan = []
+    for dt, idx in dtype_groups(params):
+        tens, start, stop, first = flat_chunks([params[i].size for i in idx])
+        plan.append((dt, idx, [addresses(lst, idx) for lst in lists], tens, start, stop, first,
+                     np.array([params[i].size for i in idx], dtype=np.int64)))
+    return plan
+
+
+def _adam_like(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    if not params:
+        return
+    plan = _plans.get("adam", (params, m, v), _build_flat_plan)
+    step_size = lr / (1 - beta1**step)
+    bc2 = math.sqrt(1 - beta2**step)
+    if decoupled:
+        mode, wd = 2, 1 - lr * weight_decay
+    else:
+        mode, wd = (1 if weight_decay != 0 else 0), weight_decay
+    for dt, idx, (a_th, a_m, a_v), tens, start, stop, _first, _sizes in plan:
+        T = dt.type
+        _adam_kernel(a_th, addresses(grads, idx), a_m, a_v, tens, start, stop,
+                     T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(bc2), T(eps),
+                     T(step_size), T(wd), mode)
+
+
+def adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
+    """Multi-tensor, in place: the backend interface for Adam."""
+    _adam_like(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, False)
+
+
+def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
+    """Multi-tensor, in place: the backend interface for AdamW."""
+    _adam_like(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, True)
+
+
+# =============================================================================
+# FAdam
+# =============================================================================
+@njit(cache=True)
+def _sumsq(p, s, e):
+    """Σ x² over p[s:e] in float64: 64 lanes (vectorizable without reassociation), fixed order."""
+    acc = np.zeros(LANES, np.float64)
+    i = s
+    while i + LANES <= e:
+        for j in range(LANES):
+            x = np.float64(p[i + j])
+            acc[j] += x * x
+        i += LANES
+    r = 0.0
+    while i < e:
+        x = np.float64(p[i])
+        r += x * x
+        i += 1
+    for j in range(LANES):
+        r += acc[j]
+    return r
+
+
+@njit(cache=True)
+def _rms(total, n):
+    # math.sqrt(np.mean(x64 * x64)) of the reference; 0 for an empty tensor.
+    if n == 0:
+        return 0.0
+    return math.sqrt(total / n)
+
+
+@njit(parallel=True, cache=True)
+def _fadam_kernel(a_th, a_g, a_m, a_f, sizes, ctens, cstart, cstop, first, ws,
+                  b1, omb1, b2h, omb2h, lr, wd, p_t, use_sqrt, eps, eps2, two_p, clip):
+    nch = ctens.size
+    ntens = sizes.size
+    part = np.zeros(2 * nch, np.float64)
+
+    # Pass 1: Σ g² per chunk.
+    for c in prange(nch):
+        part[c] = _sumsq(as_pointer(a_g[ctens[c]], b1), cstart[c], cstop[c])
+
+    # Per tensor (chunk order): ε_t = min(ε, ε₂·RMS(g))^{2p}, ε^{2p} when RMS(g) = 0.
+    for t in range(ntens):
+        s = 0.0
+        for c in range(first[t], first[t + 1]):
+            s += part[c]
+        r = _rms(s, sizes[t])
+        if r == 0:
+            e64 = eps ** two_p
+        else:
+            x = eps2 * r
+            e64 = (x if x < eps else eps) ** two_p
+        ws[t] = e64  # rounded to the parameter dtype
+
+    # Pass 2: f ← β̂₂ f + (1-β̂₂) g²; Σ ḡ² and Σ w̄² per chunk with ḡ = g/(f^p+ε_t), w̄ = θ/(f^p+ε_t).
+    for c in prange(nch):
+        t = ctens[c]
+        th = as_pointer(a_th[t], b1)
+        g = as_pointer(a_g[t], b1)
+        f = as_pointer(a_f[t], b1)
+        et = ws[t]
+        s0 = cstart[c]
+        e0 = cstop[c]
+        accg = np.zeros(LANES, np.float64)
+        accw = np.zeros(LANES, np.float64)
+        i = s0
+        while i + LANES <= e0:
+            if use_sqrt:
+                for j in range(LANES):
+                    gi = g[i + j]
+                    fi = b2h * f[i + j] + omb2h * (gi * gi)
+                    f[i + j] = fi
+                    d = np.sqrt(fi) + et
+                    gb = np.float64(gi / d)
+                    wb = np.float64(th[i + j] / d)
+                    accg[j] += gb * gb
+                    accw[j] += wb * wb
+            else:
+                for j in range(LANES):
+                    gi = g[i + j]
+                    fi = b2h * f[i + j] + omb2h * (gi * gi)
+                    f[i + j] = fi
+                    d = fi ** p_t + et
+                    gb = np.float64(gi / d)
+                    wb = np.float64(th[i + j] / d)
+                    accg[j] += gb * gb
+                    accw[j] += wb * wb
+            i += LANES
+        sg = 0.0
+        sw = 0.0
+        while i < e0:
+            gi = g[i]
+            fi = b2h * f[i] + omb2h * (gi * gi)
+            f[i] = fi
+            if use_sqrt:
+                d = np.sqrt(fi) + et
+            else:
+                d = fi ** p_t + et
+            gb = np.float64(gi / d)
+            wb = np.float64(th[i] / d)
+            sg += gb * gb
+            sw += wb * wb
+            i += 1
+        for j in range(LANES):
+            sg += accg[j]
+            sw += accw[j]
+        part[c] = sg
+        part[nch + c] = sw
+
+    # Per tensor: clip scales max(1, RMS/c), rounded to the parameter dtype.
+    for t in range(ntens):
+        sg = 0.0
+        sw = 0.0
+        for c in range(first[t], first[t + 1]):
+            sg += part[c]
+            sw += part[nch + c]
+        y = _rms(sg, sizes[t]) / clip
+        ws[ntens + t] = y if y > 1.0 else 1.0
+        y = _rms(sw, sizes[t]) / clip
+        ws[2 * ntens + t] = y if y > 1.0 else 1.0
+
+    # Pass 3: m ← β₁m + (1-β₁)ḡ/clip_g;  θ ← θ - lr (m + λ w̄/clip_w).
+    for c in prange(nch):
+        t = ctens[c]
+        th = as_pointer(a_th[t], b1)
+        g = as_pointer(a_g[t], b1)
+        m = as_pointer(a_m[t], b1)
+        f = as_pointer(a_f[t], b1)
+        et = ws[t]
+        cg = ws[ntens + t]
+        cw = ws[2 * ntens + t]
+        if use_sqrt:
+            for i in range(cstart[c], cstop[c]):
+                d = np.sqrt(f[i]) + et
+                ti = th[i]
+                mi = b1 * m[i] + omb1 * ((g[i] / d) / cg)
+                m[i] = mi
+                th[i] = ti - lr * (mi + wd * ((ti / d) / cw))
+        else:
+            for i in range(cstart[c], cstop[c]):
+                d = f[i] ** p_t + et
+                ti = th[i]
+                mi = b1 * m[i] + omb1 * ((g[i] / d) / cg)
+                m[i] = mi
+                th[i] = ti - lr * (mi + wd * ((ti / d) / cw))
+
+
+def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
+    """Multi-tensor, in place: the backend interface for FAdam."""
+    if not params:
+        return
+    plan = _plans.get("fadam", (params, m, f), _build_flat_plan)
+    beta2_hat = beta2 * (1 - beta2 ** (step - 1)) / (1 - beta2**step)
+    for dt, idx, (a_th, a_m, a_f), tens, start, stop, first, sizes in plan:
+        T = dt.type
+        ws = np.empty(3 * len(idx), dtype=dt)
+        _fadam_kernel(a_th, addresses(grads, idx), a_m, a_f, sizes, tens, start, stop, first, ws,
+                      T(beta1), T(1 - beta1), T(beta2_hat), T(1 - beta2_hat), T(lr), T(weight_decay),
+                      T(p), p == 0.5, float(eps), float(eps2), float(2 * p), float(clip))
+
+
+# =============================================================================
+# Coupled Adam
+# =============================================================================
+@njit(parallel=True, cache=True)
+def _coupled_kernel(a_th, a_g, a_m, a_vc, rows, cols, rtens, rstart, rstop, rfirst, poff, plen,
+                    utens, ustart, ustop, doff, ws,
+                    b1, omb1, b2, omb2, bc2, eps, step_size, decay):
+    nr = rtens.size
+    ntens = rows.size
+    part = np.zeros(plen, np.float64)
+
+    # Pass 1: per row block, column sums of g² in float64 (rows in order within the block).
+    for c in prange(nr):
+        t = rtens[c]
+        d = cols[t]
+        g = as_pointer(a_g[t], b1)
+        o = poff[c]
+        for r in range(rstart[c], rstop[c]):
+            base = r * d
+            for j in range(d):
+                x = np.float64(g[base + j])
+                part[o + j] += x * x
+
+    # Per tensor and column: mean over the V rows (blocks combined in order), v̄ update, denominator.
+    for t in prange(ntens):
+        d = cols[t]
+        vc = as_pointer(a_vc[t], b1)
+        o = doff[t]
+        for j in range(d):
+            s = 0.0
+            for c in range(rfirst[t], rfirst[t + 1]):
+                s += part[poff[c] + j]
+            ws[o + j] = s / rows[t]          # the column mean, rounded to the parameter dtype
+            vj = b2 * vc[j] + omb2 * ws[o + j]
+            vc[j] = vj
+            ws[o + j] = np.sqrt(vj) / bc2 + eps
+
+    # Pass 2: θ ← θ(1-lr·λ) - step_size · m/denom_j with m ← β₁m + (1-β₁)g.
+    for c in prange(utens.size):
+        t = utens[c]
+        d = cols[t]
+        th = as_pointer(a_th[t], b1)
+        g = as_pointer(a_g[t], b1)
+        m = as_pointer(a_m[t], b1)
+        o = doff[t]
+        for r in range(ustart[c], ustop[c]):
+            base = r * d
+            for j in range(d):
+                i = base + j
+                mi = b1 * m[i] + omb1 * g[i]
+                m[i] = mi
+                th[i] = th[i] * decay - step_size * (mi / ws[o + j])
+
+
+def _build_coupled_plan(lists):
+    params = lists[0]
+    plan = []
+    for dt, idx in dtype_groups(params):
+        rows = np.array([params[i].shape[0] for i in idx], dtype=np.int64)
+        cols = np.array([params[i].shape[1] for i in idx], dtype=np.int64)
+        rtens, rstart, rstop, rfirst = row_chunks(rows, cols, max_blocks=COUPLED_MAX_BLOCKS)
+        poff = np.zeros(rtens.size + 1, dtype=np.int64)
+        np.cumsum(cols[rtens], out=poff[1:])
+        utens, ustart, ustop, _ = row_chunks(rows, cols)
+        doff = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(cols, out=doff[1:])
+        plan.append((dt, idx, [addresses(lst, idx) for lst in lists], rows, cols,
+                     rtens, rstart, rstop, rfirst, poff[:-1].copy(), int(poff[-1]),
+                     utens, ustart, ustop, doff[:-1].copy(), int(doff[-1])))
+    return plan
+
+
+def coupled_adam_step(params, grads, m, v_col, *, step, lr, beta1, beta2, eps, weight_decay):
+    """Multi-tensor, in place: the backend interface for Coupled Adam.
+
+    Every tensor here is coupled (2-D, shape V×d, v_col[i] of shape (d,))."""
+    if not params:
+        return
+    plan = _plans.get("coupled", (params, m, v_col), _build_coupled_plan)
+    step_size = lr / (1 - beta1**step)
+    bc2 = math.sqrt(1 - beta2**step)
+    for (dt, idx, (a_th, a_m, a_vc), rows, cols, rtens, rstart, rstop, rfirst, poff, plen,
+         utens, ustart, ustop, doff, dlen) in plan:
+        T = dt.type
+        ws = np.empty(dlen, dtype=dt)
+        _coupled_kernel(a_th, addresses(grads, idx), a_m, a_vc, rows, cols, rtens, rstart, rstop,
+                        rfirst, poff, plen, utens, ustart, ustop, doff, ws,
+                        T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(bc2), T(eps),
+                        T(step_size), T(1 - lr * weight_decay))
