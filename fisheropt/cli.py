@@ -9,7 +9,7 @@
     fisheropt info                                               # version and backends
 
 Every run writes ``report.md`` and PNG plots into ``--out`` (default: a new
-folder ``fisheropt-runs/<name>-<time>`` under the current directory) and prints
+folder ``fisheropt-out/<name>-<time>`` under the current directory) and prints
 where they are. ``--quick`` is a sub-minute smoke run of the same code.
 """
 from __future__ import annotations
@@ -23,14 +23,14 @@ from . import __version__
 
 
 def _default_out(name: str) -> Path:
-    return Path.cwd() / "fisheropt-runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path.cwd() / "fisheropt-out" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a small, sub-minute run of the same code (smoke test)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="folder for report.md and the plots (default: fisheropt-runs/<name>-<time>)")
+                   help="folder for report.md and the plots (default: fisheropt-out/<name>-<time>)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
 
 

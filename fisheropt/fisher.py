@@ -66,7 +66,18 @@ def _xp(a):
     return np
 
 
-def _float_array(a, name, ndim, *, host_only=False):
+_FINITE_CHUNK = 1 << 20   # elements per finiteness test: O(1 MiB) of temporaries, never a copy of a big array
+
+
+def _all_finite(a) -> bool:
+    xp = _xp(a)
+    if a.ndim == 0 or a.size == 0:
+        return bool(xp.isfinite(a).all())
+    rows = max(1, _FINITE_CHUNK // max(1, a.size // a.shape[0]))   # slices along axis 0: no reshape copy
+    return all(bool(xp.isfinite(a[i:i + rows]).all()) for i in range(0, a.shape[0], rows))
+
+
+def _float_array(a, name, ndim, *, host_only=False, check_finite=True):
     if not _is_array(a):
         raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
     if host_only and not isinstance(a, np.ndarray):
@@ -75,7 +86,7 @@ def _float_array(a, name, ndim, *, host_only=False):
         raise TypeError(f"{name} has dtype {a.dtype.name}; only float32 and float64 are supported")
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}")
-    if not bool(_xp(a).isfinite(a).all()):
+    if check_finite and not _all_finite(a):
         raise ValueError(f"{name} contains NaN or Inf")
     return a
 
@@ -119,8 +130,8 @@ def _check_J(J, probs=None, *, host_only=False):
     return J
 
 
-def _check_G(G, *, P=None, N=None, host_only=False):
-    _float_array(G, "G", 2, host_only=host_only)
+def _check_G(G, *, P=None, N=None, host_only=False, check_finite=True):
+    _float_array(G, "G", 2, host_only=host_only, check_finite=check_finite)
     if N is not None and G.shape[0] != N:
         raise ValueError(f"G has {G.shape[0]} rows but J/probs have N={N} samples")
     if P is not None and G.shape[1] != P:
@@ -305,7 +316,9 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
     if exact_method not in ("auto", "woodbury", "cg"):
         raise ValueError(f"unknown exact_method {exact_method!r}; use 'auto', 'woodbury' or 'cg'")
     damping = _check_damping(damping)
-    _check_G(G)
+    # ef/ief: G's finiteness is checked on diag(G Gᵀ) inside the backend (O(N), no extra pass
+    # over G; see fisher_ngd.check_gram); the other kinds check it here.
+    _check_G(G, check_finite=kind not in ("ef", "ief"))
     N, P = G.shape
     if kind == "ief":
         _check_s(s, N, positive=False)

@@ -61,7 +61,7 @@ def forward(params, tokens, lengths, *, dropout: float = 0.0, rng=None):
 
     ``dropout`` > 0 draws a fresh mask from ``rng`` (a Generator or seed)."""
     E, P, W, c = params
-    B, L = tokens.shape
+    L = tokens.shape[1]
     valid = np.arange(L)[None, :] < lengths[:, None]                      # (B, L)
     x = E[tokens] + P[:L][None, :, :]                                      # (B, L, d)
     keep = None
@@ -77,7 +77,7 @@ def forward(params, tokens, lengths, *, dropout: float = 0.0, rng=None):
 
 def backward(params, cache, dz):
     """Gradients [dE, dP, dW, dc] of a loss with dL/dz = ``dz`` (B, k)."""
-    E, P, W, c = params
+    E, P, W, _ = params
     tokens, weights, keep, pooled = cache
     dz = np.asarray(dz, dtype=W.dtype)
     dW = pooled.T @ dz
@@ -88,7 +88,11 @@ def backward(params, cache, dz):
         dx = dx * keep
     dE = np.zeros_like(E)
     real = weights > 0
-    np.add.at(dE, tokens[real], dx[real])
+    tok = tokens[real]                                                     # scatter-add dx rows into E's rows:
+    order = np.argsort(tok, kind="stable")                                 # sort by token, sum each run
+    tok_sorted = tok[order]
+    starts = np.flatnonzero(np.r_[True, tok_sorted[1:] != tok_sorted[:-1]])
+    dE[tok_sorted[starts]] = np.add.reduceat(dx[real][order], starts, axis=0)
     dP = np.zeros_like(P)
     dP[:tokens.shape[1]] = dx.sum(axis=0)
     return [dE, dP, dW, dc]

@@ -11,8 +11,8 @@ meaning. For a sentence of N tokens:
     \quad(\text{inclusive; } r = \text{dup\_rate} = 0.32)
 
 then k = min(dup_len, N) distinct positions are drawn uniformly without
-replacement and each chosen token is duplicated in place (written twice,
-adjacent). The result has N + k tokens and the original order. The clamp to N
+replacement (the first k of a uniform random permutation of 0..N−1) and each
+chosen token is duplicated in place (written twice, adjacent). The result has N + k tokens and the original order. The clamp to N
 only matters for N ≤ 1 (the paper's code would fail there); N = 0 is returned
 unchanged.
 
@@ -44,7 +44,7 @@ def repetition_positions(n_tokens: int, *, dup_rate: float = DUP_RATE, rng=None)
     g = _rng(rng)
     dup_len = int(g.integers(0, max_dup_len(n_tokens, dup_rate), endpoint=True))
     k = min(dup_len, n_tokens)
-    return np.sort(g.choice(n_tokens, size=k, replace=False)).astype(np.int64)
+    return np.sort(g.permutation(n_tokens)[:k]).astype(np.int64)   # a uniform k-subset
 
 
 def apply_repetition(tokens, positions) -> np.ndarray:

@@ -26,12 +26,13 @@ def fisher_factor(J, probs, xp=np):
     """A (N*C, P) with A^T A = F: rows B_n J_n, B_n = (I - u u^T) diag(u), u = sqrt(p_n).
 
     Computed in float64; works for NumPy or CuPy (``xp``)."""
-    J64 = J.astype(xp.float64)
-    u = xp.sqrt(xp.maximum(probs.astype(xp.float64), 0.0))            # (N, C)
-    UJ = u[:, :, None] * J64                                          # diag(u) J_n
-    proj = xp.einsum("nc,ncp->np", u, UJ)                             # u^T diag(u) J_n
-    A = UJ - u[:, :, None] * proj[:, None, :]                          # (I - u u^T) diag(u) J_n
     N, C, P = J.shape
+    u = xp.sqrt(xp.maximum(probs.astype(xp.float64), 0.0))            # (N, C)
+    A = J.astype(xp.float64)                                          # the only N*C*P array
+    A *= u[:, :, None]                                                # diag(u) J_n
+    proj = xp.einsum("nc,ncp->np", u, A)                              # u^T diag(u) J_n, (N, P)
+    for c in range(C):                                                # (I - u u^T) diag(u) J_n,
+        A[:, c, :] -= u[:, c, None] * proj                            # N x P temporaries only
     return A.reshape(N * C, P)
 
 

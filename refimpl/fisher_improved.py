@@ -6,8 +6,8 @@ r"""The improved empirical Fisher (iEF; Wu et al., NeurIPS 2024) — spec/fisher
 
 Each per-sample gradient is rescaled by the inverse norm of its logits-level
 gradient, undoing the "inversely-scaled projection" of EF (well-fitted samples,
-with small :math:`s_n`, no longer dominate the update). The paper's 1/N factor is
-dropped (sum convention); it only rescales the damping.
+with small :math:`s_n`, no longer dominate the update). The paper uses the same sum
+convention (its Eq. 1 and Eq. 14), so there is no factor of N.
 """
 import numpy as np
 

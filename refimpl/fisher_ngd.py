@@ -23,7 +23,8 @@ Backend functions (identical signatures on every backend):
 ``fisher_sample_space_direction(G, rhs, damping) -> d``
     :math:`d = G^\top (GG^\top + \lambda I)^{-1}\,\mathrm{rhs}`, (P,) in G's dtype. The N×N system
     is solved in float64: Cholesky first, a symmetric eigendecomposition (eigenvalues clipped
-    at 0) when Cholesky fails.
+    at 0) when Cholesky fails. Raises ValueError when diag(GGᵀ) is non-finite (G holds NaN/Inf):
+    the only check a backend makes, O(N), and the one the public API relies on for G.
 
 Inputs are assumed valid (fisheropt.fisher validates).
 """
@@ -75,8 +76,21 @@ def solve_damped_gram_eigh(K, rhs, damping):
 
 def fisher_sample_space_direction(G, rhs, damping):
     """d = G^T (G G^T + damping I)^{-1} rhs, (P,) in G's dtype; the N x N solve in float64."""
-    a = solve_damped_gram(fisher_gram(G), rhs, float(damping))
+    K = fisher_gram(G)
+    check_gram(K)
+    a = solve_damped_gram(K, rhs, float(damping))
     return G.T @ a.astype(G.dtype)
+
+
+NONFINITE_GRAM = ("G contains NaN or Inf (detected on the diagonal of G Gᵀ, which is non-finite "
+                  "exactly when a row of G is, or when a row's squared norm overflows)")
+
+
+def check_gram(K, xp=np):
+    """The O(N) finiteness guard: diag(G Gᵀ)_n = ||g_n||² is non-finite iff row n of G holds a
+    NaN or Inf (or its squared norm overflows), so G itself never needs a separate pass."""
+    if not bool(xp.isfinite(xp.diagonal(K)).all()):
+        raise ValueError(NONFINITE_GRAM)
 
 
 # ---- directions (generic over a backend ``ops``; xp = ops.array_module) ----------
@@ -126,7 +140,9 @@ def sf_direction(G, J, probs, labels_sampled, damping, ops=None):
     """SF: d = (Ĝ^T Ĝ + λ I)^{-1} ∇L by Woodbury in K·N space; (P,) in G's dtype."""
     ops = _ops_default(ops)
     xp = ops.array_module
-    Gh = sampled_grads(J, probs, labels_sampled, xp=xp)
+    # float64 Ĝ: (∇L − w)/λ cancels where ∇L lies in Ĝ's row space, so w must be accurate
+    # to float64, not to the input dtype (the cost: a float64 K·N×P array, like the exact path's A).
+    Gh = sampled_grads(J, probs, labels_sampled, xp=xp, dtype=xp.float64)
     return woodbury_direction(Gh, batch_gradient(G, xp), damping, ops).astype(G.dtype)
 
 

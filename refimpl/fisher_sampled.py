@@ -25,14 +25,20 @@ def sample_labels(probs, n_samples, rng):
     return np.minimum(out, p.shape[1] - 1)
 
 
-def sampled_grads(J, probs, labels_sampled, xp=np):
-    """Ĝ (K*N, P) = rows J_n^T (p_n - e_{ŷ_kn}) / sqrt(K), in J's dtype (NumPy or CuPy)."""
+def sampled_grads(J, probs, labels_sampled, xp=np, dtype=None):
+    """Ĝ (K*N, P) = rows J_n^T (p_n - e_{ŷ_kn}) / sqrt(K), in ``dtype`` (default J's), NumPy or CuPy."""
     K, N = labels_sampled.shape
     C = probs.shape[1]
-    R = xp.broadcast_to(probs, (K, N, C)).astype(J.dtype, copy=True)     # (K, N, C)
+    dtype = np.dtype(J.dtype if dtype is None else dtype)
+    R = xp.broadcast_to(probs, (K, N, C)).astype(dtype, copy=True)     # (K, N, C)
     R[xp.arange(K)[:, None], xp.arange(N)[None, :], labels_sampled] -= 1
-    R *= J.dtype.type(1.0 / np.sqrt(K))
-    Gh = xp.einsum("ncp,knc->knp", J, R)
+    R *= dtype.type(1.0 / np.sqrt(K))
+    if J.dtype == dtype:
+        Gh = xp.einsum("ncp,knc->knp", J, R)
+    else:   # upcasting: accumulate over classes, never a converted copy of J
+        Gh = xp.zeros((K, N, J.shape[2]), dtype=dtype)
+        for c in range(C):
+            Gh += R[:, :, c, None] * J[None, :, c, :]
     return Gh.reshape(K * N, J.shape[2])
 
 

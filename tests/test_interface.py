@@ -48,3 +48,11 @@ def test_auto_picks_a_host_backend_for_numpy_arrays():
     opt = fo.Adam([np.zeros(3)], backend="auto")
     expected = "numba" if "numba" in fo.backends.available() else "numpy"
     assert opt.backend.NAME == expected
+
+
+def test_installed_backend_packages_give_usable_backends():
+    """If numba imports, the numba backend must load: an incomplete backend is a bug, not a skip."""
+    import importlib.util
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed")
+    assert "numba" in fo.backends.available(), fo.backends.unavailable().get("numba")

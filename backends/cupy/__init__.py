@@ -27,6 +27,14 @@ def check_usable() -> None:
 
 
 # --- update rules (issue: CuPy GPU backend) --------------------------------------
+from .optim import (  # noqa: E402,F401
+    adam_step,
+    adamw_step,
+    all_finite,
+    coupled_adam_step,
+    fadam_step,
+    from_dlpack_list,
+)
 
 # --- Fisher directions (issue: Fisher estimators) --------------------------------
 from .fisher import fisher_gram, fisher_sample_space_direction  # noqa: E402,F401

@@ -10,34 +10,43 @@ so the kernel spells the operations with the ``__fmul_rn``/``__fadd_rn``
 result equals the NumPy reference bit for bit.
 
 One ElementwiseKernel launch per tensor (it handles any strides in place);
-``sources`` must be CuPy arrays with the targets' shapes and dtypes.
+``sources`` must be CuPy arrays with the targets' shapes and dtypes. cupy is
+imported when the kernel is first built, so the kernel text (``PREAMBLE``,
+``BODY``) can be read and checked on a machine without CuPy.
 """
 from __future__ import annotations
 
-import cupy
-
 from fisheropt.refimpl.esimcse_momentum import ema_coefficients
 
-_PREAMBLE = r"""
+KERNEL_NAME = "fisheropt_esimcse_ema_update"
+IN_PARAMS = "T q, T a, T b"
+OUT_PARAMS = "T k"
+PREAMBLE = r"""
 __device__ __forceinline__ float  ema_mul(float x, float y)   { return __fmul_rn(x, y); }
 __device__ __forceinline__ float  ema_add(float x, float y)   { return __fadd_rn(x, y); }
 __device__ __forceinline__ double ema_mul(double x, double y) { return __dmul_rn(x, y); }
 __device__ __forceinline__ double ema_add(double x, double y) { return __dadd_rn(x, y); }
 """
+BODY = "k = ema_add(ema_mul(a, k), ema_mul(b, q));"
 
-_ema_kernel = cupy.ElementwiseKernel(
-    "T q, T a, T b",
-    "T k",
-    "k = ema_add(ema_mul(a, k), ema_mul(b, q));",
-    "fisheropt_esimcse_ema_update",
-    preamble=_PREAMBLE,
-)
+_kernel = None
+
+
+def _get_kernel():
+    global _kernel
+    if _kernel is None:
+        import cupy
+
+        _kernel = cupy.ElementwiseKernel(IN_PARAMS, OUT_PARAMS, BODY, KERNEL_NAME, preamble=PREAMBLE)
+    return _kernel
 
 
 def ema_update(targets, sources, *, decay):
     """Multi-tensor, in place on ``targets`` (cupy.ndarray): the backend interface."""
+    kernel = None
     for k, q in zip(targets, sources):
         if k.size == 0:
             continue
+        kernel = kernel or _get_kernel()
         a, b = ema_coefficients(decay, k.dtype)
-        _ema_kernel(q, a, b, k)
+        kernel(q, a, b, k)

@@ -13,7 +13,7 @@ Same signatures as fisheropt.refimpl.fisher_ngd; arrays are cupy.ndarray.
 import cupy
 from cupyx.scipy.linalg import solve_triangular
 
-from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK
+from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK, check_gram
 
 __all__ = ["fisher_gram", "fisher_sample_space_direction"]
 
@@ -53,5 +53,7 @@ def _solve_damped_gram(K, rhs, damping):
 
 def fisher_sample_space_direction(G, rhs, damping):
     """d = G^T (G G^T + damping I)^{-1} rhs, (P,) in G's dtype; the solve in float64."""
-    a = _solve_damped_gram(fisher_gram(G), rhs, float(damping))
+    K = fisher_gram(G)
+    check_gram(K, cupy)
+    a = _solve_damped_gram(K, rhs, float(damping))
     return G.T @ a.astype(G.dtype)

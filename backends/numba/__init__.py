@@ -17,7 +17,7 @@ def owns(array) -> bool:
 
 
 # --- update rules (issue: Numba CPU backend) -------------------------------------
-# from .optim import all_finite, adam_step, adamw_step, fadam_step, coupled_adam_step
+from .optim import all_finite, adam_step, adamw_step, fadam_step, coupled_adam_step  # noqa: F401,E402
 
 # --- Fisher directions (issue: Fisher estimators) --------------------------------
 from .fisher import fisher_gram, fisher_sample_space_direction  # noqa: E402,F401

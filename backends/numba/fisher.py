@@ -13,6 +13,7 @@ Same signatures as fisheropt.refimpl.fisher_ngd (the reference backend):
 import numba
 import numpy as np
 
+from fisheropt.refimpl.fisher_ngd import check_gram
 from fisheropt.refimpl.fisher_ngd import fisher_gram as _reference_gram
 
 __all__ = ["fisher_gram", "fisher_sample_space_direction"]
@@ -79,5 +80,7 @@ def _solve_damped_gram(K, rhs, damping):
 
 def fisher_sample_space_direction(G, rhs, damping):
     """d = G^T (G G^T + damping I)^{-1} rhs, (P,) in G's dtype; the solve in float64."""
-    a = _solve_damped_gram(fisher_gram(G), rhs, damping)
+    K = fisher_gram(G)
+    check_gram(K)
+    a = _solve_damped_gram(K, rhs, damping)
     return G.T @ a.astype(G.dtype)

@@ -21,7 +21,6 @@ Bytes moved per element (float32): Adam/AdamW 28 (read θ,g,m,v; write θ,m,v);
 FAdam 44 in three passes (g | g,f,θ → f | g,f,θ,m → m,θ); Coupled Adam 24
 (g | θ,g,m → θ,m); all_finite 4.
 """
-from __future__ import annotations
 
 import math
 from functools import lru_cache
@@ -218,7 +217,7 @@ def _rms(total, n):
 
 @njit(parallel=True, cache=True)
 def _fadam_kernel(a_th, a_g, a_m, a_f, sizes, ctens, cstart, cstop, first, ws,
-                  b1, omb1, b2h, omb2h, lr, wd, p_t, use_sqrt, eps, eps2, two_p, clip):
+                  b1, omb1, b2h, omb2h, lr, wd, p_t, use_sqrt, eps, eps2, two_p, clip, tiny):
     nch = ctens.size
     ntens = sizes.size
     part = np.zeros(2 * nch, np.float64)
@@ -227,18 +226,18 @@ def _fadam_kernel(a_th, a_g, a_m, a_f, sizes, ctens, cstart, cstop, first, ws,
     for c in prange(nch):
         part[c] = _sumsq(as_pointer(a_g[ctens[c]], b1), cstart[c], cstop[c])
 
-    # Per tensor (chunk order): ε_t = min(ε, ε₂·RMS(g))^{2p}, ε^{2p} when RMS(g) = 0.
+    # Per tensor (chunk order): ε_t = min(ε, ε₂·RMS(g))^{2p} in float64, rounded to the
+    # parameter dtype; ε^{2p} where that is 0; then at least the dtype's smallest normal.
     for t in range(ntens):
         s = 0.0
         for c in range(first[t], first[t + 1]):
             s += part[c]
-        r = _rms(s, sizes[t])
-        if r == 0:
-            e64 = eps ** two_p
-        else:
-            x = eps2 * r
-            e64 = (x if x < eps else eps) ** two_p
-        ws[t] = e64  # rounded to the parameter dtype
+        x = eps2 * _rms(s, sizes[t])
+        ws[t] = (x if x < eps else eps) ** two_p  # rounded to the parameter dtype
+        if ws[t] == 0:
+            ws[t] = eps ** two_p
+        if ws[t] < tiny:
+            ws[t] = tiny
 
     # Pass 2: f ← β̂₂ f + (1-β̂₂) g²; Σ ḡ² and Σ w̄² per chunk with ḡ = g/(f^p+ε_t), w̄ = θ/(f^p+ε_t).
     for c in prange(nch):
@@ -344,7 +343,7 @@ def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, 
         ws = np.empty(3 * len(idx), dtype=dt)
         _fadam_kernel(a_th, addresses(grads, idx), a_m, a_f, sizes, tens, start, stop, first, ws,
                       T(beta1), T(1 - beta1), T(beta2_hat), T(1 - beta2_hat), T(lr), T(weight_decay),
-                      T(p), p == 0.5, float(eps), float(eps2), float(2 * p), float(clip))
+                      T(p), p == 0.5, float(eps), float(eps2), float(2 * p), float(clip), np.finfo(dt).tiny)
 
 
 # =============================================================================

@@ -13,6 +13,7 @@ EXPERIMENTS = {
     "coupled-adam": "fisheropt.experiments.coupled_adam",
     "ief": "fisheropt.experiments.ief",
     "fadam": "fisheropt.experiments.fadam",
+    "esimcse": "fisheropt.experiments.esimcse",
 }
 
 

@@ -37,6 +37,7 @@ SUITES = {
     "fadam": "fisheropt.vectors.optim:fadam_cases",
     "coupled_adam": "fisheropt.vectors.optim:coupled_adam_cases",
     "esimcse": "fisheropt.vectors.esimcse:ema_cases",
+    "fisher": "fisheropt.vectors.fisher:fisher_cases",
 }
 
 

@@ -1,0 +1,278 @@
+"""``fisheropt bench`` / ``python -m fisheropt.bench``: optimizer step throughput.
+
+Prints one table row per update rule × backend × size: the median time of one
+optimizer step (``check_finite=False``) and of one step with the default
+finite check, the memory traffic it implies (GB/s, 1e9 bytes/s, from the
+rule's byte count per element), the ratio of that to the in-process
+bandwidth ceiling (``a += s*b`` in Numba, measured in this process on the
+same number of elements), and, where installed, the speed ratio of the
+PyTorch baseline to this row (``torch.optim.Adam/AdamW(fused=True)`` for
+Adam/AdamW, ``pytorch_optimizer.FAdam`` for FAdam; > 1 means fisheropt is faster).
+
+Sizes are element counts of one tensor (``2^25``, ``1048576``, ``1e6``) or
+``many``: a transformer-like list of 147 tensors (12 layers of 768×768 ×4,
+768×3072, 3072×768 and vectors, plus an 8192×768 embedding; 91.3 M parameters).
+
+The machine matters more than the code for absolute numbers; compare ratios
+taken in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+import time
+
+import numpy as np
+
+RULES = ("adam", "adamw", "fadam", "coupled_adam")
+DEFAULT_SIZES = ("2^16", "2^20", "2^25", "many")
+QUICK_SIZES = ("2^16", "2^20", "many")
+
+# Bytes moved per element, in units of the itemsize (float32: × 4).
+#   Adam/AdamW: read θ,g,m,v, write θ,m,v                       = 7
+#   FAdam: pass 1 read g; pass 2 read g,f,θ write f; pass 3
+#          read g,f,θ,m write m,θ                                = 11
+#   Coupled Adam (coupled tensors): read g; read θ,g,m write θ,m = 6 (uncoupled tensors: AdamW, 7)
+#   all_finite: read g                                           = 1
+ITEMS_PER_ELEMENT = {"adam": 7, "adamw": 7, "fadam": 11, "coupled_adam": 6}
+FINITE_ITEMS = 1
+
+# numpy reference rows above this many elements are skipped unless --numpy-large (too slow to be useful).
+NUMPY_MAX_ELEMENTS = 1 << 22
+
+
+# ---- problems -----------------------------------------------------------------
+def parse_size(text: str):
+    """'many' or a positive element count ('2^25', '1048576', '1e6')."""
+    t = str(text).strip().lower()
+    if t == "many":
+        return "many"
+    if "^" in t:
+        base, exp = t.split("^", 1)
+        n = int(base) ** int(exp)
+    elif "**" in t:
+        base, exp = t.split("**", 1)
+        n = int(base) ** int(exp)
+    else:
+        n = int(float(t))
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return n
+
+
+def size_label(size) -> str:
+    if size == "many":
+        return "many"
+    k = int(math.log2(size)) if size > 0 else 0
+    return f"2^{k}" if 1 << k == size else str(size)
+
+
+def transformer_shapes(layers: int = 12, d: int = 768, vocab: int = 8192):
+    """Shapes of a GPT-2-small-like model: 12 per layer + embedding + final norm = 147 tensors."""
+    shapes = []
+    for _ in range(layers):
+        shapes += [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]     # q, k, v, o; MLP in, out
+        shapes += [(d,), (d,), (d,), (d,), (4 * d,), (d,)]      # 2 layer norms (w, b), MLP biases
+    shapes += [(vocab, d), (d,), (d,)]                          # embedding, final norm
+    return shapes
+
+
+def problem_shapes(rule: str, size):
+    """(shapes, coupled flags) for a rule and a size."""
+    if size == "many":
+        shapes = transformer_shapes()
+        coupled = [s == (8192, 768) for s in shapes]
+    elif rule == "coupled_adam":
+        d = 768 if size >= 768 else size
+        shapes = [(size // d, d)]
+        coupled = [True]
+    else:
+        shapes = [(size,)]
+        coupled = [False]
+    return shapes, coupled
+
+
+def moved_bytes(rule: str, shapes, coupled, itemsize: int) -> int:
+    total = 0
+    for s, c in zip(shapes, coupled):
+        n = math.prod(s)
+        items = ITEMS_PER_ELEMENT[rule] if (rule != "coupled_adam" or c) else ITEMS_PER_ELEMENT["adamw"]
+        total += n * items * itemsize
+    return total
+
+
+def random_arrays(shapes, dtype, rng, scale=1.0):
+    return [np.asarray(rng.standard_normal(s, dtype=np.float32) * np.float32(scale), dtype=dtype) for s in shapes]
+
+
+# ---- timing -------------------------------------------------------------------
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def make_fisheropt(rule: str, backend: str, params, coupled, check_finite: bool):
+    import fisheropt as fo
+    if rule == "adam":
+        return fo.Adam(params, lr=1e-3, weight_decay=0.0, backend=backend, check_finite=check_finite)
+    if rule == "adamw":
+        return fo.AdamW(params, lr=1e-3, weight_decay=0.01, backend=backend, check_finite=check_finite)
+    if rule == "fadam":
+        return fo.FAdam(params, lr=1e-3, backend=backend, check_finite=check_finite)
+    if rule == "coupled_adam":
+        return fo.CoupledAdam(params, lr=1e-3, coupled=coupled, backend=backend, check_finite=check_finite)
+    raise ValueError(rule)
+
+
+def time_fisheropt(rule, backend, shapes, coupled, dtype, repeats, rng):
+    """(ms/step without the finite check, ms/step with it)."""
+    params = random_arrays(shapes, dtype, rng)
+    grads = random_arrays(shapes, dtype, rng, scale=1e-3)
+    opt = make_fisheropt(rule, backend, params, coupled, check_finite=False)
+    t_plain = median_time(lambda: opt.step(grads), repeats)
+    opt.check_finite = True
+    t_check = median_time(lambda: opt.step(grads), repeats)
+    del opt, params, grads
+    gc.collect()
+    return t_plain * 1e3, t_check * 1e3
+
+
+def torch_baseline(rule):
+    """(name, factory(list of torch params) -> optimizer) or None when not installed / no counterpart."""
+    try:
+        import torch
+    except Exception:
+        return None
+    if rule in ("adam", "adamw"):
+        cls = torch.optim.Adam if rule == "adam" else torch.optim.AdamW
+        wd = 0.0 if rule == "adam" else 0.01
+        return (f"torch-{rule}-fused", lambda ps: cls(ps, lr=1e-3, weight_decay=wd, fused=True))
+    if rule == "fadam":
+        try:
+            from pytorch_optimizer import FAdam
+        except Exception:
+            return None
+        return ("pytorch_optimizer-fadam", lambda ps: FAdam(ps, lr=1e-3))
+    return None
+
+
+def time_torch(factory, shapes, dtype, repeats, rng):
+    import torch
+    tdtype = torch.float32 if np.dtype(dtype) == np.float32 else torch.float64
+    params = []
+    for s in shapes:
+        p = torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=dtype)).to(tdtype).requires_grad_()
+        p.grad = torch.from_numpy(np.asarray(rng.standard_normal(s) * 1e-3, dtype=dtype)).to(tdtype)
+        params.append(p)
+    opt = factory(params)
+    with torch.no_grad():
+        t = median_time(opt.step, repeats)
+    del opt, params
+    gc.collect()
+    return t * 1e3
+
+
+# ---- the table ------------------------------------------------------------------
+def ceiling_gbs(n_elements: int, dtype, repeats: int):
+    try:
+        from fisheropt.backends.numba._ceiling import measure_ceiling_gbs
+    except Exception:
+        return None
+    return measure_ceiling_gbs(n_elements, dtype=dtype, repeats=max(3, repeats))
+
+
+def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselines=True, out=sys.stdout):
+    import fisheropt as fo
+
+    usable = set(fo.backends.available())
+    rng = np.random.default_rng(0)
+    itemsize = np.dtype(dtype).itemsize
+    rows = []
+    ceilings = {}
+    header = (f"{'rule':<13} {'backend':<24} {'size':>5} {'tensors':>7} {'ms/step':>9} {'GB/s':>6} "
+              f"{'/ceil':>6} {'+finite ms':>10} {'vs torch':>8}")
+    print(f"fisheropt bench: dtype={np.dtype(dtype).name}, median of {repeats} steps, "
+          f"ceiling = a += s*b (numba, in process, same element count)", file=out)
+    try:
+        import numba
+        print(f"numba {numba.__version__}, {numba.get_num_threads()} threads; numpy {np.__version__}", file=out)
+    except Exception:
+        pass
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for rule in rules:
+        for size in sizes:
+            shapes, coupled = problem_shapes(rule, size)
+            n = sum(math.prod(s) for s in shapes)
+            nbytes = moved_bytes(rule, shapes, coupled, itemsize)
+            if n not in ceilings:
+                ceilings[n] = ceiling_gbs(n, dtype, repeats)
+            ceil = ceilings[n]
+            results = []
+            for backend in backends:
+                if backend not in usable:
+                    continue
+                if backend == "numpy" and n > NUMPY_MAX_ELEMENTS and not numpy_large:
+                    continue
+                ms, ms_chk = time_fisheropt(rule, backend, shapes, coupled, dtype, repeats, rng)
+                results.append([rule, backend, size, len(shapes), ms, ms_chk])
+            base = torch_baseline(rule) if torch_baselines else None
+            torch_ms = None
+            if base is not None:
+                name, factory = base
+                torch_ms = time_torch(factory, shapes, dtype, repeats, rng)
+                results.append([rule, name, size, len(shapes), torch_ms, None])
+            for rule_, backend, size_, ntens, ms, ms_chk in results:
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                ratio = f"{gbs / ceil:6.2f}" if ceil else f"{'-':>6}"
+                chk = f"{ms_chk:10.2f}" if ms_chk is not None else f"{'-':>10}"
+                vs = f"{torch_ms / ms:8.2f}" if (torch_ms is not None and ms_chk is not None) else f"{'-':>8}"
+                line = (f"{rule_:<13} {backend:<24} {size_label(size_):>5} {ntens:>7} {ms:9.2f} {gbs:6.2f} "
+                        f"{ratio} {chk} {vs}")
+                print(line, file=out)
+                out.flush()
+                rows.append({"rule": rule_, "backend": backend, "size": size_label(size_), "tensors": ntens,
+                             "ms_per_step": ms, "gbs": gbs, "ceiling_gbs": ceil,
+                             "ratio_to_ceiling": (gbs / ceil) if ceil else None,
+                             "ms_per_step_with_finite_check": ms_chk,
+                             "torch_speed_ratio": (torch_ms / ms) if (torch_ms is not None and ms_chk is not None) else None})
+    if ceilings:
+        print("ceilings (GB/s, by element count): "
+              + ", ".join(f"{k}: {v:.2f}" if v else f"{k}: -" for k, v in ceilings.items()), file=out)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="fisheropt bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", type=parse_size, default=None,
+                    help="element counts (2^25, 1048576) or 'many' (default: 2^16 2^20 2^25 many)")
+    ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
+    ap.add_argument("--backends", nargs="+", default=["numpy", "numba"],
+                    help="fisheropt backends to time (unusable ones are skipped)")
+    ap.add_argument("--repeats", type=int, default=None, help="steps timed per row (median; default 5, --quick 2)")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes (no 2^25) and repeats")
+    ap.add_argument("--numpy-large", action="store_true",
+                    help=f"also time the numpy reference above {NUMPY_MAX_ELEMENTS} elements (slow)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
+    args = ap.parse_args(argv)
+    sizes = args.sizes or [parse_size(s) for s in (QUICK_SIZES if args.quick else DEFAULT_SIZES)]
+    repeats = args.repeats or (2 if args.quick else 5)
+    if repeats < 1:
+        ap.error("--repeats must be >= 1")
+    run(args.rules, sizes, args.backends, np.dtype(args.dtype), repeats,
+        numpy_large=args.numpy_large, torch_baselines=not args.no_torch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

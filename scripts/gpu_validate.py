@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Validate and benchmark the cupy backend on a GPU machine, in one command:
+
+    pip install -e ".[test,cupy]" && python scripts/gpu_validate.py
+
+(on an offline image that already has CuPy, PyTorch and pytest:
+``python3 -m pip install --no-deps --no-build-isolation -e . && python3 scripts/gpu_validate.py``)
+
+1. prints the device and the versions in play;
+2. runs every GPU test (``pytest -m gpu tests``), then this backend's whole test file
+   (its CPU and emulator tests too);
+3. measures, in this process: the device-to-device copy bandwidth, each update rule on
+   one 2^27-parameter float32 tensor and on a 148-tensor transformer-like list, and
+   torch.optim.Adam/AdamW(fused=True) on the same shapes; checks one AdamW step
+   against torch's on the large tensor;
+4. prints the table (ms, GB/s, ratio to the copy, speed-up over torch fused) and the
+   targets: ≥ 0.85 of the copy bandwidth on 2^27 parameters; Adam/AdamW at least as
+   fast as torch fused on both cases.
+
+Exit status: 0 when the tests pass (the speed targets are reported, not enforced,
+unless --strict). --json PATH also writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "asv_bench" / "benchmarks"))
+
+import bench_gpu as B  # noqa: E402
+
+
+def device_info(cupy) -> dict:
+    dev = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    info = {"device": name, "compute_capability": dev.compute_capability,
+            "memory_GiB": round(props["totalGlobalMem"] / 2**30, 1),
+            "cupy": cupy.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+            "cuda_driver": cupy.cuda.runtime.driverGetVersion(), "python": platform.python_version(),
+            "numpy": np.__version__}
+    try:
+        from cupy.cuda import nvrtc
+        info["nvrtc"] = ".".join(map(str, nvrtc.getVersion()))
+    except Exception:
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.cuda.is_available()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def run_tests(profile: str) -> dict:
+    env = dict(os.environ, FISHEROPT_HYPOTHESIS_PROFILE=profile)
+    results = {}
+    for label, args in [("pytest -m gpu tests", ["-m", "gpu", "tests"]),
+                        ("pytest tests/test_cupy_backend.py", ["tests/test_cupy_backend.py"])]:
+        print(f"\n=== {label} ===", flush=True)
+        t0 = time.time()
+        # a test module whose import fails (e.g. jsonschema missing on an offline GPU image)
+        # is reported as an error without stopping the others
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                              "--continue-on-collection-errors", *args],
+                             cwd=REPO, env=env)
+        results[label] = {"exit_code": rc, "seconds": round(time.time() - t0, 1)}
+    return results
+
+
+def check_against_torch(cupy) -> str:
+    """One AdamW step on 2^27 float32 parameters: fisheropt (cupy) versus torch fused."""
+    try:
+        import torch
+    except ImportError:
+        return "skipped (no torch)"
+    if not torch.cuda.is_available():
+        return "skipped (torch without CUDA)"
+    import fisheropt as fo
+    backend = fo.backends.get("cupy")
+    n = B.LARGE
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(n, device="cuda", generator=gen))
+    p.grad = torch.randn(n, device="cuda", generator=gen) * 1e-2
+    ours = [cupy.from_dlpack(p.detach().clone())]
+    g = [cupy.from_dlpack(p.grad)]
+    m, v = [cupy.zeros_like(ours[0])], [cupy.zeros_like(ours[0])]
+    hp = B.HP["adamw"]
+    opt = torch.optim.AdamW([p], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
+                            weight_decay=hp["weight_decay"], fused=True)
+    for t in (1, 2, 3):
+        opt.step()
+        backend.adamw_step(ours, g, m, v, step=t, **hp)
+    torch.cuda.synchronize()
+    diff = float(cupy.max(cupy.abs(ours[0] - cupy.from_dlpack(p.detach()))))
+    scale = float(cupy.max(cupy.abs(ours[0])))
+    del p, ours, g, m, v, opt
+    torch.cuda.empty_cache()
+    cupy.get_default_memory_pool().free_all_blocks()
+    ok = diff <= 1e-6 * max(scale, 1.0)
+    return (f"{'ok' if ok else 'MISMATCH'}: max |fisheropt - torch fused| after 3 steps = {diff:.3g} "
+            f"(max |θ| {scale:.3g})")
+
+
+def benchmarks(cupy, quick: bool) -> tuple[list[dict], float]:
+    reps = 10 if quick else 30
+    copy = B.copy_gbps(B.LARGE, reps=reps)
+    cupy.get_default_memory_pool().free_all_blocks()
+    rows = []
+    cases = {"2^27 x1": [(B.LARGE,)], "transformer x148": B.transformer_shapes()}
+    torch_ms = {}
+    for case, shapes in cases.items():
+        for decoupled in (False, True):
+            torch_ms[(case, decoupled)] = B.torch_fused_ms(shapes, decoupled=decoupled, reps=reps)
+    for case, shapes in cases.items():
+        for rule in ("adam", "adamw", "fadam", "coupled_adam"):
+            s = shapes
+            if rule == "coupled_adam":
+                s = [(B.LARGE // 1024, 1024)] if case.startswith("2^27") else [x for x in shapes if len(x) == 2]
+            n = sum(int(np.prod(x)) for x in s)
+            ms = B.fo_step_ms(rule, s, reps=reps)
+            cupy.get_default_memory_pool().free_all_blocks()
+            gbps = B.BYTES_PER_PARAM[rule] * 4 * n / (ms * 1e-3) / 1e9
+            t_ms = torch_ms.get((case, rule == "adamw")) if rule in ("adam", "adamw") else None
+            rows.append({"case": case, "rule": rule, "tensors": len(s), "params": n,
+                         "bytes_per_param": B.BYTES_PER_PARAM[rule] * 4, "ms": ms, "GB/s": gbps,
+                         "ratio_to_copy": gbps / copy, "torch_fused_ms": t_ms,
+                         "speedup_vs_torch_fused": (t_ms / ms) if t_ms else None})
+    return rows, copy
+
+
+def print_table(info, rows, copy):
+    print(f"\nDevice: {info['device']} (sm_{info['compute_capability']}, {info['memory_GiB']} GiB), "
+          f"CuPy {info['cupy']}, CUDA runtime {info['cuda_runtime']}, driver {info['cuda_driver']}, "
+          f"torch {info.get('torch')}")
+    print(f"Device-to-device copy (read+write, 2^27 float32, in process): {copy:.0f} GB/s\n")
+    head = f"{'case':<18}{'rule':<14}{'tensors':>8}{'params':>13}{'B/param':>9}{'ms':>9}{'GB/s':>8}" \
+           f"{'/copy':>7}{'torch fused ms':>16}{'torch/ours':>11}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        tm = f"{r['torch_fused_ms']:.3f}" if r["torch_fused_ms"] else "-"
+        sp = f"{r['speedup_vs_torch_fused']:.2f}" if r["speedup_vs_torch_fused"] else "-"
+        print(f"{r['case']:<18}{r['rule']:<14}{r['tensors']:>8}{r['params']:>13,}{r['bytes_per_param']:>9}"
+              f"{r['ms']:>9.3f}{r['GB/s']:>8.0f}{r['ratio_to_copy']:>7.2f}{tm:>16}{sp:>11}")
+
+
+def targets(rows) -> list[tuple[str, bool | None]]:
+    out = []
+    for r in rows:
+        if r["case"].startswith("2^27"):
+            out.append((f"{r['rule']} 2^27: >= 0.85 of copy bandwidth ({r['ratio_to_copy']:.2f})",
+                        r["ratio_to_copy"] >= 0.85))
+        if r["rule"] in ("adam", "adamw"):
+            sp = r["speedup_vs_torch_fused"]
+            out.append((f"{r['rule']} {r['case']}: at least as fast as torch fused "
+                        f"({'n/a' if sp is None else f'{sp:.2f}x'})", None if sp is None else sp >= 1.0))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-tests", action="store_true", help="only the benchmarks")
+    ap.add_argument("--no-bench", action="store_true", help="only the tests")
+    ap.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    ap.add_argument("--profile", default="ci", help="Hypothesis profile for the tests (ci or dev)")
+    ap.add_argument("--strict", action="store_true", help="also fail when a speed target is missed")
+    ap.add_argument("--json", type=Path, help="write all results here")
+    args = ap.parse_args(argv)
+
+    import fisheropt as fo
+    reason = fo.backends.unavailable().get("cupy")
+    if reason is not None:
+        print(f"cupy backend unavailable here: {reason}", file=sys.stderr)
+        return 2
+    import cupy
+    info = device_info(cupy)
+    print(json.dumps(info, indent=1))
+    report = {"info": info}
+    status = 0
+    if not args.no_tests:
+        report["tests"] = run_tests(args.profile)
+        if any(r["exit_code"] not in (0,) for r in report["tests"].values()):
+            status = 1
+    if not args.no_bench:
+        report["torch_check"] = check_against_torch(cupy)
+        print(f"\nAdamW vs torch fused, 2^27 float32: {report['torch_check']}")
+        if report["torch_check"].startswith("MISMATCH"):
+            status = 1
+        rows, copy = benchmarks(cupy, args.quick)
+        report.update(copy_GBps=copy, rows=rows)
+        print_table(info, rows, copy)
+        report["targets"] = []
+        print("\nTargets:")
+        for text, ok in targets(rows):
+            mark = "n/a " if ok is None else ("PASS" if ok else "MISS")
+            print(f"  [{mark}] {text}")
+            report["targets"].append({"target": text, "met": ok})
+            if args.strict and ok is False:
+                status = 1
+    if "tests" in report:
+        print("\nTests: " + ", ".join(f"{k}: exit {v['exit_code']} ({v['seconds']} s)"
+                                      for k, v in report["tests"].items()))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

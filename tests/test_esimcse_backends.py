@@ -1,0 +1,214 @@
+"""The ESimCSE momentum-encoder kernel ``ema_update`` on every backend: bit-for-bit
+agreement with the NumPy reference (Numba on the CPU; CuPy on a GPU, and its kernel
+text compiled for the CPU by g++ where no GPU is present)."""
+import ctypes
+import importlib.util
+import inspect
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import fisheropt.backends
+import numpy as np
+import pytest
+from conftest import gpu_skip_reason
+from fisheropt.backends import FUNCTIONS
+from fisheropt.refimpl.esimcse_momentum import MOMENTUM
+from fisheropt.refimpl.esimcse_momentum import ema_update as ref_ema
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fisheropt as fo
+
+SHAPES = [(37, 5), (8,), (), (1,), (2, 3, 4), (0, 3)]
+
+
+def _tensors(dtype, seed, shapes=SHAPES, scale=1.0):
+    rng = np.random.default_rng(seed)
+    k = [np.asarray(rng.standard_normal(s) * scale, dtype=dtype) for s in shapes]
+    q = [np.asarray(rng.standard_normal(s) * scale, dtype=dtype) for s in shapes]
+    return k, q
+
+
+def _numba_module():
+    pytest.importorskip("numba")
+    from fisheropt.backends.numba import esimcse
+    return esimcse
+
+
+def _assert_bitwise(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        bits = [np.ascontiguousarray(np.atleast_1d(x)).view(np.uint8) for x in (g, w)]
+        np.testing.assert_array_equal(*bits)                # bit patterns: -0.0 ≠ 0.0, NaN payloads
+
+
+def test_ema_update_is_in_the_interface_and_the_reference():
+    assert "ema_update" in FUNCTIONS
+    assert fo.backends.get("numpy").ema_update is ref_ema
+    for name in fo.backends.available():
+        fn = fo.backends.get(name).ema_update
+        assert inspect.signature(fn) == inspect.signature(ref_ema), name
+
+
+# ---- Numba ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decay", [MOMENTUM, 0.0, 1.0, 0.5, 0.999999])
+def test_numba_equals_reference_bitwise(dtype, decay):
+    N = _numba_module()
+    k, q = _tensors(dtype, 1)
+    k_ref = [a.copy() for a in k]
+    for _ in range(3):                                      # a short trajectory
+        N.ema_update(k, q, decay=decay)
+        ref_ema(k_ref, q, decay=decay)
+    _assert_bitwise(k, k_ref)
+
+
+@given(seed=st.integers(0, 2**32 - 1), decay=st.floats(0.0, 1.0),
+       exp=st.sampled_from([-30, -3, 0, 3, 30]), f32=st.booleans())
+def test_numba_equals_reference_property(seed, decay, exp, f32):
+    N = _numba_module()
+    dtype = np.float32 if f32 else np.float64
+    k, q = _tensors(dtype, seed, scale=10.0**exp)
+    k_ref = [a.copy() for a in k]
+    N.ema_update(k, q, decay=decay)
+    ref_ema(k_ref, q, decay=decay)
+    _assert_bitwise(k, k_ref)
+
+
+def test_numba_mixed_dtypes_strided_and_parallel_path():
+    N = _numba_module()
+    rng = np.random.default_rng(2)
+    big = N.PARALLEL_THRESHOLD + 17                         # takes the multi-threaded kernel
+    base = rng.standard_normal((6, 10))
+    k = [rng.standard_normal(big), rng.standard_normal((3, 4)).astype(np.float32),
+         base[:, ::3], np.asfortranarray(rng.standard_normal((5, 4)))]
+    q = [rng.standard_normal(big), rng.standard_normal((3, 4)).astype(np.float32),
+         rng.standard_normal((6, 4)), rng.standard_normal((5, 4))]
+    k_ref = [a.copy() for a in k]
+    view_before = base.copy()
+    N.ema_update(k, q, decay=MOMENTUM)
+    ref_ema(k_ref, q, decay=MOMENTUM)
+    _assert_bitwise(k, k_ref)
+    # the strided view was updated in place, and only its columns
+    np.testing.assert_array_equal(base[:, ::3], k_ref[2])
+    untouched = np.ones(10, bool)
+    untouched[::3] = False
+    np.testing.assert_array_equal(base[:, untouched], view_before[:, untouched])
+
+
+def test_numba_registry_backend_uses_the_kernel():
+    if "numba" in fo.backends.unavailable():
+        pytest.skip(f"numba backend: {fo.backends.unavailable()['numba']}")
+    N = _numba_module()
+    assert fo.backends.get("numba").ema_update is N.ema_update
+
+
+# ---- CuPy: kernel text, on the CPU --------------------------------------------------
+def _cupy_esimcse_source_module():
+    """backends/cupy/esimcse.py loaded on its own (cupy is imported only when the kernel is built)."""
+    path = Path(fisheropt.backends.__file__).parent / "cupy" / "esimcse.py"
+    spec = importlib.util.spec_from_file_location("_fisheropt_cupy_esimcse_text", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cupy_kernel_text_never_leaves_rounding_to_the_compiler():
+    m = _cupy_esimcse_source_module()
+    assert m.IN_PARAMS == "T q, T a, T b" and m.OUT_PARAMS == "T k"
+    # every product and sum goes through the round-to-nearest intrinsics (no FMA contraction)
+    assert not re.search(r"[*+]", m.BODY.split("=", 1)[1])
+    for intrinsic in ("__fmul_rn", "__fadd_rn", "__dmul_rn", "__dadd_rn"):
+        assert intrinsic in m.PREAMBLE
+    assert inspect.signature(m.ema_update) == inspect.signature(ref_ema)
+
+
+_HARNESS = r"""
+#define __device__
+#define __forceinline__ inline
+static inline float  __fmul_rn(float x, float y)   { volatile float r = x * y; return r; }
+static inline float  __fadd_rn(float x, float y)   { volatile float r = x + y; return r; }
+static inline double __dmul_rn(double x, double y) { volatile double r = x * y; return r; }
+static inline double __dadd_rn(double x, double y) { volatile double r = x + y; return r; }
+PREAMBLE
+template <class T> static void run(const T* Q, T a, T b, T* K, long n) {
+    for (long i = 0; i < n; ++i) { T& k = K[i]; const T q = Q[i]; BODY }
+}
+extern "C" void ema_f32(const float* q, float a, float b, float* k, long n) { run<float>(q, a, b, k, n); }
+extern "C" void ema_f64(const double* q, double a, double b, double* k, long n) { run<double>(q, a, b, k, n); }
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated_kernel(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to run the CUDA kernel text on the CPU")
+    m = _cupy_esimcse_source_module()
+    d = tmp_path_factory.mktemp("ema_kernel")
+    (d / "k.cpp").write_text(_HARNESS.replace("PREAMBLE", m.PREAMBLE).replace("BODY", m.BODY))
+    subprocess.run([cxx, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(d / "k.so"), str(d / "k.cpp")],
+                   check=True, capture_output=True)
+    lib = ctypes.CDLL(str(d / "k.so"))
+
+    def ema_update(targets, sources, *, decay):
+        for k, q in zip(targets, sources):
+            flat_k = np.ascontiguousarray(k)
+            flat_q = np.ascontiguousarray(q)
+            a, b = m.ema_coefficients(decay, k.dtype)
+            ctype = ctypes.c_float if k.dtype == np.float32 else ctypes.c_double
+            fn = lib.ema_f32 if k.dtype == np.float32 else lib.ema_f64
+            fn(flat_q.ctypes.data_as(ctypes.c_void_p), ctype(a), ctype(b),
+               flat_k.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(flat_k.size))
+            k[...] = flat_k
+    return ema_update
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decay", [MOMENTUM, 0.0, 1.0, 0.9])
+def test_cupy_kernel_text_on_the_cpu_equals_reference(emulated_kernel, dtype, decay):
+    for scale in (1.0, 1e-30, 1e30):
+        k, q = _tensors(dtype, 3, scale=scale)
+        k_ref = [a.copy() for a in k]
+        emulated_kernel(k, q, decay=decay)
+        ref_ema(k_ref, q, decay=decay)
+        _assert_bitwise(k, k_ref)
+
+
+# ---- CuPy on a GPU ------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decay", [MOMENTUM, 0.0, 1.0, 0.9])
+def test_cupy_equals_reference_bitwise(dtype, decay):
+    assert gpu_skip_reason() is None
+    import cupy
+    backend = fo.backends.get("cupy")
+    rng = np.random.default_rng(4)
+    shapes = SHAPES + [(1 << 20,), (300, 7)]
+    k, q = _tensors(dtype, 5, shapes=shapes)
+    k_ref = [a.copy() for a in k]
+    k_dev = [cupy.asarray(a) for a in k]
+    q_dev = [cupy.asarray(a) for a in q]
+    strided = cupy.asarray(rng.standard_normal((40, 12)).astype(dtype))
+    k_dev.append(strided[:, ::2])
+    k_ref.append(cupy.asnumpy(strided[:, ::2]).copy())
+    src = rng.standard_normal((40, 6)).astype(dtype)
+    q_dev.append(cupy.asarray(src))
+    q.append(src)
+    for _ in range(3):
+        backend.ema_update(k_dev, q_dev, decay=decay)
+        ref_ema(k_ref, q, decay=decay)
+    _assert_bitwise([cupy.asnumpy(a) for a in k_dev], k_ref)
+    np.testing.assert_array_equal(cupy.asnumpy(strided[:, ::2]), k_ref[-1])
+
+
+@pytest.mark.gpu
+def test_cupy_ema_via_registry_select():
+    assert gpu_skip_reason() is None
+    import cupy
+    k = [cupy.zeros(4, dtype=cupy.float32)]
+    q = [cupy.ones(4, dtype=cupy.float32)]
+    fo.backends.select("auto", k + q).ema_update(k, q, decay=0.75)
+    np.testing.assert_array_equal(cupy.asnumpy(k[0]), np.full(4, np.float32(0.25), np.float32))

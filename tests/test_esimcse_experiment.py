@@ -1,0 +1,78 @@
+"""`fisheropt experiment esimcse --quick --out DIR`: the report, plots and metrics it writes."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from fisheropt.refimpl import esimcse_encoder as enc
+
+from fisheropt import cli, experiments
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("esimcse_quick")
+    assert cli.main(["experiment", "esimcse", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_registered():
+    assert experiments.EXPERIMENTS["esimcse"] == "fisheropt.experiments.esimcse"
+    assert "ESimCSE" in experiments.describe("esimcse")
+
+
+def test_quick_run_writes_report_plots_and_metrics(quick_run, capsys):
+    out = quick_run
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert report.startswith("# ") and "Quick mode" in report
+    for needle in ("neg gap ≤3−>3", "length R²", "align", "uniform", "Iso(E)", "cond(E)", "topic AUC"):
+        assert needle in report, needle
+    assert ("Agrees with the paper" in report) or ("Disagrees with the paper" in report)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"length_bias_negatives.png", "length_bias_positives.png", "align_uniform.png"} <= set(pngs)
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = metrics["per_seed"]
+    assert {(r["method"], r["optimizer"]) for r in rows} == {
+        (m, o) for m in ("SimCSE", "ESimCSE") for o in ("Adam", "FAdam", "Coupled Adam")}
+    for r in rows:
+        for key in ("train_loss", "topic_auc", "neg_gap", "len_r2", "align", "uniform", "tok_iso", "sent_iso"):
+            assert math.isfinite(float(r[key])), key
+        assert 0 < r["tok_iso"] <= 1 and 0 < r["sent_iso"] <= 1
+        assert 0 <= r["align"] <= 4 and r["uniform"] <= 0       # unit vectors: ‖u−v‖² ∈ [0, 4]
+        assert 0 <= r["topic_auc"] <= 1
+    # optimizers and methods change the outcome (nothing silently shared between runs)
+    assert len({round(r["train_loss"], 12) for r in rows}) == len(rows)
+
+
+def test_train_one_esimcse_fills_queue_and_moves_momentum_encoder(monkeypatch):
+    mod = experiments.get("esimcse")
+    rng = np.random.default_rng(0)
+    train = [rng.integers(2, 30, size=n) for n in rng.integers(5, 20, size=40)]
+    cfg = dict(mod.QUICK, steps=6, evals=1, batch=8)
+    seen = {}
+    real_ema = None
+
+    import fisheropt.backends.reference as ref_backend
+    real_ema = ref_backend.ema_update
+
+    def spy(targets, sources, *, decay):
+        seen["decay"] = decay
+        seen["calls"] = seen.get("calls", 0) + 1
+        real_ema(targets, sources, decay=decay)
+
+    monkeypatch.setattr(mod.fo.backends.reference, "ema_update", spy, raising=True)
+    monkeypatch.setattr(mod, "_make_optimizer", lambda name, params: mod.fo.Adam(params, lr=1e-3, backend="numpy"))
+    params, _, backend = mod.train_one("ESimCSE", "Adam", cfg, 0, train, 30)
+    assert backend == "numpy" and seen == {"decay": 0.995, "calls": 6}
+    params2, _, _ = mod.train_one("SimCSE", "Adam", cfg, 0, train, 30)
+    assert seen["calls"] == 6                                   # SimCSE has no momentum encoder
+    assert not np.array_equal(params[0], params2[0])
+    assert all(p.dtype == mod.DTYPE for p in params) and len(params) == len(enc.COUPLED)

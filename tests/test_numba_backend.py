@@ -1,0 +1,403 @@
+"""The numba backend against the NumPy reference: property tests, determinism, plumbing.
+
+Tolerances (derived, not tuned):
+
+* Adam and AdamW have no reductions. Both sides evaluate the same IEEE operations
+  in the same order in the parameter dtype (scalars rounded from float64 the same
+  way; no fastmath, so no FMA contraction or reassociation): results must be
+  **bitwise equal** in float32 and float64, NaN/Inf included. Likewise FAdam's
+  Fisher EMA f and Coupled Adam's m (elementwise only).
+* FAdam (RMS(g), RMS(ḡ), RMS(w̄)) and Coupled Adam (column means of g²) reduce in
+  float64; the backend sums in a fixed chunked/64-lane order, NumPy pairwise (or
+  row-sequential), so the float64 sums differ by at most ~n·2^-53 relative
+  (n ≤ ~10^4 elements here: ≤ ~1e-12). In float64 that perturbation flows
+  linearly into ε_t, the clip scales and v̄, hence into m and θ: we allow
+  ``1e-12·t`` relative, normwise (atol = rtol·max|expected| of the tensor, for
+  elements near zero after cancellation θ - lr·u). In float32 the float64 scalars
+  are rounded to float32, so they differ by at most 1 ulp when they differ at
+  all; each element then differs by a few float32 ulps per step: rtol
+  ``8·2^-24·t`` (≈ 4.8e-7·t), normwise as above. A real bug (a wrong or swapped
+  coefficient, a missing bias correction, a dropped tail element) moves values by
+  far more than 1e-6 of the tensor's scale and fails.
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import math
+import weakref
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fisheropt as fo  # noqa: E402
+from fisheropt import backends  # noqa: E402
+
+ref = backends.get("numpy")
+nb = backends.get("numba")
+from fisheropt.backends.numba import optim as nb_optim  # noqa: E402
+
+FUNCS = ("all_finite", "adam_step", "adamw_step", "fadam_step", "coupled_adam_step")
+
+INTERESTING_SHAPES = [(), (0,), (1,), (1, 1), (3,), (7,), (8,), (9,), (15,), (17,), (31,), (33,), (63,), (65,),
+                      (127,), (129,), (3, 5), (0, 4), (4, 0), (2, 3, 5), (1000,), (257, 3), (64, 65)]
+
+
+# ---- helpers -------------------------------------------------------------------
+def tol(dtype, steps):
+    if np.dtype(dtype) == np.float64:
+        return 1e-12 * steps
+    return 8 * 2.0**-24 * steps
+
+
+def assert_exact(actual, expected, what):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    # NaN must be NaN in the same places; everything else bit for bit (incl. ±0 via view).
+    nan_a, nan_e = np.isnan(actual), np.isnan(expected)
+    assert np.array_equal(nan_a, nan_e), f"{what}: NaN positions differ"
+    ok = ~nan_a
+    a_bits = actual[ok].view(np.uint32 if actual.dtype == np.float32 else np.uint64)
+    e_bits = expected[ok].view(np.uint32 if expected.dtype == np.float32 else np.uint64)
+    if not np.array_equal(a_bits, e_bits):
+        bad = np.flatnonzero(a_bits != e_bits)[:5]
+        raise AssertionError(f"{what}: not bitwise equal at {bad}: {actual[ok][bad]} vs {expected[ok][bad]}")
+
+
+def assert_close(actual, expected, rtol, what):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaN positions differ"
+    inf_e = np.isinf(expected)
+    assert np.array_equal(actual[inf_e], expected[inf_e]), f"{what}: Inf differ"
+    fin = np.isfinite(expected)
+    assert np.array_equal(np.isfinite(actual), fin), f"{what}: finite positions differ"
+    if not fin.any():
+        return
+    e = expected[fin].astype(np.float64)
+    a = actual[fin].astype(np.float64)
+    scale = np.max(np.abs(e))
+    err = np.abs(a - e)
+    limit = rtol * np.abs(e) + rtol * scale
+    if not np.all(err <= limit):
+        i = int(np.argmax(err - limit))
+        raise AssertionError(f"{what}: |diff| {err[i]:.3g} > {limit[i]:.3g} (value {e[i]:.6g}, "
+                             f"scale {scale:.3g}, rtol {rtol:.3g})")
+
+
+def make_tensor(rng, shape, dtype, exponent, zero=False):
+    if zero:
+        return np.zeros(shape, dtype=dtype)
+    x = np.asarray(rng.standard_normal(shape), dtype=np.float64)
+    x *= 10.0**exponent
+    if x.size > 3:
+        x.flat[rng.integers(0, x.size, size=max(1, x.size // 10))] = 0.0  # exact zeros too
+    x = x.astype(dtype)
+    assert x.shape == tuple(shape) and x.flags.c_contiguous
+    return x
+
+
+def max_exponent(dtype):
+    # float32 keeps |x| ≤ ~1e30 (representable); squares may overflow to inf — on both sides alike.
+    return 30
+
+
+shapes_st = st.one_of(
+    st.sampled_from(INTERESTING_SHAPES),
+    st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple),
+    st.integers(1, 5000).map(lambda n: (n,)),
+)
+
+
+@st.composite
+def problems(draw, *, coupled=False, min_tensors=1, max_tensors=6):
+    n = draw(st.integers(min_tensors, max_tensors))
+    if coupled:
+        shapes = [draw(st.tuples(st.integers(1, 80), st.integers(0, 70))) for _ in range(n)]
+    else:
+        shapes = [draw(shapes_st) for _ in range(n)]
+    dtypes = [draw(st.sampled_from([np.float32, np.float64])) for _ in range(n)]
+    p_exp = [draw(st.integers(-30, 30)) for _ in range(n)]
+    g_exp = [draw(st.integers(-30, 30)) for _ in range(n)]
+    steps = draw(st.integers(1, 4))
+    zero_grads = [[draw(st.booleans()) and draw(st.booleans()) for _ in range(n)] for _ in range(steps)]
+    seed = draw(st.integers(0, 2**32 - 1))
+    return shapes, dtypes, p_exp, g_exp, steps, zero_grads, seed
+
+
+def log_uniform(lo, hi):
+    return st.floats(math.log10(lo), math.log10(hi)).map(lambda e: 10.0**e)
+
+
+adam_hp = st.fixed_dictionaries({
+    "lr": st.one_of(st.just(0.0), log_uniform(1e-6, 1.0)),
+    "beta1": st.one_of(st.sampled_from([0.0, 0.9]), st.floats(0.0, 0.999)),
+    "beta2": st.one_of(st.sampled_from([0.0, 0.999]), st.floats(0.0, 0.9999)),
+    "eps": log_uniform(1e-12, 1e-2),
+    "weight_decay": st.one_of(st.just(0.0), log_uniform(1e-5, 0.5)),
+})
+
+fadam_hp = st.fixed_dictionaries({
+    "lr": st.one_of(st.just(0.0), log_uniform(1e-6, 1.0)),
+    "beta1": st.one_of(st.sampled_from([0.0, 0.9]), st.floats(0.0, 0.999)),
+    "beta2": st.one_of(st.sampled_from([0.0, 0.999]), st.floats(0.0, 0.9999)),
+    "eps": log_uniform(1e-12, 1e-2),
+    "eps2": log_uniform(1e-4, 1.0),
+    "clip": log_uniform(1e-2, 10.0),
+    "p": st.one_of(st.sampled_from([0.5, 1.0]), st.floats(0.05, 1.0)),
+    "weight_decay": st.one_of(st.just(0.0), log_uniform(1e-5, 0.5)),
+})
+
+
+def run_both(fn_name, problem, hp, exact_state, *, coupled=False):
+    """Step both backends on identical copies; compare after every step."""
+    shapes, dtypes, p_exp, g_exp, steps, zero_grads, seed = problem
+    rng = np.random.default_rng(seed)
+    params = [make_tensor(rng, s, d, e) for s, d, e in zip(shapes, dtypes, p_exp)]
+    if coupled:
+        state = [[np.zeros_like(p) for p in params],
+                 [np.zeros(p.shape[1], dtype=p.dtype) for p in params]]
+    else:
+        state = [[np.zeros_like(p) for p in params] for _ in range(2)]
+    params_r = [p.copy() for p in params]
+    state_r = [[a.copy() for a in lst] for lst in state]
+    names = ("params",) + (("m", "v_col") if coupled else ("m", "s2"))
+    for t in range(1, steps + 1):
+        grads = [make_tensor(rng, s, d, e, zero=z) for s, d, e, z in zip(shapes, dtypes, g_exp, zero_grads[t - 1])]
+        getattr(nb, fn_name)(params, grads, *state, step=t, **hp)
+        getattr(ref, fn_name)(params_r, grads, *state_r, step=t, **hp)
+        for k, (got_list, exp_list) in enumerate(zip([params] + state, [params_r] + state_r)):
+            for i, (got, exp) in enumerate(zip(got_list, exp_list)):
+                what = f"{fn_name} step {t} {names[k]}[{i}] {exp.dtype} {exp.shape}"
+                if exact_state[k]:
+                    assert_exact(got, exp, what)
+                else:
+                    assert_close(got, exp, tol(exp.dtype, t), what)
+
+
+# ---- interface -----------------------------------------------------------------
+def test_numba_is_available():
+    assert "numba" in backends.available(), backends.unavailable().get("numba")
+    assert nb.NAME == "numba" and nb.array_module is np
+    assert nb.owns(np.zeros(3)) and not nb.owns([1.0])
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_signatures_match_reference(name):
+    assert inspect.signature(getattr(nb, name)) == inspect.signature(getattr(ref, name))
+
+
+# ---- property tests against the reference ------------------------------------------
+@settings(max_examples=40)
+@given(problem=problems(), hp=adam_hp)
+def test_adam_matches_reference_bitwise(problem, hp):
+    run_both("adam_step", problem, hp, exact_state=(True, True, True))
+
+
+@settings(max_examples=40)
+@given(problem=problems(), hp=adam_hp)
+def test_adamw_matches_reference_bitwise(problem, hp):
+    run_both("adamw_step", problem, hp, exact_state=(True, True, True))
+
+
+@settings(max_examples=40)
+@given(problem=problems(), hp=fadam_hp)
+def test_fadam_matches_reference(problem, hp):
+    # f is elementwise (exact); m and θ go through the float64 RMS reductions.
+    run_both("fadam_step", problem, hp, exact_state=(False, False, True))
+
+
+@settings(max_examples=30)
+@given(problem=problems(coupled=True, max_tensors=4), hp=adam_hp)
+def test_coupled_adam_matches_reference(problem, hp):
+    # m is elementwise (exact); v_col and θ go through the float64 column means.
+    run_both("coupled_adam_step", problem, hp, exact_state=(False, True, False), coupled=True)
+
+
+@settings(max_examples=30)
+@given(shapes=st.lists(shapes_st, min_size=0, max_size=6),
+       dtypes=st.lists(st.sampled_from([np.float32, np.float64]), min_size=6, max_size=6),
+       poison=st.sampled_from([None, np.nan, np.inf, -np.inf]),
+       where=st.integers(0, 10**6), seed=st.integers(0, 2**32 - 1))
+def test_all_finite_matches_reference(shapes, dtypes, poison, where, seed):
+    rng = np.random.default_rng(seed)
+    arrays = [make_tensor(rng, s, d, int(rng.integers(-30, 30))) for s, d in zip(shapes, dtypes)]
+    nonempty = [a for a in arrays if a.size]
+    if poison is not None and nonempty:
+        a = nonempty[where % len(nonempty)]
+        a.flat[where % a.size] = poison
+    assert nb.all_finite(arrays) == ref.all_finite(arrays)
+
+
+def test_all_finite_edge_cases():
+    f32 = np.float32
+    assert nb.all_finite([])
+    assert nb.all_finite([np.zeros(0, f32), np.zeros((3, 0))])
+    assert nb.all_finite([np.array(f32(3.4e38)), np.array(np.finfo(np.float64).max)])
+    assert nb.all_finite([np.array([np.finfo(f32).tiny / 2], f32), np.array([-0.0])])  # subnormal, -0
+    for bad in (np.nan, np.inf, -np.inf):
+        for dt in (np.float32, np.float64):
+            x = np.ones(200_003, dt)
+            x[-1] = bad  # the very last element of the last chunk
+            assert not nb.all_finite([np.ones(5), x])
+            x[-1] = 1
+            x[0] = bad
+            assert not nb.all_finite([x])
+    # a non-contiguous view is still answered correctly (NumPy fallback)
+    y = np.ones((4, 4))
+    y[1, 1] = np.nan
+    assert not nb.all_finite([y[:, 1::2]]) and nb.all_finite([y[::2, ::2]])
+
+
+# ---- determinism across thread counts ----------------------------------------------
+def _big_problem(seed, dtype):
+    rng = np.random.default_rng(seed)
+    shapes = [(70_001,), (300, 700), (129,), (), (5, 65_537)]
+    params = [make_tensor(rng, s, dtype, 0) for s in shapes]
+    grads = [make_tensor(rng, s, dtype, -2) for s in shapes]
+    return params, grads
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule", ["adamw_step", "fadam_step", "coupled_adam_step"])
+def test_bitwise_identical_for_any_thread_count(rule, dtype):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs at least 2 numba threads")
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01)
+    if rule == "fadam_step":
+        hp.update(eps2=0.01, clip=0.5, p=0.5)
+    results = []
+    old = numba.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            numba.set_num_threads(threads)
+            params, grads = _big_problem(7, dtype)
+            if rule == "coupled_adam_step":
+                params = [p.reshape(-1, 7) if p.size % 7 == 0 else p.reshape(1, -1) if p.ndim else p.reshape(1, 1)
+                          for p in params]
+                grads = [g.reshape(p.shape) for g, p in zip(grads, params)]
+                state = [[np.zeros_like(p) for p in params], [np.zeros(p.shape[1], dtype) for p in params]]
+            else:
+                state = [[np.zeros_like(p) for p in params] for _ in range(2)]
+            for t in range(1, 4):
+                getattr(nb, rule)(params, grads, *state, step=t, **hp)
+            results.append([a.copy() for a in params + state[0] + state[1]])
+    finally:
+        numba.set_num_threads(old)
+    for a, b, c in zip(*results):
+        assert np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
+        assert np.array_equal(a.reshape(-1).view(np.uint8), c.reshape(-1).view(np.uint8))
+
+
+# ---- the optimizer classes -------------------------------------------------------
+def randn(rng, shape, dtype):
+    return np.asarray(rng.standard_normal(shape), dtype=dtype)  # a 0-d array for shape (), not a scalar
+
+
+def _model(rng, dtypes=(np.float32, np.float64)):
+    shapes = [(64, 33), (33,), (), (1,), (1000,), (70_000,), (12, 5)]
+    return [randn(rng, s, dtypes[i % len(dtypes)]) for i, s in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "FAdam", "CoupledAdam"])
+def test_optimizer_classes_numba_vs_numpy(cls):
+    rng = np.random.default_rng(3)
+    p_nb = _model(rng)
+    p_np = [p.copy() for p in p_nb]
+    kw = dict(lr=3e-3, weight_decay=0.05)
+    if cls == "CoupledAdam":
+        kw["coupled"] = [p.ndim == 2 for p in p_nb]
+    o_nb = getattr(fo, cls)(p_nb, backend="numba", **kw)
+    o_np = getattr(fo, cls)(p_np, backend="numpy", **kw)
+    assert o_nb.backend.NAME == "numba"
+    steps = 25
+    for t in range(1, steps + 1):
+        grads = [randn(rng, p.shape, p.dtype) for p in p_nb]
+        if t == 5:
+            for g in grads:
+                g[...] = 0  # an all-zero gradient step
+        o_nb.step(grads)
+        o_np.step(grads)
+    for a, b in zip(p_nb + [x for v in o_nb.state.values() for x in v],
+                    p_np + [x for v in o_np.state.values() for x in v]):
+        if cls in ("Adam", "AdamW"):
+            assert_exact(a, b, cls)
+        else:
+            assert_close(a, b, tol(b.dtype, steps), cls)
+
+
+def test_optimizer_rejects_nonfinite_with_numba():
+    p = [np.ones(100_000, np.float32), np.ones(3)]
+    opt = fo.AdamW(p, backend="numba")
+    g = [np.ones(100_000, np.float32), np.array([1.0, np.nan, 2.0])]
+    before = [x.copy() for x in p]
+    with pytest.raises(FloatingPointError, match=r"grads\[1\]"):
+        opt.step(g)
+    for a, b in zip(p, before):
+        assert np.array_equal(a, b)
+
+
+def test_load_state_dict_then_step_matches():
+    """State restored in place keeps cached plans valid (same arrays, new contents)."""
+    rng = np.random.default_rng(5)
+    p1 = _model(rng)
+    p2 = [p.copy() for p in p1]
+    o1 = fo.FAdam(p1, backend="numba")
+    o2 = fo.FAdam(p2, backend="numpy")
+    g = [randn(rng, p.shape, p.dtype) for p in p1]
+    o1.step(g)
+    o2.step(g)
+    sd = o2.state_dict()
+    o1.load_state_dict(sd)
+    for x, y in zip(p1, p2):
+        x[...] = y
+    o1.step(g)
+    o2.step(g)
+    for a, b in zip(p1, p2):
+        assert_close(a, b, tol(b.dtype, 2), "after load_state_dict")
+
+
+# ---- many tensors, cache hygiene ---------------------------------------------------
+def test_many_tensors_one_call():
+    rng = np.random.default_rng(11)
+    shapes = []
+    for _ in range(12):
+        shapes += [(48, 48)] * 4 + [(48, 192), (192, 48), (48,), (48,), (192,), (48,), (48,), (48,)]
+    shapes += [(500, 48), (48,), (48,), (), (1,), (0,)]
+    assert len(shapes) >= 150
+    params = [randn(rng, s, np.float32 if i % 5 else np.float64) for i, s in enumerate(shapes)]
+    params_r = [p.copy() for p in params]
+    st_nb = [[np.zeros_like(p) for p in params] for _ in range(2)]
+    st_r = [[np.zeros_like(p) for p in params] for _ in range(2)]
+    for t in range(1, 4):
+        grads = [randn(rng, p.shape, p.dtype) for p in params]
+        nb.adamw_step(params, grads, *st_nb, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+        ref.adamw_step(params_r, grads, *st_r, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+        nb.fadam_step(params, grads, *st_nb, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01,
+                      clip=1.0, p=0.5, weight_decay=0.1)
+        ref.fadam_step(params_r, grads, *st_r, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01,
+                       clip=1.0, p=0.5, weight_decay=0.1)
+    for a, b in zip(params + st_nb[0] + st_nb[1], params_r + st_r[0] + st_r[1]):
+        assert_close(a, b, tol(b.dtype, 6), "many tensors")
+
+
+def test_plan_cache_holds_no_strong_references_and_survives_id_reuse():
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    for round_ in range(20):
+        rng = np.random.default_rng(round_)
+        n = int(rng.integers(1, 300_000))
+        p = [rng.standard_normal(n).astype(np.float32)]
+        m, v = [np.zeros_like(p[0])], [np.zeros_like(p[0])]
+        pr, mr, vr = [p[0].copy()], [m[0].copy()], [v[0].copy()]
+        g = [rng.standard_normal(n).astype(np.float32)]
+        nb.adam_step(p, g, m, v, step=1, **hp)
+        ref.adam_step(pr, g, mr, vr, step=1, **hp)
+        assert_exact(p[0], pr[0], "id reuse")
+        r = weakref.ref(p[0])
+        del p, m, v
+        gc.collect()
+        assert r() is None, "the plan cache keeps a parameter alive"
+    assert len(nb_optim._plans) <= nb_optim._plans._maxsize
