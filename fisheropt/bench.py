@@ -229,6 +229,7 @@ def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselin
             if base is not None:
                 name, factory = base
                 torch_ms = time_torch(factory, shapes, dtype, repeats, rng)
+                time.sleep(0.2)  # let PyTorch's OpenMP threads stop spinning before the next row
                 results.append([rule, name, size, len(shapes), torch_ms, None])
             for rule_, backend, size_, ntens, ms, ms_chk in results:
                 gbs = nbytes / (ms * 1e-3) / 1e9

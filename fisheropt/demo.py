@@ -124,7 +124,7 @@ def run(*, quick: bool = False, out_dir: Path, seed: int = 0, verbose: bool = Fa
 
     rows, curves = [], {}
     jobs = [(b, m) for b in backends for m in METHODS]
-    with C.stopwatch() as elapsed:
+    with C.stopwatch() as elapsed, C.blas_threads():
         for backend, method in C.progress(jobs, desc="demo", leave=True):
             row, curve = train(method, backend, data, cfg, seed)
             rows.append(row)

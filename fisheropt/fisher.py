@@ -38,11 +38,25 @@ from .refimpl import fisher_quality as _quality
 from .refimpl import fisher_sampled as _sampled
 
 __all__ = [
-    "per_sample_grads", "logit_grad_sq_norms", "sample_labels",
-    "exact", "empirical", "sampled", "improved_empirical",
-    "exact_operator", "empirical_operator", "sampled_operator", "improved_operator",
-    "diag_exact", "diag_empirical", "diag_sampled", "diag_improved",
-    "ngd_direction", "KINDS", "quality_indicator", "relative_quality",
+    "KINDS",
+    "diag_empirical",
+    "diag_exact",
+    "diag_improved",
+    "diag_sampled",
+    "empirical",
+    "empirical_operator",
+    "exact",
+    "exact_operator",
+    "improved_empirical",
+    "improved_operator",
+    "logit_grad_sq_norms",
+    "ngd_direction",
+    "per_sample_grads",
+    "quality_indicator",
+    "relative_quality",
+    "sample_labels",
+    "sampled",
+    "sampled_operator",
 ]
 
 KINDS = ("exact", "ef", "sf", "ief")

@@ -16,7 +16,7 @@ import numpy as np
 
 def logit_hessians(probs):
     """H (N, C, C): diag(p_n) - p_n p_n^T."""
-    N, C = probs.shape
+    C = probs.shape[1]
     H = -np.einsum("nc,nd->ncd", probs, probs)
     H[:, np.arange(C), np.arange(C)] += probs
     return H

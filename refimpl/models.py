@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SoftmaxRegression", "MLP", "load_digits_split", "softmax", "log_softmax"]
+__all__ = ["MLP", "SoftmaxRegression", "load_digits_split", "log_softmax", "softmax"]
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -248,7 +248,7 @@ class MLP(_Classifier):
         return h @ W2 + b2, h
 
     def _backward(self, X, h, R):
-        W1, b1, W2, b2 = self.params
+        W2 = self.params[2]
         N = X.shape[0]
         dA = (R @ W2.T) * (1 - h * h)                      # dl/d(pre-activation), (N, H)
         dW1 = (X[:, :, None] * dA[:, None, :]).reshape(N, -1)
@@ -256,7 +256,7 @@ class MLP(_Classifier):
         return np.concatenate([dW1, dA, dW2, R], axis=1).astype(self.dtype, copy=False)
 
     def _batch_grads(self, X, h, R):
-        W1, b1, W2, b2 = self.params
+        W2 = self.params[2]
         dA = (R @ W2.T) * (1 - h * h)
         return [X.T @ dA, dA.sum(axis=0), h.T @ R, R.sum(axis=0)]
 
@@ -284,7 +284,7 @@ def load_digits_split(seed=0, test_fraction=0.25, dtype=np.float64):
     y = np.asarray(data.target, dtype=np.int64)
     rng = np.random.default_rng(seed)
     order = rng.permutation(X.shape[0])
-    n_test = int(round(test_fraction * X.shape[0]))
+    n_test = round(test_fraction * X.shape[0])
     test, train = order[:n_test], order[n_test:]
     mean = X[train].mean(axis=0)
     std = X[train].std(axis=0)

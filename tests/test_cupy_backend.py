@@ -352,7 +352,7 @@ def test_cupy_launcher_compiles_caches_and_launches_without_a_gpu(monkeypatch, t
     import cupy
     from cupy.cuda import function
     name = "_fisheropt_cupy_host"
-    O = importlib.import_module(f"{name}.optim")
+    optim = importlib.import_module(f"{name}.optim")
     monkeypatch.setenv("FISHEROPT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cupy.cuda, "Device", lambda *a: types.SimpleNamespace(compute_capability="90", id=0))
     monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
@@ -366,13 +366,13 @@ def test_cupy_launcher_compiles_caches_and_launches_without_a_gpu(monkeypatch, t
             return lambda grid, block, args: calls.append((fname, grid, block, args))
 
     monkeypatch.setattr(function, "Module", FakeModule)
-    O.load_module("float32")
+    optim.load_module("float32")
     assert loaded[0][:4] == b"\x7fELF"                      # SASS for the device, not PTX
     assert [f.suffix for f in tmp_path.iterdir()] == [".cubin"]
-    O.load_module("float32")                                # second time: from the disk cache
+    optim.load_module("float32")                                # second time: from the disk cache
     assert loaded[1] == loaded[0] and len(list(tmp_path.iterdir())) == 1
 
-    launcher = O.CupyLauncher()
+    launcher = optim.CupyLauncher()
     args = P.kernel_args("sumsq", "float32", dict(chunks="c", G="g", partial="p"))
     launcher.launch("float32", "sumsq", 7, args)
     launcher.launch("float32", "sumsq", 3, args)

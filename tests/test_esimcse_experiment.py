@@ -76,3 +76,27 @@ def test_train_one_esimcse_fills_queue_and_moves_momentum_encoder(monkeypatch):
     assert seen["calls"] == 6                                   # SimCSE has no momentum encoder
     assert not np.array_equal(params[0], params2[0])
     assert all(p.dtype == mod.DTYPE for p in params) and len(params) == len(enc.COUPLED)
+
+
+def test_epoch_batches_and_queue_masking(monkeypatch):
+    mod = experiments.get("esimcse")
+    gen = mod._epoch_batches(10, 3, np.random.default_rng(0))
+    epoch = np.concatenate([next(gen) for _ in range(3)])
+    assert len(set(epoch.tolist())) == 9                        # no repeats within an epoch
+
+    rng = np.random.default_rng(1)
+    train = [rng.integers(2, 30, size=n) for n in rng.integers(5, 12, size=16)]
+    cfg = dict(mod.QUICK, steps=3, evals=1, batch=8)            # queue of 20 rows, 2 batches per epoch
+    seen = []
+    real = mod.info_nce_with_grad
+
+    def spy(h, hp, negatives=None, **kw):
+        seen.append(0 if negatives is None else len(negatives))
+        return real(h, hp, negatives, **kw)
+
+    monkeypatch.setattr(mod, "info_nce_with_grad", spy)
+    mod.train_one("ESimCSE", "Adam", cfg, 0, train, 30)
+    mod.train_one("ESimCSE, unmasked queue", "Adam", cfg, 0, train, 30)
+    mod.train_one("SimCSE", "Adam", cfg, 0, train, 30)
+    # step 2 starts a new epoch: all 8 anchors are in the 16-row queue; masked, 8 rows remain
+    assert seen == [0, 8, 8] + [0, 8, 16] + [0, 0, 0]

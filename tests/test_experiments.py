@@ -96,7 +96,7 @@ def test_coupled_adam_seeds_differ_and_metrics_recompute(coupled):
     for (opt, seed), row in rows.items():
         rep = embedding_report(saved[f"{opt.replace(' ', '_')}_seed{seed}"])
         for key in ("isotropy", "mu_norm", "mu_ratio", "condition_number"):
-            assert rep[key] == pytest.approx(row[key], rel=1e-9)
+            assert rep[key] == pytest.approx(row[key], rel=1e-7)
     # the summary table is the mean of the per-seed rows
     for srow in result["rows"]:
         vals = [r["isotropy"] for r in result["per_seed"] if r["optimizer"] == srow["optimizer"]]
@@ -135,7 +135,7 @@ def test_ief_seeds_differ_and_quality_recomputes(ief):
     for kind in ("EF", "iEF", "exact"):
         d = ief_mod.direction(kind, stats, 1.0)
         value = fisher.relative_quality(d, stats["F"], stats["grad"])
-        assert value == pytest.approx(q[(1, 0, 1.0, kind)], rel=1e-8)
+        assert value == pytest.approx(q[(1, 0, 1.0, kind)], rel=1e-7)
 
 
 # ---- fadam ------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_fadam_seeds_differ_and_accuracy_recomputes(fadam):
         for i, p in enumerate(model.params):
             p[...] = saved[f"{method}|seed0|{i}"]
         assert model.accuracy(X_te, y_te) == pytest.approx(runs[(method, 0)]["test_acc"])
-        assert model.loss(X_tr, y_tr) / len(y_tr) == pytest.approx(runs[(method, 0)]["train_loss"], rel=1e-9)
+        assert model.loss(X_tr, y_tr) / len(y_tr) == pytest.approx(runs[(method, 0)]["train_loss"], rel=1e-7)
 
 
 def test_fadam_ablation_variants():

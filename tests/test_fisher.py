@@ -2,10 +2,16 @@
 import numpy as np
 import pytest
 import scipy.linalg
+from fisheropt.refimpl import (
+    fisher_empirical,
+    fisher_exact,
+    fisher_improved,
+    fisher_ngd,
+    fisher_sampled,
+)
+from fisheropt.refimpl.models import MLP, SoftmaxRegression
 
 import fisheropt as fo
-from fisheropt.refimpl import fisher_empirical, fisher_exact, fisher_improved, fisher_ngd, fisher_sampled
-from fisheropt.refimpl.models import MLP, SoftmaxRegression
 
 F_ = fo.fisher
 
@@ -66,7 +72,7 @@ def test_per_sample_grads_and_s_against_brute_force(rng):
 
 # ---- dense estimators against brute-force loops ------------------------------------------
 def test_dense_estimators_against_brute_force(rng):
-    _, _, y, J, p, G, s = _problem(rng)
+    _, _, _, J, p, G, s = _problem(rng)
     ls = F_.sample_labels(p, 4, seed=1)
     F = F_.exact(J, p)
     np.testing.assert_allclose(F, fisher_exact.exact_bruteforce(J, p), rtol=1e-10, atol=1e-12)

@@ -4,13 +4,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from conftest import gpu_skip_reason, host_backend_params
+from fisheropt.refimpl import fisher_ngd
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fisheropt as fo
-from fisheropt.refimpl import fisher_ngd
-
-from conftest import gpu_skip_reason, host_backend_params
 
 FISHER_FUNCTIONS = ("fisher_gram", "fisher_sample_space_direction")
 
@@ -98,8 +97,8 @@ def _direction_problem(rng, N, F, H, C, dtype):
     X = rng.standard_normal((N, F)).astype(dtype)
     y = rng.integers(0, C, N)
     J, p, G = m.logit_jacobians(X), m.probs(X), m.per_sample_grads(X, y)
-    return dict(G=G, J=J, probs=p, s=fo.fisher.logit_grad_sq_norms(p, y),
-                labels_sampled=fo.fisher.sample_labels(p, 2, seed=1))
+    return {"G": G, "J": J, "probs": p, "s": fo.fisher.logit_grad_sq_norms(p, y),
+            "labels_sampled": fo.fisher.sample_labels(p, 2, seed=1)}
 
 
 _NEEDS = {"ef": ("G",), "ief": ("G", "s"), "sf": ("G", "J", "probs", "labels_sampled"),
@@ -210,9 +209,8 @@ def _load_cupy_fisher_with_numpy(monkeypatch):
     import types
     from pathlib import Path
 
-    import scipy.linalg
-
     import fisheropt.backends as backends_pkg
+    import scipy.linalg
     cupyx = types.ModuleType("cupyx")
     cupyx.scipy = types.ModuleType("cupyx.scipy")
     cupyx.scipy.linalg = types.ModuleType("cupyx.scipy.linalg")

@@ -6,9 +6,9 @@ Run as a script to print the table quoted in the report and in spec/fisher.md::
 """
 import numpy as np
 import pytest
+from fisheropt.refimpl.models import MLP, load_digits_split
 
 import fisheropt as fo
-from fisheropt.refimpl.models import MLP, load_digits_split
 
 KINDS = ("sgd", "ef", "sf", "ief", "exact")
 

@@ -1,7 +1,6 @@
 """The NumPy model zoo (fisheropt.refimpl.models): analytic derivatives against finite differences."""
 import numpy as np
 import pytest
-
 from fisheropt.refimpl.models import MLP, SoftmaxRegression, load_digits_split, softmax
 
 

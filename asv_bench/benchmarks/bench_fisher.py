@@ -29,8 +29,8 @@ def _sync(xp):
 
 class SampleSpaceDirection:
     """d = Gᵀ(GGᵀ + λI)⁻¹ rhs (EF: rhs = 1, iEF: rhs = s) against the bare Gram product."""
-    params = (["numpy", "numba", "cupy"], ["float32", "float64"], ["32x65536", "128x1048576"])
-    param_names = ["backend", "dtype", "NxP"]
+    params = (("numpy", "numba", "cupy"), ("float32", "float64"), ("32x65536", "128x1048576"))
+    param_names = ("backend", "dtype", "NxP")
     timeout = 300
 
     def setup(self, backend, dtype, shape):
@@ -90,12 +90,13 @@ class SampleSpaceDirection:
 
 class DirectionsOnDigitsMLP:
     """All four kinds on the digits MLP (64-32-10, P = 2410), batch N = 128."""
-    params = (["ef", "ief", "sf", "exact", "exact-cg"],)
-    param_names = ["kind"]
+    params = (("ef", "ief", "sf", "exact", "exact-cg"),)
+    param_names = ("kind",)
 
     def setup(self, kind):
-        import fisheropt as fo
         from fisheropt.refimpl.models import MLP, load_digits_split
+
+        import fisheropt as fo
         X, y, _, _ = load_digits_split(seed=0)
         X, y = X[:128], y[:128]
         m = MLP(64, 32, 10, seed=0)
@@ -118,8 +119,8 @@ class DirectionsOnDigitsMLP:
 
 class DenseEstimators:
     """Dense P×P estimators (small P only), for scale."""
-    params = (["exact", "empirical", "improved_empirical"],)
-    param_names = ["estimator"]
+    params = (("exact", "empirical", "improved_empirical"),)
+    param_names = ("estimator",)
 
     def setup(self, estimator):
         import fisheropt as fo
@@ -139,3 +140,19 @@ class DenseEstimators:
             f.empirical(self.G)
         else:
             f.improved_empirical(self.G, self.s)
+
+
+if __name__ == "__main__":
+    # The headline numbers without asv: python asv_bench/benchmarks/bench_fisher.py [N P]
+    import sys
+
+    import fisheropt as fo
+    N, P = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (128, 1 << 20)
+    shape = f"{N}x{P}"
+    for name in fo.backends.available():
+        bench = SampleSpaceDirection()
+        bench.setup(name, "float32", shape)
+        ratio = bench.track_time_ratio(name, "float32", shape)
+        peak = bench.track_peak_extra_mib(name, "float32", shape)
+        print(f"{name:6s} N={N} P={P} float32: direction / (G @ G.T) = {ratio:.3f} (min of 5), "
+              f"peak extra {peak:.2f} MiB (G itself {bench.G.nbytes / 2**20:.0f} MiB)")

@@ -12,7 +12,6 @@ Same signatures as fisheropt.refimpl.fisher_ngd; arrays are cupy.ndarray.
 """
 import cupy
 from cupyx.scipy.linalg import solve_triangular
-
 from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK, check_gram
 
 __all__ = ["fisher_gram", "fisher_sample_space_direction"]

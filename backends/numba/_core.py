@@ -14,10 +14,9 @@ therefore bitwise identical for any ``numba.set_num_threads``.
 Plan cache: the addresses of params and state arrays and the chunk tables are
 cached, keyed on the identities of those arrays (the optimizer passes the same
 arrays every step; only grads change, and their addresses are read each call).
-A cache entry holds *weak* references to the arrays and is used only while every
-one of them is still alive and is the very object it was built for, so a freed
-array (and a recycled ``id``) can never be mistaken for a cached one, and the
-cache never keeps a model's memory alive. The cache holds at most
+A cache entry holds only *weak* references to the arrays, whose callbacks drop
+the entry as soon as any of them is freed, so a recycled ``id`` can never be
+mistaken for a cached array, and the cache never keeps a model's memory alive. The cache holds at most
 ``_CACHE_MAX`` entries (least recently used evicted).
 """
 from __future__ import annotations
@@ -28,6 +27,7 @@ from collections import OrderedDict
 
 import numpy as np
 from numba import types
+from numba import njit
 from numba.extending import intrinsic
 
 # Elements per chunk of the elementwise passes: 2^16 (256 KiB of float32) keeps
@@ -56,11 +56,57 @@ def address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def addresses(arrays, idx=None) -> np.ndarray:
-    """int64 array of the base addresses of ``arrays`` (or of ``arrays[i] for i in idx``)."""
+@njit(cache=True)
+def _read_data_fields(ids, offset, out):
+    # out[i] = ((PyArrayObject *) ids[i])->data
+    for i in range(ids.size):
+        out[i] = as_pointer(ids[i] + offset, offset)[0]
+
+
+def _slow_addresses(arrays, idx):
     if idx is None:
         return np.fromiter((a.__array_interface__["data"][0] for a in arrays), np.int64, len(arrays))
     return np.fromiter((arrays[i].__array_interface__["data"][0] for i in idx), np.int64, len(idx))
+
+
+def _probe_data_offset():
+    """Offset of ``data`` in CPython's PyArrayObject (after PyObject_HEAD), verified; None if not usable."""
+    import sys
+    if sys.implementation.name != "cpython" or not hasattr(sys, "getrefcount"):
+        return None
+    if getattr(sys, "_is_gil_enabled", lambda: True)() is False:
+        return None  # free-threaded build: a different object header; use the portable path
+    offset = np.int64(2 * np.dtype(np.intp).itemsize)  # ob_refcnt, ob_type
+    try:
+        probes = [np.zeros(5), np.zeros((3, 4), np.float32)[1:], np.zeros(()), np.zeros(0), np.arange(7.0)[::2]]
+        ids = np.array([id(a) for a in probes], dtype=np.int64)
+        out = np.empty(len(probes), dtype=np.int64)
+        _read_data_fields(ids, offset, out)
+        if [int(x) for x in out] != [a.__array_interface__["data"][0] for a in probes]:
+            return None
+    except Exception:
+        return None
+    return offset
+
+
+_DATA_OFFSET = _probe_data_offset()
+_ndarray = np.ndarray
+
+
+def addresses(arrays, idx=None) -> np.ndarray:
+    """int64 array of the base addresses of ``arrays`` (or of ``arrays[i] for i in idx``).
+
+    For plain ndarrays on CPython the data pointers are read straight from the
+    array objects (one compiled loop over their ids, verified at import), which
+    is ~20x cheaper per tensor than ``__array_interface__``; anything else takes
+    the portable path."""
+    sel = arrays if idx is None else [arrays[i] for i in idx]
+    if _DATA_OFFSET is None or not all(type(a) is _ndarray for a in sel):
+        return _slow_addresses(arrays, idx)
+    ids = np.fromiter(map(id, sel), np.int64, len(sel))
+    out = np.empty(len(sel), dtype=np.int64)
+    _read_data_fields(ids, _DATA_OFFSET, out)
+    return out
 
 
 def flat_chunks(sizes, chunk: int = CHUNK):
@@ -115,12 +161,17 @@ def dtype_groups(arrays):
 
 
 class PlanCache:
-    """LRU of plans keyed on array identities, validated through weak references."""
+    """LRU of plans keyed on the identities of the arrays they were built for.
+
+    Every cached array carries a weak reference whose callback drops the entry
+    the moment the array is freed, so an entry found under a key of ids always
+    refers to live arrays that are the very objects it was built for (an id can
+    only be reused after its object is freed). No strong references are held."""
 
     def __init__(self, maxsize: int = _CACHE_MAX):
         self._maxsize = maxsize
         self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def get(self, tag, lists, build):
         """The plan for ``lists`` (a tuple of lists of arrays), built by ``build(lists)`` if needed."""
@@ -128,19 +179,28 @@ class PlanCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
-                refs, plan = entry
-                if all(r() is a for r, a in zip(refs, _chain(lists))):
-                    self._entries.move_to_end(key)
-                    return plan
-                del self._entries[key]
+                self._entries.move_to_end(key)
+                return entry[1]
         plan = build(lists)
-        refs = tuple(weakref.ref(a) for a in _chain(lists))
+        drop = self._dropper(key)
+        refs = [weakref.ref(a, drop) for a in _chain(lists)]
         with self._lock:
             self._entries[key] = (refs, plan)
             self._entries.move_to_end(key)
             while len(self._entries) > self._maxsize:
                 self._entries.popitem(last=False)
         return plan
+
+    def _dropper(self, key):
+        entries_ref = weakref.ref(self._entries)
+        lock = self._lock
+
+        def drop(_ref):
+            entries = entries_ref()
+            if entries is not None:
+                with lock:
+                    entries.pop(key, None)
+        return drop
 
     def clear(self) -> None:
         with self._lock:

@@ -12,7 +12,6 @@ Same signatures as fisheropt.refimpl.fisher_ngd (the reference backend):
 """
 import numba
 import numpy as np
-
 from fisheropt.refimpl.fisher_ngd import check_gram
 from fisheropt.refimpl.fisher_ngd import fisher_gram as _reference_gram
 

@@ -25,10 +25,11 @@ FAdam 44 in three passes (g | g,f,θ → f | g,f,θ,m → m,θ); Coupled Adam 24
 import math
 from functools import lru_cache
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-from ._core import PlanCache, addresses, as_pointer, dtype_groups, flat_chunks, row_chunks
+from ._core import CHUNK, PlanCache, addresses, as_pointer, dtype_groups, flat_chunks, row_chunks
 
 __all__ = ["all_finite", "adam_step", "adamw_step", "fadam_step", "coupled_adam_step", "clear_cache"]
 
@@ -38,7 +39,24 @@ LANES = 64  # float64 accumulators per chunk in the reductions (vectorizable, fi
 # which bounds its float64 partials to COUPLED_MAX_BLOCKS * d per tensor.
 COUPLED_MAX_BLOCKS = 64
 
+# Below this many elements a kernel runs on the calling thread only: waking a
+# thread team costs more than it saves (and much more on a busy machine).
+# Results are the same bits either way (fixed chunks, fixed combination order).
+SERIAL_BELOW = 2 * CHUNK
+
 _plans = PlanCache()
+
+
+def _launch(kernel, n_elements, *args):
+    if n_elements < SERIAL_BELOW:
+        threads = numba.get_num_threads()
+        if threads != 1:
+            numba.set_num_threads(1)
+            try:
+                return kernel(*args)
+            finally:
+                numba.set_num_threads(threads)
+    return kernel(*args)
 
 
 def clear_cache() -> None:
@@ -84,7 +102,7 @@ def _finite_plan(signature):
     plan = []
     for dt, idx in groups.items():
         tens, start, stop, _ = flat_chunks([signature[i][1] for i in idx])
-        plan.append((dt, idx, tens, start, stop))
+        plan.append((dt, idx, tens, start, stop, sum(signature[i][1] for i in idx)))
     return plan
 
 
@@ -98,9 +116,9 @@ def all_finite(arrays) -> bool:
             # Not a layout the fused kernel reads: fall back to NumPy (never wrong).
             return all(bool(np.isfinite(x).all()) for x in arrays)
     plan = _finite_plan(tuple((a.dtype, a.size) for a in arrays))
-    for dt, idx, tens, start, stop in plan:
+    for dt, idx, tens, start, stop, n in plan:
         mask, limit = _FINITE_BITS[dt]
-        if not _finite_kernel(addresses(arrays, idx), tens, start, stop, mask, limit):
+        if not _launch(_finite_kernel, n, addresses(arrays, idx), tens, start, stop, mask, limit):
             return False
     return True
 
@@ -152,8 +170,9 @@ def _build_flat_plan(lists):
     plan = []
     for dt, idx in dtype_groups(params):
         tens, start, stop, first = flat_chunks([params[i].size for i in idx])
+        sizes = np.array([params[i].size for i in idx], dtype=np.int64)
         plan.append((dt, idx, [addresses(lst, idx) for lst in lists], tens, start, stop, first,
-                     np.array([params[i].size for i in idx], dtype=np.int64)))
+                     sizes, int(sizes.sum())))
     return plan
 
 
@@ -167,9 +186,9 @@ def _adam_like(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, d
         mode, wd = 2, 1 - lr * weight_decay
     else:
         mode, wd = (1 if weight_decay != 0 else 0), weight_decay
-    for dt, idx, (a_th, a_m, a_v), tens, start, stop, _first, _sizes in plan:
+    for dt, idx, (a_th, a_m, a_v), tens, start, stop, _first, _sizes, n in plan:
         T = dt.type
-        _adam_kernel(a_th, addresses(grads, idx), a_m, a_v, tens, start, stop,
+        _launch(_adam_kernel, n, a_th, addresses(grads, idx), a_m, a_v, tens, start, stop,
                      T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(bc2), T(eps),
                      T(step_size), T(wd), mode)
 
@@ -338,10 +357,10 @@ def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, 
         return
     plan = _plans.get("fadam", (params, m, f), _build_flat_plan)
     beta2_hat = beta2 * (1 - beta2 ** (step - 1)) / (1 - beta2**step)
-    for dt, idx, (a_th, a_m, a_f), tens, start, stop, first, sizes in plan:
+    for dt, idx, (a_th, a_m, a_f), tens, start, stop, first, sizes, n in plan:
         T = dt.type
         ws = np.empty(3 * len(idx), dtype=dt)
-        _fadam_kernel(a_th, addresses(grads, idx), a_m, a_f, sizes, tens, start, stop, first, ws,
+        _launch(_fadam_kernel, n, a_th, addresses(grads, idx), a_m, a_f, sizes, tens, start, stop, first, ws,
                       T(beta1), T(1 - beta1), T(beta2_hat), T(1 - beta2_hat), T(lr), T(weight_decay),
                       T(p), p == 0.5, float(eps), float(eps2), float(2 * p), float(clip), np.finfo(dt).tiny)
 
@@ -414,7 +433,7 @@ def _build_coupled_plan(lists):
         np.cumsum(cols, out=doff[1:])
         plan.append((dt, idx, [addresses(lst, idx) for lst in lists], rows, cols,
                      rtens, rstart, rstop, rfirst, poff[:-1].copy(), int(poff[-1]),
-                     utens, ustart, ustop, doff[:-1].copy(), int(doff[-1])))
+                     utens, ustart, ustop, doff[:-1].copy(), int(doff[-1]), int((rows * cols).sum())))
     return plan
 
 
@@ -428,10 +447,10 @@ def coupled_adam_step(params, grads, m, v_col, *, step, lr, beta1, beta2, eps, w
     step_size = lr / (1 - beta1**step)
     bc2 = math.sqrt(1 - beta2**step)
     for (dt, idx, (a_th, a_m, a_vc), rows, cols, rtens, rstart, rstop, rfirst, poff, plen,
-         utens, ustart, ustop, doff, dlen) in plan:
+         utens, ustart, ustop, doff, dlen, n) in plan:
         T = dt.type
         ws = np.empty(dlen, dtype=dt)
-        _coupled_kernel(a_th, addresses(grads, idx), a_m, a_vc, rows, cols, rtens, rstart, rstop,
+        _launch(_coupled_kernel, n, a_th, addresses(grads, idx), a_m, a_vc, rows, cols, rtens, rstart, rstop,
                         rfirst, poff, plen, utens, ustart, ustop, doff, ws,
                         T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(bc2), T(eps),
                         T(step_size), T(1 - lr * weight_decay))

@@ -33,6 +33,10 @@ def describe(name: str) -> str:
 def run(name: str, *, quick: bool, out_dir, seed: int = 0) -> dict:
     from pathlib import Path
 
+    from ._common import blas_threads
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return get(name).run(quick=quick, out_dir=out_dir, seed=seed)
+    module = get(name)
+    with blas_threads():
+        return module.run(quick=quick, out_dir=out_dir, seed=seed)

@@ -73,7 +73,8 @@ def _pc_scatter(path, E_by_opt, counts):
     """Embeddings projected on their own top-2 right singular vectors (uncentred),
     coloured by log word frequency: a common offset shows as a displaced cloud."""
     plt = C.pyplot()
-    fig, axes = plt.subplots(1, len(E_by_opt), figsize=(5 * len(E_by_opt), 4.2), dpi=110)
+    fig, axes = plt.subplots(1, len(E_by_opt), figsize=(5.5 * len(E_by_opt), 4.6), dpi=110,
+                             layout="constrained")
     for ax, (name, E) in zip(np.atleast_1d(axes), E_by_opt.items()):
         E = np.asarray(E, dtype=np.float64)
         _, _, Vt = np.linalg.svd(E, full_matrices=False)
@@ -82,10 +83,11 @@ def _pc_scatter(path, E_by_opt, counts):
         ax.scatter([0], [0], marker="+", c="red", s=80)
         mu = E.mean(axis=0) @ Vt[:2].T
         ax.annotate("", xy=mu, xytext=(0, 0), arrowprops=dict(arrowstyle="->", color="red"))
-        ax.set_title(f"{name}: E on its top-2 singular directions")
+        ax.set_title(name)
         ax.set_aspect("equal", adjustable="datalim")
         ax.grid(alpha=0.3)
     fig.colorbar(sc, ax=axes, label="log10(train count + 1)")
+    fig.suptitle("final embeddings on their top-2 right singular vectors (uncentred); red arrow: mean μ")
     fig.savefig(path)
     plt.close(fig)
     return path

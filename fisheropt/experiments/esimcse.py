@@ -49,8 +49,9 @@ HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 FADAM_EXTRA = dict(eps2=0.01, clip=1.0, p=0.5)
 OPTIMIZERS = ("Adam", "FAdam", "Coupled Adam")
 METHODS = ("SimCSE", "ESimCSE")
-# Ablations (full run only, Adam only): one ESimCSE component at a time.
-ABLATIONS = ("SimCSE + repetition", "SimCSE + queue")
+# Ablations (full run only, Adam only): one ESimCSE component at a time, and ESimCSE
+# without leaving the anchor's own sentence out of the queue (see train_one).
+ABLATIONS = ("SimCSE + repetition", "SimCSE + queue", "ESimCSE, unmasked queue")
 DELETIONS = (1, 2, 3, 4, 5, 6)   # positive-pair probes: a sentence vs itself minus k random words
 LEN_BINS = 16                    # |ΔL| = 0..14, and ≥ 15
 SHORT_GAP = 3                    # the paper's split: length difference ≤ 3 vs > 3
@@ -134,8 +135,9 @@ def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, d
                              dtype=DTYPE)
     opt = _make_optimizer(opt_name, params)
     backend = opt.backend                        # the EMA kernel runs on the optimizer's backend
-    repeat = method in ("ESimCSE", "SimCSE + repetition")
-    esim = method in ("ESimCSE", "SimCSE + queue")       # momentum encoder + queue
+    repeat = method in ("ESimCSE", "SimCSE + repetition", "ESimCSE, unmasked queue")
+    esim = method in ("ESimCSE", "SimCSE + queue", "ESimCSE, unmasked queue")       # momentum encoder + queue
+    mask_own = method != "ESimCSE, unmasked queue"
     momentum = [p.copy() for p in params] if esim else None
     queue = MomentumQueue(cfg["out_dim"], default_queue_size(cfg["batch"])) if esim else None
     queue_ids = MomentumQueue(1, default_queue_size(cfg["batch"])) if esim else None   # whose embedding each row is
@@ -166,10 +168,13 @@ def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, d
         z2, c2 = enc.forward(params, t2, l2, dropout=cfg["dropout"], rng=drop_rng)
         negatives = None
         if esim:
-            # On ~2k sentences the queue often holds the anchor's own sentence (a
-            # false negative that cannot occur on the paper's 10⁶ sentences in one
-            # epoch); those rows are left out.
-            negatives = queue.negatives()[~np.isin(queue_ids.negatives()[:, 0], idx)]
+            # On ~2k sentences the queue often holds a sentence of this very batch,
+            # a false negative for its own anchor (impossible in the paper's single
+            # pass over 10⁶ sentences); such rows are dropped — for the other anchors
+            # that sentence is an in-batch negative anyway.
+            negatives = queue.negatives()
+            if mask_own:
+                negatives = negatives[~np.isin(queue_ids.negatives()[:, 0], idx)]
         loss, g1, g2 = info_nce_with_grad(z1, z2, negatives, tau=TEMPERATURE)
         grads = [a + b for a, b in zip(enc.backward(params, c1, g1), enc.backward(params, c2, g2))]
         opt.step(grads)
@@ -328,7 +333,7 @@ def _plot_length_curves(path, finals, init, key, xs, *, title, xlabel):
     for (m, o), res in finals.items():            # ablations, drawn on the panel of the method they modify
         if m in ABLATIONS:
             arr = np.array([r[key] for r in res], dtype=float)
-            axes[0].plot(xs, arr.mean(axis=0), ls="--", lw=1.2, label=f"{m} ({o})")
+            axes[1 if m.startswith("ESimCSE") else 0].plot(xs, arr.mean(axis=0), ls="--", lw=1.2, label=f"{m} ({o})")
     for ax in axes:
         ax.plot(xs, init[key], ls=":", color="gray", label="untrained")
         ax.legend(fontsize=7)
@@ -343,7 +348,7 @@ def _plot_length_curves(path, finals, init, key, xs, *, title, xlabel):
 def _plot_align_uniform(path, finals, init):
     plt = C.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.8), dpi=110)
-    markers = {"SimCSE": "o", "ESimCSE": "s", ABLATIONS[0]: "^", ABLATIONS[1]: "v"}
+    markers = {"SimCSE": "o", "ESimCSE": "s", ABLATIONS[0]: "^", ABLATIONS[1]: "v", ABLATIONS[2]: "D"}
     colors = dict(zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")))
     for (m, o), res in finals.items():
         ax.scatter([r["uniform"] for r in res], [r["align"] for r in res], marker=markers[m],
@@ -361,6 +366,8 @@ def _plot_align_uniform(path, finals, init):
 
 
 # ---- the experiment -----------------------------------------------------------
+LABELS = {"neg_gap": "neg gap ≤3−>3", "neg_corr": "corr(cos, len diff)", "len_r2": "length R²", "topic_auc": "topic AUC",
+          "topic_nn": "topic 1-NN", "align": "alignment", "uniform": "uniformity"}
 SUMMARY_METRICS = ("train_loss", "topic_auc", "topic_nn", "neg_gap", "neg_corr", "pos_gap", "len_r2", "align",
                    "uniform", "tok_iso", "tok_mu_ratio", "tok_cond", "sent_iso", "sent_mu_ratio")
 
@@ -427,37 +434,54 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                                    title=f"{label}, mean over {len(seeds)} seed(s)", xlabel="step", ylabel=label))
 
     # ---- verdict (computed, not assumed) ------------------------------------
-    def mean_of(method, key):
-        return float(np.mean([r[key] for r in per_seed if r["method"] == method]))
-
-    def wins(key, better):
-        n = 0
+    def paired(key, a=("SimCSE", None), b=("ESimCSE", None), better="lower"):
+        """b − a over matching (seed, optimizer) runs: mean, 2·SE, how often b is better,
+        and "better" / "worse" / "no clear difference" (|mean| ≤ 2·SE)."""
+        diffs = []
         for s in seeds:
             for o in OPTIMIZERS:
-                a = next(r[key] for r in per_seed if r["method"] == "SimCSE" and r["optimizer"] == o and r["seed"] == s)
-                b = next(r[key] for r in per_seed if r["method"] == "ESimCSE" and r["optimizer"] == o and r["seed"] == s)
-                n += (b < a) if better == "lower" else (b > a)
-        return n
+                ra = [r for r in per_seed if r["method"] == a[0] and r["optimizer"] == (a[1] or o) and r["seed"] == s]
+                rb = [r for r in per_seed if r["method"] == b[0] and r["optimizer"] == (b[1] or o) and r["seed"] == s]
+                if ra and rb and (a[1] is None or b[1] is None or o == OPTIMIZERS[0]):
+                    diffs.append(rb[0][key] - ra[0][key])
+        d = np.array(diffs, dtype=float)
+        se2 = 2 * d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("inf")
+        sign = -1 if better == "lower" else 1
+        n_better = int(np.sum(sign * d > 0))
+        mean = float(d.mean())
+        word = "no clear difference" if abs(mean) <= se2 else ("better" if sign * mean > 0 else "worse")
+        return {"diff": mean, "two_se": float(se2), "n_better": n_better, "n": int(d.size), "call": word}
 
-    n_runs = len(seeds) * len(OPTIMIZERS)
-    v = {"runs_per_comparison": n_runs}
-    for key, better in (("neg_gap", "lower"), ("neg_corr", "higher"), ("len_r2", "lower"), ("topic_auc", "higher"),
-                        ("topic_nn", "higher"), ("align", "lower"), ("uniform", "lower")):
-        v[f"{key}_simcse"], v[f"{key}_esimcse"] = mean_of("SimCSE", key), mean_of("ESimCSE", key)
-        v[f"{key}_esimcse_better"] = wins(key, better)
-    majority = n_runs // 2 + 1
-    bias_present = v["neg_gap_simcse"] > 0
-    bias_reduced = v["neg_gap_esimcse_better"] >= majority and v["neg_gap_esimcse"] < v["neg_gap_simcse"]
-    r2_reduced = v["len_r2_esimcse_better"] >= majority and v["len_r2_esimcse"] < v["len_r2_simcse"]
-    sim_better = v["topic_auc_esimcse_better"] >= majority and v["topic_auc_esimcse"] > v["topic_auc_simcse"]
-    v.update(bias_present=bool(bias_present), bias_reduced=bool(bias_reduced), length_r2_reduced=bool(r2_reduced),
-             similarity_improved=bool(sim_better))
+    def mean_of(method, key, opt=None):
+        return float(np.mean([r[key] for r in per_seed if r["method"] == method and (opt is None or r["optimizer"] == opt)]))
+
+    COMPARE = (("neg_gap", "lower"), ("neg_corr", "higher"), ("len_r2", "lower"), ("topic_auc", "higher"),
+               ("topic_nn", "higher"), ("align", "lower"), ("uniform", "lower"))
+    v = {"init_neg_gap": init_res["neg_gap"]}
+    comp_rows = []
+    for key, better in COMPARE:
+        c = paired(key, better=better)
+        v[key] = {"simcse": mean_of("SimCSE", key), "esimcse": mean_of("ESimCSE", key), **c}
+        comp_rows.append({"metric": LABELS[key], "better": better, "SimCSE": v[key]["simcse"], "ESimCSE": v[key]["esimcse"],
+                          "diff": c["diff"], "two_se": c["two_se"], "wins": f"{c['n_better']}/{c['n']}",
+                          "call": c["call"]})
+    coupled = {}
+    for method in METHODS:
+        for key, better in (("tok_iso", "higher"), ("tok_mu_ratio", "lower"), ("topic_auc", "higher")):
+            coupled[f"{method}|{key}"] = paired(key, a=(method, "Adam"), b=(method, "Coupled Adam"), better=better)
+    v["coupled_vs_adam"] = coupled
+    bias_trained = v["neg_gap"]["simcse"] > init_res["neg_gap"]
+    bias_reduced = v["neg_gap"]["call"] == "better"
+    r2_reduced = v["len_r2"]["call"] == "better"
+    sim_better = v["topic_auc"]["call"] == "better"
+    v.update(simcse_gap_above_untrained=bool(bias_trained), bias_reduced=bool(bias_reduced),
+             length_r2_reduced=bool(r2_reduced), similarity_improved=bool(sim_better))
 
     cols = ["method", "optimizer", "train_loss", "topic_auc", "topic_auc_std", "topic_nn", "neg_gap", "neg_gap_std",
             "neg_corr", "pos_gap", "len_r2", "align", "uniform", "tok_iso", "tok_mu_ratio", "tok_cond",
             "sent_iso", "sent_mu_ratio"]
     heads = {"train_loss": "loss", "topic_auc": "topic AUC", "topic_auc_std": "± std", "topic_nn": "topic 1-NN",
-             "neg_gap": "neg gap ≤3−>3", "neg_gap_std": "± std", "neg_corr": "corr(cos,|ΔL|)",
+             "neg_gap": "neg gap ≤3−>3", "neg_gap_std": "± std", "neg_corr": "corr(cos, len diff)",
              "pos_gap": "pos gap ≤3−>3", "len_r2": "length R²", "align": "align", "uniform": "uniform",
              "tok_iso": "Iso(E)", "tok_mu_ratio": "‖μ‖/‖e‖ (E)", "tok_cond": "cond(E)", "sent_iso": "Iso(sent)",
              "sent_mu_ratio": "‖μ‖/‖e‖ (sent)"}
@@ -474,11 +498,22 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         def row_of(m, o="Adam"):
             return next(r for r in summary_rows if r["method"] == m and r["optimizer"] == o)
         parts = []
-        for m in ("SimCSE",) + ABLATIONS + ("ESimCSE",):
+        for m in ("SimCSE", ABLATIONS[0], ABLATIONS[1], "ESimCSE", ABLATIONS[2]):
             r = row_of(m)
-            parts.append(f"  - {m} (Adam): neg gap {C.fmt(r['neg_gap'])}, length R² {C.fmt(r['len_r2'])}, "
-                         f"topic AUC {C.fmt(r['topic_auc'])}, align {C.fmt(r['align'])}, uniform {C.fmt(r['uniform'])}")
-        ablation_lines = "- Ablations (one ESimCSE component added to SimCSE at a time):\n" + "\n".join(parts) + "\n"
+            parts.append(f"  - {m} (Adam): neg gap {C.fmt(r['neg_gap'])}, corr {C.fmt(r['neg_corr'])}, "
+                         f"length R² {C.fmt(r['len_r2'])}, topic AUC {C.fmt(r['topic_auc'])}, "
+                         f"align {C.fmt(r['align'])}, uniform {C.fmt(r['uniform'])}, Iso(sent) {C.fmt(r['sent_iso'])}")
+        ablation_lines = ("- Ablations (Adam; one ESimCSE component added to SimCSE at a time, and ESimCSE with the "
+                          "anchor's own sentence left in the queue):\n" + "\n".join(parts) + "\n")
+    comp_table = C.markdown_table(comp_rows, ["metric", "better", "SimCSE", "ESimCSE", "diff", "two_se", "wins", "call"],
+                                  {"better": "better is", "diff": "ESimCSE − SimCSE", "two_se": "± 2·SE",
+                                   "wins": "ESimCSE better in", "call": "ESimCSE is"})
+    coupled_lines = "\n".join(
+        f"  - {m}: Iso(E) {C.fmt(coupled[f'{m}|tok_iso']['diff'])} (higher in {coupled[f'{m}|tok_iso']['n_better']}/"
+        f"{coupled[f'{m}|tok_iso']['n']}: {coupled[f'{m}|tok_iso']['call']}), ‖μ‖/‖e‖ (E) "
+        f"{C.fmt(coupled[f'{m}|tok_mu_ratio']['diff'])} (lower in {coupled[f'{m}|tok_mu_ratio']['n_better']}/"
+        f"{coupled[f'{m}|tok_mu_ratio']['n']}: {coupled[f'{m}|tok_mu_ratio']['call']}), topic AUC "
+        f"{C.fmt(coupled[f'{m}|topic_auc']['diff'])} ({coupled[f'{m}|topic_auc']['call']})" for m in METHODS)
 
     report = f"""# {TITLE}
 
@@ -501,7 +536,10 @@ STS with BERT-base). The paper shows the bias by splitting STS-B pairs at a leng
   - SimCSE: positive = the same sentence under a second dropout mask.
   - ESimCSE: positive = word repetition (dup_rate {DUP_RATE}) of the sentence, both views with dropout;
     plus a queue of the last {default_queue_size(cfg['batch'])} momentum-encoder embeddings
-    (λ={MOMENTUM}, dropout off in the momentum encoder) as extra negatives.
+    (λ={MOMENTUM}, dropout off in the momentum encoder) as extra negatives. Batches are drawn epoch by
+    epoch without replacement; queue rows that hold a sentence of the current batch (from an earlier
+    step of a small corpus — impossible in the paper's single pass over 10⁶ sentences) are dropped
+    from the step's negatives: for its own anchor such a row is a false negative. The ablation "ESimCSE, unmasked queue" keeps them, to show what they do.
 - Optimizers: Adam, FAdam ({FADAM_EXTRA}), Coupled Adam (token embedding E coupled); all with
   lr={HYPER['lr']}, betas={HYPER['betas']}, eps={HYPER['eps']}, weight decay 0 (set once, not tuned per
   optimizer or method); {cfg['steps']} steps; seeds {seeds}; same initialisation, batches and dropout stream
@@ -512,8 +550,8 @@ STS with BERT-base). The paper shows the bias by splitting STS-B pairs at a leng
     comes from the same topic.
   - **neg gap ≤3−>3**: the paper's split applied to random held-out pairs (different sentences):
     mean cosine of pairs with |ΔL| ≤ 3 minus pairs with |ΔL| > 3. A length-blind encoder gives ≈ 0;
-    positive = same-length sentences look more alike. corr(cos, |ΔL|) is the Pearson correlation
-    over the same pairs (negative = length bias).
+    positive = same-length sentences look more alike. corr(cos, len diff) is the Pearson correlation
+    of the cosine with |ΔL| over the same pairs (negative = length bias).
   - **pos gap ≤3−>3**: the same split for positive probes (sentence vs itself minus k = 1..6 random
     words; |ΔL| = k). Part of this gap is content loss, not length: compare it across methods only.
   - **length R²**: how well a ridge regression on the unit embedding predicts the word count
@@ -531,26 +569,27 @@ STS with BERT-base). The paper shows the bias by splitting STS-B pairs at a leng
 ### Per seed
 
 {C.markdown_table(per_seed, seed_cols, heads)}
-## Verdict (computed from the runs; "x/{n_runs}" counts seed × optimizer pairs where ESimCSE is better)
+## Verdict (computed from the runs)
 
-- Length bias of SimCSE: neg gap = {C.fmt(v['neg_gap_simcse'])} (untrained encoder: {C.fmt(init_res['neg_gap'])}).
-  {say(bias_present, "same-length random sentences are more similar under SimCSE.",
-       "SimCSE shows no positive similarity gap for same-length sentences here.")}
-- Does ESimCSE reduce it? neg gap {C.fmt(v['neg_gap_simcse'])} (SimCSE) → {C.fmt(v['neg_gap_esimcse'])} (ESimCSE),
-  lower in {v['neg_gap_esimcse_better']}/{n_runs}; length R² {C.fmt(v['len_r2_simcse'])} → {C.fmt(v['len_r2_esimcse'])},
-  lower in {v['len_r2_esimcse_better']}/{n_runs}.
-  {say(bias_reduced, "ESimCSE's random-pair similarity depends less on the length difference.",
-       "ESimCSE does not reduce the random-pair length gap here.")}
-  {say(r2_reduced, "less length information is linearly decodable from ESimCSE's embeddings.",
-       "ESimCSE's embeddings do not encode length less than SimCSE's.")}
-- Does ESimCSE improve similarity? topic AUC {C.fmt(v['topic_auc_simcse'])} (SimCSE) → {C.fmt(v['topic_auc_esimcse'])}
-  (ESimCSE), higher in {v['topic_auc_esimcse_better']}/{n_runs}; topic 1-NN {C.fmt(v['topic_nn_simcse'])} →
-  {C.fmt(v['topic_nn_esimcse'])}.
-  {say(sim_better, "ESimCSE's embeddings separate topics better.",
-       "ESimCSE does not improve the semantic stand-in here.")}
-- Alignment better (lower) with ESimCSE in {v['align_esimcse_better']}/{n_runs}; uniformity better (lower) in
-  {v['uniform_esimcse_better']}/{n_runs}.
-{ablation_lines}
+Paired over the {len(seeds) * len(OPTIMIZERS)} (seed, optimizer) runs; "no clear difference" when the mean
+difference is within twice its standard error.
+
+{comp_table}
+- Length bias under SimCSE: random same-length pairs are more similar (neg gap {C.fmt(v['neg_gap']['simcse'])} > 0).
+  {say(bias_trained, "SimCSE training raised the gap above the untrained encoder's (" + C.fmt(init_res['neg_gap']) + ").",
+       "the gap is inherited from the random initialisation (untrained encoder: " + C.fmt(init_res['neg_gap'])
+       + ") and SimCSE training lowered it; in the paper the bias is attributed to SimCSE's same-length positives.")}
+- {say(bias_reduced, "ESimCSE lowers the ≤3 vs >3 similarity gap of random pairs.",
+       "ESimCSE does not clearly lower the ≤3 vs >3 similarity gap of random pairs.")}
+- {say(r2_reduced, "less length information is linearly decodable from ESimCSE's embeddings.",
+       "ESimCSE's embeddings do not encode length less than SimCSE's (length R² " + v['len_r2']['call'] + ").")}
+- {say(sim_better, "ESimCSE separates the held-out topics better (our STS stand-in).",
+       "ESimCSE does not improve the semantic stand-in (topic AUC: " + v['topic_auc']['call'] + ").")}
+- Wang & Isola: ESimCSE's alignment is {v['align']['call']} and its uniformity {v['uniform']['call']} than SimCSE's.
+{ablation_lines}- Coupled Adam − Adam, same method, paired over seeds (the Coupled Adam paper predicts more isotropic
+  token embeddings, i.e. higher Iso(E) and lower ‖μ‖/‖e‖):
+{coupled_lines}
+
 Scale caveat: a {n_params // 1000}k-parameter bag-of-embeddings encoder trained from scratch on
 ~{len(train)} sentences, not a pre-trained BERT fine-tuned on 10⁶ Wikipedia sentences; topic
 agreement is not STS. The encoder has no attention, so its length signals are the mean of the

@@ -191,45 +191,54 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                                    title="final test loss vs learning rate (mean over seeds)",
                                    xlabel="learning rate", ylabel="test loss"))
 
-    # ---- verdict --------------------------------------------------------------
+    # ---- verdict (paired by seed: same init and batch order) -----------------
     by = {r["method"]: r for r in main_rows}
     fa = by["FAdam"]
-    best_base = min((by["Adam"], by["AdamW"]), key=lambda r: r["test_loss"])
 
-    def tol(a, b):
-        return max(a["test_loss_std"], b["test_loss_std"], 1e-3)
+    def per_seed(method, key):
+        rows = {r["seed"]: r[key] for r in results if r["method"] == method and r["lr"] == cfg["main_lr"]}
+        return [rows[s] for s in seeds]
 
-    lines = []
-    d = fa["test_loss"] - best_base["test_loss"]
-    if d <= tol(fa, best_base):
-        lines.append(f"- FAdam vs best of Adam/AdamW ({best_base['method']}): test loss {C.fmt(fa['test_loss'])} vs "
-                     f"{C.fmt(best_base['test_loss'])}. **Agrees with the paper**: FAdam is at least as good "
-                     f"(difference {C.fmt(d)} within/below seed noise {C.fmt(tol(fa, best_base))}).")
-    else:
-        lines.append(f"- FAdam vs best of Adam/AdamW ({best_base['method']}): test loss {C.fmt(fa['test_loss'])} vs "
-                     f"{C.fmt(best_base['test_loss'])}. **Disagrees with the paper**: FAdam is worse here by "
-                     f"{C.fmt(d)} (seed noise {C.fmt(tol(fa, best_base))}).")
-    verdict = {"fadam_minus_best_baseline_test_loss": d, "fadam_at_least_as_good": bool(d <= tol(fa, best_base))}
-    for key in ABLATIONS:
-        ab = by[f"ablation: {key}"]
-        d = ab["test_loss"] - fa["test_loss"]
-        t = tol(ab, fa)
-        if ab["diverged"] and not fa["diverged"]:
-            word = "**Agrees with the paper**: the ablation diverged in some seeds; FAdam did not."
-            state = "agrees"
-        elif d > t:
-            word = "**Agrees with the paper**: removing this choice hurts."
-            state = "agrees"
-        elif d < -t:
-            word = "**Disagrees with the paper**: the ablation is better than FAdam here."
-            state = "disagrees"
+    def cmp(method, other, key):
+        return C.paired_difference(per_seed(method, key), per_seed(other, key))
+
+    def diff_text(p):
+        return f"paired difference {C.fmt(p['mean'])} ± {C.fmt(p['se'], 2)} (SE, n={p['n']})"
+
+    lines, verdict = [], {}
+    for base in ("Adam", "AdamW"):
+        p_test, p_train = cmp("FAdam", base, "test_loss"), cmp("FAdam", base, "train_loss")
+        if p_test["sign"] < 0:
+            word, state = f"{C.AGREES}: FAdam reaches a lower test loss than {base}.", "agrees"
+        elif p_test["sign"] > 0:
+            word, state = f"{C.DISAGREES}: FAdam's test loss is higher than {base}'s beyond seed noise.", "disagrees"
         else:
-            word = ("**Not confirmed**: no difference beyond seed noise at this scale "
-                    "(the paper's claim is not reproduced, nor contradicted).")
-            state = "inconclusive"
-        lines.append(f"- {ABLATIONS[key]}: test loss {C.fmt(ab['test_loss'])} vs FAdam {C.fmt(fa['test_loss'])} "
-                     f"(difference {C.fmt(d)}, noise {C.fmt(t)}). {word}")
+            word, state = (f"{C.INCONCLUSIVE}: no test-loss difference beyond seed noise (consistent with "
+                           f"\"at least as good\", not with \"better\")."), "inconclusive"
+        train_word = {-1: "lower", 0: "indistinguishable", 1: "higher"}[p_train["sign"]]
+        lines.append(f"- FAdam vs {base}: test loss {C.fmt(fa['test_loss'])} vs {C.fmt(by[base]['test_loss'])}, "
+                     f"{diff_text(p_test)}. {word} FAdam's final train loss is {train_word} "
+                     f"({C.fmt(fa['train_loss'])} vs {C.fmt(by[base]['train_loss'])}, {diff_text(p_train)}).")
+        verdict[f"fadam_vs_{base}"] = state
+        verdict[f"fadam_vs_{base}_test_loss_diff"] = p_test
+    for key in ABLATIONS:
+        name = f"ablation: {key}"
+        ab = by[name]
+        p = cmp(name, "FAdam", "test_loss")
+        if ab["diverged"] and not fa["diverged"]:
+            word, state = (f"{C.AGREES}: the ablation diverged in {ab['diverged']}/{len(seeds)} seeds "
+                           "(its losses are from the last finite epoch); FAdam never did."), "agrees"
+        elif p["sign"] > 0:
+            word, state = f"{C.AGREES}: removing this choice hurts.", "agrees"
+        elif p["sign"] < 0:
+            word, state = f"{C.DISAGREES}: the ablation is better than FAdam here.", "disagrees"
+        else:
+            word, state = f"{C.INCONCLUSIVE}: no difference beyond seed noise.", "inconclusive"
+        lines.append(f"- {ABLATIONS[key]}: test loss {C.fmt(ab['test_loss'])} vs FAdam {C.fmt(fa['test_loss'])}, "
+                     f"{diff_text(p)}. {word}")
         verdict[f"ablation_{key}"] = state
+    lines.append("\n(Comparisons are paired by seed, which fixes the initialisation and the batch order; "
+                 "\"beyond seed noise\" means the mean paired difference exceeds 2 standard errors.)")
 
     cols = ["method", "train_loss", "train_loss_std", "test_loss", "test_loss_std", "test_acc", "test_acc_std",
             "diverged"]
