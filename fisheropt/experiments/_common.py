@@ -158,22 +158,27 @@ def mean_std(values) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def paired_difference(a, b, *, z: float = 2.0) -> dict:
+def paired_difference(a, b) -> dict:
     """Paired comparison of per-seed values (same seeds, same order): d = a - b.
 
-    Returns the mean difference, its standard error sd(d)/sqrt(n) and
-    ``sign``: -1 when a < b beyond noise (mean + z·SE < 0), +1 when a > b beyond
-    noise, 0 when the difference is within z standard errors (or n < 2)."""
+    Returns the mean difference, its standard error SE = sd(d)/sqrt(n), the
+    two-sided 95 % Student-t critical value ``t`` (n-1 degrees of freedom) and
+    ``sign``: -1 when a < b beyond noise (mean + t·SE < 0), +1 when a > b beyond
+    noise, 0 when the 95 % interval contains 0 (or n < 2)."""
+    from scipy.stats import t as student_t
+
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     mean = float(d.mean())
-    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("inf")
+    n = int(d.size)
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("inf")
+    crit = float(student_t.ppf(0.975, n - 1)) if n > 1 else float("inf")
     sign = 0
-    if d.size > 1 and math.isfinite(se):
-        if mean + z * se < 0:
+    if n > 1 and math.isfinite(se):
+        if mean + crit * se < 0:
             sign = -1
-        elif mean - z * se > 0:
+        elif mean - crit * se > 0:
             sign = 1
-    return {"mean": mean, "se": se, "sign": sign, "n": int(d.size)}
+    return {"mean": mean, "se": se, "t": crit, "sign": sign, "n": n}
 
 
 AGREES = "**Agrees with the paper**"

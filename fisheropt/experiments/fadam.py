@@ -238,7 +238,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                      f"{diff_text(p)}. {word}")
         verdict[f"ablation_{key}"] = state
     lines.append("\n(Comparisons are paired by seed, which fixes the initialisation and the batch order; "
-                 "\"beyond seed noise\" means the mean paired difference exceeds 2 standard errors.)")
+                 "\"beyond seed noise\" means the 95 % Student-t interval of the mean paired difference excludes 0.)")
 
     cols = ["method", "train_loss", "train_loss_std", "test_loss", "test_loss_std", "test_acc", "test_acc_std",
             "diverged"]
@@ -274,8 +274,8 @@ its clipping, momentum-after-preconditioning and Fisher-preconditioned weight de
 
 {chr(10).join(lines)}
 
-A 64-feature, {cfg['hidden']}-unit MLP on 1.3k images is far from the paper's LLM/ASR
-settings; differences of a few thousandths are noise here.
+A 64-feature, {cfg['hidden']}-unit MLP on 1.3k images is far from the paper's LLM/ASR settings,
+and each method runs with one untuned setting (library defaults) per learning rate.
 
 ## Files
 
