@@ -181,73 +181,139 @@ def time_torch(factory, shapes, dtype, repeats, rng):
 
 
 # ---- the table ------------------------------------------------------------------
-def ceiling_gbs(n_elements: int, dtype, repeats: int):
+def _numba_ceiling():
     try:
-        from fisheropt.backends.numba._ceiling import measure_ceiling_gbs
+        from fisheropt.backends.numba import _ceiling
     except Exception:
         return None
-    return measure_ceiling_gbs(n_elements, dtype=dtype, repeats=max(3, repeats))
+    return _ceiling
 
 
-def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselines=True, out=sys.stdout):
+def _share_torch_state(torch_opt, torch_params, m_list, v_list):
+    """Point torch's Adam state at fisheropt's m/v buffers (same memory for both: a fair race)."""
+    import torch
+    for p, m, v in zip(torch_params, m_list, v_list):
+        st = torch_opt.state[p]
+        if "exp_avg" in st and "exp_avg_sq" in st:
+            st["exp_avg"] = torch.from_numpy(m)
+            st["exp_avg_sq"] = torch.from_numpy(v)
+
+
+def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, torch_baselines=True,
+                    share_buffers=True, seed=0):
+    """Time one rule × size on one set of buffers, round-robin with the bandwidth ceiling.
+
+    Every fisheropt backend and the PyTorch baseline step the same parameter and
+    gradient arrays (and, with ``share_buffers``, torch's Adam state is fisheropt's
+    m/v), and the ceiling ``a += 0*b`` runs over those same params/grads, so that
+    where the memory happens to sit affects all of them alike. Returns a list of rows."""
     import fisheropt as fo
 
     usable = set(fo.backends.available())
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
+    shapes, coupled = problem_shapes(rule, size)
+    n = sum(math.prod(s) for s in shapes)
     itemsize = np.dtype(dtype).itemsize
+    nbytes = moved_bytes(rule, shapes, coupled, itemsize)
+    params = random_arrays(shapes, dtype, rng)
+    grads = random_arrays(shapes, dtype, rng, scale=1e-3)
+
+    fns, pause, opts = {}, {}, {}
+    ceil_mod = _numba_ceiling()
+    ceil_bytes = None
+    if ceil_mod is not None:
+        fns["ceiling"], ceil_bytes = ceil_mod.ceiling_on(params, grads)
+    for backend in backends:
+        if backend not in usable or (backend == "numpy" and n > NUMPY_MAX_ELEMENTS and not numpy_large):
+            continue
+        opt = make_fisheropt(rule, backend, params, coupled, check_finite=False)
+        opts[backend] = opt
+        fns[backend] = (lambda o: lambda: o.step(grads))(opt)
+
+        def checked(o=opt):
+            o.check_finite = True
+            try:
+                o.step(grads)
+            finally:
+                o.check_finite = False
+        fns[backend + "+finite"] = checked
+    base = torch_baseline(rule) if torch_baselines else None
+    torch_name = None
+    if base is not None:
+        import torch
+        torch_name, factory = base
+        tparams = []
+        for p, g in zip(params, grads):
+            tp = torch.from_numpy(p).requires_grad_()
+            tp.grad = torch.from_numpy(g)
+            tparams.append(tp)
+        topt = factory(tparams)
+        with torch.no_grad():
+            topt.step()
+        if share_buffers and "numba" in opts and rule in ("adam", "adamw"):
+            _share_torch_state(topt, tparams, opts["numba"].state["m"], opts["numba"].state["v"])
+
+        def torch_step():
+            with torch.no_grad():
+                topt.step()
+        fns[torch_name] = torch_step
+        pause[torch_name] = 0.05  # let PyTorch's OpenMP threads stop spinning before the next timing
+
+    med = ceil_mod.interleaved_medians(fns, repeats=repeats, pause=pause) if ceil_mod else \
+        {k: median_time(f, repeats) for k, f in fns.items()}
+    ceil = (ceil_bytes / med["ceiling"] / 1e9) if "ceiling" in med else None
+    torch_s = med.get(torch_name) if torch_name else None
     rows = []
-    ceilings = {}
-    header = (f"{'rule':<13} {'backend':<24} {'size':>5} {'tensors':>7} {'ms/step':>9} {'GB/s':>6} "
-              f"{'/ceil':>6} {'+finite ms':>10} {'vs torch':>8}")
-    print(f"fisheropt bench: dtype={np.dtype(dtype).name}, median of {repeats} steps, "
-          f"ceiling = a += s*b (numba, in process, same element count)", file=out)
+    for name in [b for b in backends if b in opts] + ([torch_name] if torch_name else []):
+        t = med[name]
+        gbs = nbytes / t / 1e9
+        is_fo = name in opts
+        rows.append({
+            "rule": rule, "backend": name, "size": size_label(size), "tensors": len(shapes),
+            "ms_per_step": t * 1e3, "gbs": gbs, "ceiling_gbs": ceil,
+            "ratio_to_ceiling": gbs / ceil if ceil else None,
+            "ms_per_step_with_finite_check": med[name + "+finite"] * 1e3 if is_fo else None,
+            "torch_speed_ratio": torch_s / t if (torch_s and is_fo) else None,
+        })
+    del fns, opts, params, grads
+    gc.collect()
+    return rows
+
+
+def format_row(r) -> str:
+    ratio = f"{r['ratio_to_ceiling']:6.2f}" if r["ratio_to_ceiling"] is not None else f"{'-':>6}"
+    chk = f"{r['ms_per_step_with_finite_check']:10.2f}" if r["ms_per_step_with_finite_check"] is not None \
+        else f"{'-':>10}"
+    vs = f"{r['torch_speed_ratio']:8.2f}" if r["torch_speed_ratio"] is not None else f"{'-':>8}"
+    ceil = f"{r['ceiling_gbs']:6.2f}" if r["ceiling_gbs"] else f"{'-':>6}"
+    return (f"{r['rule']:<13} {r['backend']:<24} {r['size']:>5} {r['tensors']:>7} {r['ms_per_step']:9.2f} "
+            f"{r['gbs']:6.2f} {ceil} {ratio} {chk} {vs}")
+
+
+HEADER = (f"{'rule':<13} {'backend':<24} {'size':>5} {'tensors':>7} {'ms/step':>9} {'GB/s':>6} "
+          f"{'ceil':>6} {'/ceil':>6} {'+finite ms':>10} {'vs torch':>8}")
+
+
+def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselines=True, out=sys.stdout):
+    print(f"fisheropt bench: dtype={np.dtype(dtype).name}, median of {repeats} steps, timed round-robin with "
+          "the ceiling (a += 0*b over the same params/grads, numba)", file=out)
     try:
         import numba
         print(f"numba {numba.__version__}, {numba.get_num_threads()} threads; numpy {np.__version__}", file=out)
     except Exception:
         pass
-    print(header, file=out)
-    print("-" * len(header), file=out)
+    print(HEADER, file=out)
+    print("-" * len(HEADER), file=out)
+    rows = []
     for rule in rules:
         for size in sizes:
-            shapes, coupled = problem_shapes(rule, size)
-            n = sum(math.prod(s) for s in shapes)
-            nbytes = moved_bytes(rule, shapes, coupled, itemsize)
-            if n not in ceilings:
-                ceilings[n] = ceiling_gbs(n, dtype, repeats)
-            ceil = ceilings[n]
-            results = []
-            for backend in backends:
-                if backend not in usable:
-                    continue
-                if backend == "numpy" and n > NUMPY_MAX_ELEMENTS and not numpy_large:
-                    continue
-                ms, ms_chk = time_fisheropt(rule, backend, shapes, coupled, dtype, repeats, rng)
-                results.append([rule, backend, size, len(shapes), ms, ms_chk])
-            base = torch_baseline(rule) if torch_baselines else None
-            torch_ms = None
-            if base is not None:
-                name, factory = base
-                torch_ms = time_torch(factory, shapes, dtype, repeats, rng)
-                time.sleep(0.2)  # let PyTorch's OpenMP threads stop spinning before the next row
-                results.append([rule, name, size, len(shapes), torch_ms, None])
-            for rule_, backend, size_, ntens, ms, ms_chk in results:
-                gbs = nbytes / (ms * 1e-3) / 1e9
-                ratio = f"{gbs / ceil:6.2f}" if ceil else f"{'-':>6}"
-                chk = f"{ms_chk:10.2f}" if ms_chk is not None else f"{'-':>10}"
-                vs = f"{torch_ms / ms:8.2f}" if (torch_ms is not None and ms_chk is not None) else f"{'-':>8}"
-                line = (f"{rule_:<13} {backend:<24} {size_label(size_):>5} {ntens:>7} {ms:9.2f} {gbs:6.2f} "
-                        f"{ratio} {chk} {vs}")
-                print(line, file=out)
+            for r in measure_problem(rule, size, backends, dtype, repeats, numpy_large=numpy_large,
+                                     torch_baselines=torch_baselines):
+                print(format_row(r), file=out)
                 out.flush()
-                rows.append({"rule": rule_, "backend": backend, "size": size_label(size_), "tensors": ntens,
-                             "ms_per_step": ms, "gbs": gbs, "ceiling_gbs": ceil,
-                             "ratio_to_ceiling": (gbs / ceil) if ceil else None,
-                             "ms_per_step_with_finite_check": ms_chk,
-                             "torch_speed_ratio": (torch_ms / ms) if (torch_ms is not None and ms_chk is not None) else None})
-    if ceilings:
-        print("ceilings (GB/s, by element count): "
-              + ", ".join(f"{k}: {v:.2f}" if v else f"{k}: -" for k, v in ceilings.items()), file=out)
+                rows.append(r)
+    print("GB/s = the rule's bytes per element (Adam/AdamW 7, FAdam 11, Coupled Adam 6 itemsizes) / time; "
+          "ceil = GB/s of a += 0*b; vs torch = torch time / this time (> 1: fisheropt faster)", file=out)
     return rows
 
 

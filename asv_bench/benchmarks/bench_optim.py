@@ -8,7 +8,9 @@
 * ``PeakMem.peakmem_step``: peak RSS of a process that set up and stepped.
 * ``Track``: measured in ONE process (so the ratios are comparable): achieved
   GB/s of the numba backend, its ratio to the in-process bandwidth ceiling
-  (``a += s*b``, see ``_ceiling.py``) and its speed ratio to the PyTorch baseline.
+  (``a += s*b`` over the same buffers, timed round-robin with the step; see
+  ``_ceiling.py`` and ``fisheropt.bench.measure_problem``) and its speed ratio
+  to the PyTorch baseline.
 
 Sizes: element counts of one tensor, or "many" (147 tensors of a GPT-2-small-like
 model, 91.3 M parameters; see ``fisheropt.bench.transformer_shapes``). The numpy
@@ -23,7 +25,6 @@ import numpy as np
 
 from fisheropt import bench as fb
 
-from ._ceiling import measure_ceiling_gbs
 
 RULES = ["adam", "adamw", "fadam", "coupled_adam"]
 SIZES = ["2^16", "2^20", "2^25", "many"]
@@ -149,7 +150,10 @@ class PeakMem:
 
 
 class Track:
-    """GB/s, ratio to the in-process ceiling, and speed ratio to PyTorch, all from one process."""
+    """GB/s, ratio to the ceiling, and speed ratio to PyTorch, all from one process.
+
+    Uses ``fisheropt.bench.measure_problem``: numba, the PyTorch baseline and the
+    ceiling (``a += 0*b`` over the same params/grads) timed round-robin on the same buffers."""
     params = (RULES, ["2^25", "many"])
     param_names = ["rule", "size"]
     timeout = 1800
@@ -157,41 +161,32 @@ class Track:
 
     def setup_cache(self):
         results = {}
-        ceilings = {}
         for rule in RULES:
             for size in ["2^25", "many"]:
-                shapes, coupled, n = _problem(rule, size)
-                if n not in ceilings:
-                    ceilings[n] = measure_ceiling_gbs(n, dtype=DTYPE, repeats=self.REPEATS)
-                nbytes = fb.moved_bytes(rule, shapes, coupled, np.dtype(DTYPE).itemsize)
-                step = _fisheropt_stepper(rule, "numba", shapes, coupled, check_finite=False)
-                t = fb.median_time(step, self.REPEATS)
-                del step
-                gc.collect()
-                torch_t = None
-                try:
-                    tstep = _torch_stepper(rule, shapes)
-                    torch_t = fb.median_time(tstep, self.REPEATS)
-                    del tstep
-                    gc.collect()
-                except NotImplementedError:
-                    pass
-                gbs = nbytes / t / 1e9
+                rows = fb.measure_problem(rule, fb.parse_size(size), ["numba"], DTYPE, self.REPEATS)
+                row = next((r for r in rows if r["backend"] == "numba"), None)
+                if row is None:
+                    continue
                 results[(rule, size)] = {
-                    "gbs": gbs,
-                    "ratio": gbs / ceilings[n],
-                    "torch": (torch_t / t) if torch_t else float("nan"),
+                    "gbs": row["gbs"],
+                    "ratio": row["ratio_to_ceiling"] if row["ratio_to_ceiling"] is not None else float("nan"),
+                    "torch": row["torch_speed_ratio"] if row["torch_speed_ratio"] is not None else float("nan"),
                 }
         return results
 
+    def _get(self, results, rule, size, key):
+        if (rule, size) not in results:
+            raise NotImplementedError("numba backend unavailable")
+        return results[(rule, size)][key]
+
     def track_gbs(self, results, rule, size):
-        return results[(rule, size)]["gbs"]
+        return self._get(results, rule, size, "gbs")
     track_gbs.unit = "GB/s"
 
     def track_ratio_to_ceiling(self, results, rule, size):
-        return results[(rule, size)]["ratio"]
+        return self._get(results, rule, size, "ratio")
     track_ratio_to_ceiling.unit = "fraction of a += s*b"
 
     def track_speed_ratio_vs_torch(self, results, rule, size):
-        return results[(rule, size)]["torch"]
+        return self._get(results, rule, size, "torch")
     track_speed_ratio_vs_torch.unit = "torch time / numba time"

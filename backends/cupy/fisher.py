@@ -11,7 +11,7 @@ Same signatures as fisheropt.refimpl.fisher_ngd; arrays are cupy.ndarray.
   d = G^T a by cuBLAS gemv in G's dtype.
 """
 import cupy
-from cupyx.scipy.linalg import solve_triangular
+
 from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK, check_gram
 
 __all__ = ["fisher_gram", "fisher_sample_space_direction"]
@@ -39,6 +39,9 @@ def _solve_damped_gram(K, rhs, damping):
     try:
         L = cupy.linalg.cholesky(Kd)
         if bool(cupy.isfinite(L).all()):
+            # Imported here: cupyx.scipy.linalg loads cuBLAS/cuSOLVER at import time, and a
+            # missing CUDA library must not make the whole backend unimportable.
+            from cupyx.scipy.linalg import solve_triangular
             y = solve_triangular(L, rhs, lower=True)
             x = solve_triangular(L.T, y, lower=False)
             if bool(cupy.isfinite(x).all()):
