@@ -181,9 +181,7 @@ def _check_damping(damping, *, allow_zero=False):
 # ---- per-sample quantities ---------------------------------------------------------
 def per_sample_grads(J, probs, labels):
     """G (N, P): g_n = J_n^T (p_n - e_{y_n}), in J's dtype."""
-    _check_J(J, host_only=True)
-    _check_probs(probs, J.shape[0], host_only=True)
-    _check_J(J, probs)
+    _check_J_probs(J, probs)
     _int_array(labels, "labels", 1, probs.shape[1], host_only=True)
     if labels.shape[0] != J.shape[0]:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but J has N={J.shape[0]} samples")
@@ -209,11 +207,18 @@ def sample_labels(probs, n_samples=1, *, seed=None):
 
 
 # ---- dense estimators (P x P; small P only) --------------------------------------------
-def exact(J, probs):
-    """F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n, dense (P, P) in J's dtype."""
+def _check_J_probs(J, probs, labels_sampled=None):
+    """Host arrays J (N, C, P) and probs (N, C) that fit together; labels (K, N) if given."""
     _check_J(J, host_only=True)
     _check_probs(probs, J.shape[0], host_only=True)
     _check_J(J, probs)
+    if labels_sampled is not None:
+        _check_labels_sampled(labels_sampled, J.shape[0], J.shape[1], host_only=True)
+
+
+def exact(J, probs):
+    """F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n, dense (P, P) in J's dtype."""
+    _check_J_probs(J, probs)
     return _exact.exact(J, probs)
 
 
@@ -225,10 +230,7 @@ def empirical(G):
 
 def sampled(J, probs, labels_sampled):
     """SF = (1/K) sum_{k,n} ĝ_kn ĝ_kn^T with labels_sampled (K, N), dense (P, P)."""
-    _check_J(J, host_only=True)
-    _check_probs(probs, J.shape[0], host_only=True)
-    _check_J(J, probs)
-    _check_labels_sampled(labels_sampled, J.shape[0], J.shape[1], host_only=True)
+    _check_J_probs(J, probs, labels_sampled)
     return _sampled.sampled(J, probs.astype(J.dtype), labels_sampled)
 
 
@@ -242,9 +244,7 @@ def improved_empirical(G, s):
 # ---- matrix-free operators --------------------------------------------------------
 def exact_operator(J, probs, damping=0.0):
     """scipy LinearOperator v -> (F + damping I) v, float64, nothing P x P stored."""
-    _check_J(J, host_only=True)
-    _check_probs(probs, J.shape[0], host_only=True)
-    _check_J(J, probs)
+    _check_J_probs(J, probs)
     return _ops.exact_operator(J, probs, _check_damping(damping, allow_zero=True))
 
 
@@ -256,10 +256,7 @@ def empirical_operator(G, damping=0.0):
 
 def sampled_operator(J, probs, labels_sampled, damping=0.0):
     """LinearOperator v -> (Ĝ^T Ĝ + damping I) v."""
-    _check_J(J, host_only=True)
-    _check_probs(probs, J.shape[0], host_only=True)
-    _check_J(J, probs)
-    _check_labels_sampled(labels_sampled, J.shape[0], J.shape[1], host_only=True)
+    _check_J_probs(J, probs, labels_sampled)
     return _ops.sampled_operator(J, probs.astype(J.dtype), labels_sampled,
                                  _check_damping(damping, allow_zero=True))
 
@@ -274,9 +271,7 @@ def improved_operator(G, s, damping=0.0):
 # ---- diagonals --------------------------------------------------------------------
 def diag_exact(J, probs):
     """diag F, (P,)."""
-    _check_J(J, host_only=True)
-    _check_probs(probs, J.shape[0], host_only=True)
-    _check_J(J, probs)
+    _check_J_probs(J, probs)
     return _diag.diag_exact(J, probs)
 
 
@@ -288,10 +283,7 @@ def diag_empirical(G):
 
 def diag_sampled(J, probs, labels_sampled):
     """diag SF = (1/K) sum_{k,n} ĝ_kn^2, (P,)."""
-    _check_J(J, host_only=True)
-    _check_probs(probs, J.shape[0], host_only=True)
-    _check_J(J, probs)
-    _check_labels_sampled(labels_sampled, J.shape[0], J.shape[1], host_only=True)
+    _check_J_probs(J, probs, labels_sampled)
     return _diag.diag_sampled(J, probs.astype(J.dtype), labels_sampled)
 
 

@@ -370,23 +370,26 @@ def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, 
 # =============================================================================
 @njit(parallel=True, cache=True)
 def _coupled_kernel(a_th, a_g, a_m, a_vc, rows, cols, rtens, rstart, rstop, rfirst, poff, plen,
-                    utens, ustart, ustop, doff, ws,
+                    utens, ustart, ustop, doff, ws, itemsize,
                     b1, omb1, b2, omb2, bc2, eps, step_size, decay):
     nr = rtens.size
     ntens = rows.size
     part = np.zeros(plen, np.float64)
 
     # Pass 1: per row block, column sums of g² in float64 (rows in order within the block).
+    # (The partial row is addressed through a pointer: plain `part[o + j]` indexing keeps a
+    # negative-index check in the loop, which stops LLVM from vectorizing it.)
+    zero64 = np.float64(0.0)
+    part_addr = part.ctypes.data
     for c in prange(nr):
         t = rtens[c]
         d = cols[t]
-        g = as_pointer(a_g[t], b1)
-        o = poff[c]
+        acc = as_pointer(part_addr + 8 * poff[c], zero64)
         for r in range(rstart[c], rstop[c]):
-            base = r * d
+            row = as_pointer(a_g[t] + r * d * itemsize, b1)
             for j in range(d):
-                x = np.float64(g[base + j])
-                part[o + j] += x * x
+                x = np.float64(row[j])
+                acc[j] += x * x
 
     # Per tensor and column: mean over the V rows (blocks combined in order), v̄ update, denominator.
     for t in prange(ntens):
@@ -403,20 +406,20 @@ def _coupled_kernel(a_th, a_g, a_m, a_vc, rows, cols, rtens, rstart, rstop, rfir
             ws[o + j] = np.sqrt(vj) / bc2 + eps
 
     # Pass 2: θ ← θ(1-lr·λ) - step_size · m/denom_j with m ← β₁m + (1-β₁)g.
+    ws_addr = ws.ctypes.data
     for c in prange(utens.size):
         t = utens[c]
         d = cols[t]
-        th = as_pointer(a_th[t], b1)
-        g = as_pointer(a_g[t], b1)
-        m = as_pointer(a_m[t], b1)
-        o = doff[t]
+        den = as_pointer(ws_addr + itemsize * doff[t], b1)
         for r in range(ustart[c], ustop[c]):
-            base = r * d
+            off = r * d * itemsize
+            th = as_pointer(a_th[t] + off, b1)
+            g = as_pointer(a_g[t] + off, b1)
+            m = as_pointer(a_m[t] + off, b1)
             for j in range(d):
-                i = base + j
-                mi = b1 * m[i] + omb1 * g[i]
-                m[i] = mi
-                th[i] = th[i] * decay - step_size * (mi / ws[o + j])
+                mi = b1 * m[j] + omb1 * g[j]
+                m[j] = mi
+                th[j] = th[j] * decay - step_size * (mi / den[j])
 
 
 def _build_coupled_plan(lists):
@@ -451,6 +454,6 @@ def coupled_adam_step(params, grads, m, v_col, *, step, lr, beta1, beta2, eps, w
         T = dt.type
         ws = np.empty(dlen, dtype=dt)
         _launch(_coupled_kernel, n, a_th, addresses(grads, idx), a_m, a_vc, rows, cols, rtens, rstart, rstop,
-                        rfirst, poff, plen, utens, ustart, ustop, doff, ws,
+                        rfirst, poff, plen, utens, ustart, ustop, doff, ws, dt.itemsize,
                         T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(bc2), T(eps),
                         T(step_size), T(1 - lr * weight_decay))
