@@ -132,19 +132,6 @@ def make_fisheropt(rule: str, backend: str, params, coupled, check_finite: bool)
     raise ValueError(rule)
 
 
-def time_fisheropt(rule, backend, shapes, coupled, dtype, repeats, rng):
-    """(ms/step without the finite check, ms/step with it)."""
-    params = random_arrays(shapes, dtype, rng)
-    grads = random_arrays(shapes, dtype, rng, scale=1e-3)
-    opt = make_fisheropt(rule, backend, params, coupled, check_finite=False)
-    t_plain = median_time(lambda: opt.step(grads), repeats)
-    opt.check_finite = True
-    t_check = median_time(lambda: opt.step(grads), repeats)
-    del opt, params, grads
-    gc.collect()
-    return t_plain * 1e3, t_check * 1e3
-
-
 def torch_baseline(rule):
     """(name, factory(list of torch params) -> optimizer) or None when not installed / no counterpart."""
     try:
@@ -162,22 +149,6 @@ def torch_baseline(rule):
             return None
         return ("pytorch_optimizer-fadam", lambda ps: FAdam(ps, lr=1e-3))
     return None
-
-
-def time_torch(factory, shapes, dtype, repeats, rng):
-    import torch
-    tdtype = torch.float32 if np.dtype(dtype) == np.float32 else torch.float64
-    params = []
-    for s in shapes:
-        p = torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=dtype)).to(tdtype).requires_grad_()
-        p.grad = torch.from_numpy(np.asarray(rng.standard_normal(s) * 1e-3, dtype=dtype)).to(tdtype)
-        params.append(p)
-    opt = factory(params)
-    with torch.no_grad():
-        t = median_time(opt.step, repeats)
-    del opt, params
-    gc.collect()
-    return t * 1e3
 
 
 # ---- the table ------------------------------------------------------------------
@@ -275,8 +246,6 @@ def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, 
             "ms_per_step_with_finite_check": med[name + "+finite"] * 1e3 if is_fo else None,
             "torch_speed_ratio": torch_s / t if (torch_s and is_fo) else None,
         })
-    del fns, opts, params, grads
-    gc.collect()
     return rows
 
 
@@ -312,6 +281,7 @@ def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselin
                 print(format_row(r), file=out)
                 out.flush()
                 rows.append(r)
+            gc.collect()  # free this problem's buffers before the next one
     print("GB/s = the rule's bytes per element (Adam/AdamW 7, FAdam 11, Coupled Adam 6 itemsizes) / time; "
           "ceil = GB/s of a += 0*b; vs torch = torch time / this time (> 1: fisheropt faster)", file=out)
     return rows

@@ -12,11 +12,15 @@ Tolerances (derived, not tuned):
   row-sequential), so the float64 sums differ by at most ~n·2^-53 relative
   (n ≤ ~10^4 elements here: ≤ ~1e-12). In float64 that perturbation flows
   linearly into ε_t, the clip scales and v̄, hence into m and θ: we allow
-  ``1e-12·t`` relative, normwise (atol = rtol·max|expected| of the tensor, for
-  elements near zero after cancellation θ - lr·u). In float32 the float64 scalars
+  ``1e-12`` relative per step (every step is checked from identical inputs, see
+  run_both; the class-level test runs 25 steps unsynchronised with ``1e-12·t``), normwise (atol = rtol·max|expected| of the tensor, for
+  elements near zero after cancellation θ - lr·u, with the scale taken as the
+  larger of the tensor's magnitude before and after the step: when the update
+  nearly cancels θ, e.g. FAdam's clipped decay θ - λα·c·θ/RMS(θ) with λαc ≈ RMS(θ),
+  the result is small but its error is relative to the operands). In float32 the float64 scalars
   are rounded to float32, so they differ by at most 1 ulp when they differ at
   all; each element then differs by a few float32 ulps per step: rtol
-  ``8·2^-24·t`` (≈ 4.8e-7·t), normwise as above. A real bug (a wrong or swapped
+  ``8·2^-24`` (≈ 4.8e-7) per step, normwise as above. A real bug (a wrong or swapped
   coefficient, a missing bias correction, a dropped tail element) moves values by
   far more than 1e-6 of the tensor's scale and fails.
 """
@@ -32,7 +36,7 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fisheropt as fo  # noqa: E402
@@ -68,7 +72,7 @@ def assert_exact(actual, expected, what):
         raise AssertionError(f"{what}: not bitwise equal at {bad}: {actual[ok][bad]} vs {expected[ok][bad]}")
 
 
-def assert_close(actual, expected, rtol, what):
+def assert_close(actual, expected, rtol, what, before=None):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
     assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaN positions differ"
     inf_e = np.isinf(expected)
@@ -80,6 +84,10 @@ def assert_close(actual, expected, rtol, what):
     e = expected[fin].astype(np.float64)
     a = actual[fin].astype(np.float64)
     scale = np.max(np.abs(e))
+    if before is not None and np.isfinite(before).any():
+        # x_new = x_old - u with u ~ |x_old|: the error is relative to the operands, not to a
+        # result that cancellation may have made tiny.
+        scale = max(scale, float(np.max(np.abs(before[np.isfinite(before)]).astype(np.float64))))
     err = np.abs(a - e)
     limit = rtol * np.abs(e) + rtol * scale
     if not np.all(err <= limit):
@@ -167,6 +175,7 @@ def run_both(fn_name, problem, hp, exact_state, *, coupled=False):
     names = ("params",) + (("m", "v_col") if coupled else ("m", "s2"))
     for t in range(1, steps + 1):
         grads = [make_tensor(rng, s, d, e, zero=z) for s, d, e, z in zip(shapes, dtypes, g_exp, zero_grads[t - 1])]
+        before = [[a.copy() for a in lst] for lst in [params_r] + state_r]
         getattr(nb, fn_name)(params, grads, *state, step=t, **hp)
         getattr(ref, fn_name)(params_r, grads, *state_r, step=t, **hp)
         for k, (got_list, exp_list) in enumerate(zip([params] + state, [params_r] + state_r)):
@@ -175,7 +184,14 @@ def run_both(fn_name, problem, hp, exact_state, *, coupled=False):
                 if exact_state[k]:
                     assert_exact(got, exp, what)
                 else:
-                    assert_close(got, exp, tol(exp.dtype, t), what)
+                    assert_close(got, exp, tol(exp.dtype, 1), what, before=before[k][i])
+        # Re-synchronise (a no-op for the bitwise-exact rules): each step is then checked from
+        # identical inputs. Without it an ill-conditioned trajectory (θ cancelled to near 0 by a
+        # clipped decay at step t, renormalised by RMS(θ) at step t+1) amplifies a last-bit
+        # difference of a float64 sum by the cancellation ratio, which says nothing about the step.
+        for got_list, exp_list in zip([params] + state, [params_r] + state_r):
+            for got, exp in zip(got_list, exp_list):
+                got[...] = exp
 
 
 # ---- interface -----------------------------------------------------------------
@@ -191,33 +207,28 @@ def test_signatures_match_reference(name):
 
 
 # ---- property tests against the reference ------------------------------------------
-@settings(max_examples=40)
 @given(problem=problems(), hp=adam_hp)
 def test_adam_matches_reference_bitwise(problem, hp):
     run_both("adam_step", problem, hp, exact_state=(True, True, True))
 
 
-@settings(max_examples=40)
 @given(problem=problems(), hp=adam_hp)
 def test_adamw_matches_reference_bitwise(problem, hp):
     run_both("adamw_step", problem, hp, exact_state=(True, True, True))
 
 
-@settings(max_examples=40)
 @given(problem=problems(), hp=fadam_hp)
 def test_fadam_matches_reference(problem, hp):
     # f is elementwise (exact); m and θ go through the float64 RMS reductions.
     run_both("fadam_step", problem, hp, exact_state=(False, False, True))
 
 
-@settings(max_examples=30)
 @given(problem=problems(coupled=True, max_tensors=4), hp=adam_hp)
 def test_coupled_adam_matches_reference(problem, hp):
     # m is elementwise (exact); v_col and θ go through the float64 column means.
     run_both("coupled_adam_step", problem, hp, exact_state=(False, True, False), coupled=True)
 
 
-@settings(max_examples=30)
 @given(shapes=st.lists(shapes_st, min_size=0, max_size=6),
        dtypes=st.lists(st.sampled_from([np.float32, np.float64]), min_size=6, max_size=6),
        poison=st.sampled_from([None, np.nan, np.inf, -np.inf]),
@@ -246,7 +257,8 @@ def test_all_finite_edge_cases():
             x[-1] = 1
             x[0] = bad
             assert not nb.all_finite([x])
-    # a non-contiguous view is still answered correctly (NumPy fallback)
+    # what the fused kernel does not read (lists, integers, non-contiguous views) is answered by NumPy
+    assert not nb.all_finite([[1.0, np.nan]]) and nb.all_finite([np.arange(3)])
     y = np.ones((4, 4))
     y[1, 1] = np.nan
     assert not nb.all_finite([y[:, 1::2]]) and nb.all_finite([y[::2, ::2]])

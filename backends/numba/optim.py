@@ -71,7 +71,7 @@ def clear_cache() -> None:
 @njit(parallel=True, cache=True)
 def _finite_kernel(addr, ctens, cstart, cstop, mask, limit):
     # Integer view of the floats: |x| bits >= the exponent-all-ones pattern <=> NaN or Inf.
-    # An unsigned max reduction vectorizes exactly (no float reassociation involved).
+    # An integer max reduction vectorizes exactly (no float reassociation involved).
     nch = ctens.size
     bad = np.zeros(nch, np.uint8)
     for c in prange(nch):
@@ -87,9 +87,11 @@ def _finite_kernel(addr, ctens, cstart, cstop, mask, limit):
     return True
 
 
+# (mask, limit) as *signed* integers: |x|'s bit pattern is non-negative, and a signed max
+# maps to one vector instruction (vpmaxsd) where an unsigned one may not.
 _FINITE_BITS = {
-    np.dtype(np.float32): (np.uint32(0x7FFFFFFF), np.uint32(0x7F800000)),
-    np.dtype(np.float64): (np.uint64(0x7FFFFFFFFFFFFFFF), np.uint64(0x7FF0000000000000)),
+    np.dtype(np.float32): (np.int32(0x7FFFFFFF), np.int32(0x7F800000)),
+    np.dtype(np.float64): (np.int64(0x7FFFFFFFFFFFFFFF), np.int64(0x7FF0000000000000)),
 }
 
 
@@ -112,7 +114,7 @@ def all_finite(arrays) -> bool:
     if not arrays:
         return True
     for a in arrays:
-        if a.dtype not in _FINITE_BITS or not a.flags.c_contiguous:
+        if not isinstance(a, np.ndarray) or a.dtype not in _FINITE_BITS or not a.flags.c_contiguous:
             # Not a layout the fused kernel reads: fall back to NumPy (never wrong).
             return all(bool(np.isfinite(x).all()) for x in arrays)
     plan = _finite_plan(tuple((a.dtype, a.size) for a in arrays))
