@@ -51,16 +51,37 @@ def check_grads(grads, params, what: str = "grads") -> list:
     if len(grads) != len(params):
         raise ValueError(f"got {len(grads)} {what} for {len(params)} params")
     for i, (g, p) in enumerate(zip(grads, params)):
-        check_float_array(g, f"{what}[{i}]")
-        if type(g) is not type(p):
-            raise TypeError(f"{what}[{i}] is a {type(g).__module__} array but params[{i}] is a "
-                            f"{type(p).__module__} array")
-        if g.shape != p.shape:
-            raise ValueError(f"{what}[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
-        if g.dtype != p.dtype:
-            raise TypeError(f"{what}[{i}] has dtype {g.dtype} but params[{i}] has dtype {p.dtype}; "
-                            "mixed dtypes are not supported")
+        # Fast path (a model has hundreds of tensors): params were fully checked at
+        # construction, so a grad of the same array type, dtype object and shape that is
+        # C-contiguous is valid. Anything else takes the detailed path, which names the problem.
+        if type(g) is type(p) and getattr(g, "dtype", None) is p.dtype and g.shape == p.shape \
+                and g.flags.c_contiguous:
+            continue
+        _explain_bad_grad(g, p, f"{what}[{i}]", f"params[{i}]")
     return grads
+
+
+def _explain_bad_grad(g, p, what: str, param_what: str) -> None:
+    check_float_array(g, what)
+    if type(g) is not type(p):
+        raise TypeError(f"{what} is a {type(g).__module__} array but {param_what} is a "
+                        f"{type(p).__module__} array")
+    if g.shape != p.shape:
+        raise ValueError(f"{what} has shape {tuple(g.shape)} but {param_what} has shape {tuple(p.shape)}")
+    if g.dtype != p.dtype:
+        raise TypeError(f"{what} has dtype {g.dtype} but {param_what} has dtype {p.dtype}; "
+                        "mixed dtypes are not supported")
+    # equal but not identical dtype objects (e.g. a non-native byte order): accepted
+
+
+def recheck_params(params) -> None:
+    """Re-check the flags of already-validated params before a step: a caller may have
+    made one read-only since construction, and a failed write halfway through a
+    multi-tensor step would leave the earlier tensors updated."""
+    for i, p in enumerate(params):
+        flags = p.flags
+        if not (flags.c_contiguous and getattr(flags, "writeable", True)):
+            check_float_array(p, f"params[{i}]", writeable=True)
 
 
 def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:

@@ -54,9 +54,7 @@ class Optimizer:
     def step(self, grads) -> None:
         """Apply one update with ``grads`` (aligned with params). Rejected input changes nothing."""
         grads = _checks.check_grads(grads, self.params)
-        # params are re-checked because a caller may have changed their flags since construction
-        for i, p in enumerate(self.params):
-            _checks.check_float_array(p, f"params[{i}]", writeable=True)
+        _checks.recheck_params(self.params)  # a caller may have made one read-only since
         if self.check_finite and not self.backend.all_finite(grads):
             bad = [i for i, g in enumerate(grads) if not self.backend.all_finite([g])]
             raise FloatingPointError(

@@ -1,6 +1,6 @@
 """GPU benchmarks of the cupy backend's update rules (skipped where no GPU is usable).
 
-The measurement helpers here are also used by scripts/gpu_validate.py, which
+The measurement helpers here are also used by asv_bench/gpu_validate.py, which
 prints the whole table (GB/s, ratio to an in-process device-to-device copy,
 ratio to torch.optim.AdamW(fused=True)) in one command.
 

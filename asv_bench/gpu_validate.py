@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Validate and benchmark the cupy backend on a GPU machine, in one command:
 
-    pip install -e ".[test,cupy]" && python scripts/gpu_validate.py
+    pip install -e ".[test,cupy]" && python asv_bench/gpu_validate.py
 
 (on an offline image that already has CuPy, PyTorch and pytest:
-``python3 -m pip install --no-deps --no-build-isolation -e . && python3 scripts/gpu_validate.py``)
+``python3 -m pip install --no-deps --no-build-isolation -e . && python3 asv_bench/gpu_validate.py``)
 
 1. prints the device and the versions in play;
 2. runs every GPU test (``pytest -m gpu tests``), then this backend's whole test file
