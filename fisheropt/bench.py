@@ -30,13 +30,16 @@ RULES = ("adam", "adamw", "fadam", "coupled_adam")
 DEFAULT_SIZES = ("2^16", "2^20", "2^25", "many")
 QUICK_SIZES = ("2^16", "2^20", "many")
 
-# Bytes moved per element, in units of the itemsize (float32: × 4).
+# Bytes moved per element by the numba schedules, in units of the itemsize (float32: × 4).
 #   Adam/AdamW: read θ,g,m,v, write θ,m,v                       = 7
-#   FAdam: pass 1 read g; pass 2 read g,f,θ write f; pass 3
-#          read g,f,θ,m write m,θ                                = 11
+#   FAdam: pass 1 read θ,g,f write f (and the three RMS sums);
+#          pass 2 read θ,g,m,f write θ,m                        = 10
+#          (tiny gradients, ε₂·RMS(g) < ε: 11, and 13 on the step they first turn tiny;
+#          see backends/numba/optim.py)
 #   Coupled Adam (coupled tensors): read g; read θ,g,m write θ,m = 6 (uncoupled tensors: AdamW, 7)
 #   all_finite: read g                                           = 1
-ITEMS_PER_ELEMENT = {"adam": 7, "adamw": 7, "fadam": 11, "coupled_adam": 6}
+# The numpy reference moves several times more; its GB/s use the same count, as a speed measure.
+ITEMS_PER_ELEMENT = {"adam": 7, "adamw": 7, "fadam": 10, "coupled_adam": 6}
 FINITE_ITEMS = 1
 
 # numpy reference rows above this many elements are skipped unless --numpy-large (too slow to be useful).
@@ -282,7 +285,7 @@ def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselin
                 out.flush()
                 rows.append(r)
             gc.collect()  # free this problem's buffers before the next one
-    print("GB/s = the rule's bytes per element (Adam/AdamW 7, FAdam 11, Coupled Adam 6 itemsizes) / time; "
+    print("GB/s = the rule's bytes per element (Adam/AdamW 7, FAdam 10, Coupled Adam 6 itemsizes) / time; "
           "ceil = GB/s of a += 0*b; vs torch = torch time / this time (> 1: fisheropt faster)", file=out)
     return rows
 

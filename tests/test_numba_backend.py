@@ -304,6 +304,41 @@ def test_bitwise_identical_for_any_thread_count(rule, dtype):
         assert np.array_equal(a.reshape(-1).view(np.uint8), c.reshape(-1).view(np.uint8))
 
 
+@pytest.mark.parametrize("p", [0.5, 0.7])
+def test_fadam_schedule_never_changes_the_bits(p):
+    """The numba FAdam guesses ε_t = ε^{2p} and, for tensors whose guess failed on the
+    last step, defers to three passes (a hint kept in the plan). Every schedule must
+    give the same bits: run the same steps with the hint kept, and with the plan
+    dropped before each step (no hint: guess, then recompute where it failed)."""
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, eps2=0.01, clip=0.5, p=p, weight_decay=0.1)
+    shapes = [(70_001,), (300, 700), (129,), (), (64,)]
+    dtypes = [np.float32, np.float64, np.float32, np.float32, np.float64]
+    # Gradient exponent per step and tensor: -12 makes RMS(g) < ε/ε₂, so ε_t is not the
+    # guess; the sequence visits guess-holds, guess-fails, deferred-then-tiny and
+    # deferred-then-normal for each tensor.
+    exponents = [[-2, -12, -2, -12, 0], [-12, -12, -2, -12, -2], [-12, -2, -12, -2, -12],
+                 [-2, -2, -12, -12, -12], [-12, -12, -12, -2, -2]]
+    runs, deferred_seen = [], []
+    for keep_hint in (True, False):
+        rng = np.random.default_rng(3)
+        params = [make_tensor(rng, s, d, 0) for s, d in zip(shapes, dtypes)]
+        m = [np.zeros_like(x) for x in params]
+        f = [np.zeros_like(x) for x in params]
+        seen = False
+        for t, exps in enumerate(exponents, start=1):
+            grads = [make_tensor(rng, s, d, e) for s, d, e in zip(shapes, dtypes, exps)]
+            if not keep_hint:
+                nb_optim.clear_cache()
+            nb.fadam_step(params, grads, m, f, step=t, **hp)
+            plan = nb_optim._plans.get("fadam", (params, m, f), nb_optim._build_fadam_plan)
+            seen |= any(entry[-1].any() for entry in plan)
+        runs.append(params + m + f)
+        deferred_seen.append(seen)
+    assert deferred_seen[0], "the deferred schedule was never exercised"
+    for a, b in zip(*runs):
+        assert_exact(a, b, "kept hint vs no hint")
+
+
 # ---- the optimizer classes -------------------------------------------------------
 def randn(rng, shape, dtype):
     return np.asarray(rng.standard_normal(shape), dtype=dtype)  # a 0-d array for shape (), not a scalar

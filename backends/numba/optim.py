@@ -18,8 +18,9 @@ Each step is one call into one parallel kernel per dtype present in the lists
 :mod:`._core` for the chunk tables and the plan cache.
 
 Bytes moved per element (float32): Adam/AdamW 28 (read θ,g,m,v; write θ,m,v);
-FAdam 44 in three passes (g | g,f,θ → f | g,f,θ,m → m,θ); Coupled Adam 24
-(g | θ,g,m → θ,m); all_finite 4.
+FAdam 40 in two passes (g,f,θ → f | g,f,θ,m → m,θ), or 44 in three for a tensor
+with a tiny gradient (see the FAdam section); Coupled Adam 24 (g | θ,g,m → θ,m);
+all_finite 4.
 """
 
 import math
@@ -208,9 +209,90 @@ def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay
 # =============================================================================
 # FAdam
 # =============================================================================
+# ε_t needs RMS(g) of the whole tensor before ḡ = g/(f^p + ε_t) can be formed, so a
+# plain step takes three passes (Σg² | f, Σḡ², Σw̄² | m, θ): 44 B per float32
+# element. But ε_t = min(ε, ε₂·RMS(g))^{2p} is the constant ε^{2p} unless the
+# gradient is tiny (RMS(g) < ε/ε₂: 1e-6 at the defaults). So pass 1 *guesses*
+# ε_t = ε^{2p} and computes f, Σg², Σḡ² and Σw̄² in one sweep (16 B), and the step
+# takes two passes: 40 B. A tensor whose true ε_t, rounded to its dtype, is not the
+# guess has its Σḡ² and Σw̄² recomputed from the new f (12 B more); the plan then
+# remembers it ("defer"), and on its next step pass 1 only sums g² for it (the
+# three-pass 44 B schedule) until its guess holds again.
+#
+# Every schedule evaluates the same block function with the same ε_t on the same
+# values, so the sums, and hence the results, are the same bits whichever one ran
+# (tested): the guess and the hint change the speed, never the numbers.
+@njit(cache=True, inline="always")
+def _fadam_sums(th, g, f, s, e, et, b2h, omb2h, p_t, use_sqrt, update_f, qd, qg, qw):
+    """Over elements [s, e) of one tensor: (Σg², Σḡ², Σw̄²) in float64, ḡ = g/d and
+    w̄ = θ/d with d = f^p + et; with ``update_f``, first f ← β̂₂ f + (1-β̂₂) g² (stored).
+
+    Fixed order: LANES float64 accumulators over whole blocks, then the tail into a
+    scalar, then the lanes added in order (the same structure as :func:`_sumsq`).
+    The elementwise work runs on blocks of LANES values in the parameter dtype
+    (qd, qg, qw: scratch) in short loops with their branches outside, apart from
+    the float64 sums, so that LLVM vectorizes it at the full width of the dtype
+    (inlined, so that ``update_f`` is a constant at each call site)."""
+    acc1 = np.zeros(LANES, np.float64)
+    accg = np.zeros(LANES, np.float64)
+    accw = np.zeros(LANES, np.float64)
+    i = s
+    while i + LANES <= e:
+        if update_f:
+            for j in range(LANES):
+                gi = g[i + j]
+                fi = b2h * f[i + j] + omb2h * (gi * gi)
+                f[i + j] = fi
+                qd[j] = fi
+        else:
+            for j in range(LANES):
+                qd[j] = f[i + j]
+        if use_sqrt:
+            for j in range(LANES):
+                d = np.sqrt(qd[j]) + et
+                qg[j] = g[i + j] / d
+                qw[j] = th[i + j] / d
+        else:
+            for j in range(LANES):
+                d = qd[j] ** p_t + et
+                qg[j] = g[i + j] / d
+                qw[j] = th[i + j] / d
+        for j in range(LANES):
+            x = np.float64(g[i + j])
+            y = np.float64(qg[j])
+            z = np.float64(qw[j])
+            acc1[j] += x * x
+            accg[j] += y * y
+            accw[j] += z * z
+        i += LANES
+    s1 = 0.0
+    sg = 0.0
+    sw = 0.0
+    while i < e:
+        gi = g[i]
+        if update_f:
+            fi = b2h * f[i] + omb2h * (gi * gi)
+            f[i] = fi
+        else:
+            fi = f[i]
+        d = (np.sqrt(fi) if use_sqrt else fi ** p_t) + et
+        x = np.float64(gi)
+        y = np.float64(gi / d)
+        z = np.float64(th[i] / d)
+        s1 += x * x
+        sg += y * y
+        sw += z * z
+        i += 1
+    for j in range(LANES):
+        s1 += acc1[j]
+        sg += accg[j]
+        sw += accw[j]
+    return s1, sg, sw
+
+
 @njit(cache=True)
 def _sumsq(p, s, e):
-    """Σ x² over p[s:e] in float64: 64 lanes (vectorizable without reassociation), fixed order."""
+    """Σ x² over p[s:e] in float64, in exactly the order :func:`_fadam_sums` sums g²."""
     acc = np.zeros(LANES, np.float64)
     i = s
     while i + LANES <= e:
@@ -237,18 +319,36 @@ def _rms(total, n):
 
 
 @njit(parallel=True, cache=True)
-def _fadam_kernel(a_th, a_g, a_m, a_f, sizes, ctens, cstart, cstop, first, ws,
+def _fadam_kernel(a_th, a_g, a_m, a_f, sizes, ctens, cstart, cstop, first, ws, defer,
                   b1, omb1, b2h, omb2h, lr, wd, p_t, use_sqrt, eps, eps2, two_p, clip, tiny):
+    # ws (parameter dtype): ε_t per tensor, the two clip scales per tensor, then the guess.
+    # defer (uint8 per tensor, kept in the plan): 1 = the guess failed on the last step.
     nch = ctens.size
     ntens = sizes.size
-    part = np.zeros(2 * nch, np.float64)
+    part = np.zeros(3 * nch, np.float64)   # per chunk: Σg², Σḡ², Σw̄²
+    resum = np.zeros(ntens, np.uint8)      # 1: Σḡ², Σw̄² still to be (re)computed
+    guess = ws[3 * ntens:]
+    guess[0] = eps ** two_p                # ε^{2p}, rounded to the parameter dtype
+    if guess[0] < tiny:
+        guess[0] = tiny
 
-    # Pass 1: Σ g² per chunk.
+    # Pass 1: f and all three sums with the guessed ε_t; Σg² alone for deferred tensors.
     for c in prange(nch):
-        part[c] = _sumsq(as_pointer(a_g[ctens[c]], b1), cstart[c], cstop[c])
+        t = ctens[c]
+        g = as_pointer(a_g[t], b1)
+        if defer[t] != 0:
+            part[c] = _sumsq(g, cstart[c], cstop[c])
+        else:
+            qd = np.empty(LANES, ws.dtype)
+            qg = np.empty(LANES, ws.dtype)
+            qw = np.empty(LANES, ws.dtype)
+            part[c], part[nch + c], part[2 * nch + c] = _fadam_sums(
+                as_pointer(a_th[t], b1), g, as_pointer(a_f[t], b1), cstart[c], cstop[c],
+                guess[0], b2h, omb2h, p_t, use_sqrt, True, qd, qg, qw)
 
     # Per tensor (chunk order): ε_t = min(ε, ε₂·RMS(g))^{2p} in float64, rounded to the
     # parameter dtype; ε^{2p} where that is 0; then at least the dtype's smallest normal.
+    any_resum = False
     for t in range(ntens):
         s = 0.0
         for c in range(first[t], first[t + 1]):
@@ -259,75 +359,36 @@ def _fadam_kernel(a_th, a_g, a_m, a_f, sizes, ctens, cstart, cstop, first, ws,
             ws[t] = eps ** two_p
         if ws[t] < tiny:
             ws[t] = tiny
+        if defer[t] != 0 or ws[t] != guess[0]:
+            resum[t] = 1
+            any_resum = True
 
-    # Pass 2: f ← β̂₂ f + (1-β̂₂) g²; Σ ḡ² and Σ w̄² per chunk with ḡ = g/(f^p+ε_t), w̄ = θ/(f^p+ε_t).
-    for c in prange(nch):
-        t = ctens[c]
-        th = as_pointer(a_th[t], b1)
-        g = as_pointer(a_g[t], b1)
-        f = as_pointer(a_f[t], b1)
-        et = ws[t]
-        s0 = cstart[c]
-        e0 = cstop[c]
-        accg = np.zeros(LANES, np.float64)
-        accw = np.zeros(LANES, np.float64)
-        i = s0
-        while i + LANES <= e0:
-            if use_sqrt:
-                for j in range(LANES):
-                    gi = g[i + j]
-                    fi = b2h * f[i + j] + omb2h * (gi * gi)
-                    f[i + j] = fi
-                    d = np.sqrt(fi) + et
-                    gb = np.float64(gi / d)
-                    wb = np.float64(th[i + j] / d)
-                    accg[j] += gb * gb
-                    accw[j] += wb * wb
-            else:
-                for j in range(LANES):
-                    gi = g[i + j]
-                    fi = b2h * f[i + j] + omb2h * (gi * gi)
-                    f[i + j] = fi
-                    d = fi ** p_t + et
-                    gb = np.float64(gi / d)
-                    wb = np.float64(th[i + j] / d)
-                    accg[j] += gb * gb
-                    accw[j] += wb * wb
-            i += LANES
-        sg = 0.0
-        sw = 0.0
-        while i < e0:
-            gi = g[i]
-            fi = b2h * f[i] + omb2h * (gi * gi)
-            f[i] = fi
-            if use_sqrt:
-                d = np.sqrt(fi) + et
-            else:
-                d = fi ** p_t + et
-            gb = np.float64(gi / d)
-            wb = np.float64(th[i] / d)
-            sg += gb * gb
-            sw += wb * wb
-            i += 1
-        for j in range(LANES):
-            sg += accg[j]
-            sw += accw[j]
-        part[c] = sg
-        part[nch + c] = sw
+    # Pass 1b: Σḡ², Σw̄² with the true ε_t (deferred tensors update f here).
+    if any_resum:
+        for c in prange(nch):
+            t = ctens[c]
+            if resum[t] != 0:
+                qd = np.empty(LANES, ws.dtype)
+                qg = np.empty(LANES, ws.dtype)
+                qw = np.empty(LANES, ws.dtype)
+                _s1, part[nch + c], part[2 * nch + c] = _fadam_sums(
+                    as_pointer(a_th[t], b1), as_pointer(a_g[t], b1), as_pointer(a_f[t], b1),
+                    cstart[c], cstop[c], ws[t], b2h, omb2h, p_t, use_sqrt, defer[t] != 0, qd, qg, qw)
 
-    # Per tensor: clip scales max(1, RMS/c), rounded to the parameter dtype.
+    # Per tensor: clip scales max(1, RMS/c), rounded to the parameter dtype; the hint.
     for t in range(ntens):
         sg = 0.0
         sw = 0.0
         for c in range(first[t], first[t + 1]):
-            sg += part[c]
-            sw += part[nch + c]
+            sg += part[nch + c]
+            sw += part[2 * nch + c]
         y = _rms(sg, sizes[t]) / clip
         ws[ntens + t] = y if y > 1.0 else 1.0
         y = _rms(sw, sizes[t]) / clip
         ws[2 * ntens + t] = y if y > 1.0 else 1.0
+        defer[t] = 1 if ws[t] != guess[0] else 0
 
-    # Pass 3: m ← β₁m + (1-β₁)ḡ/clip_g;  θ ← θ - lr (m + λ w̄/clip_w).
+    # Pass 2: m ← β₁m + (1-β₁)ḡ/clip_g;  θ ← θ - lr (m + λ w̄/clip_w).
     for c in prange(nch):
         t = ctens[c]
         th = as_pointer(a_th[t], b1)
@@ -353,18 +414,23 @@ def _fadam_kernel(a_th, a_g, a_m, a_f, sizes, ctens, cstart, cstop, first, ws,
                 th[i] = ti - lr * (mi + wd * ((ti / d) / cw))
 
 
+def _build_fadam_plan(lists):
+    # The flat plan plus, per dtype group, the "defer" hint (see above), all 0 to start.
+    return [entry + (np.zeros(len(entry[1]), dtype=np.uint8),) for entry in _build_flat_plan(lists)]
+
+
 def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """Multi-tensor, in place: the backend interface for FAdam."""
     if not params:
         return
-    plan = _plans.get("fadam", (params, m, f), _build_flat_plan)
+    plan = _plans.get("fadam", (params, m, f), _build_fadam_plan)
     beta2_hat = beta2 * (1 - beta2 ** (step - 1)) / (1 - beta2**step)
-    for dt, idx, (a_th, a_m, a_f), tens, start, stop, first, sizes, n in plan:
+    for dt, idx, (a_th, a_m, a_f), tens, start, stop, first, sizes, n, defer in plan:
         T = dt.type
-        ws = np.empty(3 * len(idx), dtype=dt)
-        _launch(_fadam_kernel, n, a_th, addresses(grads, idx), a_m, a_f, sizes, tens, start, stop, first, ws,
-                      T(beta1), T(1 - beta1), T(beta2_hat), T(1 - beta2_hat), T(lr), T(weight_decay),
-                      T(p), p == 0.5, float(eps), float(eps2), float(2 * p), float(clip), np.finfo(dt).tiny)
+        ws = np.empty(3 * len(idx) + 1, dtype=dt)
+        _launch(_fadam_kernel, n, a_th, addresses(grads, idx), a_m, a_f, sizes, tens, start, stop, first,
+                ws, defer, T(beta1), T(1 - beta1), T(beta2_hat), T(1 - beta2_hat), T(lr), T(weight_decay),
+                T(p), p == 0.5, float(eps), float(eps2), float(2 * p), float(clip), np.finfo(dt).tiny)
 
 
 # =============================================================================
