@@ -80,10 +80,14 @@ def condition_number(E) -> float:
     r"""\kappa(E) = \sigma_{\max}(E) / \sigma_{\min}(E), from the singular values of E.
 
     \sigma_{\min} is the smallest of the min(V, d) singular values; the result
-    is ``inf`` when E is rank deficient (\sigma_{\min} = 0)."""
+    is ``inf`` when E is rank deficient: \sigma_{\min} \le \max(V, d)\,\epsilon\,\sigma_{\max}
+    (the rank tolerance of ``numpy.linalg.matrix_rank``). An exactly singular matrix
+    rarely gives \sigma_{\min} = 0 in floating point, and whether it does depends on
+    the LAPACK build, so a plain ``> 0`` test would not be reproducible."""
     E = _as_matrix(E)
     s = np.linalg.svd(E, compute_uv=False)
-    return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
+    singular = s[-1] <= max(E.shape) * np.finfo(s.dtype).eps * s[0]
+    return float("inf") if singular else float(s[0] / s[-1])
 
 
 def embedding_report(E) -> dict:

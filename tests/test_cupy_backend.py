@@ -570,7 +570,12 @@ def _assert_agree(ref, got, *, exact, magnitude):
                 np.testing.assert_array_equal(g, w, err_msg=f"{what}[{i}]")
             else:
                 rtol, atol = TOL[w.dtype]
-                np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * magnitude, err_msg=f"{what}[{i}]")
+                # An entry that is a sum of cancelling terms (m after a few steps) carries the
+                # terms' rounding: a few ulp of the array's scale, not of the entry. pow() is not
+                # correctly rounded in any libm, so FAdam with p ∉ {0.5, 1} differs by an ulp there.
+                finite = np.abs(w[np.isfinite(w)])
+                atol = atol * magnitude + 8 * np.finfo(w.dtype).eps * (float(finite.max()) if finite.size else 0.0)
+                np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{what}[{i}]")
 
 
 

@@ -1,7 +1,6 @@
 """spec/vectors: valid against the schema, reproduced by the reference, passed by every backend."""
 import json
 
-import jsonschema
 import numpy as np
 import pytest
 
@@ -16,6 +15,7 @@ SUITES = sorted(vectors.SUITES)
 
 @pytest.mark.parametrize("suite", SUITES)
 def test_vector_file_matches_schema(suite):
+    jsonschema = pytest.importorskip("jsonschema")  # a test extra; absent on some GPU images
     data = vectors.load_suite(suite)
     jsonschema.validate(data, SCHEMA)
     assert data["suite"] == suite
@@ -32,8 +32,13 @@ def test_reference_still_generates_the_stored_vectors(suite):
     assert [c["name"] for c in fresh] == [c["name"] for c in stored], \
         "case list changed: regenerate with `python -m fisheropt.vectors`"
     for new, old in zip(fresh, stored):
-        for key in ("kind", "function", "tolerance", "inputs", "args", "hyperparams", "state_order"):
+        for key in ("kind", "function", "inputs", "args", "hyperparams", "state_order"):
             assert json.loads(json.dumps(new.get(key))) == old.get(key), f"{suite}/{old['name']}: {key} changed"
+        # Some tolerances scale with the peak of a float32 BLAS result, whose last bits move
+        # with the BLAS build: a change in the fourth digit is drift, one in the eighth is not.
+        assert new["tolerance"].keys() == old["tolerance"].keys(), f"{suite}/{old['name']}: tolerance changed"
+        for k, value in old["tolerance"].items():
+            assert new["tolerance"][k] == pytest.approx(value, rel=1e-4), f"{suite}/{old['name']}: tolerance changed"
         assert vectors.compare(vectors.decode(new["expected"]), vectors.decode(old["expected"]),
                                old["tolerance"], old["name"]) == []
 
