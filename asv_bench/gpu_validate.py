@@ -139,6 +139,30 @@ def benchmarks(cupy, quick: bool) -> tuple[list[dict], float]:
     return rows, copy
 
 
+def fisher_bench(cupy, quick: bool) -> list[dict]:
+    """iEF direction (Gram + float64 solve + G^T a) against the G @ G.T product alone, float32."""
+    import fisheropt as fo
+    out = []
+    reps = 5 if quick else 20
+    for N, P in [(128, 2**20), (128, 2**24)]:
+        rng = cupy.random.default_rng(0)
+        G = rng.standard_normal((N, P), dtype=cupy.float32)
+        s = rng.random(N, dtype=cupy.float64) + 0.1
+        gram_ms = B.gpu_time_ms(lambda: G @ G.T, reps=reps)
+        d_ms = B.gpu_time_ms(lambda: fo.fisher.ngd_direction("ief", G=G, s=s, damping=1e-3, backend="cupy"),
+                             reps=reps)
+        # the float64 reference of the same direction (on the device, in float64) for accuracy
+        G64 = G.astype(cupy.float64)
+        a = cupy.linalg.solve(G64 @ G64.T + 1e-3 * cupy.eye(N), s)
+        ref = G64.T @ a
+        d = fo.fisher.ngd_direction("ief", G=G, s=s, damping=1e-3, backend="cupy")
+        rel = float(cupy.linalg.norm(d.astype(cupy.float64) - ref) / cupy.linalg.norm(ref))
+        out.append({"N": N, "P": P, "gram_ms": gram_ms, "ief_ms": d_ms, "ratio": d_ms / gram_ms, "rel_err": rel})
+        del G, G64, ref, d, a
+        cupy.get_default_memory_pool().free_all_blocks()
+    return out
+
+
 def print_table(info, rows, copy):
     print(f"\nDevice: {info['device']} (sm_{info['compute_capability']}, {info['memory_GiB']} GiB), "
           f"CuPy {info['cupy']}, CUDA runtime {info['cuda_runtime']}, driver {info['cuda_driver']}, "
@@ -199,6 +223,12 @@ def main(argv=None) -> int:
             status = 1
         rows, copy = benchmarks(cupy, args.quick)
         report.update(copy_GBps=copy, rows=rows)
+        report["fisher"] = fisher_bench(cupy, args.quick)
+        print("\niEF direction vs G @ G.T alone (float32 G, cuBLAS + cuSOLVER):")
+        for r in report["fisher"]:
+            print(f"  N={r['N']} P=2^{r['P'].bit_length() - 1}: G@G.T {r['gram_ms']:.3f} ms, "
+                  f"iEF direction {r['ief_ms']:.3f} ms, ratio {r['ratio']:.2f}, "
+                  f"rel. error vs float64 {r['rel_err']:.2e}")
         print_table(info, rows, copy)
         report["targets"] = []
         print("\nTargets:")

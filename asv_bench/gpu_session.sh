@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU check as run on a lent, offline GPU machine (CuPy, PyTorch, pytest and
+# Hypothesis installed there; no network), from the repository root:
+#
+#   python3 -m pip wheel --no-deps -w .whl .        # here, on a machine with the network
+#   bash asv_bench/gpu_session.sh                    # there; logs and JSON go to $OUT
+#
+# Installs this checkout's wheel into a private folder (no build there; PYTHONSAFEPATH keeps
+# the repository's top-level fisheropt/ folder from shadowing the installed package), runs
+# every GPU-marked test, then asv_bench/gpu_validate.py's benchmarks.
+set -u
+OUT=${OUT:-/tmp/fisheropt-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
+    --format=csv || true
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fo-site .whl/fisheropt-*.whl || exit 3
+export PYTHONPATH=/tmp/fo-site PYTHONSAFEPATH=1
+python3 -c "import fisheropt as fo; print('available:', fo.backends.available(), 'unavailable:', fo.backends.unavailable())"
+python3 -m pytest -m gpu tests -q -rs -p no:cacheprovider --timeout 120 --continue-on-collection-errors \
+    ${FO_PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
+echo "pytest exit: ${PIPESTATUS[0]}"
+timeout "${FO_BENCH_TIMEOUT:-300}" python3 asv_bench/gpu_validate.py --no-tests ${FO_BENCH_ARGS:---quick} \
+    --json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
+echo "bench exit: ${PIPESTATUS[0]}"
