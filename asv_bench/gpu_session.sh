@@ -17,7 +17,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,tem
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fo-site .whl/fisheropt-*.whl || exit 3
 export PYTHONPATH=/tmp/fo-site PYTHONSAFEPATH=1
 python3 -c "import fisheropt as fo; print('available:', fo.backends.available(), 'unavailable:', fo.backends.unavailable())"
-python3 -m pytest -m gpu tests -q -rs -p no:cacheprovider --timeout 120 --continue-on-collection-errors \
+# a hung kernel must not eat the lease: a per-test limit where pytest-timeout is installed
+timeout_arg=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
+python3 -m pytest -m gpu tests -q -rs -p no:cacheprovider $timeout_arg --continue-on-collection-errors \
     ${FO_PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
 echo "pytest exit: ${PIPESTATUS[0]}"
 timeout "${FO_BENCH_TIMEOUT:-300}" python3 asv_bench/gpu_validate.py --no-tests ${FO_BENCH_ARGS:---quick} \
