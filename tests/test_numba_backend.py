@@ -7,6 +7,10 @@ Tolerances (derived, not tuned):
   way; no fastmath, so no FMA contraction or reassociation): results must be
   **bitwise equal** in float32 and float64, NaN/Inf included. Likewise FAdam's
   Fisher EMA f and Coupled Adam's m (elementwise only).
+* FAdam's backend multiplies by r = 1/(f^p + ε_t) and by 1/s_g, 1/s_w where the
+  reference divides (spec/fadam.md allows it): ḡ and w̄ carry up to two extra
+  roundings (≤ ~2 ulp), which reach m and θ scaled by 1 - β₁ and αλ, well inside
+  the per-step budget below.
 * FAdam (RMS(g), RMS(ḡ), RMS(w̄)) and Coupled Adam (column means of g²) reduce in
   float64; the backend sums in a fixed chunked/64-lane order, NumPy pairwise (or
   row-sequential), so the float64 sums differ by at most ~n·2^-53 relative
