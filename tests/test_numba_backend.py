@@ -343,6 +343,31 @@ def test_fadam_schedule_never_changes_the_bits(p):
         assert_exact(a, b, "kept hint vs no hint")
 
 
+def test_fma64_is_fused_and_changes_nothing_for_float32_squares():
+    """FAdam's sums accumulate acc ← fma64(x, x, acc). It must be a real fused
+    multiply-add (one rounding); and for x from float32 data, x·x is exact in float64,
+    so it must give exactly acc + x·x (the claim that fma left float32 results alone)."""
+    from fisheropt.backends.numba._core import fma64
+
+    @numba.njit
+    def fused(a, b, c):
+        out = np.empty_like(a)
+        for i in range(a.size):
+            out[i] = fma64(a[i], b[i], c[i])
+        return out
+
+    a = np.array([1.0 + 2.0**-30])
+    c = np.array([-(1.0 + 2.0**-29)])
+    assert (a * a + c)[0] == 0.0              # unfused: a² rounds to 1 + 2^-29
+    assert fused(a, a, c)[0] == 2.0**-60      # fused: the exact residual
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(100_000) * 10.0 ** rng.integers(-40, 38, 100_000)).astype(np.float32)
+    x = np.where(np.isfinite(x), x, 1.0).astype(np.float64)
+    acc = rng.standard_normal(x.size) * 10.0 ** rng.integers(-80, 76, x.size)
+    assert np.array_equal(fused(x, x, acc), acc + x * x)
+
+
 # ---- the optimizer classes -------------------------------------------------------
 def randn(rng, shape, dtype):
     return np.asarray(rng.standard_normal(shape), dtype=dtype)  # a 0-d array for shape (), not a scalar

@@ -51,6 +51,24 @@ def as_pointer(typingctx, address, like):
     return sig, codegen
 
 
+@intrinsic
+def fma64(typingctx, a, b, c):
+    """``fma64(a, b, c)``: a·b + c in float64 with a single rounding (``llvm.fma``).
+
+    For the float64 reductions only, whose order of accumulation the spec leaves
+    free: ``acc = fma64(x, x, acc)`` is one vector instruction where ``acc + x*x``
+    is two (numba never contracts on its own, which keeps the elementwise
+    arithmetic identical to the reference)."""
+    if not all(isinstance(x, types.Float) for x in (a, b, c)):
+        return None
+    sig = types.float64(types.float64, types.float64, types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return sig, codegen
+
+
 def address(a: np.ndarray) -> int:
     """Base address of a (C-contiguous) NumPy array."""
     return a.__array_interface__["data"][0]
