@@ -234,10 +234,10 @@ def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay
 # once and multiply (g·r, θ·r, then by 1/s_g and 1/s_w): one division per element
 # per pass instead of 2 and 4 (spec/fadam.md allows this rewrite). Pass 1 is one
 # loop body per element (see _fadam_sums), which lets the core overlap that work with
-# the memory stream, and sums its squares with fma. Measured in one process against
-# the kernel before these changes: 1.2x on 2^20 elements (in cache), 1.35x on 2^25
-# (the fma alone: pass 1 on 2^25 in 15.6 instead of 17.8 ms; pass 2 now runs at the
-# speed of a kernel that moves the same bytes with trivial arithmetic).
+# the memory stream. These two gave 1.2x on 2^20 elements (in cache) and 1.35x on
+# 2^25, measured in one process against the kernel before them; summing the squares
+# with fma then took pass 1 on 2^25 from 17.8 to 15.6 ms. Pass 2 now runs at the
+# speed of a kernel that moves the same bytes with trivial arithmetic.
 @njit(cache=True, inline="always")
 def _fadam_sums(th, g, f, s, e, et, b2h, omb2h, p_t, use_sqrt, update_f, one):
     """Over elements [s, e) of one tensor: (Σg², Σḡ², Σw̄²) in float64, ḡ = g·r and
