@@ -153,7 +153,8 @@ class Track:
     """GB/s, ratio to the ceiling, and speed ratio to PyTorch, all from one process.
 
     Uses ``fisheropt.bench.measure_problem``: numba, the PyTorch baseline and the
-    ceiling (``a += 0*b`` over the same params/grads) timed round-robin on the same buffers."""
+    ceiling (``a += 0*b`` over the same params, grads and optimizer state) timed round-robin
+    on the same buffers."""
     params = (RULES, ["2^25", "many"])
     param_names = ["rule", "size"]
     timeout = 1800

@@ -7,7 +7,7 @@ Measure it next to the kernel under test and report the ratio
 ``achieved GB/s / ceiling GB/s``; absolute GB/s on a shared machine mean little.
 
 Physical placement matters on some machines (VMs especially): the same kernel
-can stream 1.5x faster through one set of buffers than through another of the
+can stream 1.5-1.7x faster through one set of buffers than through another of the
 same size. :func:`ceiling_on` therefore runs the ceiling over the *same*
 arrays the kernel under test uses (``a += 0*b`` over lists of tensors, one
 fused call, the same chunking as the optimizer kernels), and
