@@ -308,7 +308,7 @@ def test_bitwise_identical_for_any_thread_count(rule, dtype):
         assert np.array_equal(a.reshape(-1).view(np.uint8), c.reshape(-1).view(np.uint8))
 
 
-@pytest.mark.parametrize("p", [0.5, 0.7])
+@pytest.mark.parametrize("p", [0.5, 0.7, 1.0])   # the three ways f^p is evaluated
 def test_fadam_schedule_never_changes_the_bits(p):
     """The numba FAdam guesses ε_t = ε^{2p} and, for tensors whose guess failed on the
     last step, defers to three passes (a hint kept in the plan). Every schedule must
