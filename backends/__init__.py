@@ -1,13 +1,15 @@
 """Backend registry: which implementations of the fisheropt interface can run here.
 
-Every backend is a module exposing the functions named in
+Every backend is a module exposing functions named in
 :data:`fisheropt.backends.interface.FUNCTIONS` with the reference's exact
 signatures, plus ``NAME`` (str), ``array_module`` (``numpy`` or ``cupy``) and
 ``owns(array) -> bool`` (does this backend operate on this kind of array).
 
 A backend that cannot load is never replaced silently: :func:`get` raises
 :class:`BackendUnavailable` with the reason, and :func:`unavailable` lists the
-reasons for all of them.
+reasons for all of them. A backend that loads but lacks a function (a rule it
+has no kernel for yet) is unusable for that function only: :func:`get` with
+``function=`` says so, and :func:`functions` lists what each backend has.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import importlib
 
 from .interface import FUNCTIONS, BackendUnavailable
 
-__all__ = ["available", "unavailable", "get", "select", "BackendUnavailable", "FUNCTIONS", "KNOWN"]
+__all__ = ["available", "unavailable", "get", "select", "functions", "BackendUnavailable", "FUNCTIONS", "KNOWN"]
 
 # name -> module path; order is the preference order of backend="auto" for host arrays.
 KNOWN = {
@@ -45,10 +47,6 @@ def _try_load(name: str):
     except ImportError as exc:
         _reasons[name] = f"import failed: {exc}"
         return None
-    missing = [f for f in FUNCTIONS if not callable(getattr(module, f, None))]
-    if missing:
-        _reasons[name] = f"incomplete backend, missing: {', '.join(missing)}"
-        return None
     _loaded[name] = module
     return module
 
@@ -64,23 +62,33 @@ def unavailable() -> dict[str, str]:
     return dict(_reasons)
 
 
-def get(name: str):
-    """The backend module called ``name``; a clear error if unknown or unusable."""
+def functions(name: str) -> tuple[str, ...]:
+    """The interface functions the backend ``name`` implements (empty if it cannot load)."""
+    module = _try_load(name) if name in KNOWN else None
+    return tuple(f for f in FUNCTIONS if module is not None and callable(getattr(module, f, None)))
+
+
+def get(name: str, function: str | None = None):
+    """The backend module called ``name``; a clear error if unknown or unusable
+    (for ``function``, when given)."""
     if not isinstance(name, str) or name not in KNOWN:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(KNOWN)}")
     module = _try_load(name)
     if module is None:
         raise BackendUnavailable(f"backend {name!r} is not usable here: {_reasons[name]}")
+    if function is not None and not callable(getattr(module, function, None)):
+        has = [n for n in KNOWN if function in functions(n)]
+        raise BackendUnavailable(f"backend {name!r} has no {function}; backends that have it: {', '.join(has)}")
     return module
 
 
-def select(name: str, arrays) -> object:
+def select(name: str, arrays, function: str | None = None) -> object:
     """Resolve ``name`` (a backend name or "auto") for the given arrays.
 
     "auto" picks the cupy backend when the arrays are CuPy arrays, otherwise
-    the fastest usable host backend (numba, then the numpy reference).
-    An explicit name is checked against the arrays: a host backend given
-    device arrays (or the reverse) is an error, never a silent copy.
+    the fastest usable host backend (numba, then the numpy reference) that
+    has ``function``. An explicit name is checked against the arrays: a host
+    backend given device arrays (or the reverse) is an error, never a silent copy.
     """
     arrays = list(arrays)
     on_device = [_is_cupy_array(a) for a in arrays]
@@ -89,13 +97,12 @@ def select(name: str, arrays) -> object:
     device = bool(on_device) and all(on_device)
     if name == "auto":
         if device:
-            return get("cupy")
+            return get("cupy", function)
         for candidate in _AUTO_PREFERENCE_HOST:
-            module = _try_load(candidate)
-            if module is not None:
-                return module
-        raise BackendUnavailable("no host backend is usable")  # unreachable: numpy always loads
-    module = get(name)
+            if function is None and _try_load(candidate) is not None or function in functions(candidate):
+                return _try_load(candidate)
+        raise BackendUnavailable(f"no host backend has {function}")  # the reference has every function
+    module = get(name, function)
     for a in arrays:
         if not module.owns(a):
             raise TypeError(

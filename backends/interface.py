@@ -16,8 +16,18 @@ Conventions shared by all step functions
   on the host and rounded to the parameter dtype. Global reductions (RMS,
   column means) are accumulated in float64.
 * The step functions do not validate: the optimizer classes in
-  fisheropt.optim check shapes, dtypes, flags, finiteness and hyperparameters
-  before any backend call, so a rejected step changes nothing.
+  fisheropt.optim check shapes, dtypes, flags, memory overlap, finiteness
+  and hyperparameters before any backend call, so a rejected step changes
+  nothing.
+* All or nothing: a step function allocates every temporary and converts
+  every argument before its first write (the reference computes every
+  tensor's new values, then writes them; the fused backends prepare every
+  kernel launch, then run them), so an exception such as MemoryError leaves
+  every array unchanged. The optimizer makes one backend call per step and
+  defers Ctrl-C while it runs (fisheropt._atomic).
+* ``coupled_adam_step`` takes ``coupled`` (one bool per tensor, or None for
+  all coupled): coupled tensors keep a per-column ``v`` of shape (d,), the
+  others are updated by AdamW in the same call.
 """
 from __future__ import annotations
 
@@ -26,15 +36,16 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for but cannot run here; the message says why."""
 
 
-# Functions every backend must provide (the registry refuses incomplete ones).
-# Later issues append to this tuple (Fisher directions, ESimCSE EMA).
-FUNCTIONS = (
-    "all_finite",
-    "adam_step",
-    "adamw_step",
-    "fadam_step",
-    "coupled_adam_step",
-    "ema_update",
-    "fisher_gram",
-    "fisher_sample_space_direction",
-)
+def _rule_functions() -> tuple[str, ...]:
+    from fisheropt.refimpl import RULES
+    return ("all_finite", *(rule.step_function for rule in RULES.values()))
+
+
+# The contract in families. A backend that lacks a function is unusable for that
+# function only (fisheropt.backends.get(name, function) says so), not refused whole.
+FAMILIES = {
+    "update rules": _rule_functions(),   # one <rule>_step per rule of the registry, and the pre-step check
+    "fisher": ("fisher_gram", "fisher_sample_space_direction"),
+    "workloads": ("ema_update",),         # ESimCSE's momentum-encoder update
+}
+FUNCTIONS = tuple(f for family in FAMILIES.values() for f in family)

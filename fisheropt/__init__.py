@@ -13,12 +13,16 @@ The math is in fisheropt.refimpl (NumPy reference) and spec/ (one page per rule)
 from . import backends
 from . import fisher
 from .backends import BackendUnavailable
-from .optim import Adam, AdamW, CoupledAdam, FAdam, Optimizer
+from .optim import CLASSES as _CLASSES
+from .optim import Optimizer
 from .state_io import load_state, save_state
 
 __version__ = "0.1.0"
 
+# One optimizer class per rule of the registry (fisheropt.refimpl.RULES): Adam, AdamW, FAdam, ...
+globals().update({cls.__name__: cls for cls in _CLASSES.values()})
+
 __all__ = [
-    "Adam", "AdamW", "FAdam", "CoupledAdam", "Optimizer",
+    *(cls.__name__ for cls in _CLASSES.values()), "Optimizer",
     "backends", "fisher", "BackendUnavailable", "save_state", "load_state", "__version__",
 ]

@@ -8,21 +8,57 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
+from ._memory import check_disjoint
+
 FLOAT_DTYPES = ("float32", "float64")
 
 
 def check_float_array(a, what: str, *, writeable: bool = False) -> None:
     """A float32/float64 C-contiguous array (NumPy or CuPy); writeable if asked."""
-    dtype = getattr(a, "dtype", None)
-    flags = getattr(a, "flags", None)
-    if dtype is None or flags is None or not hasattr(a, "shape"):
-        raise TypeError(f"{what} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if dtype.name not in FLOAT_DTYPES:
-        raise TypeError(f"{what} has dtype {dtype.name}; only float32 and float64 are supported")
+    check_array_type(a, what)
+    check_float_dtype(a.dtype, what)
+    flags = a.flags
     if not flags.c_contiguous:
         raise ValueError(f"{what} is not C-contiguous; pass a contiguous array (e.g. numpy.ascontiguousarray)")
     if writeable and not _is_writeable(a):
         raise ValueError(f"{what} is read-only; the optimizer updates parameters in place")
+
+
+def check_array_type(a, what: str) -> None:
+    """A plain NumPy ndarray or a CuPy ndarray: not a subclass (``np.matrix`` changes
+    what ``*`` and indexing mean), not a NumPy scalar, not another framework's tensor."""
+    if type(a) is np.ndarray or is_cupy_array(a):
+        return
+    if isinstance(a, np.ndarray):
+        raise TypeError(f"{what} is a {type(a).__module__}.{type(a).__name__} (an ndarray subclass); "
+                        "pass a plain numpy.ndarray (e.g. numpy.asarray(x))")
+    hint = ""
+    if type(a).__module__.startswith("torch"):
+        hint = " (for torch tensors use .numpy() on CPU tensors, or fisheropt.torch)"
+    elif type(a).__module__.startswith(("jax", "jaxlib")):
+        hint = " (JAX arrays are immutable: use fisheropt.optax, or numpy.asarray for a copy)"
+    raise TypeError(f"{what} must be a NumPy or CuPy array (numpy.ndarray or cupy.ndarray), got "
+                    f"{type(a).__module__}.{type(a).__name__}{hint}")
+
+
+def check_float_dtype(dtype, what: str) -> None:
+    """float32 or float64 in the machine's native byte order.
+
+    Kernels read memory as native floats, so a big-endian array on a little-endian
+    machine would be read as garbage; refusing it is the only safe answer."""
+    if dtype.name not in FLOAT_DTYPES:
+        raise TypeError(f"{what} has dtype {dtype.name}; only float32 and float64 are supported")
+    if not dtype.isnative:
+        raise TypeError(f"{what} has non-native byte order (dtype {dtype.str!r}); convert it with "
+                        f"a.astype(a.dtype.newbyteorder('=')) before passing it")
+
+
+def is_cupy_array(a) -> bool:
+    """True for a CuPy ndarray, judged by type so that cupy is never imported here."""
+    t = type(a)
+    return t.__name__ == "ndarray" and t.__module__.startswith("cupy")
 
 
 def _is_writeable(a) -> bool:
@@ -31,15 +67,15 @@ def _is_writeable(a) -> bool:
 
 
 def check_params(params, what: str = "params") -> list:
+    """Writeable float arrays, pairwise disjoint in memory (see fisheropt._memory)."""
+    if isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
+        raise TypeError(f"{what} must be an iterable of arrays, got {type(params).__name__}")
     params = list(params)
     if not params:
         raise ValueError(f"{what} is empty; give at least one parameter array")
-    seen = set()
     for i, p in enumerate(params):
         check_float_array(p, f"{what}[{i}]", writeable=True)
-        if id(p) in seen:
-            raise ValueError(f"{what}[{i}] is the same array as an earlier parameter")
-        seen.add(id(p))
+    check_disjoint((f"{what}[{i}]", p) for i, p in enumerate(params))
     return params
 
 
@@ -71,17 +107,8 @@ def _explain_bad_grad(g, p, what: str, param_what: str) -> None:
     if g.dtype != p.dtype:
         raise TypeError(f"{what} has dtype {g.dtype} but {param_what} has dtype {p.dtype}; "
                         "mixed dtypes are not supported")
-    # equal but not identical dtype objects (e.g. a non-native byte order): accepted
-
-
-def recheck_params(params) -> None:
-    """Re-check the flags of already-validated params before a step: a caller may have
-    made one read-only since construction, and a failed write halfway through a
-    multi-tensor step would leave the earlier tensors updated."""
-    for i, p in enumerate(params):
-        flags = p.flags
-        if not (flags.c_contiguous and getattr(flags, "writeable", True)):
-            check_float_array(p, f"params[{i}]", writeable=True)
+    # Equal but not identical dtype objects (both native, e.g. np.dtype('<f4') and
+    # np.dtype('float32')) are the same type: accepted.
 
 
 def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
@@ -98,9 +125,29 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     return value
 
 
-def check_betas(betas) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    b1 = check_real("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-    b2 = check_real("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    return b1, b2
+def check_bool(name: str, value) -> bool:
+    """A Python or NumPy bool (not a truthy string such as "no")."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+
+
+def check_representable(hyperparams: dict, dtypes, *, normal=()) -> None:
+    """Every float hyperparameter stays finite when rounded to each parameter dtype, and
+    those in ``normal`` (epsilons, damping) stay positive normal numbers.
+
+    The kernels round host scalars to the parameter dtype: eps = 1e-50 is positive
+    as a Python float but 0 in float32, and 0/0 then gives NaN where the gradient is 0."""
+    for dtype in dtypes:
+        info = np.finfo(dtype)
+        for name, value in hyperparams.items():
+            values = value if isinstance(value, tuple) else (value,)
+            for x in values:
+                if not isinstance(x, float):
+                    continue
+                if abs(x) > float(info.max):
+                    raise ValueError(f"{name} = {x!r} overflows to Inf in {info.dtype} "
+                                     f"(largest finite {info.dtype} is {info.max:.4g})")
+                if name in normal and x < info.smallest_normal:
+                    raise ValueError(f"{name} = {x!r} is below the smallest normal {info.dtype} number "
+                                     f"({info.smallest_normal:.4g}); in {info.dtype} it would be subnormal or 0")

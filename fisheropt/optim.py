@@ -4,30 +4,63 @@ The math lives in fisheropt.refimpl (and, fused, in each backend); a class here
 only (1) checks every input before anything is written, (2) owns the state
 arrays, (3) calls its backend's multi-tensor step once per step, and
 (4) saves and restores its state exactly.
+
+There is one class per rule of the registry (:data:`fisheropt.refimpl.RULES`),
+made by :func:`optimizer_class` from the rule's descriptor: its signature,
+defaults, valid ranges, state and docstring all come from there.
 """
 from __future__ import annotations
 
+import inspect
+import types
+
 from . import _checks
 from . import backends as _backends
+from ._atomic import deferred_interrupts
+from ._memory import Layout
+from .refimpl import RULES
+from .refimpl.rule import Rule
 
 STATE_FORMAT = "fisheropt.optimizer_state"
 STATE_VERSION = 1
 
 
 class Optimizer:
-    """Base class. Subclasses set ``state_names`` and implement ``_validate`` and ``_apply``."""
+    """The optimizer of one update rule (``rule``, a :class:`~fisheropt.refimpl.rule.Rule`).
 
-    state_names: tuple[str, ...] = ()
+    Guarantees (README, "Guarantees"): a call that raises has changed nothing; a
+    step is all or nothing (every check and allocation precedes the first write,
+    ``_apply`` is one backend call, and Ctrl-C is deferred until it returns)."""
 
-    def __init__(self, params, *, backend: str = "auto", check_finite: bool = True, **hyperparams):
+    rule: Rule
+
+    def __init__(self, params, hyperparams: dict, *, flags=None, backend: str = "auto", check_finite: bool = True):
         self.params = _checks.check_params(params)
-        self.backend = _backends.select(backend, self.params)
+        self.flags = self._checked_flags(flags)
+        if self.rule.tensor_flag is not None:
+            setattr(self, self.rule.tensor_flag.name, self.flags)   # e.g. opt.coupled
+        self.backend = _backends.select(backend, self.params, function=self.rule.step_function)
         self.xp = self.backend.array_module
-        self._hyperparams = self._validate(dict(hyperparams))
-        self.check_finite = bool(check_finite)
+        self._dtypes = tuple({p.dtype: None for p in self.params})
+        self._hyperparams = self._checked(dict(hyperparams))
+        self.check_finite = check_finite
         self.step_count = 0
-        self.state = {name: [self._new_state(name, i, p) for i, p in enumerate(self.params)]
-                      for name in self.state_names}
+        # Read-only mapping of tuples: the arrays the layout recorded are the ones stepped.
+        self.state = types.MappingProxyType(
+            {name: tuple(self._new_state(name, i, p) for i, p in enumerate(self.params))
+             for name in self.state_names})
+        self._layout = Layout([(f"params[{i}]", p) for i, p in enumerate(self.params)]
+                              + [(f"state[{name!r}][{i}]", a)
+                                 for name, arrays in self.state.items() for i, a in enumerate(arrays)])
+
+    @property
+    def check_finite(self) -> bool:
+        """Refuse a step whose gradients hold NaN or Inf (one read of the gradients)."""
+        return self._check_finite
+
+    @check_finite.setter
+    def check_finite(self, value) -> None:
+        self._check_finite = _checks.check_bool("check_finite", value)
 
     # ---- hyperparameters -------------------------------------------------
     @property
@@ -40,7 +73,49 @@ class Optimizer:
         unknown = set(changes) - set(self._hyperparams)
         if unknown:
             raise TypeError(f"unknown hyperparameter(s) for {type(self).__name__}: {', '.join(sorted(unknown))}")
-        self._hyperparams = self._validate({**self._hyperparams, **changes})
+        self._hyperparams = self._checked({**self._hyperparams, **changes})
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return self.rule.state_names
+
+    def _checked(self, hp: dict) -> dict:
+        """Every hyperparameter of the rule, validated against its descriptor."""
+        out = {}
+        for h in self.rule.hyperparams:
+            value = hp[h.name]
+            if h.names:
+                if not isinstance(value, (tuple, list)) or len(value) != len(h.names):
+                    raise ValueError(f"{h.name} must be a pair ({', '.join(h.names)}), got {value!r}")
+                out[h.name] = tuple(_checks.check_real(f"{h.name}[{i}]", x, low=h.low, high=h.high,
+                                                       low_open=h.low_open, high_open=h.high_open)
+                                    for i, x in enumerate(value))
+            else:
+                out[h.name] = _checks.check_real(h.name, value, low=h.low, high=h.high,
+                                                 low_open=h.low_open, high_open=h.high_open)
+        _checks.check_representable(out, self._dtypes,
+                                    normal=tuple(h.name for h in self.rule.hyperparams if h.normal))
+        return out
+
+    def _checked_flags(self, flags):
+        """The rule's per-tensor flags (Coupled Adam's ``coupled``), one bool per parameter."""
+        flag = self.rule.tensor_flag
+        if flag is None:
+            return None
+        name = flag.name
+        if flags is None:
+            raise ValueError(f"{name} is required: one bool per parameter ({flag.doc})")
+        if isinstance(flags, (str, bytes)) or not hasattr(flags, "__iter__"):
+            raise TypeError(f"{name} must be a sequence of bools, one per parameter, got {type(flags).__name__}")
+        flags = list(flags)
+        if len(flags) != len(self.params):
+            raise ValueError(f"{name} has {len(flags)} entries for {len(self.params)} params")
+        flags = tuple(_checks.check_bool(f"{name}[{i}]", c) for i, c in enumerate(flags))
+        for i, (c, p) in enumerate(zip(flags, self.params)):
+            if c and (p.ndim != 2 or p.shape[0] == 0):
+                raise ValueError(f"{name}[{i}] is True but params[{i}] has shape {tuple(p.shape)}; "
+                                 f"a {name} tensor must be 2-D (V×d, rows = vocabulary) with V ≥ 1")
+        return flags
 
     @property
     def lr(self) -> float:
@@ -54,14 +129,16 @@ class Optimizer:
     def step(self, grads) -> None:
         """Apply one update with ``grads`` (aligned with params). Rejected input changes nothing."""
         grads = _checks.check_grads(grads, self.params)
-        _checks.recheck_params(self.params)  # a caller may have made one read-only since
+        self._layout.verify()             # nothing reshaped, moved or made read-only since
+        self._layout.check_grads(grads)   # no gradient aliases a parameter, the state or another gradient
         if self.check_finite and not self.backend.all_finite(grads):
             bad = [i for i, g in enumerate(grads) if not self.backend.all_finite([g])]
             raise FloatingPointError(
                 f"non-finite values (NaN or Inf) in grads{bad}; nothing was updated "
                 "(pass check_finite=False to skip this check)")
-        self._apply(grads, self.step_count + 1)
-        self.step_count += 1
+        with deferred_interrupts():
+            self._apply(grads, self.step_count + 1)
+            self.step_count += 1
 
     # ---- state ------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -90,162 +167,104 @@ class Optimizer:
         hyperparams = sd.get("hyperparams")
         if not isinstance(hyperparams, dict) or set(hyperparams) != set(self._hyperparams):
             raise ValueError("state dict hyperparameters do not match this optimizer's")
-        hyperparams = self._validate(dict(hyperparams))
+        hyperparams = self._checked(dict(hyperparams))
         state = sd.get("state")
         if not isinstance(state, dict) or set(state) != set(self.state_names):
             raise ValueError(f"state dict state must have exactly the entries {self.state_names}")
-        incoming = {}
-        for name in self.state_names:
-            arrays = list(state[name])
-            if len(arrays) != len(self.params):
-                raise ValueError(f"state[{name!r}] has {len(arrays)} arrays for {len(self.params)} params")
-            converted = []
-            for i, (new, own) in enumerate(zip(arrays, self.state[name])):
-                new = self.xp.asarray(new)
-                if new.shape != own.shape or new.dtype != own.dtype:
-                    raise ValueError(f"state[{name!r}][{i}] has shape {tuple(new.shape)} and dtype {new.dtype}; "
-                                     f"expected {tuple(own.shape)} and {own.dtype}")
-                converted.append(new)
-            incoming[name] = converted
-        # Everything checked: now copy in place (backends may hold pointers to these arrays).
-        for name, arrays in incoming.items():
-            for own, new in zip(self.state[name], arrays):
-                own[...] = new
-        self.step_count = step
-        self._hyperparams = hyperparams
+        self._layout.verify()
+        incoming = {name: self._checked_state(name, state[name]) for name in self.state_names}
+        # Everything checked: now copy in place (backends hold pointers to these arrays).
+        with deferred_interrupts():
+            for name, arrays in incoming.items():
+                for own, new in zip(self.state[name], arrays):
+                    own[...] = new
+            self.step_count = step
+            self._hyperparams = hyperparams
 
-    # ---- for subclasses ---------------------------------------------------
-    def _validate(self, hp: dict) -> dict:
-        raise NotImplementedError
+    def _checked_state(self, name: str, arrays) -> list:
+        if isinstance(arrays, (str, bytes)) or not hasattr(arrays, "__len__"):
+            raise ValueError(f"state[{name!r}] must be a list of arrays")
+        arrays = list(arrays)
+        if len(arrays) != len(self.params):
+            raise ValueError(f"state[{name!r}] has {len(arrays)} arrays for {len(self.params)} params")
+        converted = []
+        for i, (new, own) in enumerate(zip(arrays, self.state[name])):
+            what = f"state[{name!r}][{i}]"
+            if not hasattr(new, "dtype") or getattr(new.dtype, "kind", None) != "f":
+                raise ValueError(f"{what} must be a float array, got {type(new).__name__}"
+                                 f"{' of dtype ' + str(new.dtype) if hasattr(new, 'dtype') else ''}")
+            new = self.xp.asarray(new)
+            if new.shape != own.shape or new.dtype != own.dtype:
+                raise ValueError(f"{what} has shape {tuple(new.shape)} and dtype {new.dtype}; "
+                                 f"expected {tuple(own.shape)} and {own.dtype}")
+            if not self.backend.all_finite([new]):
+                raise ValueError(f"{what} holds NaN or Inf; a moment estimate is always finite")
+            if name in self._second_moments and new.size and bool((new < 0).any()):
+                raise ValueError(f"{what} has negative entries; it is an average of squares (>= 0)")
+            converted.append(new)
+        return converted
+
+    @property
+    def _second_moments(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.rule.state if s.second_moment)
 
     def _new_state(self, name: str, index: int, param):
+        spec = next(s for s in self.rule.state if s.name == name)
+        if spec.per_column and self.flags[index]:
+            return self.xp.zeros(param.shape[1], dtype=param.dtype)
         return self.xp.zeros_like(param)
 
     def _apply(self, grads, step: int) -> None:
-        raise NotImplementedError
+        """Exactly one backend call: it raises before writing anything, or completes."""
+        flag = self.rule.tensor_flag
+        extra = {flag.name: self.flags} if flag is not None else {}
+        getattr(self.backend, self.rule.step_function)(
+            self.params, grads, *(self.state[name] for name in self.state_names), step=step,
+            **self.rule.kernel_kwargs(self._hyperparams), **extra)
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self._hyperparams.items())
         return f"{type(self).__name__}({len(self.params)} tensors, {hp}, backend={self.backend.NAME!r})"
 
 
-def _adam_family_hyperparams(hp: dict) -> dict:
-    lr = _checks.check_real("lr", hp.pop("lr"), low=0.0)
-    beta1, beta2 = _checks.check_betas(hp.pop("betas"))
-    eps = _checks.check_real("eps", hp.pop("eps"), low=0.0, low_open=True)
-    weight_decay = _checks.check_real("weight_decay", hp.pop("weight_decay"), low=0.0)
-    return {"lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay, **hp}
+def optimizer_class(rule: Rule) -> type:
+    """The :class:`Optimizer` subclass of ``rule``, with an explicit signature from its descriptor:
+    ``Cls(params, <hyperparameters with defaults>, [<tensor flag>], *, backend="auto", check_finite=True)``."""
+    P = inspect.Parameter
+    parameters = [P("self", P.POSITIONAL_ONLY), P("params", P.POSITIONAL_OR_KEYWORD)]
+    parameters += [P(h.name, P.POSITIONAL_OR_KEYWORD, default=h.default) for h in rule.hyperparams]
+    if rule.tensor_flag is not None:
+        parameters.append(P(rule.tensor_flag.name, P.POSITIONAL_OR_KEYWORD, default=None))
+    parameters += [P("backend", P.KEYWORD_ONLY, default="auto"), P("check_finite", P.KEYWORD_ONLY, default=True)]
+    signature = inspect.Signature(parameters)
+
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["self"]
+        params, backend, check_finite = arguments.pop("params"), arguments.pop("backend"), arguments.pop("check_finite")
+        flags = arguments.pop(rule.tensor_flag.name) if rule.tensor_flag is not None else None
+        Optimizer.__init__(self, params, arguments, flags=flags, backend=backend, check_finite=check_finite)
+
+    __init__.__signature__ = signature
+    return type(rule.title, (Optimizer,), {"rule": rule, "__init__": __init__, "__doc__": _docstring(rule),
+                                           "__module__": __name__, "__qualname__": rule.title})
 
 
-def _kernel_kwargs(hp: dict) -> dict:
-    """Hyperparameters as the backend step functions take them (betas split)."""
-    kw = dict(hp)
-    kw["beta1"], kw["beta2"] = kw.pop("betas")
-    return kw
+def _docstring(rule: Rule) -> str:
+    lines = [f"{rule.summary} ({rule.paper}). Spec: spec/{rule.spec_page}.", "", "Hyperparameters:"]
+    lines += [f"    {h.name} = {h.default!r}: {h.doc}" for h in rule.hyperparams]
+    if rule.tensor_flag is not None:
+        lines += [f"    {rule.tensor_flag.name}: one bool per parameter, {rule.tensor_flag.doc}"]
+    lines += ["", "State (one array per parameter):"]
+    lines += [f"    {s.name}: {s.doc}" for s in rule.state]
+    lines += ["", "backend: \"auto\" (cupy for CuPy arrays, else numba, else numpy) or a backend name;",
+              "check_finite: refuse a step whose gradients hold NaN or Inf."]
+    return "\n".join(lines)
 
 
-class Adam(Optimizer):
-    """Adam with L2 weight decay, identical to torch.optim.Adam. Spec: spec/adam.md."""
-
-    state_names = ("m", "v")
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 backend="auto", check_finite=True):
-        super().__init__(params, backend=backend, check_finite=check_finite,
-                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-
-    def _validate(self, hp):
-        return _adam_family_hyperparams(hp)
-
-    def _apply(self, grads, step):
-        self.backend.adam_step(self.params, grads, self.state["m"], self.state["v"],
-                               step=step, **_kernel_kwargs(self._hyperparams))
-
-
-class AdamW(Adam):
-    """Adam with decoupled weight decay, identical to torch.optim.AdamW. Spec: spec/adamw.md."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 backend="auto", check_finite=True):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         backend=backend, check_finite=check_finite)
-
-    def _apply(self, grads, step):
-        self.backend.adamw_step(self.params, grads, self.state["m"], self.state["v"],
-                                step=step, **_kernel_kwargs(self._hyperparams))
-
-
-class FAdam(Optimizer):
-    """FAdam (Hwang 2024): Fisher-corrected Adam. Spec: spec/fadam.md.
-
-    ``eps2`` scales the adaptive epsilon, ``clip`` caps the RMS of the natural
-    gradient and of the preconditioned weight decay, ``p`` is the Fisher power
-    (0.5 gives the square root, as in Adam)."""
-
-    state_names = ("m", "f")
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, eps2=0.01, clip=1.0, p=0.5,
-                 weight_decay=0.1, *, backend="auto", check_finite=True):
-        super().__init__(params, backend=backend, check_finite=check_finite, lr=lr, betas=betas,
-                         eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
-
-    def _validate(self, hp):
-        hp["eps2"] = _checks.check_real("eps2", hp["eps2"], low=0.0, low_open=True)
-        hp["clip"] = _checks.check_real("clip", hp["clip"], low=0.0, low_open=True)
-        hp["p"] = _checks.check_real("p", hp["p"], low=0.0, high=1.0, low_open=True)
-        return _adam_family_hyperparams(hp)
-
-    def _apply(self, grads, step):
-        self.backend.fadam_step(self.params, grads, self.state["m"], self.state["f"],
-                                step=step, **_kernel_kwargs(self._hyperparams))
-
-
-class CoupledAdam(Optimizer):
-    """Coupled Adam (Stollenwerk & Stollenwerk 2025). Spec: spec/coupled_adam.md.
-
-    ``coupled`` holds one bool per parameter: True for an embedding matrix
-    (2-D, rows = vocabulary) whose second moment is shared across rows; those
-    store only a length-d vector ``v``. Uncoupled tensors follow AdamW."""
-
-    state_names = ("m", "v")
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, coupled=None, *,
-                 backend="auto", check_finite=True):
-        params = _checks.check_params(params)
-        self.coupled = self._check_coupled(coupled, params)
-        self._coupled_idx = [i for i, c in enumerate(self.coupled) if c]
-        self._uncoupled_idx = [i for i, c in enumerate(self.coupled) if not c]
-        super().__init__(params, backend=backend, check_finite=check_finite,
-                         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-
-    @staticmethod
-    def _check_coupled(coupled, params) -> tuple[bool, ...]:
-        if coupled is None:
-            raise ValueError("coupled is required: one bool per parameter (True for embedding matrices)")
-        coupled = list(coupled)
-        if len(coupled) != len(params):
-            raise ValueError(f"coupled has {len(coupled)} entries for {len(params)} params")
-        for i, (c, p) in enumerate(zip(coupled, params)):
-            if not isinstance(c, bool):
-                raise TypeError(f"coupled[{i}] must be a bool, got {type(c).__name__}")
-            if c and (p.ndim != 2 or p.shape[0] == 0):
-                raise ValueError(f"coupled[{i}] is True but params[{i}] has shape {tuple(p.shape)}; "
-                                 "a coupled tensor must be 2-D (V×d, rows = vocabulary) with V ≥ 1")
-        return tuple(coupled)
-
-    def _validate(self, hp):
-        return _adam_family_hyperparams(hp)
-
-    def _new_state(self, name, index, param):
-        if name == "v" and self.coupled[index]:
-            return self.xp.zeros(param.shape[1], dtype=param.dtype)
-        return self.xp.zeros_like(param)
-
-    def _apply(self, grads, step):
-        kw = _kernel_kwargs(self._hyperparams)
-        m, v = self.state["m"], self.state["v"]
-        for idx, kernel in ((self._uncoupled_idx, self.backend.adamw_step),
-                            (self._coupled_idx, self.backend.coupled_adam_step)):
-            if idx:
-                kernel([self.params[i] for i in idx], [grads[i] for i in idx],
-                       [m[i] for i in idx], [v[i] for i in idx], step=step, **kw)
+#: Rule name -> optimizer class, one per rule of the registry.
+CLASSES = {name: optimizer_class(rule) for name, rule in RULES.items()}
+globals().update({cls.__name__: cls for cls in CLASSES.values()})
+__all__ = ["Optimizer", "optimizer_class", "CLASSES", "STATE_FORMAT", *(c.__name__ for c in CLASSES.values())]

@@ -6,16 +6,36 @@ arrays (the math) and a multi-tensor in-place ``<rule>_step`` with the backend
 signature (what the optimizer classes and the other backends implement).
 Speed is not a goal here; clarity and exactness are.
 """
-from .adam import adam_step, adam_update
-from .adamw import adamw_step, adamw_update
-from .coupled_adam import coupled_adam_step, coupled_adam_update
-from .fadam import fadam_step, fadam_update
-from .finite import all_finite
+import importlib
+import pkgutil
 
-__all__ = [
-    "adam_update", "adam_step",
-    "adamw_update", "adamw_step",
-    "fadam_update", "fadam_step",
-    "coupled_adam_update", "coupled_adam_step",
-    "all_finite",
-]
+from .finite import all_finite
+from .rule import Rule
+
+
+def _discover_rules() -> dict:
+    """Every module of this package that defines ``RULE`` (a :class:`Rule`), by name.
+
+    Discovery instead of a list: adding a rule is adding its reference file."""
+    rules = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name == "rule":
+            continue
+        rule = getattr(importlib.import_module(f"{__name__}.{info.name}"), "RULE", None)
+        if isinstance(rule, Rule):
+            if rule.name != info.name:
+                raise ImportError(f"refimpl/{info.name}.py defines RULE named {rule.name!r}; they must match")
+            rules[rule.name] = rule
+    return rules
+
+
+#: name -> :class:`Rule`, for every update rule of the reference (sorted by name).
+RULES = _discover_rules()
+
+# The step and update functions by their names (adam_step, fadam_update, ...).
+for _rule in RULES.values():
+    globals()[_rule.step.__name__] = _rule.step
+    globals()[_rule.update.__name__] = _rule.update
+
+__all__ = ["RULES", "Rule", "all_finite",
+           *(r.step.__name__ for r in RULES.values()), *(r.update.__name__ for r in RULES.values())]

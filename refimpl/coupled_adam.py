@@ -22,7 +22,11 @@ memory). The rest is AdamW: per-element m, decoupled decay, bias corrections.
 """
 import numpy as np
 
+from ._multi_tensor import apply_updates
 from .adam import adam_direction
+from .adamw import adamw_update
+from .rule import (Rule, StateArray, TensorFlag, adam_coefficients, betas_param, eps_param, lr_param,
+                   weight_decay_param)
 
 
 def column_mean_of_squares(g):
@@ -39,13 +43,30 @@ def coupled_adam_update(theta, g, m, v_col, *, t, lr, beta1, beta2, eps, weight_
     return theta - adam_direction(m, v_col, t=t, lr=lr, beta1=beta1, beta2=beta2, eps=eps), m, v_col
 
 
-def coupled_adam_step(params, grads, m, v_col, *, step, lr, beta1, beta2, eps, weight_decay):
-    """Multi-tensor, in place: the backend interface for Coupled Adam.
+def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):
+    """Multi-tensor, in place: the backend interface for Coupled Adam (all tensors computed, then written).
 
-    Every tensor here is coupled (2-D, shape V×d, v_col[i] of shape (d,));
-    the optimizer class routes uncoupled tensors to adamw_step."""
-    for theta_i, g_i, m_i, v_i in zip(params, grads, m, v_col):
-        theta_new, m_new, v_new = coupled_adam_update(
-            theta_i, g_i, m_i, v_i, t=step, lr=lr, beta1=beta1, beta2=beta2,
-            eps=eps, weight_decay=weight_decay)
-        theta_i[...], m_i[...], v_i[...] = theta_new, m_new, v_new
+    ``coupled[i]`` True: params[i] is a V×d embedding and v[i] its length-d shared
+    second moment; False: an ordinary tensor, updated by AdamW with v[i] like
+    params[i]."""
+    apply_updates((params, m, v), [
+        (coupled_adam_update if c else adamw_update)(
+            theta_i, g_i, m_i, v_i, t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        for theta_i, g_i, m_i, v_i, c in zip(params, grads, m, v, coupled)])
+
+
+RULE = Rule(
+    name="coupled_adam", title="CoupledAdam",
+    summary="AdamW with one second moment per column shared by an embedding's vocabulary rows",
+    paper="Stollenwerk & Stollenwerk, 2025", step=coupled_adam_step, update=coupled_adam_update,
+    state=(StateArray("m", "first moment (EMA of g)"),
+           StateArray("v", "second moment: per column (d,) for coupled tensors, else like θ",
+                      second_moment=True, per_column=True)),
+    hyperparams=(lr_param(1e-3), betas_param((0.9, 0.999)), eps_param(1e-8),
+                 weight_decay_param(1e-2, "decoupled decay λ: θ ← θ(1 − αλ)")),
+    coefficients=adam_coefficients,
+    tensor_flag=TensorFlag("coupled", "True for an embedding matrix (V×d, rows = vocabulary) whose second "
+                                      "moment is shared across its rows; False: AdamW"),
+    items_per_element=6,              # pass 1 read g; pass 2 read θ, g, m, write θ, m
+    items_per_element_unflagged=7,    # AdamW
+)

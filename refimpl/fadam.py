@@ -25,6 +25,9 @@ import math
 
 import numpy as np
 
+from ._multi_tensor import apply_updates
+from .rule import Hyperparam, Rule, StateArray, betas_param, eps_param, lr_param, weight_decay_param
+
 
 def rms(x) -> float:
     """Root mean square over all elements, accumulated in float64 (0 for an empty tensor)."""
@@ -81,9 +84,31 @@ def fadam_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, wei
 
 
 def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
-    """Multi-tensor, in place: the backend interface for FAdam."""
-    for theta_i, g_i, m_i, f_i in zip(params, grads, m, f):
-        theta_new, m_new, f_new = fadam_update(
-            theta_i, g_i, m_i, f_i, t=step, lr=lr, beta1=beta1, beta2=beta2,
-            eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
-        theta_i[...], m_i[...], f_i[...] = theta_new, m_new, f_new
+    """Multi-tensor, in place: the backend interface for FAdam (all tensors computed, then written)."""
+    apply_updates((params, m, f), [
+        fadam_update(theta_i, g_i, m_i, f_i, t=step, lr=lr, beta1=beta1, beta2=beta2,
+                     eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+        for theta_i, g_i, m_i, f_i in zip(params, grads, m, f)])
+
+
+def fadam_coefficients(t, *, beta2, **_):
+    r"""\hateta_2 of step t, in float64."""
+    return {"beta2_hat": debiased_beta2(beta2, t)}
+
+
+RULE = Rule(
+    name="fadam", title="FAdam", summary="Adam corrected as natural-gradient descent with a diagonal Fisher",
+    paper="Hwang, 2024", step=fadam_step, update=fadam_update,
+    state=(StateArray("m", "momentum of the clipped natural gradient"),
+           StateArray("f", "diagonal empirical Fisher (debiased EMA of g²)", second_moment=True)),
+    hyperparams=(lr_param(1e-3), betas_param((0.9, 0.999)), eps_param(1e-8),
+                 Hyperparam("eps2", 0.01, "scale of the adaptive epsilon ε₂·RMS(g)", low=0.0, low_open=True,
+                            normal=True),
+                 Hyperparam("clip", 1.0, "cap c on the RMS of the natural gradient and of w̄", low=0.0,
+                            low_open=True),
+                 Hyperparam("p", 0.5, "Fisher power (0.5: square root, as in Adam)", low=0.0, high=1.0,
+                            low_open=True),
+                 weight_decay_param(0.1, "weight decay λ, preconditioned by the Fisher")),
+    coefficients=fadam_coefficients,
+    items_per_element=10,  # pass 1 read θ, g, f, write f; pass 2 read θ, g, f, m, write θ, m
+)

@@ -6,6 +6,9 @@ import fisheropt as fo
 
 from conftest import host_backend_params
 
+# np.matrix is tested on purpose (it must be refused); NumPy warns on creating one.
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+
 RULES = {
     "Adam": lambda ps, backend: fo.Adam(ps, backend=backend),
     "AdamW": lambda ps, backend: fo.AdamW(ps, backend=backend),
@@ -58,6 +61,17 @@ BAD_GRADS = {
     "list instead of array": (lambda o: [[[1.0] * 3] * 4, np.ones(5)], TypeError, "must be a NumPy or CuPy array"),
     "a single array": (lambda o: np.ones(5), ValueError, "grads"),
     "None": (lambda o: None, TypeError, "sequence of arrays"),
+    # a big-endian copy holds the same numbers; a kernel would read its bytes as garbage
+    "non-native byte order": (lambda o: [g.astype(g.dtype.newbyteorder()) for g in _good_grads(o)], TypeError,
+                              r"grads\[0\] has non-native byte order"),
+    "np.matrix": (lambda o: [np.asmatrix(_good_grads(o)[0]), _good_grads(o)[1]], TypeError, "ndarray subclass"),
+    "numpy scalar": (lambda o: [_good_grads(o)[0], np.float64(1.0)], TypeError, r"grads\[1\] must be a NumPy"),
+    "grad is a view of a parameter": (lambda o: [_good_grads(o)[0], o.params[1][:]], ValueError,
+                                      r"params\[1\] and grads\[1\] share memory"),
+    "grad is a view of the state": (lambda o: [_good_grads(o)[0], o.state["m"][1].reshape(5)], ValueError,
+                                    r"state\['m'\]\[1\] and grads\[1\] share memory"),
+    "two grads share memory": (lambda o: (lambda b: [b[:12].reshape(4, 3), b[7:]])(np.ones(12)), ValueError,
+                               r"grads\[0\] and grads\[1\] share memory"),
 }
 
 
@@ -111,8 +125,15 @@ BAD_PARAMS = [
     ("integer", lambda: [np.ones(3, dtype=np.int32)], TypeError, "dtype int32"),
     ("float16", lambda: [np.ones(3, dtype=np.float16)], TypeError, "dtype float16"),
     ("empty list", lambda: [], ValueError, "empty"),
-    ("same array twice", lambda: [np.ones(3)] * 2, ValueError, "same array"),
+    ("same array twice", lambda: [np.ones(3)] * 2, ValueError, r"params\[0\] and params\[1\] share memory"),
     ("python list", lambda: [[1.0, 2.0]], TypeError, "NumPy or CuPy array"),
+    ("two reshapes of one buffer", lambda: (lambda a: [a.reshape(600, 500), a.reshape(300, 1000)])(np.ones(300_000)),
+     ValueError, r"params\[0\] and params\[1\] share memory"),
+    ("overlapping slices", lambda: (lambda a: [a[0:100], a[50:150]])(np.ones(200)), ValueError,
+     r"params\[0\] and params\[1\] share memory"),
+    ("non-native byte order", lambda: [np.ones(4, ">f4" if np.little_endian else "<f4")], TypeError,
+     "non-native byte order"),
+    ("np.matrix", lambda: [np.asmatrix(np.ones((2, 2)))], TypeError, "ndarray subclass"),
 ]
 
 
@@ -130,10 +151,26 @@ def test_bad_params_rejected(rule, name, make, exc, match):
     ([True, True], "2 entries for 1 params"),
     (None, "coupled is required"),
     ([1], "must be a bool"),
+    (["yes"], "must be a bool"),
 ])
 def test_coupled_flags_validated(coupled, match):
     with pytest.raises((ValueError, TypeError), match=match):
         fo.CoupledAdam([np.ones(4)], coupled=coupled, backend="numpy")
+
+
+def test_coupled_accepts_numpy_bools():
+    opt = fo.CoupledAdam([np.ones((2, 3)), np.ones(4)], coupled=np.array([True, False]), backend="numpy")
+    assert opt.coupled == (True, False) and all(type(c) is bool for c in opt.coupled)
+
+
+@pytest.mark.parametrize("value", ["no", 0, None, 1.0])
+def test_check_finite_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="check_finite must be a bool"):
+        fo.Adam([np.ones(3)], check_finite=value, backend="numpy")
+    opt = fo.Adam([np.ones(3)], backend="numpy")
+    with pytest.raises(TypeError, match="check_finite must be a bool"):
+        opt.check_finite = value
+    assert opt.check_finite is True
 
 
 def test_coupled_matrix_needs_rows():

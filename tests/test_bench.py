@@ -22,11 +22,11 @@ def test_ceiling_buffers_cover_params_grads_and_state():
 
     opt = fo.FAdam(params, backend="numpy")
     a, b = bench.ceiling_buffers(params, grads, opt)      # m += 0*f over the state as well
-    assert _same(a, params + opt.state["m"]) and _same(b, grads + opt.state["f"])
+    assert _same(a, params + list(opt.state["m"])) and _same(b, grads + list(opt.state["f"]))
 
     coupled = fo.CoupledAdam(params[:1], coupled=[True], backend="numpy")
     a, b = bench.ceiling_buffers(params[:1], grads[:1], coupled)   # v is per column: m pairs with g
-    assert _same(a, params[:1] + coupled.state["m"]) and _same(b, grads[:1] + grads[:1])
+    assert _same(a, params[:1] + list(coupled.state["m"])) and _same(b, grads[:1] + grads[:1])
 
 
 def test_measure_problem_gives_finite_ratios():

@@ -209,7 +209,7 @@ def test_launches_per_step_do_not_grow_with_the_tensor_count(rule, expected):
             elif rule == "fadam":
                 eng.fadam(params, grads, m, v, step=step, **FHP)
             else:
-                eng.coupled(params, grads, m, v, step=step, **HP)
+                eng.coupled(params, grads, m, v, step=step, coupled=[True] * len(params), **HP)
             assert [n for _, n, _ in L.launches] == expected
 
 
@@ -519,25 +519,36 @@ def problems(draw, rule):
         hp = dict(lr=draw(st.sampled_from([1e-3, 0.05])), beta1=draw(st.sampled_from([0.0, 0.5, 0.9])),
                   beta2=draw(st.sampled_from([0.5, 0.999])), eps=draw(st.sampled_from([1e-8, 1e-3])),
                   weight_decay=draw(st.sampled_from([0.0, 0.01, 0.5])))
+    if coupled:  # coupled and uncoupled (AdamW) tensors in one call, as the optimizer class makes it
+        hp["coupled"] = draw(st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)))
     return dict(shapes=shapes, dtypes=dtypes, scale=scale, grad_scale=grad_scale, first_step=first_step,
                 steps=steps, seed=seed, misaligned=misaligned, hp=hp)
+
+
+def _hyperparams(rule, pb):
+    hp = dict(pb["hp"])
+    if rule == "coupled_adam":
+        hp.setdefault("coupled", [True] * len(pb["shapes"]))
+    return hp
 
 
 def _make(rule, pb):
     rng = np.random.default_rng(pb["seed"])
     params = [np.asarray(rng.standard_normal(s) * pb["scale"], dtype=d) for s, d in zip(pb["shapes"], pb["dtypes"])]
+    coupled = _hyperparams(rule, pb).get("coupled", [False] * len(params))
 
-    def state_shape(k, s):
-        return (s[1],) if rule == "coupled_adam" and k == "v" else s
+    def state_shape(k, s, c):
+        return (s[1],) if c and k == "v" else s
 
     state = {}
     for k in RULES[rule][1]:
         arrs = []
-        for s, d in zip(pb["shapes"], pb["dtypes"]):
+        for s, d, c in zip(pb["shapes"], pb["dtypes"], coupled):
+            s = state_shape(k, s, c)
             if pb["first_step"] == 1:
-                arrs.append(np.zeros(state_shape(k, s), d))
+                arrs.append(np.zeros(s, d))
             else:
-                x = rng.standard_normal(state_shape(k, s)) * max(pb["grad_scale"], 1e-3)
+                x = rng.standard_normal(s) * max(pb["grad_scale"], 1e-3)
                 arrs.append(np.asarray(x * x if k in ("v", "f") else 0.1 * x, dtype=d))
         state[k] = arrs
     grads = [[np.asarray(rng.standard_normal(s) * pb["grad_scale"], dtype=d)
@@ -554,9 +565,9 @@ def _run_both(backend, rule, pb):
     dev_s = [[backend.to_device(a, pb["misaligned"]) for a in state[k]] for k in order]
     for i, g in enumerate(grads):
         t = pb["first_step"] + i
-        getattr(refimpl, fn)(ref_p, [x.copy() for x in g], *ref_s, step=t, **pb["hp"])
+        getattr(refimpl, fn)(ref_p, [x.copy() for x in g], *ref_s, step=t, **_hyperparams(rule, pb))
         getattr(backend, fn)(dev_p, [backend.to_device(x, pb["misaligned"]) for x in g], *dev_s, step=t,
-                             **pb["hp"])
+                             **_hyperparams(rule, pb))
     return (ref_p, ref_s), ([backend.to_host(p) for p in dev_p], [[backend.to_host(a) for a in s] for s in dev_s])
 
 

@@ -170,8 +170,11 @@ def run_both(fn_name, problem, hp, exact_state, *, coupled=False):
     rng = np.random.default_rng(seed)
     params = [make_tensor(rng, s, d, e) for s, d, e in zip(shapes, dtypes, p_exp)]
     if coupled:
+        # Coupled and uncoupled (AdamW) tensors in one call, as the optimizer class makes it.
+        flags = [bool(x) for x in rng.random(len(params)) < 0.7]
+        hp = {**hp, "coupled": flags}
         state = [[np.zeros_like(p) for p in params],
-                 [np.zeros(p.shape[1], dtype=p.dtype) for p in params]]
+                 [np.zeros(p.shape[1], dtype=p.dtype) if c else np.zeros_like(p) for p, c in zip(params, flags)]]
     else:
         state = [[np.zeros_like(p) for p in params] for _ in range(2)]
     params_r = [p.copy() for p in params]
@@ -296,10 +299,12 @@ def test_bitwise_identical_for_any_thread_count(rule, dtype):
                           for p in params]
                 grads = [g.reshape(p.shape) for g, p in zip(grads, params)]
                 state = [[np.zeros_like(p) for p in params], [np.zeros(p.shape[1], dtype) for p in params]]
+                kw = {"coupled": [True] * len(params)}
             else:
                 state = [[np.zeros_like(p) for p in params] for _ in range(2)]
+                kw = {}
             for t in range(1, 4):
-                getattr(nb, rule)(params, grads, *state, step=t, **hp)
+                getattr(nb, rule)(params, grads, *state, step=t, **hp, **kw)
             results.append([a.copy() for a in params + state[0] + state[1]])
     finally:
         numba.set_num_threads(old)

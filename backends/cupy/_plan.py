@@ -256,11 +256,21 @@ class Engine:
             out.setdefault(_DTYPE_NAMES[a.dtype], []).append(i)
         return list(out.items())
 
+    @staticmethod
+    def prepared(name, dtype, grid, **values):
+        """One launch with its arguments converted (which can fail); nothing runs yet."""
+        return (dtype, name, int(grid), kernel_args(name, dtype, values))
+
+    def run(self, launches) -> None:
+        """Enqueue prepared launches in order. A step prepares all of its launches, every
+        buffer allocated, before the first one runs, so it fails before writing or not at all."""
+        for dtype, name, grid, args in launches:
+            if grid > 0:
+                self.stats["launches"] += 1
+                self.L.launch(dtype, name, grid, args)
+
     def launch(self, name, dtype, grid, **values):
-        if grid <= 0:
-            return
-        self.stats["launches"] += 1
-        self.L.launch(dtype, name, int(grid), kernel_args(name, dtype, values))
+        self.run([self.prepared(name, dtype, grid, **values)])
 
     # ---- the interface ----------------------------------------------------------
     def all_finite(self, arrays) -> bool:
@@ -279,64 +289,90 @@ class Engine:
         return True if flag is None else self.L.read_i32(flag) == 0
 
     def adam(self, params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+        self.run(self.adam_launches(params, grads, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                                    eps=eps, weight_decay=weight_decay, decoupled=decoupled))
+
+    def fadam(self, params, grads, m, f, **hyperparams):
+        self.run(self.fadam_launches(params, grads, m, f, **hyperparams))
+
+    def coupled(self, params, grads, m, v, *, coupled, **hyperparams):
+        """Coupled tensors (v of shape (d,)) and, where ``coupled[i]`` is False, AdamW ones."""
+        yes = [i for i, c in enumerate(coupled) if c]
+        no = [i for i, c in enumerate(coupled) if not c]
+        self.run(self.adam_launches(*_select(no, params, grads, m, v), decoupled=True, **hyperparams)
+                 + self.coupled_launches(*_select(yes, params, grads, m, v), **hyperparams))
+
+    def adam_launches(self, params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
         params = list(params)
         if not params:
-            return
+            return []
         step_size = lr / (1 - beta1**step)          # host scalars, float64 (refimpl.adam.adam_direction)
         bc2s = math.sqrt(1 - beta2**step)
         mode = 2 if decoupled else (1 if weight_decay != 0 else 0)
         grads, m, v = list(grads), list(m), list(v)
+        launches = []
         for dtype, idx in self.groups(params):
             P, G, M, V = _select(idx, params, grads, m, v)
             plan = self.plan("elem", dtype, P)
-            self.launch("adam", dtype, plan.n_chunks, chunks=plan.chunks,
-                        P=self.pointers(P), G=self.pointers(G), M=self.pointers(M), V=self.pointers(V),
-                        mode=mode, wd=weight_decay, decay=1 - lr * weight_decay,
-                        b1=beta1, omb1=1 - beta1, b2=beta2, omb2=1 - beta2,
-                        step_size=step_size, bc2s=bc2s, eps=eps)
+            launches.append(self.prepared(
+                "adam", dtype, plan.n_chunks, chunks=plan.chunks,
+                P=self.pointers(P), G=self.pointers(G), M=self.pointers(M), V=self.pointers(V),
+                mode=mode, wd=weight_decay, decay=1 - lr * weight_decay,
+                b1=beta1, omb1=1 - beta1, b2=beta2, omb2=1 - beta2,
+                step_size=step_size, bc2s=bc2s, eps=eps))
+        return launches
 
-    def fadam(self, params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
+    def fadam_launches(self, params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
         params = list(params)
         if not params:
-            return
+            return []
         beta2_hat = debiased_beta2(beta2, step)
         pmode = 0 if p == 0.5 else (1 if p == 1 else 2)
         grads, m, f = list(grads), list(m), list(f)
+        launches = []
         for dtype, idx in self.groups(params):
             P, G, M, F = _select(idx, params, grads, m, f)
             plan = self.plan("elem", dtype, P)
             partial, partial2, scal = plan.fadam_scratch()
             Pp, Gp, Mp, Fp = self.pointers(P), self.pointers(G), self.pointers(M), self.pointers(F)
-            self.launch("sumsq", dtype, plan.n_chunks, chunks=plan.chunks, G=Gp, partial=partial)
-            self.launch("fadam_eps", dtype, plan.n_tensors, meta=plan.meta, partial=partial, scal=scal,
-                        eps=eps, eps2=eps2, two_p=2 * p, two_p_is_one=int(2 * p == 1),
-                        eps2p=eps ** (2 * p), tiny=np.finfo(dtype).tiny)
-            self.launch("fadam_precond", dtype, plan.n_chunks, chunks=plan.chunks, P=Pp, G=Gp, F=Fp, scal=scal,
-                        partial2=partial2, b2h=beta2_hat, omb2h=1 - beta2_hat, pmode=pmode, pp=p)
-            self.launch("fadam_scales", dtype, plan.n_tensors, meta=plan.meta, partial2=partial2, scal=scal,
-                        clip=clip)
-            self.launch("fadam_apply", dtype, plan.n_chunks, chunks=plan.chunks, P=Pp, G=Gp, M=Mp, F=Fp,
-                        scal=scal, pmode=pmode, pp=p, b1=beta1, omb1=1 - beta1, lr=lr, wd=weight_decay)
+            launches += [
+                self.prepared("sumsq", dtype, plan.n_chunks, chunks=plan.chunks, G=Gp, partial=partial),
+                self.prepared("fadam_eps", dtype, plan.n_tensors, meta=plan.meta, partial=partial, scal=scal,
+                              eps=eps, eps2=eps2, two_p=2 * p, two_p_is_one=int(2 * p == 1),
+                              eps2p=eps ** (2 * p), tiny=np.finfo(dtype).tiny),
+                self.prepared("fadam_precond", dtype, plan.n_chunks, chunks=plan.chunks, P=Pp, G=Gp, F=Fp,
+                              scal=scal, partial2=partial2, b2h=beta2_hat, omb2h=1 - beta2_hat, pmode=pmode,
+                              pp=p),
+                self.prepared("fadam_scales", dtype, plan.n_tensors, meta=plan.meta, partial2=partial2,
+                              scal=scal, clip=clip),
+                self.prepared("fadam_apply", dtype, plan.n_chunks, chunks=plan.chunks, P=Pp, G=Gp, M=Mp, F=Fp,
+                              scal=scal, pmode=pmode, pp=p, b1=beta1, omb1=1 - beta1, lr=lr, wd=weight_decay),
+            ]
+        return launches
 
-    def coupled(self, params, grads, m, v_col, *, step, lr, beta1, beta2, eps, weight_decay):
+    def coupled_launches(self, params, grads, m, v_col, *, step, lr, beta1, beta2, eps, weight_decay):
         params = list(params)
         if not params:
-            return
+            return []
         step_size = lr / (1 - beta1**step)
         bc2s = math.sqrt(1 - beta2**step)
         grads, m, v_col = list(grads), list(m), list(v_col)
+        launches = []
         for dtype, idx in self.groups(params):
             P, G, M, Vc = _select(idx, params, grads, m, v_col)
             plan = self.plan("coupled", dtype, P)
             Gp, Vp = self.pointers(G), self.pointers(Vc)
-            self.launch("colsumsq", dtype, plan.n_tiles, tiles=plan.tiles, meta=plan.meta, G=Gp,
-                        partial=plan.partial)
-            self.launch("coupled_v", dtype, plan.n_ctiles, ctiles=plan.ctiles, meta=plan.meta,
-                        partial=plan.partial, Vc=Vp, b2=beta2, omb2=1 - beta2)
-            self.launch("coupled_apply", dtype, plan.n_chunks, chunks=plan.chunks, meta=plan.meta,
-                        P=self.pointers(P), G=Gp, M=self.pointers(M), Vc=Vp,
-                        decay=1 - lr * weight_decay, b1=beta1, omb1=1 - beta1,
-                        step_size=step_size, bc2s=bc2s, eps=eps)
+            launches += [
+                self.prepared("colsumsq", dtype, plan.n_tiles, tiles=plan.tiles, meta=plan.meta, G=Gp,
+                              partial=plan.partial),
+                self.prepared("coupled_v", dtype, plan.n_ctiles, ctiles=plan.ctiles, meta=plan.meta,
+                              partial=plan.partial, Vc=Vp, b2=beta2, omb2=1 - beta2),
+                self.prepared("coupled_apply", dtype, plan.n_chunks, chunks=plan.chunks, meta=plan.meta,
+                              P=self.pointers(P), G=Gp, M=self.pointers(M), Vc=Vp,
+                              decay=1 - lr * weight_decay, b1=beta1, omb1=1 - beta1,
+                              step_size=step_size, bc2s=bc2s, eps=eps),
+            ]
+        return launches
 
 
 def _select(idx, *lists):

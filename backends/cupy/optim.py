@@ -172,9 +172,10 @@ def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, 
                  clip=clip, p=p, weight_decay=weight_decay)
 
 
-def coupled_adam_step(params, grads, m, v_col, *, step, lr, beta1, beta2, eps, weight_decay):
-    """Multi-tensor, in place: Coupled Adam for V×d tensors, v_col[i] of shape (d,)."""
-    engine.coupled(params, grads, m, v_col, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):
+    """Multi-tensor, in place: Coupled Adam. ``coupled[i]`` True: a V×d tensor, v[i] of shape (d,);
+    False: AdamW, v[i] like params[i]."""
+    engine.coupled(params, grads, m, v, coupled=coupled, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                    weight_decay=weight_decay)
 
 

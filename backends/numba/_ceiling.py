@@ -23,7 +23,7 @@ import time
 import numpy as np
 from numba import njit, prange
 
-from ._core import addresses, as_pointer, dtype_groups, flat_chunks
+from ._core import addresses, as_pointer, dtype_groups, flat_chunks, launch
 
 BYTES_PER_ELEMENT = 3  # itemsizes moved per element: read a, read b, write a
 
@@ -80,12 +80,11 @@ def ceiling_on(a_list, b_list, scale: float = 0.0):
         nbytes += BYTES_PER_ELEMENT * dt.itemsize * sum(a_list[i].size for i in idx)
     keep = (a_list, b_list)  # the addresses are valid while these live
 
-    from .optim import _launch  # the optimizer kernels' rule: one thread below SERIAL_BELOW elements
     n = sum(a.size for a in a_list)
 
     def run():
         for args in calls:
-            _launch(_axpy_multi, n, *args)
+            launch(_axpy_multi, n, *args)
         return keep
     return run, nbytes
 

@@ -25,16 +25,54 @@ import threading
 import weakref
 from collections import OrderedDict
 
+import numba
 import numpy as np
 from numba import types
 from numba import njit
 from numba.extending import intrinsic
+
+from fisheropt._memory import DATA_OFFSET
 
 # Elements per chunk of the elementwise passes: 2^16 (256 KiB of float32) keeps
 # each chunk's working set in L2 and balances big and small tensors.
 CHUNK = 1 << 16
 
 _CACHE_MAX = 32
+
+# Below this many elements a kernel runs on the calling thread only: waking a
+# thread team costs more than it saves (and much more on a busy machine).
+# Results are the same bits either way (fixed chunks, fixed combination order).
+SERIAL_BELOW = 2 * CHUNK
+
+# Numba's "workqueue" threading layer aborts the process when two Python threads
+# enter parallel kernels at once, and set_num_threads below is process-wide state.
+# One lock around every parallel launch makes concurrent optimizers safe under every
+# layer; it costs nothing measurable since each launch already uses every core.
+KERNEL_LOCK = threading.RLock()
+
+
+def launch(kernel, n_elements, *args):
+    """Run a parallel kernel under the lock (one thread below SERIAL_BELOW elements)."""
+    with KERNEL_LOCK:
+        if n_elements < SERIAL_BELOW:
+            threads = numba.get_num_threads()
+            if threads != 1:
+                numba.set_num_threads(1)
+                try:
+                    return kernel(*args)
+                finally:
+                    numba.set_num_threads(threads)
+        return kernel(*args)
+
+
+def run_all(launches) -> None:
+    """Run prepared ``(kernel, n_elements, args)`` launches in order, under one lock hold.
+
+    The step functions allocate every argument before calling this, so a step
+    fails before its first write or not at all (backends/interface.py)."""
+    with KERNEL_LOCK:
+        for kernel, n, args in launches:
+            launch(kernel, n, *args)
 
 
 @intrinsic
@@ -87,27 +125,8 @@ def _slow_addresses(arrays, idx):
     return np.fromiter((arrays[i].__array_interface__["data"][0] for i in idx), np.int64, len(idx))
 
 
-def _probe_data_offset():
-    """Offset of ``data`` in CPython's PyArrayObject (after PyObject_HEAD), verified; None if not usable."""
-    import sys
-    if sys.implementation.name != "cpython" or not hasattr(sys, "getrefcount"):
-        return None
-    if getattr(sys, "_is_gil_enabled", lambda: True)() is False:
-        return None  # free-threaded build: a different object header; use the portable path
-    offset = np.int64(2 * np.dtype(np.intp).itemsize)  # ob_refcnt, ob_type
-    try:
-        probes = [np.zeros(5), np.zeros((3, 4), np.float32)[1:], np.zeros(()), np.zeros(0), np.arange(7.0)[::2]]
-        ids = np.array([id(a) for a in probes], dtype=np.int64)
-        out = np.empty(len(probes), dtype=np.int64)
-        _read_data_fields(ids, offset, out)
-        if [int(x) for x in out] != [a.__array_interface__["data"][0] for a in probes]:
-            return None
-    except Exception:
-        return None
-    return offset
-
-
-_DATA_OFFSET = _probe_data_offset()
+# Offset of ``data`` in CPython's PyArrayObject, probed and verified once (fisheropt._memory).
+_DATA_OFFSET = None if DATA_OFFSET is None else np.int64(DATA_OFFSET)
 _ndarray = np.ndarray
 
 

@@ -35,7 +35,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._core import CHUNK, PlanCache, addresses, as_pointer, dtype_groups, flat_chunks, fma64, row_chunks
+from ._core import (CHUNK, PlanCache, addresses, as_pointer, dtype_groups, flat_chunks, fma64, launch,
+                    row_chunks, run_all)
 
 __all__ = ["all_finite", "adam_step", "adamw_step", "fadam_step", "coupled_adam_step", "clear_cache"]
 
@@ -45,24 +46,7 @@ LANES = 64  # float64 accumulators per chunk in the reductions (vectorizable, fi
 # which bounds its float64 partials to COUPLED_MAX_BLOCKS * d per tensor.
 COUPLED_MAX_BLOCKS = 64
 
-# Below this many elements a kernel runs on the calling thread only: waking a
-# thread team costs more than it saves (and much more on a busy machine).
-# Results are the same bits either way (fixed chunks, fixed combination order).
-SERIAL_BELOW = 2 * CHUNK
-
 _plans = PlanCache()
-
-
-def _launch(kernel, n_elements, *args):
-    if n_elements < SERIAL_BELOW:
-        threads = numba.get_num_threads()
-        if threads != 1:
-            numba.set_num_threads(1)
-            try:
-                return kernel(*args)
-            finally:
-                numba.set_num_threads(threads)
-    return kernel(*args)
 
 
 def clear_cache() -> None:
@@ -126,7 +110,7 @@ def all_finite(arrays) -> bool:
     plan = _finite_plan(tuple((a.dtype, a.size) for a in arrays))
     for dt, idx, tens, start, stop, n in plan:
         mask, limit = _FINITE_BITS[dt]
-        if not _launch(_finite_kernel, n, addresses(arrays, idx), tens, start, stop, mask, limit):
+        if not launch(_finite_kernel, n, addresses(arrays, idx), tens, start, stop, mask, limit):
             return False
     return True
 
@@ -184,9 +168,10 @@ def _build_flat_plan(lists):
     return plan
 
 
-def _adam_like(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+def _adam_launches(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    """The kernel launches of one Adam/AdamW step, every argument allocated (nothing written yet)."""
     if not params:
-        return
+        return []
     plan = _plans.get("adam", (params, m, v), _build_flat_plan)
     step_size = lr / (1 - beta1**step)
     bc2 = math.sqrt(1 - beta2**step)
@@ -194,21 +179,23 @@ def _adam_like(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, d
         mode, wd = 2, 1 - lr * weight_decay
     else:
         mode, wd = (1 if weight_decay != 0 else 0), weight_decay
+    launches = []
     for dt, idx, (a_th, a_m, a_v), tens, start, stop, _first, _sizes, n in plan:
         T = dt.type
-        _launch(_adam_kernel, n, a_th, addresses(grads, idx), a_m, a_v, tens, start, stop,
-                     T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(bc2), T(eps),
-                     T(step_size), T(wd), mode)
+        launches.append((_adam_kernel, n, (a_th, addresses(grads, idx), a_m, a_v, tens, start, stop,
+                                           T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(bc2), T(eps),
+                                           T(step_size), T(wd), mode)))
+    return launches
 
 
 def adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
     """Multi-tensor, in place: the backend interface for Adam."""
-    _adam_like(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, False)
+    run_all(_adam_launches(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, False))
 
 
 def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
     """Multi-tensor, in place: the backend interface for AdamW."""
-    _adam_like(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, True)
+    run_all(_adam_launches(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay, True))
 
 
 # =============================================================================
@@ -359,14 +346,15 @@ def _rms(total, n):
 
 
 @njit(parallel=True, cache=True)
-def _fadam_kernel(a_th, a_g, a_m, a_f, sizes, ctens, cstart, cstop, first, ws, defer,
+def _fadam_kernel(a_th, a_g, a_m, a_f, sizes, ctens, cstart, cstop, first, ws, defer, part, resum,
                   b1, omb1, b2h, omb2h, lr, wd, p_t, pmode, eps, eps2, two_p, clip, tiny):
     # ws (parameter dtype): ε_t per tensor, the two clip scales per tensor, then the guess.
     # defer (uint8 per tensor, kept in the plan): 1 = the guess failed on the last step.
+    # part (float64, 3 per chunk): Σg², Σḡ², Σw̄²; resum (uint8 per tensor, zeroed by the
+    # caller): 1 = Σḡ², Σw̄² still to be (re)computed. Allocated by the caller: a kernel
+    # that allocates could fail after an earlier kernel of the same step has written.
     nch = ctens.size
     ntens = sizes.size
-    part = np.zeros(3 * nch, np.float64)   # per chunk: Σg², Σḡ², Σw̄²
-    resum = np.zeros(ntens, np.uint8)      # 1: Σḡ², Σw̄² still to be (re)computed
     one = ws.dtype.type(1)
     guess = ws[3 * ntens:]
     guess[0] = eps ** two_p                # ε^{2p}, rounded to the parameter dtype
@@ -450,30 +438,38 @@ def _build_fadam_plan(lists):
     return [entry + (np.zeros(len(entry[1]), dtype=np.uint8),) for entry in _build_flat_plan(lists)]
 
 
-def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
-    """Multi-tensor, in place: the backend interface for FAdam."""
+def _fadam_launches(params, grads, m, f, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     if not params:
-        return
+        return []
     plan = _plans.get("fadam", (params, m, f), _build_fadam_plan)
     beta2_hat = beta2 * (1 - beta2 ** (step - 1)) / (1 - beta2**step)
+    launches = []
     for dt, idx, (a_th, a_m, a_f), tens, start, stop, first, sizes, n, defer in plan:
         T = dt.type
-        ws = np.empty(3 * len(idx) + 1, dtype=dt)
-        _launch(_fadam_kernel, n, a_th, addresses(grads, idx), a_m, a_f, sizes, tens, start, stop, first,
-                ws, defer, T(beta1), T(1 - beta1), T(beta2_hat), T(1 - beta2_hat), T(lr), T(weight_decay),
-                T(p), _pmode(p), float(eps), float(eps2), float(2 * p), float(clip), np.finfo(dt).tiny)
+        scratch = (np.empty(3 * len(idx) + 1, dtype=dt), defer,
+                   np.zeros(3 * tens.size, np.float64), np.zeros(len(idx), np.uint8))
+        launches.append((_fadam_kernel, n, (
+            a_th, addresses(grads, idx), a_m, a_f, sizes, tens, start, stop, first, *scratch,
+            T(beta1), T(1 - beta1), T(beta2_hat), T(1 - beta2_hat), T(lr), T(weight_decay),
+            T(p), _pmode(p), float(eps), float(eps2), float(2 * p), float(clip), np.finfo(dt).tiny)))
+    return launches
+
+
+def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
+    """Multi-tensor, in place: the backend interface for FAdam."""
+    run_all(_fadam_launches(params, grads, m, f, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay))
 
 
 # =============================================================================
 # Coupled Adam
 # =============================================================================
 @njit(parallel=True, cache=True)
-def _coupled_kernel(a_th, a_g, a_m, a_vc, rows, cols, rtens, rstart, rstop, rfirst, poff, plen,
+def _coupled_kernel(a_th, a_g, a_m, a_vc, rows, cols, rtens, rstart, rstop, rfirst, poff, part,
                     utens, ustart, ustop, doff, ws, itemsize,
                     b1, omb1, b2, omb2, bc2, eps, step_size, decay):
+    # part: float64 column partials, zeroed by the caller (see _fadam_kernel on why).
     nr = rtens.size
     ntens = rows.size
-    part = np.zeros(plen, np.float64)
 
     # Pass 1: per row block, column sums of g² in float64 (rows in order within the block).
     # (The partial row is addressed through a pointer: plain `part[o + j]` indexing keeps a
@@ -539,20 +535,32 @@ def _build_coupled_plan(lists):
     return plan
 
 
-def coupled_adam_step(params, grads, m, v_col, *, step, lr, beta1, beta2, eps, weight_decay):
-    """Multi-tensor, in place: the backend interface for Coupled Adam.
-
-    Every tensor here is coupled (2-D, shape V×d, v_col[i] of shape (d,))."""
+def _coupled_launches(params, grads, m, v_col, step, lr, beta1, beta2, eps, weight_decay):
     if not params:
-        return
+        return []
     plan = _plans.get("coupled", (params, m, v_col), _build_coupled_plan)
     step_size = lr / (1 - beta1**step)
     bc2 = math.sqrt(1 - beta2**step)
+    launches = []
     for (dt, idx, (a_th, a_m, a_vc), rows, cols, rtens, rstart, rstop, rfirst, poff, plen,
          utens, ustart, ustop, doff, dlen, n) in plan:
         T = dt.type
-        ws = np.empty(dlen, dtype=dt)
-        _launch(_coupled_kernel, n, a_th, addresses(grads, idx), a_m, a_vc, rows, cols, rtens, rstart, rstop,
-                        rfirst, poff, plen, utens, ustart, ustop, doff, ws, dt.itemsize,
-                        T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(bc2), T(eps),
-                        T(step_size), T(1 - lr * weight_decay))
+        launches.append((_coupled_kernel, n, (
+            a_th, addresses(grads, idx), a_m, a_vc, rows, cols, rtens, rstart, rstop, rfirst, poff,
+            np.zeros(plen, np.float64), utens, ustart, ustop, doff, np.empty(dlen, dtype=dt), dt.itemsize,
+            T(beta1), T(1 - beta1), T(beta2), T(1 - beta2), T(bc2), T(eps), T(step_size),
+            T(1 - lr * weight_decay))))
+    return launches
+
+
+def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):
+    """Multi-tensor, in place: the backend interface for Coupled Adam.
+
+    ``coupled[i]`` True: a V×d tensor with v[i] of shape (d,); False: AdamW with
+    v[i] like params[i]. Both kinds are prepared before either runs."""
+    hp = (step, lr, beta1, beta2, eps, weight_decay)
+    yes = [i for i, c in enumerate(coupled) if c]
+    no = [i for i, c in enumerate(coupled) if not c]
+    pick = lambda idx, lst: [lst[i] for i in idx]  # noqa: E731
+    run_all(_adam_launches(*(pick(no, x) for x in (params, grads, m, v)), *hp, True)
+            + _coupled_launches(*(pick(yes, x) for x in (params, grads, m, v)), *hp))
