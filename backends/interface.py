@@ -11,6 +11,13 @@ Conventions shared by all step functions
   may update all tensors in one pass; nothing is returned.
 * ``step`` is the 1-based index t of the update being applied (the optimizer
   increments its counter before calling, as torch.optim does).
+* ``step`` and every hyperparameter are either one value for all tensors or a
+  list/tuple with one value per tensor (torch param groups with their own
+  learning rate, parameters with their own step count): one call still
+  updates every tensor. Pairs such as ``betas`` arrive split (``beta1``,
+  ``beta2``). The host scalars derived from them (bias corrections, β̂₂, step
+  size) come from the rule's ``coefficients`` function in its descriptor
+  (fisheropt.refimpl.rule), computed per tensor in float64.
 * Arithmetic is elementwise in the parameter dtype (float32 or float64);
   scalar coefficients (bias corrections, lr·wd, ...) are computed in float64
   on the host and rounded to the parameter dtype. Global reductions (RMS,

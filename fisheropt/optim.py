@@ -80,42 +80,10 @@ class Optimizer:
         return self.rule.state_names
 
     def _checked(self, hp: dict) -> dict:
-        """Every hyperparameter of the rule, validated against its descriptor."""
-        out = {}
-        for h in self.rule.hyperparams:
-            value = hp[h.name]
-            if h.names:
-                if not isinstance(value, (tuple, list)) or len(value) != len(h.names):
-                    raise ValueError(f"{h.name} must be a pair ({', '.join(h.names)}), got {value!r}")
-                out[h.name] = tuple(_checks.check_real(f"{h.name}[{i}]", x, low=h.low, high=h.high,
-                                                       low_open=h.low_open, high_open=h.high_open)
-                                    for i, x in enumerate(value))
-            else:
-                out[h.name] = _checks.check_real(h.name, value, low=h.low, high=h.high,
-                                                 low_open=h.low_open, high_open=h.high_open)
-        _checks.check_representable(out, self._dtypes,
-                                    normal=tuple(h.name for h in self.rule.hyperparams if h.normal))
-        return out
+        return check_hyperparams(self.rule, hp, self._dtypes)
 
     def _checked_flags(self, flags):
-        """The rule's per-tensor flags (Coupled Adam's ``coupled``), one bool per parameter."""
-        flag = self.rule.tensor_flag
-        if flag is None:
-            return None
-        name = flag.name
-        if flags is None:
-            raise ValueError(f"{name} is required: one bool per parameter ({flag.doc})")
-        if isinstance(flags, (str, bytes)) or not hasattr(flags, "__iter__"):
-            raise TypeError(f"{name} must be a sequence of bools, one per parameter, got {type(flags).__name__}")
-        flags = list(flags)
-        if len(flags) != len(self.params):
-            raise ValueError(f"{name} has {len(flags)} entries for {len(self.params)} params")
-        flags = tuple(_checks.check_bool(f"{name}[{i}]", c) for i, c in enumerate(flags))
-        for i, (c, p) in enumerate(zip(flags, self.params)):
-            if c and (p.ndim != 2 or p.shape[0] == 0):
-                raise ValueError(f"{name}[{i}] is True but params[{i}] has shape {tuple(p.shape)}; "
-                                 f"a {name} tensor must be 2-D (V×d, rows = vocabulary) with V ≥ 1")
-        return flags
+        return check_tensor_flags(self.rule, flags, self.params)
 
     @property
     def lr(self) -> float:
@@ -227,6 +195,49 @@ class Optimizer:
         return f"{type(self).__name__}({len(self.params)} tensors, {hp}, backend={self.backend.NAME!r})"
 
 
+def check_hyperparams(rule: Rule, hp: dict, dtypes) -> dict:
+    """Every hyperparameter of ``rule``, validated against its descriptor (ranges, pairs,
+    finite and, where the kernels divide by it, normal in each parameter dtype)."""
+    missing = [h.name for h in rule.hyperparams if h.name not in hp]
+    if missing:
+        raise TypeError(f"{rule.title}: missing hyperparameter(s) {', '.join(missing)}")
+    out = {}
+    for h in rule.hyperparams:
+        value = hp[h.name]
+        if h.names:
+            if not isinstance(value, (tuple, list)) or len(value) != len(h.names):
+                raise ValueError(f"{h.name} must be a pair ({', '.join(h.names)}), got {value!r}")
+            out[h.name] = tuple(_checks.check_real(f"{h.name}[{i}]", x, low=h.low, high=h.high,
+                                                   low_open=h.low_open, high_open=h.high_open)
+                                for i, x in enumerate(value))
+        else:
+            out[h.name] = _checks.check_real(h.name, value, low=h.low, high=h.high,
+                                             low_open=h.low_open, high_open=h.high_open)
+    _checks.check_representable(out, dtypes, normal=tuple(h.name for h in rule.hyperparams if h.normal))
+    return out
+
+
+def check_tensor_flags(rule: Rule, flags, params):
+    """The rule's per-tensor flags (Coupled Adam's ``coupled``), one bool per parameter; None if it has none."""
+    flag = rule.tensor_flag
+    if flag is None:
+        return None
+    name = flag.name
+    if flags is None:
+        raise ValueError(f"{name} is required: one bool per parameter ({flag.doc})")
+    if isinstance(flags, (str, bytes)) or not hasattr(flags, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of bools, one per parameter, got {type(flags).__name__}")
+    flags = list(flags)
+    if len(flags) != len(params):
+        raise ValueError(f"{name} has {len(flags)} entries for {len(params)} params")
+    flags = tuple(_checks.check_bool(f"{name}[{i}]", c) for i, c in enumerate(flags))
+    for i, (c, p) in enumerate(zip(flags, params)):
+        if c and (p.ndim != 2 or p.shape[0] == 0):
+            raise ValueError(f"{name}[{i}] is True but params[{i}] has shape {tuple(p.shape)}; "
+                             f"a {name} tensor must be 2-D (V×d, rows = vocabulary) with V ≥ 1")
+    return flags
+
+
 def optimizer_class(rule: Rule) -> type:
     """The :class:`Optimizer` subclass of ``rule``, with an explicit signature from its descriptor:
     ``Cls(params, <hyperparameters with defaults>, [<tensor flag>], *, backend="auto", check_finite=True)``."""
@@ -267,4 +278,4 @@ def _docstring(rule: Rule) -> str:
 #: Rule name -> optimizer class, one per rule of the registry.
 CLASSES = {name: optimizer_class(rule) for name, rule in RULES.items()}
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
-__all__ = ["Optimizer", "optimizer_class", "CLASSES", "STATE_FORMAT", *(c.__name__ for c in CLASSES.values())]
+__all__ = ["Optimizer", "optimizer_class", "check_hyperparams", "check_tensor_flags", "CLASSES", "STATE_FORMAT", *(c.__name__ for c in CLASSES.values())]

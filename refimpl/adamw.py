@@ -8,7 +8,7 @@ never enters the moments:
     m_t &= \beta_1 m_{t-1} + (1-\beta_1)\,g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2)\,g_t^2 \\
     \theta_t &= \theta - \frac{\alpha}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 """
-from ._multi_tensor import apply_updates
+from ._multi_tensor import apply_updates, per_tensor
 from .adam import adam_direction
 from .rule import Rule, StateArray, adam_coefficients, betas_param, eps_param, lr_param, weight_decay_param
 
@@ -23,10 +23,9 @@ def adamw_update(theta, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay):
 
 def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
     """Multi-tensor, in place: the backend interface for AdamW (all tensors computed, then written)."""
-    apply_updates((params, m, v), [
-        adamw_update(theta_i, g_i, m_i, v_i, t=step, lr=lr, beta1=beta1, beta2=beta2,
-                     eps=eps, weight_decay=weight_decay)
-        for theta_i, g_i, m_i, v_i in zip(params, grads, m, v)])
+    hps = per_tensor(len(params), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    apply_updates((params, m, v), [adamw_update(theta_i, g_i, m_i, v_i, **hp)
+                                   for theta_i, g_i, m_i, v_i, hp in zip(params, grads, m, v, hps)])
 
 
 RULE = Rule(
