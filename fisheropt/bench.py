@@ -47,22 +47,73 @@ NUMPY_MAX_ELEMENTS = 1 << 22
 
 
 # ---- problems -----------------------------------------------------------------
+# Largest size accepted (elements of one tensor): 2^31, 8 GiB per float32 array; a row holds
+# several such arrays (params, grads, optimizer state per backend), so larger is never sane here.
+MAX_SIZE = 1 << 31
+_SIZE_HELP = "a positive whole number of elements (2^25, 2**25, 1048576, 1e6) or 'many'"
+
+
 def parse_size(text: str):
-    """'many' or a positive element count ('2^25', '1048576', '1e6')."""
+    """'many' or a positive element count ('2^25', '2**25', '1048576', '1e6'), at most MAX_SIZE.
+
+    Anything else raises argparse.ArgumentTypeError with a one-line reason."""
     t = str(text).strip().lower()
     if t == "many":
         return "many"
-    if "^" in t:
-        base, exp = t.split("^", 1)
-        n = int(base) ** int(exp)
-    elif "**" in t:
-        base, exp = t.split("**", 1)
-        n = int(base) ** int(exp)
-    else:
-        n = int(float(t))
+    try:
+        if "^" in t or "**" in t:
+            base, exp = t.split("^", 1) if "^" in t else t.split("**", 1)
+            base, exp = int(base), int(exp)
+            if exp < 0:
+                raise argparse.ArgumentTypeError(f"size {text!r}: the exponent must not be negative")
+            if abs(base) > 1 and exp > MAX_SIZE.bit_length():  # too large; never compute the power
+                n = (MAX_SIZE + 1) * (-1 if base < 0 and exp % 2 else 1)
+            else:
+                n = base ** exp
+        else:
+            try:
+                n = int(t)
+            except ValueError:
+                x = float(t)
+                if not math.isfinite(x):
+                    raise argparse.ArgumentTypeError(f"size {text!r} is not a finite number") from None
+                if not x.is_integer():
+                    raise argparse.ArgumentTypeError(f"size {text!r} is not a whole number of elements") from None
+                n = int(x)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected {_SIZE_HELP}") from None
     if n <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    if n > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too large (at most 2^{MAX_SIZE.bit_length() - 1} "
+                                         f"= {MAX_SIZE} elements)")
     return n
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
+def backend_name(text: str) -> str:
+    """argparse type for --backends: a known fisheropt backend that is usable here on host arrays."""
+    from fisheropt import backends
+
+    if text not in backends.KNOWN:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}; known backends: {', '.join(backends.KNOWN)}")
+    reason = backends.unavailable().get(text)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"backend {text!r} is not usable here: {reason}")
+    if backends.get(text).array_module is not np:
+        raise argparse.ArgumentTypeError(f"backend {text!r} works on device arrays; fisheropt bench times "
+                                         "host (NumPy) arrays only")
+    return text
 
 
 def size_label(size) -> str:
@@ -310,26 +361,50 @@ def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselin
     return rows
 
 
-def main(argv=None) -> int:
+def _duplicate(values):
+    seen = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fisheropt bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", type=parse_size, default=None,
-                    help="element counts (2^25, 1048576) or 'many' (default: 2^16 2^20 2^25 many)")
+    ap.add_argument("--sizes", nargs="+", type=parse_size, default=None, metavar="SIZE",
+                    help=f"element counts (2^25, 1048576, 1e6; at most 2^{MAX_SIZE.bit_length() - 1}) or 'many' "
+                         "(default: 2^16 2^20 2^25 many)")
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
-    ap.add_argument("--backends", nargs="+", default=["numpy", "numba"],
-                    help="fisheropt backends to time (unusable ones are skipped)")
-    ap.add_argument("--repeats", type=int, default=None, help="steps timed per row (median; default 5, --quick 2)")
+    ap.add_argument("--backends", nargs="+", type=backend_name, default=None, metavar="BACKEND",
+                    help="fisheropt backends to time (default: numpy and numba, those usable here; "
+                         "naming an unknown or unusable one is an error)")
+    ap.add_argument("--repeats", type=positive_int, default=None,
+                    help="steps timed per row, >= 1 (median; default 5, --quick 2)")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--quick", action="store_true", help="fewer sizes (no 2^25) and repeats")
     ap.add_argument("--numpy-large", action="store_true",
                     help=f"also time the numpy reference above {NUMPY_MAX_ELEMENTS} elements (slow)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    dup = _duplicate(args.backends or ())
+    if dup is not None:  # one measurement per backend: a second copy would only repeat its row
+        ap.error(f"argument --backends: {dup!r} given twice")
     sizes = args.sizes or [parse_size(s) for s in (QUICK_SIZES if args.quick else DEFAULT_SIZES)]
-    repeats = args.repeats or (2 if args.quick else 5)
-    if repeats < 1:
-        ap.error("--repeats must be >= 1")
-    run(args.rules, sizes, args.backends, np.dtype(args.dtype), repeats,
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    if args.backends is None:
+        import fisheropt as fo
+        usable = fo.backends.available()
+        backends = [b for b in ("numpy", "numba") if b in usable]
+    else:
+        backends = args.backends
+    run(args.rules, sizes, backends, np.dtype(args.dtype), repeats,
         numpy_large=args.numpy_large, torch_baselines=not args.no_torch)
     return 0
 

@@ -15,6 +15,8 @@ where they are. ``--quick`` is a sub-minute smoke run of the same code.
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -22,16 +24,100 @@ from pathlib import Path
 from . import __version__
 
 
+# Seeds go to numpy.random.default_rng; the CLI takes NumPy's classic seed range, 0 .. 2**32-1.
+SEED_MAX = 2**32 - 1
+
+
 def _default_out(name: str) -> Path:
     return Path.cwd() / "fisheropt-out" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def out_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be the output folder (None when it can be used or created).
+
+    It must be an existing directory, or not exist yet with its nearest existing
+    ancestor a directory this process can write into. Checked before anything is created."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):  # not there yet (or under a file: reported below)
+        st = None
+    except (OSError, ValueError) as exc:  # e.g. name too long, embedded NUL, no permission
+        return f"cannot use {str(path)!r}: {getattr(exc, 'strerror', None) or exc}"
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{str(path)!r} exists and is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"no permission to write into {str(path)!r}"
+        return None
+    ancestor = Path(os.path.abspath(path)).parent
+    while True:
+        try:
+            st = os.stat(ancestor)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if ancestor.parent == ancestor:
+                return f"cannot create {str(path)!r}: no existing parent folder"
+            ancestor = ancestor.parent
+        except (OSError, ValueError) as exc:
+            return f"cannot create {str(path)!r}: {getattr(exc, 'strerror', None) or exc} ({ancestor})"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"cannot create {str(path)!r}: {str(ancestor)!r} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create {str(path)!r}: no permission to write into {str(ancestor)!r}"
+    return None
+
+
+def out_dir_arg(text: str) -> Path:
+    """argparse type for --out: a folder that exists or can be created (nothing is created here)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a folder name, got an empty string")
+    path = Path(text)
+    problem = out_problem(path)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return path
+
+
+def seed_arg(text: str) -> int:
+    """argparse type for --seed: an integer NumPy accepts as a seed, 0 .. 2**32-1."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = None
+    if seed is None or not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_MAX} (2**32-1), got {text!r}")
+    return seed
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a small, sub-minute run of the same code (smoke test)")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="folder for report.md and the plots (default: fisheropt-out/<name>-<time>)")
-    p.add_argument("--seed", type=int, default=0, help="base random seed (default 0)")
+    p.add_argument("--out", type=out_dir_arg, default=None, metavar="DIR",
+                   help="folder for report.md and the plots (default: fisheropt-out/<name>-<time>); "
+                        "an existing folder is written into")
+    p.add_argument("--seed", type=seed_arg, default=0, metavar="N",
+                   help=f"base random seed, 0 to {SEED_MAX} (default 0)")
+
+
+def _experiment_name_arg(text: str) -> str:
+    from .experiments import EXPERIMENTS
+
+    if text != "all" and text not in EXPERIMENTS:
+        raise argparse.ArgumentTypeError(f"unknown experiment {text!r}; choose from: "
+                                         f"{', '.join(sorted(EXPERIMENTS))}, all")
+    return text
+
+
+def _make_out(path: Path, parser: argparse.ArgumentParser) -> None:
+    """Create the output folder; a folder that cannot be made is a usage error (exit 2), not a traceback."""
+    problem = out_problem(path)
+    if problem is None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        except OSError as exc:
+            problem = f"cannot create {str(path)!r}: {exc.strerror or exc}"
+    parser.error(f"--out: {problem}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "FAdam and natural-gradient descent (EF, SF, iEF) on every available "
                                       "backend; print a table and write loss curves.")
     _add_common(demo)
+    demo.set_defaults(subparser=demo)
 
     names = ", ".join(sorted(EXPERIMENTS))
     exp = sub.add_parser("experiment", help=f"run one experiment ({names}, or all)",
                          description=f"Run a small-scale reproduction of a paper's claim. Experiments: {names}; "
                                      "'all' runs every one into subfolders of --out.")
-    exp.add_argument("name", nargs="?", help="experiment name, or 'all'")
+    exp.add_argument("name", nargs="?", type=_experiment_name_arg, help="experiment name, or 'all'")
     exp.add_argument("--list", action="store_true", help="list the experiments and exit")
     _add_common(exp)
+    exp.set_defaults(subparser=exp)
 
     bench = sub.add_parser("bench", help="benchmarks (arguments are passed to fisheropt.bench)", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
@@ -68,7 +156,7 @@ def _run_demo(args) -> int:
     from . import demo
 
     out = args.out or _default_out("demo")
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(out, args.subparser)
     demo.run(quick=args.quick, out_dir=out, seed=args.seed, verbose=True)
     print(f"\nReport and plots: {out.resolve()}")
     return 0
@@ -89,14 +177,19 @@ def _run_experiment(args, parser) -> int:
         return 0 if args.list else 2
     names = sorted(experiments.EXPERIMENTS) if args.name == "all" else [args.name]
     unknown = [n for n in names if n not in experiments.EXPERIMENTS]
-    if unknown:
-        parser.error(f"unknown experiment {unknown[0]!r}; choose from: "
-                     f"{', '.join(sorted(experiments.EXPERIMENTS))}, all")
+    if unknown:  # normally caught while parsing (the name's type check)
+        args.subparser.error(f"unknown experiment {unknown[0]!r}; choose from: "
+                             f"{', '.join(sorted(experiments.EXPERIMENTS))}, all")
     base = args.out or _default_out("experiment-" + args.name)
+    outs = {name: base / name if len(names) > 1 else base for name in names}
+    for out in outs.values():  # every folder checked before the first experiment starts
+        problem = out_problem(out)
+        if problem:
+            args.subparser.error(f"--out: {problem}")
     status = 0
     for name in names:
-        out = base / name if len(names) > 1 else base
-        out.mkdir(parents=True, exist_ok=True)
+        out = outs[name]
+        _make_out(out, args.subparser)
         print(f"== experiment {name}{' (quick)' if args.quick else ''} ==")
         start = time.perf_counter()
         result = experiments.run(name, quick=args.quick, out_dir=out, seed=args.seed)
@@ -125,7 +218,9 @@ def main(argv=None) -> int:
         result = bench.main(argv[1:])
         return int(result or 0)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, so that its usage line is the one shown
+        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "demo":
             return _run_demo(args)

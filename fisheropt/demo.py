@@ -1,19 +1,27 @@
 """``fisheropt demo``: what the library is for, in a few minutes on a laptop CPU.
 
-A one-hidden-layer NumPy MLP (:class:`fisheropt.refimpl.models.MLP`) learns
+A one-hidden-layer NumPy MLP (:class:`fisheropt.workloads.models.MLP`) learns
 scikit-learn's bundled 8×8 digits (offline) with
 
-* the adaptive optimizers ``fisheropt.Adam``, ``AdamW`` and ``FAdam`` (mean
+* every optimizer of the rule registry (:data:`fisheropt.refimpl.RULES`: Adam,
+  AdamW, CoupledAdam, FAdam, ... and any rule added later), from its class
+  ``fisheropt.<rule.title>`` with the rule's defaults and lr 3e-3 (mean
   cross-entropy gradients, ``opt.step(grads)``), and
-* natural-gradient descent θ ← θ − η d with the directions
-  ``fisheropt.fisher.ngd_direction(kind)`` for the empirical Fisher (EF), the
-  sampled Fisher (SF) and the improved empirical Fisher (iEF),
+* natural-gradient descent θ ← θ − η d with every direction
+  ``fisheropt.fisher.ngd_direction(kind)`` of :data:`fisheropt.fisher.KINDS`: the
+  exact Fisher, the empirical Fisher (EF), the sampled Fisher (SF) and the
+  improved empirical Fisher (iEF),
 
-on every backend that :func:`fisheropt.backends.available` lists. It prints a
-table (final train loss, test accuracy, time per training step, backend) and
-writes ``loss_curves.png``, ``test_accuracy.png``, ``report.md`` and
-``metrics.json`` into the output folder. Everything is seeded: the same seed
-gives the same numbers.
+on every backend that :func:`fisheropt.backends.available` lists. It writes
+``report.md`` and ``metrics.json`` and prints a table (final train loss, test
+accuracy, time per training step, backend) before it draws ``loss_curves.png``
+and ``test_accuracy.png`` into the output folder, so a missing matplotlib costs
+only the plots. Everything is seeded: the same seed gives the same numbers.
+
+A rule with a per-tensor flag (Coupled Adam's ``coupled``: a V×d matrix whose
+rows are a vocabulary) gets the first-layer weight W1 (64 pixels × hidden)
+flagged: the input pixels play the vocabulary. The MLP has no embedding; W1 is
+the one matrix whose rows are indexed by input symbols, as an embedding's are.
 
 CuPy: the model runs on the host, so on the cupy backend the gradients (or G)
 are copied to the GPU, the update/direction is computed there and copied back;
@@ -29,15 +37,53 @@ import numpy as np
 import fisheropt as fo
 from fisheropt import fisher
 from fisheropt.experiments import _common as C
-from fisheropt.refimpl.models import MLP, load_digits_split
+from fisheropt.refimpl import RULES
+from fisheropt.workloads.models import MLP, load_digits_split
 
 FULL = dict(hidden=32, batch=64, epochs=10)
 QUICK = dict(hidden=16, batch=64, epochs=2, n_train=384)
-ADAPTIVE = {"Adam": (fo.Adam, dict(lr=3e-3)), "AdamW": (fo.AdamW, dict(lr=3e-3)),
-            "FAdam": (fo.FAdam, dict(lr=3e-3))}
-NGD = {"NGD-EF": "ef", "NGD-SF": "sf", "NGD-iEF": "ief"}
+ADAPTIVE_LR = 3e-3
+#: method label -> rule, for every rule of the registry (the label is the class name).
+ADAPTIVE = {rule.title: rule for rule in RULES.values()}
+FIRST_LAYER_WEIGHT = 0   # index of W1 in MLP.params = [W1, b1, W2, b2]
+_KIND_LABELS = {"exact": "exact", "ef": "EF", "sf": "SF", "ief": "iEF"}
+#: method label -> kind of fisheropt.fisher.ngd_direction, for every kind.
+NGD = {f"NGD-{_KIND_LABELS.get(kind, kind)}": kind for kind in fisher.KINDS}
 NGD_LR, NGD_DAMPING = 0.1, 1.0
 METHODS = (*ADAPTIVE, *NGD)
+
+
+def make_optimizer(rule, params, backend):
+    """``fisheropt.<rule.title>`` on ``params`` with the rule's defaults and lr ADAPTIVE_LR; a
+    tensor flag (Coupled Adam's ``coupled``) marks params[FIRST_LAYER_WEIGHT] only."""
+    kwargs = {**rule.defaults(), "lr": ADAPTIVE_LR}
+    if rule.tensor_flag is not None:
+        kwargs[rule.tensor_flag.name] = [i == FIRST_LAYER_WEIGHT for i in range(len(params))]
+    return getattr(fo, rule.title)(params, backend=backend, **kwargs)
+
+
+def method_notes() -> list[str]:
+    """One line per method whose setup needs saying: a rule's flagged tensor, the NGD step."""
+    notes = [f"{rule.title}: {rule.tensor_flag.name}=True for the first-layer weight W1 only: the MLP has no "
+             f"embedding, so W1's rows (the 64 input pixels) play the vocabulary; the other tensors have "
+             f"{rule.tensor_flag.name}=False"
+             for rule in ADAPTIVE.values() if rule.tensor_flag is not None]
+    notes.append(f"NGD-*: θ ← θ − {NGD_LR} d, d = fisheropt.fisher.ngd_direction(kind, damping={NGD_DAMPING}) "
+                 "on the summed batch loss (SF: one sampled label per image)")
+    return notes
+
+
+def _ngd_inputs(kind, model, X, y, rng) -> dict:
+    """The arrays besides G that ``fisher.ngd_direction(kind)`` takes, computed only when needed."""
+    if kind == "ef":
+        return {}
+    probs = model.probs(X)
+    if kind == "ief":
+        return {"s": fisher.logit_grad_sq_norms(probs, y)}
+    inputs = {"J": model.logit_jacobians(X), "probs": probs}
+    if kind == "sf":
+        inputs["labels_sampled"] = fisher.sample_labels(probs, 1, seed=rng)
+    return inputs
 
 
 class _Transfer:
@@ -60,11 +106,10 @@ def train(method, backend, data, cfg, seed):
     N = X_tr.shape[0]
     model = MLP(X_tr.shape[1], cfg["hidden"], 10, seed=seed)
     rng = np.random.default_rng([seed, 5])
-    io = _Transfer(backend)
+    transfer = _Transfer(backend)
     if method in ADAPTIVE:
-        cls, hp = ADAPTIVE[method]
-        dev_params = [io.to(p) for p in model.params]
-        opt = cls(dev_params, backend=backend, **hp)
+        device_params = [transfer.to(p) for p in model.params]
+        opt = make_optimizer(ADAPTIVE[method], device_params, backend)
     curve = {"train_loss": [model.loss(X_tr, y_tr) / N], "test_acc": [model.accuracy(X_te, y_te)]}
     step_times = []
     for _ in C.progress(range(cfg["epochs"]), desc=f"{method} [{backend}]"):
@@ -75,32 +120,24 @@ def train(method, backend, data, cfg, seed):
             t0 = time.perf_counter()
             if method in ADAPTIVE:
                 _, grads = model.loss_and_grads(X, y)
-                opt.step([io.to(g / idx.size) for g in grads])
-                if io.device:
-                    for host, dev in zip(model.params, dev_params):
-                        host[...] = io.back(dev)
+                opt.step([transfer.to(g / idx.size) for g in grads])
+                if transfer.device:
+                    for host, device in zip(model.params, device_params):
+                        host[...] = transfer.back(device)
             else:
                 kind = NGD[method]
                 G = model.per_sample_grads(X, y)
-                kw = {}
-                if kind == "ief":
-                    kw["s"] = io.to(fisher.logit_grad_sq_norms(model.probs(X), y))
-                elif kind == "sf":
-                    probs = model.probs(X)
-                    kw.update(J=io.to(model.logit_jacobians(X)), probs=io.to(probs),
-                              labels_sampled=io.to(fisher.sample_labels(probs, 1, seed=rng)))
-                d = io.back(fisher.ngd_direction(kind, G=io.to(G), damping=NGD_DAMPING, backend=backend, **kw))
-                offset = 0
-                for p in model.params:            # θ ← θ − η d, in place
-                    p -= NGD_LR * d[offset:offset + p.size].reshape(p.shape)
-                    offset += p.size
+                inputs = {name: transfer.to(a) for name, a in _ngd_inputs(kind, model, X, y, rng).items()}
+                d = transfer.back(fisher.ngd_direction(kind, G=transfer.to(G), damping=NGD_DAMPING,
+                                                       backend=backend, **inputs))
+                for p, d_p in zip(model.params, model.unflatten(d)):     # θ ← θ − η d, in place
+                    p -= NGD_LR * d_p
             step_times.append(time.perf_counter() - t0)
         curve["train_loss"].append(model.loss(X_tr, y_tr) / N)
         curve["test_acc"].append(model.accuracy(X_te, y_te))
-    # Skip the first steps (JIT compilation, caches) when timing.
-    warm = step_times[min(5, len(step_times) - 1):]
+    steps_after_warmup = step_times[min(5, len(step_times) - 1):]     # JIT compilation, caches
     row = {"method": method, "backend": backend, "train_loss": curve["train_loss"][-1],
-           "test_acc": curve["test_acc"][-1], "step_ms": 1e3 * float(np.median(warm)),
+           "test_acc": curve["test_acc"][-1], "step_ms": 1e3 * float(np.median(steps_after_warmup)),
            "steps": len(step_times)}
     return row, curve
 
@@ -130,35 +167,47 @@ def run(*, quick: bool = False, out_dir: Path, seed: int = 0, verbose: bool = Fa
             rows.append(row)
             curves[(method, backend)] = curve
 
-    plots = [_plot(out_dir / "loss_curves.png", curves, backends, "train_loss", "train loss (mean CE)", True),
-             _plot(out_dir / "test_accuracy.png", curves, backends, "test_acc", "test accuracy", False)]
     cols = ["method", "backend", "train_loss", "test_acc", "step_ms"]
     heads = {"train_loss": "final train loss", "test_acc": "test accuracy", "step_ms": "ms/step"}
     table_text = C.text_table(rows, cols, heads)
+    notes = method_notes()
     report = f"""# fisheropt demo
 
 Digits MLP (64-{cfg['hidden']}-10, tanh), {X_tr.shape[0]} training / {X_te.shape[0]} test images, {cfg['epochs']} epochs,
 minibatch {cfg['batch']}, seed {seed}{" (quick mode)" if quick else ""}.
-Adaptive optimizers: lr 3e-3, library defaults otherwise, mean cross-entropy gradients.
+Optimizers: every rule of `fisheropt.refimpl.RULES` ({', '.join(ADAPTIVE)}), lr {ADAPTIVE_LR:g}, the rule's
+defaults otherwise, mean cross-entropy gradients.
 Natural-gradient descent: θ ← θ − {NGD_LR} d, d = `fisheropt.fisher.ngd_direction(kind, damping={NGD_DAMPING})`
-on the summed batch loss (SF: one sampled label per image).
+for every kind ({', '.join(NGD.values())}) on the summed batch loss (SF: one sampled label per image).
 ms/step = median wall time of one training step (gradient + update), first 5 steps excluded.
 Backends: {', '.join(backends)}.{''.join(f' {n}: unavailable ({r.splitlines()[0][:100]}).' for n, r in skipped.items())}
 Wall time {elapsed():.1f} s. {C.environment_line()}.
 
 {C.markdown_table(rows, cols, heads)}
-![loss curves](loss_curves.png)
-![test accuracy](test_accuracy.png)
+Notes:
+{chr(10).join(f"- {note}" for note in notes)}
 """
+    # Results first (terminal, report, metrics), plots last: without matplotlib only the plots are lost.
     C.write_report(out_dir, report)
-    C.save_metrics(out_dir, {"config": cfg, "seed": seed, "rows": rows,
+    C.save_metrics(out_dir, {"config": cfg, "seed": seed, "rows": rows, "notes": notes,
                              "curves": {f"{m}|{b}": c for (m, b), c in curves.items()}})
     if verbose:
         print()
         print(table_text)
-        print(f"\nLoss curves: {plots[0].resolve()}")
+        print("\n" + "\n".join(f"note: {note}" for note in notes))
+    try:
+        plots = [_plot(out_dir / "loss_curves.png", curves, backends, "train_loss", "train loss (mean CE)", True),
+                 _plot(out_dir / "test_accuracy.png", curves, backends, "test_acc", "test accuracy", False)]
+    except ImportError as exc:
+        plots = []
+        if verbose:
+            print(f"\nNo plots: {exc}")
+    else:
+        C.write_report(out_dir, report + "\n" + "".join(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots))
+        if verbose:
+            print(f"\nLoss curves: {plots[0].resolve()}")
     return {"rows": rows, "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": table_text, "backends": backends}
+            "summary": table_text, "notes": notes, "backends": backends}
 
 
 def _plot(path, curves, backends, key, ylabel, logy):

@@ -1,8 +1,7 @@
 r"""Fisher estimators and natural-gradient directions (public, validated API).
 
-Conventions (spec/fisher.md): a mini-batch of N samples, P parameters, C classes,
-loss :math:`L=\sum_n l_n` (a **sum**; for the mean loss divide G and ∇L by N, the
-estimators by N, and scale the damping by N to get the same direction).
+Conventions (spec/fisher.md): a mini-batch of N samples, P parameters, C classes and the
+**sum** loss :math:`L=\sum_n l_n`.
 
 * ``G`` (N, P): per-sample gradients, row n = :math:`\nabla_\theta l_n`;
 * ``J`` (N, C, P): logits Jacobians; ``probs`` (N, C): softmax probabilities;
@@ -10,15 +9,30 @@ estimators by N, and scale the damping by N to get the same direction).
   datum drawn from ``probs`` (see :func:`sample_labels`), row k is the k-th draw;
 * ``s`` (N,): :math:`s_n=\lVert p_n-e_{y_n}\rVert^2` (:func:`logit_grad_sq_norms`).
 
+Mean loss :math:`\bar L = L/N` (curvlinops' ``reduction="mean"``): every curvature matrix of the
+mean loss — exact Fisher, EF, SF, iEF and their diagonals — is the sum-loss one divided by N
+(the EF of the mean loss is :math:`\frac1N\sum_n\nabla l_n\nabla l_n^\top`). So pass the sum-loss G
+(if you have the per-sample gradients of :math:`\bar L`, which are :math:`\nabla l_n/N`, multiply them
+by N) and the s above; the estimators here divided by N are the mean-loss ones; and for a damping
+λ̄ of the mean loss call :func:`ngd_direction` with damping N·λ̄: it returns
+:math:`(M/N+\bar\lambda I)^{-1}\nabla\bar L = (M+N\bar\lambda I)^{-1}\nabla L`, the mean-loss direction
+itself (no rescaling of d).
+
 Dense estimators (P×P, for small P and tests): :func:`exact`, :func:`empirical`,
 :func:`sampled`, :func:`improved_empirical`. Matrix-free (scipy LinearOperator):
 :func:`exact_operator`, :func:`empirical_operator`, :func:`sampled_operator`,
 :func:`improved_operator`. Diagonals: :func:`diag_exact`, :func:`diag_empirical`,
 :func:`diag_sampled`, :func:`diag_improved`. Directions: :func:`ngd_direction`
-(never builds anything P×P). Quality: :func:`quality_indicator`, :func:`relative_quality`.
+(never builds anything P×P when P exceeds the sample space). Quality: :func:`quality_indicator`,
+:func:`relative_quality`.
 
 Every function validates all its inputs before computing anything and raises
-``ValueError``/``TypeError`` with the reason.
+``ValueError``/``TypeError`` with the reason: arrays must be plain ``numpy.ndarray`` (or
+``cupy.ndarray`` where a backend takes them) — not subclasses such as ``np.matrix``, NumPy scalars
+or other frameworks' tensors — and floats float32/float64 in native byte order. A result that
+would overflow (an entry beyond the float range) raises ValueError instead of holding Inf, and a
+damping too small for float64 to deliver the direction accurately raises :class:`DampingTooSmall`
+(a ValueError; spec/fisher.md §3, "Accuracy").
 """
 from __future__ import annotations
 
@@ -27,7 +41,7 @@ import numbers
 import numpy as np
 
 from . import backends as _backends
-from ._checks import check_real
+from ._checks import check_array_type, check_float_dtype, check_real, is_cupy_array
 from .refimpl import fisher_diagonal as _diag
 from .refimpl import fisher_empirical as _emp
 from .refimpl import fisher_exact as _exact
@@ -37,7 +51,10 @@ from .refimpl import fisher_operators as _ops
 from .refimpl import fisher_quality as _quality
 from .refimpl import fisher_sampled as _sampled
 
+DampingTooSmall = _ngd.DampingTooSmall
+
 __all__ = [
+    "DampingTooSmall",
     "KINDS",
     "diag_empirical",
     "diag_exact",
@@ -69,12 +86,8 @@ _REQUIRED = {
 
 
 # ---- validation -------------------------------------------------------------------
-def _is_array(a) -> bool:
-    return hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "ndim")
-
-
 def _xp(a):
-    if type(a).__module__.startswith("cupy"):
+    if is_cupy_array(a):
         import cupy
         return cupy
     return np
@@ -91,13 +104,16 @@ def _all_finite(a) -> bool:
     return all(bool(xp.isfinite(a[i:i + rows]).all()) for i in range(0, a.shape[0], rows))
 
 
-def _float_array(a, name, ndim, *, host_only=False, check_finite=True):
-    if not _is_array(a):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(a).__name__}")
-    if host_only and not isinstance(a, np.ndarray):
+def _array(a, name, host_only):
+    """A plain numpy.ndarray (or cupy.ndarray unless ``host_only``): the one type rule, _checks'."""
+    check_array_type(a, name)
+    if host_only and is_cupy_array(a):
         raise TypeError(f"{name} must be a NumPy array here (this function runs on the host)")
-    if a.dtype.name not in ("float32", "float64"):
-        raise TypeError(f"{name} has dtype {a.dtype.name}; only float32 and float64 are supported")
+
+
+def _float_array(a, name, ndim, *, host_only=False, check_finite=True):
+    _array(a, name, host_only)
+    check_float_dtype(a.dtype, name)        # float32/float64, native byte order
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}")
     if check_finite and not _all_finite(a):
@@ -106,10 +122,9 @@ def _float_array(a, name, ndim, *, host_only=False, check_finite=True):
 
 
 def _int_array(a, name, ndim, n_classes, *, host_only=False):
-    if not _is_array(a):
-        raise TypeError(f"{name} must be an integer array, got {type(a).__name__}")
-    if host_only and not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array here (this function runs on the host)")
+    # Labels are only read through NumPy/CuPy indexing and min/max, which convert a non-native
+    # byte order correctly (tested), so integer labels of either byte order are accepted.
+    _array(a, name, host_only)
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer class labels, got dtype {a.dtype.name}")
     if a.ndim != ndim:
@@ -178,6 +193,17 @@ def _check_damping(damping, *, allow_zero=False):
     return check_real("damping", damping, low=0.0, low_open=not allow_zero)
 
 
+def _finite_result(out, what, hint="the inputs are too large"):
+    """Finite inputs can still overflow in products (g²/s with a subnormal s, a float32 cast):
+    refuse to return Inf/NaN."""
+    if not _all_finite(out):
+        raise ValueError(f"{what} overflows {out.dtype.name} (an entry beyond its range): {hint}")
+    return out
+
+
+_IEF_OVERFLOW = "g_n²/s_n is too large for some sample (s_n tiny); scale G down or drop that sample"
+
+
 # ---- per-sample quantities ---------------------------------------------------------
 def per_sample_grads(J, probs, labels):
     """G (N, P): g_n = J_n^T (p_n - e_{y_n}), in J's dtype."""
@@ -219,26 +245,26 @@ def _check_J_probs(J, probs, labels_sampled=None):
 def exact(J, probs):
     """F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n, dense (P, P) in J's dtype."""
     _check_J_probs(J, probs)
-    return _exact.exact(J, probs)
+    return _finite_result(_exact.exact(J, probs), "the exact Fisher")
 
 
 def empirical(G):
     """EF = G^T G, dense (P, P) in G's dtype."""
     _check_G(G, host_only=True)
-    return _emp.empirical(G)
+    return _finite_result(_emp.empirical(G), "EF")
 
 
 def sampled(J, probs, labels_sampled):
     """SF = (1/K) sum_{k,n} ĝ_kn ĝ_kn^T with labels_sampled (K, N), dense (P, P)."""
     _check_J_probs(J, probs, labels_sampled)
-    return _sampled.sampled(J, probs.astype(J.dtype), labels_sampled)
+    return _finite_result(_sampled.sampled(J, probs.astype(J.dtype), labels_sampled), "SF")
 
 
 def improved_empirical(G, s):
     """iEF = G^T diag(s)^{-1} G (Wu et al. 2024), dense (P, P); needs s > 0."""
     _check_G(G, host_only=True)
     _check_s(s, G.shape[0], positive=True, host_only=True)
-    return _imp.improved_empirical(G, s)
+    return _finite_result(_imp.improved_empirical(G, s), "iEF", _IEF_OVERFLOW)
 
 
 # ---- matrix-free operators --------------------------------------------------------
@@ -265,33 +291,37 @@ def improved_operator(G, s, damping=0.0):
     """LinearOperator v -> (G^T diag(s)^{-1} G + damping I) v; needs s > 0."""
     _check_G(G, host_only=True)
     _check_s(s, G.shape[0], positive=True, host_only=True)
-    return _ops.improved_operator(G, s, _check_damping(damping, allow_zero=True))
+    damping = _check_damping(damping, allow_zero=True)
+    # |F̃_ij| <= sqrt(F̃_ii F̃_jj): a finite float64 diagonal keeps every entry (and matvec with a
+    # moderate v) finite, so one O(NP) pass settles it before the operator exists.
+    _finite_result(_diag.diag_improved(G.astype(np.float64, copy=False), s), "the iEF operator", _IEF_OVERFLOW)
+    return _ops.improved_operator(G, s, damping)
 
 
 # ---- diagonals --------------------------------------------------------------------
 def diag_exact(J, probs):
     """diag F, (P,)."""
     _check_J_probs(J, probs)
-    return _diag.diag_exact(J, probs)
+    return _finite_result(_diag.diag_exact(J, probs), "diag F")
 
 
 def diag_empirical(G):
     """diag EF = sum_n g_n^2, (P,)."""
     _check_G(G, host_only=True)
-    return _diag.diag_empirical(G)
+    return _finite_result(_diag.diag_empirical(G), "diag EF")
 
 
 def diag_sampled(J, probs, labels_sampled):
     """diag SF = (1/K) sum_{k,n} ĝ_kn^2, (P,)."""
     _check_J_probs(J, probs, labels_sampled)
-    return _diag.diag_sampled(J, probs.astype(J.dtype), labels_sampled)
+    return _finite_result(_diag.diag_sampled(J, probs.astype(J.dtype), labels_sampled), "diag SF")
 
 
 def diag_improved(G, s):
     """diag iEF = sum_n g_n^2 / s_n, (P,); needs s > 0."""
     _check_G(G, host_only=True)
     _check_s(s, G.shape[0], positive=True, host_only=True)
-    return _diag.diag_improved(G, s)
+    return _finite_result(_diag.diag_improved(G, s), "diag iEF", _IEF_OVERFLOW)
 
 
 # ---- directions -------------------------------------------------------------------
@@ -299,16 +329,24 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
                   backend="numpy", exact_method="auto"):
     r"""Natural-gradient direction d (update θ ← θ − η d), (P,) in G's dtype.
 
-    kind   required arguments             direction
-    -----  -----------------------------  ---------------------------------------------
-    "ef"   G                              G^T (G G^T + λI)^{-1} 1        = (EF + λI)^{-1} ∇L
-    "ief"  G, s                           G^T (G G^T + λI)^{-1} s        (Wu et al. 2024, Eq. 8)
-    "sf"   G, J, probs, labels_sampled    (SF + λI)^{-1} ∇L  (Woodbury in K·N space)
-    "exact" G, J, probs                   (F + λI)^{-1} ∇L   (Woodbury in N·C space, or CG)
+    kind    required arguments             direction
+    ------  -----------------------------  ----------------------------------------------------
+    "ef"    G                              (EF + λI)⁻¹ ∇L = Gᵀ(GGᵀ + λI)⁻¹ 1
+    "ief"   G, s                           Gᵀ(GGᵀ + λI)⁻¹ s = (EF + λI)⁻¹ Gᵀs (Wu et al. 2024, Eq. 8)
+    "sf"    G, J, probs, labels_sampled    (SF + λI)⁻¹ ∇L
+    "exact" G, J, probs                    (F + λI)⁻¹ ∇L
 
-    with ∇L = G^T 1 and λ = ``damping`` > 0. ``backend``: "numpy", "numba", "cupy" or
-    "auto" (CuPy arrays → cupy); host/device arrays are never copied silently.
-    ``exact_method``: "auto" | "woodbury" | "cg" (kind "exact" only). Nothing P×P is built.
+    with ∇L = Gᵀ1 and λ = ``damping`` > 0. Each is solved in the smaller of the parameter space
+    and the sample space (N, K·N or N·C rows), so nothing P×P is built when P is the larger.
+    ``exact_method``: "auto" | "woodbury" (the direct solve through the Fisher factor) | "cg"
+    (matrix-free conjugate gradients; "auto" picks it when both spaces exceed 4096).
+    ``backend``: "numpy", "numba", "cupy" or "auto" (CuPy arrays → cupy); host/device arrays are
+    never copied silently.
+
+    Accuracy (spec/fisher.md §3): the relative rounding error is at most about 10·ε·κ, κ the
+    condition number of the damped system; when that could exceed 1e-6 the call raises
+    :class:`DampingTooSmall` (a ValueError naming a damping that works) instead, and a direction
+    whose entries would overflow raises ValueError: never Inf/NaN.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
@@ -341,8 +379,9 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
     ops = _backends.select(backend, arrays)
     if kind in ("sf", "exact"):
         probs = probs.astype(J.dtype, copy=False)
-    return _ngd.ngd_direction(kind, G=G, damping=damping, s=s, J=J, probs=probs,
-                              labels_sampled=labels_sampled, ops=ops, exact_method=exact_method)
+    d = _ngd.ngd_direction(kind, G=G, damping=damping, s=s, J=J, probs=probs,
+                           labels_sampled=labels_sampled, ops=ops, exact_method=exact_method)
+    return _finite_result(d, "the direction", "|d| exceeds the float range (a larger damping shrinks it)")
 
 
 # ---- quality ------------------------------------------------------------------------

@@ -99,14 +99,21 @@ class Optimizer:
         grads = _checks.check_grads(grads, self.params)
         self._layout.verify()             # nothing reshaped, moved or made read-only since
         self._layout.check_grads(grads)   # no gradient aliases a parameter, the state or another gradient
-        if self.check_finite and not self.backend.all_finite(grads):
-            bad = [i for i, g in enumerate(grads) if not self.backend.all_finite([g])]
-            raise FloatingPointError(
-                f"non-finite values (NaN or Inf) in grads{bad}; nothing was updated "
-                "(pass check_finite=False to skip this check)")
+        # A backend may fuse the finiteness check into the step's own first pass
+        # (<rule>_step_checked, which returns False having written nothing); else it is a pass of its own.
+        fused = self.check_finite and hasattr(self.backend, self.rule.step_function + "_checked")
+        if self.check_finite and not fused and not self.backend.all_finite(grads):
+            self._refuse_non_finite(grads)
         with deferred_interrupts():
-            self._apply(grads, self.step_count + 1)
+            if not self._apply(grads, self.step_count + 1, checked=fused):
+                self._refuse_non_finite(grads)
             self.step_count += 1
+
+    def _refuse_non_finite(self, grads):
+        bad = [i for i, g in enumerate(grads) if not self.backend.all_finite([g])]
+        raise FloatingPointError(
+            f"non-finite values (NaN or Inf) in grads{bad}; nothing was updated "
+            "(pass check_finite=False to skip this check)")
 
     # ---- state ------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -182,13 +189,16 @@ class Optimizer:
             return self.xp.zeros(param.shape[1], dtype=param.dtype)
         return self.xp.zeros_like(param)
 
-    def _apply(self, grads, step: int) -> None:
-        """Exactly one backend call: it raises before writing anything, or completes."""
+    def _apply(self, grads, step: int, *, checked: bool = False) -> bool:
+        """Exactly one backend call: it raises (or, ``checked``, returns False) before writing
+        anything, or completes and returns True."""
         flag = self.rule.tensor_flag
         extra = {flag.name: self.flags} if flag is not None else {}
-        getattr(self.backend, self.rule.step_function)(
+        function = self.rule.step_function + ("_checked" if checked else "")
+        done = getattr(self.backend, function)(
             self.params, grads, *(self.state[name] for name in self.state_names), step=step,
             **self.rule.kernel_kwargs(self._hyperparams), **extra)
+        return done if checked else True
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self._hyperparams.items())

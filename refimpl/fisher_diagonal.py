@@ -10,6 +10,7 @@ All return a (P,) vector in the input dtype, accumulated in float64:
 import numpy as np
 
 from .fisher_exact import fisher_factor
+from .fisher_improved import scaled_rows
 from .fisher_sampled import sampled_grads
 
 
@@ -29,5 +30,5 @@ def diag_exact(J, probs):
 
 
 def diag_improved(G, s):
-    G64 = G.astype(np.float64)
-    return (np.einsum("np,np->p", G64, G64 / s.astype(np.float64)[:, None])).astype(G.dtype)
+    Gt = scaled_rows(G, s)          # g_n/√s_n: no overflow of g_n/s_n for a subnormal s_n
+    return np.einsum("np,np->p", Gt, Gt).astype(G.dtype)

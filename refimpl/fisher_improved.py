@@ -12,10 +12,16 @@ convention (its Eq. 1 and Eq. 14), so there is no factor of N.
 import numpy as np
 
 
+def scaled_rows(G, s):
+    """G̃ (N, P) float64 with rows g_n / √s_n, so that iEF = G̃ᵀG̃. Never forms 1/s_n or g_n/s_n,
+    which overflow for a subnormal s_n even when g_n g_nᵀ/s_n is representable. Needs s > 0."""
+    return G.astype(np.float64) / np.sqrt(s.astype(np.float64))[:, None]
+
+
 def improved_empirical(G, s):
     """iEF = G^T diag(s)^{-1} G, dense (P, P), float64 accumulation, G's dtype. Needs s > 0."""
-    G64 = G.astype(np.float64)
-    return ((G64 / s.astype(np.float64)[:, None]).T @ G64).astype(G.dtype)
+    Gt = scaled_rows(G, s)
+    return (Gt.T @ Gt).astype(G.dtype)
 
 
 def improved_empirical_bruteforce(G, s):

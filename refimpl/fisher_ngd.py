@@ -1,17 +1,19 @@
 r"""Natural-gradient directions in sample space — spec/fisher.md §3–4.
 
 Update :math:`\theta\leftarrow\theta-\eta d`, damping :math:`\lambda>0`,
-:math:`\nabla L = G^\top\mathbf 1`. Every direction is a damped solve in an
-:math:`M`-dimensional "sample space" (M = N, K·N or N·C) through the push-through
-identity :math:`A^\top(AA^\top+\lambda I_M)^{-1} = (A^\top A+\lambda I_P)^{-1}A^\top`,
-so no P×P matrix is ever built:
+:math:`\nabla L = G^\top\mathbf 1`. Every direction is a damped solve :math:`d = (A^\top A+\lambda I)^{-1}g`
+for a factor :math:`A` (M × P) — :math:`G` (EF, iEF), :math:`\hat G` (SF) or the Fisher factor (exact) —
+and nothing P×P is ever built when P > M. The formulation is chosen for accuracy
+(spec/fisher.md §3, "Accuracy"):
 
-* EF:    :math:`d = G^\top(GG^\top+\lambda I)^{-1}\mathbf 1 = (\mathrm{EF}+\lambda I)^{-1}\nabla L`
-* iEF:   :math:`d = G^\top(GG^\top+\lambda I)^{-1}s` (Wu et al. 2024, Eq. 8; damping on the Gram)
-* SF:    :math:`d = (\hat G^\top\hat G+\lambda I)^{-1}\nabla L
-  = \tfrac1\lambda\big(\nabla L-\hat G^\top(\hat G\hat G^\top+\lambda I)^{-1}\hat G\nabla L\big)`
-* exact: the same Woodbury form with the Fisher factor A (:math:`A^\top A = F`, NC rows),
-  or matrix-free conjugate gradients on :math:`F+\lambda I` when NC is large.
+* EF, iEF (:math:`g = G^\top\mathrm{rhs}`, rhs = 1 or s): through the smaller Gram,
+  :math:`d = G^\top(GG^\top+\lambda I)^{-1}\mathrm{rhs}` when N ≤ P, :math:`d = (G^\top G+\lambda I)^{-1}G^\top\mathrm{rhs}`
+  when N > P (there :math:`GG^\top` is singular); neither divides by λ.
+* SF, exact (any g): P ≤ M: :math:`d = (A^\top A+\lambda I)^{-1}g` directly; P > M: Woodbury,
+  :math:`d = \big(g - A^\top(AA^\top+\lambda I)^{-1}Ag\big)/\lambda`, whose cancellation costs
+  :math:`\varepsilon\operatorname{tr}(A^\top A)/\lambda`; or matrix-free conjugate gradients (exact only).
+* Every solve knows the condition number κ of what it relies on and raises :class:`DampingTooSmall`
+  when ``ERROR_CONSTANT``·ε·κ > ``MAX_ERROR`` instead of returning an inaccurate direction.
 
 Backend functions (identical signatures on every backend):
 
@@ -21,13 +23,16 @@ Backend functions (identical signatures on every backend):
     accumulated in float64 — the speed of single-precision BLAS, no float64 copy of G, and the
     float32 rounding error of a block product grows with the block length, not with P.
 ``fisher_sample_space_direction(G, rhs, damping) -> d``
-    :math:`d = G^\top (GG^\top + \lambda I)^{-1}\,\mathrm{rhs}`, (P,) in G's dtype. The N×N system
-    is solved in float64: Cholesky first, a symmetric eigendecomposition (eigenvalues clipped
-    at 0) when Cholesky fails. Raises ValueError when diag(GGᵀ) is non-finite (G holds NaN/Inf):
-    the only check a backend makes, O(N), and the one the public API relies on for G.
+    :math:`d = G^\top (GG^\top + \lambda I)^{-1}\,\mathrm{rhs} = (G^\top G+\lambda I)^{-1}G^\top\mathrm{rhs}`,
+    (P,) in G's dtype, through the smaller Gram (:func:`sample_space_direction`, shared by the
+    backends). The system is solved in float64 by Cholesky after an exact check of its condition
+    number (eigenvalues); raises ValueError when diag of the Gram is non-finite (G holds NaN/Inf):
+    the only check of G a backend makes, O(N), and the one the public API relies on for G.
 
 Inputs are assumed valid (fisheropt.fisher validates).
 """
+import math
+
 import numpy as np
 import scipy.linalg
 
@@ -35,7 +40,35 @@ from .fisher_exact import fisher_factor
 from .fisher_sampled import sampled_grads
 
 GRAM_BLOCK = 1 << 15   # parameters (columns of G) per float32 block product in fisher_gram
-EXACT_WOODBURY_MAX_ROWS = 4096   # exact direction: Woodbury in N*C space up to this many rows, else CG
+EXACT_WOODBURY_MAX_ROWS = 4096   # exact direction: a direct solve when min(N*C, P) is at most this, else CG
+
+# The accuracy contract (spec/fisher.md §3): a returned direction's relative rounding error is at
+# most about ERROR_CONSTANT·ε·κ (times the cancellation in forming F and ∇L themselves), and a
+# solve whose κ would allow more than MAX_ERROR raises DampingTooSmall instead.
+EPS = float(np.finfo(np.float64).eps)
+ERROR_CONSTANT = 10.0
+MAX_ERROR = 1e-6
+MAX_CONDITION = MAX_ERROR / (ERROR_CONSTANT * EPS)   # ≈ 4.5e8
+
+
+class DampingTooSmall(ValueError):
+    """The damping is too small for the problem: float64 cannot deliver the direction to the
+    accuracy of spec/fisher.md §3. The message names a damping that is large enough."""
+
+
+def check_condition(kappa, damping, scale, what="the damped system"):
+    """Raise DampingTooSmall when ERROR_CONSTANT·ε·κ > MAX_ERROR (or κ is NaN).
+
+    ``scale`` bounds the largest eigenvalue of the undamped matrix from above, so the suggested
+    damping, 1.01·scale/(MAX_CONDITION − 1), gives κ ≤ (scale + λ)/λ < MAX_CONDITION."""
+    if kappa <= MAX_CONDITION:
+        return
+    suggestion = 1.01 * scale / (MAX_CONDITION - 1.0)
+    raise DampingTooSmall(
+        f"damping={damping:.3g} is too small for this problem: {what} has condition number "
+        f"{kappa:.2g}, so float64 rounding could leave a relative error up to "
+        f"{min(ERROR_CONSTANT * EPS * kappa, 1.0):.1g} (more than {MAX_ERROR:g}) in the direction; "
+        f"use damping >= {suggestion:.3g} or more (spec/fisher.md §3, Accuracy)")
 
 
 # ---- backend functions (the "numpy" backend) ------------------------------------
@@ -52,45 +85,63 @@ def fisher_gram(G):
     return K
 
 
+def damped_condition(w):
+    """κ of K + λI from its ascending eigenvalues w (inf when not positive definite in float64)."""
+    return float(w[-1] / w[0]) if w[0] > 0 else math.inf
+
+
 def solve_damped_gram(K, rhs, damping):
-    """(K + damping I)^{-1} rhs in float64 for symmetric PSD K: Cholesky, eigh fallback."""
-    K = np.asarray(K, dtype=np.float64)
-    rhs = np.asarray(rhs, dtype=np.float64)
-    Kd = K + damping * np.eye(K.shape[0])
-    try:
-        factor = scipy.linalg.cho_factor(Kd, lower=True, check_finite=False)
-        x = scipy.linalg.cho_solve(factor, rhs, check_finite=False)
-        if np.all(np.isfinite(x)):
-            return x
-    except np.linalg.LinAlgError:
-        pass
-    return solve_damped_gram_eigh(K, rhs, damping)
+    """(K + damping I)^{-1} rhs in float64 for symmetric PSD K: Cholesky, once the condition number
+    of K + λI (exact, from its eigenvalues; O(n³) like the factorisation) passed check_condition."""
+    Kd = np.asarray(K, dtype=np.float64) + damping * np.eye(K.shape[0])
+    w = np.linalg.eigvalsh(Kd)
+    check_condition(damped_condition(w), damping, float(w[-1]), "the damped Gram matrix")
+    factor = scipy.linalg.cho_factor(Kd, lower=True, check_finite=False)
+    return scipy.linalg.cho_solve(factor, np.asarray(rhs, dtype=np.float64), check_finite=False)
 
 
-def solve_damped_gram_eigh(K, rhs, damping):
-    """The fallback: K = V diag(w) V^T, w clipped at 0 (K is PSD in exact arithmetic)."""
-    w, V = np.linalg.eigh(0.5 * (K + K.T))
-    w = np.maximum(w, 0.0) + damping
-    return V @ ((V.T @ rhs) / w)
+def sample_space_direction(G, rhs, damping, *, gram, solve, xp=np):
+    """d = Gᵀ(GGᵀ + λI)⁻¹rhs = (GᵀG + λI)⁻¹Gᵀrhs through the smaller Gram; the backends share it
+    with their own ``gram`` (K = GGᵀ, float64) and ``solve`` ((K + λI)⁻¹ rhs, checked)."""
+    N, P = G.shape
+    # Solve for rhs scaled by a power of two into [1, 2) and scale d back: exact, and a subnormal
+    # right-hand side (iEF's s) keeps full precision through the solve.
+    top = float(xp.abs(rhs).max()) if N else 0.0
+    shift = math.frexp(top)[1] - 1 if 0.0 < top < math.inf else 0
+    rhs = xp.ldexp(rhs, -shift) if shift else rhs
+    if P < N:   # more samples than parameters: GGᵀ is singular, GᵀG (P × P) need not be
+        S = gram(G.T)
+        check_gram(S, G.dtype, xp)
+        d = solve(S, G.T.astype(xp.float64, copy=False) @ rhs, damping).astype(G.dtype)
+    else:
+        K = gram(G)
+        check_gram(K, G.dtype, xp)
+        d = G.T @ solve(K, rhs, damping).astype(G.dtype)
+    return xp.ldexp(d, shift) if shift else d
 
 
 def fisher_sample_space_direction(G, rhs, damping):
-    """d = G^T (G G^T + damping I)^{-1} rhs, (P,) in G's dtype; the N x N solve in float64."""
-    K = fisher_gram(G)
-    check_gram(K)
-    a = solve_damped_gram(K, rhs, float(damping))
-    return G.T @ a.astype(G.dtype)
+    """d = G^T (G G^T + damping I)^{-1} rhs, (P,) in G's dtype; the solve in float64."""
+    return sample_space_direction(G, rhs, float(damping), gram=fisher_gram, solve=solve_damped_gram)
 
 
-NONFINITE_GRAM = ("G contains NaN or Inf (detected on the diagonal of G Gᵀ, which is non-finite "
-                  "exactly when a row of G is, or when a row's squared norm overflows)")
+NONFINITE_GRAM = ("G contains NaN or Inf (detected on the diagonal of its Gram matrix, which is "
+                  "non-finite exactly when a row (column) of G is, or when its squared norm overflows)")
 
 
-def check_gram(K, xp=np):
-    """The O(N) finiteness guard: diag(G Gᵀ)_n = ||g_n||² is non-finite iff row n of G holds a
-    NaN or Inf (or its squared norm overflows), so G itself never needs a separate pass."""
-    if not bool(xp.isfinite(xp.diagonal(K)).all()):
+def check_gram(K, dtype=np.float64, xp=np):
+    """The O(N) guard on a Gram matrix's diagonal (squared row or column norms of G): non-finite iff
+    G holds NaN/Inf (or a squared norm overflows), so G itself never needs a separate pass; and
+    all of it so small that the products underflowed, where K would have lost its precision."""
+    diag = xp.diagonal(K)
+    if not bool(xp.isfinite(diag).all()):
         raise ValueError(NONFINITE_GRAM)
+    top = float(diag.max()) if diag.size else 0.0
+    info = np.finfo(dtype)
+    if 0.0 < top < float(info.tiny) / float(info.eps):
+        raise ValueError(f"G is too small for a {np.dtype(dtype).name} Gram matrix (largest squared "
+                         f"norm {top:.3g}: the products underflow and lose their precision); multiply "
+                         "G by 2**k and the damping by 4**k, and the direction comes out divided by 2**k")
 
 
 # ---- directions (generic over a backend ``ops``; xp = ops.array_module) ----------
@@ -123,67 +174,96 @@ def ief_direction(G, s, damping, ops=None):
     return ops.fisher_sample_space_direction(G, s.astype(xp.float64), damping)
 
 
-def woodbury_direction(A, grad, damping, ops=None):
-    """(A^T A + λ I)^{-1} grad = (grad - A^T (A A^T + λ I)^{-1} A grad) / λ, float64 (P,)."""
+def _parameter_space_solver(ops):
+    """The backend's (K + λI)⁻¹ rhs for a P × P system (NumPy on the host, cuSOLVER on CuPy)."""
+    if ops.array_module is np:
+        return solve_damped_gram
+    from fisheropt.backends.cupy.fisher import solve_damped_gram as solve   # the one device backend
+    return solve
+
+
+def factor_direction(A, grad, damping, ops=None):
+    """(AᵀA + λI)⁻¹ grad for a float64 factor A (M, P) and any grad, float64 (P,).
+
+    P ≤ M: solve the P × P system itself (no larger than the M × M Gram), no division by λ.
+    P > M: AᵀA is singular and the Woodbury form (grad − Aᵀ(AAᵀ + λI)⁻¹A grad)/λ cancels where grad
+    lies in its row space, to about ε·tr(AᵀA)/λ relative: damping below the matching bound raises."""
     ops = _ops_default(ops)
     xp = ops.array_module
-    grad = grad.astype(xp.float64)
-    if A.dtype == xp.float64:
-        v = A @ grad
-    else:
-        v = (A @ grad.astype(A.dtype)).astype(xp.float64)
-    w = ops.fisher_sample_space_direction(A, v, damping).astype(xp.float64)
+    M, P = A.shape
+    if P <= M:
+        S = ops.fisher_gram(A.T)
+        check_gram(S, A.dtype, xp)
+        return _parameter_space_solver(ops)(S, grad, damping)
+    trace = float(xp.einsum("mp,mp->", A, A))          # ≥ the largest eigenvalue of AᵀA
+    check_condition((trace + damping) / damping, damping, trace, "F + λI (singular, P > rank: bound tr F/λ)")
+    w = ops.fisher_sample_space_direction(A, A @ grad, damping).astype(xp.float64)
     return (grad - w) / damping
 
 
 def sf_direction(G, J, probs, labels_sampled, damping, ops=None):
-    """SF: d = (Ĝ^T Ĝ + λ I)^{-1} ∇L by Woodbury in K·N space; (P,) in G's dtype."""
+    """SF: d = (Ĝ^T Ĝ + λ I)^{-1} ∇L (factor_direction with A = Ĝ); (P,) in G's dtype."""
     ops = _ops_default(ops)
     xp = ops.array_module
-    # float64 Ĝ: (∇L − w)/λ cancels where ∇L lies in Ĝ's row space, so w must be accurate
-    # to float64, not to the input dtype (the cost: a float64 K·N×P array, like the exact path's A).
+    # float64 Ĝ: the Woodbury form cancels where ∇L lies in Ĝ's row space, so its terms must carry
+    # float64 accuracy, not the input dtype's (the cost: a float64 K·N×P array, like the exact path's A).
     Gh = sampled_grads(J, probs, labels_sampled, xp=xp, dtype=xp.float64)
-    return woodbury_direction(Gh, batch_gradient(G, xp), damping, ops).astype(G.dtype)
+    return factor_direction(Gh, batch_gradient(G, xp), damping, ops).astype(G.dtype)
+
+
+def exact_trace(J64, p64, xp=np):
+    """An upper bound on tr F = Σ_n [Σ_c p_nc ‖J_nc‖² − ‖Σ_c p_nc J_nc‖²], matrix-free; the slack covers
+    the cancellation of the difference."""
+    t1 = float(xp.einsum("nc,ncp,ncp->", p64, J64, J64))
+    m = xp.einsum("nc,ncp->np", p64, J64)
+    return max(t1 - float(xp.einsum("np,np->", m, m)), 0.0) + 1e-10 * t1
 
 
 def exact_direction(G, J, probs, damping, ops=None, *, method="auto", cg_tol=1e-10, cg_maxiter=None):
     """Exact NG: d = (F + λ I)^{-1} ∇L; (P,) in G's dtype.
 
-    method "woodbury": F = A^T A (fisher_factor), solve in N·C space (exact up to rounding);
-    "cg": matrix-free conjugate gradients on F + λ I (nothing larger than J is stored);
-    "auto": woodbury when N·C <= EXACT_WOODBURY_MAX_ROWS, else cg."""
+    method "woodbury": F = A^T A (fisher_factor), factor_direction (a direct solve in the smaller of
+    the N·C and P spaces); "cg": matrix-free conjugate gradients on F + λ I (nothing larger than J is
+    stored), certified by its residual; "auto": woodbury when min(N·C, P) <= EXACT_WOODBURY_MAX_ROWS."""
     ops = _ops_default(ops)
     xp = ops.array_module
     grad = batch_gradient(G, xp)
     N, C, P = J.shape
     if method == "auto":
-        method = "woodbury" if N * C <= EXACT_WOODBURY_MAX_ROWS else "cg"
+        method = "woodbury" if min(N * C, P) <= EXACT_WOODBURY_MAX_ROWS else "cg"
     if method == "woodbury":
         A = fisher_factor(J, probs, xp=xp)
-        return woodbury_direction(A, grad, damping, ops).astype(G.dtype)
+        return factor_direction(A, grad, damping, ops).astype(G.dtype)
     if method == "cg":
         J64 = J.astype(xp.float64)
         p64 = probs.astype(xp.float64)
+        trace = exact_trace(J64, p64, xp)
+        check_condition((trace + damping) / damping, damping, trace, "F + λI (CG is certified by λ alone)")
 
         def matvec(v):
             Jv = xp.einsum("ncp,p->nc", J64, v)
             HJv = p64 * Jv - p64 * xp.sum(p64 * Jv, axis=1, keepdims=True)
             return xp.einsum("ncp,nc->p", J64, HJv) + damping * v
 
-        x = conjugate_gradient(matvec, grad, xp=xp, tol=cg_tol, maxiter=cg_maxiter or 10 * P)
+        x = conjugate_gradient(matvec, grad, xp=xp, tol=cg_tol, maxiter=cg_maxiter or 10 * P, damping=damping)
         return x.astype(G.dtype)
     raise ValueError(f"unknown exact method {method!r}; use 'auto', 'woodbury' or 'cg'")
 
 
-def conjugate_gradient(matvec, b, *, xp=np, tol=1e-10, maxiter=1000):
-    """Plain CG for a symmetric positive-definite operator, float64; stops at ||r|| <= tol ||b||."""
+def conjugate_gradient(matvec, b, *, xp=np, tol=1e-10, maxiter=1000, damping=0.0):
+    """CG for a symmetric positive-definite operator M ⪰ λI (λ = ``damping``), float64.
+
+    Stops when ||r|| <= tol·||b|| and ||r|| <= ½·MAX_ERROR·λ·||x||. The second is a certificate:
+    ||x − x*|| <= ||r||/λ since M ⪰ λI. The true residual is checked at the end, and
+    DampingTooSmall is raised when it does not certify MAX_ERROR (rounding floor or maxiter)."""
     x = xp.zeros_like(b)
     r = b.copy()
     p = r.copy()
     rr = float(r @ r)
     stop = (tol * float(xp.sqrt(b @ b))) ** 2
+    cert = 0.5 * MAX_ERROR * damping
     for _ in range(int(maxiter)):
-        if rr <= stop:
+        if rr <= stop and rr <= cert ** 2 * float(x @ x):
             break
         Ap = matvec(p)
         alpha = rr / float(p @ Ap)
@@ -192,6 +272,12 @@ def conjugate_gradient(matvec, b, *, xp=np, tol=1e-10, maxiter=1000):
         rr_new = float(r @ r)
         p = r + (rr_new / rr) * p
         rr = rr_new
+    residual = float(xp.linalg.norm(b - matvec(x)))
+    if not residual <= MAX_ERROR * damping * float(xp.linalg.norm(x)) and residual > 0.0:
+        raise DampingTooSmall(
+            f"conjugate gradients could not certify the direction to {MAX_ERROR:g} (residual "
+            f"{residual:.3g} > {MAX_ERROR:g}·damping·‖d‖ after at most {int(maxiter)} iterations): damping="
+            f"{damping:.3g} is too small for exact_method='cg' here; use a larger damping or exact_method='woodbury'")
     return x
 
 

@@ -39,12 +39,12 @@ def empirical_operator(G, damping=0.0):
 
 
 def improved_operator(G, s, damping=0.0):
-    """v -> (G^T diag(s)^{-1} G + λI) v."""
-    s64 = s.astype(np.float64)
-    G64 = G.astype(np.float64)
+    """v -> (G^T diag(s)^{-1} G + λI) v = (G̃ᵀG̃ + λI) v with rows g_n/√s_n (no overflow of g_n/s_n)."""
+    from .fisher_improved import scaled_rows
+    Gt = scaled_rows(G, s)
 
     def mv(v):
-        return G64.T @ ((G64 @ v) / s64)
+        return Gt.T @ (Gt @ v)
     return _op(G.shape[1], mv, damping)
 
 

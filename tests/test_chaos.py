@@ -106,8 +106,7 @@ def machine_for(backend, rule_name):
             points = _injection_points(backend, rule_name)
             module, name = points[point % len(points)]
             if backend == "numba":
-                from fisheropt.backends.numba import optim as nb
-                nb.clear_cache()
+                fo.backends.get("numba").clear_cache()
             g = self._grads()
             mp = pytest.MonkeyPatch()
             try:

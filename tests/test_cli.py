@@ -120,7 +120,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 @needs_demo_extra
 def test_demo_training_is_seeded():
     from fisheropt import demo
-    from fisheropt.refimpl.models import load_digits_split
+    from fisheropt.workloads.models import load_digits_split
 
     X_tr, y_tr, X_te, y_te = load_digits_split(seed=0)
     data = (X_tr[:200], y_tr[:200], X_te, y_te)

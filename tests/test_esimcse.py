@@ -1,10 +1,10 @@
 """ESimCSE reference pieces: word repetition, the momentum queue, the EMA update,
-the InfoNCE loss and its gradient, and the tiny sentence encoder (spec/esimcse.md)."""
+the InfoNCE loss and its gradient (spec/esimcse.md); and the tiny sentence encoder,
+a workload (fisheropt.workloads.esimcse_encoder) that the experiment trains."""
 import math
 
 import numpy as np
 import pytest
-from fisheropt.refimpl import esimcse_encoder as enc
 from fisheropt.refimpl.esimcse_loss import TEMPERATURE, info_nce, info_nce_with_grad
 from fisheropt.refimpl.esimcse_momentum import (
     MOMENTUM,
@@ -21,6 +21,7 @@ from fisheropt.refimpl.esimcse_repetition import (
     word_repetition,
     word_repetition_batch,
 )
+from fisheropt.workloads import esimcse_encoder as enc
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
@@ -233,7 +234,7 @@ def test_info_nce_lower_bound_and_rejects_bad_shapes():
         info_nce(np.ones((2, 3)), np.ones((2, 3)), np.ones((4, 2)))
 
 
-# ---- encoder ----------------------------------------------------------------------
+# ---- encoder (a workload: fisheropt.workloads.esimcse_encoder) --------------------
 def _tiny_model(seed=0):
     rng = np.random.default_rng(seed)
     params = enc.init_params(12, 9, 4, 3, rng=rng)

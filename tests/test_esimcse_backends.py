@@ -77,25 +77,102 @@ def test_numba_equals_reference_property(seed, decay, exp, f32):
     _assert_bitwise(k, k_ref)
 
 
-def test_numba_mixed_dtypes_strided_and_parallel_path():
+def test_numba_mixed_dtypes_fortran_free_and_parallel_path():
     N = _numba_module()
     rng = np.random.default_rng(2)
     big = N.PARALLEL_THRESHOLD + 17                         # takes the multi-threaded kernel
-    base = rng.standard_normal((6, 10))
-    k = [rng.standard_normal(big), rng.standard_normal((3, 4)).astype(np.float32),
-         base[:, ::3], np.asfortranarray(rng.standard_normal((5, 4)))]
+    k = [rng.standard_normal(big), rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((6, 4))]
     q = [rng.standard_normal(big), rng.standard_normal((3, 4)).astype(np.float32),
-         rng.standard_normal((6, 4)), rng.standard_normal((5, 4))]
+         rng.standard_normal((6, 8))[:, ::2]]               # a strided source is fine (read only)
     k_ref = [a.copy() for a in k]
-    view_before = base.copy()
     N.ema_update(k, q, decay=MOMENTUM)
     ref_ema(k_ref, q, decay=MOMENTUM)
     _assert_bitwise(k, k_ref)
-    # the strided view was updated in place, and only its columns
-    np.testing.assert_array_equal(base[:, ::3], k_ref[2])
-    untouched = np.ones(10, bool)
-    untouched[::3] = False
-    np.testing.assert_array_equal(base[:, untouched], view_before[:, untouched])
+
+
+# ---- validation: every backend refuses bad input before writing anything ---------------
+def _host_ema_backends():
+    names = ["numpy"] + (["numba"] if importlib.util.find_spec("numba") else [])
+    return {name: (ref_ema if name == "numpy" else _numba_module().ema_update) for name in names}
+
+
+def _bad_calls():
+    """(description, targets, sources, decay, error type, message pattern); the first target is
+    always valid, so a backend that writes before validating everything is caught."""
+    rng = np.random.default_rng(9)
+    good = lambda *shape, dt=np.float64: np.asarray(rng.standard_normal(shape), dtype=dt)  # noqa: E731
+    ro = good(3)
+    ro.flags.writeable = False
+    big_endian = good(3).astype(np.dtype(np.float64).newbyteorder("S"))
+    cases = [
+        ("non-native target", [good(4), big_endian], [good(4), good(3)], 0.9, TypeError, r"targets\[1\] has non-native byte order"),
+        ("non-native source", [good(4), good(3)], [good(4), big_endian], 0.9, TypeError, r"sources\[1\] has non-native byte order"),
+        ("shape mismatch", [good(4), good(3)], [good(4), good(4)], 0.9, ValueError, r"sources\[1\] has shape \(4,\) but targets\[1\]"),
+        ("dtype mismatch", [good(4), good(3)], [good(4), good(3, dt=np.float32)], 0.9, TypeError, r"sources\[1\] has dtype float32"),
+        ("strided target", [good(4), good(3, 4)[:, ::2]], [good(4), good(3, 2)], 0.9, ValueError, r"targets\[1\] is not C-contiguous"),
+        ("fortran target", [good(4), np.asfortranarray(good(3, 4))], [good(4), good(3, 4)], 0.9, ValueError, r"targets\[1\] is not C-contiguous"),
+        ("read-only target", [good(4), ro], [good(4), good(3)], 0.9, ValueError, r"targets\[1\] is read-only"),
+        ("float16", [good(4), good(3, dt=np.float16)], [good(4), good(3, dt=np.float16)], 0.9, TypeError, r"targets\[1\] has dtype float16"),
+        ("subclass", [good(4), np.asmatrix(good(2, 2))], [good(4), good(2, 2)], 0.9, TypeError, r"targets\[1\] is a .*subclass"),
+        ("scalar", [good(4), np.float64(1.0)], [good(4), np.float64(2.0)], 0.9, TypeError, r"targets\[1\] must be"),
+        ("list source", [good(4), good(3)], [good(4), [1.0, 2.0, 3.0]], 0.9, TypeError, r"sources\[1\] must be"),
+        ("lengths", [good(4), good(3)], [good(4)], 0.9, ValueError, r"2 targets but 1 sources"),
+        ("one array, not a list", good(4), good(4), 0.9, TypeError, r"targets must be a list or tuple"),
+        ("decay > 1", [good(4)], [good(4)], 1.5, ValueError, r"decay must be <= 1"),
+        ("decay NaN", [good(4)], [good(4)], float("nan"), ValueError, r"decay must be finite"),
+        ("decay str", [good(4)], [good(4)], "0.9", TypeError, r"decay must be a real number"),
+    ]
+    return cases
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")      # np.matrix, on purpose
+@pytest.mark.parametrize("backend", list(_host_ema_backends()))
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_ema_update_refuses_bad_input_before_writing(backend, case):
+    _, targets, sources, decay, error, pattern = case
+    before = [np.array(t, copy=True) for t in targets] if isinstance(targets, list) else None
+    with pytest.raises(error, match=pattern):
+        _host_ema_backends()[backend](targets, sources, decay=decay)
+    if before is not None:
+        for t, b in zip(targets, before):
+            np.testing.assert_array_equal(np.asarray(t), b)     # nothing written, not even targets[0]
+
+
+def test_ema_update_torch_tensors_are_a_type_error():
+    torch = pytest.importorskip("torch")
+    for fn in _host_ema_backends().values():
+        with pytest.raises(TypeError, match=r"targets\[0\] must be .*torch"):
+            fn([torch.zeros(3, dtype=torch.float64)], [np.ones(3)], decay=0.5)
+
+
+def test_ema_update_validation_is_shared_and_cheap():
+    """One validator for the three backends, and it reads only flags, shapes and dtypes (a
+    100-tensor call with 10⁶ elements each validates in well under the time of one pass)."""
+    from fisheropt.refimpl import esimcse_momentum
+    src = (Path(fisheropt.backends.__file__).parent / "cupy" / "esimcse.py").read_text()
+    assert "check_ema_args" in src
+    nb_src = (Path(fisheropt.backends.__file__).parent / "numba" / "esimcse.py").read_text()
+    assert "check_ema_args" in nb_src
+    calls = []
+    orig = esimcse_momentum.check_ema_args
+
+    def spy(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+    k, q = [np.zeros(3)], [np.ones(3)]
+    try:
+        esimcse_momentum.check_ema_args = spy
+        esimcse_momentum.ema_update(k, q, decay=0.5)
+    finally:
+        esimcse_momentum.check_ema_args = orig
+    assert calls == [1]
+
+
+def test_cupy_module_refuses_host_arrays_before_building_its_kernel():
+    m = _cupy_esimcse_source_module()
+    with pytest.raises(TypeError, match=r"targets\[0\] is a numpy array.*cupy"):
+        m.ema_update([np.zeros(3)], [np.ones(3)], decay=0.5)
+    assert m._kernel is None
 
 
 def test_numba_registry_backend_uses_the_kernel():
@@ -191,17 +268,13 @@ def test_cupy_equals_reference_bitwise(dtype, decay):
     k_ref = [a.copy() for a in k]
     k_dev = [cupy.asarray(a) for a in k]
     q_dev = [cupy.asarray(a) for a in q]
-    strided = cupy.asarray(rng.standard_normal((40, 12)).astype(dtype))
-    k_dev.append(strided[:, ::2])
-    k_ref.append(cupy.asnumpy(strided[:, ::2]).copy())
-    src = rng.standard_normal((40, 6)).astype(dtype)
-    q_dev.append(cupy.asarray(src))
-    q.append(src)
     for _ in range(3):
         backend.ema_update(k_dev, q_dev, decay=decay)
         ref_ema(k_ref, q, decay=decay)
     _assert_bitwise([cupy.asnumpy(a) for a in k_dev], k_ref)
-    np.testing.assert_array_equal(cupy.asnumpy(strided[:, ::2]), k_ref[-1])
+    strided = cupy.asarray(rng.standard_normal((40, 12)).astype(dtype))
+    with pytest.raises(ValueError, match="not C-contiguous"):       # refused, like on the host
+        backend.ema_update([strided[:, ::2]], [cupy.zeros((40, 6), dtype)], decay=decay)
 
 
 @pytest.mark.gpu

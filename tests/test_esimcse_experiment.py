@@ -7,9 +7,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from fisheropt.refimpl import esimcse_encoder as enc
-
-from fisheropt import cli, experiments
+from fisheropt import cli, experiments  # noqa: E402
+from fisheropt.workloads import esimcse_encoder as enc  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -26,6 +25,7 @@ def test_registered():
     assert "ESimCSE" in experiments.describe("esimcse")
 
 
+@pytest.mark.slow
 def test_quick_run_writes_report_plots_and_metrics(quick_run, capsys):
     out = quick_run
     report = (out / "report.md").read_text(encoding="utf-8")
@@ -100,3 +100,19 @@ def test_epoch_batches_and_queue_masking(monkeypatch):
     mod.train_one("SimCSE", "Adam", cfg, 0, train, 30)
     # step 2 starts a new epoch: all 8 anchors are in the 16-row queue; masked, 8 rows remain
     assert seen == [0, 8, 8] + [0, 8, 16] + [0, 0, 0]
+
+
+def test_corpus_is_a_workload_in_the_encoders_ids():
+    from fisheropt.workloads.pydoc_sentences import UNK_ID, build_dataset
+
+    mod = experiments.get("esimcse")
+    assert mod.build_dataset is build_dataset
+    train, evals, train_topics, eval_topics, vocab, counts = build_dataset(min_tokens=mod.MIN_TOKENS,
+                                                                           max_tokens=mod.MAX_TOKENS)
+    assert vocab[enc.PAD] == "<pad>" and vocab[UNK_ID] == "<unk>" and len(set(vocab)) == len(vocab)
+    assert len(train) == len(train_topics) and len(evals) == len(eval_topics) and len(evals) < len(train)
+    for sentence in train + evals:
+        assert mod.MIN_TOKENS <= len(sentence) <= mod.MAX_TOKENS
+        assert sentence.min() >= UNK_ID and sentence.max() < len(vocab)      # padding never occurs
+    assert counts[enc.PAD] == 0 and counts.sum() == sum(len(s) for s in train)
+    assert all(counts[i] >= counts[i + 1] >= 2 for i in range(UNK_ID + 1, len(vocab) - 1))

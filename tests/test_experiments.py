@@ -16,7 +16,7 @@ from fisheropt import experiments  # noqa: E402
 from fisheropt import fisher  # noqa: E402
 from fisheropt.refimpl.fadam import fadam_update  # noqa: E402
 from fisheropt.refimpl.isotropy import embedding_report  # noqa: E402
-from fisheropt.refimpl.models import MLP, load_digits_split  # noqa: E402
+from fisheropt.workloads.models import MLP, load_digits_split  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OWN = ("coupled-adam", "ief", "fadam")
@@ -74,6 +74,7 @@ def test_registry():
 
 
 # ---- coupled-adam -------------------------------------------------------------
+@pytest.mark.slow
 def test_coupled_adam_outputs(coupled):
     out, result = coupled
     report, metrics = _check_outputs(out, result, 4)
@@ -87,6 +88,7 @@ def test_coupled_adam_outputs(coupled):
     assert metrics["verdict"] == json.loads(json.dumps(result["verdict"]))
 
 
+@pytest.mark.slow
 def test_coupled_adam_seeds_differ_and_metrics_recompute(coupled):
     out, result = coupled
     rows = {(r["optimizer"], r["seed"]): r for r in result["per_seed"]}
@@ -105,6 +107,7 @@ def test_coupled_adam_seeds_differ_and_metrics_recompute(coupled):
 
 
 # ---- ief ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ief_outputs(ief):
     out, result = ief
     report, metrics = _check_outputs(out, result, 3)
@@ -121,6 +124,7 @@ def test_ief_outputs(ief):
         assert c["exact"] <= min(c["EF"], c["SF"], c["iEF"]) * (1 + 1e-6)
 
 
+@pytest.mark.slow
 def test_ief_seeds_differ_and_quality_recomputes(ief):
     out, result = ief
     raw = result["raw"]
@@ -140,6 +144,7 @@ def test_ief_seeds_differ_and_quality_recomputes(ief):
 
 
 # ---- fadam ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fadam_outputs(fadam):
     out, result = fadam
     report, metrics = _check_outputs(out, result, 2)
@@ -154,6 +159,7 @@ def test_fadam_outputs(fadam):
             assert not r["diverged"] and r["test_acc"] > 0.5     # learned something
 
 
+@pytest.mark.slow
 def test_fadam_seeds_differ_and_accuracy_recomputes(fadam):
     out, result = fadam
     runs = {(r["method"], r["seed"]): r for r in result["runs"]}
@@ -170,24 +176,132 @@ def test_fadam_seeds_differ_and_accuracy_recomputes(fadam):
         assert model.loss(X_tr, y_tr) / len(y_tr) == pytest.approx(runs[(method, 0)]["train_loss"], rel=1e-7)
 
 
-def test_fadam_ablation_variants():
+HP = dict(t=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1)
+
+
+def _fadam_inputs(dtype, scale=1.0, seed=0):
+    """theta, g, m, f of one tensor; ``scale`` multiplies g (and m, and sqrt(f))."""
+    rng = np.random.default_rng(seed)
+    theta, g = rng.standard_normal((5, 4)), scale * rng.standard_normal((5, 4))
+    m, f = 0.1 * scale * rng.standard_normal((5, 4)), scale**2 * rng.random((5, 4))
+    return [a.astype(dtype) for a in (theta, g, m, f)]
+
+
+def _ablation_written_out(variant, theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
+    """The ablations as the module docstring states them, written out in float64 (spec/fadam.md)."""
+    theta, g, m, f = (a.astype(np.float64) for a in (theta, g, m, f))
+
+    def rms(x):
+        return np.sqrt(np.mean(x * x))
+
+    def clipped(x):
+        return x if variant == "no-clip" else x / max(1.0, rms(x) / clip)
+
+    beta2_hat = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
+    f = beta2_hat * f + (1 - beta2_hat) * g * g
+    denom = f**p + min(eps, eps2 * rms(g)) ** (2 * p)
+    if variant == "momentum-first":
+        m = beta1 * m + (1 - beta1) * g
+        direction = clipped(m / denom)
+    else:
+        m = beta1 * m + (1 - beta1) * clipped(g / denom)
+        direction = m
+    decay = theta if variant == "adamw-decay" else clipped(theta / denom)
+    return theta - lr * (direction + weight_decay * decay), m, f
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-36, 0.0])
+def test_fadam_unablated_recipe_is_the_reference_bit_for_bit(dtype, scale):
+    # scale 1e-36: in float32 the adaptive epsilon is subnormal before the reference's
+    # guard; a copy that computes it in float64 and rounds afterwards differs here.
     mod = experiments.get("fadam")
-    rng = np.random.default_rng(0)
-    theta, g = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
-    m, f = 0.1 * rng.standard_normal((5, 4)), rng.random((5, 4))
-    hp = dict(t=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1)
-    ref = fadam_update(theta, g, m, f, **hp)
-    same = mod.fadam_ablation_update(theta, g, m, f, variant=None, **hp)
-    for a, b in zip(ref, same):
+    theta, g, m, f = _fadam_inputs(dtype, scale)
+    ref = fadam_update(theta, g, m, f, **HP)
+    for same in (mod.fadam_ablation_update(theta, g, m, f, variant=None, **HP), mod.FADAM.update(theta, g, m, f, **HP)):
+        for a, b in zip(ref, same):
+            assert a.dtype == b.dtype == dtype
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("variant", ["no-clip", "momentum-first", "adamw-decay"])
+def test_fadam_ablation_variants(variant, dtype):
+    mod = experiments.get("fadam")
+    assert variant in mod.ABLATIONS
+    theta, g, m, f = _fadam_inputs(dtype)
+    ref = fadam_update(theta, g, m, f, **HP)
+    out = mod.fadam_ablation_update(theta, g, m, f, variant=variant, **HP)
+    assert [a.dtype for a in out] == [dtype] * 3
+    assert not np.allclose(out[0], ref[0]), variant
+    np.testing.assert_array_equal(out[2], ref[2])      # the Fisher EMA is never ablated
+    # each ablation is its own recipe: the reference with exactly one block swapped
+    recipe = mod.RECIPES[variant]
+    assert sum(getattr(recipe, field) is not getattr(mod.FADAM, field) for field in ("clipped", "direction", "decay")) == 1
+    for a, b in zip(out, recipe.update(theta, g, m, f, **HP)):
         np.testing.assert_array_equal(a, b)
-    for variant in mod.ABLATIONS:
-        out = mod.fadam_ablation_update(theta, g, m, f, variant=variant, **hp)
-        assert not np.allclose(out[0], ref[0]), variant
-        np.testing.assert_array_equal(out[2], ref[2])      # the Fisher EMA is never ablated
+    # and it computes what its description says
+    rtol = 2e-6 if dtype == np.float32 else 1e-13
+    for a, b in zip(out, _ablation_written_out(variant, theta, g, m, f, **HP)):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+    # the minimal optimizer applies it in place and keeps the dtype
+    params = [theta.copy()]
+    opt = mod.FAdamAblation(params, variant, lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]))
+    opt.step([g])
+    assert params[0].dtype == dtype and opt.m[0].dtype == dtype and opt.f[0].dtype == dtype
+    first = mod.fadam_ablation_update(theta, g, np.zeros_like(m), np.zeros_like(f), variant=variant,
+                                      **dict(HP, t=1))
+    np.testing.assert_array_equal(params[0], first[0])
+
+
+def test_fadam_ablation_rejects_unknown_variant_and_decays_like_adamw():
+    mod = experiments.get("fadam")
+    theta, g, m, f = _fadam_inputs(np.float64)
     with pytest.raises(ValueError):
-        mod.fadam_ablation_update(theta, g, m, f, variant="nope", **hp)
+        mod.fadam_ablation_update(theta, g, m, f, variant="nope", **HP)
     # adamw-decay: decay term is λθ, unpreconditioned
-    no_decay = dict(hp, weight_decay=0.0)
-    a = mod.fadam_ablation_update(theta, g, m, f, variant="adamw-decay", **hp)[0]
+    no_decay = dict(HP, weight_decay=0.0)
+    a = mod.fadam_ablation_update(theta, g, m, f, variant="adamw-decay", **HP)[0]
     b = mod.fadam_ablation_update(theta, g, m, f, variant="adamw-decay", **no_decay)[0]
-    np.testing.assert_allclose(b - a, hp["lr"] * hp["weight_decay"] * theta)
+    np.testing.assert_allclose(b - a, HP["lr"] * HP["weight_decay"] * theta)
+
+
+# ---- the demo (fisheropt/demo.py, beside the experiments) -----------------------------
+def test_demo_covers_every_rule_and_every_direction():
+    from fisheropt import demo
+    from fisheropt.refimpl import RULES
+
+    assert [demo.ADAPTIVE[rule.title] for rule in RULES.values()] == list(RULES.values())
+    assert sorted(demo.NGD.values()) == sorted(fisher.KINDS) and "NGD-exact" in demo.METHODS
+    assert set(demo.METHODS) == set(demo.ADAPTIVE) | set(demo.NGD)
+    model = MLP(64, 4, 10, seed=0)
+    for rule in RULES.values():
+        opt = demo.make_optimizer(rule, [p.copy() for p in model.params], "numpy")
+        assert type(opt).__name__ == rule.title
+        assert opt.hyperparams == {**rule.defaults(), "lr": demo.ADAPTIVE_LR}
+        if rule.tensor_flag is not None:       # W1 flagged (pixels as the vocabulary), nothing else
+            assert getattr(opt, rule.tensor_flag.name) == (True, False, False, False)
+            assert any(note.startswith(rule.title) and "W1" in note for note in demo.method_notes())
+
+
+@pytest.mark.slow
+def test_demo_prints_its_table_before_plotting(tmp_path, monkeypatch, capsys):
+    from fisheropt import demo
+    from fisheropt.experiments import _common
+
+    def no_matplotlib():
+        raise ImportError("plots need matplotlib")
+
+    monkeypatch.setattr(_common, "pyplot", no_matplotlib)
+    monkeypatch.setattr(demo, "QUICK", dict(hidden=4, batch=64, epochs=1, n_train=128))
+    result = demo.run(quick=True, out_dir=tmp_path, verbose=True)
+    printed = capsys.readouterr().out
+    assert result["plots"] == [] and "No plots: plots need matplotlib" in printed
+    table = printed[:printed.index("No plots")]
+    for method in demo.METHODS:
+        assert method in table
+    assert {(r["method"], r["backend"]) for r in result["rows"]} == {
+        (m, b) for m in demo.METHODS for b in result["backends"]}
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert all(method in report for method in demo.METHODS) and ".png" not in report
+    assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))

@@ -9,7 +9,7 @@ from fisheropt.refimpl import (
     fisher_ngd,
     fisher_sampled,
 )
-from fisheropt.refimpl.models import MLP, SoftmaxRegression
+from fisheropt.workloads.models import MLP, SoftmaxRegression
 
 import fisheropt as fo
 
@@ -173,18 +173,33 @@ def test_exact_direction_large_nc_uses_cg(rng, monkeypatch):
     np.testing.assert_allclose(d, dense, rtol=1e-8, atol=1e-10 * np.abs(dense).max())
 
 
-def test_cholesky_failure_falls_back_to_eigh(rng, monkeypatch):
+def test_ill_conditioned_damped_gram_raises_instead_of_a_fallback(rng):
+    """No eigh fallback with clipped eigenvalues any more: a damped Gram the float64 solve cannot
+    handle to the accuracy contract (spec/fisher.md §3) is refused, with a damping that works."""
     G = rng.standard_normal((5, 8))
+    G[4] = G[0]                                       # a duplicated sample: exactly singular Gram
     rhs = rng.standard_normal(5)
-    want = fisher_ngd.fisher_sample_space_direction(G, rhs, 0.3)
+    with pytest.raises(fisher_ngd.DampingTooSmall, match=r"damping=1e-12 is too small"):
+        fisher_ngd.fisher_sample_space_direction(G, rhs, 1e-12)
+    # numerically indefinite (a negative rounding eigenvalue): refused, not clipped and amplified
+    with pytest.raises(fisher_ngd.DampingTooSmall, match="condition number inf"):
+        fisher_ngd.solve_damped_gram(np.diag([1.0, -1e-3]), np.ones(2), 1e-4)
+    # the public API says the same, and the error is a ValueError
+    with pytest.raises(ValueError, match="use damping >="):
+        F_.ngd_direction("ief", G=G, s=np.abs(rhs), damping=1e-12)
 
-    def broken(*a, **k):
-        raise np.linalg.LinAlgError("not positive definite")
-    monkeypatch.setattr(scipy.linalg, "cho_factor", broken)
-    np.testing.assert_allclose(fisher_ngd.fisher_sample_space_direction(G, rhs, 0.3), want, rtol=1e-10)
-    # a numerically indefinite Gram (negative rounding eigenvalue) is clipped, not amplified
-    K = np.diag([1.0, -1e-3])
-    np.testing.assert_allclose(fisher_ngd.solve_damped_gram_eigh(K, np.ones(2), 1e-2), [1 / 1.01, 100.0])
+
+def test_more_samples_than_parameters_solves_the_small_system(rng, monkeypatch):
+    """N > P: GGᵀ (N×N) is singular, so the direction goes through GᵀG (P×P) instead."""
+    G = rng.standard_normal((40, 3))
+    calls = []
+    orig = fisher_ngd.solve_damped_gram
+    monkeypatch.setattr(fisher_ngd, "solve_damped_gram",
+                        lambda K, r, lam: calls.append(K.shape) or orig(K, r, lam))
+    d = fisher_ngd.sample_space_direction(G, np.ones(40), 1e-300, gram=fisher_ngd.fisher_gram,
+                                          solve=fisher_ngd.solve_damped_gram)
+    assert calls == [(3, 3)]
+    np.testing.assert_allclose(d, np.linalg.solve(G.T @ G, G.sum(axis=0)), rtol=1e-12)
 
 
 def test_float32_gram_blocks_accumulate_in_float64(rng, monkeypatch):

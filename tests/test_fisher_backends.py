@@ -91,7 +91,7 @@ def _direction_error_bound(G, rhs, damping):
 
 
 def _direction_problem(rng, N, F, H, C, dtype):
-    from fisheropt.refimpl.models import MLP
+    from fisheropt.workloads.models import MLP
     m = MLP(F, H, C, seed=int(rng.integers(1 << 20)), dtype=dtype)
     m.set_flat((m.get_flat() + rng.standard_normal(m.n_params)).astype(dtype))
     X = rng.standard_normal((N, F)).astype(dtype)
@@ -239,11 +239,13 @@ def test_cupy_module_logic_on_numpy(monkeypatch, rng):
         got = mod.fisher_sample_space_direction(G, rhs, 0.1)
         assert got.dtype == dtype
         _close(got, want, dtype, "direction")
-    # cuSOLVER reports a failed factorisation by NaNs, not an exception: the eigh fallback must run
+    # the condition check runs before cuSOLVER's Cholesky (which reports failure by NaNs, not an
+    # exception): an ill-conditioned damped Gram is refused like on the host, never factorised
     G = rng.standard_normal((4, 9))
-    want = fisher_ngd.fisher_sample_space_direction(G, np.ones(4), 0.2)
+    G[3] = G[0]
     monkeypatch.setattr(np.linalg, "cholesky", lambda a: np.full_like(a, np.nan))
-    _close(mod.fisher_sample_space_direction(G, np.ones(4), 0.2), want, np.float64, "eigh fallback")
+    with pytest.raises(fisher_ngd.DampingTooSmall, match="too small"):
+        mod.fisher_sample_space_direction(G, np.ones(4), 1e-13)
     bad = G.copy()
     bad[1, 3] = np.inf
     with pytest.raises(ValueError, match="NaN or Inf"):

@@ -6,7 +6,7 @@ Run as a script to print the table quoted in the report and in spec/fisher.md::
 """
 import numpy as np
 import pytest
-from fisheropt.refimpl.models import MLP, load_digits_split
+from fisheropt.workloads.models import MLP, load_digits_split
 
 import fisheropt as fo
 

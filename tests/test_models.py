@@ -1,7 +1,7 @@
-"""The NumPy model zoo (fisheropt.refimpl.models): analytic derivatives against finite differences."""
+"""The NumPy model zoo (fisheropt.workloads.models): analytic derivatives against finite differences."""
 import numpy as np
 import pytest
-from fisheropt.refimpl.models import MLP, SoftmaxRegression, load_digits_split, softmax
+from fisheropt.workloads.models import MLP, SoftmaxRegression, load_digits_split, softmax
 
 
 def _models(dtype=np.float64):

@@ -48,7 +48,7 @@ from fisheropt import backends  # noqa: E402
 
 ref = backends.get("numpy")
 nb = backends.get("numba")
-from fisheropt.backends.numba import optim as nb_optim  # noqa: E402
+from fisheropt.backends.numba import _core as nb_core  # noqa: E402
 
 FUNCS = ("all_finite", "adam_step", "adamw_step", "fadam_step", "coupled_adam_step")
 
@@ -337,10 +337,11 @@ def test_fadam_schedule_never_changes_the_bits(p):
         for t, exps in enumerate(exponents, start=1):
             grads = [make_tensor(rng, s, d, e) for s, d, e in zip(shapes, dtypes, exps)]
             if not keep_hint:
-                nb_optim.clear_cache()
+                nb.clear_cache()
             nb.fadam_step(params, grads, m, f, step=t, **hp)
-            plan = nb_optim._plans.get("fadam", (params, m, f), nb_optim._build_fadam_plan)
-            seen |= any(entry[-1].any() for entry in plan)
+            # the plans of this step's launches (one per dtype here), and their "defer" hints
+            plans = [plan for key, (_refs, plan) in nb_core.PLANS._entries.items() if key[0] == "fadam"]
+            seen |= any(entry[-1].any() for plan in plans for entry in plan)
         runs.append(params + m + f)
         deferred_seen.append(seen)
     assert deferred_seen[0], "the deferred schedule was never exercised"
@@ -481,4 +482,79 @@ def test_plan_cache_holds_no_strong_references_and_survives_id_reuse():
         del p, m, v
         gc.collect()
         assert r() is None, "the plan cache keeps a parameter alive"
-    assert len(nb_optim._plans) <= nb_optim._plans._maxsize
+    assert len(nb_core.PLANS) <= nb_core.PLANS._maxsize
+
+
+# ---- per-tensor hyperparameters and the fused finiteness check -------------------------------
+def _per_tensor_problem(rule, rng):
+    shapes = [(40, 7), (3, 5), (70_001,), (64, 9)] if rule != "coupled_adam_step" else [(40, 7), (3, 5), (9, 11)]
+    dtypes = [np.float32, np.float64, np.float32, np.float64][:len(shapes)]
+    params = [make_tensor(rng, s, d, 0) for s, d in zip(shapes, dtypes)]
+    n = len(params)
+    hp = dict(step=[int(x) for x in rng.integers(1, 50, n)], lr=[float(x) for x in rng.uniform(1e-3, 1e-1, n)],
+              beta1=0.9, beta2=[0.99, 0.999, 0.9, 0.99][:n], eps=1e-8,
+              weight_decay=[0.0, 0.1, 0.01, 0.0][:n])
+    kw = {}
+    if rule == "fadam_step":
+        hp.update(eps2=[0.01, 0.1, 0.01, 1.0], clip=[1.0, 0.5, 2.0, 1.0], p=[0.5, 1.0, 0.25, 0.5])
+    if rule == "coupled_adam_step":
+        kw["coupled"] = [True, False, True]
+    state_shapes = [(s[1],) if kw.get("coupled", [False] * n)[i] else s for i, s in enumerate(shapes)]
+    state = [[np.zeros_like(p) for p in params],
+             [np.abs(make_tensor(rng, s, d, -2)) for s, d in zip(state_shapes, dtypes)]]
+    return params, state, hp, kw, shapes, dtypes
+
+
+@pytest.mark.parametrize("rule", ["adam_step", "adamw_step", "fadam_step", "coupled_adam_step"])
+def test_per_tensor_hyperparameters_match_the_reference(rule):
+    """Param groups with their own lr/decay and parameters with their own step count: one call."""
+    rng = np.random.default_rng(11)
+    params, state, hp, kw, shapes, dtypes = _per_tensor_problem(rule, rng)
+    params_r, state_r = [p.copy() for p in params], [[a.copy() for a in s] for s in state]
+    for _ in range(3):
+        grads = [make_tensor(rng, s, d, -1) for s, d in zip(shapes, dtypes)]
+        before = [a.copy() for a in params_r]
+        getattr(nb, rule)(params, grads, *state, **hp, **kw)
+        getattr(ref, rule)(params_r, grads, *state_r, **hp, **kw)
+        hp["step"] = [t + 1 for t in hp["step"]]
+        for i, (a, b) in enumerate(zip(params, params_r)):
+            if rule in ("adam_step", "adamw_step"):
+                assert_exact(a, b, f"{rule} params[{i}]")
+            else:
+                assert_close(a, b, tol(b.dtype, 1), f"{rule} params[{i}]", before=before[i])
+
+
+@pytest.mark.parametrize("rule", ["fadam_step", "coupled_adam_step"])
+def test_fused_finiteness_check_refuses_before_any_write(rule):
+    """<rule>_step_checked: a NaN in the last dtype group's gradient is found by the
+    reductions, which run for every group before any update: nothing is written."""
+    rng = np.random.default_rng(12)
+    params, state, hp, kw, shapes, dtypes = _per_tensor_problem(rule, rng)
+    checked = getattr(nb, rule + "_checked")
+    for bad in range(len(params)):
+        grads = [make_tensor(rng, s, d, -1) for s, d in zip(shapes, dtypes)]
+        grads[bad].flat[grads[bad].size // 2] = (np.nan, np.inf, -np.inf)[bad % 3]
+        before = [a.tobytes() for a in params + state[0] + state[1]]
+        assert checked(params, grads, *state, **hp, **kw) is False
+        assert [a.tobytes() for a in params + state[0] + state[1]] == before
+    grads = [make_tensor(rng, s, d, -1) for s, d in zip(shapes, dtypes)]
+    params_u, state_u = [p.copy() for p in params], [[a.copy() for a in s] for s in state]
+    assert checked(params, grads, *state, **hp, **kw) is True
+    getattr(nb, rule)(params_u, grads, *state_u, **hp, **kw)
+    for a, b in zip(params + state[0] + state[1], params_u + state_u[0] + state_u[1]):
+        assert_exact(a, b, "checked vs unchecked step")
+
+
+def test_fused_check_accepts_huge_finite_float64_gradients():
+    """Σg² overflows to Inf for |g| > 1e154 in float64 although g is finite: the tensor is then
+    read again, and the step goes ahead."""
+    params = [np.ones(1000), np.ones((4, 3))]
+    grads = [np.full(1000, 1e200), np.full((4, 3), 1e-3)]
+    m, f = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    hp = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1)
+    params_r, m_r, f_r = [p.copy() for p in params], [a.copy() for a in m], [a.copy() for a in f]
+    assert nb.fadam_step_checked(params, grads, m, f, **hp) is True
+    ref.fadam_step(params_r, grads, m_r, f_r, **hp)
+    assert np.isinf(f[0]).all()   # g² overflowed: the step went ahead, as the reference's does
+    for a, b in zip(params + m + f, params_r + m_r + f_r):
+        assert_close(a, b, tol(b.dtype, 1), "huge finite gradient")

@@ -108,8 +108,9 @@ def _injection_points(backend, rule):
         names = {"Adam": ["adam_update"], "AdamW": ["adamw_update"], "FAdam": ["fadam_update"],
                  "CoupledAdam": ["coupled_adam_update", "adamw_update"]}[rule]
         return [(mod, n) for n in names]
-    from fisheropt.backends.numba import optim as nb
-    return [(nb, "addresses"), (nb._plans, "get"), (nb, "_build_flat_plan"), (nb, "_build_coupled_plan")]
+    from fisheropt.backends.numba import _core, adam, coupled_adam, fadam
+    return [(_core.PLANS, "get"), (_core, "per_tensor_table")] + [
+        (module, name) for module in (adam, fadam, coupled_adam) for name in ("addresses", "per_tensor_table")]
 
 
 @pytest.mark.parametrize("exc", [MemoryError, KeyboardInterrupt])
@@ -128,8 +129,7 @@ def test_failure_anywhere_before_the_first_write_changes_nothing(monkeypatch, ba
     for point in _injection_points(backend, rule):
         for k in range(1, 8):
             if backend == "numba":
-                from fisheropt.backends.numba import optim as nb
-                nb.clear_cache()  # planning runs again, so it can fail too
+                fo.backends.get("numba").clear_cache()  # planning runs again, so it can fail too
             grads = grads_for(params, rng)
             before = snapshot(opt)
             with monkeypatch.context() as mp:

@@ -23,6 +23,14 @@ def test_vector_file_matches_schema(suite):
     assert len(names) == len(set(names)), "case names must be unique within a suite"
 
 
+def _tolerance_leaves(tol, where=""):
+    """(path, bound) for every bound of a tolerance tree."""
+    if vectors.is_tolerance(tol):
+        return [(where, tol)]
+    items = tol.items() if isinstance(tol, dict) else enumerate(tol)
+    return [leaf for k, v in items for leaf in _tolerance_leaves(v, f"{where}/{k}")]
+
+
 @pytest.mark.parametrize("suite", SUITES)
 def test_reference_still_generates_the_stored_vectors(suite):
     """Drift guard: the stored files equal what the reference generates today
@@ -32,15 +40,18 @@ def test_reference_still_generates_the_stored_vectors(suite):
     assert [c["name"] for c in fresh] == [c["name"] for c in stored], \
         "case list changed: regenerate with `python -m fisheropt.vectors`"
     for new, old in zip(fresh, stored):
-        for key in ("kind", "function", "inputs", "args", "hyperparams", "state_order"):
+        for key in ("kind", "function", "dtype", "inputs", "args", "hyperparams", "state_order", "tags", "kills"):
             assert json.loads(json.dumps(new.get(key))) == old.get(key), f"{suite}/{old['name']}: {key} changed"
         # Some tolerances scale with the peak of a float32 BLAS result, whose last bits move
         # with the BLAS build: a change in the fourth digit is drift, one in the eighth is not.
-        assert new["tolerance"].keys() == old["tolerance"].keys(), f"{suite}/{old['name']}: tolerance changed"
-        for k, value in old["tolerance"].items():
-            assert new["tolerance"][k] == pytest.approx(value, rel=1e-4), f"{suite}/{old['name']}: tolerance changed"
+        new_leaves, old_leaves = _tolerance_leaves(new["tolerance"]), _tolerance_leaves(old["tolerance"])
+        assert [p for p, _ in new_leaves] == [p for p, _ in old_leaves], f"{suite}/{old['name']}: tolerance changed"
+        for (path, a), (_, b) in zip(new_leaves, old_leaves):
+            assert a.keys() == b.keys() and a["ulps"] == b["ulps"], f"{suite}/{old['name']}{path}: tolerance changed"
+            for k in ("rtol", "atol"):
+                assert a[k] == pytest.approx(b[k], rel=1e-4), f"{suite}/{old['name']}{path}: tolerance changed"
         assert vectors.compare(vectors.decode(new["expected"]), vectors.decode(old["expected"]),
-                               old["tolerance"], old["name"]) == []
+                               vectors.expected_tolerance(old), old["name"]) == []
 
 
 def _host_backends():
@@ -86,6 +97,18 @@ def test_checker_detects_a_wrong_result():
 
     assert vectors.run_case(case, Perturbed) != []
     assert vectors.run_case(case, fo.backends.get("numpy")) == []
+
+
+def test_checker_applies_ulps_and_dtype():
+    tol = vectors.tolerance(ulps=2)
+    e = np.float32([1.0, 0.0, 1e-45, 3.0e38])
+    one_ulp = np.float32([1.0 + 2**-23, 1e-45, 2e-45, 3.0e38 + 2**104])
+    three_ulps = np.float32([1.0 + 3 * 2**-23, 0.0, 1e-45, 3.0e38])
+    assert vectors.compare(one_ulp, e, tol) == []
+    assert vectors.compare(three_ulps, e, tol) != []
+    assert vectors.compare(e.astype(np.float64), e, tol) != [], "a float64 result for a float32 array must fail"
+    assert vectors.ulp(np.float64(0.0), np.float64) == 2.0**-1074
+    assert vectors.ulp(np.float32(1.5), np.float32) == 2.0**-23
 
 
 def test_codec_round_trips_non_finite_and_exact_values():

@@ -1,9 +1,9 @@
-"""refimpl.word_lm: analytic gradients against finite differences, corpus loading, tying."""
+"""fisheropt.workloads.word_lm: analytic gradients against finite differences, corpus loading, tying."""
 import numpy as np
 import pytest
 
 import fisheropt as fo
-from fisheropt.refimpl.word_lm import WordLM, load_pydoc_corpus, make_windows, tokenize
+from fisheropt.workloads.word_lm import WordLM, load_pydoc_corpus, make_windows, tokenize
 
 
 def _small(seed=0):
@@ -86,3 +86,25 @@ def test_trains_with_coupled_adam_and_rejects_bad_input():
         model.loss_and_grads(C[:, :1], y)
     with pytest.raises(ValueError):
         model.loss_and_grads(C, y + 1000)
+
+
+def test_flat_views_and_checks_are_the_model_zoos():
+    from fisheropt.workloads.models import MLP, FlatParams
+
+    model, _, _ = _small()
+    assert isinstance(model, FlatParams) and isinstance(MLP(3, 2, 2), FlatParams)
+    theta = model.get_flat()
+    assert theta.shape == (model.n_params,)
+    blocks = model.unflatten(theta)
+    for p, block in zip(model.params, blocks):
+        np.testing.assert_array_equal(p, block)
+        assert block is not p and block.dtype == p.dtype
+    np.testing.assert_array_equal(model.flatten(blocks), theta)
+    with pytest.raises(ValueError, match="NaN"):
+        model.set_flat(np.full(model.n_params, np.nan))
+    with pytest.raises(ValueError, match="shape"):
+        model.set_flat(theta[:-1])
+    with pytest.raises(TypeError):
+        WordLM(5, dtype=np.int32)
+    with pytest.raises(ValueError, match="hidden"):
+        WordLM(5, hidden=0)

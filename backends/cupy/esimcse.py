@@ -9,14 +9,15 @@ so the kernel spells the operations with the ``__fmul_rn``/``__fadd_rn``
 (``__dmul_rn``/``__dadd_rn``) intrinsics, which are never contracted: the GPU
 result equals the NumPy reference bit for bit.
 
-One ElementwiseKernel launch per tensor (it handles any strides in place);
-``sources`` must be CuPy arrays with the targets' shapes and dtypes. cupy is
+One ElementwiseKernel launch per tensor; ``check_ema_args`` (shared with the
+other backends) first validates every tensor — CuPy arrays, C-contiguous targets,
+sources of the targets' shapes and dtypes — so a bad call writes nothing. cupy is
 imported when the kernel is first built, so the kernel text (``PREAMBLE``,
 ``BODY``) can be read and checked on a machine without CuPy.
 """
 from __future__ import annotations
 
-from fisheropt.refimpl.esimcse_momentum import ema_coefficients
+from fisheropt.refimpl.esimcse_momentum import check_ema_args, ema_coefficients
 
 KERNEL_NAME = "fisheropt_esimcse_ema_update"
 IN_PARAMS = "T q, T a, T b"
@@ -43,6 +44,7 @@ def _get_kernel():
 
 def ema_update(targets, sources, *, decay):
     """Multi-tensor, in place on ``targets`` (cupy.ndarray): the backend interface."""
+    decay = check_ema_args(targets, sources, decay, device=True)   # everything, before any write
     kernel = None
     for k, q in zip(targets, sources):
         if k.size == 0:

@@ -4,15 +4,16 @@ Same signatures as fisheropt.refimpl.fisher_ngd; arrays are cupy.ndarray.
 
 * ``fisher_gram(G)``: cuBLAS products; for float32 G, column blocks of ``GRAM_BLOCK``
   parameters are multiplied in float32 and accumulated in float64 (no float64 copy of G).
-* ``fisher_sample_space_direction(G, rhs, damping)``: Cholesky (cuSOLVER potrf) of the
-  float64 N x N damped Gram and two triangular solves; cuSOLVER does not raise on a
-  failed factorisation (it fills NaN), so a non-finite factor or solution switches to the
-  eigendecomposition fallback (cupy.linalg.eigh, eigenvalues clipped at 0). Then
-  d = G^T a by cuBLAS gemv in G's dtype.
+* ``fisher_sample_space_direction(G, rhs, damping)``: the reference's formulation
+  (``sample_space_direction``: the smaller Gram, GGᵀ or GᵀG) with a float64 solve on the
+  device: the condition number from cupy.linalg.eigvalsh (cuSOLVER syevd) goes through the
+  reference's ``check_condition``, then Cholesky (potrf) and two triangular solves — a
+  condition number the check accepts lets the factorisation succeed. Then d = G^T a by
+  cuBLAS gemv in G's dtype.
 """
 import cupy
 
-from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK, check_gram
+from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK, check_condition, damped_condition, sample_space_direction
 
 __all__ = ["fisher_gram", "fisher_sample_space_direction"]
 
@@ -31,31 +32,20 @@ def fisher_gram(G):
     return K
 
 
-def _solve_damped_gram(K, rhs, damping):
-    K = K.astype(cupy.float64, copy=False)
-    rhs = rhs.astype(cupy.float64, copy=False)
+def solve_damped_gram(K, rhs, damping):
+    """(K + damping I)^{-1} rhs in float64 on the device, once check_condition accepted K + λI."""
     n = K.shape[0]
-    Kd = K + damping * cupy.eye(n, dtype=cupy.float64)
-    try:
-        L = cupy.linalg.cholesky(Kd)
-        if bool(cupy.isfinite(L).all()):
-            # Imported here: cupyx.scipy.linalg loads cuBLAS/cuSOLVER at import time, and a
-            # missing CUDA library must not make the whole backend unimportable.
-            from cupyx.scipy.linalg import solve_triangular
-            y = solve_triangular(L, rhs, lower=True)
-            x = solve_triangular(L.T, y, lower=False)
-            if bool(cupy.isfinite(x).all()):
-                return x
-    except cupy.linalg.LinAlgError:
-        pass
-    w, V = cupy.linalg.eigh(0.5 * (K + K.T))
-    w = cupy.maximum(w, 0.0) + damping
-    return V @ ((V.T @ rhs) / w)
+    Kd = K.astype(cupy.float64, copy=False) + damping * cupy.eye(n, dtype=cupy.float64)
+    w = cupy.linalg.eigvalsh(Kd)
+    check_condition(damped_condition(w), damping, float(w[-1]), "the damped Gram matrix")
+    # Imported here: cupyx.scipy.linalg loads cuBLAS/cuSOLVER at import time, and a missing CUDA
+    # library must not make the whole backend unimportable.
+    from cupyx.scipy.linalg import solve_triangular
+    L = cupy.linalg.cholesky(Kd)
+    y = solve_triangular(L, rhs.astype(cupy.float64, copy=False), lower=True)
+    return solve_triangular(L.T, y, lower=False)
 
 
 def fisher_sample_space_direction(G, rhs, damping):
     """d = G^T (G G^T + damping I)^{-1} rhs, (P,) in G's dtype; the solve in float64."""
-    K = fisher_gram(G)
-    check_gram(K, cupy)
-    a = _solve_damped_gram(K, rhs, float(damping))
-    return G.T @ a.astype(G.dtype)
+    return sample_space_direction(G, rhs, float(damping), gram=fisher_gram, solve=solve_damped_gram, xp=cupy)

@@ -247,6 +247,29 @@ class PlanCache:
         return len(self._entries)
 
 
+PLANS = PlanCache()   # one cache for every rule module's plans
+
+
+def per_tensor_table(idx, row, values: dict, dtype) -> np.ndarray:
+    """(len(idx), K) array of ``dtype``: row i is ``row(**values_i)`` for tensor idx[i].
+
+    A value in ``values`` is one for all tensors or a list/tuple with one per tensor
+    (backends/interface.py). ``row`` returns the tensor's host scalars, computed in
+    float64 by the rule's descriptor; they are rounded to the parameter dtype here,
+    once per distinct set of inputs (one in the usual case, a few with param groups)."""
+    varying = [k for k, v in values.items() if isinstance(v, (list, tuple))]
+    if not varying:
+        return np.tile(np.array(row(**values), dtype=dtype), (len(idx), 1))
+    rows = {}
+    table = []
+    for i in idx:
+        key = tuple(values[k][i] for k in varying)
+        if key not in rows:
+            rows[key] = row(**{**values, **dict(zip(varying, key))})
+        table.append(rows[key])
+    return np.array(table, dtype=dtype)
+
+
 def _chain(lists):
     for lst in lists:
         yield from lst

@@ -5,14 +5,15 @@ Same signatures as fisheropt.refimpl.fisher_ngd (the reference backend):
 * ``fisher_gram(G)``: the Gram product stays in BLAS (NumPy's matmul, column blocks of
   float32 products accumulated in float64, exactly as the reference) — no hand-written
   kernel beats BLAS on G G^T, and the reference already avoids a float64 copy of G.
-* ``fisher_sample_space_direction(G, rhs, damping)``: the damped N x N solve is one
-  compiled kernel (Cholesky + two triangular substitutions, float64; a symmetric
-  eigendecomposition with eigenvalues clipped at 0 when Cholesky breaks down), then
-  d = G^T a by BLAS gemv in G's dtype.
+* ``fisher_sample_space_direction(G, rhs, damping)``: the reference's formulation
+  (``sample_space_direction``: the smaller Gram, GGᵀ or GᵀG) with the damped solve as one
+  compiled kernel (Cholesky + two triangular substitutions, float64), after the reference's
+  condition-number check (``check_condition`` on LAPACK eigenvalues); then d = G^T a by BLAS
+  gemv in G's dtype.
 """
 import numba
 import numpy as np
-from fisheropt.refimpl.fisher_ngd import check_gram
+from fisheropt.refimpl.fisher_ngd import check_condition, damped_condition, sample_space_direction
 from fisheropt.refimpl.fisher_ngd import fisher_gram as _reference_gram
 
 __all__ = ["fisher_gram", "fisher_sample_space_direction"]
@@ -26,20 +27,18 @@ def fisher_gram(G):
 
 
 @numba.njit(cache=True)
-def _cholesky_solve(K, rhs, damping):
-    """(K + damping I)^{-1} rhs by Cholesky; returns (x, ok)."""
-    n = K.shape[0]
+def _cholesky_solve(Kd, rhs):
+    """Kd^{-1} rhs by Cholesky for a symmetric positive-definite Kd (checked by the caller)."""
+    n = Kd.shape[0]
     L = np.zeros((n, n))
     for j in range(n):
-        acc = K[j, j] + damping
+        acc = Kd[j, j]
         for k in range(j):
             acc -= L[j, k] * L[j, k]
-        if not (acc > 0.0) or not np.isfinite(acc):
-            return rhs.copy(), False
         ljj = np.sqrt(acc)
         L[j, j] = ljj
         for i in range(j + 1, n):
-            acc = K[i, j]
+            acc = Kd[i, j]
             for k in range(j):
                 acc -= L[i, k] * L[j, k]
             L[i, j] = acc / ljj
@@ -55,31 +54,16 @@ def _cholesky_solve(K, rhs, damping):
         for k in range(i + 1, n):
             acc -= L[k, i] * x[k]
         x[i] = acc / L[i, i]
-    for i in range(n):
-        if not np.isfinite(x[i]):
-            return x, False
-    return x, True
-
-
-@numba.njit(cache=True)
-def _eigh_solve(K, rhs, damping):
-    w, V = np.linalg.eigh(0.5 * (K + K.T))
-    w = np.maximum(w, 0.0) + damping
-    return V @ ((V.T @ rhs) / w)
+    return x
 
 
 def _solve_damped_gram(K, rhs, damping):
-    K = np.ascontiguousarray(K, dtype=np.float64)
-    rhs = np.ascontiguousarray(rhs, dtype=np.float64)
-    x, ok = _cholesky_solve(K, rhs, float(damping))
-    if ok:
-        return x
-    return _eigh_solve(K, rhs, float(damping))
+    Kd = np.asarray(K, dtype=np.float64) + damping * np.eye(K.shape[0])
+    w = np.linalg.eigvalsh(Kd)          # κ ≤ MAX_CONDITION makes the Cholesky below succeed
+    check_condition(damped_condition(w), damping, float(w[-1]), "the damped Gram matrix")
+    return _cholesky_solve(Kd, np.ascontiguousarray(rhs, dtype=np.float64))
 
 
 def fisher_sample_space_direction(G, rhs, damping):
     """d = G^T (G G^T + damping I)^{-1} rhs, (P,) in G's dtype; the solve in float64."""
-    K = fisher_gram(G)
-    check_gram(K)
-    a = _solve_damped_gram(K, rhs, damping)
-    return G.T @ a.astype(G.dtype)
+    return sample_space_direction(G, rhs, float(damping), gram=fisher_gram, solve=_solve_damped_gram)

@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,8 @@ def progress(iterable=None, *, total=None, desc=None, leave=False, **kwargs):
                 dynamic_ncols=True, file=sys.stderr, **kwargs)
 
 
-def blas_threads(default: int = 1):
+@contextmanager
+def blas_threads(default: int = 1, *, numba: bool = False):
     """Context manager: limit BLAS threads (``FISHEROPT_BLAS_THREADS`` overrides ``default``).
 
     The models here multiply small matrices (e.g. 128×32 by 32×2000), where
@@ -41,18 +42,41 @@ def blas_threads(default: int = 1):
     its spinning threads can slow a run down twenty-fold. One thread is the
     default for the demo and the experiments; set ``FISHEROPT_BLAS_THREADS=0``
     to leave BLAS alone. Needs threadpoolctl (installed with scikit-learn);
-    without it this does nothing."""
-    from contextlib import nullcontext
+    without it BLAS is left alone.
 
+    ``numba=True`` gives Numba's thread pool (the fused optimizer kernels) the same
+    limit, for runs whose tensors are too small for a thread team to pay off.
+    Everything is restored on exit. This is the one thread limiter of the demo and
+    the experiments."""
     value = os.environ.get("FISHEROPT_BLAS_THREADS", "").strip()
     n = int(value) if value.isdigit() else default
-    if n <= 0:
-        return nullcontext()
+    with ExitStack() as limits:
+        if n > 0:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+                pass
+            else:
+                limits.enter_context(threadpool_limits(limits=n, user_api="blas"))
+            if numba:
+                limits.enter_context(_numba_threads(n))
+        yield
+
+
+@contextmanager
+def _numba_threads(n: int):
+    """Numba's thread count (of this thread) set to at most ``n``, restored afterwards."""
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        return nullcontext()
-    return threadpool_limits(limits=n, user_api="blas")
+        import numba
+    except ImportError:  # pragma: no cover - numba is in the demo extra
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
 
 
 def pyplot():
@@ -184,6 +208,11 @@ def paired_difference(a, b) -> dict:
 AGREES = "**Agrees with the paper**"
 DISAGREES = "**Disagrees with the paper**"
 INCONCLUSIVE = "**Inconclusive at this scale**"
+
+
+def agreement(agrees: bool, why_agrees: str, why_disagrees: str) -> str:
+    """A verdict line: "**Agrees with the paper**: <why_agrees>" or "**Disagrees ...**: <why_disagrees>"."""
+    return f"{AGREES}: {why_agrees}" if agrees else f"{DISAGREES}: {why_disagrees}"
 
 
 def environment_line() -> str:

@@ -8,7 +8,7 @@ embeddings at equal or better loss.
 
 Setup (all offline): the English text of CPython's ``help()`` topics
 (``pydoc_data.topics``), word-level, a fixed-window neural LM whose output layer
-is the input embedding E (:mod:`fisheropt.refimpl.word_lm`). Both optimizers use
+is the input embedding E (:mod:`fisheropt.workloads.word_lm`). Both optimizers use
 the same hyperparameters, initialisation and batch order per seed; Coupled Adam
 is AdamW with the second moment of E shared across rows, so AdamW is the
 like-for-like baseline (the paper's "Adam" baseline also uses decoupled decay).
@@ -21,7 +21,7 @@ import numpy as np
 
 import fisheropt as fo
 from fisheropt.refimpl.isotropy import embedding_report
-from fisheropt.refimpl.word_lm import WordLM, load_pydoc_corpus, make_windows
+from fisheropt.workloads.word_lm import WordLM, load_pydoc_corpus, make_windows
 
 from . import _common as C
 
@@ -44,7 +44,7 @@ def _make_optimizer(name, model):
 
 def train_one(opt_name, cfg, seed, data, *, desc=None):
     """Train one model; returns (model, history dict, backend name)."""
-    (C_tr, y_tr), (C_val, y_val) = data
+    (contexts_train, y_tr), (contexts_val, y_val) = data
     model = WordLM(cfg["vocab"], cfg["dim"], cfg["context"], cfg["hidden"], seed=seed, dtype=np.float32)
     opt = _make_optimizer(opt_name, model)
     rng = np.random.default_rng([seed, 7])          # batch order: same for both optimizers
@@ -56,14 +56,14 @@ def train_one(opt_name, cfg, seed, data, *, desc=None):
             rep = embedding_report(model.embedding)
             hist["step"].append(step)
             hist["train_loss"].append(float(np.mean(run_loss)) if run_loss else float("nan"))
-            hist["val_loss"].append(model.loss(C_val, y_val))
+            hist["val_loss"].append(model.loss(contexts_val, y_val))
             for key in ("isotropy", "mu_norm", "mu_ratio", "condition_number"):
                 hist[key].append(rep[key])
             run_loss = []
         if step == cfg["steps"]:
             break
-        idx = rng.integers(0, C_tr.shape[0], size=cfg["batch"])
-        loss, grads = model.loss_and_grads(C_tr[idx], y_tr[idx])
+        idx = rng.integers(0, contexts_train.shape[0], size=cfg["batch"])
+        loss, grads = model.loss_and_grads(contexts_train[idx], y_tr[idx])
         run_loss.append(loss)
         opt.step(grads)
     return model, hist, opt.backend.NAME
@@ -98,11 +98,11 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = QUICK if quick else FULL
     train_ids, val_ids, vocab, counts = load_pydoc_corpus(vocab_size=cfg["vocab"])
-    C_tr, y_tr = make_windows(train_ids, cfg["context"])
-    C_val, y_val = make_windows(val_ids, cfg["context"])
+    contexts_train, y_tr = make_windows(train_ids, cfg["context"])
+    contexts_val, y_val = make_windows(val_ids, cfg["context"])
     if cfg["n_val"]:
-        C_val, y_val = C_val[: cfg["n_val"]], y_val[: cfg["n_val"]]
-    data = ((C_tr, y_tr), (C_val, y_val))
+        contexts_val, y_val = contexts_val[: cfg["n_val"]], y_val[: cfg["n_val"]]
+    data = ((contexts_train, y_tr), (contexts_val, y_val))
     seeds = [seed + i for i in range(cfg["n_seeds"])]
 
     per_seed, histories, final_E, backends = [], {}, {}, set()
@@ -148,8 +148,8 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                              counts))
 
     # ---- verdict (computed, not assumed) ----------------------------------
-    a, c = summary_rows
-    iso_gain = c["isotropy"] / a["isotropy"] if a["isotropy"] > 0 else float("inf")
+    adamw, coupled = summary_rows
+    iso_gain = coupled["isotropy"] / adamw["isotropy"] if adamw["isotropy"] > 0 else float("inf")
     def seed_values(opt, key):
         return [next(r[key] for r in per_seed if r["optimizer"] == opt and r["seed"] == s) for s in seeds]
 
@@ -159,10 +159,10 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         next(r for r in per_seed if r["optimizer"] == "Coupled Adam" and r["seed"] == s)["isotropy"]
         > next(r for r in per_seed if r["optimizer"] == "AdamW" and r["seed"] == s)["isotropy"] for s in seeds)
     # "Far more isotropic": higher in every seed and the anisotropy 1 - Iso at least halved.
-    aniso_cut = (1 - c["isotropy"]) / (1 - a["isotropy"]) if a["isotropy"] < 1 else float("nan")
+    aniso_cut = (1 - coupled["isotropy"]) / (1 - adamw["isotropy"]) if adamw["isotropy"] < 1 else float("nan")
     iso_agrees = iso_wins == len(seeds) and aniso_cut <= 0.5
     loss_agrees = loss_cmp["sign"] <= 0            # not worse beyond seed noise
-    mu_agrees = c["mu_ratio"] < a["mu_ratio"]
+    mu_agrees = coupled["mu_ratio"] < adamw["mu_ratio"]
     verdict = {"isotropy_ratio_coupled_over_adamw": iso_gain, "isotropy_wins": iso_wins,
                "anisotropy_ratio_coupled_over_adamw": aniso_cut,
                "val_loss_diff_coupled_minus_adamw": loss_cmp,
@@ -176,9 +176,6 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
              "condition_number": "cond(E)"}
     seed_cols = ["optimizer", "seed", "train_loss", "val_loss", "isotropy", "mu_norm", "mu_ratio",
                  "condition_number"]
-
-    def say(ok, yes, no):
-        return f"{C.AGREES}: {yes}" if ok else f"{C.DISAGREES}: {no}"
 
     report = f"""# {TITLE}
 
@@ -194,11 +191,11 @@ more isotropic embeddings at equal or better loss.
 - Corpus: `pydoc_data.topics` (CPython's `help()` text), lower-cased `[a-z]+` words,
   {train_ids.size} training / {val_ids.size} validation tokens (last 10 %),
   vocabulary {cfg['vocab']} (incl. `<unk>`; {int((counts <= 2).sum())} words occur at most twice in training).
-- Model (`fisheropt.refimpl.word_lm.WordLM`): {cfg['context']}-word context window, embedding
+- Model (`fisheropt.workloads.word_lm.WordLM`): {cfg['context']}-word context window, embedding
   dim {cfg['dim']}, tanh hidden {cfg['hidden']}, output layer tied to E; mean cross-entropy; float32.
 - Training: {cfg['steps']} steps, batch {cfg['batch']} windows, seeds {seeds}; both optimizers
   lr={HYPER['lr']}, betas={HYPER['betas']}, eps={HYPER['eps']}, decoupled weight decay={HYPER['weight_decay']};
-  backend(s): {', '.join(sorted(backends))}. Validation loss on {C_val.shape[0]} windows.
+  backend(s): {', '.join(sorted(backends))}. Validation loss on {contexts_val.shape[0]} windows.
 - Measures of the final E (`fisheropt.refimpl.isotropy`): Iso(E) = min_u Z(u)/max_u Z(u),
   Z(u) = Σ_i exp(uᵀe_i), u over the eigenvectors of EᵀE (both signs); ‖μ‖ and ‖μ‖/mean‖e_i‖
   with μ the mean embedding; cond(E) = σ_max/σ_min.
@@ -212,14 +209,14 @@ more isotropic embeddings at equal or better loss.
 {C.markdown_table(per_seed, seed_cols, heads)}
 ## Verdict
 
-- Isotropy: Iso(E) {C.fmt(c['isotropy'])} (Coupled Adam) vs {C.fmt(a['isotropy'])} (AdamW), ratio {C.fmt(iso_gain)};
+- Isotropy: Iso(E) {C.fmt(coupled['isotropy'])} (Coupled Adam) vs {C.fmt(adamw['isotropy'])} (AdamW), ratio {C.fmt(iso_gain)};
   Coupled higher in {iso_wins}/{len(seeds)} seeds; anisotropy 1 − Iso(E) Coupled/AdamW = {C.fmt(aniso_cut)}.
-  {say(iso_agrees, "Coupled Adam's embeddings are markedly more isotropic (higher in every seed, anisotropy at least halved).",
+  {C.agreement(iso_agrees, "Coupled Adam's embeddings are markedly more isotropic (higher in every seed, anisotropy at least halved).",
        "the isotropy gain is not the large, consistent gain the paper reports (criterion, fixed before the runs: higher in every seed and 1 − Iso at least halved).")}
-- Mean embedding: ‖μ‖/mean‖e‖ is {C.fmt(c['mu_ratio'])} (Coupled) vs {C.fmt(a['mu_ratio'])} (AdamW).
-  {say(mu_agrees, "Coupled Adam shrinks the common offset.", "Coupled Adam does not reduce the common offset here.")}
+- Mean embedding: ‖μ‖/mean‖e‖ is {C.fmt(coupled['mu_ratio'])} (Coupled) vs {C.fmt(adamw['mu_ratio'])} (AdamW).
+  {C.agreement(mu_agrees, "Coupled Adam shrinks the common offset.", "Coupled Adam does not reduce the common offset here.")}
 - Loss: validation loss Coupled − AdamW, paired by seed: {C.fmt(loss_diff)} ± {C.fmt(loss_cmp['se'], 2)} (SE, n={loss_cmp['n']}).
-  {say(loss_agrees, ("better loss (beyond seed noise)." if loss_cmp["sign"] < 0 else
+  {C.agreement(loss_agrees, ("better loss (beyond seed noise)." if loss_cmp["sign"] < 0 else
                      "equal loss within seed noise (95 % Student-t interval of the paired difference contains 0)."),
        "Coupled Adam's validation loss is worse beyond seed noise here.")}
 

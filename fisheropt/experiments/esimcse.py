@@ -10,7 +10,7 @@ improves semantic similarity (+2.02 Spearman points on STS, BERT-base).
 
 Setup (all offline): sentences from the English text of CPython's ``help()``
 topics (``pydoc_data.topics``); the bag-of-embeddings encoder of
-:mod:`fisheropt.refimpl.esimcse_encoder` (token + position embeddings,
+:mod:`fisheropt.workloads.esimcse_encoder` (token + position embeddings,
 dropout, mean pooling, a projection). Each method is trained with Adam, FAdam
 and Coupled Adam from the same initialisation and batch order per seed. There
 is no STS data offline, so "semantic similarity" is measured on held-out
@@ -20,20 +20,18 @@ the report).
 """
 from __future__ import annotations
 
-import re
-from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 import fisheropt as fo
-from fisheropt.refimpl import esimcse_encoder as enc
 from fisheropt.refimpl.esimcse_loss import TEMPERATURE, info_nce_with_grad
 from fisheropt.refimpl.esimcse_momentum import MOMENTUM
 from fisheropt.refimpl.esimcse_queue import MomentumQueue, default_queue_size
 from fisheropt.refimpl.esimcse_repetition import DUP_RATE, word_repetition_batch
 from fisheropt.refimpl.isotropy import embedding_report
+from fisheropt.workloads import esimcse_encoder as enc
+from fisheropt.workloads.pydoc_sentences import build_dataset
 
 from . import _common as C
 
@@ -55,62 +53,6 @@ ABLATIONS = ("SimCSE + repetition", "SimCSE + queue", "ESimCSE, unmasked queue")
 DELETIONS = (1, 2, 3, 4, 5, 6)   # positive-pair probes: a sentence vs itself minus k random words
 LEN_BINS = 16                    # |ΔL| = 0..14, and ≥ 15
 SHORT_GAP = 3                    # the paper's split: length difference ≤ 3 vs > 3
-
-
-# ---- corpus -------------------------------------------------------------------
-def load_sentences(*, min_tokens=MIN_TOKENS, max_tokens=MAX_TOKENS):
-    """Unique English sentences of ``pydoc_data.topics`` as (word tuple, topic key), in a fixed order.
-
-    Prose paragraphs only: a paragraph with a ``>>>``/``...`` prompt or under 85 %
-    letters and spaces (code, tables, grammar) is skipped; sentences end in
-    ``.?!:``; words are lower-cased ``[a-z]+``."""
-    from pydoc_data.topics import topics
-
-    seen, out = set(), []
-    for key in sorted(topics):
-        for para in re.split(r"\n\s*\n", topics[key]):
-            if ">>>" in para or "..." in para:
-                continue
-            text = " ".join(line.strip() for line in para.split("\n"))
-            if not text or sum(ch.isalpha() or ch == " " for ch in text) / len(text) < 0.85:
-                continue
-            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'(*])", text):
-                if not s.rstrip().endswith((".", "?", "!", ":")):
-                    continue
-                words = tuple(re.findall(r"[a-z]+", s.lower()))
-                if min_tokens <= len(words) <= max_tokens and words not in seen:
-                    seen.add(words)
-                    out.append((words, key))
-    return out
-
-
-def build_dataset(eval_fraction=0.15, split_seed=0):
-    """(train ids, eval ids, train topics, eval topics, vocab, train counts).
-
-    The split does not depend on the run seed; a topic is the index of the
-    ``help()`` topic a sentence comes from.
-
-    Ids: 0 = padding, 1 = ``<unk>``, then every word seen at least twice in the
-    training sentences, most frequent first (ties alphabetical)."""
-    loaded = load_sentences()
-    sents = [w for w, _ in loaded]
-    topic_names = sorted({t for _, t in loaded})
-    topic_of = np.array([topic_names.index(t) for _, t in loaded])
-    order = np.random.default_rng(split_seed).permutation(len(sents))
-    n_eval = round(eval_fraction * len(sents))
-    eval_s = [sents[i] for i in order[:n_eval]]
-    train_s = [sents[i] for i in order[n_eval:]]
-    freq = Counter(w for s in train_s for w in s)
-    ranked = sorted((kv for kv in freq.items() if kv[1] >= 2), key=lambda kv: (-kv[1], kv[0]))
-    vocab = ["<pad>", "<unk>"] + [w for w, _ in ranked]
-    index = {w: i for i, w in enumerate(vocab)}
-
-    def ids(s):
-        return np.array([index.get(w, 1) for w in s], dtype=np.int64)
-
-    train, evals = [ids(s) for s in train_s], [ids(s) for s in eval_s]
-    counts = np.bincount(np.concatenate(train), minlength=len(vocab))
-    return train, evals, topic_of[order[n_eval:]], topic_of[order[:n_eval]], vocab, counts
 
 
 # ---- training -----------------------------------------------------------------
@@ -135,12 +77,12 @@ def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, d
                              dtype=DTYPE)
     opt = _make_optimizer(opt_name, params)
     backend = opt.backend                        # the EMA kernel runs on the optimizer's backend
-    repeat = method in ("ESimCSE", "SimCSE + repetition", "ESimCSE, unmasked queue")
-    esim = method in ("ESimCSE", "SimCSE + queue", "ESimCSE, unmasked queue")       # momentum encoder + queue
-    mask_own = method != "ESimCSE, unmasked queue"
-    momentum = [p.copy() for p in params] if esim else None
-    queue = MomentumQueue(cfg["out_dim"], default_queue_size(cfg["batch"])) if esim else None
-    queue_ids = MomentumQueue(1, default_queue_size(cfg["batch"])) if esim else None   # whose embedding each row is
+    repeats_words = method in ("ESimCSE", "SimCSE + repetition", "ESimCSE, unmasked queue")
+    uses_momentum_queue = method in ("ESimCSE", "SimCSE + queue", "ESimCSE, unmasked queue")
+    masks_own_sentences = method != "ESimCSE, unmasked queue"
+    momentum = [p.copy() for p in params] if uses_momentum_queue else None
+    queue = MomentumQueue(cfg["out_dim"], default_queue_size(cfg["batch"])) if uses_momentum_queue else None
+    queue_sentence_ids = MomentumQueue(1, default_queue_size(cfg["batch"])) if uses_momentum_queue else None
     batch_rng = np.random.default_rng([seed, 2])
     drop_rng = np.random.default_rng([seed, 3])
     aug_rng = np.random.default_rng([seed, 4])
@@ -161,30 +103,30 @@ def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, d
             break
         idx = next(batches)
         sents = [train[i] for i in idx]
-        pos = word_repetition_batch(sents, dup_rate=DUP_RATE, rng=aug_rng) if repeat else sents
+        pos = word_repetition_batch(sents, dup_rate=DUP_RATE, rng=aug_rng) if repeats_words else sents
         t1, l1 = enc.pad_batch(sents, MAX_LEN)
         t2, l2 = enc.pad_batch(pos, MAX_LEN)
         z1, c1 = enc.forward(params, t1, l1, dropout=cfg["dropout"], rng=drop_rng)
         z2, c2 = enc.forward(params, t2, l2, dropout=cfg["dropout"], rng=drop_rng)
         negatives = None
-        if esim:
+        if uses_momentum_queue:
             # On ~2k sentences the queue often holds a sentence of this very batch,
             # a false negative for its own anchor (impossible in the paper's single
             # pass over 10⁶ sentences); such rows are dropped — for the other anchors
             # that sentence is an in-batch negative anyway.
             negatives = queue.negatives()
-            if mask_own:
-                negatives = negatives[~np.isin(queue_ids.negatives()[:, 0], idx)]
+            if masks_own_sentences:
+                negatives = negatives[~np.isin(queue_sentence_ids.negatives()[:, 0], idx)]
         loss, g1, g2 = info_nce_with_grad(z1, z2, negatives, tau=TEMPERATURE)
         grads = [a + b for a, b in zip(enc.backward(params, c1, g1), enc.backward(params, c2, g2))]
         opt.step(grads)
         running.append(loss)
-        if esim:
+        if uses_momentum_queue:
             # MoCo order: update the momentum encoder, encode this batch with it
             # (dropout off), then enqueue — the next step sees it as negatives.
             backend.ema_update(momentum, params, decay=MOMENTUM)
             queue.enqueue(enc.forward(momentum, t1, l1)[0])
-            queue_ids.enqueue(idx[:, None])
+            queue_sentence_ids.enqueue(idx[:, None])
     return params, hist, backend.NAME
 
 
@@ -290,33 +232,6 @@ class Evaluator:
         return out
 
 
-@contextmanager
-def _one_thread():
-    """BLAS and Numba on one thread while training: the matrices are tiny, and on a
-    shared machine a thread pool costs more than it gains. Restored afterwards."""
-    limiter = None
-    try:
-        from threadpoolctl import threadpool_limits
-        limiter = threadpool_limits(1)
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        pass
-    old = None
-    try:
-        import numba
-        old = numba.get_num_threads()
-        numba.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        yield
-    finally:
-        if old is not None:
-            import numba
-            numba.set_num_threads(old)
-        if limiter is not None:
-            limiter.restore_original_limits()
-
-
 # ---- plots --------------------------------------------------------------------
 def _plot_length_curves(path, finals, init, key, xs, *, title, xlabel):
     plt = C.pyplot()
@@ -376,7 +291,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = QUICK if quick else FULL
-    train, evals, train_topics, eval_topics, vocab, _ = build_dataset()
+    train, evals, train_topics, eval_topics, vocab, _ = build_dataset(min_tokens=MIN_TOKENS, max_tokens=MAX_TOKENS)
     evals, eval_topics = evals[: cfg["n_eval"]], eval_topics[: cfg["n_eval"]]
     evaluator = Evaluator(evals, eval_topics, train, train_topics, seed=0)
     seeds = [seed + i for i in range(cfg["n_seeds"])]
@@ -388,7 +303,9 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     per_seed, histories, backends = [], {}, set()
     init = enc.init_params(len(vocab), MAX_LEN, cfg["dim"], cfg["out_dim"], rng=np.random.default_rng([seeds[0], 1]),
                            dtype=DTYPE)
-    with C.stopwatch() as elapsed, _one_thread(), np.errstate(all="ignore"):
+    # BLAS and Numba on one thread: the matrices are tiny, and on a shared machine a thread
+    # pool costs more than it gains.
+    with C.stopwatch() as elapsed, C.blas_threads(numba=True), np.errstate(all="ignore"):
         init_res = evaluator(init, full=True)
         for s in seeds:
             for method, opt_name in grid:
@@ -490,9 +407,6 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                  "len_r2", "align", "uniform", "tok_iso", "sent_iso"]
     n_params = sum(p.size for p in init)
 
-    def say(ok, yes, no):
-        return f"**Agrees with the paper**: {yes}" if ok else f"**Disagrees with the paper**: {no}"
-
     ablation_lines = ""
     if cfg["ablations"]:
         def row_of(m, o="Adam"):
@@ -530,7 +444,7 @@ STS with BERT-base). The paper shows the bias by splitting STS-B pairs at a leng
 - Corpus: {len(train)} training / {len(evals)} held-out unique prose sentences of `pydoc_data.topics`
   ({MIN_TOKENS}–{MAX_TOKENS} lower-cased words, {len(set(train_topics.tolist()))} `help()` topics), vocabulary
   {len(vocab)} (words seen twice in training, plus `<pad>`, `<unk>`).
-- Encoder (`fisheropt.refimpl.esimcse_encoder`, {n_params // 1000}k parameters, float32): token + position
+- Encoder (`fisheropt.workloads.esimcse_encoder`, {n_params // 1000}k parameters, float32): token + position
   embeddings (d={cfg['dim']}), dropout p={cfg['dropout']}, mean pooling, linear projection to {cfg['out_dim']}.
 - Loss: InfoNCE, cosine similarity, τ={TEMPERATURE}, in-batch negatives (batch {cfg['batch']}).
   - SimCSE: positive = the same sentence under a second dropout mask.
@@ -576,14 +490,14 @@ difference is within twice its standard error.
 
 {comp_table}
 - Length bias under SimCSE: random same-length pairs are more similar (neg gap {C.fmt(v['neg_gap']['simcse'])} > 0).
-  {say(bias_trained, "SimCSE training raised the gap above the untrained encoder's (" + C.fmt(init_res['neg_gap']) + ").",
+  {C.agreement(bias_trained, "SimCSE training raised the gap above the untrained encoder's (" + C.fmt(init_res['neg_gap']) + ").",
        "the gap is inherited from the random initialisation (untrained encoder: " + C.fmt(init_res['neg_gap'])
        + ") and SimCSE training lowered it; in the paper the bias is attributed to SimCSE's same-length positives.")}
-- {say(bias_reduced, "ESimCSE lowers the ≤3 vs >3 similarity gap of random pairs.",
+- {C.agreement(bias_reduced, "ESimCSE lowers the ≤3 vs >3 similarity gap of random pairs.",
        "ESimCSE does not clearly lower the ≤3 vs >3 similarity gap of random pairs.")}
-- {say(r2_reduced, "less length information is linearly decodable from ESimCSE's embeddings.",
+- {C.agreement(r2_reduced, "less length information is linearly decodable from ESimCSE's embeddings.",
        "ESimCSE's embeddings do not encode length less than SimCSE's (length R² " + v['len_r2']['call'] + ").")}
-- {say(sim_better, "ESimCSE separates the held-out topics better (our STS stand-in).",
+- {C.agreement(sim_better, "ESimCSE separates the held-out topics better (our STS stand-in).",
        "ESimCSE does not improve the semantic stand-in (topic AUC: " + v['topic_auc']['call'] + ").")}
 - Wang & Isola: ESimCSE's alignment is {v['align']['call']} and its uniformity {v['uniform']['call']} than SimCSE's.
 {ablation_lines}- Coupled Adam − Adam, same method, paired over seeds (the Coupled Adam paper predicts more isotropic

@@ -8,19 +8,24 @@ empirical Fisher information". Claims tested at small scale:
    gradient, momentum computed AFTER preconditioning, and weight decay applied to
    the Fisher-preconditioned weights rather than AdamW-style.
 
-The ablations are NOT options of :class:`fisheropt.FAdam`; they are small NumPy
-variants of :func:`fisheropt.refimpl.fadam.fadam_update` defined in this module
-(:func:`fadam_ablation_update`), labelled "ablation:" everywhere.
+The ablations are NOT options of :class:`fisheropt.FAdam`. Each is a recipe
+(:class:`FAdamRecipe`) that composes the reference's own building blocks of
+:mod:`fisheropt.refimpl.fadam` (``debiased_beta2``, ``adaptive_epsilon``, ``rms``,
+``clip_scale``) into an update, changing exactly one piece; the un-ablated recipe
+is :func:`fisheropt.refimpl.fadam.fadam_update` bit for bit. They are labelled
+"ablation:" everywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 import fisheropt as fo
 from fisheropt.refimpl.fadam import adaptive_epsilon, clip_scale, debiased_beta2, rms
-from fisheropt.refimpl.models import MLP, load_digits_split
+from fisheropt.workloads.models import MLP, load_digits_split
 
 from . import _common as C
 
@@ -31,41 +36,102 @@ QUICK = dict(hidden=32, batch=64, epochs=4, n_seeds=2, lrs=(3e-3,), main_lr=3e-3
 BETAS = (0.9, 0.999)
 FADAM_HP = dict(eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1)   # fo.FAdam defaults
 
+
+# ---- building blocks: each one line of refimpl/fadam.py, in the parameter dtype ----------------
+def fisher_ema(f, g, *, t, beta2):
+    r"""f_t = \hat\beta_2 f_{t-1} + (1-\hat\beta_2) g², with the debiased \hat\beta_2 of step t."""
+    dtype = g.dtype.type
+    beta2_hat = debiased_beta2(beta2, t)
+    return dtype(beta2_hat) * f + dtype(1 - beta2_hat) * (g * g)
+
+
+def fisher_denominator(f, g, *, eps, eps2, p):
+    r"""f_t^p + ε_t, with the adaptive ε_t of ``g`` rounded to the parameter dtype."""
+    return f ** g.dtype.type(p) + adaptive_epsilon(rms(g), eps=eps, eps2=eps2, p=p, dtype=g.dtype)
+
+
+def rms_clipped(x, clip):
+    """x / max(1, RMS(x)/c): the paper's clipping (RMS(x) capped at c)."""
+    return x / x.dtype.type(clip_scale(rms(x), clip))
+
+
+def unclipped(x, clip):
+    """No clipping (the "no-clip" ablation)."""
+    return x
+
+
+def momentum_ema(m, x, beta1):
+    """β1 m + (1-β1) x."""
+    dtype = x.dtype.type
+    return dtype(beta1) * m + dtype(1 - beta1) * x
+
+
+def momentum_of_natural_gradient(m, g, denom, *, beta1, clip, clipped):
+    """FAdam's order: precondition and clip g, then take the momentum; the step direction is m."""
+    m = momentum_ema(m, clipped(g / denom, clip), beta1)
+    return m, m
+
+
+def natural_gradient_of_momentum(m, g, denom, *, beta1, clip, clipped):
+    """Adam's order (the "momentum-first" ablation): momentum of the raw g, then precondition and clip it."""
+    m = momentum_ema(m, g, beta1)
+    return m, clipped(m / denom, clip)
+
+
+def fisher_preconditioned_decay(theta, denom, *, clip, clipped):
+    """FAdam's decay term w̄ = θ / (f^p + ε_t), clipped like the gradient."""
+    return clipped(theta / denom, clip)
+
+
+def decoupled_decay(theta, denom, *, clip, clipped):
+    """AdamW's decay term θ (the "adamw-decay" ablation)."""
+    return theta
+
+
+@dataclasses.dataclass(frozen=True)
+class FAdamRecipe:
+    """Which block does each of FAdam's three design choices; :meth:`update` composes them."""
+
+    clipped: Callable = rms_clipped
+    direction: Callable = momentum_of_natural_gradient
+    decay: Callable = fisher_preconditioned_decay
+
+    def update(self, theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
+        """One step on one tensor. Pure: returns new (theta, m, f), in theta's dtype."""
+        dtype = theta.dtype.type
+        f = fisher_ema(f, g, t=t, beta2=beta2)
+        denom = fisher_denominator(f, g, eps=eps, eps2=eps2, p=p)
+        m, direction = self.direction(m, g, denom, beta1=beta1, clip=clip, clipped=self.clipped)
+        decay = self.decay(theta, denom, clip=clip, clipped=self.clipped)
+        return theta - dtype(lr) * (direction + dtype(weight_decay) * decay), m, f
+
+
+FADAM = FAdamRecipe()
 ABLATIONS = {
     "no-clip": "ablation: FAdam without RMS clipping of the natural gradient and of the decay term",
     "momentum-first": "ablation: momentum of the raw gradient, then preconditioning and clipping (Adam's order)",
     "adamw-decay": "ablation: AdamW-style decay λθ instead of the Fisher-preconditioned, clipped θ/(√f+ε)",
+}
+RECIPES = {
+    None: FADAM,
+    "no-clip": dataclasses.replace(FADAM, clipped=unclipped),
+    "momentum-first": dataclasses.replace(FADAM, direction=natural_gradient_of_momentum),
+    "adamw-decay": dataclasses.replace(FADAM, decay=decoupled_decay),
 }
 METHODS = ("Adam", "AdamW", "FAdam", *(f"ablation: {k}" for k in ABLATIONS))
 
 
 def fadam_ablation_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, weight_decay,
                           variant=None):
-    """FAdam's update (:func:`fisheropt.refimpl.fadam.fadam_update`) with one ablation.
+    """FAdam's update with one ablation: ``RECIPES[variant].update``.
 
-    ``variant=None`` is FAdam itself (identical to the reference, step for step);
-    ``"no-clip"``, ``"momentum-first"`` and ``"adamw-decay"`` change exactly one
-    design choice. Pure: returns new (theta, m, f)."""
-    if variant not in (None, *ABLATIONS):
-        raise ValueError(f"unknown ablation {variant!r}")
-    dtype = theta.dtype.type
-    beta2_hat = debiased_beta2(beta2, t)
-    f = dtype(beta2_hat) * f + dtype(1 - beta2_hat) * (g * g)
-    eps_t = adaptive_epsilon(rms(g), eps=eps, eps2=eps2, p=p)
-    denom = f ** dtype(p) + dtype(eps_t)
-
-    def clipped(x):
-        return x if variant == "no-clip" else x / dtype(clip_scale(rms(x), clip))
-
-    if variant == "momentum-first":
-        m = dtype(beta1) * m + dtype(1 - beta1) * g
-        direction = clipped(m / denom)
-    else:
-        m = dtype(beta1) * m + dtype(1 - beta1) * clipped(g / denom)
-        direction = m
-    decay = theta if variant == "adamw-decay" else clipped(theta / denom)
-    theta = theta - dtype(lr) * (direction + dtype(weight_decay) * decay)
-    return theta, m, f
+    ``variant=None`` is FAdam itself (:func:`fisheropt.refimpl.fadam.fadam_update`,
+    bit for bit); ``"no-clip"``, ``"momentum-first"`` and ``"adamw-decay"`` change
+    exactly one design choice. Pure: returns new (theta, m, f)."""
+    if variant not in RECIPES:
+        raise ValueError(f"unknown ablation {variant!r}; known: {', '.join(ABLATIONS)}")
+    return RECIPES[variant].update(theta, g, m, f, t=t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2,
+                                   clip=clip, p=p, weight_decay=weight_decay)
 
 
 class FAdamAblation:

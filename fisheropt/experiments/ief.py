@@ -21,7 +21,7 @@ import numpy as np
 
 import fisheropt as fo
 from fisheropt import fisher
-from fisheropt.refimpl.models import MLP, load_digits_split
+from fisheropt.workloads.models import MLP, load_digits_split
 
 from . import _common as C
 
@@ -161,9 +161,6 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                                title="training loss of the Adam run being probed", xlabel="epoch",
                                ylabel="mean CE"))
 
-    def say(ok, yes, no):
-        return f"{C.AGREES}: {yes}" if ok else f"{C.DISAGREES}: {no}"
-
     ep_cols = ["epoch", "train_loss", "lam_max", *KINDS]
     ep_heads = {"train_loss": "train loss", "lam_max": "λmax(F)"}
     gap = {k: gmean(q(k)) for k in KINDS}
@@ -203,7 +200,7 @@ Damping sensitivity (mean over seeds and checkpoints of max/min of γ across the
 
 - Ordering over {n} (seed, checkpoint, damping) cells: iEF < SF in {ief_lt_sf}, SF < EF in {sf_lt_ef},
   iEF < EF in {ief_lt_ef}.
-  {say(order_ok, "iEF beats SF and SF beats EF in most cells.",
+  {C.agreement(order_ok, "iEF beats SF and SF beats EF in most cells.",
        "the ordering iEF < SF < EF does not hold in most cells (see the counts above).")}
 - Distance to the exact natural gradient (geometric mean over all cells): exact {C.fmt(gap['exact'])},
   iEF {C.fmt(gap['iEF'])}, SF {C.fmt(gap['SF'])}, EF {C.fmt(gap['EF'])} (1 = plain gradient descent).
@@ -211,7 +208,7 @@ Damping sensitivity (mean over seeds and checkpoints of max/min of γ across the
   the exact direction{" and on average barely better than plain gradient descent" if gap[closest] > 0.9 else ""}.
 - iEF is the best of the three approximations (geometric mean over seeds and checkpoints) at
   damping {", ".join(f"{lam:g}" for lam in best_at) or "none"}{"; not at " + ", ".join(f"{lam:g}" for lam in not_best_at) if not_best_at else ""}.
-- Damping: {say(robust_ok, "iEF's quality varies least across the damping grid.",
+- Damping: {C.agreement(robust_ok, "iEF's quality varies least across the damping grid.",
                 "iEF is not the least damping-sensitive approximation here.")}
 
 A {cfg['hidden']}-unit MLP on 8×8 digits, evaluated on {cfg['eval_n']}-sample batches, is far smaller than the

@@ -13,7 +13,7 @@ import numpy as np
 
 from fisheropt.refimpl import fisher_ngd
 
-from . import encode
+from . import encode, tolerance
 
 
 def _G(rng, N, P, dtype, scale=1.0):
@@ -23,20 +23,27 @@ def _G(rng, N, P, dtype, scale=1.0):
 def _tol(expected, dtype, *, rtol64=1e-10, rtol32=2e-5):
     peak = float(np.max(np.abs(expected))) if np.size(expected) else 1.0
     rtol = rtol32 if np.dtype(dtype) == np.float32 else rtol64
-    return {"rtol": rtol, "atol": rtol * peak}
+    return [tolerance(rtol=rtol, atol=rtol * peak)]   # one bound for the one returned array
 
 
-def _gram_case(name, G, description):
+# Mutants every Gram case / every direction case with N > 1 must kill (the dtype of the
+# result, the sum convention); the cases add the ones they are designed for.
+def _gram_case(name, G, description, kills=()):
     K = fisher_ngd.fisher_gram(G)
+    always = (["gram_in_param_dtype"] if G.dtype != np.float64 else []) + (["mean_convention"] if G.shape[0] > 1 else [])
     return {"name": name, "kind": "function", "function": "fisher_gram", "dtype": G.dtype.name,
-            "description": description, "tolerance": _tol(K, np.float64, rtol64=1e-6 if G.dtype == np.float32 else 1e-12),
+            "description": description, "tags": [], "kills": always + list(kills),
+            "tolerance": _tol(K, np.float64, rtol64=1e-6 if G.dtype == np.float32 else 1e-12),
             "args": encode({"G": G}), "expected": encode([K])}
 
 
-def _direction_case(name, G, rhs, damping, description, *, rtol64=1e-10):
+def _direction_case(name, G, rhs, damping, description, *, rtol64=1e-10, kills=(), damping_matters=True):
     d = fisher_ngd.fisher_sample_space_direction(G, rhs, damping)
+    always = ["damping_all_entries", "mean_convention"] if G.shape[0] > 1 and damping_matters else []
+    if G.dtype == np.float64:
+        always.append("solve_in_float32")
     return {"name": name, "kind": "function", "function": "fisher_sample_space_direction",
-            "dtype": G.dtype.name, "description": description,
+            "dtype": G.dtype.name, "description": description, "tags": [], "kills": always + list(kills),
             "tolerance": _tol(d, G.dtype, rtol64=rtol64),
             "args": encode({"G": G, "rhs": np.asarray(rhs, dtype=np.float64), "damping": float(damping)}),
             "expected": encode([d])}
@@ -57,7 +64,8 @@ def fisher_cases():
         cases.append(_direction_case(f"direction_{tag}_ef", G, np.ones(6), 1e-2,
                                      "EF: rhs = 1"))
         s = rng.uniform(0.05, 1.5, size=6)
-        cases.append(_direction_case(f"direction_{tag}_ief", G, s, 1e-3, "iEF: rhs = s"))
+        cases.append(_direction_case(f"direction_{tag}_ief", G, s, 1e-3, "iEF: rhs = s",
+                                     kills=["damping_wrong_side", "s_not_squared", "rhs_as_ones"]))
         cases.append(_direction_case(f"direction_{tag}_single", _G(rng, 1, 5, dtype), np.array([0.7]), 0.5,
                                      "N = 1: d = g * rhs / (|g|^2 + damping)"))
         cases.append(_direction_case(f"direction_{tag}_tall", _G(rng, 8, 3, dtype), np.ones(8), 1e-1,
@@ -73,5 +81,5 @@ def fisher_cases():
         cases.append(_direction_case(f"direction_{tag}_scale1e-3", _G(rng, 5, 9, dtype, 1e-3), np.ones(5), 1e-8,
                                      "small gradients with damping at their scale"))
         cases.append(_direction_case(f"direction_{tag}_scale1e3", _G(rng, 5, 9, dtype, 1e3), np.ones(5), 10.0,
-                                     "large gradients"))
+                                     "large gradients", damping_matters=dtype == "float64"))
     return cases

@@ -15,7 +15,7 @@ Bengio et al. 2003) and reuses the input embedding E as the output layer:
     L &= \frac1N \sum_n \big(\operatorname{logsumexp}(z_n) - z_{n,y_n}\big)
         && \text{MEAN cross-entropy over the N predicted tokens}
 
-Unlike :mod:`fisheropt.refimpl.models` (sum over samples), the loss here is the
+Unlike :mod:`fisheropt.workloads.models` (sum over samples), the loss here is the
 mean per token, as in language modelling, so learning rates do not depend on the
 batch size. ``params = [E (V,d), W1 (kd,H), b1 (H,), W2 (H,d), b2 (d,), b_out (V,)]``;
 E is the only embedding (``coupled = [True, False, False, False, False, False]``
@@ -40,17 +40,14 @@ from collections import Counter
 
 import numpy as np
 
+from .models import FlatParams, float_dtype, log_softmax, positive_int
+
 __all__ = ["WordLM", "load_pydoc_corpus", "make_windows", "tokenize"]
 
 UNK = "<unk>"
 
 
-def _log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-class WordLM:
+class WordLM(FlatParams):
     """Fixed-window word LM with a tied embedding (see the module docstring).
 
     Initialisation (``numpy.random.default_rng(seed)``): E ~ N(0, 0.1²)
@@ -59,11 +56,9 @@ class WordLM:
 
     def __init__(self, vocab_size, dim=32, context=3, hidden=64, *, seed=0, dtype=np.float64,
                  embed_std=0.1):
-        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("context", context), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.V, self.d, self.k, self.H = int(vocab_size), int(dim), int(context), int(hidden)
-        self.dtype = np.dtype(dtype)
+        self.V, self.d, self.k, self.H = (positive_int(name, value) for name, value in (
+            ("vocab_size", vocab_size), ("dim", dim), ("context", context), ("hidden", hidden)))
+        self.dtype = float_dtype(dtype)
         rng = np.random.default_rng(seed)
         V, d, k, H = self.V, self.d, self.k, self.H
         E = embed_std * rng.standard_normal((V, d))
@@ -78,10 +73,6 @@ class WordLM:
     def embedding(self) -> np.ndarray:
         """The tied embedding E (V×d), the live array (do not write into it)."""
         return self.params[0]
-
-    @property
-    def n_params(self) -> int:
-        return int(sum(p.size for p in self.params))
 
     def _check(self, contexts, targets=None):
         C = np.asarray(contexts)
@@ -119,8 +110,8 @@ class WordLM:
         total = 0.0
         for start in range(0, C.shape[0], chunk):
             z = self._forward(C[start:start + chunk])[0]
-            lsm = _log_softmax(z)
-            total += float(-lsm[np.arange(z.shape[0]), y[start:start + chunk]].astype(np.float64).sum())
+            log_probs = log_softmax(z)
+            total += float(-log_probs[np.arange(z.shape[0]), y[start:start + chunk]].astype(np.float64).sum())
         return total / C.shape[0]
 
     def loss_and_grads(self, contexts, targets):
@@ -129,14 +120,14 @@ class WordLM:
         E, W1, b1, W2, b2, b_out = self.params
         N = C.shape[0]
         z, (x, h, s) = self._forward(C)
-        lsm = _log_softmax(z)
-        loss = float(-lsm[np.arange(N), y].astype(np.float64).sum()) / N
-        R = np.exp(lsm)                                  # softmax
-        R[np.arange(N), y] -= 1
-        R /= N                                           # dL/dz
-        dE = R.T @ s                                     # output (tied) part, dense
-        db_out = R.sum(axis=0)
-        ds = R @ E
+        log_probs = log_softmax(z)
+        loss = float(-log_probs[np.arange(N), y].astype(np.float64).sum()) / N
+        dz = np.exp(log_probs)
+        dz[np.arange(N), y] -= 1
+        dz /= N
+        dE = dz.T @ s                                    # output (tied) part, dense
+        db_out = dz.sum(axis=0)
+        ds = dz @ E
         dW2 = h.T @ ds
         db2 = ds.sum(axis=0)
         da = (ds @ W2.T) * (1 - h * h)
@@ -146,18 +137,6 @@ class WordLM:
         np.add.at(dE, C.reshape(-1), dx)                 # input part, sparse rows
         grads = [dE, dW1, db1, dW2, db2, db_out]
         return loss, [g.astype(self.dtype, copy=False) for g in grads]
-
-    def get_flat(self) -> np.ndarray:
-        return np.concatenate([p.ravel() for p in self.params])
-
-    def set_flat(self, theta) -> None:
-        theta = np.asarray(theta)
-        if theta.shape != (self.n_params,):
-            raise ValueError(f"theta must have shape ({self.n_params},)")
-        offset = 0
-        for p in self.params:
-            p[...] = theta[offset:offset + p.size].reshape(p.shape)
-            offset += p.size
 
 
 def tokenize(text: str) -> list[str]:

@@ -1,16 +1,16 @@
-r"""A small NumPy model zoo for the Fisher estimators and the experiments.
+r"""A small NumPy model zoo: the workload of the Fisher estimators, the demo and the experiments.
 
 Two classifiers with softmax cross-entropy and analytic derivatives (no autodiff):
 
 * :class:`SoftmaxRegression` — :math:`z = XW + b`;
 * :class:`MLP` — :math:`z = \tanh(XW_1 + b_1)W_2 + b_2` (one hidden layer).
 
-Conventions (spec/fisher.md):
+Conventions (the inputs that spec/fisher.md takes):
 
 * ``params`` is a list of arrays (``[W, b]`` or ``[W1, b1, W2, b2]``) that the
   optimizers update **in place**; the model reads them on every call, so never
-  rebind them (``model.params[0] = ...``), write into them (``[...] =``) or use
-  :meth:`set_flat`.
+  rebind them (``model.params[0] = ...``); write into them (``[...] =``) or use
+  :meth:`FlatParams.set_flat`;
 * the flat parameter vector :math:`\theta\in\mathbb{R}^P` concatenates the
   params in list order, each flattened in C order (``W`` is (in, out), so
   ``W[i, j]`` is entry ``i*out + j`` of its block);
@@ -23,12 +23,17 @@ Conventions (spec/fisher.md):
   :math:`J_{n,c,:} = \partial z_{n,c}/\partial\theta`.
 
 Everything is computed in the model's dtype (float32 or float64).
+
+Shared by every model of :mod:`fisheropt.workloads`: :func:`log_softmax`,
+:func:`softmax`, the argument checks :func:`float_dtype` and :func:`positive_int`,
+and the flat-parameter views of :class:`FlatParams`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MLP", "SoftmaxRegression", "load_digits_split", "log_softmax", "softmax"]
+__all__ = ["MLP", "FlatParams", "SoftmaxRegression", "float_dtype", "load_digits_split", "log_softmax",
+           "positive_int", "softmax"]
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -43,38 +48,84 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _check_dtype(dtype) -> np.dtype:
+def float_dtype(dtype) -> np.dtype:
+    """``dtype`` as a NumPy dtype; TypeError unless it is float32 or float64."""
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     return dtype
 
 
-def _check_positive_int(name, value) -> int:
+def positive_int(name: str, value) -> int:
+    """``value`` as an int; ValueError (naming ``name``) unless it is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-class _Classifier:
-    """Shared machinery: validation, softmax/CE, flat parameter views."""
+class FlatParams:
+    """Flat views of ``self.params`` (a list of arrays): θ of length P is the params
+    concatenated in list order, each flattened in C order."""
+
+    params: list
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(p.size for p in self.params))
+
+    def get_flat(self) -> np.ndarray:
+        """A copy of theta, shape (P,)."""
+        return self.flatten(self.params)
+
+    def set_flat(self, theta) -> None:
+        """Write theta (P,) into the params in place (the arrays keep their identity)."""
+        theta = np.asarray(theta)
+        if theta.shape != (self.n_params,):
+            raise ValueError(f"theta must have shape ({self.n_params},), got {theta.shape}")
+        if not np.all(np.isfinite(theta)):
+            raise ValueError("theta contains NaN or Inf")
+        for p, block in zip(self.params, self._blocks(theta)):
+            p[...] = block
+
+    def flatten(self, arrays) -> np.ndarray:
+        """Concatenate a list aligned with params (e.g. grads) into a (P,) vector."""
+        return np.concatenate([np.asarray(a).ravel() for a in arrays])
+
+    def unflatten(self, vector) -> list:
+        """Split a (P,) vector into new arrays shaped like params."""
+        vector = np.asarray(vector)
+        if vector.shape != (self.n_params,):
+            raise ValueError(f"vector must have shape ({self.n_params},), got {vector.shape}")
+        return [block.copy() for block in self._blocks(vector)]
+
+    def _blocks(self, vector):
+        """Views of ``vector`` (P,) shaped like each param, in params order."""
+        offset = 0
+        for p in self.params:
+            yield vector[offset:offset + p.size].reshape(p.shape)
+            offset += p.size
+
+
+class _Classifier(FlatParams):
+    """Shared machinery: input validation, softmax cross-entropy, gradients from dL/dz."""
 
     params: list
     n_features: int
     n_classes: int
     dtype: np.dtype
 
-    # --- to be provided by subclasses ---
-    def _forward(self, X):  # -> (logits, cache)
+    # --- provided by subclasses ---
+    def _forward(self, X):
+        """(logits (N, C), cache for the backward pass)."""
         raise NotImplementedError
 
-    def _backward(self, X, cache, R):  # R: dL/dz (N, C) -> per-sample grads (N, P)
+    def _backward(self, X, cache, dlogits):
+        """Per-sample gradients (N, P) from dlogits = dl_n/dz_n (N, C)."""
         raise NotImplementedError
 
-    # --- shape of the parameter vector ---
-    @property
-    def n_params(self) -> int:
-        return int(sum(p.size for p in self.params))
+    def _batch_grads(self, X, cache, dlogits):
+        """[dL/dparam for param in params] with L = sum_n l_n, from dlogits (N, C)."""
+        raise NotImplementedError
 
     def _check_X(self, X) -> np.ndarray:
         X = np.asarray(X)
@@ -113,76 +164,34 @@ class _Classifier:
         """SUM over samples of the cross-entropy (mean = loss / N)."""
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
-        z = self._forward(X)[0]
-        lsm = log_softmax(z)
-        return float(-lsm[np.arange(X.shape[0]), y].astype(np.float64).sum())
-
-    def _residual(self, z, y):
-        p = softmax(z)
-        R = p.copy()
-        R[np.arange(z.shape[0]), y] -= 1
-        return p, R
+        return _summed_cross_entropy(self._forward(X)[0], y)
 
     def loss_and_grads(self, X, y):
         """(sum loss, [dL/dparam for param in params]) with L = sum_n l_n."""
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
         z, cache = self._forward(X)
-        loss = float(-log_softmax(z)[np.arange(X.shape[0]), y].astype(np.float64).sum())
-        _, R = self._residual(z, y)
-        return loss, self._batch_grads(X, cache, R)
+        return _summed_cross_entropy(z, y), self._batch_grads(X, cache, _cross_entropy_dlogits(z, y))
 
     def per_sample_grads(self, X, y) -> np.ndarray:
         """G (N, P): row n = grad of l_n, flattened in params order (C order each)."""
         X = self._check_X(X)
         y = self._check_y(y, X.shape[0])
         z, cache = self._forward(X)
-        _, R = self._residual(z, y)
-        return self._backward(X, cache, R)
+        return self._backward(X, cache, _cross_entropy_dlogits(z, y))
 
     def logit_jacobians(self, X) -> np.ndarray:
         """J (N, C, P): J[n, c] = d z_{n,c} / d theta (flat, params order)."""
         X = self._check_X(X)
         z, cache = self._forward(X)
         N, C = z.shape
-        # Back-propagate each unit vector e_c as the "residual": row c of J_n.
+        # Back-propagate each unit vector e_c in place of dl/dz: row c of J_n.
         J = np.empty((N, C, self.n_params), dtype=self.dtype)
         for c in range(C):
-            R = np.zeros((N, C), dtype=self.dtype)
-            R[:, c] = 1
-            J[:, c, :] = self._backward(X, cache, R)
+            unit = np.zeros((N, C), dtype=self.dtype)
+            unit[:, c] = 1
+            J[:, c, :] = self._backward(X, cache, unit)
         return J
-
-    def get_flat(self) -> np.ndarray:
-        """A copy of theta, shape (P,)."""
-        return np.concatenate([p.ravel() for p in self.params])
-
-    def set_flat(self, theta) -> None:
-        """Write theta (P,) into the params in place (the arrays keep their identity)."""
-        theta = np.asarray(theta)
-        if theta.shape != (self.n_params,):
-            raise ValueError(f"theta must have shape ({self.n_params},), got {theta.shape}")
-        if not np.all(np.isfinite(theta)):
-            raise ValueError("theta contains NaN or Inf")
-        offset = 0
-        for p in self.params:
-            p[...] = theta[offset:offset + p.size].reshape(p.shape)
-            offset += p.size
-
-    def flatten(self, arrays) -> np.ndarray:
-        """Concatenate a list aligned with params (e.g. grads) into a (P,) vector."""
-        return np.concatenate([np.asarray(a).ravel() for a in arrays])
-
-    def unflatten(self, vector) -> list:
-        """Split a (P,) vector into new arrays shaped like params."""
-        vector = np.asarray(vector)
-        if vector.shape != (self.n_params,):
-            raise ValueError(f"vector must have shape ({self.n_params},), got {vector.shape}")
-        out, offset = [], 0
-        for p in self.params:
-            out.append(vector[offset:offset + p.size].reshape(p.shape).copy())
-            offset += p.size
-        return out
 
     def accuracy(self, X, y) -> float:
         """Fraction of samples whose argmax logit equals the label."""
@@ -193,6 +202,18 @@ class _Classifier:
         return float(np.mean(np.argmax(self._forward(X)[0], axis=1) == y))
 
 
+def _summed_cross_entropy(z, y) -> float:
+    """sum_n (logsumexp(z_n) - z_{n,y_n}), accumulated in float64."""
+    return float(-log_softmax(z)[np.arange(z.shape[0]), y].astype(np.float64).sum())
+
+
+def _cross_entropy_dlogits(z, y) -> np.ndarray:
+    """dl_n/dz_n = p_n - e_{y_n}, shape (N, C)."""
+    dlogits = softmax(z)
+    dlogits[np.arange(z.shape[0]), y] -= 1
+    return dlogits
+
+
 class SoftmaxRegression(_Classifier):
     r"""Multinomial logistic regression: :math:`z = XW + b`.
 
@@ -201,9 +222,9 @@ class SoftmaxRegression(_Classifier):
     """
 
     def __init__(self, n_features, n_classes, *, seed=0, dtype=np.float64):
-        self.n_features = _check_positive_int("n_features", n_features)
-        self.n_classes = _check_positive_int("n_classes", n_classes)
-        self.dtype = _check_dtype(dtype)
+        self.n_features = positive_int("n_features", n_features)
+        self.n_classes = positive_int("n_classes", n_classes)
+        self.dtype = float_dtype(dtype)
         rng = np.random.default_rng(seed)
         W = (0.01 * rng.standard_normal((self.n_features, self.n_classes))).astype(self.dtype)
         b = np.zeros(self.n_classes, dtype=self.dtype)
@@ -213,13 +234,13 @@ class SoftmaxRegression(_Classifier):
         W, b = self.params
         return X @ W + b, None
 
-    def _backward(self, X, cache, R):
+    def _backward(self, X, cache, dlogits):
         N = X.shape[0]
-        dW = (X[:, :, None] * R[:, None, :]).reshape(N, -1)
-        return np.concatenate([dW, R], axis=1).astype(self.dtype, copy=False)
+        dW = (X[:, :, None] * dlogits[:, None, :]).reshape(N, -1)
+        return np.concatenate([dW, dlogits], axis=1).astype(self.dtype, copy=False)
 
-    def _batch_grads(self, X, cache, R):
-        return [X.T @ R, R.sum(axis=0)]
+    def _batch_grads(self, X, cache, dlogits):
+        return [X.T @ dlogits, dlogits.sum(axis=0)]
 
 
 class MLP(_Classifier):
@@ -232,10 +253,10 @@ class MLP(_Classifier):
     """
 
     def __init__(self, n_features, n_hidden, n_classes, *, seed=0, dtype=np.float64):
-        self.n_features = _check_positive_int("n_features", n_features)
-        self.n_hidden = _check_positive_int("n_hidden", n_hidden)
-        self.n_classes = _check_positive_int("n_classes", n_classes)
-        self.dtype = _check_dtype(dtype)
+        self.n_features = positive_int("n_features", n_features)
+        self.n_hidden = positive_int("n_hidden", n_hidden)
+        self.n_classes = positive_int("n_classes", n_classes)
+        self.dtype = float_dtype(dtype)
         rng = np.random.default_rng(seed)
         F, H, C = self.n_features, self.n_hidden, self.n_classes
         W1 = (np.sqrt(2.0 / (F + H)) * rng.standard_normal((F, H))).astype(self.dtype)
@@ -244,21 +265,23 @@ class MLP(_Classifier):
 
     def _forward(self, X):
         W1, b1, W2, b2 = self.params
-        h = np.tanh(X @ W1 + b1)
-        return h @ W2 + b2, h
+        hidden = np.tanh(X @ W1 + b1)
+        return hidden @ W2 + b2, hidden
 
-    def _backward(self, X, h, R):
-        W2 = self.params[2]
+    def _dpreactivation(self, hidden, dlogits):
+        """dl/d(X W1 + b1), (N, H): back through W2 and tanh."""
+        return (dlogits @ self.params[2].T) * (1 - hidden * hidden)
+
+    def _backward(self, X, hidden, dlogits):
         N = X.shape[0]
-        dA = (R @ W2.T) * (1 - h * h)                      # dl/d(pre-activation), (N, H)
-        dW1 = (X[:, :, None] * dA[:, None, :]).reshape(N, -1)
-        dW2 = (h[:, :, None] * R[:, None, :]).reshape(N, -1)
-        return np.concatenate([dW1, dA, dW2, R], axis=1).astype(self.dtype, copy=False)
+        dpre = self._dpreactivation(hidden, dlogits)
+        dW1 = (X[:, :, None] * dpre[:, None, :]).reshape(N, -1)
+        dW2 = (hidden[:, :, None] * dlogits[:, None, :]).reshape(N, -1)
+        return np.concatenate([dW1, dpre, dW2, dlogits], axis=1).astype(self.dtype, copy=False)
 
-    def _batch_grads(self, X, h, R):
-        W2 = self.params[2]
-        dA = (R @ W2.T) * (1 - h * h)
-        return [X.T @ dA, dA.sum(axis=0), h.T @ R, R.sum(axis=0)]
+    def _batch_grads(self, X, hidden, dlogits):
+        dpre = self._dpreactivation(hidden, dlogits)
+        return [X.T @ dpre, dpre.sum(axis=0), hidden.T @ dlogits, dlogits.sum(axis=0)]
 
 
 def load_digits_split(seed=0, test_fraction=0.25, dtype=np.float64):
@@ -276,7 +299,7 @@ def load_digits_split(seed=0, test_fraction=0.25, dtype=np.float64):
         raise ImportError(
             "load_digits_split needs scikit-learn, which is not installed; "
             "install it with `pip install scikit-learn` or `pip install fisheropt[demo]`") from exc
-    dtype = _check_dtype(dtype)
+    dtype = float_dtype(dtype)
     if not (0.0 < float(test_fraction) < 1.0):
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
     data = load_digits()

@@ -1,7 +1,8 @@
 r"""A tiny NumPy sentence encoder for the ESimCSE workload, with analytic gradients.
 
-Spec: spec/esimcse.md. A bag of token + position embeddings with dropout, mean
-pooling and a linear projection — the smallest model that, like a Transformer
+Described in spec/esimcse.md §6; a workload, not part of the reference: nothing
+that the spec specifies depends on it. A bag of token + position embeddings with
+dropout, mean pooling and a linear projection — the smallest model that, like a Transformer
 with position embeddings, *can* encode a sentence's length (the mean of the
 first L position embeddings is a function of L), which is what ESimCSE's
 length-bias argument is about. For a padded batch of token ids t (B×L) with
@@ -32,12 +33,12 @@ PARAM_NAMES = ("token_embedding", "position_embedding", "projection", "projectio
 
 def init_params(vocab_size: int, max_len: int, dim: int, out_dim: int, *, rng=None, dtype=np.float64):
     """Fresh parameters: N(0, 1/d) embeddings, N(0, 1/d) projection, zero bias."""
-    g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    s = 1.0 / np.sqrt(dim)
+    generator = np.random.default_rng(rng)          # a Generator passes through unchanged
+    std = 1.0 / np.sqrt(dim)
     return [
-        (g.standard_normal((vocab_size, dim)) * s).astype(dtype),
-        (g.standard_normal((max_len, dim)) * s).astype(dtype),
-        (g.standard_normal((dim, out_dim)) * s).astype(dtype),
+        (generator.standard_normal((vocab_size, dim)) * std).astype(dtype),
+        (generator.standard_normal((max_len, dim)) * std).astype(dtype),
+        (generator.standard_normal((dim, out_dim)) * std).astype(dtype),
         np.zeros(out_dim, dtype=dtype),
     ]
 
@@ -66,8 +67,7 @@ def forward(params, tokens, lengths, *, dropout: float = 0.0, rng=None):
     x = E[tokens] + P[:L][None, :, :]                                      # (B, L, d)
     keep = None
     if dropout > 0:
-        g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        keep = (g.random(x.shape) >= dropout).astype(x.dtype) * x.dtype.type(1.0 / (1.0 - dropout))
+        keep = (np.random.default_rng(rng).random(x.shape) >= dropout).astype(x.dtype) * x.dtype.type(1.0 / (1.0 - dropout))
         x = x * keep
     weights = (valid / lengths[:, None]).astype(x.dtype)                  # (B, L): 1/n_b on real tokens
     pooled = np.einsum("bl,bld->bd", weights, x)

@@ -1,0 +1,364 @@
+"""FAdam on the CPU: fused, multi-tensor Numba kernels (reference: refimpl/fadam.py).
+
+Same numerics as the reference (spec/fadam.md), with one allowed rewrite
+("Order of operations"): both passes multiply by r = 1/(f^p + ε_t) and by the
+reciprocal clip scales instead of dividing, a few ulp from the reference's
+quotients. The per-tensor RMS values are float64 sums with a fixed structure
+(per chunk, LANES lanes, chunks combined in order), so results do not depend on
+the thread count. A step is two launches per dtype group: the reductions
+(read only) for every group first, then the updates.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from fisheropt.refimpl.fadam import RULE
+
+from ._core import KERNEL_LOCK, PLANS, addresses, as_pointer, fma64, launch, per_tensor_table
+from .adam import build_flat_plan
+
+__all__ = ["fadam_step", "fadam_step_checked"]
+
+LANES = 64  # float64 accumulators per chunk in the reductions (vectorizable, fixed order)
+
+
+# ε_t needs RMS(g) of the whole tensor before ḡ = g/(f^p + ε_t) can be formed, so a
+# plain step takes three passes (Σg² | Σḡ², Σw̄² | f, m, θ): 44 B per float32
+# element. But ε_t = min(ε, ε₂·RMS(g))^{2p} is the constant ε^{2p} unless the
+# gradient is tiny (RMS(g) < ε/ε₂: 1e-6 at the defaults). So pass 1 *guesses*
+# ε_t = ε^{2p} and computes Σg², Σḡ² and Σw̄² in one sweep over θ, g, f (12 B), and
+# the step takes two passes: 40 B. A tensor whose true ε_t, rounded to its dtype, is
+# not the guess has its Σḡ² and Σw̄² recomputed (12 B more); the plan then remembers
+# it ("defer"), and on its next step pass 1 only sums g² for it (the three-pass 44 B
+# schedule) until its guess holds again.
+#
+# Pass 1 writes nothing: it forms the new f in a register (_new_f) and pass 2 forms it
+# again from the same inputs and stores it. So the reductions of every dtype group run
+# before anything is written, and their Σg² doubles as the finiteness check: a NaN or
+# Inf in g makes Σg² non-finite (fadam_step_checked refuses the step at no extra read).
+#
+# Every schedule evaluates the same block function with the same ε_t on the same
+# values, so the sums, and hence the results, are the same bits whichever one ran
+# (tested): the guess and the hint change the speed, never the numbers.
+#
+# Arithmetic matters here, unlike in Adam: per element, pass 1 takes a square root, a
+# division and three float64 squares-and-adds, about as long as its 12 B of memory
+# traffic on one core of the 2-core CI machine. So both passes form r = 1/(f^p + ε_t)
+# once and multiply (g·r, θ·r, then by 1/s_g and 1/s_w): one division per element
+# per pass instead of 2 and 4 (spec/fadam.md allows this rewrite). Pass 1 is one
+# loop body per element (see _fadam_sums), which lets the core overlap that work with
+# the memory stream. These two gave 1.2x on 2^20 elements (in cache) and 1.35x on
+# 2^25, measured in one process against the kernel before them; summing the squares
+# with fma then took pass 1 on 2^25 from 17.8 to 15.6 ms. Pass 2 now runs at the
+# speed of a kernel that moves the same bytes with trivial arithmetic.
+def _pmode(p):
+    """How f^p is evaluated: 0 sqrt (p = ½), 1 f itself (p = 1), 2 pow. The first two give
+    the reference's bits (sqrt is correctly rounded, and pow(x, 1) = x exactly) and are a
+    vector instruction or nothing, where pow is a scalar libm call: FAdam with p = 1
+    took 7-10x less time per step than through pow (2^22 and 2^25 elements, measured)."""
+    return 0 if p == 0.5 else (1 if p == 1 else 2)
+
+
+@njit(cache=True, inline="always")
+def _pow_p(x, pmode, p_t):
+    # The scalar form, for loop tails; the hot loops branch on pmode outside or in line.
+    if pmode == 0:
+        return np.sqrt(x)
+    if pmode == 1:
+        return x
+    return x ** p_t
+
+
+@njit(cache=True, inline="always")
+def _new_f(f, g, i, b2h, omb2h):
+    # f ← β̂₂ f + (1-β̂₂) g², from the stored (old) f: pass 1 computes it without storing it,
+    # so that nothing is written until the whole step is known to go ahead; pass 2 stores it.
+    gi = g[i]
+    return b2h * f[i] + omb2h * (gi * gi)
+
+
+@njit(cache=True, inline="always")
+def _fadam_update(th, g, m, i, r, b1, omb1, lr, wd, rcg, rcw):
+    # Pass 2 for element i, r = 1/(f^p + ε_t): m ← β₁m + (1-β₁)ḡ/s_g;  θ ← θ - lr (m + λ w̄/s_w).
+    ti = th[i]
+    mi = b1 * m[i] + omb1 * ((g[i] * r) * rcg)
+    m[i] = mi
+    th[i] = ti - lr * (mi + wd * ((ti * r) * rcw))
+
+
+@njit(cache=True, inline="always")
+def _fadam_sums(th, g, f, s, e, et, b2h, omb2h, p_t, pmode, one):
+    """Over elements [s, e) of one tensor: (Σg², Σḡ², Σw̄²) in float64, ḡ = g·r and
+    w̄ = θ·r with r = one/(f^p + et) (``one``: 1 in the parameter dtype; f^p as
+    :func:`_pow_p` with ``pmode``) and f the new f ← β̂₂ f + (1-β̂₂) g², formed here and not stored.
+
+    Fixed order: LANES float64 accumulators (acc ← fma(x, x, acc)) over whole blocks,
+    then the tail into a scalar, then the lanes added in order (the same structure
+    as :func:`_sumsq`).
+    One loop body does everything for an element (the branches are loop-invariant,
+    so LLVM unswitches them and vectorizes each version). Splitting it into
+    separate f, ḡ/w̄ and sum loops per block, joined by scratch arrays, vectorized
+    too, but took about 1.5x as long on 2^25 elements (measured): the extra loads,
+    stores and alias checks per block seem to keep the core from overlapping its
+    arithmetic with the memory stream."""
+    acc1 = np.zeros(LANES, np.float64)
+    accg = np.zeros(LANES, np.float64)
+    accw = np.zeros(LANES, np.float64)
+    i = s
+    while i + LANES <= e:
+        for j in range(LANES):
+            gi = g[i + j]
+            fi = b2h * f[i + j] + omb2h * (gi * gi)
+            if pmode == 0:
+                r = one / (np.sqrt(fi) + et)
+            elif pmode == 1:
+                r = one / (fi + et)
+            else:
+                r = one / (fi ** p_t + et)
+            x = np.float64(gi)
+            y = np.float64(gi * r)
+            z = np.float64(th[i + j] * r)
+            acc1[j] = fma64(x, x, acc1[j])
+            accg[j] = fma64(y, y, accg[j])
+            accw[j] = fma64(z, z, accw[j])
+        i += LANES
+    s1 = 0.0
+    sg = 0.0
+    sw = 0.0
+    while i < e:
+        gi = g[i]
+        fi = b2h * f[i] + omb2h * (gi * gi)
+        r = one / (_pow_p(fi, pmode, p_t) + et)
+        x = np.float64(gi)
+        y = np.float64(gi * r)
+        z = np.float64(th[i] * r)
+        s1 = fma64(x, x, s1)
+        sg = fma64(y, y, sg)
+        sw = fma64(z, z, sw)
+        i += 1
+    for j in range(LANES):
+        s1 += acc1[j]
+        sg += accg[j]
+        sw += accw[j]
+    return s1, sg, sw
+
+
+@njit(cache=True)
+def _sumsq(p, s, e):
+    """Σ x² over p[s:e] in float64, in exactly the order :func:`_fadam_sums` sums g²."""
+    acc = np.zeros(LANES, np.float64)
+    i = s
+    while i + LANES <= e:
+        for j in range(LANES):
+            x = np.float64(p[i + j])
+            acc[j] = fma64(x, x, acc[j])
+        i += LANES
+    r = 0.0
+    while i < e:
+        x = np.float64(p[i])
+        r = fma64(x, x, r)
+        i += 1
+    for j in range(LANES):
+        r += acc[j]
+    return r
+
+
+@njit(cache=True)
+def _rms(total, n):
+    # math.sqrt(np.mean(x64 * x64)) of the reference; 0 for an empty tensor.
+    if n == 0:
+        return 0.0
+    return math.sqrt(total / n)
+
+
+@njit(cache=True)
+def _rms(total, n):
+    # math.sqrt(np.mean(x64 * x64)) of the reference; 0 for an empty tensor.
+    if n == 0:
+        return 0.0
+    return math.sqrt(total / n)
+
+
+@njit(cache=True)
+def _all_finite(p, n):
+    for i in range(n):
+        if not np.isfinite(p[i]):
+            return False
+    return True
+
+
+@njit(parallel=True, cache=True)
+def _fadam_reduce(a_th, a_g, a_f, sizes, ctens, cstart, cstop, first, ws, defer, part, resum,
+                  b2h, omb2h, p_t, pmode, eps, eps2, two_p, clip, tiny, check):
+    """Passes 1 and 1b and the per-tensor scalars; writes only the scratch arrays.
+
+    ws (parameter dtype): ε_t per tensor, the two clip scales per tensor, then the guess.
+    defer (uint8 per tensor, kept in the plan): 1 = the guess failed on the last step.
+    part (float64, 3 per chunk): Σg², Σḡ², Σw̄²; resum (uint8 per tensor, zeroed by the
+    caller): 1 = Σḡ², Σw̄² still to be (re)computed. Returns False, having written
+    nothing but scratch, when ``check`` and a gradient holds NaN or Inf.
+
+    The hyperparameters are scalar arguments, one launch per set of them (see
+    fadam_launches): read per tensor from a table inside the parallel loop, they kept
+    LLVM from vectorizing the sums (2-3x slower, measured)."""
+    nch = ctens.size
+    ntens = sizes.size
+    one = ws.dtype.type(1)
+    guess = ws[3 * ntens:]
+    guess[0] = eps ** two_p                # ε^{2p}, rounded to the parameter dtype
+    if guess[0] < tiny:
+        guess[0] = tiny
+
+    # Pass 1: all three sums with the guessed ε_t; Σg² alone for deferred tensors.
+    for c in prange(nch):
+        t = ctens[c]
+        g = as_pointer(a_g[t], one)
+        if defer[t] != 0:
+            part[c] = _sumsq(g, cstart[c], cstop[c])
+        else:
+            part[c], part[nch + c], part[2 * nch + c] = _fadam_sums(
+                as_pointer(a_th[t], one), g, as_pointer(a_f[t], one), cstart[c], cstop[c],
+                guess[0], b2h, omb2h, p_t, pmode, one)
+
+    # Per tensor (chunk order): ε_t = min(ε, ε₂·RMS(g))^{2p} in float64, rounded to the
+    # parameter dtype; ε^{2p} where that is 0; then at least the dtype's smallest normal.
+    any_resum = False
+    for t in range(ntens):
+        s = 0.0
+        for c in range(first[t], first[t + 1]):
+            s += part[c]
+        # A NaN/Inf in g makes Σg² non-finite; so can a float64 |g| above 1e154 (g² overflows):
+        # only then is the tensor read again, to tell the two apart.
+        if check and not np.isfinite(s) and not _all_finite(as_pointer(a_g[t], one), sizes[t]):
+            return False
+        x = eps2 * _rms(s, sizes[t])
+        ws[t] = (x if x < eps else eps) ** two_p  # rounded to the parameter dtype
+        if ws[t] == 0:
+            ws[t] = eps ** two_p
+        if ws[t] < tiny:
+            ws[t] = tiny
+        if defer[t] != 0 or ws[t] != guess[0]:
+            resum[t] = 1
+            any_resum = True
+
+    # Pass 1b: Σḡ², Σw̄² with the true ε_t.
+    if any_resum:
+        for c in prange(nch):
+            t = ctens[c]
+            if resum[t] != 0:
+                _s1, part[nch + c], part[2 * nch + c] = _fadam_sums(
+                    as_pointer(a_th[t], one), as_pointer(a_g[t], one), as_pointer(a_f[t], one),
+                    cstart[c], cstop[c], ws[t], b2h, omb2h, p_t, pmode, one)
+
+    # Per tensor: clip scales max(1, RMS/c), rounded to the parameter dtype; the hint.
+    for t in range(ntens):
+        sg = 0.0
+        sw = 0.0
+        for c in range(first[t], first[t + 1]):
+            sg += part[nch + c]
+            sw += part[2 * nch + c]
+        y = _rms(sg, sizes[t]) / clip
+        ws[ntens + t] = y if y > 1.0 else 1.0
+        y = _rms(sw, sizes[t]) / clip
+        ws[2 * ntens + t] = y if y > 1.0 else 1.0
+        defer[t] = 1 if ws[t] != guess[0] else 0
+    return True
+
+
+@njit(parallel=True, cache=True)
+def _fadam_apply(a_th, a_g, a_m, a_f, ctens, cstart, cstop, ws, b1, omb1, b2h, omb2h, lr, wd, p_t, pmode):
+    """Pass 2: f ← β̂₂f + (1-β̂₂)g² (stored); m ← β₁m + (1-β₁)ḡ/clip_g; θ ← θ - lr (m + λ w̄/clip_w)."""
+    ntens = (ws.size - 1) // 3
+    one = ws.dtype.type(1)
+    for c in prange(ctens.size):
+        t = ctens[c]
+        th = as_pointer(a_th[t], one)
+        g = as_pointer(a_g[t], one)
+        m = as_pointer(a_m[t], one)
+        f = as_pointer(a_f[t], one)
+        et = ws[t]
+        rcg = one / ws[ntens + t]
+        rcw = one / ws[2 * ntens + t]
+        s, e = cstart[c], cstop[c]
+        if pmode == 0:      # one loop per pmode: LLVM does not unswitch this one by itself
+            for i in range(s, e):
+                fi = _new_f(f, g, i, b2h, omb2h)
+                f[i] = fi
+                _fadam_update(th, g, m, i, one / (np.sqrt(fi) + et), b1, omb1, lr, wd, rcg, rcw)
+        elif pmode == 1:
+            for i in range(s, e):
+                fi = _new_f(f, g, i, b2h, omb2h)
+                f[i] = fi
+                _fadam_update(th, g, m, i, one / (fi + et), b1, omb1, lr, wd, rcg, rcw)
+        else:
+            for i in range(s, e):
+                fi = _new_f(f, g, i, b2h, omb2h)
+                f[i] = fi
+                _fadam_update(th, g, m, i, one / (fi ** p_t + et), b1, omb1, lr, wd, rcg, rcw)
+
+
+def _build_plan(lists):
+    # The flat plan plus, per dtype group, the "defer" hint (see above), all 0 to start.
+    return [entry + (np.zeros(len(entry[1]), dtype=np.uint8),) for entry in build_flat_plan(lists)]
+
+
+def _row(*, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
+    """The launch's host scalars: float64 from the descriptor (rounded per dtype below)."""
+    b2h = RULE.coefficients(step, beta2=beta2)["beta2_hat"]
+    return (beta1, 1 - beta1, b2h, 1 - b2h, lr, weight_decay, p, float(eps), float(eps2), float(2 * p),
+            float(clip))
+
+
+def fadam_launches(params, grads, m, f, *, check, **hyperparams):
+    """(reductions, updates): the launches of one step, every argument allocated.
+
+    One pair of launches per dtype and distinct set of hyperparameters (one set, so one
+    pair per dtype, unless param groups or per-parameter step counts differ)."""
+    sets: dict = {}
+    rows = per_tensor_table(range(len(params)), _row, hyperparams, np.float64)
+    for i, p in enumerate(params):
+        sets.setdefault((p.dtype, tuple(rows[i])), []).append(i)
+    reduce, apply = [], []
+    for (dt, row), members in sets.items():
+        T = dt.type
+        b1, omb1, b2h, omb2h, lr, wd, p = (T(x) for x in row[:7])
+        eps, eps2, two_p, clip = row[7:]
+        pmode = _pmode(float(row[6]))
+        lists = tuple([lst[i] for i in members] for lst in (params, m, f))
+        ((_dt, _idx, (a_th, a_m, a_f), tens, start, stop, first, sizes, n, defer),) = PLANS.get(
+            "fadam", lists, _build_plan)
+        a_g = addresses(grads, members)
+        ws = np.empty(3 * len(members) + 1, dtype=dt)
+        reduce.append((_fadam_reduce, n, (
+            a_th, a_g, a_f, sizes, tens, start, stop, first, ws, defer, np.zeros(3 * tens.size, np.float64),
+            np.zeros(len(members), np.uint8), b2h, omb2h, p, pmode, eps, eps2, two_p, clip, np.finfo(dt).tiny,
+            check)))
+        apply.append((_fadam_apply, n, (a_th, a_g, a_m, a_f, tens, start, stop, ws, b1, omb1, b2h, omb2h, lr, wd,
+                                        p, pmode)))
+    return reduce, apply
+
+
+def _run(reduce, apply, check) -> bool:
+    with KERNEL_LOCK:
+        finite = [launch(kernel, n, *args) for kernel, n, args in reduce]
+        if check and not all(finite):
+            return False
+        for kernel, n, args in apply:
+            launch(kernel, n, *args)
+    return True
+
+
+def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
+    """Multi-tensor, in place: the backend interface for FAdam."""
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p,
+              weight_decay=weight_decay)
+    _run(*fadam_launches(params, grads, m, f, check=False, **hp), check=False)
+
+
+def fadam_step_checked(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay) -> bool:
+    """:func:`fadam_step` with the finiteness check fused into pass 1: returns False, having
+    written nothing, when a gradient holds NaN or Inf (no extra read of the gradients)."""
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p,
+              weight_decay=weight_decay)
+    return _run(*fadam_launches(params, grads, m, f, check=True, **hp), check=True)

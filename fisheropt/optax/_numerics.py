@@ -1,0 +1,387 @@
+r"""The spec's numerics (spec/conventions.md, "Numbers") under ``jax.jit``.
+
+The spec computes every scalar coefficient (bias corrections, β̂₂, 1 − αλ, ε_t, clip
+scales) on the host in float64 and rounds it once to the parameter dtype, and
+accumulates every reduction in float64. Under ``jit`` the step count is traced, so
+these scalars are computed on the device, in one of two ways:
+
+* **x64 enabled** (``jax.config.update("jax_enable_x64", True)`` or
+  ``with jax.enable_x64(True)``): :class:`F64`, float64 with the reference's own
+  formulas (``1 - beta**t``; XLA's float64 ``pow`` agrees with the C library's for
+  normal results, checked in the tests), and float64 reductions. This is the reference,
+  up to the order in which float64 sums are accumulated.
+* **x64 disabled** (JAX's default): there is no float64, so the scalars are computed
+  in *float-float* arithmetic, :class:`DD`: a value is an unevaluated sum hi + lo of two
+  float32 numbers (a 48-bit significand), with error-free transformations (TwoSum, and
+  a TwoProd whose splitting masks bits, so that XLA's contraction of a·b + c into an FMA
+  cannot break it). 1 − βᵗ comes from a host table of β^(2^k) and 1 − β^(2^k) (float64)
+  combined over the bits of t with 1 − β^(a+b) = (1 − β^a) + β^a(1 − β^b), which never
+  cancels. The float-float value is within ~2⁻⁴⁵ of the float64 one, so rounding it to
+  float32 gives the reference's float32 scalar except where the value lies within that
+  distance of a rounding boundary. (Plain float32 would not do: β₂ = 0.999 rounded to
+  float32 is off by 1.3e-8, and 1 − β₂ᵗ at t = 1000 then by 7.6e-6 relative, four times
+  the vectors' tolerance; ``jnp.expm1`` in float32 is up to 5 ulp off.)
+  Reductions of float32 data are float32 sums (XLA's tree-like order: measured within
+  ~1e-7 relative up to 4M elements), of data scaled by a power of two (exact) when the
+  plain sum overflows or might have lost small squares to underflow, so that squares
+  which overflow float32 but not float64 still give the float64 result.
+
+Both produce values of the scalar classes below, which the rules round with
+``.round(dtype)``. XLA:CPU flushes subnormal numbers to zero (inputs and results); no
+float arithmetic here can change that (see spec/vectors.md, "Functional implementations").
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["x64_enabled", "numbers", "F64", "DD", "sum_of_squares", "rms", "column_mean_of_squares",
+           "adaptive_epsilon", "clip_scale", "power"]
+
+_MASK32 = np.uint32(0xFFFFF000)   # keeps sign, exponent and the top 11 stored bits: a 12-bit significand
+
+
+def x64_enabled() -> bool:
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+def numbers():
+    """The scalar class for the current trace: F64 with x64, DD without."""
+    return F64 if x64_enabled() else DD
+
+
+# ---- float64 (x64) ---------------------------------------------------------------------------
+class F64:
+    """A float64 scalar (x64 enabled): the reference's host arithmetic, on the device."""
+
+    __slots__ = ("x",)
+
+    def __init__(self, x):
+        self.x = jnp.asarray(x, jnp.float64)
+
+    @classmethod
+    def const(cls, v: float) -> "F64":
+        return cls(np.float64(v))
+
+    @classmethod
+    def of(cls, v) -> "F64":
+        """A traced scalar (a schedule's learning rate) or a Python float."""
+        return cls(v)
+
+    @staticmethod
+    def _x(o):
+        return o.x if isinstance(o, F64) else jnp.asarray(o, jnp.float64)
+
+    def __add__(self, o):
+        return F64(self.x + self._x(o))
+
+    def __radd__(self, o):
+        return F64(self._x(o) + self.x)
+
+    def __sub__(self, o):
+        return F64(self.x - self._x(o))
+
+    def __rsub__(self, o):
+        return F64(self._x(o) - self.x)
+
+    def __mul__(self, o):
+        return F64(self.x * self._x(o))
+
+    def __rmul__(self, o):
+        return F64(self._x(o) * self.x)
+
+    def __truediv__(self, o):
+        return F64(self.x / self._x(o))
+
+    def __rtruediv__(self, o):
+        return F64(self._x(o) / self.x)
+
+    def sqrt(self):
+        return F64(jnp.sqrt(self.x))
+
+    def value(self):
+        """The value in the scalar dtype (float64)."""
+        return self.x
+
+    def round(self, dtype):
+        return self.x.astype(dtype)
+
+    @staticmethod
+    def one_minus_pow(beta: float, n) -> "F64":
+        """1 − βⁿ as the reference computes it: ``1 - beta**n`` in float64 (n ≥ 0, traced int)."""
+        return F64(1.0 - jnp.power(jnp.float64(beta), jnp.asarray(n).astype(jnp.float64)))
+
+
+
+# ---- float-float (x64 disabled) ---------------------------------------------------------------
+def _two_sum(a, b):
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _quick_two_sum(a, b):
+    s = a + b
+    return s, b - (s - a)
+
+
+def _split(a):
+    """a = hi + lo exactly, each with a 12-bit significand (by masking bits: no FMA can interfere)."""
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(a, jnp.uint32) & _MASK32, jnp.float32)
+    return hi, a - hi
+
+
+def _two_prod(a, b):
+    """p + e = a·b exactly (Dekker); every product below is exact, so an FMA changes nothing."""
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    e = al * bl - (((p - ah * bh) - al * bh) - ah * bl)
+    return p, e
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+def _dd(raw, s, e):
+    """Normalise s + e; where the float32 result ``raw`` is not finite, the result is ``raw``
+    itself (Inf or NaN propagate as in float64; the error terms would turn them into NaN)."""
+    hi, lo = _quick_two_sum(s, e)
+    ok = jnp.isfinite(raw)
+    return DD(jnp.where(ok, hi, raw), jnp.where(ok, lo, 0.0))
+
+
+def _dd_where(ok, s, c):
+    """s + c normalised where ``ok``, else s alone (sqrt of 0, Inf or NaN)."""
+    hi, lo = _quick_two_sum(s, c)
+    return DD(jnp.where(ok, hi, s), jnp.where(ok, lo, 0.0))
+
+
+class DD:
+    """A float-float scalar hi + lo (two float32), ~48-bit significand (x64 disabled)."""
+
+    __slots__ = ("hi", "lo")
+
+    def __init__(self, hi, lo=None):
+        self.hi = _f32(hi)
+        self.lo = jnp.zeros((), jnp.float32) if lo is None else _f32(lo)
+
+    @classmethod
+    def const(cls, v: float) -> "DD":
+        v = float(v)
+        with np.errstate(over="ignore"):
+            hi = np.float32(v)
+        if not math.isfinite(float(hi)):
+            return cls(hi, np.float32(0.0))
+        return cls(hi, np.float32(v - float(hi)))
+
+    @classmethod
+    def of(cls, v) -> "DD":
+        if isinstance(v, (int, float)):
+            return cls.const(v)
+        return cls(jnp.asarray(v).astype(jnp.float32))
+
+    @staticmethod
+    def _d(o):
+        return o if isinstance(o, DD) else DD.of(o)
+
+    def __add__(self, o):
+        o = self._d(o)
+        s, e = _two_sum(self.hi, o.hi)
+        return _dd(s, s, e + (self.lo + o.lo))
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return DD(-self.hi, -self.lo)
+
+    def __sub__(self, o):
+        return self + (-self._d(o))
+
+    def __rsub__(self, o):
+        return self._d(o) - self
+
+    def __mul__(self, o):
+        o = self._d(o)
+        p, e = _two_prod(self.hi, o.hi)
+        return _dd(p, p, e + (self.hi * o.lo + self.lo * o.hi))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, o):
+        o = self._d(o)
+        q1 = self.hi / o.hi
+        r = self - o * DD(jnp.where(jnp.isfinite(q1), q1, 0.0))
+        return _dd(q1, q1, r.hi / o.hi)
+
+    def __rtruediv__(self, o):
+        return self._d(o) / self
+
+    def sqrt(self):
+        s = jnp.sqrt(self.hi)
+        ok = jnp.isfinite(s) & (s > 0)
+        s_ok = jnp.where(ok, s, 1.0)
+        p, e = _two_prod(s_ok, s_ok)
+        r = (self.hi - p) - e + self.lo
+        return _dd_where(ok, s, r / (2 * s_ok))
+
+    def value(self):
+        """The value in the scalar dtype (float32)."""
+        return self.hi
+
+    def round(self, dtype):
+        # hi is the float32 nearest to hi + lo (normalised): the rounding of the float-float value.
+        hi = jnp.where(jnp.isfinite(self.hi), self.hi + self.lo, self.hi)
+        return hi.astype(dtype)
+
+    @staticmethod
+    def one_minus_pow(beta: float, n) -> "DD":
+        """1 − βⁿ for a traced int n ≥ 0: products of β^(2^k) over the bits of n, with the
+        complement carried along (1 − β^(a+b) = (1 − β^a) + β^a (1 − β^b)): no cancellation."""
+        beta = float(beta)
+        bits = 31
+        P = np.empty(bits)
+        C = np.empty(bits)
+        for k in range(bits):
+            if beta == 0.0:
+                P[k], C[k] = 0.0, 1.0
+            else:
+                x = math.ldexp(math.log(beta), k)         # 2^k · ln β (exact scaling)
+                P[k], C[k] = math.exp(x), -math.expm1(x)
+        if beta != 0.0:
+            P[0], C[0] = beta, 1.0 - beta                 # exact for β ≥ 1/2 (Sterbenz), as the reference
+        split = [(np.float32(v), np.float32(v - float(np.float32(v)))) for v in P]
+        splitc = [(np.float32(v), np.float32(v - float(np.float32(v)))) for v in C]
+        p_hi = jnp.asarray([a for a, _ in split])
+        p_lo = jnp.asarray([b for _, b in split])
+        c_hi = jnp.asarray([a for a, _ in splitc])
+        c_lo = jnp.asarray([b for _, b in splitc])
+        n = jnp.asarray(n).astype(jnp.int32)
+
+        def body(k, carry):
+            ph, pl, ch, cl = carry
+            acc_p, acc_c = DD(ph, pl), DD(ch, cl)
+            pk, ck = DD(p_hi[k], p_lo[k]), DD(c_hi[k], c_lo[k])
+            new_c = acc_c + acc_p * ck
+            new_p = acc_p * pk
+            on = ((n >> k) & 1) == 1
+            return (jnp.where(on, new_p.hi, ph), jnp.where(on, new_p.lo, pl),
+                    jnp.where(on, new_c.hi, ch), jnp.where(on, new_c.lo, cl))
+
+        z = jnp.float32(0)
+        _, _, ch, cl = lax.fori_loop(0, bits, body, (jnp.float32(1), z, z, z))
+        return DD(ch, cl)
+
+
+# ---- reductions ----------------------------------------------------------------------------
+def _sum_sq_f32(x, axis):
+    """Σx² of float32 data in float32, without float32's overflow and underflow of the squares:
+    a plain sum when it is finite and large enough that no square can have been lost to
+    underflow; otherwise the sum of (x·2^-k)², k the exponent of max|x| (exact scaling), times 4^k.
+    Returns (mantissa sum, k) with Σx² = sum·4^k."""
+    n = x.size if axis is None else x.shape[0]
+    plain = jnp.sum(x * x, axis=axis)
+    # squares below 2^-126 flush to zero (XLA:CPU): at most n·2^-126 lost, < 2^-25 of a sum ≥ n·2^-101
+    small = np.float32(max(n, 1) * 2.0 ** -101) if max(n, 1) * 2.0 ** -101 < 3e38 else np.float32(3e38)
+    needs = jnp.any(~(jnp.isfinite(plain) & (plain >= small)))   # NaN/Inf data: the scaled sum keeps them
+
+    def scaled(_):
+        amax = jnp.max(jnp.abs(x), axis=axis)
+        _, k = jnp.frexp(jnp.where(jnp.isfinite(amax) & (amax > 0), amax, jnp.float32(1)))
+        k = k.astype(jnp.int32)
+        xs = jnp.ldexp(x, -k if axis is None else -k[None, ...])
+        return jnp.sum(xs * xs, axis=axis), k
+
+    def fast(_):
+        return plain, jnp.zeros(plain.shape, jnp.int32)
+
+    return lax.cond(needs, scaled, fast, None)
+
+
+def sum_of_squares(x, N):
+    """Σx² over all of x (a float64 accumulation, or its float32 emulation): (N value, n)."""
+    if N is F64:
+        x64 = x.astype(jnp.float64)
+        return F64(jnp.sum(x64 * x64))
+    s, k = _sum_sq_f32(x.astype(jnp.float32), None)
+    return DD(jnp.ldexp(s, 2 * k))
+
+
+def rms(x, N):
+    """RMS(x) = √(mean(x²)), reductions as the spec requires; 0 for an empty tensor."""
+    if x.size == 0:
+        return N.const(0.0)
+    if N is F64:
+        x64 = x.astype(jnp.float64)
+        # the barrier keeps XLA from rewriting sqrt(x·x) as |x| for one element (the spec's x² may underflow)
+        return F64(jnp.sqrt(lax.optimization_barrier(jnp.sum(x64 * x64)) / np.float64(x.size)))
+    s, k = _sum_sq_f32(x.astype(jnp.float32), None)
+    s = lax.optimization_barrier(s)
+    root = (DD(s) / DD.const(float(x.size))).sqrt()
+    # multiply by 2^k: exact unless it overflows (then it is +Inf, as the float64 RMS rounded)
+    return DD(jnp.ldexp(root.hi, k), jnp.ldexp(root.lo, k))
+
+
+def column_mean_of_squares(g, dtype, N):
+    r"""\frac1V \sum_i g_{ij}^2 for a V×d tensor, accumulated in float64 (or emulated), rounded to dtype."""
+    V = g.shape[0]
+    if N is F64:
+        g64 = g.astype(jnp.float64)
+        return (jnp.sum(g64 * g64, axis=0) / np.float64(V)).astype(dtype)
+    s, k = _sum_sq_f32(g.astype(jnp.float32), 0)
+    # mean = s/V·4^k; divide first (no overflow), then scale in two halves (4^k may exceed float32)
+    mean = s / np.float32(V)
+    return jnp.ldexp(jnp.ldexp(mean, k), k).astype(dtype)
+
+
+# ---- FAdam's scalars -------------------------------------------------------------------------
+def _exponent_limits(dtype):
+    info = np.finfo(dtype)
+    # log2 of the smallest normal, and the largest log2 that rounds to 0 (half the smallest subnormal)
+    return float(np.log2(info.tiny)), float(np.log2(info.smallest_subnormal)) - 1.0
+
+
+def power(x, p: float, dtype):
+    """x**p as the spec evaluates it: sqrt for p = 0.5, x itself for p = 1, else pow (p rounded)."""
+    if p == 0.5:
+        return jnp.sqrt(x)
+    if p == 1.0:
+        return x
+    return x ** jnp.asarray(p, dtype)
+
+
+def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype, N):
+    r"""ε_t = min(ε, ε₂·RMS(g))^{2p} rounded to ``dtype``; ε^{2p} where that is 0; at least the
+    smallest normal number (refimpl.fadam.adaptive_epsilon).
+
+    The two guards are decided on log₂ of the unrounded value, not on the rounded one:
+    XLA:CPU flushes subnormal results to zero, so a value the reference rounds to a subnormal
+    (and then raises to the smallest normal) would otherwise look like 0."""
+    log_tiny, log_zero = _exponent_limits(dtype)
+    floor = max(np.dtype(dtype).type(eps ** (2 * p)), np.finfo(dtype).tiny)     # host, as the reference
+    m = N.const(eps2) * rms_g
+    mv = m.value()
+    sd = mv.dtype
+    # log2(min(ε, ε₂·RMS)) from log2(RMS): exact enough for the decisions, never flushed
+    log_m = jnp.fmin(jnp.asarray(math.log2(eps), sd), jnp.asarray(math.log2(eps2), sd) + jnp.log2(rms_g.value()))
+    log_y = jnp.asarray(2 * p, sd) * log_m
+    m_val = jnp.fmin(jnp.asarray(eps, sd), mv)          # fmin: a NaN RMS gives ε, as Python's min
+    if 2 * p == 1.0:
+        y = jnp.where(mv < eps, m.round(dtype), jnp.asarray(eps, dtype))
+    else:
+        y_s = jnp.where(m_val > 0, m_val ** jnp.asarray(2 * p, sd), jnp.exp2(log_y))
+        y = y_s.astype(dtype)
+    zero = ~(log_y > log_zero)                           # also RMS = 0 (log = -inf)
+    tiny = jnp.asarray(np.finfo(dtype).tiny, dtype)
+    return jnp.where(zero, jnp.asarray(floor, dtype), jnp.where(log_y < log_tiny, tiny, jnp.maximum(y, tiny)))
+
+
+def clip_scale(rms_x, clip: float, dtype, N):
+    """max(1, RMS(x)/c) rounded to dtype (rounding is monotone, so max after rounding is the same)."""
+    r = (rms_x / N.const(clip)).round(dtype)
+    return jnp.fmax(jnp.asarray(1.0, dtype), r)            # fmax: NaN gives 1, as Python's max(1.0, nan)
