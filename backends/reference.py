@@ -1,17 +1,13 @@
 """The "numpy" backend: the reference implementation itself, always available.
 
 It exists so that the reference and the fused backends are reached through
-one registry with one interface; its functions are fisheropt.refimpl's.
+one registry with one interface; its functions are fisheropt.refimpl's: every
+rule's ``<rule>_step`` (from the registry), the Fisher directions and ESimCSE's
+momentum update.
 """
 import numpy as np
 
-from fisheropt.refimpl import (  # noqa: F401  (re-exported as the backend interface)
-    adam_step,
-    adamw_step,
-    all_finite,
-    coupled_adam_step,
-    fadam_step,
-)
+from fisheropt.refimpl import RULES, all_finite  # noqa: F401  (the pre-step check)
 from fisheropt.refimpl.esimcse_momentum import ema_update  # noqa: F401  (ESimCSE momentum encoder)
 from fisheropt.refimpl.fisher_ngd import (  # noqa: F401  (Fisher directions)
     fisher_gram,
@@ -20,6 +16,8 @@ from fisheropt.refimpl.fisher_ngd import (  # noqa: F401  (Fisher directions)
 
 NAME = "numpy"
 array_module = np
+
+globals().update({rule.step_function: rule.step for rule in RULES.values()})
 
 
 def owns(array) -> bool:

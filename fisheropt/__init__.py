@@ -10,7 +10,15 @@ Public API::
 
 The math is in fisheropt.refimpl (NumPy reference) and spec/ (one page per rule).
 """
-from . import backends
+import importlib.util as _util
+
+if _util.find_spec(f"{__name__}.backends") is None:   # a checkout on sys.path that was never installed
+    raise ImportError(
+        "fisheropt is not installed: refimpl/, backends/ and spec/ at the top of the repository become "
+        "fisheropt.refimpl, fisheropt.backends and fisheropt.spec only through the install. In the checkout, "
+        "run: pip install -e .")
+
+from . import backends  # noqa: E402
 from . import fisher
 from .backends import BackendUnavailable
 from .optim import CLASSES as _CLASSES

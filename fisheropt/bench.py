@@ -26,20 +26,17 @@ import time
 
 import numpy as np
 
-RULES = ("adam", "adamw", "fadam", "coupled_adam")
+from .refimpl import RULES as REGISTRY
+
+RULES = tuple(REGISTRY)   # every update rule of the registry
 DEFAULT_SIZES = ("2^16", "2^20", "2^25", "many")
 QUICK_SIZES = ("2^16", "2^20", "many")
 
-# Bytes moved per element by the numba schedules, in units of the itemsize (float32: × 4).
-#   Adam/AdamW: read θ,g,m,v, write θ,m,v                       = 7
-#   FAdam: pass 1 read θ,g,f write f (and the three RMS sums);
-#          pass 2 read θ,g,m,f write θ,m                        = 10
-#          (tiny gradients, ε₂·RMS(g) < ε: 11, and 13 on the step they first turn tiny;
-#          see backends/numba/optim.py)
-#   Coupled Adam (coupled tensors): read g; read θ,g,m write θ,m = 6 (uncoupled tensors: AdamW, 7)
-#   all_finite: read g                                           = 1
+# Bytes moved per element by the fused schedules, in units of the itemsize (float32: × 4), come
+# from each rule's descriptor (``items_per_element``; for tensors whose flag is False,
+# ``items_per_element_unflagged``), e.g. Adam 7 (read θ,g,m,v, write θ,m,v), FAdam 10 (FAdam's
+# tiny-gradient schedule moves 11: backends/numba/fadam.py). all_finite reads g: 1.
 # The numpy reference moves several times more; its GB/s use the same count, as a speed measure.
-ITEMS_PER_ELEMENT = {"adam": 7, "adamw": 7, "fadam": 10, "coupled_adam": 6}
 FINITE_ITEMS = 1
 
 # numpy reference rows above this many elements are skipped unless --numpy-large (too slow to be useful).
@@ -138,7 +135,7 @@ def problem_shapes(rule: str, size):
     if size == "many":
         shapes = transformer_shapes()
         coupled = [s == (8192, 768) for s in shapes]
-    elif rule == "coupled_adam":
+    elif REGISTRY[rule].tensor_flag is not None:   # one flagged matrix (Coupled Adam: an embedding)
         d = 768 if size >= 768 else size
         shapes = [(size // d, d)]
         coupled = [True]
@@ -152,7 +149,9 @@ def moved_bytes(rule: str, shapes, coupled, itemsize: int) -> int:
     total = 0
     for s, c in zip(shapes, coupled):
         n = math.prod(s)
-        items = ITEMS_PER_ELEMENT[rule] if (rule != "coupled_adam" or c) else ITEMS_PER_ELEMENT["adamw"]
+        descriptor = REGISTRY[rule]
+        items = descriptor.items_per_element if (descriptor.tensor_flag is None or c) \
+            else descriptor.items_per_element_unflagged
         total += n * items * itemsize
     return total
 
@@ -174,16 +173,11 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def make_fisheropt(rule: str, backend: str, params, coupled, check_finite: bool):
+    """fo.<Rule> with its default hyperparameters (lr 1e-3), flags from ``coupled``."""
     import fisheropt as fo
-    if rule == "adam":
-        return fo.Adam(params, lr=1e-3, weight_decay=0.0, backend=backend, check_finite=check_finite)
-    if rule == "adamw":
-        return fo.AdamW(params, lr=1e-3, weight_decay=0.01, backend=backend, check_finite=check_finite)
-    if rule == "fadam":
-        return fo.FAdam(params, lr=1e-3, backend=backend, check_finite=check_finite)
-    if rule == "coupled_adam":
-        return fo.CoupledAdam(params, lr=1e-3, coupled=coupled, backend=backend, check_finite=check_finite)
-    raise ValueError(rule)
+    descriptor = REGISTRY[rule]
+    flags = {descriptor.tensor_flag.name: coupled} if descriptor.tensor_flag is not None else {}
+    return getattr(fo, descriptor.title)(params, lr=1e-3, backend=backend, check_finite=check_finite, **flags)
 
 
 def torch_baseline(rule):
@@ -196,12 +190,13 @@ def torch_baseline(rule):
         cls = torch.optim.Adam if rule == "adam" else torch.optim.AdamW
         wd = 0.0 if rule == "adam" else 0.01
         return (f"torch-{rule}-fused", lambda ps: cls(ps, lr=1e-3, weight_decay=wd, fused=True))
-    if rule == "fadam":
+    if rule in ("fadam", "lion"):
         try:
-            from pytorch_optimizer import FAdam
+            import pytorch_optimizer
         except Exception:
             return None
-        return ("pytorch_optimizer-fadam", lambda ps: FAdam(ps, lr=1e-3))
+        cls = pytorch_optimizer.FAdam if rule == "fadam" else pytorch_optimizer.Lion
+        return (f"pytorch_optimizer-{rule}", lambda ps: cls(ps, lr=1e-3))
     return None
 
 
@@ -356,7 +351,8 @@ def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselin
                 out.flush()
                 rows.append(r)
             gc.collect()  # free this problem's buffers before the next one
-    print("GB/s = the rule's bytes per element (Adam/AdamW 7, FAdam 10, Coupled Adam 6 itemsizes) / time; "
+    items = ", ".join(f"{REGISTRY[r].title} {REGISTRY[r].items_per_element}" for r in rules)
+    print(f"GB/s = the rule's bytes per element ({items} itemsizes) / time; "
           "ceil = GB/s of a += 0*b; vs torch = torch time / this time (> 1: fisheropt faster)", file=out)
     return rows
 

@@ -60,7 +60,7 @@ RULE = Rule(
     paper="Stollenwerk & Stollenwerk, 2025", step=coupled_adam_step, update=coupled_adam_update,
     state=(StateArray("m", "first moment (EMA of g)"),
            StateArray("v", "second moment: per column (d,) for coupled tensors, else like θ",
-                      second_moment=True, per_column=True)),
+                      second_moment=True, per_column=True, reduced=True)),
     hyperparams=(lr_param(1e-3), betas_param((0.9, 0.999)), eps_param(1e-8),
                  weight_decay_param(1e-2, "decoupled decay λ: θ ← θ(1 − αλ)")),
     coefficients=adam_coefficients,

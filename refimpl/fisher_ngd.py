@@ -7,11 +7,12 @@ and nothing P×P is ever built when P > M. The formulation is chosen for accurac
 (spec/fisher.md §3, "Accuracy"):
 
 * EF, iEF (:math:`g = G^\top\mathrm{rhs}`, rhs = 1 or s): through the smaller Gram,
-  :math:`d = G^\top(GG^\top+\lambda I)^{-1}\mathrm{rhs}` when N ≤ P, :math:`d = (G^\top G+\lambda I)^{-1}G^\top\mathrm{rhs}`
-  when N > P (there :math:`GG^\top` is singular); neither divides by λ.
+  :math:`d = G^\top(GG^\top+\lambda I)^{-1}\mathrm{rhs}` when N ≤ P,
+  :math:`d = (G^\top G+\lambda I)^{-1}G^\top\mathrm{rhs}` when N > P (there :math:`GG^\top` is
+  singular); neither divides by λ.
 * SF, exact (any g): P ≤ M: :math:`d = (A^\top A+\lambda I)^{-1}g` directly; P > M: Woodbury,
   :math:`d = \big(g - A^\top(AA^\top+\lambda I)^{-1}Ag\big)/\lambda`, whose cancellation costs
-  :math:`\varepsilon\operatorname{tr}(A^\top A)/\lambda`; or matrix-free conjugate gradients (exact only).
+  :math:`\varepsilon\lVert A^\top A\rVert/\lambda`; or matrix-free conjugate gradients (exact only).
 * Every solve knows the condition number κ of what it relies on and raises :class:`DampingTooSmall`
   when ``ERROR_CONSTANT``·ε·κ > ``MAX_ERROR`` instead of returning an inaccurate direction.
 
@@ -85,17 +86,23 @@ def fisher_gram(G):
     return K
 
 
-def damped_condition(w):
-    """κ of K + λI from its ascending eigenvalues w (inf when not positive definite in float64)."""
-    return float(w[-1] / w[0]) if w[0] > 0 else math.inf
+def damped_condition(w, singular_damping=None):
+    """κ of K + λI from its ascending eigenvalues w (inf when not positive definite in float64);
+    with ``singular_damping`` = λ, at least (‖K‖ + λ)/λ, the κ of a singular AᵀA + λI."""
+    kappa = float(w[-1] / w[0]) if w[0] > 0 else math.inf
+    return kappa if singular_damping is None else max(kappa, float(w[-1]) / singular_damping)
 
 
-def solve_damped_gram(K, rhs, damping):
+def solve_damped_gram(K, rhs, damping, *, singular=False):
     """(K + damping I)^{-1} rhs in float64 for symmetric PSD K: Cholesky, once the condition number
-    of K + λI (exact, from its eigenvalues; O(n³) like the factorisation) passed check_condition."""
+    of K + λI (exact, from its eigenvalues; O(n³) like the factorisation) passed check_condition.
+
+    ``singular``: the caller divides by λ afterwards (Woodbury, AᵀA singular), so the condition
+    number that matters is that of AᵀA + λI, (‖K‖ + λ)/λ."""
     Kd = np.asarray(K, dtype=np.float64) + damping * np.eye(K.shape[0])
     w = np.linalg.eigvalsh(Kd)
-    check_condition(damped_condition(w), damping, float(w[-1]), "the damped Gram matrix")
+    check_condition(damped_condition(w, damping if singular else None), damping, float(w[-1]),
+                    "F + λI (singular, P > rank)" if singular else "the damped Gram matrix")
     factor = scipy.linalg.cho_factor(Kd, lower=True, check_finite=False)
     return scipy.linalg.cho_solve(factor, np.asarray(rhs, dtype=np.float64), check_finite=False)
 
@@ -106,7 +113,7 @@ def sample_space_direction(G, rhs, damping, *, gram, solve, xp=np):
     N, P = G.shape
     # Solve for rhs scaled by a power of two into [1, 2) and scale d back: exact, and a subnormal
     # right-hand side (iEF's s) keeps full precision through the solve.
-    top = float(xp.abs(rhs).max()) if N else 0.0
+    top = float(xp.abs(rhs).max())
     shift = math.frexp(top)[1] - 1 if 0.0 < top < math.inf else 0
     rhs = xp.ldexp(rhs, -shift) if shift else rhs
     if P < N:   # more samples than parameters: GGᵀ is singular, GᵀG (P × P) need not be
@@ -187,18 +194,19 @@ def factor_direction(A, grad, damping, ops=None):
 
     P ≤ M: solve the P × P system itself (no larger than the M × M Gram), no division by λ.
     P > M: AᵀA is singular and the Woodbury form (grad − Aᵀ(AAᵀ + λI)⁻¹A grad)/λ cancels where grad
-    lies in its row space, to about ε·tr(AᵀA)/λ relative: damping below the matching bound raises."""
+    lies in A's row space, to about ε·‖AᵀA‖/λ relative: the solve checks that condition number."""
     ops = _ops_default(ops)
     xp = ops.array_module
     M, P = A.shape
+    solve = _parameter_space_solver(ops)
     if P <= M:
         S = ops.fisher_gram(A.T)
         check_gram(S, A.dtype, xp)
-        return _parameter_space_solver(ops)(S, grad, damping)
-    trace = float(xp.einsum("mp,mp->", A, A))          # ≥ the largest eigenvalue of AᵀA
-    check_condition((trace + damping) / damping, damping, trace, "F + λI (singular, P > rank: bound tr F/λ)")
-    w = ops.fisher_sample_space_direction(A, A @ grad, damping).astype(xp.float64)
-    return (grad - w) / damping
+        return solve(S, grad, damping)
+    K = ops.fisher_gram(A)
+    check_gram(K, A.dtype, xp)
+    a = solve(K, A @ grad, damping, singular=True)
+    return (grad - A.T @ a) / damping
 
 
 def sf_direction(G, J, probs, labels_sampled, damping, ops=None):
@@ -273,7 +281,7 @@ def conjugate_gradient(matvec, b, *, xp=np, tol=1e-10, maxiter=1000, damping=0.0
         p = r + (rr_new / rr) * p
         rr = rr_new
     residual = float(xp.linalg.norm(b - matvec(x)))
-    if not residual <= MAX_ERROR * damping * float(xp.linalg.norm(x)) and residual > 0.0:
+    if not residual <= MAX_ERROR * damping * float(xp.linalg.norm(x)):     # also catches NaN
         raise DampingTooSmall(
             f"conjugate gradients could not certify the direction to {MAX_ERROR:g} (residual "
             f"{residual:.3g} > {MAX_ERROR:g}·damping·‖d‖ after at most {int(maxiter)} iterations): damping="

@@ -31,6 +31,9 @@ class Hyperparam:
     high_open: bool = False
     normal: bool = False
     names: tuple[str, ...] = ()   # kernel keyword names of a pair's elements, e.g. ("beta1", "beta2")
+    # The range where values are usually set (log-uniform for positive ranges), which the
+    # property tests and benchmarks sample; None: [low, high].
+    typical: tuple[float, float] | None = None
 
     @property
     def kernel_names(self) -> tuple[str, ...]:
@@ -43,12 +46,17 @@ class StateArray:
 
     ``per_column``: for a tensor flagged by the rule's tensor flag (Coupled Adam's
     ``coupled``) the array has one entry per column, shape (d,), instead of the
-    parameter's shape. ``second_moment``: an average of squares, never negative."""
+    parameter's shape. ``second_moment``: an average of squares, never negative.
+    ``reduced``: its new value depends on a float64 reduction over the whole tensor
+    (an RMS, a column mean), which the spec lets an implementation sum in any order:
+    fused backends agree with the reference within the spec's tolerance there, and
+    bit for bit on the arrays that are purely elementwise."""
 
     name: str
     doc: str
     second_moment: bool = False
     per_column: bool = False
+    reduced: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,11 @@ class Rule:
     extra: dict = field(default_factory=dict)
 
     @property
+    def reduces(self) -> bool:
+        """Whether any state (hence θ) depends on a whole-tensor reduction."""
+        return any(s.reduced for s in self.state)
+
+    @property
     def step_function(self) -> str:
         return f"{self.name}_step"
 
@@ -109,21 +122,22 @@ class Rule:
 
 
 # ---- shared pieces of the Adam family ----------------------------------------------------------
-def lr_param(default: float) -> Hyperparam:
-    return Hyperparam("lr", default, "learning rate α", low=0.0)
+def lr_param(default: float, typical=(1e-6, 1.0)) -> Hyperparam:
+    return Hyperparam("lr", default, "learning rate α", low=0.0, typical=typical)
 
 
 def betas_param(default: tuple) -> Hyperparam:
     return Hyperparam("betas", default, "EMA factors (β1, β2), each in [0, 1)", low=0.0, high=1.0,
-                      high_open=True, names=("beta1", "beta2"))
+                      high_open=True, names=("beta1", "beta2"), typical=(0.0, 0.9999))
 
 
 def eps_param(default: float) -> Hyperparam:
-    return Hyperparam("eps", default, "ε added to the denominator", low=0.0, low_open=True, normal=True)
+    return Hyperparam("eps", default, "ε added to the denominator", low=0.0, low_open=True, normal=True,
+                      typical=(1e-12, 1e-2))
 
 
 def weight_decay_param(default: float, doc: str) -> Hyperparam:
-    return Hyperparam("weight_decay", default, doc, low=0.0)
+    return Hyperparam("weight_decay", default, doc, low=0.0, typical=(1e-5, 0.5))
 
 
 def adam_coefficients(t, *, lr, beta1, beta2, **_):

@@ -5,22 +5,25 @@ import pytest
 import fisheropt as fo
 
 from conftest import host_backend_params
+from fisheropt.refimpl import RULES as REGISTRY
+from rules import CLASS_NAMES, make_optimizer
+
+
+def _no_flags(rule, params):
+    """Every tensor flag False (so that bad params, not the flags, are what is refused)."""
+    descriptor = next(r for r in REGISTRY.values() if r.title == rule)
+    return {descriptor.tensor_flag.name: [False] * len(params)} if descriptor.tensor_flag else {}
 
 # np.matrix is tested on purpose (it must be refused); NumPy warns on creating one.
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 
-RULES = {
-    "Adam": lambda ps, backend: fo.Adam(ps, backend=backend),
-    "AdamW": lambda ps, backend: fo.AdamW(ps, backend=backend),
-    "FAdam": lambda ps, backend: fo.FAdam(ps, backend=backend),
-    "CoupledAdam": lambda ps, backend: fo.CoupledAdam(ps, coupled=[True, False], backend=backend),
-}
+RULES = CLASS_NAMES   # every rule of the registry, by class name
 
 
 def _warm_optimizer(rule, backend, dtype=np.float64):
     rng = np.random.default_rng(0)
     params = [np.asarray(rng.standard_normal((4, 3)), dtype=dtype), np.asarray(rng.standard_normal(5), dtype=dtype)]
-    opt = RULES[rule](params, backend)
+    opt = make_optimizer(rule, params, backend)   # Coupled Adam: the matrix coupled, the vector not
     for _ in range(2):  # non-zero state, so "untouched" is a real check
         opt.step([np.asarray(rng.standard_normal(p.shape), dtype=dtype) for p in params])
     return opt
@@ -89,30 +92,34 @@ def test_bad_grads_raise_and_change_nothing(backend, rule, case):
     assert opt.step_count == before[2] + 1
 
 
-BAD_HYPERPARAMS = [
-    ("lr", -1e-3, "lr must be >= 0"),
-    ("lr", float("nan"), "lr must be finite"),
-    ("lr", "0.1", "lr must be a real number"),
-    ("betas", (0.9, 1.0), r"betas\[1\] must be < 1"),
-    ("betas", (-0.1, 0.9), r"betas\[0\] must be >= 0"),
-    ("betas", (0.9,), "betas must be a pair"),
-    ("eps", 0.0, "eps must be > 0"),
-    ("eps", -1e-8, "eps must be > 0"),
-    ("weight_decay", -0.1, "weight_decay must be >= 0"),
-]
-FADAM_ONLY = [("clip", 0.0, "clip must be > 0"), ("clip", -1.0, "clip must be > 0"),
-              ("eps2", 0.0, "eps2 must be > 0"), ("p", 0.0, "p must be > 0"), ("p", 1.5, "p must be <= 1")]
+def _bad_values(h):
+    """(value, message) pairs that the descriptor's valid range refuses."""
+    out = [(float("nan"), rf"{h.name}(\[0\])? must be finite"), ("0.1", rf"{h.name}(\[0\])? must be a real number")]
+    if h.names:
+        out = [((v,) + tuple(h.default[1:]), m) for v, m in out]
+        out += [(h.default[:1], f"{h.name} must be a pair"),
+                ((h.default[0], h.high), rf"{h.name}\[1\] must be {'<' if h.high_open else '<='} {h.high}"),
+                ((-0.1, h.default[1]), rf"{h.name}\[0\] must be >= {h.low}")]
+        return out
+    if h.low is not None:
+        out.append((h.low - 1.0, f"{h.name} must be {'>' if h.low_open else '>='} {h.low}"))
+        if h.low_open:
+            out.append((h.low, f"{h.name} must be > {h.low}"))
+    if h.high is not None:
+        out.append((h.high + 0.5, f"{h.name} must be {'<' if h.high_open else '<='} {h.high}"))
+    return out
 
 
-@pytest.mark.parametrize("rule,name,value,match",
-                         [(r, *bad) for r in RULES for bad in BAD_HYPERPARAMS] + [("FAdam", *bad) for bad in FADAM_ONLY])
+BAD_HYPERPARAMS = [(rule.title, h.name, value, match) for rule in REGISTRY.values() for h in rule.hyperparams
+                   for value, match in _bad_values(h)]
+
+
+@pytest.mark.parametrize("rule,name,value,match", BAD_HYPERPARAMS)
 def test_invalid_hyperparameters(rule, name, value, match):
-    cls = getattr(fo, rule)
-    kwargs = {"coupled": [False]} if rule == "CoupledAdam" else {}
     with pytest.raises((ValueError, TypeError), match=match):
-        cls([np.zeros(3)], **{name: value}, **kwargs, backend="numpy")
+        make_optimizer(rule, [np.zeros(3)], **{name: value})
     # changing it later is validated the same way, all or nothing
-    opt = cls([np.zeros(3)], **kwargs, backend="numpy")
+    opt = make_optimizer(rule, [np.zeros(3)])
     before = opt.hyperparams
     with pytest.raises((ValueError, TypeError), match=match):
         opt.set_hyperparams(lr=0.5, **{name: value}) if name != "lr" else opt.set_hyperparams(**{name: value})
@@ -141,9 +148,8 @@ BAD_PARAMS = [
 @pytest.mark.parametrize("name,make,exc,match", BAD_PARAMS)
 def test_bad_params_rejected(rule, name, make, exc, match):
     params = make()
-    kwargs = {"coupled": [False] * len(params)} if rule == "CoupledAdam" else {}
     with pytest.raises(exc, match=match):
-        getattr(fo, rule)(params, **kwargs, backend="numpy")
+        make_optimizer(rule, params, **_no_flags(rule, params))
 
 
 @pytest.mark.parametrize("coupled,match", [

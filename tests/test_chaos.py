@@ -15,9 +15,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import fisheropt as fo
 
 from conftest import HOST_BACKENDS
-from test_reliability import _injection_points, fail_on_call, make_optimizer, mixed_model, snapshot
-
-RULES = ("Adam", "AdamW", "FAdam", "CoupledAdam")
+from rules import CLASS_NAMES as RULES
+from rules import make_optimizer
+from test_reliability import _injection_points, fail_on_call, mixed_model, snapshot
 
 
 def _bad_grads(kind, params, rng):
@@ -40,11 +40,11 @@ def _bad_grads(kind, params, rng):
 
 def _bad_state(kind, opt):
     sd = opt.state_dict()
-    name = opt.state_names[-1]
-    if kind == "nan":
+    second = [s.name for s in opt.rule.state if s.second_moment]
+    if kind == "nan" or (kind == "negative" and not second):   # a rule without a second moment
         sd["state"]["m"][0].flat[0] = np.nan
     elif kind == "negative":
-        sd["state"][name][-1].flat[0] = -1.0
+        sd["state"][second[0]][-1].flat[0] = -1.0
     elif kind == "shape":
         sd["state"]["m"][0] = np.zeros(sd["state"]["m"][0].size + 1, sd["state"]["m"][0].dtype)
     elif kind == "step":

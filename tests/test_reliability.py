@@ -4,6 +4,7 @@ Each test reproduces a failure found by an audit (issue 13) and checks the fix:
 a refused call changes nothing, a step is all or nothing, a checkpoint write
 never destroys the previous checkpoint.
 """
+import importlib
 import os
 import signal
 import subprocess
@@ -19,14 +20,10 @@ import fisheropt as fo
 from fisheropt import refimpl
 
 from conftest import host_backend_params
+from fisheropt.refimpl import RULES as REGISTRY
+from rules import CLASS_NAMES, make_optimizer
 
-RULES = ("Adam", "AdamW", "FAdam", "CoupledAdam")
-
-
-def make_optimizer(rule, params, backend, **kw):
-    if rule == "CoupledAdam":
-        kw.setdefault("coupled", [p.ndim == 2 for p in params])
-    return getattr(fo, rule)(params, backend=backend, **kw)
+RULES = CLASS_NAMES   # every rule of the registry
 
 
 def mixed_model(rng, n=6):
@@ -101,16 +98,17 @@ def fail_on_call(monkeypatch, module, name, k, exc=MemoryError):
 
 
 def _injection_points(backend, rule):
-    """(module, function) pairs called between the step's start and its first write."""
+    """(module or object, function name) pairs called between the step's start and its first write."""
+    descriptor = next(r for r in REGISTRY.values() if r.title == rule)
     if backend == "numpy":
-        mod = {"Adam": refimpl.adam, "AdamW": refimpl.adamw, "FAdam": refimpl.fadam,
-               "CoupledAdam": refimpl.coupled_adam}[rule]
-        names = {"Adam": ["adam_update"], "AdamW": ["adamw_update"], "FAdam": ["fadam_update"],
-                 "CoupledAdam": ["coupled_adam_update", "adamw_update"]}[rule]
-        return [(mod, n) for n in names]
-    from fisheropt.backends.numba import _core, adam, coupled_adam, fadam
+        # the pure per-tensor updates the reference step computes before writing anything
+        module = sys.modules[descriptor.step.__module__]
+        return [(module, name) for name in dir(module)
+                if name.endswith("_update") and callable(getattr(module, name)) and name != "apply_updates"]
+    from fisheropt.backends.numba import _core
+    module = importlib.import_module(f"fisheropt.backends.numba.{descriptor.name}")
     return [(_core.PLANS, "get"), (_core, "per_tensor_table")] + [
-        (module, name) for module in (adam, fadam, coupled_adam) for name in ("addresses", "per_tensor_table")]
+        (module, name) for name in ("addresses", "per_tensor_table", "adam_launches") if hasattr(module, name)]
 
 
 @pytest.mark.parametrize("exc", [MemoryError, KeyboardInterrupt])
@@ -209,8 +207,7 @@ def test_parameter_changed_after_construction_is_refused(backend, rule, change):
     rng = np.random.default_rng(2)
     params = [rng.standard_normal((4, 3)), rng.standard_normal((2, 6)).reshape(12)]
     params[1] = params[1].copy()  # owns its data, so resize can move it
-    opt = make_optimizer(rule, params, backend, coupled=[True, False]) if rule == "CoupledAdam" else \
-        make_optimizer(rule, params, backend)
+    opt = make_optimizer(rule, params, backend)
     opt.step(grads_for(params, rng))
     mutate, match = CHANGES[change]
     try:

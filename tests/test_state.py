@@ -7,21 +7,20 @@ from hypothesis import strategies as st
 import fisheropt as fo
 
 from conftest import host_backend_params
+from rules import CLASS_NAMES, make_optimizer
 
 SHAPES = [(6, 4), (5,), ()]
 
 
 def _make(rule, params, backend):
-    if rule == "CoupledAdam":
-        return fo.CoupledAdam(params, coupled=[True, False, False], backend=backend, lr=1e-2)
-    return getattr(fo, rule)(params, backend=backend, lr=1e-2)
+    return make_optimizer(rule, params, backend, lr=1e-2)   # Coupled Adam: the (6, 4) matrix coupled
 
 
 def _grads(rng, dtype):
     return [np.asarray(rng.standard_normal(s), dtype=dtype) for s in SHAPES]
 
 
-RULES = ["Adam", "AdamW", "FAdam", "CoupledAdam"]
+RULES = CLASS_NAMES   # every rule of the registry
 
 
 @pytest.mark.parametrize("backend", host_backend_params())
