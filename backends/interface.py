@@ -56,3 +56,22 @@ FAMILIES = {
     "workloads": ("ema_update",),         # ESimCSE's momentum-encoder update
 }
 FUNCTIONS = tuple(f for family in FAMILIES.values() for f in family)
+
+
+def load_rule_functions(package: str, namespace: dict) -> None:
+    """Put ``<rule>_step`` (and ``<rule>_step_checked`` where it exists) of every registry rule
+    into ``namespace``, from the backend's module ``<package>.<rule>``; a rule without a
+    module there is left out (unavailable on that backend only)."""
+    import importlib
+
+    from fisheropt.refimpl import RULES
+    for rule in RULES.values():
+        try:
+            module = importlib.import_module(f"{package}.{rule.name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{package}.{rule.name}":
+                continue          # no kernel for this rule on this backend (yet)
+            raise
+        for name in (rule.step_function, rule.step_function + "_checked"):
+            if hasattr(module, name):
+                namespace[name] = getattr(module, name)

@@ -11,6 +11,15 @@ parameters with their own step count, as in torch.optim): :func:`per_tensor`.
 """
 
 
+def step_tensors(update, params, grads, state, **values) -> None:
+    """The multi-tensor in-place step: ``update(θ_i, g_i, *state_i, **values_i)`` for every tensor
+    (``update`` may be a list, one function per tensor), all computed, then all written."""
+    updates = update if isinstance(update, list) else [update] * len(params)
+    apply_updates((params, *state), [
+        fn(theta, g, *(s[i] for s in state), **hp)
+        for i, (fn, theta, g, hp) in enumerate(zip(updates, params, grads, per_tensor(len(params), **values)))])
+
+
 def apply_updates(targets, updates) -> None:
     """``targets``: tuple of lists (params, state...); ``updates``: per tensor, a tuple of new values."""
     for i, new_values in enumerate(updates):

@@ -14,7 +14,7 @@ corrections folded into scalars, in the order PyTorch evaluates it.
 """
 import numpy as np
 
-from ._multi_tensor import apply_updates, per_tensor
+from ._multi_tensor import step_tensors
 from .rule import Rule, StateArray, adam_coefficients, betas_param, eps_param, lr_param, weight_decay_param
 
 
@@ -39,9 +39,8 @@ def adam_direction(m, v, *, t, lr, beta1, beta2, eps):
 
 def adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
     """Multi-tensor, in place: the backend interface for Adam (all tensors computed, then written)."""
-    hps = per_tensor(len(params), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    apply_updates((params, m, v), [adam_update(theta_i, g_i, m_i, v_i, **hp)
-                                   for theta_i, g_i, m_i, v_i, hp in zip(params, grads, m, v, hps)])
+    step_tensors(adam_update, params, grads, (m, v), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                 weight_decay=weight_decay)
 
 
 RULE = Rule(

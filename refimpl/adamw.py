@@ -8,7 +8,7 @@ never enters the moments:
     m_t &= \beta_1 m_{t-1} + (1-\beta_1)\,g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2)\,g_t^2 \\
     \theta_t &= \theta - \frac{\alpha}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 """
-from ._multi_tensor import apply_updates, per_tensor
+from ._multi_tensor import step_tensors
 from .adam import adam_direction
 from .rule import Rule, StateArray, adam_coefficients, betas_param, eps_param, lr_param, weight_decay_param
 
@@ -23,9 +23,8 @@ def adamw_update(theta, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay):
 
 def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
     """Multi-tensor, in place: the backend interface for AdamW (all tensors computed, then written)."""
-    hps = per_tensor(len(params), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    apply_updates((params, m, v), [adamw_update(theta_i, g_i, m_i, v_i, **hp)
-                                   for theta_i, g_i, m_i, v_i, hp in zip(params, grads, m, v, hps)])
+    step_tensors(adamw_update, params, grads, (m, v), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                 weight_decay=weight_decay)
 
 
 RULE = Rule(

@@ -22,7 +22,7 @@ memory). The rest is AdamW: per-element m, decoupled decay, bias corrections.
 """
 import numpy as np
 
-from ._multi_tensor import apply_updates, per_tensor
+from ._multi_tensor import step_tensors
 from .adam import adam_direction
 from .adamw import adamw_update
 from .rule import (Rule, StateArray, TensorFlag, adam_coefficients, betas_param, eps_param, lr_param,
@@ -49,9 +49,8 @@ def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weigh
     ``coupled[i]`` True: params[i] is a V×d embedding and v[i] its length-d shared
     second moment; False: an ordinary tensor, updated by AdamW with v[i] like
     params[i]."""
-    hps = per_tensor(len(params), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    apply_updates((params, m, v), [(coupled_adam_update if c else adamw_update)(theta_i, g_i, m_i, v_i, **hp)
-                                   for theta_i, g_i, m_i, v_i, c, hp in zip(params, grads, m, v, coupled, hps)])
+    step_tensors([coupled_adam_update if c else adamw_update for c in coupled], params, grads, (m, v),
+                 t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
 
 RULE = Rule(

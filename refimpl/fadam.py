@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from ._multi_tensor import apply_updates, per_tensor
+from ._multi_tensor import step_tensors
 from .rule import Hyperparam, Rule, StateArray, betas_param, eps_param, lr_param, weight_decay_param
 
 
@@ -85,10 +85,8 @@ def fadam_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, wei
 
 def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """Multi-tensor, in place: the backend interface for FAdam (all tensors computed, then written)."""
-    hps = per_tensor(len(params), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p,
-                     weight_decay=weight_decay)
-    apply_updates((params, m, f), [fadam_update(theta_i, g_i, m_i, f_i, **hp)
-                                   for theta_i, g_i, m_i, f_i, hp in zip(params, grads, m, f, hps)])
+    step_tensors(fadam_update, params, grads, (m, f), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                 eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
 
 
 def fadam_coefficients(t, *, beta2, **_):

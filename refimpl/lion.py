@@ -16,7 +16,7 @@ index does not enter.
 """
 import numpy as np
 
-from ._multi_tensor import apply_updates, per_tensor
+from ._multi_tensor import step_tensors
 from .rule import Rule, StateArray, betas_param, lr_param, weight_decay_param
 
 
@@ -31,9 +31,8 @@ def lion_update(theta, g, m, *, t, lr, beta1, beta2, weight_decay):
 
 def lion_step(params, grads, m, *, step, lr, beta1, beta2, weight_decay):
     """Multi-tensor, in place: the backend interface for Lion (all tensors computed, then written)."""
-    hps = per_tensor(len(params), t=step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
-    apply_updates((params, m), [lion_update(theta_i, g_i, m_i, **hp)
-                                for theta_i, g_i, m_i, hp in zip(params, grads, m, hps)])
+    step_tensors(lion_update, params, grads, (m,), t=step, lr=lr, beta1=beta1, beta2=beta2,
+                 weight_decay=weight_decay)
 
 
 def lion_coefficients(t, **_):

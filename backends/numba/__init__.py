@@ -8,13 +8,10 @@ with ImportError when numba is missing, which the registry reports as the reason
 the backend is unavailable; a rule without a module here is unavailable on this
 backend only.
 """
-import importlib
-
 import numba  # noqa: F401  (an ImportError here is the registry's "why not")
 import numpy as np
 
-from fisheropt.refimpl import RULES
-
+from ..interface import load_rule_functions
 from . import _core
 from .esimcse import ema_update  # noqa: F401  (ESimCSE momentum encoder)
 from .finite import all_finite  # noqa: F401
@@ -28,21 +25,7 @@ def owns(array) -> bool:
     return isinstance(array, np.ndarray)
 
 
-def _load_rules() -> None:
-    """``<rule>_step`` (and ``<rule>_step_checked`` where fused) from each rule's module here."""
-    for rule in RULES.values():
-        try:
-            module = importlib.import_module(f"{__name__}.{rule.name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{rule.name}":
-                continue          # no kernel for this rule on this backend (yet)
-            raise
-        for name in (rule.step_function, rule.step_function + "_checked"):
-            if hasattr(module, name):
-                globals()[name] = getattr(module, name)
-
-
-_load_rules()
+load_rule_functions(__name__, globals())
 
 
 def clear_cache() -> None:

@@ -65,6 +65,18 @@ def launch(kernel, n_elements, *args):
         return kernel(*args)
 
 
+def run_phases(reduce, apply, check: bool) -> bool:
+    """Run every read-only reduction launch, then (unless ``check`` and one of them found a
+    NaN/Inf, returning False) every update launch: a step that writes nothing or everything."""
+    with KERNEL_LOCK:
+        finite = [launch(kernel, n, *args) for kernel, n, args in reduce]
+        if check and not all(finite):
+            return False
+        for kernel, n, args in apply:
+            launch(kernel, n, *args)
+    return True
+
+
 def run_all(launches) -> None:
     """Run prepared ``(kernel, n_elements, args)`` launches in order, under one lock hold.
 
@@ -248,6 +260,15 @@ class PlanCache:
 
 
 PLANS = PlanCache()   # one cache for every rule module's plans
+
+
+@njit(cache=True)
+def all_finite_at(p, n):
+    """No NaN or Inf among the n elements at pointer p (the slow path of the fused checks)."""
+    for i in range(n):
+        if not np.isfinite(p[i]):
+            return False
+    return True
 
 
 def per_tensor_table(idx, row, values: dict, dtype) -> np.ndarray:

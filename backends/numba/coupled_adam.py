@@ -14,8 +14,8 @@ from numba import njit, prange
 
 from fisheropt.refimpl.coupled_adam import RULE
 
-from ._core import (KERNEL_LOCK, PLANS, addresses, as_pointer, dtype_groups, launch, per_tensor_table,
-                    row_chunks)
+from ._core import (KERNEL_LOCK, PLANS, addresses, all_finite_at, as_pointer, dtype_groups, per_tensor_table,
+                    row_chunks, run_phases)
 from .adam import adam_launches
 from .finite import all_finite
 
@@ -24,14 +24,6 @@ __all__ = ["coupled_adam_step", "coupled_adam_step_checked"]
 # At most this many row blocks per tensor in the column reduction, which bounds its
 # float64 partials to COUPLED_MAX_BLOCKS * d per tensor.
 COUPLED_MAX_BLOCKS = 64
-
-
-@njit(cache=True)
-def _all_finite(p, n):
-    for i in range(n):
-        if not np.isfinite(p[i]):
-            return False
-    return True
 
 
 @njit(parallel=True, cache=True)
@@ -79,7 +71,7 @@ def _coupled_reduce(a_g, a_vc, rows, cols, rtens, rstart, rstop, rfirst, poff, p
             vnew[o + j] = vj
             den[o + j] = np.sqrt(vj) / bc2 + eps
     for t in range(ntens):
-        if not ok[t] and not _all_finite(as_pointer(a_g[t], one), rows[t] * cols[t]):
+        if not ok[t] and not all_finite_at(as_pointer(a_g[t], one), rows[t] * cols[t]):
             return False
     return True
 
@@ -163,14 +155,9 @@ def _step(params, grads, m, v, coupled, check, hyperparams) -> bool:
                                       pick_hp)
     adamw = adam_launches(pick(no, params), pick(no, grads), pick(no, m), pick(no, v), decoupled=True, **rest_hp)
     with KERNEL_LOCK:
-        if check and not all_finite(pick(no, grads)):
+        if check and not all_finite(pick(no, grads)):   # the AdamW tensors have no reduction to check in
             return False
-        finite = [launch(kernel, n, *args) for kernel, n, args in reduce]
-        if check and not all(finite):
-            return False
-        for kernel, n, args in apply + adamw:
-            launch(kernel, n, *args)
-    return True
+        return run_phases(reduce, apply + adamw, check)
 
 
 def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):

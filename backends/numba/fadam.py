@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from fisheropt.refimpl.fadam import RULE
 
-from ._core import KERNEL_LOCK, PLANS, addresses, as_pointer, fma64, launch, per_tensor_table
+from ._core import PLANS, addresses, all_finite_at, as_pointer, fma64, per_tensor_table, run_phases
 from .adam import build_flat_plan
 
 __all__ = ["fadam_step", "fadam_step_checked"]
@@ -180,14 +180,6 @@ def _rms(total, n):
     return math.sqrt(total / n)
 
 
-@njit(cache=True)
-def _all_finite(p, n):
-    for i in range(n):
-        if not np.isfinite(p[i]):
-            return False
-    return True
-
-
 @njit(parallel=True, cache=True)
 def _fadam_reduce(a_th, a_g, a_f, sizes, ctens, cstart, cstop, first, ws, defer, part, resum,
                   b2h, omb2h, p_t, pmode, eps, eps2, two_p, clip, tiny, check):
@@ -230,7 +222,7 @@ def _fadam_reduce(a_th, a_g, a_f, sizes, ctens, cstart, cstop, first, ws, defer,
             s += part[c]
         # A NaN/Inf in g makes Σg² non-finite; so can a float64 |g| above 1e154 (g² overflows):
         # only then is the tensor read again, to tell the two apart.
-        if check and not np.isfinite(s) and not _all_finite(as_pointer(a_g[t], one), sizes[t]):
+        if check and not np.isfinite(s) and not all_finite_at(as_pointer(a_g[t], one), sizes[t]):
             return False
         x = eps2 * _rms(s, sizes[t])
         ws[t] = (x if x < eps else eps) ** two_p  # rounded to the parameter dtype
@@ -339,21 +331,11 @@ def fadam_launches(params, grads, m, f, *, check, **hyperparams):
     return reduce, apply
 
 
-def _run(reduce, apply, check) -> bool:
-    with KERNEL_LOCK:
-        finite = [launch(kernel, n, *args) for kernel, n, args in reduce]
-        if check and not all(finite):
-            return False
-        for kernel, n, args in apply:
-            launch(kernel, n, *args)
-    return True
-
-
 def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """Multi-tensor, in place: the backend interface for FAdam."""
     hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p,
               weight_decay=weight_decay)
-    _run(*fadam_launches(params, grads, m, f, check=False, **hp), check=False)
+    run_phases(*fadam_launches(params, grads, m, f, check=False, **hp), check=False)
 
 
 def fadam_step_checked(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay) -> bool:
@@ -361,4 +343,4 @@ def fadam_step_checked(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2
     written nothing, when a gradient holds NaN or Inf (no extra read of the gradients)."""
     hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p,
               weight_decay=weight_decay)
-    return _run(*fadam_launches(params, grads, m, f, check=True, **hp), check=True)
+    return run_phases(*fadam_launches(params, grads, m, f, check=True, **hp), check=True)
