@@ -366,6 +366,38 @@ def _duplicate(values):
     return None
 
 
+def validation_cost(rules, backend: str, repeats: int, out=sys.stdout) -> list[dict]:
+    """Per rule, on the 147-tensor model (float32): the median time of the checks a step makes
+    before it reads an element (:meth:`fisheropt.Optimizer.checked_grads`) and of a whole step,
+    timed alternately in this process."""
+    import fisheropt as fo  # noqa: F401  (the optimizer classes)
+    shapes, coupled = problem_shapes(rules[0], "many")
+    rng = np.random.default_rng(0)
+    params = random_arrays(shapes, np.float32, rng)
+    grads = random_arrays(shapes, np.float32, rng, scale=1e-3)
+    rows = []
+    print(f"{'rule':14s}{'tensors':>8s}{'checks ms':>11s}{'step ms':>10s}{'fraction':>10s}", file=out)
+    for rule in rules:
+        opt = make_fisheropt(rule, backend, params, problem_shapes(rule, "many")[1], check_finite=True)
+        opt.step(grads)  # compile and plan outside the timing
+        checks, steps = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            opt.checked_grads(grads)
+            t1 = time.perf_counter()
+            opt.step(grads)
+            t2 = time.perf_counter()
+            checks.append(t1 - t0)
+            steps.append(t2 - t1)
+        row = {"rule": rule, "tensors": len(params), "checks_ms": 1e3 * float(np.median(checks)),
+               "step_ms": 1e3 * float(np.median(steps))}
+        row["fraction"] = row["checks_ms"] / row["step_ms"]
+        rows.append(row)
+        print(f"{rule:14s}{row['tensors']:8d}{row['checks_ms']:11.3f}{row['step_ms']:10.1f}{row['fraction']:10.4f}",
+              file=out)
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fisheropt bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -383,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--numpy-large", action="store_true",
                     help=f"also time the numpy reference above {NUMPY_MAX_ELEMENTS} elements (slow)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
+    ap.add_argument("--validation-cost", action="store_true",
+                    help="instead of the table: the time of a step's pre-write checks against the whole step "
+                         "on the 147-tensor model, per rule (first --backends entry, default numba)")
     return ap
 
 
@@ -400,6 +435,9 @@ def main(argv=None) -> int:
         backends = [b for b in ("numpy", "numba") if b in usable]
     else:
         backends = args.backends
+    if args.validation_cost:
+        validation_cost(args.rules, backends[-1] if args.backends is None else backends[0], max(repeats, 9))
+        return 0
     run(args.rules, sizes, backends, np.dtype(args.dtype), repeats,
         numpy_large=args.numpy_large, torch_baselines=not args.no_torch)
     return 0
