@@ -1,6 +1,7 @@
-"""spec/conformance/c: the four update rules in C11, written from the spec pages, read the
-vectors with their own JSON reader and pass every case of the optimizer suites; builds with
-a deliberate mistake fail exactly the cases the vectors say they should."""
+"""spec/conformance/c: every update rule of the registry in C11, written from the spec pages,
+reads the vectors with its own JSON reader and passes every case of every optimizer suite (one
+per rule of fisheropt.refimpl.RULES: a rule the runner lacks shows as skipped cases and fails);
+builds with a deliberate mistake fail exactly the cases the vectors say they should."""
 import os
 import platform
 import re
@@ -15,6 +16,7 @@ from fisheropt import vectors
 SOURCE = vectors.VECTOR_DIR.parent / "conformance" / "c" / "fo_conform.c"
 COMPILER = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
 FLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-pedantic", "-Werror", "-ffp-contract=off"]
+# Every optimizer suite: one per rule of the registry (vectors.OPTIMIZER_SUITES = fisheropt.refimpl.RULES).
 FILES = [vectors.VECTOR_DIR / f"{s}.json" for s in vectors.OPTIMIZER_SUITES]
 
 pytestmark = [
@@ -40,6 +42,13 @@ def _run(exe: Path):
 
 def _cases(suite):
     return vectors.load_suite(suite)["cases"]
+
+
+def test_the_runner_is_given_every_vector_file_of_optimizer_cases():
+    """The files the runner checks are exactly the vector files whose cases are optimizer steps."""
+    optimizer_files = {p.stem for p in vectors.VECTOR_DIR.glob("*.json") if p.stem != "schema"
+                       and any(c["kind"] == "optimizer" for c in vectors.load_suite(p.stem)["cases"])}
+    assert optimizer_files == {f.stem for f in FILES} and len(FILES) == len(vectors.OPTIMIZER_SUITES) >= 5
 
 
 def test_c_runner_passes_every_optimizer_suite(tmp_path):

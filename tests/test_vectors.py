@@ -6,11 +6,41 @@ import pytest
 
 import fisheropt as fo
 from fisheropt import vectors
+from fisheropt.refimpl import RULES
+from fisheropt.vectors.optim import RULE_VECTORS, derived_other_hyperparams
 
 from conftest import gpu_skip_reason
 
 SCHEMA = json.loads((vectors.VECTOR_DIR / "schema.json").read_text())
 SUITES = sorted(vectors.SUITES)
+
+
+def test_suites_come_from_the_registry():
+    """One suite per update rule of fisheropt.refimpl.RULES (plus esimcse and fisher), a vector
+    file per suite and no other; each rule's cases call that rule's step function with its state."""
+    assert vectors.OPTIMIZER_SUITES == tuple(RULES)
+    assert set(vectors.SUITES) == set(RULES) | {"esimcse", "fisher"}
+    assert {p.stem for p in vectors.VECTOR_DIR.glob("*.json")} - {"schema"} == set(vectors.SUITES)
+    assert set(RULE_VECTORS) <= set(RULES), "an entry for a rule the registry does not have"
+    for name, rule in RULES.items():
+        for case in vectors.load_suite(name)["cases"]:
+            assert case["function"] == rule.step_function and tuple(case["state_order"]) == rule.state_names
+            flag = rule.tensor_flag.name if rule.tensor_flag else None
+            assert set(case["hyperparams"]) - {flag} == set(rule.kernel_kwargs(rule.defaults())), case["name"]
+
+
+def test_derived_other_hyperparameters_are_valid_and_differ_from_the_defaults():
+    """What a rule without its own other_hyperparams case gets (fisheropt.vectors.optim)."""
+    for rule in RULES.values():
+        other = derived_other_hyperparams(rule)
+        default = rule.kernel_kwargs(rule.defaults())
+        assert set(other) == set(default) and all(other[k] != default[k] for k in other), rule.name
+        for h in rule.hyperparams:
+            for k in h.kernel_names:
+                x = other[k]
+                assert (h.low is None or x > h.low or (x == h.low and not h.low_open)), (rule.name, k, x)
+                assert (h.high is None or x < h.high or (x == h.high and not h.high_open)), (rule.name, k, x)
+                assert h.typical is None or h.typical[0] <= x <= h.typical[1], (rule.name, k, x)
 
 
 @pytest.mark.parametrize("suite", SUITES)
@@ -81,6 +111,9 @@ def test_cupy_passes_vectors(suite):
     module = fo.backends.get("cupy")
     failures = []
     for case in vectors.load_suite(suite)["cases"]:
+        if not hasattr(module, case["function"]):
+            failures.append(f"{case['name']}: backend lacks {case['function']}")
+            continue
         failures += vectors.run_case(case, module, to_device=cupy.asarray)
     assert failures == []
 

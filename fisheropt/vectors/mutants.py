@@ -9,20 +9,27 @@ against every mutant of its rule and requires that each mutant fails at least on
 case (mutation score 100 %), that the reference passes every case, and that every
 case kills the mutants listed in its ``kills`` field.
 
-The Adam family and FAdam are re-implemented here once, following the spec's
-order of operations, with switches for the mistakes (:class:`AdamKnobs`,
-:class:`FAdamKnobs`); with every switch off they give the reference's bits (tested).
-Mutants that change nothing inside a step (step index, hyperparameters, θ or state
-handling, flush-to-zero) wrap the reference itself.
-
-Adding a rule's mutants is one entry in :data:`REGISTRY`: suite name -> a function
-returning {name: Mutant}.
+Every update rule of the registry (fisheropt.refimpl.RULES) has the **shared**
+mutants that apply to it, derived from its descriptor by
+:func:`shared_optimizer_mutants` (θ never written, β₁/β₂ swapped, state doubled,
+flush-to-zero, and the step index off by one only where the step index enters the
+rule); these wrap the reference itself. A rule's **own** mutants are one entry in
+:data:`RULE_MUTANTS` (rule name -> a function returning {name: (description,
+namespace)}; an own mutant may replace a shared one of the same name), and its
+re-implementation with every switch off one entry in :data:`RULE_UNMUTATED` (default:
+the reference). The Adam family, FAdam and Lion are re-implemented here, following
+the spec's order of operations, with switches for the mistakes (:class:`AdamKnobs`,
+:class:`FAdamKnobs`, :class:`LionKnobs`); with every switch off they give the
+reference's bits (tested). The other suites (ESimCSE, Fisher) have their entries in
+:data:`OTHER_MUTANTS`. :data:`REGISTRY` collects them all: suite name -> a function
+returning {name: (description, namespace)}.
 
 ``python -m fisheropt.vectors --mutants`` prints, per suite, each mutant and the
 cases that kill it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -31,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from fisheropt import refimpl
+from fisheropt.refimpl import RULES
 from fisheropt.refimpl import coupled_adam as _coupled
 from fisheropt.refimpl import esimcse_momentum as _ema
 from fisheropt.refimpl import fadam as _fadam
@@ -45,14 +53,15 @@ class Mutant:
 
 
 # =============================================================================
-# Generic wrappers (any optimizer rule)
+# Generic wrappers (any update rule of the registry)
 # =============================================================================
-_OPTIMIZER_FUNCTIONS = ("adam_step", "adamw_step", "fadam_step", "coupled_adam_step")
+def _step_functions() -> tuple[str, ...]:
+    return tuple(rule.step_function for rule in RULES.values())
 
 
 def _wrap(base, transform) -> SimpleNamespace:
-    """A namespace whose step functions are ``transform(base_fn)``."""
-    return SimpleNamespace(**{n: transform(getattr(base, n)) for n in _OPTIMIZER_FUNCTIONS if hasattr(base, n)})
+    """A namespace whose step functions (every rule's) are ``transform(base_fn)``."""
+    return SimpleNamespace(**{n: transform(getattr(base, n)) for n in _step_functions() if hasattr(base, n)})
 
 
 def _never_update_theta(fn):
@@ -111,17 +120,24 @@ def _flush_to_zero(fn):
     return step
 
 
-def _common_optimizer_mutants(base) -> dict[str, tuple[str, object]]:
-    return {
-        "never_update_theta": ("θ is never written (state is)", _wrap(base, _never_update_theta)),
-        "step_ahead": ("step index off by one: t + 1 (a 0-based counter incremented before use, twice)",
-                       _wrap(base, _step_offset(+1))),
-        "step_behind": ("step index off by one: t − 1 (the count of updates done instead of t = count + 1)",
-                        _wrap(base, _step_offset(-1))),
-        "betas_swapped": ("β₁ and β₂ swapped", _wrap(base, _betas_swapped)),
-        "state_doubled": ("every state array kept (reported) at twice its value", _wrap(base, _state_doubled)),
-        "flush_to_zero": ("subnormals flushed to zero (FTZ/DAZ, e.g. -ffast-math)", _wrap(base, _flush_to_zero)),
-    }
+def shared_optimizer_mutants(name: str, base=refimpl) -> dict[str, tuple[str, object]]:
+    """The shared mutants that apply to rule ``name``, read from its descriptor and what its cases
+    find (fisheropt.vectors.optim.CaseRule): the step-index ones only where the step index enters
+    the rule (not Lion), β₁/β₂ swapped where it has both, the doubled state where it has state."""
+    from .optim import case_rule
+    rule = case_rule(name)
+    out = {"never_update_theta": ("θ is never written (state is)", _wrap(base, _never_update_theta))}
+    if rule.step_matters:
+        out["step_ahead"] = ("step index off by one: t + 1 (a 0-based counter incremented before use, twice)",
+                             _wrap(base, _step_offset(+1)))
+        out["step_behind"] = ("step index off by one: t − 1 (the count of updates done instead of t = count + 1)",
+                              _wrap(base, _step_offset(-1)))
+    if {"beta1", "beta2"} <= set(rule.hp):
+        out["betas_swapped"] = ("β₁ and β₂ swapped", _wrap(base, _betas_swapped))
+    if rule.state_order:
+        out["state_doubled"] = ("every state array kept (reported) at twice its value", _wrap(base, _state_doubled))
+    out["flush_to_zero"] = ("subnormals flushed to zero (FTZ/DAZ, e.g. -ffast-math)", _wrap(base, _flush_to_zero))
+    return out
 
 
 # =============================================================================
@@ -250,8 +266,7 @@ def adam_family(k: AdamKnobs = AdamKnobs()) -> SimpleNamespace:
 
 
 def _adam_family_mutants(rule: str) -> dict[str, tuple[str, object]]:
-    reference = refimpl
-    out = _common_optimizer_mutants(reference)
+    out = {}
     knobbed = {
         "no_bias_correction": ("no bias correction (α·m/(√v + ε))", AdamKnobs(bias_correction="none")),
         "bias_correction_twice": ("both bias corrections applied twice", AdamKnobs(bias_correction="twice")),
@@ -384,7 +399,7 @@ def fadam(k: FAdamKnobs = FAdamKnobs()) -> SimpleNamespace:
 
 
 def _fadam_mutants() -> dict[str, tuple[str, object]]:
-    out = _common_optimizer_mutants(refimpl)
+    out = {}
     knobbed = {
         "eps_unguarded": ("ε_t = min(ε, ε₂·RMS(g))^{2p} with neither the ε^{2p} fallback nor the floor",
                           FAdamKnobs(eps_guard="none")),
@@ -413,6 +428,102 @@ def _fadam_mutants() -> dict[str, tuple[str, object]]:
     for name, (desc, knobs) in knobbed.items():
         out[name] = (desc, fadam(knobs))
     return out
+
+
+# =============================================================================
+# Lion
+# =============================================================================
+@dataclass(frozen=True)
+class LionKnobs:
+    sign: str = "spec"                      # "zero_is_one": sign(±0) = ±1 | "nan_is_zero": (c > 0) − (c < 0)
+    momentum_before_sign: bool = False      # m updated first, c formed from the new m
+    decay: str = "spec"                     # "after_sign" | "not_scaled_by_lr" | "coupled" | "multiplicative"
+    scalars_in_param_dtype: bool = False    # 1 − β computed in the parameter dtype
+    lerp: bool = False                      # c = m + (1 − β₁)(g − m), m += (1 − β₂)(g − m)
+    ftz: bool = False                       # every input, intermediate and result flushed to zero
+
+
+def _lion_sign(c, how):
+    T = c.dtype.type
+    if how == "zero_is_one":     # copysign(1, c), or c >= 0 ? 1 : -1, for a zero c; the rest as the spec
+        return np.where(c == 0, np.copysign(T(1), c), np.sign(c)).astype(c.dtype)
+    if how == "nan_is_zero":     # the C idiom (c > 0) - (c < 0): sign(NaN) = 0
+        return (c > 0).astype(c.dtype) - (c < 0).astype(c.dtype)
+    return np.sign(c)
+
+
+def _lion_update(theta, g, m, *, t, lr, beta1, beta2, weight_decay, k: LionKnobs):
+    T = theta.dtype.type
+    S = _Scalars(theta.dtype, k.scalars_in_param_dtype)
+
+    def F(x):   # the result of one operation (flushed under FTZ)
+        x = np.asarray(x, dtype=theta.dtype)
+        if k.ftz:
+            x = x.copy()
+            flush(x)
+        return x
+
+    theta, g, m = F(theta), F(g), F(m)
+    b1, omb1, b2, omb2 = T(beta1), S.one_minus(beta1), T(beta2), S.one_minus(beta2)
+    lr_, wd = T(lr), T(weight_decay)
+    if k.decay == "coupled":     # L2: λθ added to the gradient, as Adam does
+        g = F(g + F(wd * theta))
+
+    def ema(b, omb, x):
+        return F(x + F(omb * F(g - x))) if k.lerp else F(F(b * x) + F(omb * g))
+
+    m_new = ema(b2, omb2, m)
+    c = ema(b1, omb1, m_new if k.momentum_before_sign else m)
+    s = _lion_sign(c, k.sign)
+    if k.decay == "spec":
+        theta = F(theta - F(lr_ * F(s + F(wd * theta))))
+    elif k.decay == "after_sign":       # θ − α·sign(c) first, then the decay of that θ
+        theta = F(theta - F(lr_ * s))
+        theta = F(theta - F(lr_ * F(wd * theta)))
+    elif k.decay == "not_scaled_by_lr":
+        theta = F(theta - F(F(lr_ * s) + F(wd * theta)))
+    elif k.decay == "coupled":
+        theta = F(theta - F(lr_ * s))
+    elif k.decay == "multiplicative":   # θ·(1 − αλ) − α·sign(c), 1 − αλ from float64 (PyTorch ports)
+        factor = T(1) - lr_ * wd if S.in_dtype else T(1 - lr * weight_decay)
+        theta = F(F(theta * factor) - F(lr_ * s))
+    else:
+        raise ValueError(k.decay)
+    return theta, m_new
+
+
+def lion(k: LionKnobs = LionKnobs()) -> SimpleNamespace:
+    """lion_step with the knobs (none set: the reference's bits)."""
+    def lion_step(params, grads, m, *, step, **hp):
+        with np.errstate(all="ignore"):
+            new = [_lion_update(th, g, mm, t=step, k=k, **hp) for th, g, mm in zip(params, grads, m)]
+        for i, (th, mm) in enumerate(new):
+            params[i][...], m[i][...] = th, mm
+    return SimpleNamespace(lion_step=lion_step)
+
+
+def _lion_mutants() -> dict[str, tuple[str, object]]:
+    knobbed = {
+        "sign_of_zero": ("sign(0) = ±1 (copysign(1, c), or c ≥ 0 ? 1 : −1): θ moves by α where c = 0",
+                         LionKnobs(sign="zero_is_one")),
+        "sign_of_nan": ("sign as (c > 0) − (c < 0): sign(NaN) = 0, so θ stays finite where c is NaN",
+                        LionKnobs(sign="nan_is_zero")),
+        "momentum_before_sign": ("m updated before the sign: c = β₁·m_t + (1 − β₁)·g from the new m",
+                                 LionKnobs(momentum_before_sign=True)),
+        "scalars_in_param_dtype": ("1 − β₁, 1 − β₂ computed in the parameter dtype, not float64",
+                                   LionKnobs(scalars_in_param_dtype=True)),
+        "decay_after_sign": ("the decay applied after the sign step, to the updated θ",
+                             LionKnobs(decay="after_sign")),
+        "decay_not_scaled_by_lr": ("θ − α·sign(c) − λθ: the decay not multiplied by α",
+                                   LionKnobs(decay="not_scaled_by_lr")),
+        "decay_coupled": ("L2 decay: λθ added to g (in c and m) instead of decoupled", LionKnobs(decay="coupled")),
+        "lerp_form": ("c = m + (1 − β₁)(g − m) and m + (1 − β₂)(g − m) (PyTorch's lerp): equal in exact "
+                      "arithmetic, NaN where m = ±Inf and ±Inf where g − m overflows", LionKnobs(lerp=True)),
+        # replaces the shared wrapper: Lion's FTZ also flushes c, whose sign is all that matters
+        "flush_to_zero": ("subnormals flushed to zero in every operation (FTZ/DAZ, e.g. -ffast-math): a "
+                          "subnormal c becomes 0", LionKnobs(ftz=True)),
+    }
+    return {name: (desc, lion(knobs)) for name, (desc, knobs) in knobbed.items()}
 
 
 # =============================================================================
@@ -533,21 +644,46 @@ def _fisher_mutants() -> dict[str, tuple[str, object]]:
 # =============================================================================
 # Registry
 # =============================================================================
-REGISTRY: dict[str, Callable[[], dict[str, tuple[str, object]]]] = {
+# Rule name -> its own mutants, beyond (or replacing) the shared ones. A rule of
+# fisheropt.refimpl.RULES without an entry has the shared mutants alone.
+RULE_MUTANTS: dict[str, Callable[[], dict[str, tuple[str, object]]]] = {
     "adam": lambda: _adam_family_mutants("adam"),
     "adamw": lambda: _adam_family_mutants("adamw"),
     "coupled_adam": lambda: _adam_family_mutants("coupled_adam"),
     "fadam": _fadam_mutants,
-    "esimcse": _ema_mutants,
-    "fisher": _fisher_mutants,
+    "lion": _lion_mutants,
 }
 
-# The unmutated re-implementations: they must reproduce the reference's bits.
-UNMUTATED = {
+# Rule name -> its re-implementation with every switch off (default: the reference itself).
+RULE_UNMUTATED: dict[str, Callable[[], object]] = {
     "adam": lambda: adam_family(),
     "adamw": lambda: adam_family(),
     "coupled_adam": lambda: adam_family(),
     "fadam": lambda: fadam(),
+    "lion": lambda: lion(),
+}
+
+OTHER_MUTANTS: dict[str, Callable[[], dict[str, tuple[str, object]]]] = {
+    "esimcse": _ema_mutants,
+    "fisher": _fisher_mutants,
+}
+
+
+def rule_mutants(name: str) -> dict[str, tuple[str, object]]:
+    """The mutants of rule ``name``'s suite: the shared ones that apply, then its own."""
+    return {**shared_optimizer_mutants(name), **RULE_MUTANTS.get(name, dict)()}
+
+
+# suite name -> a function returning {mutant name: (description, namespace)}: every rule of
+# the registry, then the other suites.
+REGISTRY: dict[str, Callable[[], dict[str, tuple[str, object]]]] = {
+    **{name: functools.partial(rule_mutants, name) for name in RULES},
+    **OTHER_MUTANTS,
+}
+
+# The unmutated re-implementations: they must reproduce the reference's bits.
+UNMUTATED = {
+    **{name: RULE_UNMUTATED.get(name, lambda: refimpl) for name in RULES},
     "esimcse": lambda: ema(),
     "fisher": lambda: fisher(),
 }
@@ -594,5 +730,6 @@ def report(suites=None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Mutant", "REGISTRY", "UNMUTATED", "mutants", "kills", "kill_matrix", "report", "flush",
-           "AdamKnobs", "FAdamKnobs", "adam_family", "fadam", "ema", "fisher"]
+__all__ = ["Mutant", "REGISTRY", "UNMUTATED", "RULE_MUTANTS", "RULE_UNMUTATED", "OTHER_MUTANTS", "mutants",
+           "rule_mutants", "shared_optimizer_mutants", "kills", "kill_matrix", "report", "flush",
+           "AdamKnobs", "FAdamKnobs", "LionKnobs", "adam_family", "fadam", "lion", "ema", "fisher"]

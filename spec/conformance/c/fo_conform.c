@@ -1,13 +1,14 @@
-/* fo_conform: an implementation of fisheropt's four update rules in C11, written from the
+/* fo_conform: an implementation of fisheropt's five update rules in C11, written from the
  * spec pages alone, checked against the golden vectors (spec/vectors/<suite>.json).
  *
  *   cc -std=c11 -O2 -ffp-contract=off -o fo_conform fo_conform.c -lm
  *   ./fo_conform [--margins] ../../vectors/adam.json ../../vectors/adamw.json \
- *                ../../vectors/fadam.json ../../vectors/coupled_adam.json
+ *                ../../vectors/coupled_adam.json ../../vectors/fadam.json ../../vectors/lion.json
  *
  * It reads the vector format of spec/vectors.md (format version 2) with the small JSON
  * reader below, runs every "optimizer" case of the functions adam_step, adamw_step,
- * fadam_step and coupled_adam_step (other cases are counted as skipped), and compares
+ * fadam_step, coupled_adam_step and lion_step (other cases are counted as skipped: a
+ * rule this runner does not implement shows as skipped cases), and compares
  * params and state after every step with the per-array tolerances. It prints one line per
  * failing case and one summary line per file, "<suite>: P/N cases passed (S skipped)", and
  * exits with status 1 when a case fails, 2 on a read error. --margins also prints, per file,
@@ -350,14 +351,26 @@ typedef struct {
 #undef POW
 #undef TMIN
 
-enum { RULE_ADAM, RULE_ADAMW, RULE_FADAM, RULE_COUPLED };
+enum { RULE_ADAM, RULE_ADAMW, RULE_FADAM, RULE_COUPLED, RULE_LION };
 
-/* One step on tensor i: th, g, s1, s2 are that tensor's θ, gradient and two state arrays. */
+/* The number of state arrays each rule passes (the positions of its signature). */
+static int state_count(int rule)
+{
+    return rule == RULE_LION ? 1 : 2;
+}
+
+/* One step on tensor i: th, g, s1, s2 are that tensor's θ, gradient and state arrays (s2 unused
+ * by a rule with one). */
 static void step_tensor(int rule, int coupled, Array *th, const Array *g, Array *s1, Array *s2,
                         const Hyper *h, long t)
 {
     const long n = th->n;
-    if (rule == RULE_COUPLED && coupled) {
+    if (rule == RULE_LION) {
+        if (th->f32)
+            lion_tensor_f32(n, th->data, g->data, s1->data, h);
+        else
+            lion_tensor_f64(n, th->data, g->data, s1->data, h);
+    } else if (rule == RULE_COUPLED && coupled) {
         const long V = th->shape[0], d = th->shape[1];
         if (th->f32)
             coupled_tensor_f32(V, d, th->data, g->data, s1->data, s2->data, h, t);
@@ -456,14 +469,16 @@ static int run_case(const J *c, char *msg, size_t msglen)
     else if (!strcmp(fn->str, "adamw_step")) rule = RULE_ADAMW;
     else if (!strcmp(fn->str, "fadam_step")) rule = RULE_FADAM;
     else if (!strcmp(fn->str, "coupled_adam_step")) rule = RULE_COUPLED;
+    else if (!strcmp(fn->str, "lion_step")) rule = RULE_LION;
     else return -1;
+    const int ns = state_count(rule);
 
     const J *hp = get(c, "hyperparams"), *inputs = get(c, "inputs"), *expected = get(c, "expected");
     const J *order = get(c, "state_order"), *tol = get(c, "tolerance");
     const J *params_j = get(inputs, "params"), *state_j = get(inputs, "state"), *grads_j = get(inputs, "grads");
     const J *coupled_j = get(hp, "coupled");
-    if (!params_j || !state_j || !grads_j || !order || order->n != 2 || order->kid[0]->type != J_STR
-        || order->kid[1]->type != J_STR || !expected || !tol) {
+    if (!params_j || !state_j || !grads_j || !order || order->n != ns || order->kid[0]->type != J_STR
+        || order->kid[ns - 1]->type != J_STR || !expected || !tol) {
         snprintf(msg, msglen, "malformed case");
         return 0;
     }
@@ -471,14 +486,17 @@ static int run_case(const J *c, char *msg, size_t msglen)
                hyper(hp, "weight_decay", 0.0), hyper(hp, "eps2", NAN), hyper(hp, "clip", NAN), hyper(hp, "p", NAN)};
     const long first = (long)number(get(inputs, "first_step"));
     const int nt = params_j->n;
-    const char *name1 = order->kid[0]->str, *name2 = order->kid[1]->str;  /* state by position */
+    /* state by position; name2 is NULL for a rule with one state array */
+    const char *name1 = order->kid[0]->str, *name2 = ns > 1 ? order->kid[1]->str : NULL;
     Array *th = xmalloc(sizeof(Array) * (size_t)nt), *s1 = xmalloc(sizeof(Array) * (size_t)nt),
           *s2 = xmalloc(sizeof(Array) * (size_t)nt);
     int ok = 1;
     for (int i = 0; i < nt; ++i) {
+        memset(&s2[i], 0, sizeof s2[i]);
         ok &= read_array(at(params_j, i), &th[i]);
         ok &= read_array(at(get(state_j, name1), i), &s1[i]);
-        ok &= read_array(at(get(state_j, name2), i), &s2[i]);
+        if (name2)
+            ok &= read_array(at(get(state_j, name2), i), &s2[i]);
     }
     if (!ok)
         snprintf(msg, msglen, "unreadable inputs");
@@ -504,9 +522,11 @@ static int run_case(const J *c, char *msg, size_t msglen)
             snprintf(what, sizeof what, "step %ld state.%s[%d]", t, name1, i);
             ok = ok && check_array(&s1[i], at(get(get(want, "state"), name1), i),
                                    at(get(get(tol, "state"), name1), i), msg, msglen, what);
-            snprintf(what, sizeof what, "step %ld state.%s[%d]", t, name2, i);
-            ok = ok && check_array(&s2[i], at(get(get(want, "state"), name2), i),
-                                   at(get(get(tol, "state"), name2), i), msg, msglen, what);
+            if (name2) {
+                snprintf(what, sizeof what, "step %ld state.%s[%d]", t, name2, i);
+                ok = ok && check_array(&s2[i], at(get(get(want, "state"), name2), i),
+                                       at(get(get(tol, "state"), name2), i), msg, msglen, what);
+            }
         }
     }
     for (int i = 0; i < nt; ++i) {
