@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +44,10 @@ VERSION = 2
 
 
 def _vector_dir() -> Path:
-    """spec/vectors of the source tree (a checkout or an editable install); in a regular
-    install, the copy shipped as package data of ``fisheropt.spec`` (pyproject.toml)."""
-    source = Path(__file__).resolve().parents[2] / "spec" / "vectors"
-    if source.is_dir():
-        return source
-    return Path(__file__).resolve().parents[1] / "spec" / "vectors"
+    """spec/vectors, found through the package data of ``fisheropt.spec`` (the repository's spec/
+    in an editable install, its installed copy otherwise; a wheel installs unzipped, so it is a
+    real folder)."""
+    return Path(str(resources.files("fisheropt.spec") / "vectors"))
 
 
 VECTOR_DIR = _vector_dir()
