@@ -124,7 +124,7 @@ def sample_space_direction(G, rhs, damping, *, gram, solve, xp=np):
         K = gram(G)
         check_gram(K, G.dtype, xp)
         d = G.T @ solve(K, rhs, damping).astype(G.dtype)
-    return xp.ldexp(d, shift) if shift else d
+    return xp.ldexp(d, shift, out=d) if shift else d      # in place: d is ours, and may be large
 
 
 def fisher_sample_space_direction(G, rhs, damping):

@@ -80,13 +80,15 @@ def test_reference_direction_solves_the_damped_system(problem):
 
 def _direction_error_bound(G, rhs, damping):
     """Elementwise bound on the rounding error of d = Gᵀ(GGᵀ + λI)⁻¹rhs: the gemv in G's dtype
-    errs by ~N·eps·|G|ᵀ|a|, and a carries the float64 solve's error ~cond·eps64·|a| (both large
-    only when a tiny damping lets a grow along the Gram's null space, where Gᵀa cancels)."""
+    errs by ~N·eps·|G|ᵀ|a|, and a carries the float64 solve's error ~cond·eps64·|a| plus, for
+    float32 G, that of the float32 block products of the Gram, ~cond·block·eps32·|a| (all large
+    only when the damped Gram is ill conditioned, e.g. a tiny damping and nearly parallel rows)."""
     G64 = G.astype(np.float64)
     K = G64 @ G64.T + damping * np.eye(G.shape[0])
     a = np.linalg.solve(K, rhs)
     scale = np.abs(G64).T @ np.abs(a)
-    eps = 4 * G.shape[0] * np.finfo(G.dtype).eps + 10 * np.linalg.cond(K) * np.finfo(np.float64).eps
+    gram_eps = min(G.shape[1], fisher_ngd.GRAM_BLOCK) * np.finfo(np.float32).eps if G.dtype == np.float32 else 0.0
+    eps = 4 * G.shape[0] * np.finfo(G.dtype).eps + 10 * np.linalg.cond(K) * (np.finfo(np.float64).eps + gram_eps)
     return eps * scale + 1e-300
 
 

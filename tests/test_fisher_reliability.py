@@ -8,9 +8,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from conftest import host_backend_params
-from fisheropt.refimpl import fisher_ngd
 from fisheropt.workloads.models import MLP
-from hypothesis import assume, given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import fisheropt as fo
@@ -188,7 +187,8 @@ def _kappa(kind, pr, lam):
     else:
         S = np.array(_exact_matrix_and_rhs(kind, pr)[0], dtype=np.float64)
     w = np.linalg.eigvalsh(S)
-    return (w[-1] + lam) / (max(w[0], 0.0) + lam)
+    with np.errstate(over="ignore"):
+        return (w[-1] + lam) / (max(w[0], 0.0) + lam)
 
 
 def _formation_scales(kind, pr):
@@ -216,8 +216,8 @@ def _formation_scales(kind, pr):
 def _check_against_oracle(kind, pr, lam, d_or_error, cg=False):
     """Accurate within the spec's bound, or the documented ValueError; never NaN/Inf.
 
-    Bound (spec/fisher.md §3): ‖d − d*‖ ≤ C·ε·κ·(ρ‖d*‖ + ‖g_abs‖/(‖M‖ + λ)) with ρ = ‖M_abs‖/(‖M‖ + λ);
-    CG adds its own stopping error, at most min(κ·1e-10, MAX_ERROR)·‖d*‖."""
+    Bound (spec/fisher.md §3): ‖d − d*‖ ≤ C·ε·κ·(ρ‖d*‖ + ‖g_abs‖/(‖M‖ + λ)),
+    ρ = ‖M_abs‖/(‖M‖ + λ); CG adds its own stopping error, at most min(κ·1e-10, MAX_ERROR)·‖d*‖."""
     M, g = _exact_matrix_and_rhs(kind, pr)
     x = _exact_solve(M, g, lam)
     representable = all(abs(v) < 1e308 for v in x)
@@ -296,14 +296,13 @@ def damped_problems(draw):
     return pr, lam
 
 
-@given(damped_problems(), st.sampled_from(F_.KINDS),
-       st.sampled_from(["numpy", "numba"]), st.sampled_from(["auto", "woodbury", "cg"]))
-def test_direction_is_accurate_or_raises_property(problem, kind, backend, method):
+@given(damped_problems(), st.sampled_from([(k, "auto") for k in F_.KINDS] + [("exact", "woodbury"), ("exact", "cg")]),
+       st.sampled_from(["numpy", "numba"]))
+def test_direction_is_accurate_or_raises_property(problem, kind_method, backend):
     if backend in fo.backends.unavailable():
         pytest.skip(f"{backend} backend unavailable")
     pr, lam = problem
-    assume(kind == "exact" or method == "auto")
-    assume(kind != "ief" or np.all(pr["s"] > 0))
+    kind, method = kind_method
     extra = {"backend": backend} if kind != "exact" else {"backend": backend, "exact_method": method}
     outcome = _check_against_oracle(kind, pr, lam, _direction(kind, pr, lam, **extra), cg=method == "cg")
     # and it does not refuse a well-conditioned problem (the estimate of κ may exceed the true
@@ -336,6 +335,8 @@ def test_too_small_damping_error_names_a_damping_that_works():
 
 # ---- subnormal s in the iEF matrix, its diagonal and its operator -----------------------------
 @given(seed=st.integers(0, 2**32 - 1), s_exp=st.integers(-323, 0), g_exp=st.integers(-170, 5))
+@example(seed=0, s_exp=-320, g_exp=-10)      # the issue's s = 1e-320: g/s overflows, g²/s does not
+@example(seed=0, s_exp=-320, g_exp=0)        # g²/s itself beyond float64: a clear error, not Inf
 def test_ief_matrix_diagonal_and_operator_with_tiny_s(seed, s_exp, g_exp):
     rng = np.random.default_rng(seed)
     N, P = 3, 4
@@ -359,7 +360,8 @@ def test_ief_matrix_diagonal_and_operator_with_tiny_s(seed, s_exp, g_exp):
             continue
         assert np.all(np.isfinite(got)), f"{name}: Inf/NaN for s_0 = {s[0]:g}"
         w = np.array([float(x) for x in np.ravel(want)]).reshape(np.shape(want))
-        np.testing.assert_allclose(got, w, rtol=1e-13, atol=1e-13 * np.abs(w).max(), err_msg=name)
+        # results in the subnormal range carry the absolute rounding of subnormals
+        np.testing.assert_allclose(got, w, rtol=1e-13, atol=1e-13 * np.abs(w).max() + 64 * TINY, err_msg=name)
 
 
 # ---- 3. the mean-loss recipe ------------------------------------------------------------------------

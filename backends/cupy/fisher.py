@@ -32,12 +32,14 @@ def fisher_gram(G):
     return K
 
 
-def solve_damped_gram(K, rhs, damping):
-    """(K + damping I)^{-1} rhs in float64 on the device, once check_condition accepted K + λI."""
+def solve_damped_gram(K, rhs, damping, *, singular=False):
+    """(K + damping I)^{-1} rhs in float64 on the device, once check_condition accepted K + λI
+    (``singular``: as the reference's, for the Woodbury form)."""
     n = K.shape[0]
     Kd = K.astype(cupy.float64, copy=False) + damping * cupy.eye(n, dtype=cupy.float64)
     w = cupy.linalg.eigvalsh(Kd)
-    check_condition(damped_condition(w), damping, float(w[-1]), "the damped Gram matrix")
+    check_condition(damped_condition(w, damping if singular else None), damping, float(w[-1]),
+                    "F + λI (singular, P > rank)" if singular else "the damped Gram matrix")
     # Imported here: cupyx.scipy.linalg loads cuBLAS/cuSOLVER at import time, and a missing CUDA
     # library must not make the whole backend unimportable.
     from cupyx.scipy.linalg import solve_triangular
