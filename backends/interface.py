@@ -32,9 +32,9 @@ Conventions shared by all step functions
   kernel launch, then run them), so an exception such as MemoryError leaves
   every array unchanged. The optimizer makes one backend call per step and
   defers Ctrl-C while it runs (fisheropt._atomic).
-* ``coupled_adam_step`` takes ``coupled`` (one bool per tensor, or None for
-  all coupled): coupled tensors keep a per-column ``v`` of shape (d,), the
-  others are updated by AdamW in the same call.
+* ``coupled_adam_step`` takes ``coupled`` (one bool per tensor): coupled
+  tensors keep a per-column ``v`` of shape (d,), the others are updated by
+  AdamW in the same call.
 """
 from __future__ import annotations
 

@@ -1,12 +1,55 @@
 """The "cupy" backend: fused CUDA kernels through CuPy, on CuPy arrays.
 
+One module per update rule, beside its reference and its Numba version
+(backends/cupy/fadam.py next to refimpl/fadam.py and backends/numba/fadam.py):
+the rule's CUDA kernels (signature and body), how it plans its launches, and
+its ``<rule>_step`` (plus ``<rule>_step_checked`` where the finiteness check
+fuses into a pass the step makes anyway). ``finite`` has the pre-step check.
+The shared machinery is in the underscore modules: ``_kernels`` (the CUDA
+header, table layouts and compile options, one translation unit per dtype),
+``_plan`` (chunk and column tables, caches, grouping by dtype and host scalars,
+the launch engine; NumPy only), ``_device`` (NVRTC, the kernel cache, CuPy
+launches, DLPack) and ``_emulate`` (the same CUDA source run on the CPU, for
+tests without a GPU).
+
 Same function names and signatures as the reference backend; arrays are
 cupy.ndarray (PyTorch/JAX GPU tensors go in zero-copy via cupy.from_dlpack).
-Unusable (with the reason) when cupy is missing or no CUDA device is present.
+Unusable (with the reason) when cupy is missing or no CUDA device is present; a
+rule without a module here is unavailable on this backend only.
+
+* One or a few kernel launches per step, dtype and set of host scalars,
+  whatever the number of tensors: a chunk table (tensor, start, stop) spreads
+  large and small tensors evenly over the blocks; per-tensor pointers are
+  device uint64 arrays. Tables are cached by layout, pointer tables by pointer
+  values (so only a new set of grads costs one small asynchronous
+  host-to-device copy).
+* ``step`` and every hyperparameter may be one value or one per tensor (param
+  groups, per-parameter step counts): tensors of one dtype whose host scalars
+  (from the rule's descriptor, in float64) are bit-identical share a launch, and
+  every launch of the step is prepared before the first one runs (all or nothing).
+* No host synchronisation inside an unchecked step: FAdam's ε_t and clip
+  scales, and Coupled Adam's column means, are computed on the device from
+  deterministic float64 two-stage reductions (fixed order, no atomics).
+  ``all_finite`` reads back one int; so do the checked steps, once, in place
+  of it.
+* Kernels run on CuPy's current stream. The cached scratch buffers belong to
+  the layout, so do not run two steps with the same layout concurrently on
+  different streams.
+* Float32 and float64 tensors may be mixed in one list (one launch group per
+  dtype). Arrays must be C-contiguous (the optimizer classes check it).
 """
+import importlib
+
 import cupy  # noqa: F401  (an ImportError here is the registry's "why not")
 
+from fisheropt.refimpl import RULES
+
 from ..interface import BackendUnavailable
+from . import _device
+from ._device import from_dlpack_list  # noqa: F401
+from .esimcse import ema_update  # noqa: F401,E402  (ESimCSE momentum encoder)
+from .finite import all_finite  # noqa: F401
+from .fisher import fisher_gram, fisher_sample_space_direction  # noqa: F401  (Fisher directions)
 
 NAME = "cupy"
 array_module = cupy
@@ -26,18 +69,25 @@ def check_usable() -> None:
         raise BackendUnavailable("cupy is installed but no CUDA device is present")
 
 
-# --- update rules (issue: CuPy GPU backend) --------------------------------------
-from .optim import (  # noqa: E402,F401
-    adam_step,
-    adamw_step,
-    all_finite,
-    coupled_adam_step,
-    fadam_step,
-    from_dlpack_list,
-)
+def _load_rules() -> None:
+    """``<rule>_step`` (and ``<rule>_step_checked`` where fused) from each rule's module here."""
+    for rule in RULES.values():
+        try:
+            module = importlib.import_module(f"{__name__}.{rule.name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{rule.name}":
+                continue          # no kernel for this rule on this backend (yet)
+            raise
+        for name in (rule.step_function, rule.step_function + "_checked"):
+            if hasattr(module, name):
+                globals()[name] = getattr(module, name)
 
-# --- Fisher directions (issue: Fisher estimators) --------------------------------
-from .fisher import fisher_gram, fisher_sample_space_direction  # noqa: E402,F401
 
-# --- ESimCSE momentum encoder (issue: ESimCSE) -----------------------------------
-from .esimcse import ema_update  # noqa: E402,F401
+_load_rules()
+
+engine = _device.engine
+
+
+def clear_cache() -> None:
+    """Drop cached tables, scratch and pointer arrays (e.g. after freeing a model)."""
+    _device.engine.clear_cache()

@@ -1,7 +1,8 @@
 """Run the cupy backend's CUDA source on the CPU, for tests on machines without a GPU.
 
-The generated kernel text (``_kernels.source``) is compiled unchanged by the
-host C++ compiler behind a small prelude that maps CUDA's names onto C++:
+The generated kernel text (``_kernels.source``: the shared header and every rule
+module's kernels) is compiled unchanged by the host C++ compiler behind a small
+prelude that maps CUDA's names onto C++:
 one block at a time, ``BLOCK`` std::threads per block (so ``__syncthreads`` is a
 real barrier and ``__shared__`` arrays are shared by the block's threads),
 ``threadIdx``/``blockIdx`` thread-local. Floating point is IEEE single/double
@@ -73,13 +74,13 @@ def compiler() -> str | None:
 def _wrapper(name: str, dtype: str) -> str:
     kname = K.kernel_name(name, dtype)
     sig = K._params(name, dtype)
-    args = ", ".join(a for _, a in K.SIGNATURES[name])
+    args = ", ".join(a for _, a in K.kernels()[name].signature)
     return f'extern "C" void emu_{kname}(int grid, {sig}) {{ fo_run_grid(grid, [=] {{ {kname}({args}); }}); }}\n'
 
 
 def emulation_source(dtype: str, block: int) -> str:
     src = K.source(dtype, block)
-    return _PRELUDE + src + _RUNNER + "".join(_wrapper(n, dtype) for n in K.SIGNATURES)
+    return _PRELUDE + src + _RUNNER + "".join(_wrapper(n, dtype) for n in K.kernels())
 
 
 def _build(dtype: str, block: int, transform=None) -> ctypes.CDLL:
@@ -106,7 +107,7 @@ def _build(dtype: str, block: int, transform=None) -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-_CTYPES = {"int": ctypes.c_int, "double": ctypes.c_double}
+_CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "double": ctypes.c_double}
 
 
 class CpuLauncher:
@@ -125,7 +126,7 @@ class CpuLauncher:
         fn = getattr(lib, f"emu_{K.kernel_name(name, dtype)}")
         t = ctypes.c_float if dtype == "float32" else ctypes.c_double
         fn.argtypes = [ctypes.c_int] + [t if c == "T" else _CTYPES.get(c, ctypes.c_void_p)
-                                        for c, _ in K.SIGNATURES[name]]
+                                        for c, _ in K.kernels()[name].signature]
         fn.restype = None
         return fn
 
@@ -154,7 +155,7 @@ class CpuLauncher:
     def launch(self, dtype, name, grid, args):
         self.calls.append((dtype, name, grid))
         conv = []
-        for (c, _), v in zip(K.SIGNATURES[name], args):
+        for (c, _), v in zip(K.kernels()[name].signature, args):
             if c.endswith("*"):
                 conv.append(ctypes.c_void_p(v.ctypes.data))
             else:

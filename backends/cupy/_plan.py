@@ -1,34 +1,40 @@
 """Host-side planning and launch orchestration for the cupy backend (NumPy only).
 
 Nothing here imports CuPy: the device is reached through a *launcher* object
-(``fisheropt.backends.cupy.optim`` has the CuPy one; ``_emulate`` runs the very
-same CUDA source on the CPU for tests). That keeps the logic that decides
-what runs where — chunk tables, column tiles, per-dtype grouping, caches,
-scalar coefficients, the order of launches — testable on a machine without a
-GPU.
+(``_device.CupyLauncher`` on CuPy arrays; ``_emulate.CpuLauncher`` runs the
+very same CUDA source on the CPU for tests). That keeps the logic that decides
+what runs where — chunk tables, column tiles, grouping by dtype and by host
+scalars, caches, the order of launches — testable on a machine without a GPU.
+The rule modules (``adam``, ``fadam``, ...) build their launches with the
+:class:`Engine` they are given; their ``<rule>_step`` functions run on
+:func:`current`, the CuPy engine unless a test selected another with
+:func:`using`.
 
-Per step and dtype group the launches are (independent of the tensor count):
+Per step, per dtype and per set of host scalars (one set unless param groups or
+per-parameter step counts differ), the launches are (independent of the tensor
+count):
 
-* Adam / AdamW: 1 kernel (28 B/param in float32);
+* Adam / AdamW: 1 kernel (28 B/param in float32); Lion: 1 kernel (20 B/param);
 * FAdam: 3 passes + 2 one-block-per-tensor finalizers (44 B/param);
 * Coupled Adam: column sums, column finalize, update (24 B/param + the
   float64 partial column sums, about 1/rows_per_tile of g);
 * all_finite: 1 kernel and one 4-byte device-to-host read (its only sync).
 
 Tables depend only on shapes, so they are built and uploaded once per layout
-(cached by dtype and shapes). Pointer tables are cached by the tuple of data
-pointers: the params' and states' never change, and the grads' upload (one
-small asynchronous host-to-device copy) happens only when the grads live at
-new addresses.
+(cached by dtype, shapes and the group's slot in the step). Pointer tables are
+cached by the tuple of data pointers: the params' and states' never change,
+and the grads' upload (one small asynchronous host-to-device copy) happens only
+when the grads live at new addresses. Neither cache evicts an entry used by the
+step being prepared, so a model with many hyperparameter groups does not thrash.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
-
-from fisheropt.refimpl.fadam import debiased_beta2
 
 from . import _kernels as K
 
@@ -131,16 +137,16 @@ def _converters(name: str, dtype: str):
     conv = _CONVERTERS.get((name, dtype))
     if conv is None:
         t = np.dtype(dtype).type
-        table = {"T": t, "double": np.float64, "int": np.int32}
-        conv = _CONVERTERS[(name, dtype)] = [(arg, table.get(ctype)) for ctype, arg in K.SIGNATURES[name]]
+        table = {"T": t, "double": np.float64, "int": np.int32, "long long": np.int64}
+        conv = _CONVERTERS[(name, dtype)] = [(arg, table.get(ctype)) for ctype, arg in K.kernels()[name].signature]
     return conv
 
 
 def kernel_args(name: str, dtype: str, values: dict) -> list:
     """Arguments of kernel ``name`` in signature order, scalars converted to the exact
     C type (``T`` -> numpy float32/float64 scalar, ``double`` -> float64,
-    ``int`` -> int32): a Python float passed to a ``float`` parameter would be
-    sent as a double and read as garbage."""
+    ``int`` -> int32, ``long long`` -> int64): a Python float passed to a ``float``
+    parameter would be sent as a double and read as garbage."""
     conv = _converters(name, dtype)
     if len(values) != len(conv) or any(arg not in values for arg, _ in conv):
         sig = [a for a, _ in conv]
@@ -148,6 +154,37 @@ def kernel_args(name: str, dtype: str, values: dict) -> list:
         extra = sorted(set(values) - set(sig))
         raise TypeError(f"kernel {name}: missing {missing}, unexpected {extra}")
     return [values[arg] if c is None else c(values[arg]) for arg, c in conv]
+
+
+# ---- hyperparameters: one value for all tensors, or one per tensor ------------------
+def _key(value):
+    # Equal values with different signs of zero give different bits downstream: keep them apart.
+    try:
+        return value, math.copysign(1.0, value)
+    except TypeError:
+        return value, None
+
+
+def check_per_tensor(n: int, values: dict) -> list[str]:
+    """The names whose value is a list/tuple (one per tensor); ValueError when one has the
+    wrong length (backends/interface.py: before anything runs)."""
+    varying = [k for k, v in values.items() if isinstance(v, (list, tuple))]
+    for k in varying:
+        if len(values[k]) != n:
+            raise ValueError(f"{k} has {len(values[k])} values for {n} tensors")
+    return varying
+
+
+def pick(idx, values: dict) -> dict:
+    """``values`` for the tensors ``idx`` of a call (per-tensor lists subset, shared values kept)."""
+    return {k: ([v[i] for i in idx] if isinstance(v, (list, tuple)) else v) for k, v in values.items()}
+
+
+def select(idx, *lists):
+    """``lists`` restricted to the indices ``idx`` (None: all)."""
+    if idx is None:
+        return lists
+    return tuple([lst[i] for i in idx] for lst in lists)
 
 
 class Plan:
@@ -161,34 +198,34 @@ class Plan:
         table, first = chunk_table(sizes, chunk, cols)
         self.n_chunks = int(table.shape[0])
         self.host = {"chunks": table, "first": first}
+        self.n_partial = 0
         if kind == "coupled":
             tiles, ctiles, pbase, nrc, n_partial = coupled_tables(shapes, block, **tile_kw)
             meta = meta_table(shapes, first, pbase, nrc)
-            self.n_tiles, self.n_ctiles = int(tiles.shape[0]), int(ctiles.shape[0])
+            self.n_tiles, self.n_ctiles, self.n_partial = int(tiles.shape[0]), int(ctiles.shape[0]), int(n_partial)
             self.host.update(tiles=tiles, ctiles=ctiles, meta=meta)
             self.tiles = launcher.upload(tiles if len(tiles) else np.zeros((1, K.TW), np.int64))
             self.ctiles = launcher.upload(ctiles if len(ctiles) else np.zeros((1, K.CTW), np.int64))
-            self.partial = launcher.empty_f64(max(1, n_partial))
         else:
             meta = meta_table(shapes, first)
             self.host["meta"] = meta
-            self.partial = None   # FAdam scratch, allocated on first use
         self.chunks = launcher.upload(table if len(table) else np.zeros((1, K.CW), np.int64))
         self.meta = launcher.upload(meta)
         self._launcher = launcher
-        self._fadam_scratch = None
+        self._scratch: dict = {}
 
-    def fadam_scratch(self):
-        """(partial per chunk, 2 partials per chunk, 3 scalars per tensor), float64."""
-        if self._fadam_scratch is None:
-            L = self._launcher
-            self._fadam_scratch = (L.empty_f64(max(1, self.n_chunks)), L.empty_f64(max(1, 2 * self.n_chunks)),
-                                   L.empty_f64(max(1, 3 * self.n_tensors)))
-        return self._fadam_scratch
+    def scratch(self, name: str, *sizes: int) -> tuple:
+        """float64 device buffers of the given lengths (at least 1 each), allocated on first use
+        and kept with the plan (the rules' reduction partials and per-tensor scalars)."""
+        bufs = self._scratch.get(name)
+        if bufs is None:
+            bufs = self._scratch[name] = tuple(self._launcher.empty_f64(max(1, int(n))) for n in sizes)
+        return bufs
 
 
 class Engine:
-    """The backend's step functions over one launcher (CuPy, or the CPU emulator)."""
+    """Caches and launches over one launcher (CuPy, or the CPU emulator); the rule modules
+    build the launches of a step with it."""
 
     def __init__(self, launcher, *, chunk: int = K.CHUNK, tile_kw=None,
                  max_plans: int = 32, max_pointer_tables: int = 64):
@@ -201,6 +238,7 @@ class Engine:
         self._plans: OrderedDict = OrderedDict()
         self._ptrs: OrderedDict = OrderedDict()
         self.max_plans, self.max_pointer_tables = max_plans, max_pointer_tables
+        self._generation = 0   # advances after each run: entries used since are never evicted
         self.stats = {"plans_built": 0, "pointer_uploads": 0, "launches": 0}
 
     def clear_cache(self) -> None:
@@ -208,40 +246,47 @@ class Engine:
         self._ptrs.clear()
 
     # ---- caches ---------------------------------------------------------------
-    def plan(self, kind: str, dtype: str, arrays) -> Plan:
-        shapes = tuple([a.shape for a in arrays])  # (cupy and numpy shapes are tuples)
-        key = (self.L.device_key(), kind, dtype, shapes)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = Plan(self.L, kind, dtype, shapes, chunk=self.chunk, block=self.block, tile_kw=self.tile_kw)
-            self.stats["plans_built"] += 1
-            self._plans[key] = plan
-            if len(self._plans) > self.max_plans:
-                self._plans.popitem(last=False)
+    def _cached(self, cache: OrderedDict, key, build, limit: int):
+        entry = cache.get(key)
+        if entry is None:
+            entry = cache[key] = [build(), self._generation]
+            while len(cache) > limit:
+                oldest_key, oldest = next(iter(cache.items()))
+                if oldest[1] == self._generation:
+                    break        # everything left is used by the step being prepared
+                del cache[oldest_key]
         else:
-            self._plans.move_to_end(key)
-        return plan
+            entry[1] = self._generation
+            cache.move_to_end(key)
+        return entry[0]
+
+    def plan(self, kind: str, dtype: str, arrays, slot: int = 0) -> Plan:
+        """The tables of ``arrays`` (one dtype). ``slot``: the group's index in the step, so
+        that two groups of one step never share scratch buffers (tables would do)."""
+        shapes = tuple([a.shape for a in arrays])  # (cupy and numpy shapes are tuples)
+
+        def build():
+            self.stats["plans_built"] += 1
+            return Plan(self.L, kind, dtype, shapes, chunk=self.chunk, block=self.block, tile_kw=self.tile_kw)
+
+        return self._cached(self._plans, (self.L.device_key(), kind, dtype, shapes, slot), build, self.max_plans)
 
     def pointers(self, arrays):
         """Device uint64 array of the arrays' data pointers (cached by the pointer values)."""
         L = self.L
         ptrs = L.ptrs(arrays)
-        key = (L.device_key(), ptrs)
-        table = self._ptrs.get(key)
-        if table is None:
+
+        def build():
             for i, a in enumerate(arrays):
                 if not a.flags.c_contiguous:
                     raise ValueError(f"array {i} (shape {tuple(a.shape)}) is not C-contiguous; "
                                      "the cupy backend needs contiguous arrays")
-            table = L.upload(np.array(ptrs, dtype=np.uint64))
             self.stats["pointer_uploads"] += 1
-            self._ptrs[key] = table
-            if len(self._ptrs) > self.max_pointer_tables:
-                self._ptrs.popitem(last=False)
-        else:
-            self._ptrs.move_to_end(key)
-        return table
+            return L.upload(np.array(ptrs, dtype=np.uint64))
 
+        return self._cached(self._ptrs, (L.device_key(), ptrs), build, self.max_pointer_tables)
+
+    # ---- grouping ----------------------------------------------------------------
     @staticmethod
     def groups(arrays):
         """[(dtype name, indices or None for all)]: one group per dtype, in first-seen order."""
@@ -256,6 +301,32 @@ class Engine:
             out.setdefault(_DTYPE_NAMES[a.dtype], []).append(i)
         return list(out.items())
 
+    def scalar_groups(self, arrays, values: dict, scalars):
+        """[(dtype name, host scalars, indices or None for all)]: the launch groups of a step.
+
+        ``values``: the step's ``step`` and hyperparameters, each one value or a list/tuple
+        with one per tensor; ``scalars(**values_i)`` gives a tensor's kernel scalars as a
+        dict of float64 host values (from the rule's descriptor). Tensors of one dtype with
+        bit-identical scalars share a launch: one group per dtype unless param groups or
+        per-parameter step counts differ."""
+        varying = check_per_tensor(len(arrays), values)
+        by_dtype = self.groups(arrays)
+        if not varying:
+            row = scalars(**values)
+            return [(dtype, row, idx) for dtype, idx in by_dtype]
+        rows: dict = {}
+        out: dict = {}
+        for dtype, idx in by_dtype:
+            for i in (range(len(arrays)) if idx is None else idx):
+                key = tuple(_key(values[k][i]) for k in varying)
+                entry = rows.get(key)
+                if entry is None:
+                    row = scalars(**{**values, **{k: values[k][i] for k in varying}})
+                    entry = rows[key] = (row, np.array(list(row.values()), dtype=np.float64).tobytes())
+                out.setdefault((dtype, entry[1]), (entry[0], []))[1].append(i)
+        return [(dtype, row, idx) for (dtype, _), (row, idx) in out.items()]
+
+    # ---- launches ----------------------------------------------------------------
     @staticmethod
     def prepared(name, dtype, grid, **values):
         """One launch with its arguments converted (which can fail); nothing runs yet."""
@@ -268,114 +339,42 @@ class Engine:
             if grid > 0:
                 self.stats["launches"] += 1
                 self.L.launch(dtype, name, grid, args)
+        self._generation += 1
 
-    def launch(self, name, dtype, grid, **values):
-        self.run([self.prepared(name, dtype, grid, **values)])
+    def new_flag(self):
+        """A device int, 0: set to 1 by the check kernels that see a non-finite value."""
+        return self.L.zeros_i32(1)
 
-    # ---- the interface ----------------------------------------------------------
-    def all_finite(self, arrays) -> bool:
-        arrays = list(arrays)
-        if not arrays:
-            return True
-        flag = None
-        for dtype, idx in self.groups(arrays):
-            sub = arrays if idx is None else [arrays[i] for i in idx]
-            plan = self.plan("elem", dtype, sub)
-            if plan.n_chunks == 0:
-                continue
-            if flag is None:
-                flag = self.L.zeros_i32(1)
-            self.launch("all_finite", dtype, plan.n_chunks, chunks=plan.chunks, G=self.pointers(sub), flag=flag)
-        return True if flag is None else self.L.read_i32(flag) == 0
-
-    def adam(self, params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
-        self.run(self.adam_launches(params, grads, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                                    eps=eps, weight_decay=weight_decay, decoupled=decoupled))
-
-    def fadam(self, params, grads, m, f, **hyperparams):
-        self.run(self.fadam_launches(params, grads, m, f, **hyperparams))
-
-    def coupled(self, params, grads, m, v, *, coupled, **hyperparams):
-        """Coupled tensors (v of shape (d,)) and, where ``coupled[i]`` is False, AdamW ones."""
-        yes = [i for i, c in enumerate(coupled) if c]
-        no = [i for i, c in enumerate(coupled) if not c]
-        self.run(self.adam_launches(*_select(no, params, grads, m, v), decoupled=True, **hyperparams)
-                 + self.coupled_launches(*_select(yes, params, grads, m, v), **hyperparams))
-
-    def adam_launches(self, params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
-        params = list(params)
-        if not params:
-            return []
-        step_size = lr / (1 - beta1**step)          # host scalars, float64 (refimpl.adam.adam_direction)
-        bc2s = math.sqrt(1 - beta2**step)
-        mode = 2 if decoupled else (1 if weight_decay != 0 else 0)
-        grads, m, v = list(grads), list(m), list(v)
-        launches = []
-        for dtype, idx in self.groups(params):
-            P, G, M, V = _select(idx, params, grads, m, v)
-            plan = self.plan("elem", dtype, P)
-            launches.append(self.prepared(
-                "adam", dtype, plan.n_chunks, chunks=plan.chunks,
-                P=self.pointers(P), G=self.pointers(G), M=self.pointers(M), V=self.pointers(V),
-                mode=mode, wd=weight_decay, decay=1 - lr * weight_decay,
-                b1=beta1, omb1=1 - beta1, b2=beta2, omb2=1 - beta2,
-                step_size=step_size, bc2s=bc2s, eps=eps))
-        return launches
-
-    def fadam_launches(self, params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
-        params = list(params)
-        if not params:
-            return []
-        beta2_hat = debiased_beta2(beta2, step)
-        pmode = 0 if p == 0.5 else (1 if p == 1 else 2)
-        grads, m, f = list(grads), list(m), list(f)
-        launches = []
-        for dtype, idx in self.groups(params):
-            P, G, M, F = _select(idx, params, grads, m, f)
-            plan = self.plan("elem", dtype, P)
-            partial, partial2, scal = plan.fadam_scratch()
-            Pp, Gp, Mp, Fp = self.pointers(P), self.pointers(G), self.pointers(M), self.pointers(F)
-            launches += [
-                self.prepared("sumsq", dtype, plan.n_chunks, chunks=plan.chunks, G=Gp, partial=partial),
-                self.prepared("fadam_eps", dtype, plan.n_tensors, meta=plan.meta, partial=partial, scal=scal,
-                              eps=eps, eps2=eps2, two_p=2 * p, two_p_is_one=int(2 * p == 1),
-                              eps2p=eps ** (2 * p), tiny=np.finfo(dtype).tiny),
-                self.prepared("fadam_precond", dtype, plan.n_chunks, chunks=plan.chunks, P=Pp, G=Gp, F=Fp,
-                              scal=scal, partial2=partial2, b2h=beta2_hat, omb2h=1 - beta2_hat, pmode=pmode,
-                              pp=p),
-                self.prepared("fadam_scales", dtype, plan.n_tensors, meta=plan.meta, partial2=partial2,
-                              scal=scal, clip=clip),
-                self.prepared("fadam_apply", dtype, plan.n_chunks, chunks=plan.chunks, P=Pp, G=Gp, M=Mp, F=Fp,
-                              scal=scal, pmode=pmode, pp=p, b1=beta1, omb1=1 - beta1, lr=lr, wd=weight_decay),
-            ]
-        return launches
-
-    def coupled_launches(self, params, grads, m, v_col, *, step, lr, beta1, beta2, eps, weight_decay):
-        params = list(params)
-        if not params:
-            return []
-        step_size = lr / (1 - beta1**step)
-        bc2s = math.sqrt(1 - beta2**step)
-        grads, m, v_col = list(grads), list(m), list(v_col)
-        launches = []
-        for dtype, idx in self.groups(params):
-            P, G, M, Vc = _select(idx, params, grads, m, v_col)
-            plan = self.plan("coupled", dtype, P)
-            Gp, Vp = self.pointers(G), self.pointers(Vc)
-            launches += [
-                self.prepared("colsumsq", dtype, plan.n_tiles, tiles=plan.tiles, meta=plan.meta, G=Gp,
-                              partial=plan.partial),
-                self.prepared("coupled_v", dtype, plan.n_ctiles, ctiles=plan.ctiles, meta=plan.meta,
-                              partial=plan.partial, Vc=Vp, b2=beta2, omb2=1 - beta2),
-                self.prepared("coupled_apply", dtype, plan.n_chunks, chunks=plan.chunks, meta=plan.meta,
-                              P=self.pointers(P), G=Gp, M=self.pointers(M), Vc=Vp,
-                              decay=1 - lr * weight_decay, b1=beta1, omb1=1 - beta1,
-                              step_size=step_size, bc2s=bc2s, eps=eps),
-            ]
-        return launches
+    def flag_set(self, flag) -> bool:
+        """Read the flag back (the one host synchronisation of a checked step)."""
+        return self.L.read_i32(flag) != 0
 
 
-def _select(idx, *lists):
-    if idx is None:
-        return lists
-    return tuple([lst[i] for i in idx] for lst in lists)
+# ---- the engine the step functions run on ----------------------------------------------
+_DEFAULT: list = []
+_ACTIVE: ContextVar = ContextVar("fisheropt_cupy_engine", default=None)
+
+
+def set_default(engine: Engine) -> None:
+    """Make ``engine`` the one the step functions use (``_device`` installs the CuPy engine)."""
+    _DEFAULT[:] = [engine]
+
+
+def current() -> Engine:
+    """The engine of the step functions: the one selected by :func:`using`, else the default."""
+    engine = _ACTIVE.get()
+    if engine is not None:
+        return engine
+    if not _DEFAULT:
+        raise RuntimeError("no cupy engine: import fisheropt.backends.cupy (or select one with using())")
+    return _DEFAULT[0]
+
+
+@contextmanager
+def using(engine: Engine):
+    """Run the step functions on ``engine`` inside the block (the tests' emulated engine)."""
+    token = _ACTIVE.set(engine)
+    try:
+        yield engine
+    finally:
+        _ACTIVE.reset(token)

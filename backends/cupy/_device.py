@@ -1,27 +1,12 @@
-"""The update rules on the GPU: fused multi-tensor CUDA kernels launched through CuPy.
+"""The cupy backend's device side: NVRTC compilation, the kernel cache, launches through CuPy.
 
-Same names and signatures as fisheropt.refimpl (multi-tensor lists, in place,
-keyword-only hyperparameters, ``step`` = 1-based t). The kernels are in
-``_kernels`` (CUDA source generated per dtype, compiled by NVRTC with
-``--fmad=false`` on first use), the planning and launch order in ``_plan``.
-
-* One or a few kernel launches per step and dtype, whatever the number of
-  tensors: a chunk table (tensor, start, stop) spreads large and small
-  tensors evenly over the blocks; per-tensor pointers are device uint64
-  arrays. Tables are cached by layout, pointer tables by pointer values (so
-  only a new set of grads costs one small asynchronous host-to-device copy).
-* No host synchronisation inside a step: FAdam's ε_t and clip scales, and
-  Coupled Adam's column means, are computed on the device from deterministic
-  float64 two-stage reductions (fixed order, no atomics). ``all_finite`` is
-  the only function that reads back (one int), as the optimizer's pre-step
-  check.
-* Kernels run on CuPy's current stream. The cached scratch buffers belong to
-  the layout, so do not run two steps with the same layout concurrently on
-  different streams.
-* Float32 and float64 tensors may be mixed in one list (one launch group per
-  dtype). Arrays must be C-contiguous (the optimizer classes check it).
+:class:`CupyLauncher` is the launcher of ``_plan.Engine`` on CuPy arrays: it
+compiles the per-dtype CUDA source of ``_kernels`` with NVRTC (exactly
+``_kernels.COMPILE_OPTIONS``; not cupy.RawModule, which forces -ftz=true),
+caches the binary on disk, and launches on CuPy's current stream. ``engine``
+is the engine every ``<rule>_step`` of this package runs on. Importing this
+module imports cupy.
 """
-
 import hashlib
 import os
 import tempfile
@@ -30,10 +15,9 @@ from pathlib import Path
 import cupy
 
 from . import _kernels as K
-from ._plan import Engine
+from ._plan import Engine, set_default
 
-__all__ = ["all_finite", "adam_step", "adamw_step", "fadam_step", "coupled_adam_step",
-           "from_dlpack_list", "clear_cache", "engine"]
+__all__ = ["CupyLauncher", "load_module", "engine", "from_dlpack_list"]
 
 
 class CupyLauncher:
@@ -142,41 +126,7 @@ def load_module(dtype: str, block: int = K.BLOCK):
 
 
 engine = Engine(CupyLauncher())
-
-
-def clear_cache() -> None:
-    """Drop cached tables and pointer arrays (e.g. after freeing a model)."""
-    engine.clear_cache()
-
-
-def all_finite(arrays) -> bool:
-    """True when every element of every array is finite (one kernel per dtype, one 4-byte read)."""
-    return engine.all_finite(arrays)
-
-
-def adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
-    """Multi-tensor, in place: Adam with L2 weight decay (torch.optim.Adam)."""
-    engine.adam(params, grads, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                weight_decay=weight_decay, decoupled=False)
-
-
-def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
-    """Multi-tensor, in place: AdamW, decoupled weight decay (torch.optim.AdamW)."""
-    engine.adam(params, grads, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                weight_decay=weight_decay, decoupled=True)
-
-
-def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
-    """Multi-tensor, in place: FAdam (per-tensor RMS reductions on the device)."""
-    engine.fadam(params, grads, m, f, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2,
-                 clip=clip, p=p, weight_decay=weight_decay)
-
-
-def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):
-    """Multi-tensor, in place: Coupled Adam. ``coupled[i]`` True: a V×d tensor, v[i] of shape (d,);
-    False: AdamW, v[i] like params[i]."""
-    engine.coupled(params, grads, m, v, coupled=coupled, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                   weight_decay=weight_decay)
+set_default(engine)
 
 
 def from_dlpack_list(tensors) -> list:

@@ -1,0 +1,72 @@
+"""all_finite on the GPU: the optimizers' pre-step check (reference: refimpl/finite.py).
+
+One kernel per dtype over the chunk table, then one 4-byte device-to-host read:
+the only host synchronisation of an unchecked step. ``finite_f64`` checks float64
+partial sums instead of the gradients: the rules that reduce over g anyway (FAdam,
+Coupled Adam) use it for ``<rule>_step_checked`` (see there), a non-finite g
+making its partial sum non-finite.
+"""
+from ._kernels import Kernel
+from ._plan import current
+
+__all__ = ["all_finite", "finite_launches", "partials_finite_launch", "exactly_finite"]
+
+KERNELS = {
+    # ---- pre-step check: one int flag, set (never cleared) by any block that sees a NaN/Inf.
+    "all_finite": Kernel(
+        [("const long long*", "chunks"), ("const unsigned long long*", "G"), ("int*", "flag")], r"""
+    CHUNK_HEADER
+    const T* g = (const T*)G[t]; FO_ASSUME_GLOBAL(g);
+    const bool al = aligned16(G[t]);
+    bool bad = false;
+    FOR_GROUPS(base) {
+        const bool full = al && base + VEC <= stop;
+        T gr[VEC];
+        load_group(g, base, stop, full, gr);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) bad = bad || !isfinite(gr[k]);
+    }
+    if (bad) *flag = 1;
+"""),
+    # ---- the same flag from n float64 partial sums (one thread each).
+    "finite_f64": Kernel(
+        [("const double*", "x"), ("long long", "n"), ("int*", "flag")], r"""
+    const long long i = (long long)blockIdx.x * BLOCK + threadIdx.x;
+    if (i < n && !isfinite(x[i])) *flag = 1;
+"""),
+}
+
+
+def finite_launches(engine, arrays, flag) -> list:
+    """The launches that set ``flag`` when an element of ``arrays`` is NaN or ±Inf."""
+    arrays = list(arrays)
+    launches = []
+    if not arrays:
+        return launches
+    for dtype, idx in engine.groups(arrays):
+        sub = arrays if idx is None else [arrays[i] for i in idx]
+        plan = engine.plan("elem", dtype, sub)
+        launches.append(engine.prepared("all_finite", dtype, plan.n_chunks, chunks=plan.chunks,
+                                        G=engine.pointers(sub), flag=flag))
+    return launches
+
+
+def partials_finite_launch(engine, dtype, partial, n, flag):
+    """The launch that sets ``flag`` when one of ``partial[:n]`` (float64) is not finite."""
+    return engine.prepared("finite_f64", dtype, -(-int(n) // engine.block), x=partial, n=n, flag=flag)
+
+
+def exactly_finite(engine, arrays) -> bool:
+    """all_finite on ``engine``: after a partial sum came out non-finite, tells a NaN/Inf in g
+    from a float64 g² that overflowed (|g| > 1e154), which must not refuse the step."""
+    arrays = list(arrays)
+    if not arrays or all(a.size == 0 for a in arrays):
+        return True
+    flag = engine.new_flag()
+    engine.run(finite_launches(engine, arrays, flag))
+    return not engine.flag_set(flag)
+
+
+def all_finite(arrays) -> bool:
+    """True when every element of every array is finite (one kernel per dtype, one 4-byte read)."""
+    return exactly_finite(current(), arrays)
