@@ -25,7 +25,7 @@ echo "pytest exit: ${PIPESTATUS[0]}"
 # the cupy backend's NVRTC checks (PTX of every kernel: no FMA contraction, no ftz, vector
 # loads; the launcher's compile and disk cache) need CuPy's NVRTC but no GPU, so they carry
 # no gpu mark and skip on machines without CuPy: run them here, where CuPy is
-python3 -m pytest tests/test_cupy_backend.py -q -rs -p no:cacheprovider $timeout_arg -k "nvrtc or cupy_launcher" \
+python3 -m pytest tests/backends/test_cupy_internals.py -q -rs -p no:cacheprovider $timeout_arg -k "nvrtc or cupy_launcher" \
     2>&1 | tee -a "$OUT/tests.log"
 echo "nvrtc pytest exit: ${PIPESTATUS[0]}"
 timeout "${FO_BENCH_TIMEOUT:-300}" python3 asv_bench/gpu_validate.py --no-tests ${FO_BENCH_ARGS:---quick} \

@@ -66,7 +66,8 @@ def run_tests(profile: str) -> dict:
     env = dict(os.environ, FISHEROPT_HYPOTHESIS_PROFILE=profile)
     results = {}
     for label, args in [("pytest -m gpu tests", ["-m", "gpu", "tests"]),
-                        ("pytest tests/test_cupy_backend.py", ["tests/test_cupy_backend.py"])]:
+                        ("pytest tests/test_cupy_backend.py tests/backends/test_cupy_internals.py",
+                         ["tests/test_cupy_backend.py", "tests/backends/test_cupy_internals.py"])]:
         print(f"\n=== {label} ===", flush=True)
         t0 = time.time()
         # a test module whose import fails (e.g. jsonschema missing on an offline GPU image)

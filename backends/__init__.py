@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 
+from .._checks import is_cupy_array
 from .interface import FUNCTIONS, BackendUnavailable
 
 __all__ = ["available", "unavailable", "get", "select", "functions", "BackendUnavailable", "FUNCTIONS", "KNOWN"]
@@ -91,7 +92,7 @@ def select(name: str, arrays, function: str | None = None) -> object:
     backend given device arrays (or the reverse) is an error, never a silent copy.
     """
     arrays = list(arrays)
-    on_device = [_is_cupy_array(a) for a in arrays]
+    on_device = [is_cupy_array(a) for a in arrays]
     if any(on_device) and not all(on_device):
         raise TypeError("arrays mix CuPy (GPU) and host arrays; put them all on one device")
     device = bool(on_device) and all(on_device)
@@ -110,9 +111,3 @@ def select(name: str, arrays, function: str | None = None) -> object:
                 + ("; use backend='cupy' or 'auto' for CuPy arrays" if device else "")
             )
     return module
-
-
-def _is_cupy_array(a) -> bool:
-    # Checked by type name so that this module never imports cupy itself.
-    t = type(a)
-    return t.__module__.startswith("cupy") and t.__name__ == "ndarray"

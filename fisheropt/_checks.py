@@ -61,6 +61,14 @@ def is_cupy_array(a) -> bool:
     return t.__name__ == "ndarray" and t.__module__.startswith("cupy")
 
 
+def array_module(a):
+    """The array module of ``a``: cupy for a CuPy array (imported only then), else numpy."""
+    if is_cupy_array(a):
+        import cupy
+        return cupy
+    return np
+
+
 def _is_writeable(a) -> bool:
     # CuPy arrays have no writeable flag: device memory is always writeable.
     return bool(getattr(a.flags, "writeable", True))

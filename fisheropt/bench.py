@@ -161,15 +161,31 @@ def random_arrays(shapes, dtype, rng, scale=1.0):
 
 
 # ---- timing -------------------------------------------------------------------
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
+def median_time(fn, repeats: int = 7, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    return interleaved_medians({"fn": fn}, repeats, warmup)["fn"]
+
+
+def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 1, pause: dict | None = None) -> dict:
+    """{name: median seconds} for callables timed round-robin (name order), ``repeats`` rounds.
+
+    ``pause`` maps a name to seconds to sleep after each of its calls (not timed), e.g. to let
+    another runtime's spinning threads go quiet before the next measurement."""
+    pause = pause or {}
     for _ in range(warmup):
-        fn()
-    times = []
+        for name, fn in fns.items():
+            fn()
+            if pause.get(name):
+                time.sleep(pause[name])
+    times = {name: [] for name in fns}
     for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            if pause.get(name):
+                time.sleep(pause[name])
+    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def make_fisheropt(rule: str, backend: str, params, coupled, check_finite: bool):
@@ -202,11 +218,12 @@ def torch_baseline(rule):
 
 # ---- the table ------------------------------------------------------------------
 def _numba_ceiling():
+    """fisheropt.bench_ceiling, or None where numba (which it needs) cannot be imported."""
     try:
-        from fisheropt.backends.numba import _ceiling
-    except Exception:
+        from fisheropt import bench_ceiling
+    except ImportError:
         return None
-    return _ceiling
+    return bench_ceiling
 
 
 def _share_torch_state(torch_opt, torch_params, m_list, v_list):
@@ -257,9 +274,9 @@ def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, 
     grads = random_arrays(shapes, dtype, rng, scale=1e-3)
 
     fns, pause, opts = {}, {}, {}
-    ceil_mod = _numba_ceiling()
+    ceiling_module = _numba_ceiling()
     ceil_bytes = None
-    if ceil_mod is not None:
+    if ceiling_module is not None:
         fns["ceiling"] = None  # filled in below, once the state buffers exist; timed first
     for backend in backends:
         if backend not in usable or (backend == "numpy" and n > NUMPY_MAX_ELEMENTS and not numpy_large):
@@ -275,8 +292,8 @@ def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, 
             finally:
                 o.check_finite = False
         fns[backend + "+finite"] = checked
-    if ceil_mod is not None:
-        fns["ceiling"], ceil_bytes = ceil_mod.ceiling_on(*ceiling_buffers(params, grads, opts.get("numba")))
+    if ceiling_module is not None:
+        fns["ceiling"], ceil_bytes = ceiling_module.ceiling_on(*ceiling_buffers(params, grads, opts.get("numba")))
     base = torch_baseline(rule) if torch_baselines else None
     torch_name = None
     if base is not None:
@@ -299,20 +316,19 @@ def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, 
         fns[torch_name] = torch_step
         pause[torch_name] = 0.05  # let PyTorch's OpenMP threads stop spinning before the next timing
 
-    med = ceil_mod.interleaved_medians(fns, repeats=repeats, pause=pause) if ceil_mod else \
-        {k: median_time(f, repeats) for k, f in fns.items()}
-    ceil = (ceil_bytes / med["ceiling"] / 1e9) if "ceiling" in med else None
-    torch_s = med.get(torch_name) if torch_name else None
+    medians = interleaved_medians(fns, repeats=repeats, pause=pause)
+    ceil = (ceil_bytes / medians["ceiling"] / 1e9) if "ceiling" in medians else None
+    torch_s = medians.get(torch_name) if torch_name else None
     rows = []
     for name in [b for b in backends if b in opts] + ([torch_name] if torch_name else []):
-        t = med[name]
+        t = medians[name]
         gbs = nbytes / t / 1e9
         is_fo = name in opts
         rows.append({
             "rule": rule, "backend": name, "size": size_label(size), "tensors": len(shapes),
             "ms_per_step": t * 1e3, "gbs": gbs, "ceiling_gbs": ceil,
             "ratio_to_ceiling": gbs / ceil if ceil else None,
-            "ms_per_step_with_finite_check": med[name + "+finite"] * 1e3 if is_fo else None,
+            "ms_per_step_with_finite_check": medians[name + "+finite"] * 1e3 if is_fo else None,
             "torch_speed_ratio": torch_s / t if (torch_s and is_fo) else None,
         })
     return rows

@@ -40,18 +40,17 @@ import numbers
 
 import numpy as np
 
+from . import _ngd
 from . import backends as _backends
-from ._checks import check_array_type, check_float_dtype, check_real, is_cupy_array
+from ._checks import array_module, check_array_type, check_float_dtype, check_real, is_cupy_array
 from .refimpl import fisher_diagonal as _diag
 from .refimpl import fisher_empirical as _emp
 from .refimpl import fisher_exact as _exact
 from .refimpl import fisher_improved as _imp
-from .refimpl import fisher_ngd as _ngd
-from .refimpl import fisher_operators as _ops
+from .refimpl import fisher_operators as _operators
 from .refimpl import fisher_quality as _quality
 from .refimpl import fisher_sampled as _sampled
-
-DampingTooSmall = _ngd.DampingTooSmall
+from .refimpl.fisher_ngd import DampingTooSmall
 
 __all__ = [
     "DampingTooSmall",
@@ -76,7 +75,7 @@ __all__ = [
     "sampled_operator",
 ]
 
-KINDS = ("exact", "ef", "sf", "ief")
+KINDS = _ngd.KINDS
 _REQUIRED = {
     "ef": ("G",),
     "ief": ("G", "s"),
@@ -86,18 +85,11 @@ _REQUIRED = {
 
 
 # ---- validation -------------------------------------------------------------------
-def _xp(a):
-    if is_cupy_array(a):
-        import cupy
-        return cupy
-    return np
-
-
 _FINITE_CHUNK = 1 << 20   # elements per finiteness test: O(1 MiB) of temporaries, never a copy of a big array
 
 
 def _all_finite(a) -> bool:
-    xp = _xp(a)
+    xp = array_module(a)
     if a.ndim == 0 or a.size == 0:
         return bool(xp.isfinite(a).all())
     rows = max(1, _FINITE_CHUNK // max(1, a.size // a.shape[0]))   # slices along axis 0: no reshape copy
@@ -141,7 +133,7 @@ def _check_probs(probs, N=None, *, host_only=False):
         raise ValueError(f"probs has {probs.shape[0]} rows but the batch has N={N} samples")
     if probs.shape[1] < 2:
         raise ValueError(f"probs must have at least 2 classes, got shape {tuple(probs.shape)}")
-    xp = _xp(probs)
+    xp = array_module(probs)
     if bool((probs < 0).any()):
         raise ValueError("probs has negative entries; pass softmax probabilities")
     tol = 1e-3 if probs.dtype == np.float32 else 1e-6
@@ -242,6 +234,12 @@ def _check_J_probs(J, probs, labels_sampled=None):
         _check_labels_sampled(labels_sampled, J.shape[0], J.shape[1], host_only=True)
 
 
+def _check_G_s(G, s):
+    """Host arrays G (N, P) and s (N,) > 0, for the iEF estimators (which divide by s)."""
+    _check_G(G, host_only=True)
+    _check_s(s, G.shape[0], positive=True, host_only=True)
+
+
 def exact(J, probs):
     """F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n, dense (P, P) in J's dtype."""
     _check_J_probs(J, probs)
@@ -262,8 +260,7 @@ def sampled(J, probs, labels_sampled):
 
 def improved_empirical(G, s):
     """iEF = G^T diag(s)^{-1} G (Wu et al. 2024), dense (P, P); needs s > 0."""
-    _check_G(G, host_only=True)
-    _check_s(s, G.shape[0], positive=True, host_only=True)
+    _check_G_s(G, s)
     return _finite_result(_imp.improved_empirical(G, s), "iEF", _IEF_OVERFLOW)
 
 
@@ -271,31 +268,30 @@ def improved_empirical(G, s):
 def exact_operator(J, probs, damping=0.0):
     """scipy LinearOperator v -> (F + damping I) v, float64, nothing P x P stored."""
     _check_J_probs(J, probs)
-    return _ops.exact_operator(J, probs, _check_damping(damping, allow_zero=True))
+    return _operators.exact_operator(J, probs, _check_damping(damping, allow_zero=True))
 
 
 def empirical_operator(G, damping=0.0):
     """LinearOperator v -> (G^T G + damping I) v."""
     _check_G(G, host_only=True)
-    return _ops.empirical_operator(G, _check_damping(damping, allow_zero=True))
+    return _operators.empirical_operator(G, _check_damping(damping, allow_zero=True))
 
 
 def sampled_operator(J, probs, labels_sampled, damping=0.0):
     """LinearOperator v -> (Ĝ^T Ĝ + damping I) v."""
     _check_J_probs(J, probs, labels_sampled)
-    return _ops.sampled_operator(J, probs.astype(J.dtype), labels_sampled,
-                                 _check_damping(damping, allow_zero=True))
+    return _operators.sampled_operator(J, probs.astype(J.dtype), labels_sampled,
+                                       _check_damping(damping, allow_zero=True))
 
 
 def improved_operator(G, s, damping=0.0):
     """LinearOperator v -> (G^T diag(s)^{-1} G + damping I) v; needs s > 0."""
-    _check_G(G, host_only=True)
-    _check_s(s, G.shape[0], positive=True, host_only=True)
+    _check_G_s(G, s)
     damping = _check_damping(damping, allow_zero=True)
     # |F̃_ij| <= sqrt(F̃_ii F̃_jj): a finite float64 diagonal keeps every entry (and matvec with a
     # moderate v) finite, so one O(NP) pass settles it before the operator exists.
     _finite_result(_diag.diag_improved(G.astype(np.float64, copy=False), s), "the iEF operator", _IEF_OVERFLOW)
-    return _ops.improved_operator(G, s, damping)
+    return _operators.improved_operator(G, s, damping)
 
 
 # ---- diagonals --------------------------------------------------------------------
@@ -319,8 +315,7 @@ def diag_sampled(J, probs, labels_sampled):
 
 def diag_improved(G, s):
     """diag iEF = sum_n g_n^2 / s_n, (P,); needs s > 0."""
-    _check_G(G, host_only=True)
-    _check_s(s, G.shape[0], positive=True, host_only=True)
+    _check_G_s(G, s)
     return _finite_result(_diag.diag_improved(G, s), "diag iEF", _IEF_OVERFLOW)
 
 
@@ -361,7 +356,7 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
         raise ValueError(f"unknown exact_method {exact_method!r}; use 'auto', 'woodbury' or 'cg'")
     damping = _check_damping(damping)
     # ef/ief: G's finiteness is checked on diag(G Gᵀ) inside the backend (O(N), no extra pass
-    # over G; see fisher_ngd.check_gram); the other kinds check it here.
+    # over G; see refimpl.fisher_ngd.check_gram); the other kinds check it here.
     _check_G(G, check_finite=kind not in ("ef", "ief"))
     N, P = G.shape
     if kind == "ief":
@@ -376,11 +371,11 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
     if kind == "sf":
         _check_labels_sampled(labels_sampled, N, J.shape[1])
     arrays = [a for a in given.values() if a is not None]
-    ops = _backends.select(backend, arrays)
+    backend_module = _backends.select(backend, arrays)
     if kind in ("sf", "exact"):
         probs = probs.astype(J.dtype, copy=False)
     d = _ngd.ngd_direction(kind, G=G, damping=damping, s=s, J=J, probs=probs,
-                           labels_sampled=labels_sampled, ops=ops, exact_method=exact_method)
+                           labels_sampled=labels_sampled, backend=backend_module, exact_method=exact_method)
     return _finite_result(d, "the direction", "|d| exceeds the float range (a larger damping shrinks it)")
 
 

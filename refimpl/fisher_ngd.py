@@ -18,8 +18,8 @@ and nothing P×P is ever built when P > M. The formulation is chosen for accurac
 
 Backend functions (identical signatures on every backend):
 
-``fisher_gram(G) -> K``
-    :math:`K = GG^\top`, (N, N) float64. float64 G: one float64 BLAS product. float32 G:
+``fisher_gram(G) -> gram``
+    :math:`GG^\top`, (N, N) float64. float64 G: one float64 BLAS product. float32 G:
     float32 BLAS products over column blocks of ``GRAM_BLOCK`` parameters, each upcast and
     accumulated in float64 — the speed of single-precision BLAS, no float64 copy of G, and the
     float32 rounding error of a block product grows with the block length, not with P.
@@ -30,7 +30,11 @@ Backend functions (identical signatures on every backend):
     number (eigenvalues); raises ValueError when diag of the Gram is non-finite (G holds NaN/Inf):
     the only check of G a backend makes, O(N), and the one the public API relies on for G.
 
-Inputs are assumed valid (fisheropt.fisher validates).
+The directions (:func:`ef_direction`, :func:`ief_direction`, :func:`sf_direction`,
+:func:`exact_direction`, :func:`ngd_direction`) are written here in NumPy. fisheropt.fisher runs
+the same formulas on any backend (fisheropt._ngd), through the building blocks that take the
+backend's pieces as arguments: :func:`sample_space_direction`, :func:`factor_direction`,
+:func:`exact_cg_solve`. Inputs are assumed valid (fisheropt.fisher validates).
 """
 import math
 
@@ -74,42 +78,43 @@ def check_condition(kappa, damping, scale, what="the damped system"):
 
 # ---- backend functions (the "numpy" backend) ------------------------------------
 def fisher_gram(G):
-    """K = G G^T, (N, N) float64 (float32 G: blockwise float32 BLAS, float64 accumulation)."""
+    """GGᵀ, (N, N) float64 (float32 G: blockwise float32 BLAS, float64 accumulation)."""
     N, P = G.shape
     if G.dtype == np.float64 or P <= GRAM_BLOCK:
-        K = G @ G.T                      # syrk
-        return K.astype(np.float64, copy=False) if G.dtype == np.float64 else K.astype(np.float64)
-    K = np.zeros((N, N), dtype=np.float64)
+        gram = G @ G.T                      # syrk
+        return gram.astype(np.float64, copy=False) if G.dtype == np.float64 else gram.astype(np.float64)
+    gram = np.zeros((N, N), dtype=np.float64)
     for start in range(0, P, GRAM_BLOCK):
-        Gb = G[:, start:start + GRAM_BLOCK]   # strided view, no copy; BLAS takes lda = P
-        K += Gb @ Gb.T
-    return K
+        block = G[:, start:start + GRAM_BLOCK]   # strided view, no copy; BLAS takes lda = P
+        gram += block @ block.T
+    return gram
 
 
 def damped_condition(w, singular_damping=None):
-    """κ of K + λI from its ascending eigenvalues w (inf when not positive definite in float64);
-    with ``singular_damping`` = λ, at least (‖K‖ + λ)/λ, the κ of a singular AᵀA + λI."""
+    """κ of gram + λI from its ascending eigenvalues w (inf when not positive definite in float64);
+    with ``singular_damping`` = λ, at least (‖gram‖ + λ)/λ, the κ of a singular AᵀA + λI."""
     kappa = float(w[-1] / w[0]) if w[0] > 0 else math.inf
     return kappa if singular_damping is None else max(kappa, float(w[-1]) / singular_damping)
 
 
-def solve_damped_gram(K, rhs, damping, *, singular=False):
-    """(K + damping I)^{-1} rhs in float64 for symmetric PSD K: Cholesky, once the condition number
-    of K + λI (exact, from its eigenvalues; O(n³) like the factorisation) passed check_condition.
+def solve_damped_gram(gram, rhs, damping, *, singular=False):
+    """(gram + damping I)^{-1} rhs in float64 for a symmetric PSD gram: Cholesky, once the condition
+    number of gram + λI (exact, from its eigenvalues; O(n³) like the factorisation) passed
+    check_condition.
 
     ``singular``: the caller divides by λ afterwards (Woodbury, AᵀA singular), so the condition
-    number that matters is that of AᵀA + λI, (‖K‖ + λ)/λ."""
-    Kd = np.asarray(K, dtype=np.float64) + damping * np.eye(K.shape[0])
-    w = np.linalg.eigvalsh(Kd)
+    number that matters is that of AᵀA + λI, (‖gram‖ + λ)/λ."""
+    damped = np.asarray(gram, dtype=np.float64) + damping * np.eye(gram.shape[0])
+    w = np.linalg.eigvalsh(damped)
     check_condition(damped_condition(w, damping if singular else None), damping, float(w[-1]),
                     "F + λI (singular, P > rank)" if singular else "the damped Gram matrix")
-    factor = scipy.linalg.cho_factor(Kd, lower=True, check_finite=False)
+    factor = scipy.linalg.cho_factor(damped, lower=True, check_finite=False)
     return scipy.linalg.cho_solve(factor, np.asarray(rhs, dtype=np.float64), check_finite=False)
 
 
 def sample_space_direction(G, rhs, damping, *, gram, solve, xp=np):
     """d = Gᵀ(GGᵀ + λI)⁻¹rhs = (GᵀG + λI)⁻¹Gᵀrhs through the smaller Gram; the backends share it
-    with their own ``gram`` (K = GGᵀ, float64) and ``solve`` ((K + λI)⁻¹ rhs, checked)."""
+    with their own ``gram`` (GGᵀ, float64) and ``solve`` ((gram + λI)⁻¹ rhs, checked)."""
     N, P = G.shape
     # Solve for rhs scaled by a power of two into [1, 2) and scale d back: exact, and a subnormal
     # right-hand side (iEF's s) keeps full precision through the solve.
@@ -117,13 +122,13 @@ def sample_space_direction(G, rhs, damping, *, gram, solve, xp=np):
     shift = math.frexp(top)[1] - 1 if 0.0 < top < math.inf else 0
     rhs = xp.ldexp(rhs, -shift) if shift else rhs
     if P < N:   # more samples than parameters: GGᵀ is singular, GᵀG (P × P) need not be
-        S = gram(G.T)
-        check_gram(S, G.dtype, xp)
-        d = solve(S, G.T.astype(xp.float64, copy=False) @ rhs, damping).astype(G.dtype)
+        parameter_gram = gram(G.T)
+        check_gram(parameter_gram, G.dtype, xp)
+        d = solve(parameter_gram, G.T.astype(xp.float64, copy=False) @ rhs, damping).astype(G.dtype)
     else:
-        K = gram(G)
-        check_gram(K, G.dtype, xp)
-        d = G.T @ solve(K, rhs, damping).astype(G.dtype)
+        sample_gram = gram(G)
+        check_gram(sample_gram, G.dtype, xp)
+        d = G.T @ solve(sample_gram, rhs, damping).astype(G.dtype)
     return xp.ldexp(d, shift, out=d) if shift else d      # in place: d is ours, and may be large
 
 
@@ -136,11 +141,11 @@ NONFINITE_GRAM = ("G contains NaN or Inf (detected on the diagonal of its Gram m
                   "non-finite exactly when a row (column) of G is, or when its squared norm overflows)")
 
 
-def check_gram(K, dtype=np.float64, xp=np):
+def check_gram(gram, dtype=np.float64, xp=np):
     """The O(N) guard on a Gram matrix's diagonal (squared row or column norms of G): non-finite iff
     G holds NaN/Inf (or a squared norm overflows), so G itself never needs a separate pass; and
-    all of it so small that the products underflowed, where K would have lost its precision."""
-    diag = xp.diagonal(K)
+    all of it so small that the products underflowed, where the Gram would have lost its precision."""
+    diag = xp.diagonal(gram)
     if not bool(xp.isfinite(diag).all()):
         raise ValueError(NONFINITE_GRAM)
     top = float(diag.max()) if diag.size else 0.0
@@ -151,72 +156,71 @@ def check_gram(K, dtype=np.float64, xp=np):
                          "G by 2**k and the damping by 4**k, and the direction comes out divided by 2**k")
 
 
-# ---- directions (generic over a backend ``ops``; xp = ops.array_module) ----------
-def _ops_default(ops):
-    if ops is None:
-        import sys
-        return sys.modules[__name__]
-    return ops
-
-
-array_module = np   # so that this module can serve as ``ops`` itself
-
-
+# ---- the directions (spec/fisher.md §3) ------------------------------------------
 def batch_gradient(G, xp=np):
     """∇L = G^T 1 = sum_n g_n, (P,) float64."""
     return G.sum(axis=0, dtype=xp.float64)
 
 
-def ef_direction(G, damping, ops=None):
-    """EF: d = G^T (G G^T + λ I)^{-1} 1."""
-    ops = _ops_default(ops)
-    xp = ops.array_module
-    return ops.fisher_sample_space_direction(G, xp.ones(G.shape[0], dtype=xp.float64), damping)
+def ef_direction(G, damping):
+    """EF: d = (GᵀG + λI)⁻¹∇L = Gᵀ(GGᵀ + λI)⁻¹1, (P,) in G's dtype."""
+    return fisher_sample_space_direction(G, np.ones(G.shape[0], dtype=np.float64), damping)
 
 
-def ief_direction(G, s, damping, ops=None):
-    """iEF (Wu et al. 2024, Eq. 8): d = G^T (G G^T + λ I)^{-1} s."""
-    ops = _ops_default(ops)
-    xp = ops.array_module
-    return ops.fisher_sample_space_direction(G, s.astype(xp.float64), damping)
+def ief_direction(G, s, damping):
+    """iEF (Wu et al. 2024, Eq. 8): d = Gᵀ(GGᵀ + λI)⁻¹s, (P,) in G's dtype."""
+    return fisher_sample_space_direction(G, s.astype(np.float64), damping)
 
 
-def _parameter_space_solver(ops):
-    """The backend's (K + λI)⁻¹ rhs for a P × P system (NumPy on the host, cuSOLVER on CuPy)."""
-    if ops.array_module is np:
-        return solve_damped_gram
-    from fisheropt.backends.cupy.fisher import solve_damped_gram as solve   # the one device backend
-    return solve
-
-
-def factor_direction(A, grad, damping, ops=None):
+def factor_direction(A, grad, damping, *, gram=fisher_gram, solve=solve_damped_gram, xp=np):
     """(AᵀA + λI)⁻¹ grad for a float64 factor A (M, P) and any grad, float64 (P,).
 
     P ≤ M: solve the P × P system itself (no larger than the M × M Gram), no division by λ.
     P > M: AᵀA is singular and the Woodbury form (grad − Aᵀ(AAᵀ + λI)⁻¹A grad)/λ cancels where grad
-    lies in A's row space, to about ε·‖AᵀA‖/λ relative: the solve checks that condition number."""
-    ops = _ops_default(ops)
-    xp = ops.array_module
+    lies in A's row space, to about ε·‖AᵀA‖/λ relative: the solve checks that condition number.
+    ``gram``, ``solve`` and ``xp`` are NumPy's here; fisheropt.fisher passes a backend's."""
     M, P = A.shape
-    solve = _parameter_space_solver(ops)
     if P <= M:
-        S = ops.fisher_gram(A.T)
-        check_gram(S, A.dtype, xp)
-        return solve(S, grad, damping)
-    K = ops.fisher_gram(A)
-    check_gram(K, A.dtype, xp)
-    a = solve(K, A @ grad, damping, singular=True)
+        parameter_gram = gram(A.T)
+        check_gram(parameter_gram, A.dtype, xp)
+        return solve(parameter_gram, grad, damping)
+    sample_gram = gram(A)
+    check_gram(sample_gram, A.dtype, xp)
+    a = solve(sample_gram, A @ grad, damping, singular=True)
     return (grad - A.T @ a) / damping
 
 
-def sf_direction(G, J, probs, labels_sampled, damping, ops=None):
-    """SF: d = (Ĝ^T Ĝ + λ I)^{-1} ∇L (factor_direction with A = Ĝ); (P,) in G's dtype."""
-    ops = _ops_default(ops)
-    xp = ops.array_module
-    # float64 Ĝ: the Woodbury form cancels where ∇L lies in Ĝ's row space, so its terms must carry
-    # float64 accuracy, not the input dtype's (the cost: a float64 K·N×P array, like the exact path's A).
-    Gh = sampled_grads(J, probs, labels_sampled, xp=xp, dtype=xp.float64)
-    return factor_direction(Gh, batch_gradient(G, xp), damping, ops).astype(G.dtype)
+def sf_direction(G, J, probs, labels_sampled, damping):
+    """SF: d = (ĜᵀĜ + λI)⁻¹∇L (:func:`factor_direction` with A = Ĝ), (P,) in G's dtype.
+
+    Ĝ is built in float64: the Woodbury form cancels where ∇L lies in Ĝ's row space, so its terms
+    must carry float64 accuracy, not the input dtype's (the cost: a float64 K·N × P array, like
+    the exact direction's factor A)."""
+    sampled = sampled_grads(J, probs, labels_sampled, dtype=np.float64)
+    return factor_direction(sampled, batch_gradient(G), damping).astype(G.dtype)
+
+
+def choose_exact_method(method, J_shape):
+    """The exact direction's solver: "woodbury" or "cg" as given; "auto": woodbury when
+    min(N·C, P) <= EXACT_WOODBURY_MAX_ROWS, else cg (spec/fisher.md §3)."""
+    if method == "auto":
+        N, C, P = J_shape
+        return "woodbury" if min(N * C, P) <= EXACT_WOODBURY_MAX_ROWS else "cg"
+    if method in ("woodbury", "cg"):
+        return method
+    raise ValueError(f"unknown exact method {method!r}; use 'auto', 'woodbury' or 'cg'")
+
+
+def exact_direction(G, J, probs, damping, *, method="auto", cg_tol=1e-10, cg_maxiter=None):
+    """Exact NG: d = (F + λI)⁻¹∇L, (P,) in G's dtype.
+
+    "woodbury": F = AᵀA with the Fisher factor A (fisher_exact.fisher_factor), then
+    :func:`factor_direction` (a direct solve in the smaller of the N·C and P spaces); "cg":
+    :func:`exact_cg_solve`, matrix-free; "auto": see :func:`choose_exact_method`."""
+    grad = batch_gradient(G)
+    if choose_exact_method(method, J.shape) == "cg":
+        return exact_cg_solve(J, probs, grad, damping, tol=cg_tol, maxiter=cg_maxiter).astype(G.dtype)
+    return factor_direction(fisher_factor(J, probs), grad, damping).astype(G.dtype)
 
 
 def exact_trace(J64, p64, xp=np):
@@ -227,35 +231,22 @@ def exact_trace(J64, p64, xp=np):
     return max(t1 - float(xp.einsum("np,np->", m, m)), 0.0) + 1e-10 * t1
 
 
-def exact_direction(G, J, probs, damping, ops=None, *, method="auto", cg_tol=1e-10, cg_maxiter=None):
-    """Exact NG: d = (F + λ I)^{-1} ∇L; (P,) in G's dtype.
+def exact_cg_solve(J, probs, grad, damping, *, tol=1e-10, maxiter=None, xp=np):
+    """(F + λI)⁻¹ grad by conjugate gradients on v ↦ Σ_n J_nᵀH_nJ_n v + λv, float64 (P,): nothing
+    larger than J is stored. Certified by λ alone (F + λI ⪰ λI), so the condition number that
+    matters is (tr F + λ)/λ, checked first."""
+    J64 = J.astype(xp.float64)
+    p64 = probs.astype(xp.float64)
+    trace = exact_trace(J64, p64, xp)
+    check_condition((trace + damping) / damping, damping, trace, "F + λI (CG is certified by λ alone)")
 
-    method "woodbury": F = A^T A (fisher_factor), factor_direction (a direct solve in the smaller of
-    the N·C and P spaces); "cg": matrix-free conjugate gradients on F + λ I (nothing larger than J is
-    stored), certified by its residual; "auto": woodbury when min(N·C, P) <= EXACT_WOODBURY_MAX_ROWS."""
-    ops = _ops_default(ops)
-    xp = ops.array_module
-    grad = batch_gradient(G, xp)
-    N, C, P = J.shape
-    if method == "auto":
-        method = "woodbury" if min(N * C, P) <= EXACT_WOODBURY_MAX_ROWS else "cg"
-    if method == "woodbury":
-        A = fisher_factor(J, probs, xp=xp)
-        return factor_direction(A, grad, damping, ops).astype(G.dtype)
-    if method == "cg":
-        J64 = J.astype(xp.float64)
-        p64 = probs.astype(xp.float64)
-        trace = exact_trace(J64, p64, xp)
-        check_condition((trace + damping) / damping, damping, trace, "F + λI (CG is certified by λ alone)")
+    def matvec(v):
+        Jv = xp.einsum("ncp,p->nc", J64, v)
+        HJv = p64 * Jv - p64 * xp.sum(p64 * Jv, axis=1, keepdims=True)
+        return xp.einsum("ncp,nc->p", J64, HJv) + damping * v
 
-        def matvec(v):
-            Jv = xp.einsum("ncp,p->nc", J64, v)
-            HJv = p64 * Jv - p64 * xp.sum(p64 * Jv, axis=1, keepdims=True)
-            return xp.einsum("ncp,nc->p", J64, HJv) + damping * v
-
-        x = conjugate_gradient(matvec, grad, xp=xp, tol=cg_tol, maxiter=cg_maxiter or 10 * P, damping=damping)
-        return x.astype(G.dtype)
-    raise ValueError(f"unknown exact method {method!r}; use 'auto', 'woodbury' or 'cg'")
+    maxiter = maxiter or 10 * J.shape[2]
+    return conjugate_gradient(matvec, grad, xp=xp, tol=tol, maxiter=maxiter, damping=damping)
 
 
 def conjugate_gradient(matvec, b, *, xp=np, tol=1e-10, maxiter=1000, damping=0.0):
@@ -289,17 +280,16 @@ def conjugate_gradient(matvec, b, *, xp=np, tol=1e-10, maxiter=1000, damping=0.0
     return x
 
 
-def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sampled=None, ops=None,
-                  exact_method="auto"):
-    """Dispatch on kind in {"exact", "ef", "sf", "ief"} (no validation; see fisheropt.fisher)."""
+def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sampled=None, exact_method="auto"):
+    """The direction of ``kind`` in {"exact", "ef", "sf", "ief"} (no validation; see fisheropt.fisher)."""
     if kind == "ef":
-        return ef_direction(G, damping, ops)
+        return ef_direction(G, damping)
     if kind == "ief":
-        return ief_direction(G, s, damping, ops)
+        return ief_direction(G, s, damping)
     if kind == "sf":
-        return sf_direction(G, J, probs, labels_sampled, damping, ops)
+        return sf_direction(G, J, probs, labels_sampled, damping)
     if kind == "exact":
-        return exact_direction(G, J, probs, damping, ops, method=exact_method)
+        return exact_direction(G, J, probs, damping, method=exact_method)
     raise ValueError(f"unknown kind {kind!r}")
 
 

@@ -7,12 +7,13 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 
-def _op(P, mv, damping):
+def _damped_operator(P, product, damping):
+    """The LinearOperator v -> product(v) + damping·v on float64 vectors of length P."""
     damping = float(damping)
 
     def matvec(v):
         v = np.asarray(v, dtype=np.float64).ravel()
-        out = mv(v)
+        out = product(v)
         return out + damping * v if damping else out
     return LinearOperator((P, P), matvec=matvec, rmatvec=matvec, dtype=np.float64)
 
@@ -22,20 +23,20 @@ def exact_operator(J, probs, damping=0.0):
     J64 = J.astype(np.float64)
     p = probs.astype(np.float64)
 
-    def mv(v):
+    def product(v):
         Jv = J64 @ v                                   # (N, C)
         HJv = p * Jv - p * np.sum(p * Jv, axis=1, keepdims=True)
         return np.einsum("ncp,nc->p", J64, HJv)
-    return _op(J.shape[2], mv, damping)
+    return _damped_operator(J.shape[2], product, damping)
 
 
 def empirical_operator(G, damping=0.0):
     """v -> (G^T G + λI) v."""
     G64 = G.astype(np.float64)
 
-    def mv(v):
+    def product(v):
         return G64.T @ (G64 @ v)
-    return _op(G.shape[1], mv, damping)
+    return _damped_operator(G.shape[1], product, damping)
 
 
 def improved_operator(G, s, damping=0.0):
@@ -43,9 +44,9 @@ def improved_operator(G, s, damping=0.0):
     from .fisher_improved import scaled_rows
     Gt = scaled_rows(G, s)
 
-    def mv(v):
+    def product(v):
         return Gt.T @ (Gt @ v)
-    return _op(G.shape[1], mv, damping)
+    return _damped_operator(G.shape[1], product, damping)
 
 
 def sampled_operator(J, probs, labels_sampled, damping=0.0):
@@ -53,6 +54,6 @@ def sampled_operator(J, probs, labels_sampled, damping=0.0):
     from .fisher_sampled import sampled_grads
     Gh = sampled_grads(J, probs, labels_sampled).astype(np.float64)
 
-    def mv(v):
+    def product(v):
         return Gh.T @ (Gh @ v)
-    return _op(J.shape[2], mv, damping)
+    return _damped_operator(J.shape[2], product, damping)

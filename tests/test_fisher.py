@@ -28,8 +28,9 @@ def _problem(rng, N=7, F=4, H=3, C=3, dtype=np.float64, model="mlp", spread=1.0)
     return m, X, y, J, p, G, s
 
 
-def _kwargs(kind, G, s, J, p, ls, lam):
-    kw = {"G": G, "damping": lam}
+def _kwargs(kind, G, s, J, p, ls, lam, **extra):
+    """ngd_direction's keyword arguments for ``kind``: the arrays it needs, the damping and ``extra``."""
+    kw = {"G": G, "damping": lam, **extra}
     if kind == "ief":
         kw["s"] = s
     if kind in ("sf", "exact"):
@@ -174,7 +175,7 @@ def test_exact_direction_large_nc_uses_cg(rng, monkeypatch):
 
 
 def test_ill_conditioned_damped_gram_raises_instead_of_a_fallback(rng):
-    """No eigh fallback with clipped eigenvalues any more: a damped Gram the float64 solve cannot
+    """No eigh fallback with clipped eigenvalues: a damped Gram the float64 solve cannot
     handle to the accuracy contract (spec/fisher.md §3) is refused, with a damping that works."""
     G = rng.standard_normal((5, 8))
     G[4] = G[0]                                       # a duplicated sample: exactly singular Gram

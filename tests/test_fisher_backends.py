@@ -5,6 +5,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from conftest import gpu_skip_reason, host_backend_params
+from fisheropt import _ngd
 from fisheropt.refimpl import fisher_ngd
 from hypothesis import given
 from hypothesis import strategies as st
@@ -115,7 +116,7 @@ def test_numba_directions_agree_with_reference(N, F, H, C, dtype, seed, kind, la
     prob = _direction_problem(np.random.default_rng(seed), N, F, H, C, dtype)
     args = {k: prob[k] for k in _NEEDS[kind]}
     want = fisher_ngd.ngd_direction(kind, damping=lam, **args)
-    got = fisher_ngd.ngd_direction(kind, damping=lam, ops=nb, **args)
+    got = _ngd.ngd_direction(kind, damping=lam, backend=nb, **args)
     _close(got, want, dtype, kind)
 
 
@@ -259,5 +260,5 @@ def test_cupy_module_directions_on_numpy(monkeypatch, rng):
     prob = _direction_problem(rng, 5, 3, 3, 3, np.float64)
     for kind, needs in _NEEDS.items():
         args = {k: prob[k] for k in needs}
-        _close(fisher_ngd.ngd_direction(kind, damping=0.1, ops=mod, **args),
+        _close(_ngd.ngd_direction(kind, damping=0.1, backend=mod, **args),
                fisher_ngd.ngd_direction(kind, damping=0.1, **args), np.float64, kind)

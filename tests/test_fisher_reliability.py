@@ -11,6 +11,7 @@ from conftest import host_backend_params
 from fisheropt.workloads.models import MLP
 from hypothesis import example, given
 from hypothesis import strategies as st
+from test_fisher import _kwargs
 
 import fisheropt as fo
 
@@ -22,17 +23,6 @@ TINY = 2.0 ** -1074                   # the smallest subnormal
 C_BOUND, MAX_ERROR = 10.0, 1e-6
 
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")   # np.matrix, on purpose
-
-
-def _kwargs(kind, G, s, J, p, ls, lam, **extra):
-    kw = {"G": G, "damping": lam, **extra}
-    if kind == "ief":
-        kw["s"] = s
-    if kind in ("sf", "exact"):
-        kw.update(J=J, probs=p)
-    if kind == "sf":
-        kw["labels_sampled"] = ls
-    return kw
 
 
 def _softmax(z):

@@ -38,13 +38,9 @@ rule without a module here is unavailable on this backend only.
 * Float32 and float64 tensors may be mixed in one list (one launch group per
   dtype). Arrays must be C-contiguous (the optimizer classes check it).
 """
-import importlib
-
 import cupy  # noqa: F401  (an ImportError here is the registry's "why not")
 
-from fisheropt.refimpl import RULES
-
-from ..interface import BackendUnavailable
+from ..interface import BackendUnavailable, load_rule_functions
 from . import _device
 from ._device import from_dlpack_list  # noqa: F401
 from .esimcse import ema_update  # noqa: F401,E402  (ESimCSE momentum encoder)
@@ -69,21 +65,7 @@ def check_usable() -> None:
         raise BackendUnavailable("cupy is installed but no CUDA device is present")
 
 
-def _load_rules() -> None:
-    """``<rule>_step`` (and ``<rule>_step_checked`` where fused) from each rule's module here."""
-    for rule in RULES.values():
-        try:
-            module = importlib.import_module(f"{__name__}.{rule.name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{rule.name}":
-                continue          # no kernel for this rule on this backend (yet)
-            raise
-        for name in (rule.step_function, rule.step_function + "_checked"):
-            if hasattr(module, name):
-                globals()[name] = getattr(module, name)
-
-
-_load_rules()
+load_rule_functions(__name__, globals())
 
 engine = _device.engine
 

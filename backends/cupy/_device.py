@@ -14,7 +14,7 @@ from pathlib import Path
 
 import cupy
 
-from . import _kernels as K
+from . import _kernels
 from ._plan import Engine, set_default
 
 __all__ = ["CupyLauncher", "load_module", "engine", "from_dlpack_list"]
@@ -23,7 +23,7 @@ __all__ = ["CupyLauncher", "load_module", "engine", "from_dlpack_list"]
 class CupyLauncher:
     """The launcher interface of ``_plan.Engine`` on CuPy arrays and RawModules."""
 
-    block = K.BLOCK
+    block = _kernels.BLOCK
 
     def __init__(self):
         self._modules: dict = {}
@@ -55,11 +55,11 @@ class CupyLauncher:
         key = (self.device_key(), dtype, name)
         fn = self._functions.get(key)
         if fn is None:
-            mkey = key[:2]
-            module = self._modules.get(mkey)
+            module_key = key[:2]
+            module = self._modules.get(module_key)
             if module is None:
-                module = self._modules[mkey] = load_module(dtype, self.block)
-            fn = self._functions[key] = module.get_function(K.kernel_name(name, dtype))
+                module = self._modules[module_key] = load_module(dtype, self.block)
+            fn = self._functions[key] = module.get_function(_kernels.kernel_name(name, dtype))
         return fn
 
     def launch(self, dtype, name, grid, args):
@@ -86,17 +86,17 @@ def _cache_dir() -> Path:
                                Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fisheropt" / "cuda"))
 
 
-def load_module(dtype: str, block: int = K.BLOCK):
+def load_module(dtype: str, block: int = _kernels.BLOCK):
     """Compile (or load from the disk cache) the kernels for ``dtype`` on the current device.
 
     NVRTC is called directly with exactly ``_kernels.COMPILE_OPTIONS``; see there for why
     not ``cupy.RawModule`` (it forces -ftz=true)."""
     from cupy.cuda import function, nvrtc
-    src = K.source(dtype, block)
+    src = _kernels.source(dtype, block)
     arch, kind = _arch_option()
-    options = [arch, *K.COMPILE_OPTIONS]
+    options = [arch, *_kernels.COMPILE_OPTIONS]
     digest = hashlib.sha256("\0".join([src, *options, repr(nvrtc.getVersion())]).encode()).hexdigest()[:24]
-    path = _cache_dir() / f"fo_{K.suffix(dtype)}_{digest}.{kind}"
+    path = _cache_dir() / f"fo_{_kernels.suffix(dtype)}_{digest}.{kind}"
     data = None
     try:
         data = path.read_bytes()

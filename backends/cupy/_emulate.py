@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _kernels as K
+from . import _kernels
 
 _PRELUDE = r"""
 #include <cmath>
@@ -72,15 +72,16 @@ def compiler() -> str | None:
 
 
 def _wrapper(name: str, dtype: str) -> str:
-    kname = K.kernel_name(name, dtype)
-    sig = K._params(name, dtype)
-    args = ", ".join(a for _, a in K.kernels()[name].signature)
-    return f'extern "C" void emu_{kname}(int grid, {sig}) {{ fo_run_grid(grid, [=] {{ {kname}({args}); }}); }}\n'
+    kernel = _kernels.kernel_name(name, dtype)
+    parameters = _kernels.parameters(name, dtype)
+    args = ", ".join(a for _, a in _kernels.kernels()[name].signature)
+    return (f'extern "C" void emu_{kernel}(int grid, {parameters}) '
+            f'{{ fo_run_grid(grid, [=] {{ {kernel}({args}); }}); }}\n')
 
 
 def emulation_source(dtype: str, block: int) -> str:
-    src = K.source(dtype, block)
-    return _PRELUDE + src + _RUNNER + "".join(_wrapper(n, dtype) for n in K.kernels())
+    src = _kernels.source(dtype, block)
+    return _PRELUDE + src + _RUNNER + "".join(_wrapper(n, dtype) for n in _kernels.kernels())
 
 
 def _build(dtype: str, block: int, transform=None) -> ctypes.CDLL:
@@ -123,10 +124,10 @@ class CpuLauncher:
         lib = self._libs.get(dtype)
         if lib is None:
             lib = self._libs[dtype] = _build(dtype, self.block, self.transform)
-        fn = getattr(lib, f"emu_{K.kernel_name(name, dtype)}")
+        fn = getattr(lib, f"emu_{_kernels.kernel_name(name, dtype)}")
         t = ctypes.c_float if dtype == "float32" else ctypes.c_double
         fn.argtypes = [ctypes.c_int] + [t if c == "T" else _CTYPES.get(c, ctypes.c_void_p)
-                                        for c, _ in K.kernels()[name].signature]
+                                        for c, _ in _kernels.kernels()[name].signature]
         fn.restype = None
         return fn
 
@@ -154,16 +155,16 @@ class CpuLauncher:
 
     def launch(self, dtype, name, grid, args):
         self.calls.append((dtype, name, grid))
-        conv = []
-        for (c, _), v in zip(K.kernels()[name].signature, args):
-            if c.endswith("*"):
-                conv.append(ctypes.c_void_p(v.ctypes.data))
+        c_args = []
+        for (c_type, _), value in zip(_kernels.kernels()[name].signature, args):
+            if c_type.endswith("*"):
+                c_args.append(ctypes.c_void_p(value.ctypes.data))
             else:
-                conv.append(v.item() if hasattr(v, "item") else v)
-        self._fn(dtype, name)(grid, *conv)
+                c_args.append(value.item() if hasattr(value, "item") else value)
+        self._fn(dtype, name)(grid, *c_args)
 
 
-def compile_check(dtype: str, block: int = K.BLOCK) -> None:
+def compile_check(dtype: str, block: int = _kernels.BLOCK) -> None:
     """Build the emulation library (a syntax/type check of the kernel text with a host compiler)."""
     _build(dtype, block)
 

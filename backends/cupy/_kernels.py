@@ -35,12 +35,12 @@ Numerics
 
 Layout shared with the planner (``_plan``)
 ------------------------------------------
-* chunk table, int64 rows of ``CW`` = 4: (tensor, start, stop, start % cols);
+* chunk table, int64 rows of ``CHUNK_ROW`` = 4: (tensor, start, stop, start % cols);
   one block per row; a block's threads take groups of ``VEC`` consecutive
   elements, group j of the chunk at ``start + (j*BLOCK + tid)*VEC`` (16-byte
   vector loads when every pointer of the tensor is 16-byte aligned; the same
   element-to-thread mapping otherwise, so results never depend on alignment);
-* meta, int64 rows of ``MW`` = 8 per tensor: (size, first chunk, end chunk,
+* meta, int64 rows of ``META_ROW`` = 8 per tensor: (size, first chunk, end chunk,
   rows, cols, partial base, row chunks, 0);
 * pointer tables: one uint64 array per role (params, grads, m, v / f).
 """
@@ -50,10 +50,11 @@ import importlib
 import re
 from typing import NamedTuple
 
-CW = 4   # chunk table row width
-MW = 8   # meta row width
-TW = 5   # column-tile row width (coupled column sums): tensor, r0, r1, c0, partial offset
-CTW = 2  # column-finalize tile row width: tensor, c0
+CHUNK_ROW = 4     # int64 per row of the chunk table: tensor, start, stop, start % cols
+META_ROW = 8      # int64 per row of the meta table (one row per tensor)
+TILE_ROW = 5      # int64 per row tile of the coupled column sums: tensor, first row, end row, first column,
+#                   offset of the tile's partial sums
+COL_TILE_ROW = 2  # int64 per column tile of the coupled column finalize: tensor, first column
 
 BLOCK = 256
 #: elements per chunk (a multiple of every VEC); 64 KiB of float32 per array.
@@ -150,14 +151,15 @@ def kernel_name(name: str, dtype: str) -> str:
     return f"fo_{name}_{suffix(dtype)}"
 
 
-def _params(name: str, dtype: str) -> str:
-    t = ctype(dtype)
+def parameters(name: str, dtype: str) -> str:
+    """The C parameter list of kernel ``name`` for ``dtype`` (pointers ``__restrict__``)."""
+    param_type = ctype(dtype)
     out = []
-    for c, arg in kernels()[name].signature:
-        c = t if c == "T" else c
-        if c.endswith("*"):
-            c = c + " __restrict__"
-        out.append(f"{c} {arg}")
+    for c_type, arg in kernels()[name].signature:
+        c_type = param_type if c_type == "T" else c_type
+        if c_type.endswith("*"):
+            c_type = c_type + " __restrict__"
+        out.append(f"{c_type} {arg}")
     return ", ".join(out)
 
 
@@ -166,10 +168,10 @@ _HEADER = r"""
 typedef {CT} T;
 #define VEC {VEC}
 #define BLOCK {BLOCK}
-#define CW {CW}
-#define MW {MW}
-#define TW {TW}
-#define CTW {CTW}
+#define CHUNK_ROW {CHUNK_ROW}
+#define META_ROW {META_ROW}
+#define TILE_ROW {TILE_ROW}
+#define COL_TILE_ROW {COL_TILE_ROW}
 
 struct __align__(16) VecT {{ T x[VEC]; }};
 
@@ -205,24 +207,30 @@ __device__ __forceinline__ void store_group(T* a, long long base, long long stop
     }}
 }}
 
-// Deterministic block sum (fixed tree); all BLOCK threads must call it.
-__device__ __forceinline__ double block_sum(double x, double* sh) {{
-    sh[threadIdx.x] = x;
+// Deterministic block sum (fixed tree) through `shared` (BLOCK doubles); all BLOCK threads must call it.
+__device__ __forceinline__ double block_sum(double x, double* shared) {{
+    shared[threadIdx.x] = x;
     __syncthreads();
-    for (int s = BLOCK / 2; s > 0; s >>= 1) {{
-        if ((int)threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    for (int half = BLOCK / 2; half > 0; half >>= 1) {{
+        if ((int)threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
         __syncthreads();
     }}
-    const double r = sh[0];
+    const double sum = shared[0];
     __syncthreads();
-    return r;
+    return sum;
 }}
 
+// This block's row of the chunk table: tensor t, elements [start, stop).
 #define CHUNK_HEADER \
-    const long long* ch = chunks + (long long)CW * blockIdx.x; \
-    const int t = (int)ch[0]; \
-    const long long start = ch[1]; \
-    const long long stop = ch[2];
+    const long long* chunk = chunks + (long long)CHUNK_ROW * blockIdx.x; \
+    const int t = (int)chunk[0]; \
+    const long long start = chunk[1]; \
+    const long long stop = chunk[2];
+
+// Tensor t of a pointer table as a `type*` into global memory.
+#define TENSOR(type, name, table) \
+    type* name = (type*)(table)[t]; \
+    FO_ASSUME_GLOBAL(name)
 
 #define FOR_GROUPS(base) \
     for (long long base = start + (long long)threadIdx.x * VEC; base < stop; base += (long long)BLOCK * VEC)
@@ -239,14 +247,14 @@ def kernel_source(name: str, dtype: str) -> str:
     dtype = str(dtype)
     body = _math(kernels()[name].body, dtype)
     return (f'extern "C" __global__ void __launch_bounds__(BLOCK) '
-            f"{kernel_name(name, dtype)}({_params(name, dtype)})\n{{{body}}}\n")
+            f"{kernel_name(name, dtype)}({parameters(name, dtype)})\n{{{body}}}\n")
 
 
 def header(dtype: str, block: int = BLOCK) -> str:
     """The shared header for ``dtype``, then the rule modules' ``__device__`` helpers."""
     dtype = str(dtype)
-    text = _HEADER.format(DTYPE=dtype, CT=ctype(dtype), VEC=vec(dtype), BLOCK=int(block), CW=CW, MW=MW, TW=TW,
-                          CTW=CTW)
+    text = _HEADER.format(DTYPE=dtype, CT=ctype(dtype), VEC=vec(dtype), BLOCK=int(block), CHUNK_ROW=CHUNK_ROW,
+                          META_ROW=META_ROW, TILE_ROW=TILE_ROW, COL_TILE_ROW=COL_TILE_ROW)
     return text + "".join(_math(code, dtype) for code in _collect()["device_code"])
 
 

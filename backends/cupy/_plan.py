@@ -36,16 +36,16 @@ from contextvars import ContextVar
 
 import numpy as np
 
-from . import _kernels as K
+from . import _kernels
 
 _DTYPE_NAMES = {np.dtype("float32"): "float32", np.dtype("float64"): "float64"}
 
 
 # ---- tables (pure functions of shapes) -------------------------------------------
-def chunk_table(sizes, chunk: int = K.CHUNK, cols=None):
+def chunk_table(sizes, chunk: int = _kernels.CHUNK, cols=None):
     """Split tensors of the given sizes into chunks of at most ``chunk`` elements.
 
-    Returns ``(table, first)``: ``table`` is int64 of shape (n_chunks, CW) with rows
+    Returns ``(table, first)``: ``table`` is int64 of shape (n_chunks, CHUNK_ROW) with rows
     (tensor, start, stop, start % cols[tensor]) — the last column is 0 when
     ``cols`` is None — ordered by tensor then start; ``first`` (n_tensors + 1)
     gives each tensor's chunk range ``first[i]:first[i+1]``. Every element of
@@ -59,7 +59,7 @@ def chunk_table(sizes, chunk: int = K.CHUNK, cols=None):
     counts = [-(-s // chunk) for s in sizes]
     first = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(counts, out=first[1:])
-    table = np.zeros((int(first[-1]), K.CW), dtype=np.int64)
+    table = np.zeros((int(first[-1]), _kernels.CHUNK_ROW), dtype=np.int64)
     for i, (size, n) in enumerate(zip(sizes, counts)):
         if n == 0:
             continue
@@ -82,41 +82,41 @@ def rows_per_tile(rows: int, cols: int, block: int, *, min_rows: int = 32, max_r
     return int(min(max_rows, max(min_rows, want)))
 
 
-def coupled_tables(shapes, block: int = K.BLOCK, **tile_kw):
+def coupled_tables(shapes, block: int = _kernels.BLOCK, **tile_kw):
     """Tables of the coupled column reduction for V×d tensors.
 
-    Returns ``(tiles, ctiles, pbase, nrc, n_partial)``: ``tiles`` (TW columns:
-    tensor, r0, r1, c0, partial offset of this row tile) — one block each, a
-    thread per column; ``ctiles`` (tensor, c0) — one block per ``block``
-    columns for the finalize; per tensor the float64 partial array offset
-    ``pbase`` and the number of row tiles ``nrc`` (partial[pbase + k*d + c]
+    Returns ``(tiles, col_tiles, partial_base, n_row_tiles, n_partial)``: ``tiles`` (TILE_ROW
+    columns: tensor, first row, end row, first column, partial offset of this row tile) — one
+    block each, a thread per column; ``col_tiles`` (tensor, first column) — one block per
+    ``block`` columns for the finalize; per tensor the float64 partial array offset
+    ``partial_base`` and the number of row tiles ``n_row_tiles`` (partial[partial_base + k*d + c]
     is the sum over row tile k of column c); ``n_partial`` the total length.
     """
-    tiles, ctiles, pbase, nrc = [], [], [], []
+    tiles, col_tiles, partial_base, row_tile_counts = [], [], [], []
     offset = 0
     for i, shape in enumerate(shapes):
         if len(shape) != 2:
             raise ValueError(f"coupled tensor {i} has shape {tuple(shape)}; it must be 2-D (V×d)")
         rows, cols = int(shape[0]), int(shape[1])
-        rpt = rows_per_tile(rows, cols, block, **tile_kw)
-        n_row_tiles = -(-rows // rpt) if cols > 0 else 0
-        pbase.append(offset)
-        nrc.append(n_row_tiles)
+        rows_in_tile = rows_per_tile(rows, cols, block, **tile_kw)
+        n_row_tiles = -(-rows // rows_in_tile) if cols > 0 else 0
+        partial_base.append(offset)
+        row_tile_counts.append(n_row_tiles)
         for k in range(n_row_tiles):
-            r0, r1 = k * rpt, min(rows, (k + 1) * rpt)
+            r0, r1 = k * rows_in_tile, min(rows, (k + 1) * rows_in_tile)
             for c0 in range(0, cols, block):
                 tiles.append((i, r0, r1, c0, offset + k * cols))
         for c0 in range(0, cols, block):
-            ctiles.append((i, c0))
+            col_tiles.append((i, c0))
         offset += n_row_tiles * cols
-    tiles = np.array(tiles, dtype=np.int64).reshape(-1, K.TW)
-    ctiles = np.array(ctiles, dtype=np.int64).reshape(-1, K.CTW)
-    return tiles, ctiles, np.array(pbase, np.int64), np.array(nrc, np.int64), offset
+    tiles = np.array(tiles, dtype=np.int64).reshape(-1, _kernels.TILE_ROW)
+    col_tiles = np.array(col_tiles, dtype=np.int64).reshape(-1, _kernels.COL_TILE_ROW)
+    return tiles, col_tiles, np.array(partial_base, np.int64), np.array(row_tile_counts, np.int64), offset
 
 
-def meta_table(shapes, first, pbase=None, nrc=None):
-    """Per-tensor rows of MW int64: size, first chunk, end chunk, rows, cols, partial base, row tiles, 0."""
-    meta = np.zeros((len(shapes), K.MW), dtype=np.int64)
+def meta_table(shapes, first, partial_base=None, n_row_tiles=None):
+    """Per-tensor rows of META_ROW int64: size, first chunk, end chunk, rows, cols, partial base, row tiles, 0."""
+    meta = np.zeros((len(shapes), _kernels.META_ROW), dtype=np.int64)
     for i, shape in enumerate(shapes):
         size = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
         meta[i, 0] = size
@@ -124,9 +124,9 @@ def meta_table(shapes, first, pbase=None, nrc=None):
         meta[i, 2] = first[i + 1]
         if len(shape) == 2:
             meta[i, 3], meta[i, 4] = int(shape[0]), int(shape[1])
-    if pbase is not None:
-        meta[:, 5] = pbase
-        meta[:, 6] = nrc
+    if partial_base is not None:
+        meta[:, 5] = partial_base
+        meta[:, 6] = n_row_tiles
     return meta
 
 
@@ -134,12 +134,12 @@ _CONVERTERS: dict = {}
 
 
 def _converters(name: str, dtype: str):
-    conv = _CONVERTERS.get((name, dtype))
-    if conv is None:
-        t = np.dtype(dtype).type
-        table = {"T": t, "double": np.float64, "int": np.int32, "long long": np.int64}
-        conv = _CONVERTERS[(name, dtype)] = [(arg, table.get(ctype)) for ctype, arg in K.kernels()[name].signature]
-    return conv
+    converters = _CONVERTERS.get((name, dtype))
+    if converters is None:
+        by_c_type = {"T": np.dtype(dtype).type, "double": np.float64, "int": np.int32, "long long": np.int64}
+        converters = _CONVERTERS[(name, dtype)] = [(arg, by_c_type.get(c_type))
+                                                   for c_type, arg in _kernels.kernels()[name].signature]
+    return converters
 
 
 def kernel_args(name: str, dtype: str, values: dict) -> list:
@@ -147,13 +147,13 @@ def kernel_args(name: str, dtype: str, values: dict) -> list:
     C type (``T`` -> numpy float32/float64 scalar, ``double`` -> float64,
     ``int`` -> int32, ``long long`` -> int64): a Python float passed to a ``float``
     parameter would be sent as a double and read as garbage."""
-    conv = _converters(name, dtype)
-    if len(values) != len(conv) or any(arg not in values for arg, _ in conv):
-        sig = [a for a, _ in conv]
+    converters = _converters(name, dtype)
+    if len(values) != len(converters) or any(arg not in values for arg, _ in converters):
+        sig = [a for a, _ in converters]
         missing = [a for a in sig if a not in values]
         extra = sorted(set(values) - set(sig))
         raise TypeError(f"kernel {name}: missing {missing}, unexpected {extra}")
-    return [values[arg] if c is None else c(values[arg]) for arg, c in conv]
+    return [values[arg] if c is None else c(values[arg]) for arg, c in converters]
 
 
 # ---- hyperparameters: one value for all tensors, or one per tensor ------------------
@@ -200,19 +200,30 @@ class Plan:
         self.host = {"chunks": table, "first": first}
         self.n_partial = 0
         if kind == "coupled":
-            tiles, ctiles, pbase, nrc, n_partial = coupled_tables(shapes, block, **tile_kw)
-            meta = meta_table(shapes, first, pbase, nrc)
-            self.n_tiles, self.n_ctiles, self.n_partial = int(tiles.shape[0]), int(ctiles.shape[0]), int(n_partial)
-            self.host.update(tiles=tiles, ctiles=ctiles, meta=meta)
-            self.tiles = launcher.upload(tiles if len(tiles) else np.zeros((1, K.TW), np.int64))
-            self.ctiles = launcher.upload(ctiles if len(ctiles) else np.zeros((1, K.CTW), np.int64))
+            tiles, col_tiles, partial_base, n_row_tiles, n_partial = coupled_tables(shapes, block, **tile_kw)
+            meta = meta_table(shapes, first, partial_base, n_row_tiles)
+            self.n_tiles, self.n_col_tiles = int(tiles.shape[0]), int(col_tiles.shape[0])
+            self.n_partial = int(n_partial)
+            self.host.update(tiles=tiles, col_tiles=col_tiles, meta=meta)
+            self.tiles = launcher.upload(tiles if len(tiles) else np.zeros((1, _kernels.TILE_ROW), np.int64))
+            self.col_tiles = launcher.upload(col_tiles if len(col_tiles)
+                                             else np.zeros((1, _kernels.COL_TILE_ROW), np.int64))
         else:
             meta = meta_table(shapes, first)
             self.host["meta"] = meta
-        self.chunks = launcher.upload(table if len(table) else np.zeros((1, K.CW), np.int64))
+        self.chunks = launcher.upload(table if len(table) else np.zeros((1, _kernels.CHUNK_ROW), np.int64))
         self.meta = launcher.upload(meta)
         self._launcher = launcher
         self._scratch: dict = {}
+
+    @property
+    def tables(self) -> dict:
+        """The device tables by the kernels' argument names: chunks and meta (and, coupled, the
+        row tiles and column tiles)."""
+        tables = {"chunks": self.chunks, "meta": self.meta}
+        if self.kind == "coupled":
+            tables.update(tiles=self.tiles, col_tiles=self.col_tiles)
+        return tables
 
     def scratch(self, name: str, *sizes: int) -> tuple:
         """float64 device buffers of the given lengths (at least 1 each), allocated on first use
@@ -227,11 +238,11 @@ class Engine:
     """Caches and launches over one launcher (CuPy, or the CPU emulator); the rule modules
     build the launches of a step with it."""
 
-    def __init__(self, launcher, *, chunk: int = K.CHUNK, tile_kw=None,
+    def __init__(self, launcher, *, chunk: int = _kernels.CHUNK, tile_kw=None,
                  max_plans: int = 32, max_pointer_tables: int = 64):
         if chunk % 4:
             raise ValueError("chunk must be a multiple of 4")
-        self.L = launcher
+        self.launcher = launcher
         # the kernels are compiled for the launcher's block size; the column tiles must match it
         self.chunk, self.block = int(chunk), int(launcher.block)
         self.tile_kw = dict(tile_kw or {})
@@ -267,14 +278,14 @@ class Engine:
 
         def build():
             self.stats["plans_built"] += 1
-            return Plan(self.L, kind, dtype, shapes, chunk=self.chunk, block=self.block, tile_kw=self.tile_kw)
+            return Plan(self.launcher, kind, dtype, shapes, chunk=self.chunk, block=self.block, tile_kw=self.tile_kw)
 
-        return self._cached(self._plans, (self.L.device_key(), kind, dtype, shapes, slot), build, self.max_plans)
+        return self._cached(self._plans, (self.launcher.device_key(), kind, dtype, shapes, slot), build, self.max_plans)
 
     def pointers(self, arrays):
         """Device uint64 array of the arrays' data pointers (cached by the pointer values)."""
-        L = self.L
-        ptrs = L.ptrs(arrays)
+        launcher = self.launcher
+        ptrs = launcher.ptrs(arrays)
 
         def build():
             for i, a in enumerate(arrays):
@@ -282,9 +293,9 @@ class Engine:
                     raise ValueError(f"array {i} (shape {tuple(a.shape)}) is not C-contiguous; "
                                      "the cupy backend needs contiguous arrays")
             self.stats["pointer_uploads"] += 1
-            return L.upload(np.array(ptrs, dtype=np.uint64))
+            return launcher.upload(np.array(ptrs, dtype=np.uint64))
 
-        return self._cached(self._ptrs, (L.device_key(), ptrs), build, self.max_pointer_tables)
+        return self._cached(self._ptrs, (launcher.device_key(), ptrs), build, self.max_pointer_tables)
 
     # ---- grouping ----------------------------------------------------------------
     @staticmethod
@@ -326,11 +337,35 @@ class Engine:
                 out.setdefault((dtype, entry[1]), (entry[0], []))[1].append(i)
         return [(dtype, row, idx) for (dtype, _), (row, idx) in out.items()]
 
+    def launch_groups(self, kind: str, scalars, values: dict, **arrays):
+        """Per launch group of a step (:meth:`scalar_groups`): ``(dtype, host scalars, plan,
+        pointer tables)``.
+
+        ``arrays`` maps a kernel's pointer-table argument to the step's list for it
+        (``param_ptrs=params, grad_ptrs=grads, ...``); the first list decides the groups and the
+        plan of ``kind``, and each group gets the device pointer tables of its slice of every list,
+        under the same names. Nothing is yielded for an empty step."""
+        names = list(arrays)
+        lists = [list(arrays[name]) for name in names]
+        if not lists[0]:
+            return
+        for slot, (dtype, row, idx) in enumerate(self.scalar_groups(lists[0], values, scalars)):
+            group = select(idx, *lists)
+            plan = self.plan(kind, dtype, group[0], slot)
+            yield dtype, row, plan, {name: self.pointers(part) for name, part in zip(names, group)}
+
     # ---- launches ----------------------------------------------------------------
     @staticmethod
     def prepared(name, dtype, grid, **values):
         """One launch with its arguments converted (which can fail); nothing runs yet."""
         return (dtype, name, int(grid), kernel_args(name, dtype, values))
+
+    @classmethod
+    def prepared_from(cls, name, dtype, grid, available: dict):
+        """:meth:`prepared` with the kernel's arguments taken by name from ``available`` (the
+        group's tables, pointer tables, scratch and host scalars, which may hold more)."""
+        signature = _kernels.kernels()[name].signature
+        return cls.prepared(name, dtype, grid, **{arg: available[arg] for _, arg in signature if arg in available})
 
     def run(self, launches) -> None:
         """Enqueue prepared launches in order. A step prepares all of its launches, every
@@ -338,16 +373,16 @@ class Engine:
         for dtype, name, grid, args in launches:
             if grid > 0:
                 self.stats["launches"] += 1
-                self.L.launch(dtype, name, grid, args)
+                self.launcher.launch(dtype, name, grid, args)
         self._generation += 1
 
     def new_flag(self):
         """A device int, 0: set to 1 by the check kernels that see a non-finite value."""
-        return self.L.zeros_i32(1)
+        return self.launcher.zeros_i32(1)
 
     def flag_set(self, flag) -> bool:
         """Read the flag back (the one host synchronisation of a checked step)."""
-        return self.L.read_i32(flag) != 0
+        return self.launcher.read_i32(flag) != 0
 
 
 # ---- the engine the step functions run on ----------------------------------------------

@@ -11,46 +11,47 @@ kernel runs AdamW (``adamw.py``, mode 2) and the uncoupled tensors of Coupled Ad
 from fisheropt.refimpl.adam import RULE
 
 from ._kernels import Kernel
-from ._plan import current, select
+from ._plan import current
 
 __all__ = ["adam_step", "adam_launches"]
 
 ADAM, ADAM_L2, ADAMW = 0, 1, 2   # how weight decay enters (the kernel's ``mode``)
 
 KERNELS = {
-    # ---- Adam (mode 0: no decay, 1: L2 decay g += wd*θ) and AdamW (mode 2: θ *= 1 - lr*wd).
+    # ---- Adam (mode 0: no decay, 1: L2 decay g += weight_decay*θ) and AdamW (mode 2: θ *= decay_factor,
+    # decay_factor = 1 - lr*weight_decay).
     "adam": Kernel(
-        [("const long long*", "chunks"), ("const unsigned long long*", "P"),
-         ("const unsigned long long*", "G"), ("const unsigned long long*", "M"),
-         ("const unsigned long long*", "V"), ("int", "mode"),
-         ("T", "wd"), ("T", "decay"), ("T", "b1"), ("T", "omb1"), ("T", "b2"), ("T", "omb2"),
-         ("T", "step_size"), ("T", "bc2s"), ("T", "eps")], r"""
+        [("const long long*", "chunks"), ("const unsigned long long*", "param_ptrs"),
+         ("const unsigned long long*", "grad_ptrs"), ("const unsigned long long*", "m_ptrs"),
+         ("const unsigned long long*", "v_ptrs"), ("int", "mode"),
+         ("T", "weight_decay"), ("T", "decay_factor"), ("T", "beta1"), ("T", "one_minus_beta1"), ("T", "beta2"),
+         ("T", "one_minus_beta2"), ("T", "step_size"), ("T", "bias_correction2_sqrt"), ("T", "eps")], r"""
     CHUNK_HEADER
-    T* p = (T*)P[t]; FO_ASSUME_GLOBAL(p);
-    const T* g = (const T*)G[t]; FO_ASSUME_GLOBAL(g);
-    T* m = (T*)M[t]; FO_ASSUME_GLOBAL(m);
-    T* v = (T*)V[t]; FO_ASSUME_GLOBAL(v);
-    const bool al = aligned16(P[t] | G[t] | M[t] | V[t]);
+    TENSOR(T, theta, param_ptrs);
+    TENSOR(const T, g, grad_ptrs);
+    TENSOR(T, m, m_ptrs);
+    TENSOR(T, v, v_ptrs);
+    const bool aligned = aligned16(param_ptrs[t] | grad_ptrs[t] | m_ptrs[t] | v_ptrs[t]);
     FOR_GROUPS(base) {
-        const bool full = al && base + VEC <= stop;
-        T pr[VEC], gr[VEC], mr[VEC], vr[VEC];
-        load_group(p, base, stop, full, pr);
-        load_group(g, base, stop, full, gr);
-        load_group(m, base, stop, full, mr);
-        load_group(v, base, stop, full, vr);
+        const bool full = aligned && base + VEC <= stop;
+        T theta_group[VEC], g_group[VEC], m_group[VEC], v_group[VEC];
+        load_group(theta, base, stop, full, theta_group);
+        load_group(g, base, stop, full, g_group);
+        load_group(m, base, stop, full, m_group);
+        load_group(v, base, stop, full, v_group);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            T gi = gr[k];
-            if (mode == 1) gi = gi + wd * pr[k];
-            if (mode == 2) pr[k] = pr[k] * decay;
-            mr[k] = b1 * mr[k] + omb1 * gi;
-            vr[k] = b2 * vr[k] + omb2 * (gi * gi);
-            const T denom = {SQRT}(vr[k]) / bc2s + eps;
-            pr[k] = pr[k] - step_size * (mr[k] / denom);
+            T gi = g_group[k];
+            if (mode == 1) gi = gi + weight_decay * theta_group[k];
+            if (mode == 2) theta_group[k] = theta_group[k] * decay_factor;
+            m_group[k] = beta1 * m_group[k] + one_minus_beta1 * gi;
+            v_group[k] = beta2 * v_group[k] + one_minus_beta2 * (gi * gi);
+            const T denom = {SQRT}(v_group[k]) / bias_correction2_sqrt + eps;
+            theta_group[k] = theta_group[k] - step_size * (m_group[k] / denom);
         }
-        store_group(p, base, stop, full, pr);
-        store_group(m, base, stop, full, mr);
-        store_group(v, base, stop, full, vr);
+        store_group(theta, base, stop, full, theta_group);
+        store_group(m, base, stop, full, m_group);
+        store_group(v, base, stop, full, v_group);
     }
 """),
 }
@@ -59,27 +60,19 @@ KERNELS = {
 def adam_scalars(*, step, lr, beta1, beta2, eps, weight_decay, decoupled):
     """One tensor's kernel scalars, float64 on the host (rounded to its dtype at the launch)."""
     c = RULE.coefficients(step, lr=lr, beta1=beta1, beta2=beta2)
-    return dict(mode=ADAMW if decoupled else (ADAM_L2 if weight_decay != 0 else ADAM), wd=weight_decay,
-                decay=1 - lr * weight_decay, b1=beta1, omb1=1 - beta1, b2=beta2, omb2=1 - beta2,
-                step_size=c["step_size"], bc2s=c["bias_correction2_sqrt"], eps=eps)
+    return dict(mode=ADAMW if decoupled else (ADAM_L2 if weight_decay != 0 else ADAM), weight_decay=weight_decay,
+                decay_factor=1 - lr * weight_decay, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2,
+                one_minus_beta2=1 - beta2, step_size=c["step_size"], bias_correction2_sqrt=c["bias_correction2_sqrt"],
+                eps=eps)
 
 
 def adam_launches(engine, params, grads, m, v, *, decoupled, **hyperparams) -> list:
     """The launches of one Adam (``decoupled``: AdamW) step, every argument converted: one per
     dtype and set of host scalars. Nothing is written until they run."""
-    params = list(params)
-    if not params:
-        return []
-    grads, m, v = list(grads), list(m), list(v)
-    launches = []
-    for slot, (dtype, scalars, idx) in enumerate(
-            engine.scalar_groups(params, {**hyperparams, "decoupled": decoupled}, adam_scalars)):
-        P, G, M, V = select(idx, params, grads, m, v)
-        plan = engine.plan("elem", dtype, P, slot)
-        launches.append(engine.prepared(
-            "adam", dtype, plan.n_chunks, chunks=plan.chunks,
-            P=engine.pointers(P), G=engine.pointers(G), M=engine.pointers(M), V=engine.pointers(V), **scalars))
-    return launches
+    return [engine.prepared_from("adam", dtype, plan.n_chunks, {**plan.tables, **pointers, **scalars})
+            for dtype, scalars, plan, pointers in engine.launch_groups(
+                "elem", adam_scalars, {**hyperparams, "decoupled": decoupled},
+                param_ptrs=params, grad_ptrs=grads, m_ptrs=m, v_ptrs=v)]
 
 
 def adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):

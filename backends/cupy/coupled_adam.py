@@ -28,71 +28,72 @@ KERNELS = {
     # ---- Coupled Adam pass 1: float64 column sums of g^2 over a tile of rows (thread = column).
     "colsumsq": Kernel(
         [("const long long*", "tiles"), ("const long long*", "meta"),
-         ("const unsigned long long*", "G"), ("double*", "partial")], r"""
-    const long long* tl = tiles + (long long)TW * blockIdx.x;
-    const int t = (int)tl[0];
-    const long long r0 = tl[1], r1 = tl[2];
-    const long long c = tl[3] + threadIdx.x;
-    const long long d = meta[(long long)MW * t + 4];
-    if (c < d) {
-        const T* g = (const T*)G[t]; FO_ASSUME_GLOBAL(g);
+         ("const unsigned long long*", "grad_ptrs"), ("double*", "partials")], r"""
+    const long long* tile = tiles + (long long)TILE_ROW * blockIdx.x;
+    const int t = (int)tile[0];
+    const long long row_begin = tile[1], row_end = tile[2];
+    const long long col = tile[3] + threadIdx.x;
+    const long long d = meta[(long long)META_ROW * t + 4];
+    if (col < d) {
+        TENSOR(const T, g, grad_ptrs);
         double acc = 0;
 #pragma unroll 8
-        for (long long r = r0; r < r1; ++r) { const double x = (double)g[r * d + c]; acc += x * x; }
-        partial[tl[4] + c] = acc;
+        for (long long r = row_begin; r < row_end; ++r) { const double x = (double)g[r * d + col]; acc += x * x; }
+        partials[tile[4] + col] = acc;
     }
 """),
     # ---- Coupled Adam pass 2: column mean over all rows (fixed order), v_col EMA.
     "coupled_v": Kernel(
-        [("const long long*", "ctiles"), ("const long long*", "meta"), ("const double*", "partial"),
-         ("const unsigned long long*", "Vc"), ("T", "b2"), ("T", "omb2")], r"""
-    const int t = (int)ctiles[(long long)CTW * blockIdx.x];
-    const long long c = ctiles[(long long)CTW * blockIdx.x + 1] + threadIdx.x;
-    const long long* mt = meta + (long long)MW * t;
-    const long long rows = mt[3], d = mt[4], pbase = mt[5], nrc = mt[6];
-    if (c < d) {
-        double s = 0;
-        for (long long k = 0; k < nrc; ++k) s += partial[pbase + k * d + c];
-        const T cm = (T)(s / (double)rows);
-        T* v = (T*)Vc[t]; FO_ASSUME_GLOBAL(v);
-        v[c] = b2 * v[c] + omb2 * cm;
+        [("const long long*", "col_tiles"), ("const long long*", "meta"), ("const double*", "partials"),
+         ("const unsigned long long*", "v_col_ptrs"), ("T", "beta2"), ("T", "one_minus_beta2")], r"""
+    const int t = (int)col_tiles[(long long)COL_TILE_ROW * blockIdx.x];
+    const long long col = col_tiles[(long long)COL_TILE_ROW * blockIdx.x + 1] + threadIdx.x;
+    const long long* tensor_meta = meta + (long long)META_ROW * t;
+    const long long rows = tensor_meta[3], d = tensor_meta[4];
+    const long long partial_base = tensor_meta[5], n_row_tiles = tensor_meta[6];
+    if (col < d) {
+        double col_sum = 0;
+        for (long long k = 0; k < n_row_tiles; ++k) col_sum += partials[partial_base + k * d + col];
+        const T col_mean = (T)(col_sum / (double)rows);
+        TENSOR(T, v, v_col_ptrs);
+        v[col] = beta2 * v[col] + one_minus_beta2 * col_mean;
     }
 """),
     # ---- Coupled Adam pass 3: AdamW with the per-column second moment.
     "coupled_apply": Kernel(
         [("const long long*", "chunks"), ("const long long*", "meta"),
-         ("const unsigned long long*", "P"), ("const unsigned long long*", "G"),
-         ("const unsigned long long*", "M"), ("const unsigned long long*", "Vc"),
-         ("T", "decay"), ("T", "b1"), ("T", "omb1"), ("T", "step_size"), ("T", "bc2s"),
-         ("T", "eps")], r"""
+         ("const unsigned long long*", "param_ptrs"), ("const unsigned long long*", "grad_ptrs"),
+         ("const unsigned long long*", "m_ptrs"), ("const unsigned long long*", "v_col_ptrs"),
+         ("T", "decay_factor"), ("T", "beta1"), ("T", "one_minus_beta1"), ("T", "step_size"),
+         ("T", "bias_correction2_sqrt"), ("T", "eps")], r"""
     CHUNK_HEADER
-    const long long d = meta[(long long)MW * t + 4];
-    T* p = (T*)P[t]; FO_ASSUME_GLOBAL(p);
-    const T* g = (const T*)G[t]; FO_ASSUME_GLOBAL(g);
-    T* m = (T*)M[t]; FO_ASSUME_GLOBAL(m);
-    const T* v = (const T*)Vc[t]; FO_ASSUME_GLOBAL(v);
-    const bool al = aligned16(P[t] | G[t] | M[t]);
+    const long long d = meta[(long long)META_ROW * t + 4];
+    TENSOR(T, theta, param_ptrs);
+    TENSOR(const T, g, grad_ptrs);
+    TENSOR(T, m, m_ptrs);
+    TENSOR(const T, v, v_col_ptrs);
+    const bool aligned = aligned16(param_ptrs[t] | grad_ptrs[t] | m_ptrs[t]);
     FOR_GROUPS(base) {
-        const bool full = al && base + VEC <= stop;
+        const bool full = aligned && base + VEC <= stop;
         // column of element `base`: (start % d) + offset in chunk, reduced mod d without a
         // 64-bit division (offset < chunk < 2^31, so 32 bits suffice below 2^31 columns)
-        long long col = ch[3] + (base - start);
+        long long col = chunk[3] + (base - start);
         if (d >= 0x80000000LL) { if (col >= d) col -= d; }
         else col = (long long)((unsigned)col % (unsigned)d);
-        T pr[VEC], gr[VEC], mr[VEC];
-        load_group(p, base, stop, full, pr);
-        load_group(g, base, stop, full, gr);
-        load_group(m, base, stop, full, mr);
+        T theta_group[VEC], g_group[VEC], m_group[VEC];
+        load_group(theta, base, stop, full, theta_group);
+        load_group(g, base, stop, full, g_group);
+        load_group(m, base, stop, full, m_group);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            const T denom = {SQRT}(v[col]) / bc2s + eps;
-            pr[k] = pr[k] * decay;
-            mr[k] = b1 * mr[k] + omb1 * gr[k];
-            pr[k] = pr[k] - step_size * (mr[k] / denom);
+            const T denom = {SQRT}(v[col]) / bias_correction2_sqrt + eps;
+            theta_group[k] = theta_group[k] * decay_factor;
+            m_group[k] = beta1 * m_group[k] + one_minus_beta1 * g_group[k];
+            theta_group[k] = theta_group[k] - step_size * (m_group[k] / denom);
             if (++col == d) col = 0;
         }
-        store_group(p, base, stop, full, pr);
-        store_group(m, base, stop, full, mr);
+        store_group(theta, base, stop, full, theta_group);
+        store_group(m, base, stop, full, m_group);
     }
 """),
 }
@@ -101,33 +102,22 @@ KERNELS = {
 def coupled_scalars(*, step, lr, beta1, beta2, eps, weight_decay):
     """One coupled tensor's kernel scalars, float64 on the host."""
     c = RULE.coefficients(step, lr=lr, beta1=beta1, beta2=beta2)
-    return dict(decay=1 - lr * weight_decay, b1=beta1, omb1=1 - beta1, b2=beta2, omb2=1 - beta2,
-                step_size=c["step_size"], bc2s=c["bias_correction2_sqrt"], eps=eps)
+    return dict(decay_factor=1 - lr * weight_decay, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2,
+                one_minus_beta2=1 - beta2, step_size=c["step_size"],
+                bias_correction2_sqrt=c["bias_correction2_sqrt"], eps=eps)
 
 
 def _coupled_only(engine, params, grads, m, v_col, check, flag, hyperparams):
-    params = list(params)
-    if not params:
-        return [], []
-    grads, m, v_col = list(grads), list(m), list(v_col)
     first, rest = [], []
-    for slot, (dtype, sc, idx) in enumerate(engine.scalar_groups(params, hyperparams, coupled_scalars)):
-        P, G, M, Vc = select(idx, params, grads, m, v_col)
-        plan = engine.plan("coupled", dtype, P, slot)
-        (partial,) = plan.scratch("colsum", plan.n_partial)
-        Gp, Vp = engine.pointers(G), engine.pointers(Vc)
-        first.append(engine.prepared("colsumsq", dtype, plan.n_tiles, tiles=plan.tiles, meta=plan.meta, G=Gp,
-                                     partial=partial))
+    for dtype, scalars, plan, pointers in engine.launch_groups(
+            "coupled", coupled_scalars, hyperparams, param_ptrs=params, grad_ptrs=grads, m_ptrs=m, v_col_ptrs=v_col):
+        (partials,) = plan.scratch("colsum", plan.n_partial)
+        available = {**plan.tables, **pointers, **scalars, "partials": partials}
+        first.append(engine.prepared_from("colsumsq", dtype, plan.n_tiles, available))
         if check:
-            first.append(partials_finite_launch(engine, dtype, partial, plan.n_partial, flag))
-        rest += [
-            engine.prepared("coupled_v", dtype, plan.n_ctiles, ctiles=plan.ctiles, meta=plan.meta,
-                            partial=partial, Vc=Vp, b2=sc["b2"], omb2=sc["omb2"]),
-            engine.prepared("coupled_apply", dtype, plan.n_chunks, chunks=plan.chunks, meta=plan.meta,
-                            P=engine.pointers(P), G=Gp, M=engine.pointers(M), Vc=Vp, decay=sc["decay"],
-                            b1=sc["b1"], omb1=sc["omb1"], step_size=sc["step_size"], bc2s=sc["bc2s"],
-                            eps=sc["eps"]),
-        ]
+            first.append(partials_finite_launch(engine, dtype, partials, plan.n_partial, flag))
+        rest += [engine.prepared_from("coupled_v", dtype, plan.n_col_tiles, available),
+                 engine.prepared_from("coupled_apply", dtype, plan.n_chunks, available)]
     return first, rest
 
 
@@ -140,13 +130,14 @@ def coupled_adam_launches(engine, params, grads, m, v, *, coupled, check=False, 
     n = len(params)
     coupled = list(coupled)
     check_per_tensor(n, {**hyperparams, "coupled": coupled})
-    yes = [i for i, c in enumerate(coupled) if c]
-    no = [i for i, c in enumerate(coupled) if not c]
-    first, rest = _coupled_only(engine, *select(yes, params, grads, m, v), check, flag, pick(yes, hyperparams))
-    uncoupled = select(no, params, grads, m, v)
+    coupled_idx = [i for i, c in enumerate(coupled) if c]
+    adamw_idx = [i for i, c in enumerate(coupled) if not c]
+    first, rest = _coupled_only(engine, *select(coupled_idx, params, grads, m, v), check, flag,
+                                pick(coupled_idx, hyperparams))
+    uncoupled = select(adamw_idx, params, grads, m, v)
     if check:
         first += finite_launches(engine, uncoupled[1], flag)
-    return first, rest + adam_launches(engine, *uncoupled, decoupled=True, **pick(no, hyperparams))
+    return first, rest + adam_launches(engine, *uncoupled, decoupled=True, **pick(adamw_idx, hyperparams))
 
 
 def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):

@@ -14,46 +14,42 @@ __all__ = ["all_finite", "finite_launches", "partials_finite_launch", "exactly_f
 KERNELS = {
     # ---- pre-step check: one int flag, set (never cleared) by any block that sees a NaN/Inf.
     "all_finite": Kernel(
-        [("const long long*", "chunks"), ("const unsigned long long*", "G"), ("int*", "flag")], r"""
+        [("const long long*", "chunks"), ("const unsigned long long*", "grad_ptrs"), ("int*", "flag")], r"""
     CHUNK_HEADER
-    const T* g = (const T*)G[t]; FO_ASSUME_GLOBAL(g);
-    const bool al = aligned16(G[t]);
+    TENSOR(const T, g, grad_ptrs);
+    const bool aligned = aligned16(grad_ptrs[t]);
     bool bad = false;
     FOR_GROUPS(base) {
-        const bool full = al && base + VEC <= stop;
-        T gr[VEC];
-        load_group(g, base, stop, full, gr);
+        const bool full = aligned && base + VEC <= stop;
+        T g_group[VEC];
+        load_group(g, base, stop, full, g_group);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) bad = bad || !isfinite(gr[k]);
+        for (int k = 0; k < VEC; ++k) bad = bad || !isfinite(g_group[k]);
     }
     if (bad) *flag = 1;
 """),
     # ---- the same flag from n float64 partial sums (one thread each).
     "finite_f64": Kernel(
-        [("const double*", "x"), ("long long", "n"), ("int*", "flag")], r"""
+        [("const double*", "partials"), ("long long", "n"), ("int*", "flag")], r"""
     const long long i = (long long)blockIdx.x * BLOCK + threadIdx.x;
-    if (i < n && !isfinite(x[i])) *flag = 1;
+    if (i < n && !isfinite(partials[i])) *flag = 1;
 """),
 }
 
 
+def _no_scalars() -> dict:
+    return {}
+
+
 def finite_launches(engine, arrays, flag) -> list:
-    """The launches that set ``flag`` when an element of ``arrays`` is NaN or ±Inf."""
-    arrays = list(arrays)
-    launches = []
-    if not arrays:
-        return launches
-    for dtype, idx in engine.groups(arrays):
-        sub = arrays if idx is None else [arrays[i] for i in idx]
-        plan = engine.plan("elem", dtype, sub)
-        launches.append(engine.prepared("all_finite", dtype, plan.n_chunks, chunks=plan.chunks,
-                                        G=engine.pointers(sub), flag=flag))
-    return launches
+    """The launches that set ``flag`` when an element of ``arrays`` is NaN or ±Inf (one per dtype)."""
+    return [engine.prepared_from("all_finite", dtype, plan.n_chunks, {**plan.tables, **pointers, "flag": flag})
+            for dtype, _, plan, pointers in engine.launch_groups("elem", _no_scalars, {}, grad_ptrs=arrays)]
 
 
-def partials_finite_launch(engine, dtype, partial, n, flag):
-    """The launch that sets ``flag`` when one of ``partial[:n]`` (float64) is not finite."""
-    return engine.prepared("finite_f64", dtype, -(-int(n) // engine.block), x=partial, n=n, flag=flag)
+def partials_finite_launch(engine, dtype, partials, n, flag):
+    """The launch that sets ``flag`` when one of ``partials[:n]`` (float64) is not finite."""
+    return engine.prepared("finite_f64", dtype, -(-int(n) // engine.block), partials=partials, n=n, flag=flag)
 
 
 def exactly_finite(engine, arrays) -> bool:

@@ -15,35 +15,34 @@ import cupy
 
 from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK, check_condition, damped_condition, sample_space_direction
 
-__all__ = ["fisher_gram", "fisher_sample_space_direction"]
-
-array_module = cupy  # lets this module serve as `ops` for fisheropt.refimpl.fisher_ngd
+__all__ = ["fisher_gram", "fisher_sample_space_direction", "solve_damped_gram"]
 
 
 def fisher_gram(G):
-    """K = G G^T, (N, N) float64 on the device."""
+    """G G^T, (N, N) float64 on the device."""
     N, P = G.shape
     if G.dtype == cupy.float64 or P <= GRAM_BLOCK:
         return (G @ G.T).astype(cupy.float64)
-    K = cupy.zeros((N, N), dtype=cupy.float64)
+    gram = cupy.zeros((N, N), dtype=cupy.float64)
     for start in range(0, P, GRAM_BLOCK):
-        Gb = G[:, start:start + GRAM_BLOCK]
-        K += (Gb @ Gb.T).astype(cupy.float64)
-    return K
+        block = G[:, start:start + GRAM_BLOCK]
+        gram += (block @ block.T).astype(cupy.float64)
+    return gram
 
 
-def solve_damped_gram(K, rhs, damping, *, singular=False):
-    """(K + damping I)^{-1} rhs in float64 on the device, once check_condition accepted K + λI
-    (``singular``: as the reference's, for the Woodbury form)."""
-    n = K.shape[0]
-    Kd = K.astype(cupy.float64, copy=False) + damping * cupy.eye(n, dtype=cupy.float64)
-    w = cupy.linalg.eigvalsh(Kd)
+def solve_damped_gram(gram, rhs, damping, *, singular=False):
+    """(gram + damping I)^{-1} rhs in float64 on the device, once check_condition accepted gram + λI
+    (``singular``: as the reference's, for the Woodbury form; fisheropt._ngd uses it for the
+    parameter-space solves of SF and the exact direction on the GPU)."""
+    n = gram.shape[0]
+    damped = gram.astype(cupy.float64, copy=False) + damping * cupy.eye(n, dtype=cupy.float64)
+    w = cupy.linalg.eigvalsh(damped)
     check_condition(damped_condition(w, damping if singular else None), damping, float(w[-1]),
                     "F + λI (singular, P > rank)" if singular else "the damped Gram matrix")
     # Imported here: cupyx.scipy.linalg loads cuBLAS/cuSOLVER at import time, and a missing CUDA
     # library must not make the whole backend unimportable.
     from cupyx.scipy.linalg import solve_triangular
-    L = cupy.linalg.cholesky(Kd)
+    L = cupy.linalg.cholesky(damped)
     y = solve_triangular(L, rhs.astype(cupy.float64, copy=False), lower=True)
     return solve_triangular(L.T, y, lower=False)
 

@@ -11,7 +11,7 @@ reference bit for bit, sign(0) = 0, NaN and ±Inf and subnormals included
 from fisheropt.refimpl.lion import RULE
 
 from ._kernels import Kernel
-from ._plan import current, select
+from ._plan import current
 
 __all__ = ["lion_step", "lion_launches"]
 
@@ -23,32 +23,34 @@ __device__ __forceinline__ T lion_sign(T c) {
 """
 
 KERNELS = {
-    # ---- Lion: c = b1·m + omb1·g (old m); θ = θ − lr·(sign(c) + wd·θ) (old θ); m = b2·m + omb2·g.
+    # ---- Lion: c = beta1·m + (1-beta1)·g (old m); θ = θ − lr·(sign(c) + weight_decay·θ) (old θ);
+    # m = beta2·m + (1-beta2)·g.
     "lion": Kernel(
-        [("const long long*", "chunks"), ("const unsigned long long*", "P"),
-         ("const unsigned long long*", "G"), ("const unsigned long long*", "M"),
-         ("T", "b1"), ("T", "omb1"), ("T", "b2"), ("T", "omb2"), ("T", "lr"), ("T", "wd")], r"""
+        [("const long long*", "chunks"), ("const unsigned long long*", "param_ptrs"),
+         ("const unsigned long long*", "grad_ptrs"), ("const unsigned long long*", "m_ptrs"),
+         ("T", "beta1"), ("T", "one_minus_beta1"), ("T", "beta2"), ("T", "one_minus_beta2"), ("T", "lr"),
+         ("T", "weight_decay")], r"""
     CHUNK_HEADER
-    T* p = (T*)P[t]; FO_ASSUME_GLOBAL(p);
-    const T* g = (const T*)G[t]; FO_ASSUME_GLOBAL(g);
-    T* m = (T*)M[t]; FO_ASSUME_GLOBAL(m);
-    const bool al = aligned16(P[t] | G[t] | M[t]);
+    TENSOR(T, theta, param_ptrs);
+    TENSOR(const T, g, grad_ptrs);
+    TENSOR(T, m, m_ptrs);
+    const bool aligned = aligned16(param_ptrs[t] | grad_ptrs[t] | m_ptrs[t]);
     FOR_GROUPS(base) {
-        const bool full = al && base + VEC <= stop;
-        T pr[VEC], gr[VEC], mr[VEC];
-        load_group(p, base, stop, full, pr);
-        load_group(g, base, stop, full, gr);
-        load_group(m, base, stop, full, mr);
+        const bool full = aligned && base + VEC <= stop;
+        T theta_group[VEC], g_group[VEC], m_group[VEC];
+        load_group(theta, base, stop, full, theta_group);
+        load_group(g, base, stop, full, g_group);
+        load_group(m, base, stop, full, m_group);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            const T c = b1 * mr[k] + omb1 * gr[k];
-            const T decay = wd * pr[k];
-            const T u = lion_sign(c) + decay;
-            pr[k] = pr[k] - lr * u;
-            mr[k] = b2 * mr[k] + omb2 * gr[k];
+            const T c = beta1 * m_group[k] + one_minus_beta1 * g_group[k];
+            const T decay = weight_decay * theta_group[k];
+            const T update = lion_sign(c) + decay;
+            theta_group[k] = theta_group[k] - lr * update;
+            m_group[k] = beta2 * m_group[k] + one_minus_beta2 * g_group[k];
         }
-        store_group(p, base, stop, full, pr);
-        store_group(m, base, stop, full, mr);
+        store_group(theta, base, stop, full, theta_group);
+        store_group(m, base, stop, full, m_group);
     }
 """),
 }
@@ -57,23 +59,16 @@ KERNELS = {
 def lion_scalars(*, step, lr, beta1, beta2, weight_decay):
     """One tensor's kernel scalars, float64 on the host (the descriptor has none that depend on t)."""
     return dict(RULE.coefficients(step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay),
-                b1=beta1, omb1=1 - beta1, b2=beta2, omb2=1 - beta2, lr=lr, wd=weight_decay)
+                beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, lr=lr,
+                weight_decay=weight_decay)
 
 
 def lion_launches(engine, params, grads, m, **hyperparams) -> list:
     """The launches of one Lion step, every argument converted: one per dtype and set of host
     scalars. Nothing is written until they run."""
-    params = list(params)
-    if not params:
-        return []
-    grads, m = list(grads), list(m)
-    launches = []
-    for slot, (dtype, sc, idx) in enumerate(engine.scalar_groups(params, hyperparams, lion_scalars)):
-        P, G, M = select(idx, params, grads, m)
-        plan = engine.plan("elem", dtype, P, slot)
-        launches.append(engine.prepared("lion", dtype, plan.n_chunks, chunks=plan.chunks, P=engine.pointers(P),
-                                        G=engine.pointers(G), M=engine.pointers(M), **sc))
-    return launches
+    return [engine.prepared_from("lion", dtype, plan.n_chunks, {**plan.tables, **pointers, **scalars})
+            for dtype, scalars, plan, pointers in engine.launch_groups(
+                "elem", lion_scalars, hyperparams, param_ptrs=params, grad_ptrs=grads, m_ptrs=m)]
 
 
 def lion_step(params, grads, m, *, step, lr, beta1, beta2, weight_decay):

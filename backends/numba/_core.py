@@ -149,11 +149,11 @@ def addresses(arrays, idx=None) -> np.ndarray:
     array objects (one compiled loop over their ids, verified at import), which
     is ~20x cheaper per tensor than ``__array_interface__``; anything else takes
     the portable path."""
-    sel = arrays if idx is None else [arrays[i] for i in idx]
-    if _DATA_OFFSET is None or not all(type(a) is _ndarray for a in sel):
+    selected = arrays if idx is None else [arrays[i] for i in idx]
+    if _DATA_OFFSET is None or not all(type(a) is _ndarray for a in selected):
         return _slow_addresses(arrays, idx)
-    ids = np.fromiter(map(id, sel), np.int64, len(sel))
-    out = np.empty(len(sel), dtype=np.int64)
+    ids = np.fromiter(map(id, selected), np.int64, len(selected))
+    out = np.empty(len(selected), dtype=np.int64)
     _read_data_fields(ids, _DATA_OFFSET, out)
     return out
 
@@ -161,19 +161,19 @@ def addresses(arrays, idx=None) -> np.ndarray:
 def flat_chunks(sizes, chunk: int = CHUNK):
     """Chunk table over tensors of the given sizes.
 
-    Returns (tens, start, stop, first): chunk c covers elements [start[c], stop[c])
-    of tensor tens[c]; tensor t owns chunks first[t] .. first[t+1]-1 (none if empty).
+    Returns (chunk_tensor, start, stop, first): chunk c covers elements [start[c], stop[c])
+    of tensor chunk_tensor[c]; tensor t owns chunks first[t] .. first[t+1]-1 (none if empty).
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     counts = (sizes + chunk - 1) // chunk
     first = np.zeros(sizes.size + 1, dtype=np.int64)
     np.cumsum(counts, out=first[1:])
-    nch = int(first[-1])
-    tens = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
-    local = np.arange(nch, dtype=np.int64) - first[tens]
+    n_chunks = int(first[-1])
+    chunk_tensor = np.repeat(np.arange(sizes.size, dtype=np.int64), counts)
+    local = np.arange(n_chunks, dtype=np.int64) - first[chunk_tensor]
     start = local * chunk
-    stop = np.minimum(start + chunk, sizes[tens])
-    return tens, start, stop, first
+    stop = np.minimum(start + chunk, sizes[chunk_tensor])
+    return chunk_tensor, start, stop, first
 
 
 def row_chunks(rows, cols, *, target: int = CHUNK, max_blocks=None):
@@ -182,23 +182,23 @@ def row_chunks(rows, cols, *, target: int = CHUNK, max_blocks=None):
     Each chunk is a range of whole rows of one tensor, about ``target`` elements
     (at least one row). With ``max_blocks`` the number of chunks per tensor is
     capped (bigger row blocks), which bounds the memory of per-chunk column partials.
-    Returns (tens, row_start, row_stop, first).
+    Returns (chunk_tensor, row_start, row_stop, first).
     """
     rows = np.asarray(rows, dtype=np.int64)
     cols = np.asarray(cols, dtype=np.int64)
-    per = np.maximum(1, target // np.maximum(cols, 1))
+    rows_per_chunk = np.maximum(1, target // np.maximum(cols, 1))
     if max_blocks is not None:
-        per = np.maximum(per, (rows + max_blocks - 1) // max_blocks)
-    per = np.maximum(per, 1)
-    counts = np.where(rows * cols > 0, (rows + per - 1) // per, 0)
+        rows_per_chunk = np.maximum(rows_per_chunk, (rows + max_blocks - 1) // max_blocks)
+    rows_per_chunk = np.maximum(rows_per_chunk, 1)
+    counts = np.where(rows * cols > 0, (rows + rows_per_chunk - 1) // rows_per_chunk, 0)
     first = np.zeros(rows.size + 1, dtype=np.int64)
     np.cumsum(counts, out=first[1:])
-    nch = int(first[-1])
-    tens = np.repeat(np.arange(rows.size, dtype=np.int64), counts)
-    local = np.arange(nch, dtype=np.int64) - first[tens]
-    start = local * per[tens]
-    stop = np.minimum(start + per[tens], rows[tens])
-    return tens, start, stop, first
+    n_chunks = int(first[-1])
+    chunk_tensor = np.repeat(np.arange(rows.size, dtype=np.int64), counts)
+    local = np.arange(n_chunks, dtype=np.int64) - first[chunk_tensor]
+    start = local * rows_per_chunk[chunk_tensor]
+    stop = np.minimum(start + rows_per_chunk[chunk_tensor], rows[chunk_tensor])
+    return chunk_tensor, start, stop, first
 
 
 def dtype_groups(arrays):
@@ -272,7 +272,7 @@ def all_finite_at(p, n):
 
 
 def per_tensor_table(idx, row, values: dict, dtype) -> np.ndarray:
-    """(len(idx), K) array of ``dtype``: row i is ``row(**values_i)`` for tensor idx[i].
+    """(len(idx), number of scalars) array of ``dtype``: row i is ``row(**values_i)`` for tensor idx[i].
 
     A value in ``values`` is one for all tensors or a list/tuple with one per tensor
     (backends/interface.py). ``row`` returns the tensor's host scalars, computed in

@@ -17,47 +17,41 @@ from ._core import PLANS, addresses, as_pointer, dtype_groups, flat_chunks, per_
 
 __all__ = ["adam_step", "adam_launches"]
 
-ADAM, ADAM_L2, ADAMW = 0, 1, 2   # how weight decay enters, per tensor
+SCALED, L2 = 0, 1   # how weight decay enters, per tensor: θ·decay_coef (AdamW; Adam without decay: 1), g + λθ
 
 
 @njit(parallel=True, cache=True)
-def _adam_kernel(a_th, a_g, a_m, a_v, ctens, cstart, cstop, coef, mode):
-    # coef[t] = (β1, 1-β1, β2, 1-β2, √(1-β2^t), ε, step size, wd); for ADAMW, wd holds 1 - lr·λ.
-    for c in prange(ctens.size):
-        t = ctens[c]
-        b1, omb1, b2, omb2 = coef[t, 0], coef[t, 1], coef[t, 2], coef[t, 3]
-        bc2, eps, step_size, wd = coef[t, 4], coef[t, 5], coef[t, 6], coef[t, 7]
-        th = as_pointer(a_th[t], b1)
-        g = as_pointer(a_g[t], b1)
-        m = as_pointer(a_m[t], b1)
-        v = as_pointer(a_v[t], b1)
-        s = cstart[c]
-        e = cstop[c]
-        if mode[t] == ADAMW:
-            for i in range(s, e):
+def _adam_kernel(theta_addrs, grad_addrs, m_addrs, v_addrs, chunk_tensor, chunk_start, chunk_stop, coef, mode):
+    # coef[t] = (β1, 1-β1, β2, 1-β2, √(1-β2^t), ε, step size, decay_coef): decay_coef is the factor
+    # 1 - lr·λ for SCALED (1 for Adam without decay: θ·1 is θ, bit for bit) and λ for L2. One loop
+    # per mode: the mode is the same for every element of a chunk, and each loop vectorizes alone.
+    for c in prange(chunk_tensor.size):
+        t = chunk_tensor[c]
+        beta1, one_minus_beta1, beta2, one_minus_beta2 = coef[t, 0], coef[t, 1], coef[t, 2], coef[t, 3]
+        bias_correction2_sqrt, eps, step_size, decay_coef = coef[t, 4], coef[t, 5], coef[t, 6], coef[t, 7]
+        theta = as_pointer(theta_addrs[t], beta1)
+        g = as_pointer(grad_addrs[t], beta1)
+        m = as_pointer(m_addrs[t], beta1)
+        v = as_pointer(v_addrs[t], beta1)
+        start = chunk_start[c]
+        stop = chunk_stop[c]
+        if mode[t] == SCALED:
+            for i in range(start, stop):
                 gi = g[i]
-                mi = b1 * m[i] + omb1 * gi
-                vi = b2 * v[i] + omb2 * (gi * gi)
+                mi = beta1 * m[i] + one_minus_beta1 * gi
+                vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
                 m[i] = mi
                 v[i] = vi
-                th[i] = th[i] * wd - step_size * (mi / (np.sqrt(vi) / bc2 + eps))
-        elif mode[t] == ADAM_L2:
-            for i in range(s, e):
-                ti = th[i]
-                gi = g[i] + wd * ti
-                mi = b1 * m[i] + omb1 * gi
-                vi = b2 * v[i] + omb2 * (gi * gi)
-                m[i] = mi
-                v[i] = vi
-                th[i] = ti - step_size * (mi / (np.sqrt(vi) / bc2 + eps))
+                theta[i] = theta[i] * decay_coef - step_size * (mi / (np.sqrt(vi) / bias_correction2_sqrt + eps))
         else:
-            for i in range(s, e):
-                gi = g[i]
-                mi = b1 * m[i] + omb1 * gi
-                vi = b2 * v[i] + omb2 * (gi * gi)
+            for i in range(start, stop):
+                ti = theta[i]
+                gi = g[i] + decay_coef * ti
+                mi = beta1 * m[i] + one_minus_beta1 * gi
+                vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
                 m[i] = mi
                 v[i] = vi
-                th[i] = th[i] - step_size * (mi / (np.sqrt(vi) / bc2 + eps))
+                theta[i] = ti - step_size * (mi / (np.sqrt(vi) / bias_correction2_sqrt + eps))
 
 
 def build_flat_plan(lists):
@@ -65,21 +59,25 @@ def build_flat_plan(lists):
     params = lists[0]
     plan = []
     for dt, idx in dtype_groups(params):
-        tens, start, stop, first = flat_chunks([params[i].size for i in idx])
+        chunk_tensor, start, stop, first = flat_chunks([params[i].size for i in idx])
         sizes = np.array([params[i].size for i in idx], dtype=np.int64)
-        plan.append((dt, idx, [addresses(lst, idx) for lst in lists], tens, start, stop, first,
+        plan.append((dt, idx, [addresses(lst, idx) for lst in lists], chunk_tensor, start, stop, first,
                      sizes, int(sizes.sum())))
     return plan
 
 
+def _l2(weight_decay, decoupled) -> bool:
+    return not decoupled and weight_decay != 0
+
+
 def _row(*, step, lr, beta1, beta2, eps, weight_decay, decoupled):
     c = RULE.coefficients(step, lr=lr, beta1=beta1, beta2=beta2)
-    wd = 1 - lr * weight_decay if decoupled else weight_decay
-    return (beta1, 1 - beta1, beta2, 1 - beta2, c["bias_correction2_sqrt"], eps, c["step_size"], wd)
+    decay_coef = weight_decay if _l2(weight_decay, decoupled) else (1 - lr * weight_decay if decoupled else 1.0)
+    return (beta1, 1 - beta1, beta2, 1 - beta2, c["bias_correction2_sqrt"], eps, c["step_size"], decay_coef)
 
 
 def _mode(*, weight_decay, decoupled, **_):
-    return (ADAMW if decoupled else (ADAM_L2 if weight_decay != 0 else ADAM),)
+    return (L2 if _l2(weight_decay, decoupled) else SCALED,)
 
 
 def adam_launches(params, grads, m, v, *, decoupled, **hyperparams):
@@ -89,10 +87,10 @@ def adam_launches(params, grads, m, v, *, decoupled, **hyperparams):
         return []
     values = {**hyperparams, "decoupled": decoupled}
     launches = []
-    for dt, idx, (a_th, a_m, a_v), tens, start, stop, _first, _sizes, n in PLANS.get(
+    for dt, idx, (theta_addrs, m_addrs, v_addrs), chunk_tensor, start, stop, _first, _sizes, n in PLANS.get(
             "adam", (params, m, v), build_flat_plan):
-        launches.append((_adam_kernel, n, (a_th, addresses(grads, idx), a_m, a_v, tens, start, stop,
-                                           per_tensor_table(idx, _row, values, dt),
+        launches.append((_adam_kernel, n, (theta_addrs, addresses(grads, idx), m_addrs, v_addrs, chunk_tensor, start,
+                                           stop, per_tensor_table(idx, _row, values, dt),
                                            per_tensor_table(idx, _mode, values, np.int64)[:, 0].copy())))
     return launches
 

@@ -27,78 +27,82 @@ COUPLED_MAX_BLOCKS = 64
 
 
 @njit(parallel=True, cache=True)
-def _coupled_reduce(a_g, a_vc, rows, cols, rtens, rstart, rstop, rfirst, poff, part, doff, vnew, den,
-                    itemsize, coef, check):
-    """Column means of g² over the V rows → v̄_new (into ``vnew``) and √v̄/bc2 + ε (into ``den``).
+def _coupled_reduce(grad_addrs, v_col_addrs, rows, cols, block_tensor, block_start, block_stop, block_first,
+                    partial_offset, partials, column_offset, v_col_new, denominator, itemsize, coef, check):
+    """Column means of g² over the V rows → v̄_new (into ``v_col_new``) and √v̄/bc2 + ε (into
+    ``denominator``), both at ``column_offset[t]`` per tensor.
 
     coef[t] = (β1, 1-β1, β2, 1-β2, √(1-β2^t), ε, step size, 1 - lr·λ) in the parameter dtype.
-    part: float64 column partials per row block, zeroed by the caller. Returns False,
+    Row block c covers rows block_start[c]..block_stop[c] of tensor block_tensor[c];
+    partials: its float64 column sums at partial_offset[c], zeroed by the caller. Returns False,
     having written only scratch, when ``check`` and a coupled gradient holds NaN or Inf."""
-    nr = rtens.size
-    ntens = rows.size
-    one = vnew.dtype.type(1)
+    n_blocks = block_tensor.size
+    n_tensors = rows.size
+    one = v_col_new.dtype.type(1)
 
     # Pass 1: per row block, column sums of g² in float64 (rows in order within the block).
-    # (The partial row is addressed through a pointer: plain `part[o + j]` indexing keeps a
+    # (The partial row is addressed through a pointer: plain `partials[offset + j]` indexing keeps a
     # negative-index check in the loop, which stops LLVM from vectorizing it.)
     zero64 = np.float64(0.0)
-    part_addr = part.ctypes.data
-    for c in prange(nr):
-        t = rtens[c]
+    partials_addr = partials.ctypes.data
+    for c in prange(n_blocks):
+        t = block_tensor[c]
         d = cols[t]
-        acc = as_pointer(part_addr + 8 * poff[c], zero64)
-        for r in range(rstart[c], rstop[c]):
-            row = as_pointer(a_g[t] + r * d * itemsize, one)
+        acc = as_pointer(partials_addr + 8 * partial_offset[c], zero64)
+        for r in range(block_start[c], block_stop[c]):
+            row = as_pointer(grad_addrs[t] + r * d * itemsize, one)
             for j in range(d):
                 x = np.float64(row[j])
                 acc[j] += x * x
 
     # Per tensor and column: mean over the V rows (blocks combined in order), v̄, denominator.
-    ok = np.ones(ntens, np.bool_)
-    for t in prange(ntens):
+    ok = np.ones(n_tensors, np.bool_)
+    for t in prange(n_tensors):
         d = cols[t]
-        vc = as_pointer(a_vc[t], one)
-        b2, omb2, bc2, eps = coef[t, 2], coef[t, 3], coef[t, 4], coef[t, 5]
-        o = doff[t]
+        v_col = as_pointer(v_col_addrs[t], one)
+        beta2, one_minus_beta2, bias_correction2_sqrt, eps = coef[t, 2], coef[t, 3], coef[t, 4], coef[t, 5]
+        offset = column_offset[t]
         for j in range(d):
-            s = 0.0
-            for c in range(rfirst[t], rfirst[t + 1]):
-                s += part[poff[c] + j]
-            if check and not np.isfinite(s):
+            col_sum = 0.0
+            for c in range(block_first[t], block_first[t + 1]):
+                col_sum += partials[partial_offset[c] + j]
+            if check and not np.isfinite(col_sum):
                 ok[t] = False    # NaN/Inf in g (or, float64, a g² that overflows: looked at below)
-            den[o + j] = s / rows[t]          # the column mean, rounded to the parameter dtype
-            vj = b2 * vc[j] + omb2 * den[o + j]
-            vnew[o + j] = vj
-            den[o + j] = np.sqrt(vj) / bc2 + eps
-    for t in range(ntens):
-        if not ok[t] and not all_finite_at(as_pointer(a_g[t], one), rows[t] * cols[t]):
+            denominator[offset + j] = col_sum / rows[t]   # the column mean, rounded to the parameter dtype
+            vj = beta2 * v_col[j] + one_minus_beta2 * denominator[offset + j]
+            v_col_new[offset + j] = vj
+            denominator[offset + j] = np.sqrt(vj) / bias_correction2_sqrt + eps
+    for t in range(n_tensors):
+        if not ok[t] and not all_finite_at(as_pointer(grad_addrs[t], one), rows[t] * cols[t]):
             return False
     return True
 
 
 @njit(parallel=True, cache=True)
-def _coupled_apply(a_th, a_g, a_m, a_vc, cols, utens, ustart, ustop, doff, vnew, den, itemsize, coef):
-    """v̄ ← v̄_new; θ ← θ(1-lr·λ) - step_size · m/den_j with m ← β₁m + (1-β₁)g."""
-    one = vnew.dtype.type(1)
+def _coupled_apply(theta_addrs, grad_addrs, m_addrs, v_col_addrs, cols, update_tensor, update_start, update_stop,
+                   column_offset, v_col_new, denominator, itemsize, coef):
+    """v̄ ← v̄_new; θ ← θ(1-lr·λ) - step_size · m/denominator_j with m ← β₁m + (1-β₁)g, over row
+    blocks (update_tensor, update_start, update_stop) of whole rows."""
+    one = v_col_new.dtype.type(1)
     for t in prange(cols.size):
-        vc = as_pointer(a_vc[t], one)
+        v_col = as_pointer(v_col_addrs[t], one)
         for j in range(cols[t]):
-            vc[j] = vnew[doff[t] + j]
-    den_addr = den.ctypes.data
-    for c in prange(utens.size):
-        t = utens[c]
+            v_col[j] = v_col_new[column_offset[t] + j]
+    denominator_addr = denominator.ctypes.data
+    for c in prange(update_tensor.size):
+        t = update_tensor[c]
         d = cols[t]
-        b1, omb1, step_size, decay = coef[t, 0], coef[t, 1], coef[t, 6], coef[t, 7]
-        dj = as_pointer(den_addr + itemsize * doff[t], one)
-        for r in range(ustart[c], ustop[c]):
-            off = r * d * itemsize
-            th = as_pointer(a_th[t] + off, one)
-            g = as_pointer(a_g[t] + off, one)
-            m = as_pointer(a_m[t] + off, one)
+        beta1, one_minus_beta1, step_size, decay_factor = coef[t, 0], coef[t, 1], coef[t, 6], coef[t, 7]
+        col_denominator = as_pointer(denominator_addr + itemsize * column_offset[t], one)
+        for r in range(update_start[c], update_stop[c]):
+            row_offset = r * d * itemsize
+            theta = as_pointer(theta_addrs[t] + row_offset, one)
+            g = as_pointer(grad_addrs[t] + row_offset, one)
+            m = as_pointer(m_addrs[t] + row_offset, one)
             for j in range(d):
-                mi = b1 * m[j] + omb1 * g[j]
+                mi = beta1 * m[j] + one_minus_beta1 * g[j]
                 m[j] = mi
-                th[j] = th[j] * decay - step_size * (mi / dj[j])
+                theta[j] = theta[j] * decay_factor - step_size * (mi / col_denominator[j])
 
 
 def _build_plan(lists):
@@ -107,15 +111,16 @@ def _build_plan(lists):
     for dt, idx in dtype_groups(params):
         rows = np.array([params[i].shape[0] for i in idx], dtype=np.int64)
         cols = np.array([params[i].shape[1] for i in idx], dtype=np.int64)
-        rtens, rstart, rstop, rfirst = row_chunks(rows, cols, max_blocks=COUPLED_MAX_BLOCKS)
-        poff = np.zeros(rtens.size + 1, dtype=np.int64)
-        np.cumsum(cols[rtens], out=poff[1:])
-        utens, ustart, ustop, _ = row_chunks(rows, cols)
-        doff = np.zeros(len(idx) + 1, dtype=np.int64)
-        np.cumsum(cols, out=doff[1:])
+        block_tensor, block_start, block_stop, block_first = row_chunks(rows, cols, max_blocks=COUPLED_MAX_BLOCKS)
+        partial_offset = np.zeros(block_tensor.size + 1, dtype=np.int64)
+        np.cumsum(cols[block_tensor], out=partial_offset[1:])
+        update_tensor, update_start, update_stop, _ = row_chunks(rows, cols)
+        column_offset = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(cols, out=column_offset[1:])
         plan.append((dt, idx, [addresses(lst, idx) for lst in lists], rows, cols,
-                     rtens, rstart, rstop, rfirst, poff[:-1].copy(), int(poff[-1]),
-                     utens, ustart, ustop, doff[:-1].copy(), int(doff[-1]), int((rows * cols).sum())))
+                     block_tensor, block_start, block_stop, block_first, partial_offset[:-1].copy(),
+                     int(partial_offset[-1]), update_tensor, update_start, update_stop, column_offset[:-1].copy(),
+                     int(column_offset[-1]), int((rows * cols).sum())))
     return plan
 
 
@@ -129,33 +134,34 @@ def _coupled_launches(params, grads, m, v, check, hyperparams):
     if not params:
         return [], []
     reduce, apply = [], []
-    for (dt, idx, (a_th, a_m, a_vc), rows, cols, rtens, rstart, rstop, rfirst, poff, plen,
-         utens, ustart, ustop, doff, dlen, n) in PLANS.get("coupled", (params, m, v), _build_plan):
-        a_g = addresses(grads, idx)
+    for (dt, idx, (theta_addrs, m_addrs, v_col_addrs), rows, cols, block_tensor, block_start, block_stop, block_first,
+         partial_offset, partial_len, update_tensor, update_start, update_stop, column_offset, column_len,
+         n) in PLANS.get("coupled", (params, m, v), _build_plan):
+        grad_addrs = addresses(grads, idx)
         coef = per_tensor_table(idx, _row, hyperparams, dt)
-        vnew, den = np.empty(dlen, dtype=dt), np.empty(dlen, dtype=dt)
-        reduce.append((_coupled_reduce, n, (a_g, a_vc, rows, cols, rtens, rstart, rstop, rfirst, poff,
-                                            np.zeros(plen, np.float64), doff, vnew, den, dt.itemsize, coef,
-                                            check)))
-        apply.append((_coupled_apply, n, (a_th, a_g, a_m, a_vc, cols, utens, ustart, ustop, doff, vnew, den,
+        v_col_new, denominator = np.empty(column_len, dtype=dt), np.empty(column_len, dtype=dt)
+        reduce.append((_coupled_reduce, n, (grad_addrs, v_col_addrs, rows, cols, block_tensor, block_start, block_stop,
+                                            block_first, partial_offset, np.zeros(partial_len, np.float64),
+                                            column_offset, v_col_new, denominator, dt.itemsize, coef, check)))
+        apply.append((_coupled_apply, n, (theta_addrs, grad_addrs, m_addrs, v_col_addrs, cols, update_tensor,
+                                          update_start, update_stop, column_offset, v_col_new, denominator,
                                           dt.itemsize, coef)))
     return reduce, apply
 
 
 def _step(params, grads, m, v, coupled, check, hyperparams) -> bool:
-    yes = [i for i, c in enumerate(coupled) if c]
-    no = [i for i, c in enumerate(coupled) if not c]
+    coupled_idx = [i for i, c in enumerate(coupled) if c]
+    adamw_idx = [i for i, c in enumerate(coupled) if not c]
 
     def pick(idx, lst):
         return [lst[i] for i in idx]
 
-    pick_hp = {k: (pick(yes, x) if isinstance(x, (list, tuple)) else x) for k, x in hyperparams.items()}
-    rest_hp = {k: (pick(no, x) if isinstance(x, (list, tuple)) else x) for k, x in hyperparams.items()}
-    reduce, apply = _coupled_launches(pick(yes, params), pick(yes, grads), pick(yes, m), pick(yes, v), check,
-                                      pick_hp)
-    adamw = adam_launches(pick(no, params), pick(no, grads), pick(no, m), pick(no, v), decoupled=True, **rest_hp)
+    coupled_hp = {k: (pick(coupled_idx, x) if isinstance(x, (list, tuple)) else x) for k, x in hyperparams.items()}
+    adamw_hp = {k: (pick(adamw_idx, x) if isinstance(x, (list, tuple)) else x) for k, x in hyperparams.items()}
+    reduce, apply = _coupled_launches(*(pick(coupled_idx, lst) for lst in (params, grads, m, v)), check, coupled_hp)
+    adamw = adam_launches(*(pick(adamw_idx, lst) for lst in (params, grads, m, v)), decoupled=True, **adamw_hp)
     with KERNEL_LOCK:
-        if check and not all_finite(pick(no, grads)):   # the AdamW tensors have no reduction to check in
+        if check and not all_finite(pick(adamw_idx, grads)):   # the AdamW tensors have no reduction to check in
             return False
         return run_phases(reduce, apply + adamw, check)
 

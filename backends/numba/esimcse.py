@@ -21,25 +21,29 @@ from fisheropt.refimpl.esimcse_momentum import check_ema_args, ema_coefficients
 from numba import prange
 from numba.typed import List
 
+from ._core import KERNEL_LOCK
+
 PARALLEL_THRESHOLD = 1 << 19
 
 
-@numba.njit(parallel=True, cache=True)
-def _ema_fused_parallel(targets, sources, a, b):  # pragma: no cover - compiled
-    for t in range(len(targets)):
-        k = targets[t]
-        q = sources[t]
-        for i in prange(k.shape[0]):
-            k[i] = a * k[i] + b * q[i]
+def _ema_kernel(parallel: bool):
+    """The fused update over typed lists of flat targets and sources, k ← a·k + b·q per element:
+    the element loop a ``prange`` (``parallel``) or a plain ``range`` (the calling thread only).
+    The loop is a closure variable, so the two compiled versions have distinct cache entries."""
+    element_range = prange if parallel else range
+
+    def ema_fused(targets, sources, a, b):  # pragma: no cover - compiled
+        for t in range(len(targets)):
+            k = targets[t]
+            q = sources[t]
+            for i in element_range(k.shape[0]):
+                k[i] = a * k[i] + b * q[i]
+
+    return numba.njit(parallel=parallel, cache=True)(ema_fused)
 
 
-@numba.njit(cache=True)
-def _ema_fused_serial(targets, sources, a, b):  # pragma: no cover - compiled
-    for t in range(len(targets)):
-        k = targets[t]
-        q = sources[t]
-        for i in range(k.shape[0]):
-            k[i] = a * k[i] + b * q[i]
+_ema_fused_parallel = _ema_kernel(parallel=True)
+_ema_fused_serial = _ema_kernel(parallel=False)
 
 
 def ema_update(targets, sources, *, decay):
@@ -52,7 +56,9 @@ def ema_update(targets, sources, *, decay):
         ks, qs = groups.setdefault(k.dtype, ([], []))
         ks.append(k.reshape(-1))                           # C-contiguous: a view, written in place
         qs.append(np.ascontiguousarray(q).reshape(-1))
-    for dtype, (ks, qs) in groups.items():
-        a, b = ema_coefficients(decay, dtype)
-        kernel = _ema_fused_parallel if sum(k.size for k in ks) >= PARALLEL_THRESHOLD else _ema_fused_serial
-        kernel(List(ks), List(qs), a, b)
+    # Every argument of every dtype's call is built before the first call writes (all or nothing).
+    calls = [(_ema_fused_parallel if sum(k.size for k in ks) >= PARALLEL_THRESHOLD else _ema_fused_serial,
+              List(ks), List(qs), *ema_coefficients(decay, dtype)) for dtype, (ks, qs) in groups.items()]
+    with KERNEL_LOCK:   # a parallel kernel from two Python threads at once aborts under "workqueue"
+        for kernel, *args in calls:
+            kernel(*args)

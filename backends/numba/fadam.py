@@ -48,11 +48,11 @@ LANES = 64  # float64 accumulators per chunk in the reductions (vectorizable, fi
 # once and multiply (g·r, θ·r, then by 1/s_g and 1/s_w): one division per element
 # per pass instead of 2 and 4 (spec/fadam.md allows this rewrite). Pass 1 is one
 # loop body per element (see _fadam_sums), which lets the core overlap that work with
-# the memory stream. These two gave 1.2x on 2^20 elements (in cache) and 1.35x on
-# 2^25, measured in one process against the kernel before them; summing the squares
-# with fma then took pass 1 on 2^25 from 17.8 to 15.6 ms. Pass 2 now runs at the
-# speed of a kernel that moves the same bytes with trivial arithmetic.
-def _pmode(p):
+# the memory stream. Measured in one process, these two make a step 1.2x (2^20
+# elements, in cache) to 1.35x (2^25) faster than dividing in separate loops, and
+# summing the squares with fma takes pass 1 on 2^25 elements from 17.8 to 15.6 ms.
+# Pass 2 runs at the speed of a kernel that moves the same bytes with trivial arithmetic.
+def _pow_mode(p):
     """How f^p is evaluated: 0 sqrt (p = ½), 1 f itself (p = 1), 2 pow. The first two give
     the reference's bits (sqrt is correctly rounded, and pow(x, 1) = x exactly) and are a
     vector instruction or nothing, where pow is a scalar libm call: FAdam with p = 1
@@ -61,39 +61,39 @@ def _pmode(p):
 
 
 @njit(cache=True, inline="always")
-def _pow_p(x, pmode, p_t):
-    # The scalar form, for loop tails; the hot loops branch on pmode outside or in line.
-    if pmode == 0:
+def _pow_p(x, pow_mode, p):
+    # The scalar form, for loop tails; the hot loops branch on pow_mode outside or in line.
+    if pow_mode == 0:
         return np.sqrt(x)
-    if pmode == 1:
+    if pow_mode == 1:
         return x
-    return x ** p_t
+    return x ** p
 
 
 @njit(cache=True, inline="always")
-def _new_f(f, g, i, b2h, omb2h):
+def _new_f(f, g, i, beta2_hat, one_minus_beta2_hat):
     # f ← β̂₂ f + (1-β̂₂) g², from the stored (old) f: pass 1 computes it without storing it,
     # so that nothing is written until the whole step is known to go ahead; pass 2 stores it.
     gi = g[i]
-    return b2h * f[i] + omb2h * (gi * gi)
+    return beta2_hat * f[i] + one_minus_beta2_hat * (gi * gi)
 
 
 @njit(cache=True, inline="always")
-def _fadam_update(th, g, m, i, r, b1, omb1, lr, wd, rcg, rcw):
+def _fadam_update(theta, g, m, i, r, beta1, one_minus_beta1, lr, weight_decay, inv_clip_g, inv_clip_w):
     # Pass 2 for element i, r = 1/(f^p + ε_t): m ← β₁m + (1-β₁)ḡ/s_g;  θ ← θ - lr (m + λ w̄/s_w).
-    ti = th[i]
-    mi = b1 * m[i] + omb1 * ((g[i] * r) * rcg)
+    ti = theta[i]
+    mi = beta1 * m[i] + one_minus_beta1 * ((g[i] * r) * inv_clip_g)
     m[i] = mi
-    th[i] = ti - lr * (mi + wd * ((ti * r) * rcw))
+    theta[i] = ti - lr * (mi + weight_decay * ((ti * r) * inv_clip_w))
 
 
 @njit(cache=True, inline="always")
-def _fadam_sums(th, g, f, s, e, et, b2h, omb2h, p_t, pmode, one):
-    """Over elements [s, e) of one tensor: (Σg², Σḡ², Σw̄²) in float64, ḡ = g·r and
-    w̄ = θ·r with r = one/(f^p + et) (``one``: 1 in the parameter dtype; f^p as
-    :func:`_pow_p` with ``pmode``) and f the new f ← β̂₂ f + (1-β̂₂) g², formed here and not stored.
+def _fadam_sums(theta, g, f, start, stop, eps_t, beta2_hat, one_minus_beta2_hat, p, pow_mode, one):
+    """Over elements [start, stop) of one tensor: (Σg², Σḡ², Σw̄²) in float64, ḡ = g·r and
+    w̄ = θ·r with r = one/(f^p + eps_t) (``one``: 1 in the parameter dtype; f^p as
+    :func:`_pow_p` with ``pow_mode``) and f the new f ← β̂₂ f + (1-β̂₂) g², formed here and not stored.
 
-    Fixed order: LANES float64 accumulators (acc ← fma(x, x, acc)) over whole blocks,
+    Fixed order: LANES float64 accumulators (lane ← fma(x, x, lane)) over whole blocks,
     then the tail into a scalar, then the lanes added in order (the same structure
     as :func:`_sumsq`).
     One loop body does everything for an element (the branches are loop-invariant,
@@ -102,74 +102,66 @@ def _fadam_sums(th, g, f, s, e, et, b2h, omb2h, p_t, pmode, one):
     too, but took about 1.5x as long on 2^25 elements (measured): the extra loads,
     stores and alias checks per block seem to keep the core from overlapping its
     arithmetic with the memory stream."""
-    acc1 = np.zeros(LANES, np.float64)
-    accg = np.zeros(LANES, np.float64)
-    accw = np.zeros(LANES, np.float64)
-    i = s
-    while i + LANES <= e:
+    lanes_g2 = np.zeros(LANES, np.float64)
+    lanes_gbar2 = np.zeros(LANES, np.float64)
+    lanes_wbar2 = np.zeros(LANES, np.float64)
+    i = start
+    while i + LANES <= stop:
         for j in range(LANES):
             gi = g[i + j]
-            fi = b2h * f[i + j] + omb2h * (gi * gi)
-            if pmode == 0:
-                r = one / (np.sqrt(fi) + et)
-            elif pmode == 1:
-                r = one / (fi + et)
+            fi = beta2_hat * f[i + j] + one_minus_beta2_hat * (gi * gi)
+            if pow_mode == 0:
+                r = one / (np.sqrt(fi) + eps_t)
+            elif pow_mode == 1:
+                r = one / (fi + eps_t)
             else:
-                r = one / (fi ** p_t + et)
+                r = one / (fi ** p + eps_t)
             x = np.float64(gi)
             y = np.float64(gi * r)
-            z = np.float64(th[i + j] * r)
-            acc1[j] = fma64(x, x, acc1[j])
-            accg[j] = fma64(y, y, accg[j])
-            accw[j] = fma64(z, z, accw[j])
+            z = np.float64(theta[i + j] * r)
+            lanes_g2[j] = fma64(x, x, lanes_g2[j])
+            lanes_gbar2[j] = fma64(y, y, lanes_gbar2[j])
+            lanes_wbar2[j] = fma64(z, z, lanes_wbar2[j])
         i += LANES
-    s1 = 0.0
-    sg = 0.0
-    sw = 0.0
-    while i < e:
+    sum_g2 = 0.0
+    sum_gbar2 = 0.0
+    sum_wbar2 = 0.0
+    while i < stop:
         gi = g[i]
-        fi = b2h * f[i] + omb2h * (gi * gi)
-        r = one / (_pow_p(fi, pmode, p_t) + et)
+        fi = beta2_hat * f[i] + one_minus_beta2_hat * (gi * gi)
+        r = one / (_pow_p(fi, pow_mode, p) + eps_t)
         x = np.float64(gi)
         y = np.float64(gi * r)
-        z = np.float64(th[i] * r)
-        s1 = fma64(x, x, s1)
-        sg = fma64(y, y, sg)
-        sw = fma64(z, z, sw)
+        z = np.float64(theta[i] * r)
+        sum_g2 = fma64(x, x, sum_g2)
+        sum_gbar2 = fma64(y, y, sum_gbar2)
+        sum_wbar2 = fma64(z, z, sum_wbar2)
         i += 1
     for j in range(LANES):
-        s1 += acc1[j]
-        sg += accg[j]
-        sw += accw[j]
-    return s1, sg, sw
+        sum_g2 += lanes_g2[j]
+        sum_gbar2 += lanes_gbar2[j]
+        sum_wbar2 += lanes_wbar2[j]
+    return sum_g2, sum_gbar2, sum_wbar2
 
 
 @njit(cache=True)
-def _sumsq(p, s, e):
-    """Σ x² over p[s:e] in float64, in exactly the order :func:`_fadam_sums` sums g²."""
-    acc = np.zeros(LANES, np.float64)
-    i = s
-    while i + LANES <= e:
+def _sumsq(values, start, stop):
+    """Σ x² over values[start:stop] in float64, in exactly the order :func:`_fadam_sums` sums g²."""
+    lanes = np.zeros(LANES, np.float64)
+    i = start
+    while i + LANES <= stop:
         for j in range(LANES):
-            x = np.float64(p[i + j])
-            acc[j] = fma64(x, x, acc[j])
+            x = np.float64(values[i + j])
+            lanes[j] = fma64(x, x, lanes[j])
         i += LANES
-    r = 0.0
-    while i < e:
-        x = np.float64(p[i])
-        r = fma64(x, x, r)
+    total = 0.0
+    while i < stop:
+        x = np.float64(values[i])
+        total = fma64(x, x, total)
         i += 1
     for j in range(LANES):
-        r += acc[j]
-    return r
-
-
-@njit(cache=True)
-def _rms(total, n):
-    # math.sqrt(np.mean(x64 * x64)) of the reference; 0 for an empty tensor.
-    if n == 0:
-        return 0.0
-    return math.sqrt(total / n)
+        total += lanes[j]
+    return total
 
 
 @njit(cache=True)
@@ -181,113 +173,118 @@ def _rms(total, n):
 
 
 @njit(parallel=True, cache=True)
-def _fadam_reduce(a_th, a_g, a_f, sizes, ctens, cstart, cstop, first, ws, defer, part, resum,
-                  b2h, omb2h, p_t, pmode, eps, eps2, two_p, clip, tiny, check):
+def _fadam_reduce(theta_addrs, grad_addrs, f_addrs, sizes, chunk_tensor, chunk_start, chunk_stop, first, scalars,
+                  defer, partials, resum, beta2_hat, one_minus_beta2_hat, p, pow_mode, eps, eps2, two_p, clip, tiny,
+                  check):
     """Passes 1 and 1b and the per-tensor scalars; writes only the scratch arrays.
 
-    ws (parameter dtype): ε_t per tensor, the two clip scales per tensor, then the guess.
+    scalars (parameter dtype): ε_t per tensor, the two clip scales per tensor, then the guess.
     defer (uint8 per tensor, kept in the plan): 1 = the guess failed on the last step.
-    part (float64, 3 per chunk): Σg², Σḡ², Σw̄²; resum (uint8 per tensor, zeroed by the
+    partials (float64, 3 per chunk): Σg², Σḡ², Σw̄²; resum (uint8 per tensor, zeroed by the
     caller): 1 = Σḡ², Σw̄² still to be (re)computed. Returns False, having written
     nothing but scratch, when ``check`` and a gradient holds NaN or Inf.
 
     The hyperparameters are scalar arguments, one launch per set of them (see
     fadam_launches): read per tensor from a table inside the parallel loop, they kept
     LLVM from vectorizing the sums (2-3x slower, measured)."""
-    nch = ctens.size
-    ntens = sizes.size
-    one = ws.dtype.type(1)
-    guess = ws[3 * ntens:]
+    n_chunks = chunk_tensor.size
+    n_tensors = sizes.size
+    one = scalars.dtype.type(1)
+    guess = scalars[3 * n_tensors:]
     guess[0] = eps ** two_p                # ε^{2p}, rounded to the parameter dtype
     if guess[0] < tiny:
         guess[0] = tiny
 
     # Pass 1: all three sums with the guessed ε_t; Σg² alone for deferred tensors.
-    for c in prange(nch):
-        t = ctens[c]
-        g = as_pointer(a_g[t], one)
+    for c in prange(n_chunks):
+        t = chunk_tensor[c]
+        g = as_pointer(grad_addrs[t], one)
         if defer[t] != 0:
-            part[c] = _sumsq(g, cstart[c], cstop[c])
+            partials[c] = _sumsq(g, chunk_start[c], chunk_stop[c])
         else:
-            part[c], part[nch + c], part[2 * nch + c] = _fadam_sums(
-                as_pointer(a_th[t], one), g, as_pointer(a_f[t], one), cstart[c], cstop[c],
-                guess[0], b2h, omb2h, p_t, pmode, one)
+            partials[c], partials[n_chunks + c], partials[2 * n_chunks + c] = _fadam_sums(
+                as_pointer(theta_addrs[t], one), g, as_pointer(f_addrs[t], one), chunk_start[c], chunk_stop[c],
+                guess[0], beta2_hat, one_minus_beta2_hat, p, pow_mode, one)
 
     # Per tensor (chunk order): ε_t = min(ε, ε₂·RMS(g))^{2p} in float64, rounded to the
     # parameter dtype; ε^{2p} where that is 0; then at least the dtype's smallest normal.
     any_resum = False
-    for t in range(ntens):
-        s = 0.0
+    for t in range(n_tensors):
+        sum_g2 = 0.0
         for c in range(first[t], first[t + 1]):
-            s += part[c]
+            sum_g2 += partials[c]
         # A NaN/Inf in g makes Σg² non-finite; so can a float64 |g| above 1e154 (g² overflows):
         # only then is the tensor read again, to tell the two apart.
-        if check and not np.isfinite(s) and not all_finite_at(as_pointer(a_g[t], one), sizes[t]):
+        if check and not np.isfinite(sum_g2) and not all_finite_at(as_pointer(grad_addrs[t], one), sizes[t]):
             return False
-        x = eps2 * _rms(s, sizes[t])
-        ws[t] = (x if x < eps else eps) ** two_p  # rounded to the parameter dtype
-        if ws[t] == 0:
-            ws[t] = eps ** two_p
-        if ws[t] < tiny:
-            ws[t] = tiny
-        if defer[t] != 0 or ws[t] != guess[0]:
+        x = eps2 * _rms(sum_g2, sizes[t])
+        scalars[t] = (x if x < eps else eps) ** two_p  # rounded to the parameter dtype
+        if scalars[t] == 0:
+            scalars[t] = eps ** two_p
+        if scalars[t] < tiny:
+            scalars[t] = tiny
+        if defer[t] != 0 or scalars[t] != guess[0]:
             resum[t] = 1
             any_resum = True
 
     # Pass 1b: Σḡ², Σw̄² with the true ε_t.
     if any_resum:
-        for c in prange(nch):
-            t = ctens[c]
+        for c in prange(n_chunks):
+            t = chunk_tensor[c]
             if resum[t] != 0:
-                _s1, part[nch + c], part[2 * nch + c] = _fadam_sums(
-                    as_pointer(a_th[t], one), as_pointer(a_g[t], one), as_pointer(a_f[t], one),
-                    cstart[c], cstop[c], ws[t], b2h, omb2h, p_t, pmode, one)
+                _sum_g2, partials[n_chunks + c], partials[2 * n_chunks + c] = _fadam_sums(
+                    as_pointer(theta_addrs[t], one), as_pointer(grad_addrs[t], one), as_pointer(f_addrs[t], one),
+                    chunk_start[c], chunk_stop[c], scalars[t], beta2_hat, one_minus_beta2_hat, p, pow_mode, one)
 
     # Per tensor: clip scales max(1, RMS/c), rounded to the parameter dtype; the hint.
-    for t in range(ntens):
-        sg = 0.0
-        sw = 0.0
+    for t in range(n_tensors):
+        sum_gbar2 = 0.0
+        sum_wbar2 = 0.0
         for c in range(first[t], first[t + 1]):
-            sg += part[nch + c]
-            sw += part[2 * nch + c]
-        y = _rms(sg, sizes[t]) / clip
-        ws[ntens + t] = y if y > 1.0 else 1.0
-        y = _rms(sw, sizes[t]) / clip
-        ws[2 * ntens + t] = y if y > 1.0 else 1.0
-        defer[t] = 1 if ws[t] != guess[0] else 0
+            sum_gbar2 += partials[n_chunks + c]
+            sum_wbar2 += partials[2 * n_chunks + c]
+        y = _rms(sum_gbar2, sizes[t]) / clip
+        scalars[n_tensors + t] = y if y > 1.0 else 1.0
+        y = _rms(sum_wbar2, sizes[t]) / clip
+        scalars[2 * n_tensors + t] = y if y > 1.0 else 1.0
+        defer[t] = 1 if scalars[t] != guess[0] else 0
     return True
 
 
 @njit(parallel=True, cache=True)
-def _fadam_apply(a_th, a_g, a_m, a_f, ctens, cstart, cstop, ws, b1, omb1, b2h, omb2h, lr, wd, p_t, pmode):
+def _fadam_apply(theta_addrs, grad_addrs, m_addrs, f_addrs, chunk_tensor, chunk_start, chunk_stop, scalars, beta1,
+                 one_minus_beta1, beta2_hat, one_minus_beta2_hat, lr, weight_decay, p, pow_mode):
     """Pass 2: f ← β̂₂f + (1-β̂₂)g² (stored); m ← β₁m + (1-β₁)ḡ/clip_g; θ ← θ - lr (m + λ w̄/clip_w)."""
-    ntens = (ws.size - 1) // 3
-    one = ws.dtype.type(1)
-    for c in prange(ctens.size):
-        t = ctens[c]
-        th = as_pointer(a_th[t], one)
-        g = as_pointer(a_g[t], one)
-        m = as_pointer(a_m[t], one)
-        f = as_pointer(a_f[t], one)
-        et = ws[t]
-        rcg = one / ws[ntens + t]
-        rcw = one / ws[2 * ntens + t]
-        s, e = cstart[c], cstop[c]
-        if pmode == 0:      # one loop per pmode: LLVM does not unswitch this one by itself
-            for i in range(s, e):
-                fi = _new_f(f, g, i, b2h, omb2h)
+    n_tensors = (scalars.size - 1) // 3
+    one = scalars.dtype.type(1)
+    for c in prange(chunk_tensor.size):
+        t = chunk_tensor[c]
+        theta = as_pointer(theta_addrs[t], one)
+        g = as_pointer(grad_addrs[t], one)
+        m = as_pointer(m_addrs[t], one)
+        f = as_pointer(f_addrs[t], one)
+        eps_t = scalars[t]
+        inv_clip_g = one / scalars[n_tensors + t]
+        inv_clip_w = one / scalars[2 * n_tensors + t]
+        start, stop = chunk_start[c], chunk_stop[c]
+        if pow_mode == 0:      # one loop per pow_mode: LLVM does not unswitch this one by itself
+            for i in range(start, stop):
+                fi = _new_f(f, g, i, beta2_hat, one_minus_beta2_hat)
                 f[i] = fi
-                _fadam_update(th, g, m, i, one / (np.sqrt(fi) + et), b1, omb1, lr, wd, rcg, rcw)
-        elif pmode == 1:
-            for i in range(s, e):
-                fi = _new_f(f, g, i, b2h, omb2h)
+                _fadam_update(theta, g, m, i, one / (np.sqrt(fi) + eps_t), beta1, one_minus_beta1, lr, weight_decay,
+                              inv_clip_g, inv_clip_w)
+        elif pow_mode == 1:
+            for i in range(start, stop):
+                fi = _new_f(f, g, i, beta2_hat, one_minus_beta2_hat)
                 f[i] = fi
-                _fadam_update(th, g, m, i, one / (fi + et), b1, omb1, lr, wd, rcg, rcw)
+                _fadam_update(theta, g, m, i, one / (fi + eps_t), beta1, one_minus_beta1, lr, weight_decay,
+                              inv_clip_g, inv_clip_w)
         else:
-            for i in range(s, e):
-                fi = _new_f(f, g, i, b2h, omb2h)
+            for i in range(start, stop):
+                fi = _new_f(f, g, i, beta2_hat, one_minus_beta2_hat)
                 f[i] = fi
-                _fadam_update(th, g, m, i, one / (fi ** p_t + et), b1, omb1, lr, wd, rcg, rcw)
+                _fadam_update(theta, g, m, i, one / (fi ** p + eps_t), beta1, one_minus_beta1, lr, weight_decay,
+                              inv_clip_g, inv_clip_w)
 
 
 def _build_plan(lists):
@@ -297,8 +294,8 @@ def _build_plan(lists):
 
 def _row(*, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """The launch's host scalars: float64 from the descriptor (rounded per dtype below)."""
-    b2h = RULE.coefficients(step, beta2=beta2)["beta2_hat"]
-    return (beta1, 1 - beta1, b2h, 1 - b2h, lr, weight_decay, p, float(eps), float(eps2), float(2 * p),
+    beta2_hat = RULE.coefficients(step, beta2=beta2)["beta2_hat"]
+    return (beta1, 1 - beta1, beta2_hat, 1 - beta2_hat, lr, weight_decay, p, float(eps), float(eps2), float(2 * p),
             float(clip))
 
 
@@ -309,25 +306,26 @@ def fadam_launches(params, grads, m, f, *, check, **hyperparams):
     pair per dtype, unless param groups or per-parameter step counts differ)."""
     sets: dict = {}
     rows = per_tensor_table(range(len(params)), _row, hyperparams, np.float64)
-    for i, p in enumerate(params):
-        sets.setdefault((p.dtype, tuple(rows[i])), []).append(i)
+    for i, param in enumerate(params):
+        sets.setdefault((param.dtype, tuple(rows[i])), []).append(i)
     reduce, apply = [], []
     for (dt, row), members in sets.items():
         T = dt.type
-        b1, omb1, b2h, omb2h, lr, wd, p = (T(x) for x in row[:7])
+        beta1, one_minus_beta1, beta2_hat, one_minus_beta2_hat, lr, weight_decay, p = (T(x) for x in row[:7])
         eps, eps2, two_p, clip = row[7:]
-        pmode = _pmode(float(row[6]))
+        pow_mode = _pow_mode(float(row[6]))
         lists = tuple([lst[i] for i in members] for lst in (params, m, f))
-        ((_dt, _idx, (a_th, a_m, a_f), tens, start, stop, first, sizes, n, defer),) = PLANS.get(
+        ((_dt, _idx, (theta_addrs, m_addrs, f_addrs), chunk_tensor, start, stop, first, sizes, n, defer),) = PLANS.get(
             "fadam", lists, _build_plan)
-        a_g = addresses(grads, members)
-        ws = np.empty(3 * len(members) + 1, dtype=dt)
+        grad_addrs = addresses(grads, members)
+        scalars = np.empty(3 * len(members) + 1, dtype=dt)
         reduce.append((_fadam_reduce, n, (
-            a_th, a_g, a_f, sizes, tens, start, stop, first, ws, defer, np.zeros(3 * tens.size, np.float64),
-            np.zeros(len(members), np.uint8), b2h, omb2h, p, pmode, eps, eps2, two_p, clip, np.finfo(dt).tiny,
-            check)))
-        apply.append((_fadam_apply, n, (a_th, a_g, a_m, a_f, tens, start, stop, ws, b1, omb1, b2h, omb2h, lr, wd,
-                                        p, pmode)))
+            theta_addrs, grad_addrs, f_addrs, sizes, chunk_tensor, start, stop, first, scalars, defer,
+            np.zeros(3 * chunk_tensor.size, np.float64), np.zeros(len(members), np.uint8), beta2_hat,
+            one_minus_beta2_hat, p, pow_mode, eps, eps2, two_p, clip, np.finfo(dt).tiny, check)))
+        apply.append((_fadam_apply, n, (theta_addrs, grad_addrs, m_addrs, f_addrs, chunk_tensor, start, stop, scalars,
+                                        beta1, one_minus_beta1, beta2_hat, one_minus_beta2_hat, lr, weight_decay, p,
+                                        pow_mode)))
     return reduce, apply
 
 

@@ -10,19 +10,19 @@ __all__ = ["all_finite"]
 
 
 @njit(parallel=True, cache=True)
-def _finite_kernel(addr, ctens, cstart, cstop, mask, limit):
+def _finite_kernel(addrs, chunk_tensor, chunk_start, chunk_stop, mask, limit):
     # Integer view of the floats: |x| bits >= the exponent-all-ones pattern <=> NaN or Inf.
     # An integer max reduction vectorizes exactly (no float reassociation involved).
-    nch = ctens.size
-    bad = np.zeros(nch, np.uint8)
-    for c in prange(nch):
-        p = as_pointer(addr[ctens[c]], mask)
-        mx = mask - mask
-        for i in range(cstart[c], cstop[c]):
-            mx = max(mx, p[i] & mask)
-        if mx >= limit:
+    n_chunks = chunk_tensor.size
+    bad = np.zeros(n_chunks, np.uint8)
+    for c in prange(n_chunks):
+        p = as_pointer(addrs[chunk_tensor[c]], mask)
+        largest = mask - mask
+        for i in range(chunk_start[c], chunk_stop[c]):
+            largest = max(largest, p[i] & mask)
+        if largest >= limit:
             bad[c] = 1
-    for c in range(nch):
+    for c in range(n_chunks):
         if bad[c] != 0:
             return False
     return True
@@ -44,8 +44,8 @@ def _finite_plan(signature):
         groups.setdefault(dt, []).append(i)
     plan = []
     for dt, idx in groups.items():
-        tens, start, stop, _ = flat_chunks([signature[i][1] for i in idx])
-        plan.append((dt, idx, tens, start, stop, sum(signature[i][1] for i in idx)))
+        chunk_tensor, start, stop, _ = flat_chunks([signature[i][1] for i in idx])
+        plan.append((dt, idx, chunk_tensor, start, stop, sum(signature[i][1] for i in idx)))
     return plan
 
 
@@ -59,9 +59,9 @@ def all_finite(arrays) -> bool:
             # Not a layout the fused kernel reads: fall back to NumPy (never wrong).
             return all(bool(np.isfinite(x).all()) for x in arrays)
     plan = _finite_plan(tuple((a.dtype, a.size) for a in arrays))
-    for dt, idx, tens, start, stop, n in plan:
+    for dt, idx, chunk_tensor, start, stop, n in plan:
         mask, limit = _FINITE_BITS[dt]
-        if not launch(_finite_kernel, n, addresses(arrays, idx), tens, start, stop, mask, limit):
+        if not launch(_finite_kernel, n, addresses(arrays, idx), chunk_tensor, start, stop, mask, limit):
             return False
     return True
 

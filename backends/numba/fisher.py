@@ -18,27 +18,25 @@ from fisheropt.refimpl.fisher_ngd import fisher_gram as _reference_gram
 
 __all__ = ["fisher_gram", "fisher_sample_space_direction"]
 
-array_module = np  # lets this module serve as `ops` for fisheropt.refimpl.fisher_ngd
-
 
 def fisher_gram(G):
-    """K = G G^T, (N, N) float64 (BLAS; see module docstring)."""
+    """G G^T, (N, N) float64 (BLAS; see module docstring)."""
     return _reference_gram(G)
 
 
 @numba.njit(cache=True)
-def _cholesky_solve(Kd, rhs):
-    """Kd^{-1} rhs by Cholesky for a symmetric positive-definite Kd (checked by the caller)."""
-    n = Kd.shape[0]
+def _cholesky_solve(damped, rhs):
+    """damped^{-1} rhs by Cholesky for a symmetric positive-definite ``damped`` (checked by the caller)."""
+    n = damped.shape[0]
     L = np.zeros((n, n))
     for j in range(n):
-        acc = Kd[j, j]
+        acc = damped[j, j]
         for k in range(j):
             acc -= L[j, k] * L[j, k]
         ljj = np.sqrt(acc)
         L[j, j] = ljj
         for i in range(j + 1, n):
-            acc = Kd[i, j]
+            acc = damped[i, j]
             for k in range(j):
                 acc -= L[i, k] * L[j, k]
             L[i, j] = acc / ljj
@@ -57,11 +55,11 @@ def _cholesky_solve(Kd, rhs):
     return x
 
 
-def _solve_damped_gram(K, rhs, damping):
-    Kd = np.asarray(K, dtype=np.float64) + damping * np.eye(K.shape[0])
-    w = np.linalg.eigvalsh(Kd)          # κ ≤ MAX_CONDITION makes the Cholesky below succeed
+def _solve_damped_gram(gram, rhs, damping):
+    damped = np.asarray(gram, dtype=np.float64) + damping * np.eye(gram.shape[0])
+    w = np.linalg.eigvalsh(damped)          # κ ≤ MAX_CONDITION makes the Cholesky below succeed
     check_condition(damped_condition(w), damping, float(w[-1]), "the damped Gram matrix")
-    return _cholesky_solve(Kd, np.ascontiguousarray(rhs, dtype=np.float64))
+    return _cholesky_solve(damped, np.ascontiguousarray(rhs, dtype=np.float64))
 
 
 def fisher_sample_space_direction(G, rhs, damping):

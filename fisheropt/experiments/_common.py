@@ -91,20 +91,26 @@ def pyplot():
 
 
 def plot_curves(path: Path, curves: dict, *, title: str, xlabel: str, ylabel: str,
-                logy: bool = False, bands: dict | None = None, xs: dict | None = None) -> Path:
+                logy: bool = False, bands: dict | None = None, xs: dict | None = None, logx: bool = False,
+                marker: str | None = None, hline: float | None = None) -> Path:
     """One line per entry of ``curves`` (label -> y values); optional shaded ``bands``
-    (label -> (low, high)) and x values (label -> xs). Writes a PNG and returns its path."""
+    (label -> (low, high)), x values (label -> xs), point ``marker`` and a dashed horizontal
+    reference line at ``hline``. Writes a PNG and returns its path."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for label, ys in curves.items():
         ys = np.asarray(ys, dtype=float)
         x = np.asarray(xs[label]) if xs and label in xs else np.arange(1, ys.size + 1)
-        (line,) = ax.plot(x, ys, label=label, lw=1.4)
+        (line,) = ax.plot(x, ys, label=label, lw=1.4, marker=marker)
         if bands and label in bands:
             lo, hi = bands[label]
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+    if logx:
+        ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    if hline is not None:
+        ax.axhline(hline, color="gray", lw=0.8, ls="--")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -115,6 +121,23 @@ def plot_curves(path: Path, curves: dict, *, title: str, xlabel: str, ylabel: st
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_seed_curves(out_dir: Path, histories: dict, names, seeds, metrics, *, x_key: str = "step",
+                     xlabel: str = "step") -> list[Path]:
+    """One PNG ``<metric>.png`` per ``(metric, label, logy)`` of ``metrics``: per name, the mean
+    over ``seeds`` of ``histories[(name, seed)][metric]`` in its min..max band, against
+    ``histories[...][x_key]``. Returns the paths."""
+    xs = histories[(names[0], seeds[0])][x_key]
+    plots = []
+    for metric, label, logy in metrics:
+        curves, bands = {}, {}
+        for name in names:
+            curves[name], bands[name] = seed_band([histories[(name, s)][metric] for s in seeds])
+        plots.append(plot_curves(out_dir / f"{metric}.png", curves, bands=bands, xs={n: xs for n in names}, logy=logy,
+                                 title=f"{label} (mean over {len(seeds)} seeds, band = min..max)",
+                                 xlabel=xlabel, ylabel=label))
+    return plots
 
 
 def plot_bars(path: Path, labels, values, errors=None, *, title: str, ylabel: str, logy=False) -> Path:
@@ -178,8 +201,24 @@ def text_table(rows: list[dict], columns: list[str] | None = None, headers: dict
 
 
 def mean_std(values) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
     a = np.asarray(values, dtype=float)
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def mean_std_columns(rows: list[dict], keys) -> dict:
+    """``{key: mean, key + "_std": std}`` over ``rows`` (one per seed) for each of ``keys``."""
+    out = {}
+    for key in keys:
+        out[key], out[key + "_std"] = mean_std([r[key] for r in rows])
+    return out
+
+
+def seed_band(runs) -> tuple:
+    """(mean curve, (min, max) band) over the seeds' curves ``runs``, each cut to the shortest."""
+    n = min(len(r) for r in runs)
+    arr = np.array([r[:n] for r in runs], dtype=float)
+    return arr.mean(axis=0), (arr.min(axis=0), arr.max(axis=0))
 
 
 def paired_difference(a, b) -> dict:

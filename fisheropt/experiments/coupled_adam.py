@@ -23,7 +23,7 @@ import fisheropt as fo
 from fisheropt.refimpl.isotropy import embedding_report
 from fisheropt.workloads.word_lm import WordLM, load_pydoc_corpus, make_windows
 
-from . import _common as C
+from . import _common as common
 
 TITLE = "Coupled Adam: embedding isotropy of a tied-embedding word LM"
 
@@ -34,6 +34,9 @@ QUICK = dict(vocab=400, dim=16, context=2, hidden=32, batch=64, steps=120, evals
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 OPTIMIZERS = ("AdamW", "Coupled Adam")
 METRICS = ("val_loss", "isotropy", "mu_norm", "mu_ratio", "condition_number")
+#: the curves plotted over training: (metric, label, log scale)
+EMBEDDING_PLOTS = (("val_loss", "validation loss (nats/token)", False), ("isotropy", "Iso(E)", True),
+                   ("mu_ratio", "‖μ‖ / mean‖e_i‖", False))
 
 
 def _make_optimizer(name, model):
@@ -51,7 +54,7 @@ def train_one(opt_name, cfg, seed, data, *, desc=None):
     eval_at = set(np.linspace(0, cfg["steps"], cfg["evals"] + 1).astype(int).tolist())
     hist = {"step": [], "train_loss": [], **{m: [] for m in METRICS}}
     run_loss = []
-    for step in C.progress(range(cfg["steps"] + 1), desc=desc):
+    for step in common.progress(range(cfg["steps"] + 1), desc=desc):
         if step in eval_at:
             rep = embedding_report(model.embedding)
             hist["step"].append(step)
@@ -72,7 +75,7 @@ def train_one(opt_name, cfg, seed, data, *, desc=None):
 def _pc_scatter(path, E_by_opt, counts):
     """Embeddings projected on their own top-2 right singular vectors (uncentred),
     coloured by log word frequency: a common offset shows as a displaced cloud."""
-    plt = C.pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, len(E_by_opt), figsize=(5.5 * len(E_by_opt), 4.6), dpi=110,
                              layout="constrained")
     for ax, (name, E) in zip(np.atleast_1d(axes), E_by_opt.items()):
@@ -106,7 +109,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     seeds = [seed + i for i in range(cfg["n_seeds"])]
 
     per_seed, histories, final_E, backends = [], {}, {}, set()
-    with C.stopwatch() as elapsed:
+    with common.stopwatch() as elapsed:
         for s in seeds:
             for name in OPTIMIZERS:
                 model, hist, backend = train_one(name, cfg, s, data, desc=f"{name} seed {s}")
@@ -119,30 +122,12 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     np.savez(out_dir / "embeddings.npz", **final_E)
     np.save(out_dir / "word_counts.npy", counts)
 
-    summary_rows = []
-    for name in OPTIMIZERS:
-        rows = [r for r in per_seed if r["optimizer"] == name]
-        row = {"optimizer": name}
-        for m in METRICS:
-            mean, std = C.mean_std([r[m] for r in rows])
-            row[m] = mean
-            row[m + "_std"] = std
-        summary_rows.append(row)
+    summary_rows = [{"optimizer": name, **common.mean_std_columns([r for r in per_seed if r["optimizer"] == name],
+                                                                  METRICS)}
+                    for name in OPTIMIZERS]
 
     # ---- plots -------------------------------------------------------------
-    steps = histories[(OPTIMIZERS[0], seeds[0])]["step"]
-    plots = []
-    for metric, label, logy in (("val_loss", "validation loss (nats/token)", False),
-                                ("isotropy", "Iso(E)", True), ("mu_ratio", "‖μ‖ / mean‖e_i‖", False)):
-        curves, bands = {}, {}
-        for name in OPTIMIZERS:
-            arr = np.array([histories[(name, s)][metric] for s in seeds], dtype=float)
-            curves[name] = arr.mean(axis=0)
-            bands[name] = (arr.min(axis=0), arr.max(axis=0))
-        plots.append(C.plot_curves(out_dir / f"{metric}.png", curves, bands=bands,
-                                   xs={n: steps for n in OPTIMIZERS}, logy=logy,
-                                   title=f"{label} (mean over {len(seeds)} seeds, band = min..max)",
-                                   xlabel="step", ylabel=label))
+    plots = common.plot_seed_curves(out_dir, histories, OPTIMIZERS, seeds, EMBEDDING_PLOTS)
     plots.append(_pc_scatter(out_dir / "embeddings_pca.png",
                              {n: final_E[f"{n.replace(' ', '_')}_seed{seeds[0]}"] for n in OPTIMIZERS},
                              counts))
@@ -153,7 +138,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     def seed_values(opt, key):
         return [next(r[key] for r in per_seed if r["optimizer"] == opt and r["seed"] == s) for s in seeds]
 
-    loss_cmp = C.paired_difference(seed_values("Coupled Adam", "val_loss"), seed_values("AdamW", "val_loss"))
+    loss_cmp = common.paired_difference(seed_values("Coupled Adam", "val_loss"), seed_values("AdamW", "val_loss"))
     loss_diff = loss_cmp["mean"]
     iso_wins = sum(
         next(r for r in per_seed if r["optimizer"] == "Coupled Adam" and r["seed"] == s)["isotropy"]
@@ -199,24 +184,24 @@ more isotropic embeddings at equal or better loss.
 - Measures of the final E (`fisheropt.refimpl.isotropy`): Iso(E) = min_u Z(u)/max_u Z(u),
   Z(u) = Σ_i exp(uᵀe_i), u over the eigenvectors of EᵀE (both signs); ‖μ‖ and ‖μ‖/mean‖e_i‖
   with μ the mean embedding; cond(E) = σ_max/σ_min.
-- Wall time: {elapsed():.1f} s. {C.environment_line()}.
+- Wall time: {elapsed():.1f} s. {common.environment_line()}.
 
 ## Results (mean over seeds)
 
-{C.markdown_table(summary_rows, cols, heads)}
+{common.markdown_table(summary_rows, cols, heads)}
 ### Per seed
 
-{C.markdown_table(per_seed, seed_cols, heads)}
+{common.markdown_table(per_seed, seed_cols, heads)}
 ## Verdict
 
-- Isotropy: Iso(E) {C.fmt(coupled['isotropy'])} (Coupled Adam) vs {C.fmt(adamw['isotropy'])} (AdamW), ratio {C.fmt(iso_gain)};
-  Coupled higher in {iso_wins}/{len(seeds)} seeds; anisotropy 1 − Iso(E) Coupled/AdamW = {C.fmt(aniso_cut)}.
-  {C.agreement(iso_agrees, "Coupled Adam's embeddings are markedly more isotropic (higher in every seed, anisotropy at least halved).",
+- Isotropy: Iso(E) {common.fmt(coupled['isotropy'])} (Coupled Adam) vs {common.fmt(adamw['isotropy'])} (AdamW), ratio {common.fmt(iso_gain)};
+  Coupled higher in {iso_wins}/{len(seeds)} seeds; anisotropy 1 − Iso(E) Coupled/AdamW = {common.fmt(aniso_cut)}.
+  {common.agreement(iso_agrees, "Coupled Adam's embeddings are markedly more isotropic (higher in every seed, anisotropy at least halved).",
        "the isotropy gain is not the large, consistent gain the paper reports (criterion, fixed before the runs: higher in every seed and 1 − Iso at least halved).")}
-- Mean embedding: ‖μ‖/mean‖e‖ is {C.fmt(coupled['mu_ratio'])} (Coupled) vs {C.fmt(adamw['mu_ratio'])} (AdamW).
-  {C.agreement(mu_agrees, "Coupled Adam shrinks the common offset.", "Coupled Adam does not reduce the common offset here.")}
-- Loss: validation loss Coupled − AdamW, paired by seed: {C.fmt(loss_diff)} ± {C.fmt(loss_cmp['se'], 2)} (SE, n={loss_cmp['n']}).
-  {C.agreement(loss_agrees, ("better loss (beyond seed noise)." if loss_cmp["sign"] < 0 else
+- Mean embedding: ‖μ‖/mean‖e‖ is {common.fmt(coupled['mu_ratio'])} (Coupled) vs {common.fmt(adamw['mu_ratio'])} (AdamW).
+  {common.agreement(mu_agrees, "Coupled Adam shrinks the common offset.", "Coupled Adam does not reduce the common offset here.")}
+- Loss: validation loss Coupled − AdamW, paired by seed: {common.fmt(loss_diff)} ± {common.fmt(loss_cmp['se'], 2)} (SE, n={loss_cmp['n']}).
+  {common.agreement(loss_agrees, ("better loss (beyond seed noise)." if loss_cmp["sign"] < 0 else
                      "equal loss within seed noise (95 % Student-t interval of the paired difference contains 0)."),
        "Coupled Adam's validation loss is worse beyond seed noise here.")}
 
@@ -230,10 +215,10 @@ toward the paper's result.
 - `embeddings.npz`: the final E of every run (keys `<optimizer>_seed<k>`), `word_counts.npy`;
   `metrics.json`: every number above, with the curves.
 """
-    C.write_report(out_dir, report)
-    C.save_metrics(out_dir, {"config": cfg, "hyper": HYPER, "seeds": seeds, "summary": summary_rows,
-                             "per_seed": per_seed, "verdict": verdict,
-                             "curves": {f"{n}|{s}": h for (n, s), h in histories.items()}})
+    common.write_report(out_dir, report)
+    common.save_metrics(out_dir, {"config": cfg, "hyper": HYPER, "seeds": seeds, "summary": summary_rows,
+                                  "per_seed": per_seed, "verdict": verdict,
+                                  "curves": {f"{n}|{s}": h for (n, s), h in histories.items()}})
     return {"rows": summary_rows, "per_seed": per_seed, "verdict": verdict,
             "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": C.text_table(summary_rows, cols, heads)}
+            "summary": common.text_table(summary_rows, cols, heads)}

@@ -33,7 +33,7 @@ from fisheropt.refimpl.isotropy import embedding_report
 from fisheropt.workloads import esimcse_encoder as enc
 from fisheropt.workloads.pydoc_sentences import build_dataset
 
-from . import _common as C
+from . import _common as common
 
 TITLE = "ESimCSE vs unsup-SimCSE: length bias of a tiny sentence encoder"
 
@@ -90,7 +90,7 @@ def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, d
     hist = {"step": [], "train_loss": [], "topic_auc": [], "neg_gap": []}
     running = []
     batches = _epoch_batches(len(train), cfg["batch"], batch_rng)
-    for step in C.progress(range(cfg["steps"] + 1), desc=desc):
+    for step in common.progress(range(cfg["steps"] + 1), desc=desc):
         if step in eval_at:
             hist["step"].append(step)
             hist["train_loss"].append(float(np.mean(running)) if running else float("nan"))
@@ -234,7 +234,7 @@ class Evaluator:
 
 # ---- plots --------------------------------------------------------------------
 def _plot_length_curves(path, finals, init, key, xs, *, title, xlabel):
-    plt = C.pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=True)
     for ax, method in zip(axes, METHODS):
         for (m, o), res in finals.items():
@@ -261,7 +261,7 @@ def _plot_length_curves(path, finals, init, key, xs, *, title, xlabel):
 
 
 def _plot_align_uniform(path, finals, init):
-    plt = C.pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.8), dpi=110)
     markers = {"SimCSE": "o", "ESimCSE": "s", ABLATIONS[0]: "^", ABLATIONS[1]: "v", ABLATIONS[2]: "D"}
     colors = dict(zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")))
@@ -305,7 +305,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                            dtype=DTYPE)
     # BLAS and Numba on one thread: the matrices are tiny, and on a shared machine a thread
     # pool costs more than it gains.
-    with C.stopwatch() as elapsed, C.blas_threads(numba=True), np.errstate(all="ignore"):
+    with common.stopwatch() as elapsed, common.blas_threads(numba=True), np.errstate(all="ignore"):
         init_res = evaluator(init, full=True)
         for s in seeds:
             for method, opt_name in grid:
@@ -320,13 +320,9 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                                  **{k: res[k] for k in SUMMARY_METRICS}})
 
     init_row = {"method": "untrained", "optimizer": "—", **{k: init_res.get(k, float("nan")) for k in SUMMARY_METRICS}}
-    summary_rows = []
-    for method, opt_name in grid:
-        res = finals[(method, opt_name)]
-        row = {"method": method, "optimizer": opt_name}
-        for k in SUMMARY_METRICS:
-            row[k], row[k + "_std"] = C.mean_std([r[k] for r in res])
-        summary_rows.append(row)
+    summary_rows = [{"method": method, "optimizer": opt_name,
+                     **common.mean_std_columns(finals[(method, opt_name)], SUMMARY_METRICS)}
+                    for method, opt_name in grid]
 
     # ---- plots ---------------------------------------------------------------
     plots = [
@@ -347,8 +343,8 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
             arr = np.array([histories[(method, opt_name, s)][metric] for s in seeds], dtype=float)
             with np.errstate(all="ignore"):
                 curves[f"{method} / {opt_name}"] = arr.mean(axis=0)
-        plots.append(C.plot_curves(out_dir / f"{metric}.png", curves, xs={k: steps for k in curves},
-                                   title=f"{label}, mean over {len(seeds)} seed(s)", xlabel="step", ylabel=label))
+        plots.append(common.plot_curves(out_dir / f"{metric}.png", curves, xs={k: steps for k in curves},
+                                        title=f"{label}, mean over {len(seeds)} seed(s)", xlabel="step", ylabel=label))
 
     # ---- verdict (computed, not assumed) ------------------------------------
     def paired(key, a=("SimCSE", None), b=("ESimCSE", None), better="lower"):
@@ -402,7 +398,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
              "pos_gap": "pos gap ≤3−>3", "len_r2": "length R²", "align": "align", "uniform": "uniform",
              "tok_iso": "Iso(E)", "tok_mu_ratio": "‖μ‖/‖e‖ (E)", "tok_cond": "cond(E)", "sent_iso": "Iso(sent)",
              "sent_mu_ratio": "‖μ‖/‖e‖ (sent)"}
-    table = C.markdown_table([init_row] + summary_rows, cols, heads)
+    table = common.markdown_table([init_row] + summary_rows, cols, heads)
     seed_cols = ["method", "optimizer", "seed", "train_loss", "topic_auc", "topic_nn", "neg_gap", "neg_corr",
                  "len_r2", "align", "uniform", "tok_iso", "sent_iso"]
     n_params = sum(p.size for p in init)
@@ -414,20 +410,21 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         parts = []
         for m in ("SimCSE", ABLATIONS[0], ABLATIONS[1], "ESimCSE", ABLATIONS[2]):
             r = row_of(m)
-            parts.append(f"  - {m} (Adam): neg gap {C.fmt(r['neg_gap'])}, corr {C.fmt(r['neg_corr'])}, "
-                         f"length R² {C.fmt(r['len_r2'])}, topic AUC {C.fmt(r['topic_auc'])}, "
-                         f"align {C.fmt(r['align'])}, uniform {C.fmt(r['uniform'])}, Iso(sent) {C.fmt(r['sent_iso'])}")
+            parts.append(f"  - {m} (Adam): neg gap {common.fmt(r['neg_gap'])}, corr {common.fmt(r['neg_corr'])}, "
+                         f"length R² {common.fmt(r['len_r2'])}, topic AUC {common.fmt(r['topic_auc'])}, "
+                         f"align {common.fmt(r['align'])}, uniform {common.fmt(r['uniform'])}, "
+                         f"Iso(sent) {common.fmt(r['sent_iso'])}")
         ablation_lines = ("- Ablations (Adam; one ESimCSE component added to SimCSE at a time, and ESimCSE with the "
                           "anchor's own sentence left in the queue):\n" + "\n".join(parts) + "\n")
-    comp_table = C.markdown_table(comp_rows, ["metric", "better", "SimCSE", "ESimCSE", "diff", "two_se", "wins", "call"],
-                                  {"better": "better is", "diff": "ESimCSE − SimCSE", "two_se": "± 2·SE",
+    comp_table = common.markdown_table(comp_rows, ["metric", "better", "SimCSE", "ESimCSE", "diff", "two_se", "wins", "call"],
+                                       {"better": "better is", "diff": "ESimCSE − SimCSE", "two_se": "± 2·SE",
                                    "wins": "ESimCSE better in", "call": "ESimCSE is"})
     coupled_lines = "\n".join(
-        f"  - {m}: Iso(E) {C.fmt(coupled[f'{m}|tok_iso']['diff'])} (higher in {coupled[f'{m}|tok_iso']['n_better']}/"
+        f"  - {m}: Iso(E) {common.fmt(coupled[f'{m}|tok_iso']['diff'])} (higher in {coupled[f'{m}|tok_iso']['n_better']}/"
         f"{coupled[f'{m}|tok_iso']['n']}: {coupled[f'{m}|tok_iso']['call']}), ‖μ‖/‖e‖ (E) "
-        f"{C.fmt(coupled[f'{m}|tok_mu_ratio']['diff'])} (lower in {coupled[f'{m}|tok_mu_ratio']['n_better']}/"
+        f"{common.fmt(coupled[f'{m}|tok_mu_ratio']['diff'])} (lower in {coupled[f'{m}|tok_mu_ratio']['n_better']}/"
         f"{coupled[f'{m}|tok_mu_ratio']['n']}: {coupled[f'{m}|tok_mu_ratio']['call']}), topic AUC "
-        f"{C.fmt(coupled[f'{m}|topic_auc']['diff'])} ({coupled[f'{m}|topic_auc']['call']})" for m in METHODS)
+        f"{common.fmt(coupled[f'{m}|topic_auc']['diff'])} ({coupled[f'{m}|topic_auc']['call']})" for m in METHODS)
 
     report = f"""# {TITLE}
 
@@ -475,29 +472,29 @@ STS with BERT-base). The paper shows the bias by splitting STS-B pairs at a leng
   - Isotropy (`fisheropt.refimpl.isotropy`, as in the Coupled Adam experiment) of the token
     embeddings E (without `<pad>`/`<unk>`) and of the held-out sentence embeddings: Iso = min_u Z(u) /
     max_u Z(u), ‖μ‖/mean‖e_i‖, cond = σ_max/σ_min.
-- Wall time: {elapsed():.1f} s. {C.environment_line()}.
+- Wall time: {elapsed():.1f} s. {common.environment_line()}.
 
 ## Results (mean over {len(seeds)} seed(s); the first row is the untrained encoder of seed {seeds[0]})
 
 {table}
 ### Per seed
 
-{C.markdown_table(per_seed, seed_cols, heads)}
+{common.markdown_table(per_seed, seed_cols, heads)}
 ## Verdict (computed from the runs)
 
 Paired over the {len(seeds) * len(OPTIMIZERS)} (seed, optimizer) runs; "no clear difference" when the mean
 difference is within twice its standard error.
 
 {comp_table}
-- Length bias under SimCSE: random same-length pairs are more similar (neg gap {C.fmt(v['neg_gap']['simcse'])} > 0).
-  {C.agreement(bias_trained, "SimCSE training raised the gap above the untrained encoder's (" + C.fmt(init_res['neg_gap']) + ").",
-       "the gap is inherited from the random initialisation (untrained encoder: " + C.fmt(init_res['neg_gap'])
+- Length bias under SimCSE: random same-length pairs are more similar (neg gap {common.fmt(v['neg_gap']['simcse'])} > 0).
+  {common.agreement(bias_trained, "SimCSE training raised the gap above the untrained encoder's (" + common.fmt(init_res['neg_gap']) + ").",
+       "the gap is inherited from the random initialisation (untrained encoder: " + common.fmt(init_res['neg_gap'])
        + ") and SimCSE training lowered it; in the paper the bias is attributed to SimCSE's same-length positives.")}
-- {C.agreement(bias_reduced, "ESimCSE lowers the ≤3 vs >3 similarity gap of random pairs.",
+- {common.agreement(bias_reduced, "ESimCSE lowers the ≤3 vs >3 similarity gap of random pairs.",
        "ESimCSE does not clearly lower the ≤3 vs >3 similarity gap of random pairs.")}
-- {C.agreement(r2_reduced, "less length information is linearly decodable from ESimCSE's embeddings.",
+- {common.agreement(r2_reduced, "less length information is linearly decodable from ESimCSE's embeddings.",
        "ESimCSE's embeddings do not encode length less than SimCSE's (length R² " + v['len_r2']['call'] + ").")}
-- {C.agreement(sim_better, "ESimCSE separates the held-out topics better (our STS stand-in).",
+- {common.agreement(sim_better, "ESimCSE separates the held-out topics better (our STS stand-in).",
        "ESimCSE does not improve the semantic stand-in (topic AUC: " + v['topic_auc']['call'] + ").")}
 - Wang & Isola: ESimCSE's alignment is {v['align']['call']} and its uniformity {v['uniform']['call']} than SimCSE's.
 {ablation_lines}- Coupled Adam − Adam, same method, paired over seeds (the Coupled Adam paper predicts more isotropic
@@ -515,12 +512,12 @@ toward the paper's result.
 {chr(10).join(f"- `{p.name}`" for p in plots)}
 - `metrics.json`: every number above, with the curves.
 """
-    C.write_report(out_dir, report)
-    C.save_metrics(out_dir, {"config": cfg, "hyper": HYPER, "seeds": seeds, "summary": summary_rows,
-                             "untrained": init_res, "per_seed": per_seed, "verdict": v,
-                             "curves": {"|".join(map(str, k)): h for k, h in histories.items()},
-                             "length_curves": {"|".join(k): [{c: r[c] for c in ("neg_curve", "pos_curve")} for r in res]
+    common.write_report(out_dir, report)
+    common.save_metrics(out_dir, {"config": cfg, "hyper": HYPER, "seeds": seeds, "summary": summary_rows,
+                                  "untrained": init_res, "per_seed": per_seed, "verdict": v,
+                                  "curves": {"|".join(map(str, k)): h for k, h in histories.items()},
+                                  "length_curves": {"|".join(k): [{c: r[c] for c in ("neg_curve", "pos_curve")} for r in res]
                                                for k, res in finals.items()}})
     return {"rows": summary_rows, "per_seed": per_seed, "verdict": v,
             "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": C.text_table([init_row] + summary_rows, cols, heads)}
+            "summary": common.text_table([init_row] + summary_rows, cols, heads)}

@@ -27,7 +27,7 @@ import fisheropt as fo
 from fisheropt.refimpl.fadam import adaptive_epsilon, clip_scale, debiased_beta2, rms
 from fisheropt.workloads.models import MLP, load_digits_split
 
-from . import _common as C
+from . import _common as common
 
 TITLE = "FAdam vs Adam/AdamW on the digits MLP, with ablations"
 
@@ -180,7 +180,7 @@ def train_one(method, lr, seed, data, cfg, *, desc=None):
         hist["test_acc"].append(model.accuracy(X_te, y_te))
 
     record(0)
-    for epoch in C.progress(range(1, cfg["epochs"] + 1), desc=desc):
+    for epoch in common.progress(range(1, cfg["epochs"] + 1), desc=desc):
         order = rng.permutation(N)
         for start in range(0, N, cfg["batch"]):
             idx = order[start:start + cfg["batch"]]
@@ -207,8 +207,8 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
 
     results, histories, saved = [], {}, {}
     jobs = [(lr, m, s) for lr in cfg["lrs"] for m in METHODS for s in seeds]
-    with C.stopwatch() as elapsed:
-        for lr, method, s in C.progress(jobs, desc="fadam runs", leave=True):
+    with common.stopwatch() as elapsed:
+        for lr, method, s in common.progress(jobs, desc="fadam runs", leave=True):
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # diverging ablations
                 model, hist = train_one(method, lr, s, data, cfg)
             histories[(method, lr, s)] = hist
@@ -222,10 +222,8 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
 
     def summarize(method, lr):
         rows = [r for r in results if r["method"] == method and r["lr"] == lr]
-        out = {"method": method, "lr": lr, "diverged": sum(r["diverged"] for r in rows)}
-        for key in ("train_loss", "test_loss", "test_acc"):
-            out[key], out[key + "_std"] = C.mean_std([r[key] for r in rows])
-        return out
+        return {"method": method, "lr": lr, "diverged": sum(r["diverged"] for r in rows),
+                **common.mean_std_columns(rows, ("train_loss", "test_loss", "test_acc"))}
 
     main_rows = [summarize(m, cfg["main_lr"]) for m in METHODS]
     sweep_rows = []
@@ -233,7 +231,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         row = {"method": m}
         for lr in cfg["lrs"]:
             s = summarize(m, lr)
-            row[f"lr={lr:g}"] = f"{C.fmt(s['test_loss'])} ± {C.fmt(s['test_loss_std'], 2)}" + \
+            row[f"lr={lr:g}"] = f"{common.fmt(s['test_loss'])} ± {common.fmt(s['test_loss_std'], 2)}" + \
                                 (f" ({s['diverged']} diverged)" if s["diverged"] else "")
         sweep_rows.append(row)
 
@@ -242,20 +240,17 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     for key, label, logy in (("train_loss", "train loss (mean CE)", True), ("test_acc", "test accuracy", False)):
         curves, bands, xs = {}, {}, {}
         for m in METHODS:
-            runs = [histories[(m, cfg["main_lr"], s)][key] for s in seeds]
-            n = min(len(r) for r in runs)
-            arr = np.array([r[:n] for r in runs], dtype=float)
-            curves[m], bands[m] = arr.mean(axis=0), (arr.min(axis=0), arr.max(axis=0))
-            xs[m] = np.arange(n)
-        plots.append(C.plot_curves(out_dir / f"{key}.png", curves, bands=bands, xs=xs, logy=logy,
-                                   title=f"{label}, lr={cfg['main_lr']:g}, {len(seeds)} seeds (band = min..max)",
-                                   xlabel="epoch", ylabel=label))
+            curves[m], bands[m] = common.seed_band([histories[(m, cfg["main_lr"], s)][key] for s in seeds])
+            xs[m] = np.arange(len(curves[m]))
+        plots.append(common.plot_curves(out_dir / f"{key}.png", curves, bands=bands, xs=xs, logy=logy,
+                                        title=f"{label}, lr={cfg['main_lr']:g}, {len(seeds)} seeds (band = min..max)",
+                                        xlabel="epoch", ylabel=label))
     if len(cfg["lrs"]) > 1:
         curves = {m: [summarize(m, lr)["test_loss"] for lr in cfg["lrs"]] for m in METHODS}
-        plots.append(C.plot_curves(out_dir / "lr_sensitivity.png", curves,
-                                   xs={m: list(cfg["lrs"]) for m in METHODS}, logy=True,
-                                   title="final test loss vs learning rate (mean over seeds)",
-                                   xlabel="learning rate", ylabel="test loss"))
+        plots.append(common.plot_curves(out_dir / "lr_sensitivity.png", curves,
+                                        xs={m: list(cfg["lrs"]) for m in METHODS}, logy=True,
+                                        title="final test loss vs learning rate (mean over seeds)",
+                                        xlabel="learning rate", ylabel="test loss"))
 
     # ---- verdict (paired by seed: same init and batch order) -----------------
     by = {r["method"]: r for r in main_rows}
@@ -266,25 +261,27 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         return [rows[s] for s in seeds]
 
     def cmp(method, other, key):
-        return C.paired_difference(per_seed(method, key), per_seed(other, key))
+        return common.paired_difference(per_seed(method, key), per_seed(other, key))
 
     def diff_text(p):
-        return f"paired difference {C.fmt(p['mean'])} ± {C.fmt(p['se'], 2)} (SE, n={p['n']})"
+        return f"paired difference {common.fmt(p['mean'])} ± {common.fmt(p['se'], 2)} (SE, n={p['n']})"
 
     lines, verdict = [], {}
     for base in ("Adam", "AdamW"):
         p_test, p_train = cmp("FAdam", base, "test_loss"), cmp("FAdam", base, "train_loss")
         if p_test["sign"] < 0:
-            word, state = f"{C.AGREES}: FAdam reaches a lower test loss than {base}.", "agrees"
+            word, state = f"{common.AGREES}: FAdam reaches a lower test loss than {base}.", "agrees"
         elif p_test["sign"] > 0:
-            word, state = f"{C.DISAGREES}: FAdam's test loss is higher than {base}'s beyond seed noise.", "disagrees"
+            word = f"{common.DISAGREES}: FAdam's test loss is higher than {base}'s beyond seed noise."
+            state = "disagrees"
         else:
-            word, state = (f"{C.INCONCLUSIVE}: no test-loss difference beyond seed noise (consistent with "
+            word, state = (f"{common.INCONCLUSIVE}: no test-loss difference beyond seed noise (consistent with "
                            f"\"at least as good\", not with \"better\")."), "inconclusive"
         train_word = {-1: "lower", 0: "indistinguishable", 1: "higher"}[p_train["sign"]]
-        lines.append(f"- FAdam vs {base}: test loss {C.fmt(fa['test_loss'])} vs {C.fmt(by[base]['test_loss'])}, "
+        lines.append(f"- FAdam vs {base}: test loss {common.fmt(fa['test_loss'])} vs "
+                     f"{common.fmt(by[base]['test_loss'])}, "
                      f"{diff_text(p_test)}. {word} FAdam's final train loss is {train_word} "
-                     f"({C.fmt(fa['train_loss'])} vs {C.fmt(by[base]['train_loss'])}, {diff_text(p_train)}).")
+                     f"({common.fmt(fa['train_loss'])} vs {common.fmt(by[base]['train_loss'])}, {diff_text(p_train)}).")
         verdict[f"fadam_vs_{base}"] = state
         verdict[f"fadam_vs_{base}_test_loss_diff"] = p_test
     for key in ABLATIONS:
@@ -292,15 +289,16 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         ab = by[name]
         p = cmp(name, "FAdam", "test_loss")
         if ab["diverged"] and not fa["diverged"]:
-            word, state = (f"{C.AGREES}: the ablation diverged in {ab['diverged']}/{len(seeds)} seeds "
+            word, state = (f"{common.AGREES}: the ablation diverged in {ab['diverged']}/{len(seeds)} seeds "
                            "(its losses are from the last finite epoch); FAdam never did."), "agrees"
         elif p["sign"] > 0:
-            word, state = f"{C.AGREES}: removing this choice hurts.", "agrees"
+            word, state = f"{common.AGREES}: removing this choice hurts.", "agrees"
         elif p["sign"] < 0:
-            word, state = f"{C.DISAGREES}: the ablation is better than FAdam here.", "disagrees"
+            word, state = f"{common.DISAGREES}: the ablation is better than FAdam here.", "disagrees"
         else:
-            word, state = f"{C.INCONCLUSIVE}: no difference beyond seed noise.", "inconclusive"
-        lines.append(f"- {ABLATIONS[key]}: test loss {C.fmt(ab['test_loss'])} vs FAdam {C.fmt(fa['test_loss'])}, "
+            word, state = f"{common.INCONCLUSIVE}: no difference beyond seed noise.", "inconclusive"
+        lines.append(f"- {ABLATIONS[key]}: test loss {common.fmt(ab['test_loss'])} vs FAdam "
+                     f"{common.fmt(fa['test_loss'])}, "
                      f"{diff_text(p)}. {word}")
         verdict[f"ablation_{key}"] = state
     lines.append("\n(Comparisons are paired by seed, which fixes the initialisation and the batch order; "
@@ -328,14 +326,14 @@ its clipping, momentum-after-preconditioning and Fisher-preconditioned weight de
   Learning rates {', '.join(f'{lr:g}' for lr in cfg['lrs'])}; main table at lr={cfg['main_lr']:g}.
 - Methods: {'; '.join(f'**{m}**: {make_optimizer(m, [np.zeros(1)], 1e-3)[1]}' for m in METHODS)}.
   Hyperparameters were set once (library defaults) and not tuned toward the paper.
-- Wall time: {elapsed():.1f} s. {C.environment_line()}.
+- Wall time: {elapsed():.1f} s. {common.environment_line()}.
 
 ## Results at lr={cfg['main_lr']:g} (mean over {len(seeds)} seeds)
 
-{C.markdown_table(main_rows, cols, heads)}
+{common.markdown_table(main_rows, cols, heads)}
 ## Learning-rate sensitivity: final test loss (mean ± std)
 
-{C.markdown_table(sweep_rows)}
+{common.markdown_table(sweep_rows)}
 ## Verdict
 
 {chr(10).join(lines)}
@@ -349,10 +347,10 @@ and each method runs with one untuned setting (library defaults) per learning ra
 - `final_params.npz`: final MLP parameters at lr={cfg['main_lr']:g} (keys `method|seed<k>|<param index>`);
   `metrics.json`: every run's numbers and curves.
 """
-    C.write_report(out_dir, report)
-    C.save_metrics(out_dir, {"config": cfg, "seeds": seeds, "split_seed": seed, "main": main_rows,
-                             "runs": results, "verdict": verdict,
-                             "curves": {f"{m}|{lr}|{s}": h for (m, lr, s), h in histories.items()}})
+    common.write_report(out_dir, report)
+    common.save_metrics(out_dir, {"config": cfg, "seeds": seeds, "split_seed": seed, "main": main_rows,
+                                  "runs": results, "verdict": verdict,
+                                  "curves": {f"{m}|{lr}|{s}": h for (m, lr, s), h in histories.items()}})
     return {"rows": main_rows, "runs": results, "sweep": sweep_rows, "verdict": verdict,
             "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": C.text_table(main_rows, cols, heads)}
+            "summary": common.text_table(main_rows, cols, heads)}

@@ -23,7 +23,7 @@ import fisheropt as fo
 from fisheropt import fisher
 from fisheropt.workloads.models import MLP, load_digits_split
 
-from . import _common as C
+from . import _common as common
 
 TITLE = "iEF: quality of natural-gradient approximations during training"
 
@@ -85,7 +85,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     seeds = [seed + i for i in range(cfg["n_seeds"])]
     last = max(cfg["checkpoints"])
     rows, train_curves, eval_batches, lam_max = [], {}, {}, {}
-    with C.stopwatch() as elapsed:
+    with common.stopwatch() as elapsed:
         for s in seeds:
             model = MLP(X_tr.shape[1], cfg["hidden"], 10, seed=s)
             opt = fo.Adam(model.params, lr=cfg["lr"])
@@ -94,7 +94,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
             eval_batches[f"seed{s}"] = eval_idx
             Xe, ye = X_tr[eval_idx], y_tr[eval_idx]
             curve = []
-            bar = C.progress(total=last, desc=f"ief seed {s}")
+            bar = common.progress(total=last, desc=f"ief seed {s}")
             for epoch in range(last + 1):
                 if epoch in cfg["checkpoints"]:
                     results = evaluate_checkpoint(model, Xe, ye, cfg["dampings"], rng)
@@ -150,16 +150,16 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     plots = []
     lam_mid = cfg["dampings"][len(cfg["dampings"]) // 2]
     curves = {k: [gmean(q(k, epoch=ep, damping=lam_mid)) for ep in cfg["checkpoints"]] for k in KINDS}
-    plots.append(C.plot_curves(out_dir / "quality_vs_epoch.png", curves,
-                               xs={k: list(cfg["checkpoints"]) for k in KINDS}, logy=True,
-                               title=f"γ(d)/γ(∇L) during training, damping {lam_mid:g} (geo-mean over seeds)",
-                               xlabel="epoch (Adam training)", ylabel="relative quality (lower is better)"))
+    plots.append(common.plot_curves(out_dir / "quality_vs_epoch.png", curves,
+                                    xs={k: list(cfg["checkpoints"]) for k in KINDS}, logy=True,
+                                    title=f"γ(d)/γ(∇L) during training, damping {lam_mid:g} (geo-mean over seeds)",
+                                    xlabel="epoch (Adam training)", ylabel="relative quality (lower is better)"))
     curves = {k: [gmean(q(k, damping=lam)) for lam in cfg["dampings"]] for k in KINDS}
     plots.append(_loglog(out_dir / "quality_vs_damping.png", cfg["dampings"], curves))
-    plots.append(C.plot_curves(out_dir / "train_loss.png", {f"seed {s}": c for s, c in train_curves.items()},
-                               logy=True, xs={f"seed {s}": np.arange(len(c)) for s, c in train_curves.items()},
-                               title="training loss of the Adam run being probed", xlabel="epoch",
-                               ylabel="mean CE"))
+    plots.append(common.plot_curves(out_dir / "train_loss.png", {f"seed {s}": c for s, c in train_curves.items()},
+                                    logy=True, xs={f"seed {s}": np.arange(len(c)) for s, c in train_curves.items()},
+                                    title="training loss of the Adam run being probed", xlabel="epoch",
+                                    ylabel="mean CE"))
 
     ep_cols = ["epoch", "train_loss", "lam_max", *KINDS]
     ep_heads = {"train_loss": "train loss", "lam_max": "λmax(F)"}
@@ -185,30 +185,30 @@ as damping → 0), iEF ≈ exact NG, better than SF, better than EF; iEF is robu
   label per datum), EF; λ in {list(cfg['dampings'])} (absolute, on the summed loss; for scale, the
   table lists λmax(F), the exact Fisher's largest eigenvalue on the probe batch, mean over seeds).
 - Quality `fisheropt.fisher.relative_quality(d, F, ∇L)` with F = `fisher.exact_operator(J, probs)` (undamped).
-- Wall time: {elapsed():.1f} s. {C.environment_line()}.
+- Wall time: {elapsed():.1f} s. {common.environment_line()}.
 
 ## γ(d)/γ(∇L) by checkpoint (geometric mean over seeds and dampings)
 
-{C.markdown_table(by_epoch, ep_cols, ep_heads)}
+{common.markdown_table(by_epoch, ep_cols, ep_heads)}
 ## γ(d)/γ(∇L) by damping (geometric mean over seeds and checkpoints)
 
-{C.markdown_table(by_damping, dp_cols)}
+{common.markdown_table(by_damping, dp_cols)}
 Damping sensitivity (mean over seeds and checkpoints of max/min of γ across the damping grid; 1 = insensitive):
-{", ".join(f"{k} {C.fmt(v)}" for k, v in spreads.items())}.
+{", ".join(f"{k} {common.fmt(v)}" for k, v in spreads.items())}.
 
 ## Verdict
 
 - Ordering over {n} (seed, checkpoint, damping) cells: iEF < SF in {ief_lt_sf}, SF < EF in {sf_lt_ef},
   iEF < EF in {ief_lt_ef}.
-  {C.agreement(order_ok, "iEF beats SF and SF beats EF in most cells.",
+  {common.agreement(order_ok, "iEF beats SF and SF beats EF in most cells.",
        "the ordering iEF < SF < EF does not hold in most cells (see the counts above).")}
-- Distance to the exact natural gradient (geometric mean over all cells): exact {C.fmt(gap['exact'])},
-  iEF {C.fmt(gap['iEF'])}, SF {C.fmt(gap['SF'])}, EF {C.fmt(gap['EF'])} (1 = plain gradient descent).
+- Distance to the exact natural gradient (geometric mean over all cells): exact {common.fmt(gap['exact'])},
+  iEF {common.fmt(gap['iEF'])}, SF {common.fmt(gap['SF'])}, EF {common.fmt(gap['EF'])} (1 = plain gradient descent).
   The closest approximation here is {closest}, {"still well short of" if gap[closest] > 1.2 * gap['exact'] else "close to"}
   the exact direction{" and on average barely better than plain gradient descent" if gap[closest] > 0.9 else ""}.
 - iEF is the best of the three approximations (geometric mean over seeds and checkpoints) at
   damping {", ".join(f"{lam:g}" for lam in best_at) or "none"}{"; not at " + ", ".join(f"{lam:g}" for lam in not_best_at) if not_best_at else ""}.
-- Damping: {C.agreement(robust_ok, "iEF's quality varies least across the damping grid.",
+- Damping: {common.agreement(robust_ok, "iEF's quality varies least across the damping grid.",
                 "iEF is not the least damping-sensitive approximation here.")}
 
 A {cfg['hidden']}-unit MLP on 8×8 digits, evaluated on {cfg['eval_n']}-sample batches, is far smaller than the
@@ -219,14 +219,14 @@ paper's settings; the exact Fisher here is computed, not approximated.
 {chr(10).join(f"- `{p.name}`" for p in plots)}
 - `metrics.json`: every (seed, epoch, damping, kind) quality value; `eval_batches.npz`: the probe batches.
 """
-    C.write_report(out_dir, report)
-    C.save_metrics(out_dir, {"config": cfg, "seeds": seeds, "rows": rows, "by_epoch": by_epoch,
-                             "by_damping": by_damping, "verdict": verdict,
-                             "train_curves": {str(k): v for k, v in train_curves.items()}})
+    common.write_report(out_dir, report)
+    common.save_metrics(out_dir, {"config": cfg, "seeds": seeds, "rows": rows, "by_epoch": by_epoch,
+                                  "by_damping": by_damping, "verdict": verdict,
+                                  "train_curves": {str(k): v for k, v in train_curves.items()}})
     return {"rows": by_epoch, "by_damping": by_damping, "raw": rows, "verdict": verdict,
             "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": C.text_table(by_epoch, ep_cols, ep_heads) + "\n\n"
-                       + C.text_table(by_damping, dp_cols)}
+            "summary": common.text_table(by_epoch, ep_cols, ep_heads) + "\n\n"
+                       + common.text_table(by_damping, dp_cols)}
 
 
 def _spread(rows, kind) -> float:
@@ -239,19 +239,6 @@ def _spread(rows, kind) -> float:
 
 
 def _loglog(path, dampings, curves):
-    plt = C.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for k, ys in curves.items():
-        ax.plot(dampings, ys, marker="o", label=k)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("damping λ")
-    ax.set_ylabel("γ(d)/γ(∇L) (lower is better)")
-    ax.set_title("quality vs damping (geo-mean over seeds and checkpoints)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return common.plot_curves(path, curves, xs={k: dampings for k in curves}, logx=True, logy=True, marker="o",
+                              hline=1.0, title="quality vs damping (geo-mean over seeds and checkpoints)",
+                              xlabel="damping λ", ylabel="γ(d)/γ(∇L) (lower is better)")

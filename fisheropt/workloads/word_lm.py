@@ -75,25 +75,26 @@ class WordLM(FlatParams):
         return self.params[0]
 
     def _check(self, contexts, targets=None):
-        C = np.asarray(contexts)
-        if C.ndim != 2 or C.shape[1] != self.k or C.dtype.kind not in "iu":
-            raise ValueError(f"contexts must be an int array of shape (N, {self.k}), got {C.shape} {C.dtype}")
-        if C.size and (C.min() < 0 or C.max() >= self.V):
+        context_ids = np.asarray(contexts)
+        if context_ids.ndim != 2 or context_ids.shape[1] != self.k or context_ids.dtype.kind not in "iu":
+            raise ValueError(f"contexts must be an int array of shape (N, {self.k}), "
+                             f"got {context_ids.shape} {context_ids.dtype}")
+        if context_ids.size and (context_ids.min() < 0 or context_ids.max() >= self.V):
             raise ValueError("context ids out of range")
         if targets is None:
-            return C, None
+            return context_ids, None
         y = np.asarray(targets)
-        if y.shape != (C.shape[0],) or y.dtype.kind not in "iu":
-            raise ValueError(f"targets must be an int array of shape ({C.shape[0]},)")
+        if y.shape != (context_ids.shape[0],) or y.dtype.kind not in "iu":
+            raise ValueError(f"targets must be an int array of shape ({context_ids.shape[0]},)")
         if y.size and (y.min() < 0 or y.max() >= self.V):
             raise ValueError("target ids out of range")
-        if C.shape[0] == 0:
+        if context_ids.shape[0] == 0:
             raise ValueError("need at least one (context, target) pair")
-        return C, y
+        return context_ids, y
 
-    def _forward(self, C):
+    def _forward(self, context_ids):
         E, W1, b1, W2, b2, b_out = self.params
-        x = E[C].reshape(C.shape[0], self.k * self.d)
+        x = E[context_ids].reshape(context_ids.shape[0], self.k * self.d)
         h = np.tanh(x @ W1 + b1)
         s = h @ W2 + b2
         z = s @ E.T + b_out
@@ -101,25 +102,25 @@ class WordLM(FlatParams):
 
     def logits(self, contexts) -> np.ndarray:
         """z (N, V)."""
-        C, _ = self._check(contexts)
-        return self._forward(C)[0]
+        context_ids, _ = self._check(contexts)
+        return self._forward(context_ids)[0]
 
     def loss(self, contexts, targets, *, chunk=4096) -> float:
         """MEAN cross-entropy (nats per token), evaluated in chunks to bound memory."""
-        C, y = self._check(contexts, targets)
+        context_ids, y = self._check(contexts, targets)
         total = 0.0
-        for start in range(0, C.shape[0], chunk):
-            z = self._forward(C[start:start + chunk])[0]
+        for start in range(0, context_ids.shape[0], chunk):
+            z = self._forward(context_ids[start:start + chunk])[0]
             log_probs = log_softmax(z)
             total += float(-log_probs[np.arange(z.shape[0]), y[start:start + chunk]].astype(np.float64).sum())
-        return total / C.shape[0]
+        return total / context_ids.shape[0]
 
     def loss_and_grads(self, contexts, targets):
         """(mean loss, [dL/dparam for param in params]), analytic backprop."""
-        C, y = self._check(contexts, targets)
+        context_ids, y = self._check(contexts, targets)
         E, W1, b1, W2, b2, b_out = self.params
-        N = C.shape[0]
-        z, (x, h, s) = self._forward(C)
+        N = context_ids.shape[0]
+        z, (x, h, s) = self._forward(context_ids)
         log_probs = log_softmax(z)
         loss = float(-log_probs[np.arange(N), y].astype(np.float64).sum()) / N
         dz = np.exp(log_probs)
@@ -134,7 +135,7 @@ class WordLM(FlatParams):
         dW1 = x.T @ da
         db1 = da.sum(axis=0)
         dx = (da @ W1.T).reshape(N * self.k, self.d)
-        np.add.at(dE, C.reshape(-1), dx)                 # input part, sparse rows
+        np.add.at(dE, context_ids.reshape(-1), dx)                 # input part, sparse rows
         grads = [dE, dW1, db1, dW2, db2, db_out]
         return loss, [g.astype(self.dtype, copy=False) for g in grads]
 
