@@ -1,0 +1,156 @@
+"""One rank of tests/test_torch_distributed.py: python worker.py RANK WORLD PORT OUTDIR SCENARIOS.
+
+Runs the comma-separated scenarios (ddp, zero, finite, ngd) on a gloo group over localhost and saves
+what the test compares to OUTDIR/rank{RANK}.pt. Any exception is saved too (and the exit code is 1)."""
+import os
+import sys
+import traceback
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def run_ddp(rank, world, out):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fisheropt.torch as fot
+    res = {}
+    for name, cls in fot.CLASSES.items():
+        model = common.make_model()
+        ddp = DDP(model)
+        params = list(model.parameters())
+        opt = cls(common.param_groups(name, model), **common.HYPER[name])
+        trace = []
+        for step in range(common.STEPS):
+            x, y = common.batch(step, world)
+            sl = slice(rank * common.B, (rank + 1) * common.B)
+            loss = common.loss_of(ddp, x[sl], y[sl])
+            if step == common.BAD_STEP and rank == world - 1:
+                loss = loss * float("nan")
+            loss.backward()
+            grads = common.flat([p.grad for p in params])
+            before = common.flat(params)
+            try:
+                opt.step()
+                raised = None
+            except FloatingPointError as exc:
+                raised = str(exc)
+            trace.append({"grad": grads, "raised": raised, "before": before, "param": common.flat(params),
+                          "state": common.state_flat(opt, params)})
+            opt.zero_grad()
+        res[name] = trace
+    out["ddp"] = res
+
+
+def run_zero(rank, world, out):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fisheropt.torch as fot
+    res = {}
+    for name in ("fadam", "coupled_adam"):
+        model = common.make_model()
+        ddp = DDP(model)
+        params = list(model.parameters())
+        opt = ZeroRedundancyOptimizer(common.param_groups(name, model), optimizer_class=fot.CLASSES[name],
+                                      **common.HYPER[name])
+        trace = []
+        for step in range(common.STEPS):
+            x, y = common.batch(step, world)
+            sl = slice(rank * common.B, (rank + 1) * common.B)
+            common.loss_of(ddp, x[sl], y[sl]).backward()
+            grads = common.flat([p.grad for p in params])
+            opt.step()
+            trace.append({"grad": grads, "param": common.flat(params)})
+            opt.zero_grad()
+        owned = [p for g in opt.optim.param_groups for p in g["params"]]
+        opt.consolidate_state_dict(to=0)
+        full = opt.state_dict() if rank == 0 else None
+        res[name] = {"trace": trace, "owned": [next(i for i, q in enumerate(params) if q is p) for p in owned],
+                     "inner": type(opt.optim).__name__, "state_dict": full}
+    out["zero"] = res
+
+
+def run_finite(rank, world, out):
+    from fisheropt.torch.distributed import all_finite
+    good = [torch.ones(3), torch.zeros(2, 2)]
+    bad = [torch.ones(3), torch.tensor([1.0, float("nan")]) if rank == world - 1 else torch.zeros(2)]
+    out["finite"] = {"good": all_finite(good), "bad": all_finite(bad)}
+
+
+def run_ngd(rank, world, out):
+    from fisheropt.torch import distributed as fd
+    res = {}
+    configs = []
+    for kind in ("ef", "ief", "sf", "exact"):
+        for columns in ("balanced", "shard0"):
+            for ordered in (False, True):
+                configs.append((kind, columns, ordered, torch.float64, None))
+    configs += [("ief", "balanced", False, torch.float32, None), ("ef", "balanced", False, torch.float32, None),
+                ("ief", "shard0", False, torch.float64, 1), ("sf", "balanced", False, torch.float64, 1)]
+    from fisheropt.refimpl.fisher_exact import fisher_factor
+    from fisheropt.refimpl.fisher_sampled import sampled_grads
+    for kind, columns, ordered, dtype, empty in configs:
+        G, s, J, probs, labels, ls = common.fisher_problem(rank, world, empty_rank=empty, dtype=dtype)
+        cols = fd.shard_columns(common.SHAPES, world) if columns == "shard0" else None
+        kw = {}
+        if kind == "ief":
+            kw["s"] = s.to(dtype)
+        if kind == "sf":
+            kw["A"] = torch.from_numpy(sampled_grads(J.numpy(), probs.numpy(), ls.numpy(), dtype="float64"))
+        if kind == "exact":
+            kw["A"] = torch.from_numpy(fisher_factor(J.numpy(), probs.numpy()))
+        stats = {}
+        key = f"{kind}-{columns}-{'ordered' if ordered else 'allreduce'}-{str(dtype)[6:]}-empty{empty}"
+        d = fd.ngd_direction(kind, G=G, damping=0.5, group=None, columns=cols, ordered=ordered, stats=stats, **kw)
+        full = fd.gather_columns(d, common.P, columns=cols)
+        res[key] = {"d": d, "full": full, "stats": stats}
+    # a NaN in one rank's G: every rank raises, with the same message
+    G, s, *_ = common.fisher_problem(rank, world)
+    if rank == world - 1:
+        G[0, 3] = float("nan")
+    try:
+        fd.ngd_direction("ief", G=G, s=s, damping=0.5)
+        res["nan"] = None
+    except ValueError as exc:
+        res["nan"] = str(exc)
+    # a damping too small for a singular Gram (duplicated samples on two ranks): raises on every rank
+    G, s, *_ = common.fisher_problem(0, world)
+    try:
+        fd.ngd_direction("ief", G=G, s=s, damping=1e-300)
+        res["tiny"] = None
+    except ValueError as exc:
+        res["tiny"] = type(exc).__name__
+    out["ngd"] = res
+
+
+SCENARIOS = {"ddp": run_ddp, "zero": run_zero, "finite": run_finite, "ngd": run_ngd}
+
+
+def main():
+    rank, world, port, outdir, scenarios = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \
+        sys.argv[5]
+    out = {"rank": rank, "world": world}
+    code = 0
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for name in scenarios.split(","):
+            SCENARIOS[name](rank, world, out)
+    except BaseException:
+        out["error"] = traceback.format_exc()
+        code = 1
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    if code == 0:
+        dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
