@@ -34,8 +34,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from fisheropt.refimpl import RULES
 
 from . import natural_gradient, transforms
-from .natural_gradient import (ef_direction, exact_direction, fisher_matvec, ief_direction, logit_grad_sq_norms,
-                               per_sample_grads)
+from .natural_gradient import (
+    ef_direction,
+    exact_direction,
+    fisher_matvec,
+    ief_direction,
+    logit_grad_sq_norms,
+    per_sample_grads,
+)
 from .transforms import BLOCKS, FACTORISATIONS, MATH, MissingRule, compute_dtype
 
 #: name -> constructor, for every rule of the registry that has JAX math (all of them: tested).

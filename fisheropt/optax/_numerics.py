@@ -14,17 +14,19 @@ these scalars are computed on the device, in one of two ways:
   in *float-float* arithmetic, :class:`DD`: a value is an unevaluated sum hi + lo of two
   float32 numbers (a 48-bit significand), with error-free transformations (TwoSum, and
   a TwoProd whose splitting masks bits, so that XLA's contraction of a·b + c into an FMA
-  cannot break it). 1 − βᵗ comes from a host table of β^(2^k) and 1 − β^(2^k) (float64)
+  cannot break it; their rounded intermediates pass an optimization barrier, because
+  XLA's algebraic simplifier rewrites (b + 1) − 1 as b). 1 − βᵗ comes from a host table of β^(2^k) and 1 − β^(2^k) (float64)
   combined over the bits of t with 1 − β^(a+b) = (1 − β^a) + β^a(1 − β^b), which never
   cancels. The float-float value is within ~2⁻⁴⁵ of the float64 one, so rounding it to
   float32 gives the reference's float32 scalar except where the value lies within that
   distance of a rounding boundary. (Plain float32 would not do: β₂ = 0.999 rounded to
   float32 is off by 1.3e-8, and 1 − β₂ᵗ at t = 1000 then by 7.6e-6 relative, four times
   the vectors' tolerance; ``jnp.expm1`` in float32 is up to 5 ulp off.)
-  Reductions of float32 data are float32 sums (XLA's tree-like order: measured within
-  ~1e-7 relative up to 4M elements), of data scaled by a power of two (exact) when the
-  plain sum overflows or might have lost small squares to underflow, so that squares
-  which overflow float32 but not float64 still give the float64 result.
+  Reductions of float32 data are float32 sums (XLA's order: measured within ~1e-7
+  relative up to 4M elements), redone on data scaled by 2^-80 or 2^64 (exact) when the
+  plain sum overflowed or may have lost small squares to underflow, so that squares
+  which overflow or underflow float32 but not float64 still give the float64 result;
+  RMS and clip scales from them are float32 (a float32 sum carries ~1 ulp anyway).
 
 Both produce values of the scalar classes below, which the rules round with
 ``.round(dtype)``. XLA:CPU flushes subnormal numbers to zero (inputs and results); no
@@ -33,13 +35,14 @@ float arithmetic here can change that (see spec/vectors.md, "Functional implemen
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["x64_enabled", "numbers", "F64", "DD", "sum_of_squares", "rms", "column_mean_of_squares",
+__all__ = ["x64_enabled", "numbers", "F64", "DD", "rms", "rms_of", "column_mean_of_squares",
            "adaptive_epsilon", "clip_scale", "power"]
 
 _MASK32 = np.uint32(0xFFFFF000)   # keeps sign, exponent and the top 11 stored bits: a 12-bit significand
@@ -64,11 +67,11 @@ class F64:
         self.x = jnp.asarray(x, jnp.float64)
 
     @classmethod
-    def const(cls, v: float) -> "F64":
+    def const(cls, v: float) -> F64:
         return cls(np.float64(v))
 
     @classmethod
-    def of(cls, v) -> "F64":
+    def of(cls, v) -> F64:
         """A traced scalar (a schedule's learning rate) or a Python float."""
         return cls(v)
 
@@ -111,33 +114,39 @@ class F64:
         return self.x.astype(dtype)
 
     @staticmethod
-    def one_minus_pow(beta: float, n) -> "F64":
+    def one_minus_pow(beta: float, n) -> F64:
         """1 − βⁿ as the reference computes it: ``1 - beta**n`` in float64 (n ≥ 0, traced int)."""
         return F64(1.0 - jnp.power(jnp.float64(beta), jnp.asarray(n).astype(jnp.float64)))
 
 
 
 # ---- float-float (x64 disabled) ---------------------------------------------------------------
+# Every rounded result that an error term refers to passes an optimization barrier: XLA's
+# algebraic simplifier otherwise rewrites e.g. (b + 1) - 1 as b (valid for reals, not for floats),
+# and a multiply could be contracted into an FMA in one use but not in another.
+_barrier = lax.optimization_barrier
+
+
 def _two_sum(a, b):
-    s = a + b
+    s = _barrier(a + b)
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
 
 
 def _quick_two_sum(a, b):
-    s = a + b
+    s = _barrier(a + b)
     return s, b - (s - a)
 
 
 def _split(a):
     """a = hi + lo exactly, each with a 12-bit significand (by masking bits: no FMA can interfere)."""
-    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(a, jnp.uint32) & _MASK32, jnp.float32)
+    hi = _barrier(lax.bitcast_convert_type(lax.bitcast_convert_type(a, jnp.uint32) & _MASK32, jnp.float32))
     return hi, a - hi
 
 
 def _two_prod(a, b):
     """p + e = a·b exactly (Dekker); every product below is exact, so an FMA changes nothing."""
-    p = a * b
+    p = _barrier(a * b)
     ah, al = _split(a)
     bh, bl = _split(b)
     e = al * bl - (((p - ah * bh) - al * bh) - ah * bl)
@@ -172,7 +181,7 @@ class DD:
         self.lo = jnp.zeros((), jnp.float32) if lo is None else _f32(lo)
 
     @classmethod
-    def const(cls, v: float) -> "DD":
+    def const(cls, v: float) -> DD:
         v = float(v)
         with np.errstate(over="ignore"):
             hi = np.float32(v)
@@ -181,7 +190,7 @@ class DD:
         return cls(hi, np.float32(v - float(hi)))
 
     @classmethod
-    def of(cls, v) -> "DD":
+    def of(cls, v) -> DD:
         if isinstance(v, (int, float)):
             return cls.const(v)
         return cls(jnp.asarray(v).astype(jnp.float32))
@@ -240,7 +249,7 @@ class DD:
         return hi.astype(dtype)
 
     @staticmethod
-    def one_minus_pow(beta: float, n) -> "DD":
+    def one_minus_pow(beta: float, n) -> DD:
         """1 − βⁿ for a traced int n ≥ 0: products of β^(2^k) over the bits of n, with the
         complement carried along (1 − β^(a+b) = (1 − β^a) + β^a (1 − β^b)): no cancellation."""
         beta = float(beta)
@@ -255,76 +264,113 @@ class DD:
                 P[k], C[k] = math.exp(x), -math.expm1(x)
         if beta != 0.0:
             P[0], C[0] = beta, 1.0 - beta                 # exact for β ≥ 1/2 (Sterbenz), as the reference
-        split = [(np.float32(v), np.float32(v - float(np.float32(v)))) for v in P]
-        splitc = [(np.float32(v), np.float32(v - float(np.float32(v)))) for v in C]
-        p_hi = jnp.asarray([a for a, _ in split])
-        p_lo = jnp.asarray([b for _, b in split])
-        c_hi = jnp.asarray([a for a, _ in splitc])
-        c_lo = jnp.asarray([b for _, b in splitc])
-        n = jnp.asarray(n).astype(jnp.int32)
-
-        def body(k, carry):
-            ph, pl, ch, cl = carry
-            acc_p, acc_c = DD(ph, pl), DD(ch, cl)
-            pk, ck = DD(p_hi[k], p_lo[k]), DD(c_hi[k], c_lo[k])
-            new_c = acc_c + acc_p * ck
-            new_p = acc_p * pk
-            on = ((n >> k) & 1) == 1
-            return (jnp.where(on, new_p.hi, ph), jnp.where(on, new_p.lo, pl),
-                    jnp.where(on, new_c.hi, ch), jnp.where(on, new_c.lo, cl))
-
-        z = jnp.float32(0)
-        _, _, ch, cl = lax.fori_loop(0, bits, body, (jnp.float32(1), z, z, z))
+        tables = [np.asarray([np.float32(v) for v in T], np.float32) for T in (P, C)]
+        tables = [tables[0], np.asarray(P - tables[0].astype(np.float64), np.float32),
+                  tables[1], np.asarray(C - tables[1].astype(np.float64), np.float32)]
+        ch, cl = _complement_of_power(*tables, jnp.asarray(n).astype(jnp.int32))
         return DD(ch, cl)
 
 
+@jax.jit
+def _complement_of_power(p_hi, p_lo, c_hi, c_lo, n):
+    """1 − βⁿ from the tables of β^(2^k) and 1 − β^(2^k) (float-float), over the 31 bits of n.
+    A module-level jitted function: eager calls reuse one compilation."""
+    def body(k, carry):
+        ph, pl, ch, cl = carry
+        acc_p, acc_c = DD(ph, pl), DD(ch, cl)
+        pk, ck = DD(p_hi[k], p_lo[k]), DD(c_hi[k], c_lo[k])
+        new_c = acc_c + acc_p * ck
+        new_p = acc_p * pk
+        on = ((n >> k) & 1) == 1
+        return (jnp.where(on, new_p.hi, ph), jnp.where(on, new_p.lo, pl),
+                jnp.where(on, new_c.hi, ch), jnp.where(on, new_c.lo, cl))
+
+    z = jnp.float32(0)
+    _, _, ch, cl = lax.fori_loop(0, p_hi.shape[0], body, (jnp.float32(1), z, z, z))
+    return ch, cl
+
+
 # ---- reductions ----------------------------------------------------------------------------
-def _sum_sq_f32(x, axis):
-    """Σx² of float32 data in float32, without float32's overflow and underflow of the squares:
-    a plain sum when it is finite and large enough that no square can have been lost to
-    underflow; otherwise the sum of (x·2^-k)², k the exponent of max|x| (exact scaling), times 4^k.
-    Returns (mantissa sum, k) with Σx² = sum·4^k."""
-    n = x.size if axis is None else x.shape[0]
-    plain = jnp.sum(x * x, axis=axis)
-    # squares below 2^-126 flush to zero (XLA:CPU): at most n·2^-126 lost, < 2^-25 of a sum ≥ n·2^-101
-    small = np.float32(max(n, 1) * 2.0 ** -101) if max(n, 1) * 2.0 ** -101 < 3e38 else np.float32(3e38)
-    needs = jnp.any(~(jnp.isfinite(plain) & (plain >= small)))   # NaN/Inf data: the scaled sum keeps them
-
-    def scaled(_):
-        amax = jnp.max(jnp.abs(x), axis=axis)
-        _, k = jnp.frexp(jnp.where(jnp.isfinite(amax) & (amax > 0), amax, jnp.float32(1)))
-        k = k.astype(jnp.int32)
-        xs = jnp.ldexp(x, -k if axis is None else -k[None, ...])
-        return jnp.sum(xs * xs, axis=axis), k
-
-    def fast(_):
-        return plain, jnp.zeros(plain.shape, jnp.int32)
-
-    return lax.cond(needs, scaled, fast, None)
+# The arrays reduced are passed as a function of existing buffers (``make(*operands)``), not as
+# arrays: XLA then computes them inside the reduction's loop (and the rare second pass below
+# recomputes them), so nothing the size of a parameter is materialised for a reduction. The
+# operands pass an optimization barrier first, so that XLA does not merge (CSE) the reduction's
+# squares with the same squares elsewhere (FAdam's g·g) and materialise them to share them.
+_UP = np.float32(2.0 ** 64)      # scale for sums whose squares may have underflowed
+_DOWN = np.float32(2.0 ** -80)   # scale for sums that overflowed: (2^128·2^-80)² = 2^96, n·2^96 < 2^128
+_ONE = np.float32(1.0)
 
 
-def sum_of_squares(x, N):
-    """Σx² over all of x (a float64 accumulation, or its float32 emulation): (N value, n)."""
+def _add_pairs(a, b):
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _sums(xs, axis):
+    """Σx² for each x: one single-output reduce for one array (XLA:CPU's vectorised kernel), one
+    variadic reduce for several (one loop over the operands: the kernel cannot take a traced scalar
+    such as ε_t, so separate sums made XLA materialise f^p + ε_t for them)."""
+    if len(xs) == 1:
+        return [jnp.sum(xs[0] * xs[0], axis=axis)]
+    dims = tuple(range(xs[0].ndim)) if axis is None else (axis,)
+    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+    return list(lax.reduce(tuple(x * x for x in xs), zeros, _add_pairs, dims))
+
+
+@partial(jax.jit, static_argnames=("make", "axis"))
+def _sums_sq_f32(operands, make, axis):
+    """Σx² for each x of ``make(*operands)`` (float32), in float32 without float32's overflow and
+    underflow of the squares (float64's result, up to the order of the additions).
+
+    The plain sums, where finite and large enough that no square can have been lost to underflow
+    (squares below 2^-126 flush to zero on XLA:CPU: at most n·2^-126, < 2^-25 of a sum ≥ n·2^-101);
+    otherwise, in a second pass (``cond``: taken only then), the sums of (x·c)² with c = 2^64
+    (small data) or 2^-80 (overflow), both exact scalings. Returns [(sum of (x·c)², 1/c)].
+    Jitted at module level (``make`` a module-level function) so that eager calls compile once."""
+    xs = make(*lax.optimization_barrier(tuple(operands)))
+    n = xs[0].size if axis is None else xs[0].shape[0]
+    plain = _sums(xs, axis)
+    small = np.float32(min(max(n, 1) * 2.0 ** -101, 1e38))
+    needs = jnp.any(jnp.stack([jnp.any(~(jnp.isfinite(p) & (p >= small))) for p in plain]))
+
+    def scaled(ops):
+        cs = [jnp.where(jnp.isfinite(p), jnp.where(p >= small, _ONE, _UP), _DOWN) for p in plain]
+        ys = [y * (c if axis is None else c[None, ...]) for y, c in zip(make(*ops), cs)]
+        return tuple(_sums(ys, axis)), tuple(_ONE / c for c in cs)
+
+    def fast(ops):
+        return tuple(plain), tuple(jnp.ones(p.shape, jnp.float32) for p in plain)
+
+    sums, inv = lax.cond(needs, scaled, fast, tuple(operands))
+    return list(zip(sums, inv))
+
+
+def rms_of(make, operands, N):
+    """[RMS(x) for x in make(*operands)] as N values: √(mean(x²)), squares and sums in float64
+    (x64) or emulated in float32 (:func:`_sums_sq_f32`); 0 for an empty tensor."""
+    xs_shape = jax.eval_shape(lambda *o: make(*o), *operands)
+    size = math.prod(xs_shape[0].shape)
+    if size == 0:
+        return [N.const(0.0) for _ in xs_shape]
     if N is F64:
-        x64 = x.astype(jnp.float64)
-        return F64(jnp.sum(x64 * x64))
-    s, k = _sum_sq_f32(x.astype(jnp.float32), None)
-    return DD(jnp.ldexp(s, 2 * k))
+        xs = [x.astype(jnp.float64) for x in make(*lax.optimization_barrier(tuple(operands)))]
+        sums = _sums(xs, None)
+        # the barrier keeps XLA from rewriting sqrt(x·x) as |x| for one element (x² may underflow)
+        return [F64(jnp.sqrt(lax.optimization_barrier(s) / np.float64(size))) for s in sums]
+    out = []
+    for s, inv_c in _sums_sq_f32(tuple(operands), make, None):
+        s = lax.optimization_barrier(s)
+        # float32 from here: the sum carries ~1 ulp (XLA's order); float-float would not help
+        out.append(DD(jnp.sqrt(s / np.float32(size)) * inv_c))   # exact scaling, or +Inf on overflow
+    return out
+
+
+def _identity(*xs):
+    return xs
 
 
 def rms(x, N):
-    """RMS(x) = √(mean(x²)), reductions as the spec requires; 0 for an empty tensor."""
-    if x.size == 0:
-        return N.const(0.0)
-    if N is F64:
-        x64 = x.astype(jnp.float64)
-        # the barrier keeps XLA from rewriting sqrt(x·x) as |x| for one element (the spec's x² may underflow)
-        return F64(jnp.sqrt(lax.optimization_barrier(jnp.sum(x64 * x64)) / np.float64(x.size)))
-    s, k = _sum_sq_f32(x.astype(jnp.float32), None)
-    s = lax.optimization_barrier(s)
-    root = (DD(s) / DD.const(float(x.size))).sqrt()
-    # multiply by 2^k: exact unless it overflows (then it is +Inf, as the float64 RMS rounded)
-    return DD(jnp.ldexp(root.hi, k), jnp.ldexp(root.lo, k))
+    """RMS(x) of one array."""
+    return rms_of(_identity, (x.astype(jnp.float32) if N is DD else x,), N)[0]
 
 
 def column_mean_of_squares(g, dtype, N):
@@ -333,10 +379,9 @@ def column_mean_of_squares(g, dtype, N):
     if N is F64:
         g64 = g.astype(jnp.float64)
         return (jnp.sum(g64 * g64, axis=0) / np.float64(V)).astype(dtype)
-    s, k = _sum_sq_f32(g.astype(jnp.float32), 0)
-    # mean = s/V·4^k; divide first (no overflow), then scale in two halves (4^k may exceed float32)
-    mean = s / np.float32(V)
-    return jnp.ldexp(jnp.ldexp(mean, k), k).astype(dtype)
+    ((s, inv_c),) = _sums_sq_f32((g.astype(jnp.float32),), _identity, 0)
+    # mean = s/V·(1/c)²: divide first, then scale twice (exact, or +Inf where the mean overflows)
+    return (((s / np.float32(V)) * inv_c) * inv_c).astype(dtype)
 
 
 # ---- FAdam's scalars -------------------------------------------------------------------------
@@ -364,7 +409,7 @@ def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype, N):
     (and then raises to the smallest normal) would otherwise look like 0."""
     log_tiny, log_zero = _exponent_limits(dtype)
     floor = max(np.dtype(dtype).type(eps ** (2 * p)), np.finfo(dtype).tiny)     # host, as the reference
-    m = N.const(eps2) * rms_g
+    m = N.const(eps2) * rms_g if N is F64 else DD(np.float32(eps2) * rms_g.value())
     mv = m.value()
     sd = mv.dtype
     # log2(min(ε, ε₂·RMS)) from log2(RMS): exact enough for the decisions, never flushed
@@ -383,5 +428,8 @@ def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype, N):
 
 def clip_scale(rms_x, clip: float, dtype, N):
     """max(1, RMS(x)/c) rounded to dtype (rounding is monotone, so max after rounding is the same)."""
-    r = (rms_x / N.const(clip)).round(dtype)
+    if N is DD:
+        r = (rms_x.value() / np.float32(clip)).astype(dtype)    # float32 RMS: one more rounding is noise
+    else:
+        r = (rms_x / N.const(clip)).round(dtype)
     return jnp.fmax(jnp.asarray(1.0, dtype), r)            # fmax: NaN gives 1, as Python's max(1.0, nan)

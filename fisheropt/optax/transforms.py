@@ -22,15 +22,17 @@ float32/float64 parameters and in float32 for others (bfloat16, float16), or in
 """
 from __future__ import annotations
 
+import functools
 import inspect
-import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from fisheropt.optim import check_hyperparams, check_tensor_flags
 from fisheropt.refimpl import RULES
@@ -116,20 +118,43 @@ def _fadam_scalars(N, count, lr, hp):
     return {"beta2_hat": b2h, "one_minus_beta2_hat": 1.0 - b2h, "lr": N.of(lr)}
 
 
+def _unshared(g):
+    # (rms_of squares a copy of g behind a barrier: XLA would otherwise merge its g·g with the
+    # Fisher update's (CSE) and materialise the shared g² for the reduction)
+    return (g,)
+
+
+@functools.cache
+def _preconditioned(p: float, decay: bool):
+    """make(g, θ, f, ε_t) -> (ḡ, w̄) = (g, θ)/(f^p + ε_t) unclipped (w̄ only with weight decay);
+    one function object per (p, decay), so that the jitted reduction is compiled once."""
+    def make(g, theta, f, eps_t):
+        denom = nu.power(f, p, f.dtype) + eps_t
+        return (g / denom, theta / denom) if decay else (g / denom,)
+    return make
+
+
 def _fadam_leaf(theta, g, state, sc, hp, dt, flagged, N):
     m, f = state
+    p, decay = hp["p"], hp["weight_decay"] != 0
     f = sc["beta2_hat"] * f + sc["one_minus_beta2_hat"] * (g * g)
-    eps_t = nu.adaptive_epsilon(nu.rms(g, N), eps=hp["eps"], eps2=hp["eps2"], p=hp["p"], dtype=dt, N=N)
-    denom = nu.power(f, hp["p"], dt) + eps_t
+    (rms_g,) = nu.rms_of(_unshared, (g,), N)
+    eps_t = nu.adaptive_epsilon(rms_g, eps=hp["eps"], eps2=hp["eps2"], p=p, dtype=dt, N=N)
+    theta_r = theta if decay else jnp.zeros((), dt)
+    rms_bars = nu.rms_of(_preconditioned(p, decay), (g, theta_r, f, eps_t), N)   # RMS(ḡ), RMS(w̄)
+    s_g = nu.clip_scale(rms_bars[0], hp["clip"], dt, N)
 
-    g_bar = g / denom
-    g_bar = g_bar / nu.clip_scale(nu.rms(g_bar, N), hp["clip"], dt, N)
-    m = _c(hp["beta1"], dt) * m + _c(1 - hp["beta1"], dt) * g_bar
-    if hp["weight_decay"] == 0:    # λ·w̄ = 0 for finite θ: w̄ (and θ) not needed
+    # The update passes recompute f^p + ε_t instead of sharing it: behind the barrier XLA sees
+    # other values, so it neither merges them with the reduction's nor materialises a shared one.
+    g2, f2 = lax.optimization_barrier((g, f))
+    g_bar = g2 / (nu.power(f2, p, dt) + eps_t)
+    m = _c(hp["beta1"], dt) * m + _c(1 - hp["beta1"], dt) * (g_bar / s_g)
+    if not decay:    # λ·w̄ = 0 for finite θ: w̄ (and θ) not needed
         return "delta", sc["lr"] * m, (m, f)
-    w_bar = theta / denom
-    w_bar = w_bar / nu.clip_scale(nu.rms(w_bar, N), hp["clip"], dt, N)
-    return "delta", sc["lr"] * (m + _c(hp["weight_decay"], dt) * w_bar), (m, f)
+    s_w = nu.clip_scale(rms_bars[1], hp["clip"], dt, N)
+    theta3, f3, m3 = lax.optimization_barrier((theta, f, m))
+    w_bar = theta3 / (nu.power(f3, p, dt) + eps_t)
+    return "delta", sc["lr"] * (m3 + _c(hp["weight_decay"], dt) * (w_bar / s_w)), (m, f)
 
 
 def _lion_scalars(N, count, lr, hp):
@@ -417,7 +442,7 @@ def block(name: str) -> Callable:
     constructor.__module__ = "fisheropt.optax"
     constructor.__doc__ = (
         f"{rule.title}'s descent direction without the learning rate"
-        + (f" and without weight decay (add it with optax.add_decayed_weights)" if "weight_decay" in fixed else
+        + (" and without weight decay (add it with optax.add_decayed_weights)" if "weight_decay" in fixed else
            " (weight decay included: it does not factorise, see spec/fadam.md)")
         + f"; chain with optax.scale_by_learning_rate. Spec: spec/{rule.spec_page}.\n\nArgs:\n"
         + "\n".join(_hp_doc(rule, h) for h in rule.hyperparams if h.name != "lr" and h.name not in fixed))
