@@ -20,7 +20,7 @@ from .interface import FUNCTIONS, BackendUnavailable
 
 __all__ = ["available", "unavailable", "get", "select", "functions", "BackendUnavailable", "FUNCTIONS", "KNOWN"]
 
-# name -> module path; order is the preference order of backend="auto" for host arrays.
+#: Backend name -> module path; the order is the preference order of ``backend="auto"`` for host arrays.
 KNOWN = {
     "numpy": "fisheropt.backends.reference",
     "numba": "fisheropt.backends.numba",

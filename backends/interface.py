@@ -55,6 +55,7 @@ FAMILIES = {
     "fisher": ("fisher_gram", "fisher_sample_space_direction"),
     "workloads": ("ema_update",),         # ESimCSE's momentum-encoder update
 }
+#: Every function name of the interface, family by family (a backend implements a subset).
 FUNCTIONS = tuple(f for family in FAMILIES.values() for f in family)
 
 

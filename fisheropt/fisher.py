@@ -75,6 +75,7 @@ __all__ = [
     "sampled_operator",
 ]
 
+#: The kinds of natural-gradient direction :func:`ngd_direction` computes: "exact", "ef", "sf", "ief".
 KINDS = _ngd.KINDS
 _REQUIRED = {
     "ef": ("G",),
@@ -396,7 +397,7 @@ def _check_quality_args(d, F, grad):
 
 
 def quality_indicator(d, F, grad) -> float:
-    r"""γ(d) = sqrt(dᵀ F d) / |dᵀ ∇L|; F dense (P, P) or a scipy LinearOperator.
+    r"""γ(d) = sqrt(dᵀ F d) / \|dᵀ ∇L\|; F dense (P, P) or a scipy LinearOperator.
 
     Scale-invariant; minimised by the exact natural gradient F⁺∇L. Compare directions
     with :func:`relative_quality` (γ(d)/γ(∇L), below 1 beats SGD)."""

@@ -77,6 +77,7 @@ class Optimizer:
 
     @property
     def state_names(self) -> tuple[str, ...]:
+        """The names of the rule's state arrays (one array of each per parameter), e.g. ("m", "v")."""
         return self.rule.state_names
 
     def _checked(self, hp: dict) -> dict:
@@ -87,6 +88,7 @@ class Optimizer:
 
     @property
     def lr(self) -> float:
+        """The learning rate; setting it (a schedule) is checked like every hyperparameter."""
         return self._hyperparams["lr"]
 
     @lr.setter
@@ -282,14 +284,14 @@ def optimizer_class(rule: Rule) -> type:
 
 
 def _docstring(rule: Rule) -> str:
-    lines = [f"{rule.summary} ({rule.paper}). Spec: spec/{rule.spec_page}.", "", "Hyperparameters:"]
-    lines += [f"    {h.name} = {h.default!r}: {h.doc}" for h in rule.hyperparams]
+    lines = [f"{rule.summary} ({rule.paper}). Spec: spec/{rule.spec_page}.", "", "Hyperparameters:", ""]
+    lines += [f"* ``{h.name}`` = ``{h.default!r}``: {h.doc}" for h in rule.hyperparams]
     if rule.tensor_flag is not None:
-        lines += [f"    {rule.tensor_flag.name}: one bool per parameter, {rule.tensor_flag.doc}"]
-    lines += ["", "State (one array per parameter):"]
-    lines += [f"    {s.name}: {s.doc}" for s in rule.state]
-    lines += ["", "backend: \"auto\" (cupy for CuPy arrays, else numba, else numpy) or a backend name;",
-              "check_finite: refuse a step whose gradients hold NaN or Inf."]
+        lines += [f"* ``{rule.tensor_flag.name}``: one bool per parameter, {rule.tensor_flag.doc}"]
+    lines += ["", "State (one array per parameter):", ""]
+    lines += [f"* ``{s.name}``: {s.doc}" for s in rule.state]
+    lines += ["", "``backend``: ``\"auto\"`` (cupy for CuPy arrays, else numba, else numpy) or a backend name;",
+              "``check_finite``: refuse a step whose gradients hold NaN or Inf."]
     return "\n".join(lines)
 
 

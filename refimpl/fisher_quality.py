@@ -18,7 +18,7 @@ def _apply(F, d):
 
 
 def quality_indicator(d, F, grad):
-    """γ(d) = sqrt(d^T F d) / |d^T grad| in float64 (inf when d^T grad = 0)."""
+    r"""γ(d) = sqrt(d^T F d) / \|d^T grad\| in float64 (inf when d^T grad = 0)."""
     d = np.asarray(d, dtype=np.float64)
     grad = np.asarray(grad, dtype=np.float64)
     dFd = max(float(d @ _apply(F, d)), 0.0)

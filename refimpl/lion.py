@@ -10,7 +10,7 @@ factor:
     m_t &= \beta_2 m_{t-1} + (1-\beta_2)\,g_t
 
 sign(0) = 0 (a coordinate whose interpolation is exactly 0 does not move, apart
-from the decay). Every |update| is α (or 0), so Lion wants a smaller learning rate
+from the decay). Every \|update\| is α (or 0), so Lion wants a smaller learning rate
 than Adam (default 1e-4) and a larger decay. There is no bias correction: the step
 index does not enter.
 """

@@ -12,8 +12,10 @@ import importlib
 EXPERIMENTS = {
     "coupled-adam": "fisheropt.experiments.coupled_adam",
     "ief": "fisheropt.experiments.ief",
+    "ief-finetune": "fisheropt.experiments.ief_finetune",
     "fadam": "fisheropt.experiments.fadam",
     "esimcse": "fisheropt.experiments.esimcse",
+    "torch-lm": "fisheropt.experiments.torch_lm",
 }
 
 

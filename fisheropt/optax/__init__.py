@@ -21,7 +21,7 @@ Building blocks without the learning rate: ``scale_by_adam``, ``scale_by_coupled
 Natural-gradient pieces: :mod:`fisheropt.optax.natural_gradient`.
 
 Needs ``pip install "fisheropt[jax]"`` (jax, optax). Numerics: spec/conventions.md, with
-x64 disabled as described in :mod:`fisheropt.optax._numerics`.
+x64 disabled as described in ``fisheropt/optax/_numerics.py``.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def _acc_dtype():
 
 
 def per_sample_grads(loss_fn, params, *batch):
-    """G (N, P): row n = ∇θ loss_fn(params, *sample_n), where ``batch`` holds arrays whose
+    """G (N, P): row n = ∇θ ``loss_fn(params, *sample_n)``, where ``batch`` holds arrays whose
     leading axis is the sample index (``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, ...))``).
     Columns follow :func:`jax.flatten_util.ravel_pytree` of the params."""
     grads = jax.vmap(jax.grad(loss_fn), in_axes=(None,) + (0,) * len(batch))(params, *batch)

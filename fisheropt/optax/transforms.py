@@ -14,7 +14,7 @@ operations of its spec page) and builds from the two:
 
 Conventions (spec/conventions.md): optax's ``count`` is the number of updates applied, the
 spec's step is t = count + 1; a schedule is called with ``count`` (optax's convention), so
-step t uses ``learning_rate(t - 1)``. Scalars and reductions: :mod:`._numerics`.
+step t uses ``learning_rate(t - 1)``. Scalars and reductions: ``fisheropt/optax/_numerics.py``.
 
 Parameters of any float dtype: the state (and the arithmetic) is in the parameter dtype for
 float32/float64 parameters and in float32 for others (bfloat16, float16), or in
@@ -182,6 +182,7 @@ class Math:
     state_names: tuple     # the registry's state names this math expects, in order
 
 
+#: Rule name -> its ``Math`` (the JAX math of the rule, in the order of its spec page).
 MATH = {
     "adam": Math(_adam_scalars, _adam_leaf, lambda hp: hp["weight_decay"] != 0, ("m", "v")),
     "adamw": Math(_adam_scalars, _adamw_leaf, lambda hp: hp["weight_decay"] != 0, ("m", "v")),
@@ -190,8 +191,8 @@ MATH = {
     "lion": Math(_lion_scalars, _lion_leaf, lambda hp: hp["weight_decay"] != 0, ("m",)),
 }
 
-# Building blocks: name -> (rule, hyperparameters fixed in the block). Everything else of the
-# rule's hyperparameters except the learning rate is an argument of the block.
+#: Building blocks: name -> (rule, hyperparameters fixed in the block). Everything else of the
+#: rule's hyperparameters except the learning rate is an argument of the block.
 BLOCKS = {
     "scale_by_adam": ("adam", {"weight_decay": 0.0}),
     "scale_by_coupled_adam": ("coupled_adam", {"weight_decay": 0.0}),
@@ -199,8 +200,8 @@ BLOCKS = {
     "scale_by_lion": ("lion", {"weight_decay": 0.0}),
 }
 
-# How each whole rule factorises into blocks (documentation and tests; "exact": bit-identical
-# to the whole rule, else within a few ulp of the step).
+#: How each whole rule factorises into blocks (documentation and tests; "exact": bit-identical
+#: to the whole rule, else within a few ulp of the step).
 FACTORISATIONS = {
     "adam": ("chain(add_decayed_weights(weight_decay), scale_by_adam(betas, eps), "
              "scale_by_learning_rate(learning_rate))", False),

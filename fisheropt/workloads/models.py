@@ -14,12 +14,12 @@ Conventions (the inputs that spec/fisher.md takes):
 * the flat parameter vector :math:`\theta\in\mathbb{R}^P` concatenates the
   params in list order, each flattened in C order (``W`` is (in, out), so
   ``W[i, j]`` is entry ``i*out + j`` of its block);
-* :meth:`loss` is the **sum** over samples of the cross-entropy,
+* :meth:`MLP.loss` (and the other models' ``loss``) is the **sum** over samples of the cross-entropy,
   :math:`L = \sum_n l_n`, with :math:`l_n = \operatorname{logsumexp}(z_n) - z_{n,y_n}`;
   the mean loss is ``loss / N`` and the mean gradient is ``grads / N``;
-* :meth:`per_sample_grads` returns :math:`G\in\mathbb{R}^{N\times P}` with row
+* :meth:`MLP.per_sample_grads` returns :math:`G\in\mathbb{R}^{N\times P}` with row
   :math:`n` equal to :math:`\nabla_\theta l_n = J_n^\top (p_n - e_{y_n})`;
-* :meth:`logit_jacobians` returns :math:`J\in\mathbb{R}^{N\times C\times P}`,
+* :meth:`MLP.logit_jacobians` returns :math:`J\in\mathbb{R}^{N\times C\times P}`,
   :math:`J_{n,c,:} = \partial z_{n,c}/\partial\theta`.
 
 Everything is computed in the model's dtype (float32 or float64).
