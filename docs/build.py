@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the documentation site, warnings as errors.
 
-    pip install -e ".[docs]"            # once: Sphinx, MyST, the theme, MathJax (all from PyPI)
+    pip install -e ".[test]"            # once: Sphinx, MyST, the theme, MathJax (all from PyPI), torch, jax
     python docs/build.py                # -> docs/_build/html/index.html
     python docs/build.py --screenshots  # also check the math in headless Chromium, refresh docs/img/*.png
     python docs/build.py --out DIR      # build somewhere else
