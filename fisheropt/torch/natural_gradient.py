@@ -1,0 +1,496 @@
+r"""Natural-gradient descent on PyTorch models: iEF, EF, SF and the exact Fisher as a ``torch.optim.Optimizer``.
+
+::
+
+    import fisheropt.torch as fot
+    opt = fot.NaturalGradient(model, kind="ief", lr=0.1, damping=1e-3, params=lora_params)
+    for inputs, targets in loader:
+        loss = opt.step(inputs, targets)     # per-sample grads, the direction, the update
+
+One step on a batch of N samples (the loss is the **sum** of the per-sample softmax cross-entropies,
+spec/fisher.md; ``step`` returns it):
+
+``"ief"``, ``"ef"``
+    G (N × P) by :func:`~fisheropt.torch.per_sample_grads`, then
+    :func:`fisheropt.fisher.ngd_direction` — :math:`d = G^\top(GG^\top+\lambda I)^{-1}s` (iEF, Wu et al.
+    2024, Eq. 8, :math:`s_n=\lVert p_n-e_{y_n}\rVert^2`) or :math:`G^\top(GG^\top+\lambda I)^{-1}\mathbf 1`
+    (EF) — solved in float64 on the N×N Gram system by the ``backend`` (``"auto"``: numba when
+    installed, cupy for CUDA tensors, else numpy).
+``"exact"``, ``"sf"``
+    :math:`d=(F+\lambda I)^{-1}\nabla L` with the exact Fisher F (= GGN), or the sampled Fisher SF
+    (``n_samples`` labels per sample drawn from the model). ``exact_method="woodbury"`` builds the
+    logits Jacobians J (N·C·P numbers, :func:`~fisheropt.torch.logit_jacobians`) and calls
+    :func:`fisheropt.fisher.ngd_direction`; ``"cg"`` never builds J: conjugate gradients on the
+    matrix-free :class:`~fisheropt.torch.FisherOperator` (stopping rule in
+    :mod:`fisheropt.torch.fisher_operator`; ``cg_rtol``, ``cg_maxiter``; a solve that does not converge
+    warns with its residual, or raises with ``on_cg_fail="raise"``); ``"auto"`` picks woodbury when J
+    fits in ``jacobian_budget`` bytes (default 128 MiB), else cg.
+
+Then, per param group, b ← momentum·b + d (b = d when momentum = 0) and
+θ ← θ − lr·b − lr·weight_decay·θ (decoupled weight decay).
+
+**Damping.** ``damping_mode="relative"`` (the default): λ = ``damping`` × the mean eigenvalue of
+the curvature's N×N Gram matrix, i.e. tr(M)/N — for EF and iEF :math:`\frac1N\sum_n\lVert g_n\rVert^2`
+(the mean eigenvalue of :math:`GG^\top`, on which both damp), for SF tr(SF)/N, for the exact Fisher
+tr(F)/N (computed from J with woodbury; with cg estimated without bias as :math:`\frac1N\sum_n\lVert\hat
+g_n\rVert^2`, the per-sample gradients for labels drawn from the model, :math:`E[\hat g\hat g^\top]=F`).
+Scale-free: the same ``damping`` means the same thing for any model, batch size or loss scale.
+``damping_mode="absolute"``: λ = ``damping`` as passed to :func:`fisheropt.fisher.ngd_direction`
+(sum loss; for a mean-loss damping λ̄ pass N·λ̄, spec/fisher.md §1). A damping too small for float64
+raises :class:`fisheropt.fisher.DampingTooSmall` (a ValueError naming one that works).
+
+**Threads.** The direction's BLAS work (the Gram product, a gemv) runs after torch's own work,
+with the BLAS thread pools limited (threadpoolctl) to ``blas_threads`` (default:
+``torch.get_num_threads()``), so torch's pool and BLAS's never ask for more cores between them than
+torch was given; set ``blas_threads`` to change it. ``fisheropt experiment`` runs additionally limit
+BLAS to one thread (``FISHEROPT_BLAS_THREADS``). On a machine whose load exceeds its cores, prefer
+``torch.set_num_threads(1)``: a multi-threaded torch region waits for its slowest thread (measured on
+the shared 2-core machine: a 10⁶-element ``add_`` took 16 ms with 2 threads, 0.5 ms with 1).
+
+**Guarantees.** Everything is validated, and the direction computed, before any parameter is
+written: a rejected step (bad inputs or targets, a model whose output is not logits, damping too
+small, CG that does not converge with ``on_cg_fail="raise"``, a non-finite direction) leaves the
+parameters and the optimizer state byte-identical. ``param_groups`` (lr, momentum, weight_decay,
+damping) work with LR schedulers; ``state_dict`` holds the momentum buffers and step counts.
+**Memory.** Per step: G (N×P, the parameters' dtype; kept between steps as a reusable buffer
+unless ``keep_buffers=False``, since a fresh N·P allocation costs page faults at every step) plus
+one chunk of per-sample gradients (``chunk_size``) for EF/iEF; J (N·C·P) plus its float64 Fisher
+factor for woodbury; for cg only the model's activations, O(N·C) logits and a few float64 P-vectors.
+``opt.last_stats`` describes the last step (timings, λ, CG iterations and residual, and with
+``track_quality=True`` the quality γ(d)/γ(∇L) of the direction under the exact Fisher, two
+matrix-free products).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from .. import backends as _backends
+from .. import fisher as _fisher
+from .fisher_operator import DEFAULT_CG_MAXITER, DEFAULT_CG_RTOL, FisherOperator
+from .per_sample import (
+    ParamLayout,
+    _Batch,
+    _check_chunk,
+    logit_jacobians,
+    logit_statistics,
+    per_sample_grads,
+    per_sample_sq_norms,
+)
+
+__all__ = ["NaturalGradient", "KINDS", "DEFAULT_JACOBIAN_BYTES"]
+
+KINDS = ("ief", "ef", "sf", "exact")
+DAMPING_MODES = ("relative", "absolute")
+EXACT_METHODS = ("auto", "woodbury", "cg")
+#: exact_method="auto": build J (woodbury) when its N·C·P entries take at most this many bytes.
+DEFAULT_JACOBIAN_BYTES = 128 * 2**20
+
+
+def _real(name, value, *, low=None, high=None, low_open=False, high_open=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and (v < low or (low_open and v == low))) \
+            or (high is not None and (v > high or (high_open and v == high))):
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be finite{', ' + lo if lo else ''}{' and ' + hi if hi else ''}; got {value!r}")
+    return v
+
+
+_blas_controller = None
+
+
+def _blas_limit(n):
+    """Limit the BLAS thread pools to ``n`` threads for the duration (threadpoolctl; no-op without it)."""
+    global _blas_controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return nullcontext()
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=int(n), user_api="blas")
+
+
+def _to_array(t: torch.Tensor):
+    """A NumPy (CPU) or CuPy (CUDA) array on the tensor's memory, no copy."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.numpy()
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - GPU only
+        raise RuntimeError("CUDA parameters need the cupy backend for the direction solve (pip install cupy)") from exc
+    return cupy.from_dlpack(t)
+
+
+def _from_array(a, device) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    return torch.from_dlpack(a).to(device)  # pragma: no cover - GPU only
+
+
+class NaturalGradient(torch.optim.Optimizer):
+    """Natural-gradient descent (iEF, EF, SF, exact Fisher) on ``model``'s parameters ``params``; module docstring.
+
+    ``step(inputs, targets)`` computes everything from the batch itself (per-sample gradients,
+    Jacobian products): it does not read ``.grad`` and needs no ``backward()``.
+    """
+
+    def __init__(self, model, kind="ief", lr=0.1, damping=1e-3, *, params=None, damping_mode="relative",
+                 momentum=0.0, weight_decay=0.0, backend="auto", exact_method="auto", n_samples=1, generator=None,
+                 chunk_size=None, ignore_index=-100, cg_rtol=DEFAULT_CG_RTOL, cg_maxiter=DEFAULT_CG_MAXITER,
+                 on_cg_fail="warn", track_quality=False, blas_threads=None, jacobian_budget=DEFAULT_JACOBIAN_BYTES,
+                 jvp_mode="auto", keep_buffers=True):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode must be 'relative' or 'absolute', got {damping_mode!r}")
+        if exact_method not in EXACT_METHODS:
+            raise ValueError(f"exact_method must be one of {EXACT_METHODS}, got {exact_method!r}")
+        if not isinstance(backend, str) or (backend != "auto" and backend not in _backends.KNOWN):
+            raise ValueError(f"unknown backend {backend!r}; use 'auto' or one of {', '.join(_backends.KNOWN)}")
+        if on_cg_fail not in ("warn", "raise"):
+            raise ValueError(f"on_cg_fail must be 'warn' or 'raise', got {on_cg_fail!r}")
+        if jvp_mode not in ("auto", "jvp", "vjp"):
+            raise ValueError(f"jvp_mode must be 'auto', 'jvp' or 'vjp', got {jvp_mode!r}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral) or cg_maxiter < 1:
+            raise ValueError(f"cg_maxiter must be a positive integer, got {cg_maxiter!r}")
+        _real("cg_rtol", cg_rtol, low=0.0, high=1.0, low_open=True, high_open=True)
+        bad_threads = isinstance(blas_threads, bool) or not isinstance(blas_threads, numbers.Integral)
+        if blas_threads is not None and (bad_threads or blas_threads < 1):
+            raise ValueError(f"blas_threads must be a positive integer or None, got {blas_threads!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        _real("jacobian_budget", jacobian_budget, low=0.0)
+        self.model = model
+        self.kind = kind
+        self.damping_mode = damping_mode
+        self.backend = backend
+        self.exact_method = exact_method
+        self.n_samples = int(n_samples)
+        self.generator = generator
+        self.chunk_size = _check_chunk(chunk_size)
+        self.ignore_index = int(ignore_index)
+        self.cg_rtol, self.cg_maxiter, self.on_cg_fail = float(cg_rtol), int(cg_maxiter), on_cg_fail
+        self.track_quality = bool(track_quality)
+        self.blas_threads = blas_threads
+        self.jacobian_budget = float(jacobian_budget)
+        self.jvp_mode = jvp_mode
+        self.keep_buffers = bool(keep_buffers)
+        self._buffer = None
+        self.last_stats = {}
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        self._check_group(defaults, "defaults")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("the model has no parameter with requires_grad=True; pass params=...")
+        elif isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or param-group dicts, not a single Tensor")
+        super().__init__(params, defaults)
+        self._layout = self._make_layout()
+
+    # ---- groups and layout -------------------------------------------------------------
+    @staticmethod
+    def _check_group(group, where):
+        try:
+            lr = _real("lr", group["lr"], low=0.0)
+            momentum = _real("momentum", group.get("momentum", 0.0), low=0.0, high=1.0, high_open=True)
+            wd = _real("weight_decay", group.get("weight_decay", 0.0), low=0.0)
+            damping = _real("damping", group["damping"], low=0.0, low_open=True)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        return lr, momentum, wd, damping
+
+    def _make_layout(self):
+        params = [p for g in self.param_groups for p in g["params"]]
+        return ParamLayout(self.model, params)
+
+    def add_param_group(self, param_group):
+        """Add a param group (``torch.optim.Optimizer.add_param_group``); its parameters must be
+        parameters of the model, and its hyperparameters are checked."""
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+        if hasattr(self, "_layout"):       # after __init__: the new parameters must fit the model
+            try:
+                self._layout = self._make_layout()
+            except (TypeError, ValueError):
+                self.param_groups.pop()
+                raise
+
+    def _hyper(self):
+        rows = [self._check_group(g, f"param_groups[{i}]") for i, g in enumerate(self.param_groups)]
+        dampings = {r[3] for r in rows}
+        if len(dampings) > 1:
+            raise ValueError(f"the param groups have different dampings {sorted(dampings)}; the direction is one "
+                             "solve over all parameters, so damping must be the same in every group")
+        current = [p for g in self.param_groups for p in g["params"]]
+        if len(current) != len(self._layout.params) or any(a is not b for a, b in zip(current, self._layout.params)):
+            self._layout = self._make_layout()
+        return rows, rows[0][3]
+
+    @property
+    def layout(self) -> ParamLayout:
+        """The flat-vector layout of the optimized parameters (param-group order)."""
+        return self._layout
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self, inputs=None, targets=None):
+        """One natural-gradient step on the batch (``inputs``, ``targets``); returns the summed loss (0-d tensor).
+
+        Raises before writing anything (module docstring, Guarantees)."""
+        if inputs is None or targets is None or callable(inputs):
+            raise TypeError("NaturalGradient.step(inputs, targets) computes per-sample gradients itself from the "
+                            "batch; it takes the batch, not a closure, and does not read .grad")
+        rows, damping = self._hyper()
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            d, loss, stats = self._direction(inputs, targets, damping)
+        t1 = time.perf_counter()
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError("the natural-gradient direction is not finite; increase the damping "
+                             "(the parameters are unchanged)")
+        self._update(d, rows)
+        stats["time_update"] = time.perf_counter() - t1
+        stats["time_total"] = time.perf_counter() - t0
+        stats["loss"] = loss
+        self.last_stats = stats
+        return torch.tensor(loss, dtype=self._layout.dtype)
+
+    def _lambda(self, damping, scale):
+        return damping * scale if self.damping_mode == "relative" else damping
+
+    def _solve_ngd(self, kind, **kw):
+        """fisheropt.fisher.ngd_direction with BLAS limited; DampingTooSmall re-raised with the step's context."""
+        n = self.blas_threads or torch.get_num_threads()
+        try:
+            with _blas_limit(n):
+                return _fisher.ngd_direction(kind, backend=self.backend, **kw)
+        except _fisher.DampingTooSmall as exc:
+            raise _fisher.DampingTooSmall(f"NaturalGradient(kind={self.kind!r}, damping_mode={self.damping_mode!r}): "
+                                          f"{exc}; the parameters are unchanged") from None
+
+    def _direction(self, inputs, targets, damping):
+        lay = self._layout
+        kind = self.kind
+        stats = {"kind": kind, "damping_mode": self.damping_mode}
+        if kind in ("ief", "ef"):
+            return self._gram_direction(inputs, targets, damping, stats)
+        method = self.exact_method
+        batch = _Batch(self.model, inputs, targets, None, self.ignore_index, lay)
+        if method == "auto":
+            rows = int(batch.valid.sum())
+            method = "woodbury" if rows * batch.C * lay.P * lay.params[0].element_size() <= self.jacobian_budget \
+                else "cg"
+        stats["method"] = method
+        if method == "woodbury":
+            return self._woodbury_direction(batch, damping, stats)
+        return self._cg_direction(batch, damping, stats)
+
+    def _finish(self, d64, grad, op_builder, stats):
+        if self.track_quality:
+            t = time.perf_counter()
+            op = op_builder()
+            stats["quality"] = op.relative_quality(d64, grad)
+            stats["time_quality"] = time.perf_counter() - t
+        return stats
+
+    def _exact_operator(self, inputs, targets):
+        return FisherOperator(self.model, inputs, targets, kind="exact", layout=self._layout,
+                              chunk_size=self.chunk_size, ignore_index=self.ignore_index, mode=self.jvp_mode)
+
+    def _gram_direction(self, inputs, targets, damping, stats):
+        lay = self._layout
+        t = time.perf_counter()
+        G, logits, _ = per_sample_grads(self.model, inputs, targets, layout=lay, chunk_size=self.chunk_size,
+                                        ignore_index=self.ignore_index, out=self._g_buffer(inputs, lay))
+        st = logit_statistics(logits, targets, self.ignore_index)
+        counts = torch.zeros(G.shape[0], dtype=torch.float64, device=G.device).index_add_(
+            0, st.sample, st.mask.to(torch.float64))
+        keep = counts > 0
+        if not bool(keep.any()):
+            raise ValueError(f"every target of the batch equals ignore_index={self.ignore_index}: nothing to fit")
+        s = st.s
+        if not bool(keep.all()):          # samples with no counted token: zero rows, left out of the solve
+            G, s = G[keep], s[keep]
+        stats["time_grads"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sq = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()     # diag(GGᵀ): one read of G
+        if not bool(torch.isfinite(sq).all()):
+            raise ValueError("the per-sample gradients are not finite (NaN/Inf in the model's outputs or "
+                             "derivatives); the parameters are unchanged")
+        scale = float(sq.mean())
+        lam = self._lambda(damping, scale)
+        stats.update(scale=scale, damping=lam, N=int(G.shape[0]))
+        loss = float(st.losses.sum())
+        stats["time_scale"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if scale == 0.0:                    # every per-sample gradient is 0: so are ∇L and the direction
+            d = torch.zeros(lay.P, dtype=lay.dtype, device=lay.device)
+        else:
+            kw = {"G": _to_array(G), "damping": lam}
+            if self.kind == "ief":
+                kw["s"] = _to_array(s.to(torch.float64).contiguous())
+            d = _from_array(self._solve_ngd(self.kind, **kw), lay.device)
+        stats["time_solve"] = time.perf_counter() - t
+
+        def grad():
+            return G.sum(0, dtype=torch.float64)
+        if self.track_quality:
+            self._finish(d, grad(), lambda: self._exact_operator(inputs, targets), stats)
+        return d, loss, stats
+
+    def _g_buffer(self, inputs, lay):
+        """The (N, P) buffer G is written into, kept between steps of the same batch size (a fresh N·P
+        allocation costs page faults at every step); None when ``keep_buffers`` is False."""
+        if not self.keep_buffers:
+            return None
+        first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        if not isinstance(first, torch.Tensor) or first.dim() == 0:
+            return None                            # the validation in per_sample_grads says why
+        shape = (first.shape[0], lay.P)
+        buf = self._buffer
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != lay.dtype or buf.device != lay.device:
+            self._buffer = buf = None                                   # free the old one first
+            self._buffer = buf = torch.empty(shape, dtype=lay.dtype, device=lay.device)
+        return buf
+
+    def _sampled(self, probs, K):
+        return torch.multinomial(probs, K, replacement=True, generator=self.generator).T.contiguous()
+
+    def _woodbury_direction(self, batch, damping, stats):
+        lay = self._layout
+        t = time.perf_counter()
+        J = logit_jacobians(self.model, batch.inputs, layout=lay, chunk_size=self.chunk_size)
+        with torch.no_grad():
+            logits = self.model(*batch.inputs)
+        st = logit_statistics(logits, batch.targets, self.ignore_index)
+        C = batch.C
+        Jr = J.reshape(-1, C, lay.P)
+        mask = st.mask
+        if not bool(mask.any()):
+            raise ValueError(f"every target of the batch equals ignore_index={self.ignore_index}: nothing to fit")
+        if not bool(mask.all()):
+            Jr = Jr[mask]
+        del J
+        if not bool(torch.isfinite(Jr).all()):
+            raise ValueError("the logits Jacobians are not finite; the parameters are unchanged")
+        probs, labels = st.probs[mask], st.labels[mask]
+        stats["time_grads"] = time.perf_counter() - t
+        t = time.perf_counter()
+        # tr(M) from the C×C blocks J_n J_nᵀ: exact H_n = diag p − p pᵀ; sf (1/K) Σ_k r r ᵀ
+        JJ = torch.einsum("mcp,mdp->mcd", Jr, Jr).to(torch.float64)
+        ls = None
+        if self.kind == "exact":
+            trace = float((probs * torch.diagonal(JJ, dim1=1, dim2=2)).sum()
+                          - torch.einsum("mc,mcd,md->", probs, JJ, probs))
+        else:
+            ls = self._sampled(probs, self.n_samples)                           # (K, M)
+            R = probs.unsqueeze(0).repeat(ls.shape[0], 1, 1)
+            ar = torch.arange(probs.shape[0], device=probs.device)
+            for k in range(ls.shape[0]):
+                R[k, ar, ls[k]] -= 1.0
+            trace = float(torch.einsum("kmc,mcd,kmd->", R, JJ, R)) / ls.shape[0]
+        scale = max(trace, 0.0) / batch.N
+        lam = self._lambda(damping, scale)
+        stats.update(scale=scale, damping=lam, N=batch.N)
+        r = probs.clone()
+        r[torch.arange(r.shape[0], device=r.device), labels] -= 1.0
+        G_tok = _to_array(torch.einsum("mcp,mc->mp", Jr, r.to(Jr.dtype)).contiguous())   # rows J_mᵀ(p_m − e_y)
+        J_np = _to_array(Jr.contiguous())
+        p_np = _to_array(probs.contiguous())
+        loss = float(st.losses.sum())
+        if scale == 0.0:
+            d = torch.zeros(lay.P, dtype=lay.dtype, device=lay.device)
+        else:
+            kw = {"G": G_tok, "J": J_np, "probs": p_np, "damping": lam}
+            if ls is not None:
+                kw["labels_sampled"] = _to_array(ls)
+            d = _from_array(self._solve_ngd(self.kind, **kw), lay.device)
+        stats["time_solve"] = time.perf_counter() - t
+        if self.track_quality:
+            grad = _from_array(G_tok.sum(axis=0, dtype=np.float64), lay.device)   # ∇L = Σ_m rows
+            self._finish(d, grad, lambda: self._exact_operator(batch.inputs, batch.targets), stats)
+        return d, loss, stats
+
+    def _cg_direction(self, batch, damping, stats):
+        lay = self._layout
+        t = time.perf_counter()
+        op = FisherOperator(self.model, batch.inputs, batch.targets, kind=self.kind, layout=lay,
+                            n_samples=self.n_samples, generator=self.generator, chunk_size=self.chunk_size,
+                            ignore_index=self.ignore_index, mode=self.jvp_mode)
+        if not bool(op.mask.any()):
+            raise ValueError(f"every target of the batch equals ignore_index={self.ignore_index}: nothing to fit")
+        grad = op.gradient()
+        loss = op.loss()
+        if not bool(torch.isfinite(grad).all()) or not math.isfinite(loss):
+            raise ValueError("the loss or its gradient is not finite; the parameters are unchanged")
+        scale = 0.0
+        if self.damping_mode == "relative":
+            # tr F (or tr SF) / N, estimated without bias from per-sample gradients at labels drawn from the model
+            ls = op.labels_sampled if op.labels_sampled is not None else self._sampled(op.probs, 1)
+            total = 0.0
+            for k in range(ls.shape[0]):
+                y = torch.where(op.stats.mask, ls[k], torch.full_like(ls[k], self.ignore_index))
+                y = y.reshape(batch.targets.shape)
+                total += float(per_sample_sq_norms(self.model, batch.inputs, y, layout=lay, chunk_size=self.chunk_size,
+                                                   ignore_index=self.ignore_index).sum())
+            scale = total / ls.shape[0] / batch.N
+        stats["time_grads"] = time.perf_counter() - t
+        t = time.perf_counter()
+        lam = self._lambda(damping, scale)
+        stats.update(scale=scale, damping=lam, N=batch.N)
+        if float(grad.abs().max()) == 0.0 or lam == 0.0:
+            if lam == 0.0 and float(grad.abs().max()) != 0.0:
+                raise ValueError("the relative damping's scale, the estimate of tr(F)/N, is 0 but ∇L is not: the "
+                                 "model's probabilities are one-hot to float64 precision (saturated), where the "
+                                 "Fisher vanishes; lower the learning rate, or use damping_mode='absolute'")
+            d64 = torch.zeros(lay.P, dtype=torch.float64, device=lay.device)
+            stats.update(cg_iterations=0, cg_residual=0.0)
+        else:
+            res = op.solve(grad, lam, rtol=self.cg_rtol, maxiter=self.cg_maxiter, on_fail=self.on_cg_fail)
+            d64 = res.x
+            stats.update(cg_iterations=res.iterations, cg_matvecs=res.matvecs, cg_residual=res.residual,
+                         cg_converged=res.converged)
+        stats["time_solve"] = time.perf_counter() - t
+        if self.track_quality:
+            self._finish(d64, grad, (lambda: op) if self.kind == "exact" else
+                         (lambda: self._exact_operator(batch.inputs, batch.targets)), stats)
+        return d64.to(lay.dtype), loss, stats
+
+    @torch.no_grad()
+    def _update(self, d, rows):
+        """θ ← θ − lr (buf) − lr·wd·θ for every group: new buffers made first, then written."""
+        lay = self._layout
+        pieces = dict(zip(map(id, lay.params), lay.unflatten(d)))
+        plan = []
+        for g, (lr, mom, wd, _) in zip(self.param_groups, rows):
+            for p in g["params"]:
+                dp = pieces[id(p)].to(p.dtype)
+                st = self.state[p]
+                buf = None
+                if mom > 0.0:
+                    old = st.get("momentum_buffer")
+                    buf = dp.clone() if old is None else old.mul(mom).add_(dp)
+                plan.append((p, st, dp if buf is None else buf, buf, lr, wd))
+        for p, st, upd, buf, lr, wd in plan:
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            p.add_(upd, alpha=-lr)
+            if buf is not None:
+                st["momentum_buffer"] = buf
+            st["step"] = st.get("step", torch.tensor(0.0)) + 1
