@@ -46,6 +46,7 @@ from ._checks import array_module, check_array_type, check_float_dtype, check_re
 from .refimpl import fisher_diagonal as _diag
 from .refimpl import fisher_empirical as _emp
 from .refimpl import fisher_exact as _exact
+from .refimpl import fisher_ngd as _ngd_ref
 from .refimpl import fisher_improved as _imp
 from .refimpl import fisher_operators as _operators
 from .refimpl import fisher_quality as _quality
@@ -321,8 +322,8 @@ def diag_improved(G, s):
 
 
 # ---- directions -------------------------------------------------------------------
-def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sampled=None,
-                  backend="numpy", exact_method="auto"):
+def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sampled=None, F=None,
+                  backend="numpy", exact_method="auto", cg_maxiter=None):
     r"""Natural-gradient direction d (update θ ← θ − η d), (P,) in G's dtype.
 
     kind    required arguments             direction
@@ -339,6 +340,12 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
     ``backend``: "numpy", "numba", "cupy" or "auto" (CuPy arrays → cupy); host/device arrays are
     never copied silently.
 
+    "exact" also takes the Fisher as an operator instead of J and probs: ``F`` of shape (P, P)
+    with ``matvec`` (a SciPy LinearOperator, :func:`exact_operator`, or
+    ``fisheropt.torch.FisherOperator(...).as_linear_operator()``: products, never J), solved on
+    the host by conjugate gradients with the contract of ``exact_method="cg"`` (certified by λ
+    alone; at most ``cg_maxiter`` iterations, default 10·P).
+
     Accuracy (spec/fisher.md §3): the relative rounding error is at most about 10·ε·κ, κ the
     condition number of the damped system; when that could exceed 1e-6 the call raises
     :class:`DampingTooSmall` (a ValueError naming a damping that works) instead, and a direction
@@ -346,6 +353,9 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
+    if F is not None:
+        return _operator_direction(kind, G=G, F=F, damping=damping, exact_method=exact_method,
+                                   others=(s, J, probs, labels_sampled), cg_maxiter=cg_maxiter)
     given = {"G": G, "s": s, "J": J, "probs": probs, "labels_sampled": labels_sampled}
     missing = [name for name in _REQUIRED[kind] if given[name] is None]
     if missing:
@@ -378,6 +388,31 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
     d = _ngd.ngd_direction(kind, G=G, damping=damping, s=s, J=J, probs=probs,
                            labels_sampled=labels_sampled, backend=backend_module, exact_method=exact_method)
     return _finite_result(d, "the direction", "|d| exceeds the float range (a larger damping shrinks it)")
+
+
+def _operator_direction(kind, *, G, F, damping, exact_method, others, cg_maxiter):
+    """(F + λI)⁻¹ ∇L by conjugate gradients on the products of the operator F (host, float64)."""
+    if kind != "exact":
+        raise ValueError(f"F (a Fisher operator) is used by kind 'exact' only; kind {kind!r} does not take it")
+    if any(a is not None for a in others):
+        raise ValueError("kind 'exact' takes either J and probs, or the operator F; not both")
+    if exact_method == "woodbury":
+        raise ValueError("exact_method='woodbury' needs J; an operator F is solved by conjugate gradients")
+    damping = _check_damping(damping)
+    _check_G(G, host_only=True)
+    P = G.shape[1]
+    if not callable(getattr(F, "matvec", None)) or tuple(getattr(F, "shape", ())) != (P, P):
+        raise ValueError(f"F must be a linear operator of shape ({P}, {P}) with matvec (a scipy LinearOperator, "
+                         "fisher.exact_operator(J, probs), fisheropt.torch.FisherOperator(...).as_linear_operator())")
+    if cg_maxiter is not None and (isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral)
+                                   or cg_maxiter < 1):
+        raise ValueError(f"cg_maxiter must be a positive int, got {cg_maxiter!r}")
+    grad = G.sum(axis=0, dtype=np.float64)
+
+    def damped(v):
+        return np.asarray(F.matvec(v), dtype=np.float64).reshape(-1) + damping * v
+    d = _ngd_ref.conjugate_gradient(damped, grad, maxiter=cg_maxiter or 10 * P, damping=damping)
+    return _finite_result(d.astype(G.dtype), "the direction", "|d| exceeds the float range (a larger damping shrinks it)")
 
 
 # ---- quality ------------------------------------------------------------------------

@@ -303,3 +303,23 @@ def test_validation_errors(rng):
     nd("ief", G=G, s=s, damping=1.0)
     np.testing.assert_array_equal(G, G0)
     np.testing.assert_array_equal(s, s0)
+
+
+def test_exact_direction_from_an_operator_equals_the_one_from_J(rng):
+    """ngd_direction("exact", G=G, F=operator): the Fisher as products (never J), conjugate gradients
+    with the contract of exact_method="cg"; equal to the Woodbury solve from J and probs."""
+    N, C, P = 6, 4, 15
+    J = rng.standard_normal((N, C, P))
+    logits = rng.standard_normal((N, C))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = rng.integers(0, C, N)
+    G = fo.fisher.per_sample_grads(J, probs, labels)
+    want = fo.fisher.ngd_direction("exact", G=G, J=J, probs=probs, damping=0.1, exact_method="woodbury")
+    got = fo.fisher.ngd_direction("exact", G=G, F=fo.fisher.exact_operator(J, probs), damping=0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12 * np.abs(want).max())
+    with pytest.raises(ValueError, match="either J and probs, or the operator F"):
+        fo.fisher.ngd_direction("exact", G=G, F=fo.fisher.exact_operator(J, probs), J=J, probs=probs, damping=0.1)
+    with pytest.raises(ValueError, match="kind 'exact' only"):
+        fo.fisher.ngd_direction("ef", G=G, F=fo.fisher.exact_operator(J, probs), damping=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        fo.fisher.ngd_direction("exact", G=G, F=fo.fisher.exact_operator(J[:, :, :5], probs), damping=0.1)
