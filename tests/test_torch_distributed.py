@@ -71,7 +71,7 @@ def launch(world, scenarios, tmp_path):
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return launch(2, ["ddp", "zero", "finite", "ngd"], tmp_path_factory.mktemp("world2"))
+    return launch(2, ["ddp", "zero", "finite", "ngd", "natgrad"], tmp_path_factory.mktemp("world2"))
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +255,28 @@ def test_direction_needs_an_initialized_group():
         pytest.skip("a process group is already initialized in this process")
     with pytest.raises(RuntimeError, match="not initialized"):
         fd.ngd_direction("ef", G=torch.ones(2, 3, dtype=torch.float64), damping=1.0)
+
+
+@pytest.mark.parametrize("kind", ["ief", "ef"])
+def test_natural_gradient_with_a_process_group_equals_one_process_on_the_global_batch(two, kind):
+    """fot.NaturalGradient(process_group=...): each rank's slice of the batch in, the global batch's
+    direction out (one all-to-all of G's columns, one all-reduce of the Gram): every rank ends with the
+    parameters of a single process that stepped on the whole batch."""
+    from distributed_workers.worker import natgrad_problem
+    model, x, y = natgrad_problem(world=2)
+    opt = fot.NaturalGradient(model, kind=kind, lr=0.5, damping=1e-2, backend="numpy")
+    losses = [float(opt.step(x, y)) for _ in range(3)]
+    want = [p.detach() for p in model.parameters()]
+    for out in two:
+        got = out["natgrad"][kind]
+        np.testing.assert_allclose(got["losses"], losses, rtol=1e-12)
+        for a, b in zip(got["params"], want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(two[0]["natgrad"][kind]["params"], two[1]["natgrad"][kind]["params"]):
+        assert torch.equal(a, b), "ranks differ"
+
+
+def test_natural_gradient_process_group_refuses_kinds_it_cannot_assemble():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(NotImplementedError, match="only 'ief' and 'ef'"):
+        fot.NaturalGradient(model, kind="exact", process_group=object())

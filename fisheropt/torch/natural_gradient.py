@@ -148,7 +148,7 @@ class NaturalGradient(torch.optim.Optimizer):
                  momentum=0.0, weight_decay=0.0, backend="auto", exact_method="auto", n_samples=1, generator=None,
                  chunk_size=None, ignore_index=-100, cg_rtol=DEFAULT_CG_RTOL, cg_maxiter=DEFAULT_CG_MAXITER,
                  on_cg_fail="warn", track_quality=False, blas_threads=None, jacobian_budget=DEFAULT_JACOBIAN_BYTES,
-                 jvp_mode="auto", keep_buffers=True):
+                 jvp_mode="auto", keep_buffers=True, process_group=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
         if kind not in KINDS:
@@ -176,6 +176,10 @@ class NaturalGradient(torch.optim.Optimizer):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         _real("jacobian_budget", jacobian_budget, low=0.0)
+        if process_group is not None and kind not in ("ief", "ef"):
+            raise NotImplementedError(f"kind {kind!r} with a process_group: only 'ief' and 'ef' are assembled across "
+                                      "ranks here (fisheropt.torch.distributed.ngd_direction takes A for sf/exact)")
+        self.process_group = process_group
         self.model = model
         self.kind = kind
         self.damping_mode = damping_mode
@@ -313,6 +317,41 @@ class NaturalGradient(torch.optim.Optimizer):
         return FisherOperator(self.model, inputs, targets, kind="exact", layout=self._layout,
                               chunk_size=self.chunk_size, ignore_index=self.ignore_index, mode=self.jvp_mode)
 
+    def _distributed_gram_direction(self, G, s, loss_local, damping, stats):
+        """EF/iEF of the group's global batch (fisheropt.torch.distributed): this rank's samples'
+        gradients go in, the whole direction comes out on every rank (a replicated model)."""
+        from . import distributed as _dist
+        lay, group = self._layout, self.process_group
+        t = time.perf_counter()
+        sq = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()
+        totals = torch.tensor([float(sq.sum()), float(G.shape[0]), loss_local], dtype=torch.float64)
+        torch.distributed.all_reduce(totals, group=group)          # a NaN on any rank reaches every rank
+        total_sq, N, loss = float(totals[0]), int(totals[1]), float(totals[2])
+        if not math.isfinite(total_sq):
+            raise ValueError("the per-sample gradients are not finite on some rank; the parameters are unchanged")
+        if N == 0:
+            raise ValueError(f"every target of the global batch equals ignore_index={self.ignore_index}: nothing to fit")
+        scale = total_sq / N
+        lam = self._lambda(damping, scale)
+        stats.update(scale=scale, damping=lam, N=N)
+        stats["time_scale"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if scale == 0.0:
+            d = torch.zeros(lay.P, dtype=lay.dtype, device=lay.device)
+        else:
+            comm = {}
+            try:
+                with _blas_limit(self.blas_threads or torch.get_num_threads()):
+                    d_local = _dist.ngd_direction(self.kind, G=G, damping=lam, s=s if self.kind == "ief" else None,
+                                                  group=group, backend=self.backend, stats=comm)
+            except _fisher.DampingTooSmall as exc:
+                raise _fisher.DampingTooSmall(f"NaturalGradient(kind={self.kind!r}): {exc}; "
+                                              "the parameters are unchanged") from None
+            d = _dist.gather_columns(d_local, lay.P, group=group).to(lay.dtype)
+            stats["comm"] = comm
+        stats["time_solve"] = time.perf_counter() - t
+        return d, loss, stats
+
     def _gram_direction(self, inputs, targets, damping, stats):
         lay = self._layout
         t = time.perf_counter()
@@ -322,12 +361,14 @@ class NaturalGradient(torch.optim.Optimizer):
         counts = torch.zeros(G.shape[0], dtype=torch.float64, device=G.device).index_add_(
             0, st.sample, st.mask.to(torch.float64))
         keep = counts > 0
-        if not bool(keep.any()):
+        if self.process_group is None and not bool(keep.any()):
             raise ValueError(f"every target of the batch equals ignore_index={self.ignore_index}: nothing to fit")
         s = st.s
         if not bool(keep.all()):          # samples with no counted token: zero rows, left out of the solve
             G, s = G[keep], s[keep]
         stats["time_grads"] = time.perf_counter() - t
+        if self.process_group is not None:
+            return self._distributed_gram_direction(G, s, float(st.losses.sum()), damping, stats)
         t = time.perf_counter()
         sq = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()     # diag(GGᵀ): one read of G
         if not bool(torch.isfinite(sq).all()):

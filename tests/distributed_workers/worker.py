@@ -130,7 +130,30 @@ def run_ngd(rank, world, out):
     out["ngd"] = res
 
 
-SCENARIOS = {"ddp": run_ddp, "zero": run_zero, "finite": run_finite, "ngd": run_ngd}
+def natgrad_problem(seed=3, per_rank=5, world=2):
+    """A small float64 classifier and a global batch of per_rank·world samples (the same on every rank)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    x = torch.randn(per_rank * world, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (per_rank * world,))
+    return model, x, y
+
+
+def run_natgrad(rank, world, out):
+    """fot.NaturalGradient with a process group: each rank steps on its own slice of the global batch."""
+    import fisheropt.torch as fot
+    res = {}
+    for kind in ("ief", "ef"):
+        model, x, y = natgrad_problem(world=world)
+        opt = fot.NaturalGradient(model, kind=kind, lr=0.5, damping=1e-2, process_group=dist.group.WORLD,
+                                  backend="numpy")
+        rows = slice(5 * rank, 5 * (rank + 1))
+        losses = [float(opt.step(x[rows], y[rows])) for _ in range(3)]
+        res[kind] = {"params": [p.detach().clone() for p in model.parameters()], "losses": losses}
+    out["natgrad"] = res
+
+
+SCENARIOS = {"ddp": run_ddp, "zero": run_zero, "finite": run_finite, "ngd": run_ngd, "natgrad": run_natgrad}
 
 
 def main():
