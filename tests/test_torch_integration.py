@@ -219,3 +219,17 @@ def test_coupled_adam_on_a_tied_model_matches_fisheropt(backend):
 def test_coupled_adam_without_coupled_tensors_warns():
     with pytest.warns(UserWarning, match="no parameter has coupled=True"):
         fot.CoupledAdam(tiny_model().parameters(), backend="numpy")
+
+
+def test_step_keeps_torchs_thread_count():
+    """numba's OpenMP layer shares libgomp with torch; a step must not change torch's thread count."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        p = nn.Parameter(torch.zeros(1 << 18))         # big enough for a parallel launch
+        p.grad = torch.ones_like(p)
+        opt = fot.AdamW([p])
+        opt.step()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

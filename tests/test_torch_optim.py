@@ -129,7 +129,7 @@ def test_same_bits_as_fisheropt(backend, name, dtype):
     params = make_params(rng, dtype=dtype)
     init = [p.detach().numpy().copy() for p in params]
     flags = flags_for(rule, SHAPES)
-    groups, order = fot_groups(rule, params, flags)
+    groups, _ = fot_groups(rule, params, flags)
     opt = getattr(fot, rule.title)(groups, lr=3e-2, backend=backend)
     arrays = [a.copy() for a in init]
     fo_opt = getattr(fo, rule.title)(arrays, lr=3e-2, backend=backend,
@@ -480,3 +480,49 @@ def test_auto_backend_prefers_numba_on_cpu():
     opt = fot.FAdam(make_params(rng, [(3,)]))
     expected = "numba" if "fadam_step" in fo.backends.functions("numba") else "numpy"
     assert opt.backends == {"cpu": expected}
+
+
+def test_group_hyperparameters_are_validated_only_when_they_change(monkeypatch):
+    """A step does not re-validate unchanged groups (the cost of a step does not grow with the groups);
+    a changed value is validated at the next step."""
+    import fisheropt.torch.optim as fot_optim
+    rng = np.random.default_rng(13)
+    groups = [{"params": make_params(rng, [(3,)]), "lr": 1e-3 * (i + 1)} for i in range(20)]
+    opt = fot.AdamW(groups, backend="numpy")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    calls = []
+    real = fot_optim.check_hyperparams
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fot_optim, "check_hyperparams", spy)
+    for _ in range(3):
+        set_grads(params, grads_for(rng, params))
+        opt.step()
+    assert calls == []
+    opt.param_groups[7]["lr"] = 0.5
+    opt.param_groups[8]["betas"] = [0.8, 0.9]      # a list, as torch accepts
+    opt.step()
+    assert len(calls) == 2
+    opt.step()
+    assert len(calls) == 2
+    opt.param_groups[8]["betas"][0] = 0.7           # edited in place: seen too
+    opt.step()
+    assert len(calls) == 3
+
+
+def test_empty_state_entries_are_no_state():
+    rng = np.random.default_rng(14)
+    params = make_params(rng, [(3,), (4,)])
+    opt = fot.AdamW(params, backend="numpy")
+    params[0].grad = grads_for(rng, params)[0]
+    opt.step()
+    opt.state[params[1]]          # a defaultdict access creates {}
+    sd = opt.state_dict()
+    assert sd["state"][1] == {}
+    other = fot.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], backend="numpy")
+    other.load_state_dict(sd)
+    set_grads(params, grads_for(rng, params))
+    opt.step()                    # {} is replaced by fresh state at the first gradient
+    assert int(opt.state[params[1]]["step"]) == 1

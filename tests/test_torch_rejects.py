@@ -118,8 +118,8 @@ BAD_STEPS = {
     "amsgrad": (ValueError, "amsgrad=True"),
     "foreign_option": (ValueError, "momentum=0.9 is not an option"),
     "param_transposed": (ValueError, r"\['params'\]\[2\] was replaced or changed"),
-    "grad_dtype": (UnsupportedTensor, r"\['params'\]\[1\] has dtype torch.float32 but its gradient has dtype "
-                                      "torch.float64"),
+    "grad_dtype": (UnsupportedTensor,
+                   r"\['params'\]\[1\] has dtype torch.float32 but its gradient has dtype torch.float64"),
 }
 
 
@@ -167,19 +167,35 @@ def _param(dtype=torch.float32, shape=(4, 3)):
                               or dtype.is_complex)
 
 
+def _views_of_one_buffer():
+    base = torch.zeros(10)
+    return [base[:6].detach().requires_grad_(), base[4:].detach().requires_grad_()]
+
+
+def _twice():
+    p = _param()
+    return [p, p]
+
+
+def _in_two_groups():
+    p = _param()
+    return [{"params": [p]}, {"params": [_param(), p]}]
+
+
 BAD_PARAMS = {
     "bfloat16": (lambda: [_param(torch.bfloat16)], UnsupportedTensor,
                  r"torch\.bfloat16.*torch\.float32 and torch\.float64.*no bfloat16"),
-    "float16": (lambda: [_param(torch.float16)], UnsupportedTensor, r"torch\.float16.*torch\.float32 and torch\.float64"),
+    "float16": (lambda: [_param(torch.float16)], UnsupportedTensor,
+                r"torch\.float16.*torch\.float32 and torch\.float64"),
     "complex": (lambda: [_param(torch.complex64)], UnsupportedTensor, "complex"),
     "integer": (lambda: [torch.zeros(3, dtype=torch.int64)], UnsupportedTensor, "int64"),
     "non_dense": (lambda: [torch.zeros(10)[::2].requires_grad_()], UnsupportedTensor, "not a dense tensor"),
     "sparse_param": (lambda: [torch.zeros(3, 3).to_sparse().requires_grad_()], UnsupportedTensor, "layout"),
     "meta": (lambda: [torch.nn.Parameter(torch.empty(3, device="meta"))], UnsupportedTensor, "meta"),
-    "overlap": (lambda: (lambda base: [base[:6].detach().requires_grad_(), base[4:].detach().requires_grad_()])(
-        torch.zeros(10)), ValueError, r"\['params'\]\[0\] and .*\['params'\]\[1\] share memory"),
-    "twice_in_group": (lambda: (lambda p: [p, p])(_param()), ValueError, "same tensor"),
-    "two_groups": (lambda: (lambda p: [{"params": [p]}, {"params": [_param(), p]}])(_param()), ValueError,
+    "overlap": (lambda: _views_of_one_buffer(), ValueError,
+                r"\['params'\]\[0\] and .*\['params'\]\[1\] share memory"),
+    "twice_in_group": (lambda: _twice(), ValueError, "same tensor"),
+    "two_groups": (lambda: _in_two_groups(), ValueError,
                    r"param_groups\[1\]\['params'\]\[1\] is already in param_groups\[0\]"),
     "non_leaf": (lambda: [_param() * 2], ValueError, "non-leaf"),
     "not_a_tensor": (lambda: [np.zeros(3)], TypeError, "numpy.ndarray"),

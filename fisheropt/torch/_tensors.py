@@ -91,7 +91,7 @@ def cupy_views(backend, tensors, order_of) -> list:
     return backend.from_dlpack_list(prepared)
 
 
-def explain_bad_grad(g, p, label: str, expected_shape, order) -> None:
+def explain_bad_grad(g, p, label: str) -> None:
     """Raise the error that says why ``g`` cannot be the gradient of ``p`` (``label``)."""
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"{label}.grad is a {type(g).__name__}, not a Tensor")
@@ -114,7 +114,7 @@ def grad_tensor(g, p, label: str, order) -> torch.Tensor:
     written, so a copy changes nothing but speed)."""
     if not isinstance(g, torch.Tensor) or g.layout != torch.strided or g.device != p.device \
             or g.dtype != p.dtype or g.shape != p.shape:
-        explain_bad_grad(g, p, label, None, order)
+        explain_bad_grad(g, p, label)
     g = g.detach()
     if g.is_neg():
         g = g.resolve_neg()

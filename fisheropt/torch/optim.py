@@ -113,11 +113,12 @@ COUNTERPARTS = {
     }),
 }
 
-#: torch state keys of the rules' state arrays, where torch (or the rule's reference
-#: implementation, written over torch.optim.AdamW for Coupled Adam) has names for them.
+#: torch state keys of the rules' state arrays, where torch (or the rule's usual torch
+#: implementation: over torch.optim.AdamW for Coupled Adam, lion-pytorch for Lion) has names for them.
 #: Other rules use the descriptor's names (e.g. FAdam: "m", "f").
 _ADAM_KEYS = {"m": "exp_avg", "v": "exp_avg_sq"}
-STATE_KEYS = {"adam": _ADAM_KEYS, "adamw": _ADAM_KEYS, "coupled_adam": _ADAM_KEYS}
+STATE_KEYS = {"adam": _ADAM_KEYS, "adamw": _ADAM_KEYS, "coupled_adam": _ADAM_KEYS,
+              "lion": {"m": "exp_avg"}}   # as the Lion implementations for torch (lion-pytorch, pytorch_optimizer)
 
 # Options of other torch optimizers and hyperparameters of other rules: a group that
 # turns one of them on is refused instead of being silently ignored.
@@ -125,6 +126,9 @@ _TORCH_FOREIGN = ("amsgrad", "nesterov", "momentum", "dampening", "centered", "d
                   "rho", "alpha", "lambd", "momentum_decay", "initial_accumulator_value", "etas", "step_sizes")
 
 _MISSING = object()
+
+
+_tensor_numpy = torch.Tensor.numpy
 
 
 class _Resync(Exception):
@@ -150,13 +154,13 @@ class _Group:
 class _Batch:
     """The tensors of one device that take part in a step, in kernel order."""
 
-    __slots__ = ("dev", "backend", "records", "params", "grads", "states", "steps", "runs", "flags", "new")
+    __slots__ = ("backend", "dev", "grads", "new", "params", "records", "runs", "state_rows", "states", "steps")
 
-    def __init__(self, dev, backend, n_state):
+    def __init__(self, dev, backend):
         self.dev, self.backend = dev, backend
-        self.records, self.params, self.grads, self.steps, self.flags, self.new = [], [], [], [], [], []
-        self.states = [[] for _ in range(n_state)]
-        self.runs = []   # [_Group, count]: consecutive tensors of one param group
+        self.records, self.grads, self.steps, self.state_rows, self.new = [], [], [], [], []
+        self.params = self.states = None    # made by _prepare
+        self.runs = []   # (_Group, count): consecutive tensors of one param group
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -195,6 +199,7 @@ class Optimizer(torch.optim.Optimizer):
         others = {h.name for r in RULES.values() for h in r.hyperparams}
         others |= {r.tensor_flag.name for r in RULES.values() if r.tensor_flag is not None}
         self._foreign = tuple(k for k in (*_TORCH_FOREIGN, *sorted(others)) if k not in own)
+        self._foreign_set = frozenset(self._foreign)
         self._raw_keys = self._group_keys + self._foreign
 
     # ---- options -------------------------------------------------------------
@@ -215,13 +220,15 @@ class Optimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict, dtypes, where: str):
         """(kernel keyword hyperparameters, tensor flag) of a param group, or a clear error."""
         rule = self.rule
-        for k in self._foreign:
-            value = group.get(k, None)
+        for k in self._foreign_set.intersection(group):
+            value = group[k]
             if value is not None and value is not False and not (isinstance(value, numbers.Number) and value == 0):
                 raise ValueError(f"{where}: {k}={value!r} is not an option of {type(self).__name__} "
                                  "(it would be ignored)")
         for name, opt in self.options.items():
             value = group.get(name, opt.default)
+            if value is opt.default:
+                continue
             if not any(value is a or (type(value) is bool and value == a) for a in opt.accepted):
                 raise ValueError(f"{where}: {name}={value!r} is not supported by {type(self).__name__}"
                                  + (f": {opt.why}" if opt.why else f" (accepted: {opt.accepted})"))
@@ -415,6 +422,17 @@ class Optimizer(torch.optim.Optimizer):
 
     @torch.compiler.disable(reason=COMPILE_MESSAGE)
     def _update(self) -> None:
+        # numba's OpenMP threading layer and torch share libgomp in one process, and a numba
+        # launch sets OpenMP's thread count: torch's intra-op thread count is put back after it
+        # (else a 1-thread torch run continues with numba's count, oversubscribing the cores).
+        threads = torch.get_num_threads()
+        try:
+            self._update_all()
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _update_all(self) -> None:
         try:
             batches = self._collect()
         except _Resync:
@@ -445,7 +463,8 @@ class Optimizer(torch.optim.Optimizer):
             raise _Resync
         batches = {}
         state_get = self.state.get
-        n_state = len(self.state_keys)
+        numpy_of = _tensor_numpy
+        dev, b = None, None
         for gi, group in enumerate(self.param_groups):
             info = self._groups[gi]
             params = group["params"] if info.group is group else None
@@ -463,51 +482,48 @@ class Optimizer(torch.optim.Optimizer):
                                      "it decides the shape of the state, so it cannot change after the group is "
                                      "added (add the tensors as a new group of a new optimizer)")
                 info.kernel_kw, info.raw = kernel_kw, raw
-            run = None
+            starts = {key: len(x.records) for key, x in batches.items()}
             for p, rec in zip(params, info.records):
                 if p is not rec.param:
                     raise _Resync
                 g = p.grad
                 if g is None:
                     continue
-                b = batches.get(rec.dev)
-                if b is None:
-                    b = batches[rec.dev] = _Batch(rec.dev, self._backends[rec.dev], n_state)
-                if run is None or run[0] is not b:
-                    run = [b, info, 0]
-                    b.runs.append(run)
-                run[2] += 1
+                if rec.dev is not dev:
+                    dev = rec.dev
+                    b = batches.get(dev)
+                    if b is None:
+                        b = batches[dev] = _Batch(dev, self._backends[dev])
                 if rec.fast:
                     try:
-                        gv = g.numpy()
+                        gv = numpy_of(g)
                     except Exception:
                         gv = None
-                    # (p itself: same memory, same shape, still C-contiguous: its view is still right)
+                    # p itself: the same memory, still C-contiguous, so its view is still right (a new
+                    # shape shows in the gradient's shape); anything else takes the detailed path.
                     if gv is None or gv.shape != rec.shape or gv.dtype is not rec.np_dtype \
-                            or not gv.flags.c_contiguous or p.data_ptr() != rec.ptr or p.size() != rec.tshape \
-                            or not p.is_contiguous():
+                            or not g.is_contiguous() or p.data_ptr() != rec.ptr or not p.is_contiguous():
                         gv = self._grad_view(rec, p, g)
                 else:
                     gv = self._grad_view(rec, p, g)
                 st = state_get(p)
-                if st is not rec.st or rec.st is None:
+                if st is not rec.st or st is None:
                     if st:
                         self._adopt(rec, st)
                     else:
                         self._new_state(rec, b)
                         b.records.append(rec)
-                        b.params.append(rec.view)
                         b.grads.append(gv)
                         b.steps.append(1)
-                        b.flags.append(rec.flag)
                         continue
                 b.records.append(rec)
-                b.params.append(rec.view)
                 b.grads.append(gv)
-                for lst, a in zip(b.states, rec.state_views):
-                    lst.append(a)
-                b.steps.append(int(float(rec.step_np)) + 1)
-                b.flags.append(rec.flag)
+                b.state_rows.append(rec.state_views)
+                b.steps.append(int(rec.step_np) + 1)
+            for key, x in batches.items():
+                n = len(x.records) - starts.get(key, 0)
+                if n:
+                    x.runs.append((info, n))
         return list(batches.values())
 
     def _grad_view(self, rec, p, g):
@@ -539,8 +555,7 @@ class Optimizer(torch.optim.Optimizer):
         step_t = torch.zeros((), dtype=self._scalar_dtype)
         st = {"step": step_t, **tensors}
         batch.new.append((rec, st, views, step_t.numpy()))
-        for lst, a in zip(batch.states, views):
-            lst.append(a)
+        batch.state_rows.append(views)
 
     def _adopt(self, rec, st: dict) -> None:
         """Use the state dict ``st`` found in ``self.state`` for ``rec`` (unpickled, or set by hand)."""
@@ -555,6 +570,8 @@ class Optimizer(torch.optim.Optimizer):
             t = st[key]
             shape = rec.state_shape(spec)
             _check_state_tensor(t, rec, shape, f"{where}[{key!r}]", second_moment=spec.second_moment)
+            if t.device != rec.param.device:
+                raise ValueError(f"{where}[{key!r}] is on {t.device}; the parameter is on {rec.param.device}")
             order = rec.order if t.size() == rec.tshape and not (spec.per_column and rec.flag) else None
             if (t.permute(order) if order is not None else t).is_contiguous() is False:
                 raise ValueError(f"{where}[{key!r}] is not laid out like its parameter (strides {tuple(t.stride())})")
@@ -596,15 +613,13 @@ class Optimizer(torch.optim.Optimizer):
         """Checks that read the gradients (overlap, finiteness) and the kernel arguments; writes nothing."""
         if b.dev != "cpu":
             with self._device_context(b.dev):
-                tensors = [g for g in b.grads]
-                b.grads = T.cupy_views(b.backend, tensors, lambda i: None)
+                b.grads = T.cupy_views(b.backend, list(b.grads), lambda i: None)
                 for k, (rec, st, views, step_np) in enumerate(b.new):
                     b.new[k] = (rec, st, self._cupy_state(b.dev, views), step_np)
                 new_views = {id(rec): views for rec, st, views, step_np in b.new}
-                b.states = [[] for _ in self.state_keys]
-                for rec in b.records:
-                    for lst, a in zip(b.states, new_views.get(id(rec), rec.state_views)):
-                        lst.append(a)
+                b.state_rows = [new_views.get(id(rec), rec.state_views) for rec in b.records]
+        b.params = [r.view for r in b.records]
+        b.states = [list(col) for col in zip(*b.state_rows)] if b.state_rows else [[] for _ in self.state_keys]
         layout = self._layouts.get(b.dev)
         if layout is None:
             recs = [r for r in self._records.values() if r.dev == b.dev]
@@ -612,6 +627,7 @@ class Optimizer(torch.optim.Optimizer):
             named += [(f"state of {r.label}[{k!r}]", a) for r in recs if r.state_views is not None
                       for k, a in zip(self.state_keys, r.state_views)]
             layout = self._layouts[b.dev] = Layout(named)
+            layout.tagged_ranges = [(start, end, 0, name) for start, end, name in layout.ranges]
         _check_grad_overlap(layout, b)
         if separate_check:
             with self._device_context(b.dev):
@@ -622,14 +638,14 @@ class Optimizer(torch.optim.Optimizer):
         step = steps[0] if min(steps) == max(steps) else list(steps)
         kwargs = {}
         runs = b.runs
-        for name in runs[0][1].kernel_kw:
-            values = [info.kernel_kw[name] for _, info, _ in runs]
+        for name in runs[0][0].kernel_kw:
+            values = [info.kernel_kw[name] for info, _ in runs]
             if all(v == values[0] for v in values):
                 kwargs[name] = values[0]
             else:
-                kwargs[name] = [v for (_, info, n), v in zip(runs, values) for _ in range(n)]
+                kwargs[name] = [v for (_, n), v in zip(runs, values) for _ in range(n)]
         if self._flag_name is not None:
-            kwargs[self._flag_name] = list(b.flags)
+            kwargs[self._flag_name] = [r.flag for r in b.records]
         return step, kwargs
 
     def _commit(self, b: _Batch) -> None:
@@ -704,6 +720,8 @@ class Optimizer(torch.optim.Optimizer):
             new_groups.append(new)
         incoming = {}
         for pid, entry in saved_state.items():
+            if isinstance(entry, dict) and not entry:
+                continue        # an empty entry (defaultdict access) is no state, as in torch.optim
             rec = id_map.get(pid)
             if rec is None:
                 raise ValueError(f"the state dict has state for parameter id {pid!r}, which none of its "
@@ -713,7 +731,7 @@ class Optimizer(torch.optim.Optimizer):
         fresh = {}
         for p, (rec, (step, tensors)) in incoming.items():
             if rec.st is None or self.state.get(p) is not rec.st:
-                batch = _Batch(rec.dev, None, len(self.state_keys))
+                batch = _Batch(rec.dev, None)
                 self._new_state(rec, batch)
                 fresh[p] = batch.new[0]
         with deferred_interrupts():
@@ -776,16 +794,18 @@ class Optimizer(torch.optim.Optimizer):
 
 def _check_grad_overlap(layout, b) -> None:
     """No gradient may share memory with a parameter, optimizer state or another gradient
-    (the kernels run in parallel and would race); names the two tensors."""
-    extra = [(ptr, ptr + g.nbytes, f"the gradient of {rec.label}")
-             for rec, ptr, g in zip(b.records, data_pointers(b.grads), b.grads) if g.nbytes]
-    ranges = sorted(layout.ranges + extra)
-    for (s0, e0, x), (s1, e1, y) in zip(ranges, ranges[1:]):
+    (the kernels run in parallel and would race); names the two tensors. One sort of byte ranges."""
+    grads = b.grads
+    extra = [(ptr, ptr + g.nbytes, 1, i) for i, (ptr, g) in enumerate(zip(data_pointers(grads), grads)) if g.nbytes]
+    ranges = sorted(layout.tagged_ranges + extra)
+    for (_, e0, k0, x), (s1, _, k1, y) in zip(ranges, ranges[1:]):
         if s1 < e0:
-            x, y = sorted((x, y), key=lambda name: name.startswith("the gradient"))
-            raise MemoryOverlap(f"{x} and {y} share memory; a gradient must be its own tensor, not a view of a "
-                                "parameter, of optimizer state or of another gradient (the update runs in parallel "
-                                "and would race); nothing was updated")
+            names = [x if k0 == 0 else f"the gradient of {b.records[x].label}",
+                     y if k1 == 0 else f"the gradient of {b.records[y].label}"]
+            names.sort(key=lambda name: name.startswith("the gradient"))
+            raise MemoryOverlap(f"{names[0]} and {names[1]} share memory; a gradient must be its own tensor, not a "
+                                "view of a parameter, of optimizer state or of another gradient (the update runs in "
+                                "parallel and would race); nothing was updated")
 
 
 def _split_names(params):
@@ -833,17 +853,19 @@ def _check_state_tensor(t, rec, shape, where: str, *, second_moment: bool) -> No
         raise ValueError(f"{where} has dtype {t.dtype}; the parameter is {rec.tdtype}")
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{where} holds NaN or Inf; a moment estimate is always finite")
-    if False:
+    if second_moment and t.numel() and bool((t < 0).any()):
         raise ValueError(f"{where} has negative entries; it is an average of squares (>= 0)")
 
 
 # ---- one class per rule --------------------------------------------------------------
 def optimizer_class(rule: Rule) -> type:
-    """The torch.optim.Optimizer subclass of ``rule``::
+    """The torch.optim.Optimizer subclass of ``rule``, called as::
 
         Cls(params, <hyperparameters with fisheropt's defaults>, [amsgrad=False], *, [<tensor flag>=False],
             <torch options: maximize, foreach, capturable, differentiable, fused, ...>,
             backend="auto", check_finite=True)
+
+    (``[...]``: only where the rule or its torch counterpart has that argument.)
     """
     counterpart = COUNTERPARTS.get(rule.name)
     options = dict(COMMON_OPTIONS)
@@ -888,11 +910,11 @@ def _docstring(rule: Rule, counterpart, state_keys) -> str:
     lines = [f"{rule.summary} ({rule.paper}), as a torch.optim.Optimizer. Spec: spec/{rule.spec_page}.", "",
              f"Same update as fisheropt.{rule.title} (same kernels); torch semantics: param groups, per-parameter",
              "state and step counts, parameters without .grad skipped, state_dict of tensors.", "",
-             "Hyperparameters (per param group):"]
-    lines += [f"    {h.name} = {h.default!r}: {h.doc}" for h in rule.hyperparams]
+             "Hyperparameters (per param group):", ""]
+    lines += [f"* ``{h.name}`` = ``{h.default!r}``: {h.doc}" for h in rule.hyperparams]
     if rule.tensor_flag is not None:
-        lines += [f"    {rule.tensor_flag.name} = False: per param group, {rule.tensor_flag.doc}",
-                  "        (fisheropt.torch.coupled_param_groups(model) builds the groups)"]
+        lines += [f"* ``{rule.tensor_flag.name}`` = ``False``: per param group, {rule.tensor_flag.doc}",
+                  "  (``fisheropt.torch.coupled_param_groups(model)`` builds the groups)"]
     lines += ["", "State per parameter (state[p]): step (0-d tensor), "
               + ", ".join(f"{k} ({s.doc})" for k, s in zip(state_keys, rule.state)), ""]
     if counterpart is not None:
