@@ -6,6 +6,7 @@
     fisheropt experiment NAME [--quick] [--out DIR] [--seed N]   # NAME: see `fisheropt experiment --list`
     fisheropt experiment all [--quick] [--out DIR]
     fisheropt bench ...                                          # benchmarks (fisheropt.bench)
+    fisheropt bench torch ...                                    # against PyTorch (fisheropt.torch.bench)
     fisheropt info                                               # version and backends
 
 Every run writes ``report.md`` and PNG plots into ``--out`` (default: a new
@@ -213,7 +214,11 @@ def _run_info() -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        # Pass everything through untouched (including --help) to the bench module.
+        # Pass everything through untouched (including --help) to the bench module;
+        # `fisheropt bench torch ...` is the PyTorch comparison (fisheropt.torch.bench).
+        if argv[1:2] == ["torch"]:
+            from .torch import bench as torch_bench
+            return int(torch_bench.main(argv[2:]) or 0)
         from . import bench
         result = bench.main(argv[1:])
         return int(result or 0)
