@@ -15,10 +15,34 @@ import numpy as np
 
 
 def _backend(name):
-    import fisheropt as fo
-    if name in fo.backends.unavailable():
-        raise NotImplementedError(f"{name}: {fo.backends.unavailable()[name]}")   # asv: skip
-    return fo.backends.get(name)
+    """The backend ``name``; NotImplementedError (asv: skipped) where this commit or environment lacks it."""
+    try:
+        import fisheropt as fo
+    except ImportError as exc:
+        raise NotImplementedError(f"fisheropt does not import: {exc}") from exc
+    if name not in fo.backends.available():
+        raise NotImplementedError(f"{name}: {fo.backends.unavailable().get(name, 'no such backend')}")
+    mod = fo.backends.get(name)
+    if not hasattr(mod, "fisher_sample_space_direction"):
+        raise NotImplementedError(f"{name} has no Fisher directions at this commit")
+    return mod
+
+
+def _models():
+    """The reference models module (fisheropt.workloads.models; fisheropt.refimpl.models in older
+    commits) and fisheropt; NotImplementedError (asv: skipped) at commits before them."""
+    import importlib
+    try:
+        import fisheropt as fo
+        fo.fisher.ngd_direction  # noqa: B018
+    except (ImportError, AttributeError) as exc:
+        raise NotImplementedError(f"no Fisher API at this commit: {exc}") from exc
+    for name in ("fisheropt.workloads.models", "fisheropt.refimpl.models"):
+        try:
+            return importlib.import_module(name), fo
+        except ImportError:
+            pass
+    raise NotImplementedError("no reference models at this commit")
 
 
 def _sync(xp):
@@ -94,9 +118,8 @@ class DirectionsOnDigitsMLP:
     param_names = ("kind",)
 
     def setup(self, kind):
-        from fisheropt.refimpl.models import MLP, load_digits_split
-
-        import fisheropt as fo
+        models, fo = _models()
+        MLP, load_digits_split = models.MLP, models.load_digits_split
         X, y, _, _ = load_digits_split(seed=0)
         X, y = X[:128], y[:128]
         m = MLP(64, 32, 10, seed=0)
@@ -123,7 +146,7 @@ class DenseEstimators:
     param_names = ("estimator",)
 
     def setup(self, estimator):
-        import fisheropt as fo
+        _, fo = _models()
         rng = np.random.default_rng(0)
         N, C, P = 64, 10, 512
         self.J = rng.standard_normal((N, C, P))
