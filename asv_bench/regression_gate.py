@@ -138,11 +138,11 @@ def _asv_name(name, params) -> str:
     return f"{name}({', '.join(repr(p) for p in params)})" if params else name
 
 
-def report(machine: str, base: str, head: str, rules: list) -> tuple:
-    """(regressions, not gated) between two commits' results; each item
-    (name, params, env, before, after, ratio, factor, unit)."""
+def report(machine: str, base: str, head: str, rules: list) -> list:
+    """Every figure covered by ``rules`` that both commits have: (status, item), status "REGRESSION",
+    "ok" or "not gated"; item = (name, params, env, before, after, ratio, factor, unit)."""
     before, after = load_results(machine, base), load_results(machine, head)
-    worse, ungated = [], []
+    rows = []
     for key, (b, unit) in sorted(before.items()):
         name, params, env = key
         full = _asv_name(name, params)
@@ -155,20 +155,18 @@ def report(machine: str, base: str, head: str, rules: list) -> tuple:
             continue                                   # skipped at the base: nothing to compare
         failed = a is None or (isinstance(a, float) and math.isnan(a))
         ratio = float("inf") if failed else (a / b if b > 0 else float("inf"))
-        item = (name, params, env, b, a, ratio, factor, unit)
-        if factor is None:
-            ungated.append(item)
-        elif ratio > factor:
-            worse.append(item)
-    return worse, ungated
+        status = "not gated" if factor is None else ("REGRESSION" if ratio > factor else "ok")
+        rows.append((status, (name, params, env, b, a, ratio, factor, unit)))
+    return rows
 
 
-def _line(item) -> str:
+def _line(status, item) -> str:
     name, params, env, b, a, ratio, factor, unit = item
-    after = "n/a (skipped or failed)" if a is None or (isinstance(a, float) and math.isnan(a)) else f"{a:.4g}"
-    limit = f" > x{factor}" if factor is not None else ""
-    return (f"  {name}({', '.join(params)})  before {b:.4g}  after {after}  x{ratio:.2f}{limit}"
-            f"  [{unit}; {env.split('-numpy')[0]}]")
+    after = "n/a" if a is None or (isinstance(a, float) and math.isnan(a)) else f"{a:.4g}"
+    limit = f"x{factor}" if factor is not None else "-"
+    label = f"{name.split('.', 1)[1]}({', '.join(params)})"
+    envname = "no numba" if "numba" not in env else "numba"
+    return f"  {status:10s} {label:62s} {envname:8s} {b:10.4g} {after:>10s}  x{ratio:<6.2f} {limit:>5s}"
 
 
 def main(argv=None) -> int:
@@ -201,7 +199,7 @@ def main(argv=None) -> int:
         print("base and head are the same commit: nothing to compare (commit or change something first)")
         return 0
     machine = args.machine or machine_name()
-    common = ["--no-only-changed", "--sort", "name"] + (["--machine", machine] if args.machine else [])
+    common = ["--sort", "name"] + (["--machine", machine] if args.machine else [])
     ratio_factor = min(args.ceiling_factor, args.torch_factor)
     # asv's own tables below flag changes beyond one factor per call; the verdict at the end applies
     # each figure's own threshold (thresholds()) to the results asv saved.
@@ -209,21 +207,28 @@ def main(argv=None) -> int:
     rc_memory = asv("continuous", "--factor", str(args.memory_factor), "-b", args.memory_bench, *common,
                     base, head)
 
-    worse, ungated = report(machine, base, head, thresholds(args))
+    rows = report(machine, base, head, thresholds(args))
+    worse = [r for r in rows if r[0] == "REGRESSION"]
     print()
-    print(f"regression gate: {base[:8]} (before) -> {head[:8]} (after); thresholds: step/ceiling "
-          f"x{args.ceiling_factor}, fisheropt/torch (2^25) x{args.torch_factor}, memory x{args.memory_factor}, "
-          f"peakmem x{args.peakmem_factor}")
-    if ungated:
-        print("not gated (PyTorch's time on 147 tensors is too noisy here), for information:")
-        for item in ungated:
-            print(_line(item))
+    print(f"regression gate: {base[:8]} (before) -> {head[:8]} (after)")
+    print(f"  {'':10s} {'figure':62s} {'env':8s} {'before':>10s} {'after':>10s}  {'ratio':7s} {'limit':>5s}")
+    for status, item in rows:
+        if not item[0].startswith("bench_memory."):
+            print(_line(status, item))
+    print("  (not gated: PyTorch's own time on 147 tensors varies 3-10x between runs on this machine)")
+    for kind in ("track_", "peakmem_"):
+        mem = [(status, item) for status, item in rows
+               if item[0].startswith("bench_memory.") and item[0].rsplit(".", 1)[1].startswith(kind)]
+        if mem:
+            status, item = max(mem, key=lambda r: r[1][5])
+            print(f"  memory, {len(mem)} {kind}* figures: the largest after/before is x{item[5]:.3f} "
+                  f"(limit x{item[6]}), {item[0].split('.', 1)[1]}({', '.join(item[1])})")
     if worse:
         print(f"REGRESSION: {len(worse)} figure(s) got worse than their threshold:")
-        for item in worse:
-            print(_line(item))
+        for status, item in worse:
+            print(_line(status, item))
         return 1
-    if rc_ratio not in (0, 1) or rc_memory not in (0, 1):
+    if rc_ratio not in (0, 1) or rc_memory not in (0, 1) or not rows:
         print(f"FAILED: asv could not build or run a benchmark (asv continuous exit codes {rc_ratio}, "
               f"{rc_memory}; see above)")
         return 2
