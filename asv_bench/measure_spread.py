@@ -16,7 +16,6 @@ import argparse
 import math
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
         rc = gate.asv("run", "-b", args.bench, f"{commit}^!")
         if rc not in (0, 2):
             return rc
-        for key, (value, unit) in gate.load_results(machine, commit).items():
+        for key, (value, _unit) in gate.load_results(machine, commit).items():
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 values.setdefault(key, []).append(value)
         print(f"run {i + 1}/{args.runs} done after {time.time() - t0:.0f} s", flush=True)

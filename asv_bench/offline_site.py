@@ -51,7 +51,7 @@ def localize(html_dir: Path) -> list:
     unknown = []
 
     def swap(m):
-        tag, attr, url = m.group(1), m.group(2), m.group(3)
+        tag, url = m.group(1), m.group(3)
         name = url.rsplit("/", 1)[-1]
         if name not in LOCAL or (tag == "link" and not name.endswith(".css")):
             if tag == "script" or name.endswith(".css"):

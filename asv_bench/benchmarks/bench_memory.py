@@ -25,6 +25,7 @@ from run to run, so the regression gate holds them to a tight threshold.
 """
 from __future__ import annotations
 
+import functools
 import gc
 
 import numpy as np
@@ -70,14 +71,13 @@ class OptimizerState:
         for rule in C.RULES:
             for backend in ("numpy", "numba"):
                 try:
-                    params, grads, coupled = _optimizer_problem(rule, backend)
-                    extra, opt = C.peak_extra_bytes(lambda: _construct_and_step(rule, backend, params, grads,
-                                                                                coupled))
+                    problem = _optimizer_problem(rule, backend)
+                    extra, opt = C.peak_extra_bytes(functools.partial(_construct_and_step, rule, backend, *problem))
                     figures[(rule, backend)] = {
-                        "state_bytes_per_param": C.state_nbytes(opt) / sum(p.size for p in params),
+                        "state_bytes_per_param": C.state_nbytes(opt) / sum(p.size for p in problem[0]),
                         "step_extra_mib": extra / 2**20,
                     }
-                    del opt, params, grads
+                    del opt, problem
                 except NotImplementedError as exc:
                     figures[(rule, backend)] = {"skip": str(exc)}
                 gc.collect()
