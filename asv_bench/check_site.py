@@ -20,6 +20,7 @@ Exits 0 when all hold, 1 otherwise (printing which failed). Used by
 tests/test_asv_site.py on a two-commit site, and on the history's site for the
 README's screenshot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,19 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SERIES_RGB = (0x24, 0x7A, 0xAD)           # $.asv.colors[0] in asv/www/asv.js
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--mute-audio"]
+SERIES_RGB = (0x24, 0x7A, 0xAD)  # $.asv.colors[0] in asv/www/asv.js
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--mute-audio",
+]
 
 
 def find_chromium() -> str | None:
@@ -73,10 +83,16 @@ class serve:
 
 def run_chromium(chromium: str, url: str, extra: list, size=(1280, 800), budget_ms=20000, timeout=180) -> str:
     with tempfile.TemporaryDirectory(prefix="asv-chromium-") as profile:
-        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
-               f"--virtual-time-budget={budget_ms}", *extra, url]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, HOME=profile))
+        cmd = [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--window-size={size[0]},{size[1]}",
+            f"--virtual-time-budget={budget_ms}",
+            *extra,
+            url,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, HOME=profile))
     if proc.returncode != 0:
         raise RuntimeError(f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}")
     return proc.stdout
@@ -137,14 +153,14 @@ def series_pixels(png: Path, rgb=SERIES_RGB, tolerance=12) -> int:
     r0, g0, b0 = rgb
     count = 0
     for i in range(0, len(data), 3):
-        if abs(data[i] - r0) <= tolerance and abs(data[i + 1] - g0) <= tolerance \
-                and abs(data[i + 2] - b0) <= tolerance:
+        if abs(data[i] - r0) <= tolerance and abs(data[i + 1] - g0) <= tolerance and abs(data[i + 2] - b0) <= tolerance:
             count += 1
     return count
 
 
-def check(html: Path, benchmark: str, screenshot: Path, query: str = "", min_pixels: int = 20,
-          chromium: str | None = None) -> list:
+def check(
+    html: Path, benchmark: str, screenshot: Path, query: str = "", min_pixels: int = 20, chromium: str | None = None
+) -> list:
     """Problems found (an empty list when the graph rendered with data)."""
     chromium = chromium or find_chromium()
     if chromium is None:
@@ -180,8 +196,9 @@ def check(html: Path, benchmark: str, screenshot: Path, query: str = "", min_pix
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--html", type=Path, default=HERE / ".asv" / "html")
     ap.add_argument("--benchmark", default="bench_track.Ratios.track_time_over_ceiling")
     ap.add_argument("--query", default="", help="asv graph options after '?', e.g. \"p-size='many'\"")

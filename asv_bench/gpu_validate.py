@@ -20,6 +20,7 @@
 Exit status: 0 when the tests pass (the speed targets are reported, not enforced,
 unless --strict). --json PATH also writes the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,18 +44,25 @@ def device_info(cupy) -> dict:
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    info = {"device": name, "compute_capability": dev.compute_capability,
-            "memory_GiB": round(props["totalGlobalMem"] / 2**30, 1),
-            "cupy": cupy.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
-            "cuda_driver": cupy.cuda.runtime.driverGetVersion(), "python": platform.python_version(),
-            "numpy": np.__version__}
+    info = {
+        "device": name,
+        "compute_capability": dev.compute_capability,
+        "memory_GiB": round(props["totalGlobalMem"] / 2**30, 1),
+        "cupy": cupy.__version__,
+        "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+        "cuda_driver": cupy.cuda.runtime.driverGetVersion(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
     try:
         from cupy.cuda import nvrtc
+
         info["nvrtc"] = ".".join(map(str, nvrtc.getVersion()))
     except Exception:
         pass
     try:
         import torch
+
         info["torch"] = torch.__version__
         info["torch_cuda"] = torch.cuda.is_available()
     except ImportError:
@@ -65,16 +73,32 @@ def device_info(cupy) -> dict:
 def run_tests(profile: str) -> dict:
     env = dict(os.environ, FISHEROPT_HYPOTHESIS_PROFILE=profile)
     results = {}
-    for label, args in [("pytest -m gpu tests", ["-m", "gpu", "tests"]),
-                        ("pytest tests/test_cupy_backend.py tests/backends/test_cupy_internals.py",
-                         ["tests/test_cupy_backend.py", "tests/backends/test_cupy_internals.py"])]:
+    for label, args in [
+        ("pytest -m gpu tests", ["-m", "gpu", "tests"]),
+        (
+            "pytest tests/test_cupy_backend.py tests/backends/test_cupy_internals.py",
+            ["tests/test_cupy_backend.py", "tests/backends/test_cupy_internals.py"],
+        ),
+    ]:
         print(f"\n=== {label} ===", flush=True)
         t0 = time.time()
         # a test module whose import fails (e.g. jsonschema missing on an offline GPU image)
         # is reported as an error without stopping the others
-        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                              "--continue-on-collection-errors", *args],
-                             cwd=REPO, env=env)
+        rc = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                "--continue-on-collection-errors",
+                *args,
+            ],
+            cwd=REPO,
+            env=env,
+        )
         results[label] = {"exit_code": rc, "seconds": round(time.time() - t0, 1)}
     return results
 
@@ -88,6 +112,7 @@ def check_against_torch(cupy) -> str:
     if not torch.cuda.is_available():
         return "skipped (torch without CUDA)"
     import fisheropt as fo
+
     backend = fo.backends.get("cupy")
     n = B.LARGE
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -97,8 +122,9 @@ def check_against_torch(cupy) -> str:
     g = [cupy.from_dlpack(p.grad)]
     m, v = [cupy.zeros_like(ours[0])], [cupy.zeros_like(ours[0])]
     hp = B.HP["adamw"]
-    opt = torch.optim.AdamW([p], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
-                            weight_decay=hp["weight_decay"], fused=True)
+    opt = torch.optim.AdamW(
+        [p], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"], weight_decay=hp["weight_decay"], fused=True
+    )
     for t in (1, 2, 3):
         opt.step()
         backend.adamw_step(ours, g, m, v, step=t, **hp)
@@ -109,8 +135,9 @@ def check_against_torch(cupy) -> str:
     torch.cuda.empty_cache()
     cupy.get_default_memory_pool().free_all_blocks()
     ok = diff <= 1e-6 * max(scale, 1.0)
-    return (f"{'ok' if ok else 'MISMATCH'}: max |fisheropt - torch fused| after 3 steps = {diff:.3g} "
-            f"(max |θ| {scale:.3g})")
+    return (
+        f"{'ok' if ok else 'MISMATCH'}: max |fisheropt - torch fused| after 3 steps = {diff:.3g} (max |θ| {scale:.3g})"
+    )
 
 
 def benchmarks(cupy, quick: bool) -> tuple[list[dict], float]:
@@ -133,25 +160,35 @@ def benchmarks(cupy, quick: bool) -> tuple[list[dict], float]:
             cupy.get_default_memory_pool().free_all_blocks()
             gbps = B.BYTES_PER_PARAM[rule] * 4 * n / (ms * 1e-3) / 1e9
             t_ms = torch_ms.get((case, rule == "adamw")) if rule in ("adam", "adamw") else None
-            rows.append({"case": case, "rule": rule, "tensors": len(s), "params": n,
-                         "bytes_per_param": B.BYTES_PER_PARAM[rule] * 4, "ms": ms, "GB/s": gbps,
-                         "ratio_to_copy": gbps / copy, "torch_fused_ms": t_ms,
-                         "speedup_vs_torch_fused": (t_ms / ms) if t_ms else None})
+            rows.append(
+                {
+                    "case": case,
+                    "rule": rule,
+                    "tensors": len(s),
+                    "params": n,
+                    "bytes_per_param": B.BYTES_PER_PARAM[rule] * 4,
+                    "ms": ms,
+                    "GB/s": gbps,
+                    "ratio_to_copy": gbps / copy,
+                    "torch_fused_ms": t_ms,
+                    "speedup_vs_torch_fused": (t_ms / ms) if t_ms else None,
+                }
+            )
     return rows, copy
 
 
 def fisher_bench(cupy, quick: bool) -> list[dict]:
     """iEF direction (Gram + float64 solve + G^T a) against the G @ G.T product alone, float32."""
     import fisheropt as fo
+
     out = []
     reps = 5 if quick else 20
-    for N, P in [(128, 2**20), (128, 2**23)]:   # G: 0.5 and 4 GiB in float32
+    for N, P in [(128, 2**20), (128, 2**23)]:  # G: 0.5 and 4 GiB in float32
         rng = cupy.random.default_rng(0)
         G = rng.standard_normal((N, P), dtype=cupy.float32)
         s = rng.random(N, dtype=cupy.float64) + 0.1
         gram_ms = B.gpu_time_ms(lambda: G @ G.T, reps=reps)
-        d_ms = B.gpu_time_ms(lambda: fo.fisher.ngd_direction("ief", G=G, s=s, damping=1e-3, backend="cupy"),
-                             reps=reps)
+        d_ms = B.gpu_time_ms(lambda: fo.fisher.ngd_direction("ief", G=G, s=s, damping=1e-3, backend="cupy"), reps=reps)
         # the float64 reference of the same direction (on the device, in float64) for accuracy
         G64 = G.astype(cupy.float64)
         a = cupy.linalg.solve(G64 @ G64.T + 1e-3 * cupy.eye(N), s)
@@ -165,31 +202,43 @@ def fisher_bench(cupy, quick: bool) -> list[dict]:
 
 
 def print_table(info, rows, copy):
-    print(f"\nDevice: {info['device']} (sm_{info['compute_capability']}, {info['memory_GiB']} GiB), "
-          f"CuPy {info['cupy']}, CUDA runtime {info['cuda_runtime']}, driver {info['cuda_driver']}, "
-          f"torch {info.get('torch')}")
+    print(
+        f"\nDevice: {info['device']} (sm_{info['compute_capability']}, {info['memory_GiB']} GiB), "
+        f"CuPy {info['cupy']}, CUDA runtime {info['cuda_runtime']}, driver {info['cuda_driver']}, "
+        f"torch {info.get('torch')}"
+    )
     print(f"Device-to-device copy (read+write, 2^27 float32, in process): {copy:.0f} GB/s\n")
-    head = f"{'case':<18}{'rule':<14}{'tensors':>8}{'params':>13}{'B/param':>9}{'ms':>9}{'GB/s':>8}" \
-           f"{'/copy':>7}{'torch fused ms':>16}{'torch/ours':>11}"
+    head = (
+        f"{'case':<18}{'rule':<14}{'tensors':>8}{'params':>13}{'B/param':>9}{'ms':>9}{'GB/s':>8}"
+        f"{'/copy':>7}{'torch fused ms':>16}{'torch/ours':>11}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         tm = f"{r['torch_fused_ms']:.3f}" if r["torch_fused_ms"] else "-"
         sp = f"{r['speedup_vs_torch_fused']:.2f}" if r["speedup_vs_torch_fused"] else "-"
-        print(f"{r['case']:<18}{r['rule']:<14}{r['tensors']:>8}{r['params']:>13,}{r['bytes_per_param']:>9}"
-              f"{r['ms']:>9.3f}{r['GB/s']:>8.0f}{r['ratio_to_copy']:>7.2f}{tm:>16}{sp:>11}")
+        print(
+            f"{r['case']:<18}{r['rule']:<14}{r['tensors']:>8}{r['params']:>13,}{r['bytes_per_param']:>9}"
+            f"{r['ms']:>9.3f}{r['GB/s']:>8.0f}{r['ratio_to_copy']:>7.2f}{tm:>16}{sp:>11}"
+        )
 
 
 def targets(rows) -> list[tuple[str, bool | None]]:
     out = []
     for r in rows:
         if r["case"].startswith("2^27"):
-            out.append((f"{r['rule']} 2^27: >= 0.85 of copy bandwidth ({r['ratio_to_copy']:.2f})",
-                        r["ratio_to_copy"] >= 0.85))
+            out.append(
+                (f"{r['rule']} 2^27: >= 0.85 of copy bandwidth ({r['ratio_to_copy']:.2f})", r["ratio_to_copy"] >= 0.85)
+            )
         if r["rule"] in ("adam", "adamw"):
             sp = r["speedup_vs_torch_fused"]
-            out.append((f"{r['rule']} {r['case']}: at least as fast as torch fused "
-                        f"({'n/a' if sp is None else f'{sp:.2f}x'})", None if sp is None else sp >= 1.0))
+            out.append(
+                (
+                    f"{r['rule']} {r['case']}: at least as fast as torch fused "
+                    f"({'n/a' if sp is None else f'{sp:.2f}x'})",
+                    None if sp is None else sp >= 1.0,
+                )
+            )
     return out
 
 
@@ -204,11 +253,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import fisheropt as fo
+
     reason = fo.backends.unavailable().get("cupy")
     if reason is not None:
         print(f"cupy backend unavailable here: {reason}", file=sys.stderr)
         return 2
     import cupy
+
     info = device_info(cupy)
     print(json.dumps(info, indent=1))
     report = {"info": info}
@@ -227,9 +278,11 @@ def main(argv=None) -> int:
         report["fisher"] = fisher_bench(cupy, args.quick)
         print("\niEF direction vs G @ G.T alone (float32 G, cuBLAS + cuSOLVER):")
         for r in report["fisher"]:
-            print(f"  N={r['N']} P=2^{r['P'].bit_length() - 1}: G@G.T {r['gram_ms']:.3f} ms, "
-                  f"iEF direction {r['ief_ms']:.3f} ms, ratio {r['ratio']:.2f}, "
-                  f"rel. error vs float64 {r['rel_err']:.2e}")
+            print(
+                f"  N={r['N']} P=2^{r['P'].bit_length() - 1}: G@G.T {r['gram_ms']:.3f} ms, "
+                f"iEF direction {r['ief_ms']:.3f} ms, ratio {r['ratio']:.2f}, "
+                f"rel. error vs float64 {r['rel_err']:.2e}"
+            )
         print_table(info, rows, copy)
         report["targets"] = []
         print("\nTargets:")
@@ -240,8 +293,10 @@ def main(argv=None) -> int:
             if args.strict and ok is False:
                 status = 1
     if "tests" in report:
-        print("\nTests: " + ", ".join(f"{k}: exit {v['exit_code']} ({v['seconds']} s)"
-                                      for k, v in report["tests"].items()))
+        print(
+            "\nTests: "
+            + ", ".join(f"{k}: exit {v['exit_code']} ({v['seconds']} s)" for k, v in report["tests"].items())
+        )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))
     return status

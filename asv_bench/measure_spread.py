@@ -10,6 +10,7 @@ and parameter set, min / median / max and the spread max ÷ min, then the larges
 spread of the speed ratios and of the memory figures: the regression gate's
 thresholds (``regression_gate.py``) are chosen above those.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def main(argv=None) -> int:
                 values.setdefault(key, []).append(value)
         print(f"run {i + 1}/{args.runs} done after {time.time() - t0:.0f} s", flush=True)
     print(f"\nspread over {args.runs} runs of {commit[:8]} (max / min):")
-    defaults = argparse.Namespace(ceiling_factor=gate.CEILING_FACTOR, torch_factor=gate.TORCH_FACTOR,
-                                  memory_factor=gate.MEMORY_FACTOR, peakmem_factor=gate.PEAKMEM_FACTOR)
+    defaults = argparse.Namespace(
+        ceiling_factor=gate.CEILING_FACTOR,
+        torch_factor=gate.TORCH_FACTOR,
+        memory_factor=gate.MEMORY_FACTOR,
+        peakmem_factor=gate.PEAKMEM_FACTOR,
+    )
     rules = gate.thresholds(defaults)
     worst = {}
     for (name, params, env), vs in sorted(values.items()):
@@ -52,8 +57,10 @@ def main(argv=None) -> int:
         pattern = next((p for p, _ in rules if re.search(p, full)), None)
         if pattern is not None and spread >= worst.get(pattern, (0.0, ""))[0]:
             worst[pattern] = spread, full
-        print(f"  {name}({', '.join(params)}) [{env[:24]}]: min {lo:.4g}  median {statistics.median(vs):.4g}  "
-              f"max {hi:.4g}  spread x{spread:.3f}")
+        print(
+            f"  {name}({', '.join(params)}) [{env[:24]}]: min {lo:.4g}  median {statistics.median(vs):.4g}  "
+            f"max {hi:.4g}  spread x{spread:.3f}"
+        )
     print(f"\nlargest spread per threshold of the gate ({time.time() - t0:.0f} s for {args.runs} runs):")
     for pattern, factor in rules:
         if pattern in worst:

@@ -13,6 +13,7 @@ continental origin of swallow" error page. This copies the files in
 Idempotent. Prints any CDN URL it does not know (a newer asv): the site checker
 (check_site.py) then fails on the page, which says which dependency is missing.
 """
+
 from __future__ import annotations
 
 import re
@@ -76,8 +77,9 @@ def main(argv=None) -> int:
     unknown = localize(html_dir)
     for url in unknown:
         print(f"offline_site: no local copy of {url}", file=sys.stderr)
-    print(f"offline_site: {html_dir} uses {html_dir / 'vendor'}"
-          + (f" ({len(unknown)} CDN URLs left)" if unknown else ""))
+    print(
+        f"offline_site: {html_dir} uses {html_dir / 'vendor'}" + (f" ({len(unknown)} CDN URLs left)" if unknown else "")
+    )
     return 0
 
 

@@ -30,6 +30,7 @@ The thresholds sit above the run-to-run spread of these figures measured with
 docs/guide/benchmarks.md). A kernel that gets 2x slower fails the gate; 1.5x may pass
 on a busy machine. About 4-5 minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,11 @@ REPO = HERE.parent
 # Thresholds: a figure is a regression when after / before exceeds its factor. Each factor sits
 # above the largest run-to-run spread (max / min over five runs of one commit with
 # measure_spread.py, on the shared 2-core development machine) of the figures it covers.
-CEILING_FACTOR = 1.5          # step time / ceiling time: spread 1.14-1.34
-COUPLED_2_25_FACTOR = 2.0     # the same for Coupled Adam on one 2^25 matrix: spread 1.78
-TORCH_FACTOR = 1.5            # fisheropt time / PyTorch time, one 2^25 tensor: spread 1.03-1.21
-MEMORY_FACTOR = 1.05          # state bytes/param, peak extra MiB of a step / of the direction: 1.002
-PEAKMEM_FACTOR = 1.25         # asv's peakmem (process RSS, the compiler's included): spread 1.15
+CEILING_FACTOR = 1.5  # step time / ceiling time: spread 1.14-1.34
+COUPLED_2_25_FACTOR = 2.0  # the same for Coupled Adam on one 2^25 matrix: spread 1.78
+TORCH_FACTOR = 1.5  # fisheropt time / PyTorch time, one 2^25 tensor: spread 1.03-1.21
+MEMORY_FACTOR = 1.05  # state bytes/param, peak extra MiB of a step / of the direction: 1.002
+PEAKMEM_FACTOR = 1.25  # asv's peakmem (process RSS, the compiler's included): spread 1.15
 
 RATIO_BENCH = r"^bench_track\.Ratios\.track_time_over_(ceiling|torch)"
 MEMORY_BENCH = r"^bench_memory\."
@@ -75,8 +76,7 @@ def thresholds(args) -> list:
 
 
 def git(*args, env=None) -> str:
-    return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True,
-                          env=env).stdout.strip()
+    return subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True, env=env).stdout.strip()
 
 
 def working_tree_commit() -> tuple[str, bool]:
@@ -89,10 +89,15 @@ def working_tree_commit() -> tuple[str, bool]:
         tree = git("write-tree", env=env)
     if tree == git("rev-parse", "HEAD^{tree}"):
         return head, False
-    who = {"GIT_AUTHOR_NAME": "asv regression gate", "GIT_AUTHOR_EMAIL": "gate@localhost",
-           "GIT_COMMITTER_NAME": "asv regression gate", "GIT_COMMITTER_EMAIL": "gate@localhost"}
-    commit = git("commit-tree", tree, "-p", head, "-m", "asv regression gate: the working tree",
-                 env=dict(os.environ, **who))
+    who = {
+        "GIT_AUTHOR_NAME": "asv regression gate",
+        "GIT_AUTHOR_EMAIL": "gate@localhost",
+        "GIT_COMMITTER_NAME": "asv regression gate",
+        "GIT_COMMITTER_EMAIL": "gate@localhost",
+    }
+    commit = git(
+        "commit-tree", tree, "-p", head, "-m", "asv regression gate: the working tree", env=dict(os.environ, **who)
+    )
     return commit, True
 
 
@@ -153,7 +158,7 @@ def report(machine: str, base: str, head: str, rules: list) -> list:
         factor = rule[1]
         a = after[key][0]
         if b is None or (isinstance(b, float) and math.isnan(b)):
-            continue                                   # skipped at the base: nothing to compare
+            continue  # skipped at the base: nothing to compare
         failed = a is None or (isinstance(a, float) and math.isnan(a))
         ratio = float("inf") if failed else (a / b if b > 0 else float("inf"))
         status = "not gated" if factor is None else ("REGRESSION" if ratio > factor else "ok")
@@ -171,19 +176,37 @@ def _line(status, item) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--base", default="main", help="commit-ish to compare against (default: main)")
-    ap.add_argument("--head", default=None,
-                    help="commit-ish to test (default: the working tree, recorded as a commit object)")
-    ap.add_argument("--ceiling-factor", type=float, default=CEILING_FACTOR,
-                    help=f"flag a step time / ceiling time that grew by more than this (default {CEILING_FACTOR})")
-    ap.add_argument("--torch-factor", type=float, default=TORCH_FACTOR,
-                    help=f"flag a fisheropt / PyTorch time (one 2^25 tensor) that grew more (default {TORCH_FACTOR})")
-    ap.add_argument("--memory-factor", type=float, default=MEMORY_FACTOR,
-                    help=f"flag a tracked memory figure that grew by more than this (default {MEMORY_FACTOR})")
-    ap.add_argument("--peakmem-factor", type=float, default=PEAKMEM_FACTOR,
-                    help=f"flag an asv peakmem that grew by more than this (default {PEAKMEM_FACTOR})")
+    ap.add_argument(
+        "--head", default=None, help="commit-ish to test (default: the working tree, recorded as a commit object)"
+    )
+    ap.add_argument(
+        "--ceiling-factor",
+        type=float,
+        default=CEILING_FACTOR,
+        help=f"flag a step time / ceiling time that grew by more than this (default {CEILING_FACTOR})",
+    )
+    ap.add_argument(
+        "--torch-factor",
+        type=float,
+        default=TORCH_FACTOR,
+        help=f"flag a fisheropt / PyTorch time (one 2^25 tensor) that grew more (default {TORCH_FACTOR})",
+    )
+    ap.add_argument(
+        "--memory-factor",
+        type=float,
+        default=MEMORY_FACTOR,
+        help=f"flag a tracked memory figure that grew by more than this (default {MEMORY_FACTOR})",
+    )
+    ap.add_argument(
+        "--peakmem-factor",
+        type=float,
+        default=PEAKMEM_FACTOR,
+        help=f"flag an asv peakmem that grew by more than this (default {PEAKMEM_FACTOR})",
+    )
     ap.add_argument("--ratio-bench", default=RATIO_BENCH, help="asv -b regex of the speed ratios")
     ap.add_argument("--memory-bench", default=MEMORY_BENCH, help="asv -b regex of the memory figures")
     ap.add_argument("--machine", default=None, help="asv machine name (default: asv's, from ~/.asv-machine.json)")
@@ -205,8 +228,7 @@ def main(argv=None) -> int:
     # asv's own tables below flag changes beyond one factor per call; the verdict at the end applies
     # each figure's own threshold (thresholds()) to the results asv saved.
     rc_ratio = asv("continuous", "--factor", str(ratio_factor), "-b", args.ratio_bench, *common, base, head)
-    rc_memory = asv("continuous", "--factor", str(args.memory_factor), "-b", args.memory_bench, *common,
-                    base, head)
+    rc_memory = asv("continuous", "--factor", str(args.memory_factor), "-b", args.memory_bench, *common, base, head)
 
     rows = report(machine, base, head, thresholds(args))
     worse = [r for r in rows if r[0] == "REGRESSION"]
@@ -218,23 +240,31 @@ def main(argv=None) -> int:
             print(_line(status, item))
     print("  (not gated: PyTorch's own time on 147 tensors varies 3-10x between runs on this machine)")
     for kind in ("track_", "peakmem_"):
-        mem = [(status, item) for status, item in rows
-               if item[0].startswith("bench_memory.") and item[0].rsplit(".", 1)[1].startswith(kind)]
+        mem = [
+            (status, item)
+            for status, item in rows
+            if item[0].startswith("bench_memory.") and item[0].rsplit(".", 1)[1].startswith(kind)
+        ]
         if mem:
             status, item = max(mem, key=lambda r: r[1][5])
-            print(f"  memory, {len(mem)} {kind}* figures: the largest after/before is x{item[5]:.3f} "
-                  f"(limit x{item[6]}), {item[0].split('.', 1)[1]}({', '.join(item[1])})")
+            print(
+                f"  memory, {len(mem)} {kind}* figures: the largest after/before is x{item[5]:.3f} "
+                f"(limit x{item[6]}), {item[0].split('.', 1)[1]}({', '.join(item[1])})"
+            )
     if worse:
         print(f"REGRESSION: {len(worse)} figure(s) got worse than their threshold:")
         for status, item in worse:
             print(_line(status, item))
         return 1
     if rc_ratio not in (0, 1) or rc_memory not in (0, 1) or not rows:
-        print(f"FAILED: asv could not build or run a benchmark (asv continuous exit codes {rc_ratio}, "
-              f"{rc_memory}; see above)")
+        print(
+            f"FAILED: asv could not build or run a benchmark (asv continuous exit codes {rc_ratio}, "
+            f"{rc_memory}; see above)"
+        )
         return 2
     print("OK: no gated speed ratio or memory figure got worse than its threshold")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ reasons for all of them. A backend that loads but lacks a function (a rule it
 has no kernel for yet) is unusable for that function only: :func:`get` with
 ``function=`` says so, and :func:`functions` lists what each backend has.
 """
+
 from __future__ import annotations
 
 import importlib

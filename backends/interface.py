@@ -36,6 +36,7 @@ Conventions shared by all step functions
   tensors keep a per-column ``v`` of shape (d,), the others are updated by
   AdamW in the same call.
 """
+
 from __future__ import annotations
 
 
@@ -45,15 +46,16 @@ class BackendUnavailable(RuntimeError):
 
 def _rule_functions() -> tuple[str, ...]:
     from fisheropt.refimpl import RULES
+
     return ("all_finite", *(rule.step_function for rule in RULES.values()))
 
 
 # The contract in families. A backend that lacks a function is unusable for that
 # function only (fisheropt.backends.get(name, function) says so), not refused whole.
 FAMILIES = {
-    "update rules": _rule_functions(),   # one <rule>_step per rule of the registry, and the pre-step check
+    "update rules": _rule_functions(),  # one <rule>_step per rule of the registry, and the pre-step check
     "fisher": ("fisher_gram", "fisher_sample_space_direction"),
-    "workloads": ("ema_update",),         # ESimCSE's momentum-encoder update
+    "workloads": ("ema_update",),  # ESimCSE's momentum-encoder update
 }
 #: Every function name of the interface, family by family (a backend implements a subset).
 FUNCTIONS = tuple(f for family in FAMILIES.values() for f in family)
@@ -66,12 +68,13 @@ def load_rule_functions(package: str, namespace: dict) -> None:
     import importlib
 
     from fisheropt.refimpl import RULES
+
     for rule in RULES.values():
         try:
             module = importlib.import_module(f"{package}.{rule.name}")
         except ModuleNotFoundError as exc:
             if exc.name == f"{package}.{rule.name}":
-                continue          # no kernel for this rule on this backend (yet)
+                continue  # no kernel for this rule on this backend (yet)
             raise
         for name in (rule.step_function, rule.step_function + "_checked"):
             if hasattr(module, name):

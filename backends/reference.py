@@ -5,6 +5,7 @@ one registry with one interface; its functions are fisheropt.refimpl's: every
 rule's ``<rule>_step`` (from the registry), the Fisher directions and ESimCSE's
 momentum update.
 """
+
 import numpy as np
 
 from fisheropt.refimpl import RULES, all_finite  # noqa: F401  (the pre-step check)

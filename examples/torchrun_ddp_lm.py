@@ -16,6 +16,7 @@ through the average and every rank refuses that step (FloatingPointError; skippe
 FSDP2 (fully_shard, DTensor parameters) is not supported yet: FAdam and Coupled Adam need their
 reductions completed across the shards (spec/distributed.md §5).
 """
+
 import argparse
 import os
 
@@ -49,21 +50,23 @@ def main():
     cfg = dict(QUICK)
     train, (val_x, val_y), vocab, _ = load_data(cfg)
     cfg["vocab"] = vocab
-    model = build_model(cfg, seed=0).to(device)           # the same initialisation on every rank
+    model = build_model(cfg, seed=0).to(device)  # the same initialisation on every rank
     ddp = DDP(model, device_ids=[device.index] if cuda else None)
     cls = {"fadam": fot.FAdam, "coupled_adam": fot.CoupledAdam, "adamw": fot.AdamW}[args.optimizer]
     hyper = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    params = fot.coupled_param_groups(model, named=False) if args.optimizer == "coupled_adam" \
-        else list(model.parameters())
+    params = (
+        fot.coupled_param_groups(model, named=False) if args.optimizer == "coupled_adam" else list(model.parameters())
+    )
     if args.zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
+
         opt = ZeroRedundancyOptimizer(params, optimizer_class=cls, **hyper)
     else:
         opt = cls(params, **hyper)
 
     T = cfg["context"]
     for step in range(args.steps):
-        rng = np.random.default_rng([step, rank])         # each rank its own sequences
+        rng = np.random.default_rng([step, rank])  # each rank its own sequences
         starts = rng.integers(0, train.numel() - T - 1, size=args.batch)
         chunk = train[torch.from_numpy(starts[:, None] + np.arange(T + 1)[None, :])].to(device)
         logits = ddp(chunk[:, :-1])
@@ -71,7 +74,7 @@ def main():
         loss.backward()
         try:
             opt.step()
-        except FloatingPointError as exc:                  # raised on every rank alike
+        except FloatingPointError as exc:  # raised on every rank alike
             if rank == 0:
                 print(f"step {step}: skipped ({exc})")
         opt.zero_grad(set_to_none=True)

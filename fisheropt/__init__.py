@@ -10,16 +10,20 @@ Public API::
 
 The math is in fisheropt.refimpl (NumPy reference) and spec/ (one page per rule).
 """
+
 import importlib.util as _util
 
-if _util.find_spec(f"{__name__}.backends") is None:   # a checkout on sys.path that was never installed
+if _util.find_spec(f"{__name__}.backends") is None:  # a checkout on sys.path that was never installed
     raise ImportError(
         "fisheropt is not installed: refimpl/, backends/ and spec/ at the top of the repository become "
         "fisheropt.refimpl, fisheropt.backends and fisheropt.spec only through the install. In the checkout, "
-        "run: pip install -e .")
+        "run: pip install -e ."
+    )
 
-from . import backends  # noqa: E402
-from . import fisher
+from . import (
+    backends,  # noqa: E402
+    fisher,
+)
 from .backends import BackendUnavailable
 from .optim import CLASSES as _CLASSES
 from .optim import Optimizer
@@ -31,6 +35,12 @@ __version__ = "0.1.0"
 globals().update({cls.__name__: cls for cls in _CLASSES.values()})
 
 __all__ = [
-    *(cls.__name__ for cls in _CLASSES.values()), "Optimizer",
-    "backends", "fisher", "BackendUnavailable", "save_state", "load_state", "__version__",
+    *(cls.__name__ for cls in _CLASSES.values()),
+    "Optimizer",
+    "backends",
+    "fisher",
+    "BackendUnavailable",
+    "save_state",
+    "load_state",
+    "__version__",
 ]

@@ -1,4 +1,5 @@
 """``python -m fisheropt ...`` is the ``fisheropt`` command."""
+
 from .cli import main
 
 if __name__ == "__main__":

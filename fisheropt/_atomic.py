@@ -13,6 +13,7 @@ Signals are delivered to the main thread only, so a section in another thread
 needs nothing. Other signals keep their handlers: SIGINT is the one users send
 to stop a training loop and expect to be able to resume from.
 """
+
 from __future__ import annotations
 
 import signal

@@ -3,6 +3,7 @@
 Everything here runs before any array is written, so a rejected call leaves
 parameters and optimizer state exactly as they were.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,15 +33,19 @@ def check_array_type(a, what: str) -> None:
     if type(a) is np.ndarray or is_cupy_array(a):
         return
     if isinstance(a, np.ndarray):
-        raise TypeError(f"{what} is a {type(a).__module__}.{type(a).__name__} (an ndarray subclass); "
-                        "pass a plain numpy.ndarray (e.g. numpy.asarray(x))")
+        raise TypeError(
+            f"{what} is a {type(a).__module__}.{type(a).__name__} (an ndarray subclass); "
+            "pass a plain numpy.ndarray (e.g. numpy.asarray(x))"
+        )
     hint = ""
     if type(a).__module__.startswith("torch"):
         hint = " (for torch tensors use .numpy() on CPU tensors, or fisheropt.torch)"
     elif type(a).__module__.startswith(("jax", "jaxlib")):
         hint = " (JAX arrays are immutable: use fisheropt.optax, or numpy.asarray for a copy)"
-    raise TypeError(f"{what} must be a NumPy or CuPy array (numpy.ndarray or cupy.ndarray), got "
-                    f"{type(a).__module__}.{type(a).__name__}{hint}")
+    raise TypeError(
+        f"{what} must be a NumPy or CuPy array (numpy.ndarray or cupy.ndarray), got "
+        f"{type(a).__module__}.{type(a).__name__}{hint}"
+    )
 
 
 def check_float_dtype(dtype, what: str) -> None:
@@ -51,8 +56,10 @@ def check_float_dtype(dtype, what: str) -> None:
     if dtype.name not in FLOAT_DTYPES:
         raise TypeError(f"{what} has dtype {dtype.name}; only float32 and float64 are supported")
     if not dtype.isnative:
-        raise TypeError(f"{what} has non-native byte order (dtype {dtype.str!r}); convert it with "
-                        f"a.astype(a.dtype.newbyteorder('=')) before passing it")
+        raise TypeError(
+            f"{what} has non-native byte order (dtype {dtype.str!r}); convert it with "
+            f"a.astype(a.dtype.newbyteorder('=')) before passing it"
+        )
 
 
 def is_cupy_array(a) -> bool:
@@ -65,6 +72,7 @@ def array_module(a):
     """The array module of ``a``: cupy for a CuPy array (imported only then), else numpy."""
     if is_cupy_array(a):
         import cupy
+
         return cupy
     return np
 
@@ -98,8 +106,7 @@ def check_grads(grads, params, what: str = "grads") -> list:
         # Fast path (a model has hundreds of tensors): params were fully checked at
         # construction, so a grad of the same array type, dtype object and shape that is
         # C-contiguous is valid. Anything else takes the detailed path, which names the problem.
-        if type(g) is type(p) and getattr(g, "dtype", None) is p.dtype and g.shape == p.shape \
-                and g.flags.c_contiguous:
+        if type(g) is type(p) and getattr(g, "dtype", None) is p.dtype and g.shape == p.shape and g.flags.c_contiguous:
             continue
         _explain_bad_grad(g, p, f"{what}[{i}]", f"params[{i}]")
     return grads
@@ -108,13 +115,13 @@ def check_grads(grads, params, what: str = "grads") -> list:
 def _explain_bad_grad(g, p, what: str, param_what: str) -> None:
     check_float_array(g, what)
     if type(g) is not type(p):
-        raise TypeError(f"{what} is a {type(g).__module__} array but {param_what} is a "
-                        f"{type(p).__module__} array")
+        raise TypeError(f"{what} is a {type(g).__module__} array but {param_what} is a {type(p).__module__} array")
     if g.shape != p.shape:
         raise ValueError(f"{what} has shape {tuple(g.shape)} but {param_what} has shape {tuple(p.shape)}")
     if g.dtype != p.dtype:
-        raise TypeError(f"{what} has dtype {g.dtype} but {param_what} has dtype {p.dtype}; "
-                        "mixed dtypes are not supported")
+        raise TypeError(
+            f"{what} has dtype {g.dtype} but {param_what} has dtype {p.dtype}; mixed dtypes are not supported"
+        )
     # Equal but not identical dtype objects (both native, e.g. np.dtype('<f4') and
     # np.dtype('float32')) are the same type: accepted.
 
@@ -154,8 +161,12 @@ def check_representable(hyperparams: dict, dtypes, *, normal=()) -> None:
                 if not isinstance(x, float):
                     continue
                 if abs(x) > float(info.max):
-                    raise ValueError(f"{name} = {x!r} overflows to Inf in {info.dtype} "
-                                     f"(largest finite {info.dtype} is {info.max:.4g})")
+                    raise ValueError(
+                        f"{name} = {x!r} overflows to Inf in {info.dtype} "
+                        f"(largest finite {info.dtype} is {info.max:.4g})"
+                    )
                 if name in normal and x < info.smallest_normal:
-                    raise ValueError(f"{name} = {x!r} is below the smallest normal {info.dtype} number "
-                                     f"({info.smallest_normal:.4g}); in {info.dtype} it would be subnormal or 0")
+                    raise ValueError(
+                        f"{name} = {x!r} is below the smallest normal {info.dtype} number "
+                        f"({info.smallest_normal:.4g}); in {info.dtype} it would be subnormal or 0"
+                    )

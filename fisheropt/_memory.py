@@ -15,6 +15,7 @@ checked here before any write:
   :class:`Layout` records shape, strides and pointer of every parameter and
   state array once and compares them at each step.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -79,7 +80,8 @@ def check_disjoint(named_arrays) -> None:
         raise MemoryOverlap(
             f"{pair[0]} and {pair[1]} share memory (views of one buffer, or the same array twice); "
             "the optimizer updates in parallel and would race. Pass each parameter once, and "
-            "gradients that are separate arrays")
+            "gradients that are separate arrays"
+        )
 
 
 class Layout:
@@ -100,32 +102,41 @@ class Layout:
     def _record(self) -> None:
         self.shapes = [(a.shape, a.strides) for a in self.arrays]
         self.pointers = data_pointers(self.arrays)
-        self.ranges = sorted((p, p + a.nbytes, name)
-                             for name, p, a in zip(self.names, self.pointers, self.arrays) if a.nbytes)
+        self.ranges = sorted(
+            (p, p + a.nbytes, name) for name, p, a in zip(self.names, self.pointers, self.arrays) if a.nbytes
+        )
 
     def verify(self) -> None:
         arrays = self.arrays
-        if ([(a.shape, a.strides) for a in arrays] == self.shapes and data_pointers(arrays) == self.pointers
-                and all([getattr(a.flags, "writeable", True) for a in arrays])):
+        if (
+            [(a.shape, a.strides) for a in arrays] == self.shapes
+            and data_pointers(arrays) == self.pointers
+            and all([getattr(a.flags, "writeable", True) for a in arrays])
+        ):
             return
         for name, a, (shape, strides), ptr in zip(self.names, arrays, self.shapes, self.pointers):
             if (a.shape, a.strides) != (shape, strides):
-                raise ValueError(f"{name} changed shape or strides since the optimizer was built "
-                                 f"(now {tuple(a.shape)}, was {tuple(shape)}); build a new optimizer")
+                raise ValueError(
+                    f"{name} changed shape or strides since the optimizer was built "
+                    f"(now {tuple(a.shape)}, was {tuple(shape)}); build a new optimizer"
+                )
             if data_pointer(a) != ptr:
-                raise ValueError(f"{name} was moved to other memory (resized?) since the optimizer was built; "
-                                 "build a new optimizer")
+                raise ValueError(
+                    f"{name} was moved to other memory (resized?) since the optimizer was built; build a new optimizer"
+                )
             if not getattr(a.flags, "writeable", True):
                 raise ValueError(f"{name} is read-only; the optimizer updates it in place")
 
     def check_grads(self, grads, what: str = "grads") -> None:
         """Gradients must not share memory with each other nor with any recorded array."""
-        extra = [(p, p + g.nbytes, f"{what}[{i}]") for i, (p, g) in enumerate(zip(data_pointers(grads), grads))
-                 if g.nbytes]
+        extra = [
+            (p, p + g.nbytes, f"{what}[{i}]") for i, (p, g) in enumerate(zip(data_pointers(grads), grads)) if g.nbytes
+        ]
         ranges = sorted(self.ranges + extra)
         for (s0, e0, a), (s1, e1, b) in zip(ranges, ranges[1:]):
             if s1 < e0:
                 a, b = sorted((a, b), key=lambda name: name.startswith(what))  # the gradient second
                 raise MemoryOverlap(
                     f"{a} and {b} share memory; a gradient must be its own array, not a view of a "
-                    "parameter, of optimizer state or of another gradient (the update runs in parallel and would race)")
+                    "parameter, of optimizer state or of another gradient (the update runs in parallel and would race)"
+                )

@@ -13,6 +13,7 @@ A backend here is any object with the Fisher functions of the backend interface,
 ``fisher_gram`` and ``fisher_sample_space_direction`` (a registry module, its ``fisher``
 module, or fisheropt.refimpl.fisher_ngd itself). Inputs are assumed valid.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,11 +32,11 @@ def parameter_space_solve(xp):
     if xp is np:
         return reference.solve_damped_gram
     from .backends.cupy.fisher import solve_damped_gram
+
     return solve_damped_gram
 
 
-def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sampled=None, backend,
-                  exact_method="auto"):
+def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sampled=None, backend, exact_method="auto"):
     """The direction of ``kind`` (see :data:`KINDS`), (P,) in G's dtype, computed by ``backend``."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}")
@@ -50,5 +51,6 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
         return reference.exact_cg_solve(J, probs, grad, damping, xp=xp).astype(G.dtype)
     else:
         factor = fisher_factor(J, probs, xp=xp)
-    return reference.factor_direction(factor, grad, damping, gram=backend.fisher_gram,
-                                      solve=parameter_space_solve(xp), xp=xp).astype(G.dtype)
+    return reference.factor_direction(
+        factor, grad, damping, gram=backend.fisher_gram, solve=parameter_space_solve(xp), xp=xp
+    ).astype(G.dtype)

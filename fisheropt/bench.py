@@ -16,6 +16,7 @@ Sizes are element counts of one tensor (``2^25``, ``1048576``, ``1e6``) or
 The machine matters more than the code for absolute numbers; compare ratios
 taken in one process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ import numpy as np
 
 from .refimpl import RULES as REGISTRY
 
-RULES = tuple(REGISTRY)   # every update rule of the registry
+RULES = tuple(REGISTRY)  # every update rule of the registry
 DEFAULT_SIZES = ("2^16", "2^20", "2^25", "many")
 QUICK_SIZES = ("2^16", "2^20", "many")
 
@@ -66,7 +67,7 @@ def parse_size(text: str):
             if abs(base) > 1 and exp > MAX_SIZE.bit_length():  # too large; never compute the power
                 n = (MAX_SIZE + 1) * (-1 if base < 0 and exp % 2 else 1)
             else:
-                n = base ** exp
+                n = base**exp
         else:
             try:
                 n = int(t)
@@ -82,8 +83,9 @@ def parse_size(text: str):
     if n <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     if n > MAX_SIZE:
-        raise argparse.ArgumentTypeError(f"size {text!r} is too large (at most 2^{MAX_SIZE.bit_length() - 1} "
-                                         f"= {MAX_SIZE} elements)")
+        raise argparse.ArgumentTypeError(
+            f"size {text!r} is too large (at most 2^{MAX_SIZE.bit_length() - 1} = {MAX_SIZE} elements)"
+        )
     return n
 
 
@@ -108,8 +110,9 @@ def backend_name(text: str) -> str:
     if reason is not None:
         raise argparse.ArgumentTypeError(f"backend {text!r} is not usable here: {reason}")
     if backends.get(text).array_module is not np:
-        raise argparse.ArgumentTypeError(f"backend {text!r} works on device arrays; fisheropt bench times "
-                                         "host (NumPy) arrays only")
+        raise argparse.ArgumentTypeError(
+            f"backend {text!r} works on device arrays; fisheropt bench times host (NumPy) arrays only"
+        )
     return text
 
 
@@ -124,9 +127,9 @@ def transformer_shapes(layers: int = 12, d: int = 768, vocab: int = 8192):
     """Shapes of a GPT-2-small-like model: 12 per layer + embedding + final norm = 147 tensors."""
     shapes = []
     for _ in range(layers):
-        shapes += [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]     # q, k, v, o; MLP in, out
-        shapes += [(d,), (d,), (d,), (d,), (4 * d,), (d,)]      # 2 layer norms (w, b), MLP biases
-    shapes += [(vocab, d), (d,), (d,)]                          # embedding, final norm
+        shapes += [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]  # q, k, v, o; MLP in, out
+        shapes += [(d,), (d,), (d,), (d,), (4 * d,), (d,)]  # 2 layer norms (w, b), MLP biases
+    shapes += [(vocab, d), (d,), (d,)]  # embedding, final norm
     return shapes
 
 
@@ -135,7 +138,7 @@ def problem_shapes(rule: str, size):
     if size == "many":
         shapes = transformer_shapes()
         coupled = [s == (8192, 768) for s in shapes]
-    elif REGISTRY[rule].tensor_flag is not None:   # one flagged matrix (Coupled Adam: an embedding)
+    elif REGISTRY[rule].tensor_flag is not None:  # one flagged matrix (Coupled Adam: an embedding)
         d = 768 if size >= 768 else size
         shapes = [(size // d, d)]
         coupled = [True]
@@ -150,8 +153,11 @@ def moved_bytes(rule: str, shapes, coupled, itemsize: int) -> int:
     for s, c in zip(shapes, coupled):
         n = math.prod(s)
         descriptor = REGISTRY[rule]
-        items = descriptor.items_per_element if (descriptor.tensor_flag is None or c) \
+        items = (
+            descriptor.items_per_element
+            if (descriptor.tensor_flag is None or c)
             else descriptor.items_per_element_unflagged
+        )
         total += n * items * itemsize
     return total
 
@@ -191,6 +197,7 @@ def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 1, pause: dic
 def make_fisheropt(rule: str, backend: str, params, coupled, check_finite: bool):
     """fo.<Rule> with its default hyperparameters (lr 1e-3), flags from ``coupled``."""
     import fisheropt as fo
+
     descriptor = REGISTRY[rule]
     flags = {descriptor.tensor_flag.name: coupled} if descriptor.tensor_flag is not None else {}
     return getattr(fo, descriptor.title)(params, lr=1e-3, backend=backend, check_finite=check_finite, **flags)
@@ -229,6 +236,7 @@ def _numba_ceiling():
 def _share_torch_state(torch_opt, torch_params, m_list, v_list):
     """Point torch's Adam state at fisheropt's m/v buffers (same memory for both: a fair race)."""
     import torch
+
     for p, m, v in zip(torch_params, m_list, v_list):
         st = torch_opt.state[p]
         if "exp_avg" in st and "exp_avg_sq" in st:
@@ -245,16 +253,16 @@ def ceiling_buffers(params, grads, opt=None):
     the same memory as the step it is compared with, state included."""
     a_list, b_list = list(params), list(grads)
     if opt is not None:
-        full = [arrays for arrays in opt.state.values()
-                if all(x.shape == p.shape for x, p in zip(arrays, params))]
+        full = [arrays for arrays in opt.state.values() if all(x.shape == p.shape for x, p in zip(arrays, params))]
         if full:
             a_list += full[0]
             b_list += full[1] if len(full) > 1 else list(grads)
     return a_list, b_list
 
 
-def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, torch_baselines=True,
-                    share_buffers=True, seed=0):
+def measure_problem(
+    rule, size, backends, dtype, repeats, *, numpy_large=False, torch_baselines=True, share_buffers=True, seed=0
+):
     """Time one rule × size on one set of buffers, round-robin with the bandwidth ceiling.
 
     Every fisheropt backend and the PyTorch baseline step the same parameter and
@@ -291,6 +299,7 @@ def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, 
                 o.step(grads)
             finally:
                 o.check_finite = False
+
         fns[backend + "+finite"] = checked
     if ceiling_module is not None:
         fns["ceiling"], ceil_bytes = ceiling_module.ceiling_on(*ceiling_buffers(params, grads, opts.get("numba")))
@@ -298,6 +307,7 @@ def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, 
     torch_name = None
     if base is not None:
         import torch
+
         torch_name, factory = base
         tparams = []
         for p, g in zip(params, grads):
@@ -313,6 +323,7 @@ def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, 
         def torch_step():
             with torch.no_grad():
                 topt.step()
+
         fns[torch_name] = torch_step
         pause[torch_name] = 0.05  # let PyTorch's OpenMP threads stop spinning before the next timing
 
@@ -324,35 +335,53 @@ def measure_problem(rule, size, backends, dtype, repeats, *, numpy_large=False, 
         t = medians[name]
         gbs = nbytes / t / 1e9
         is_fo = name in opts
-        rows.append({
-            "rule": rule, "backend": name, "size": size_label(size), "tensors": len(shapes),
-            "ms_per_step": t * 1e3, "gbs": gbs, "ceiling_gbs": ceil,
-            "ratio_to_ceiling": gbs / ceil if ceil else None,
-            "ms_per_step_with_finite_check": medians[name + "+finite"] * 1e3 if is_fo else None,
-            "torch_speed_ratio": torch_s / t if (torch_s and is_fo) else None,
-        })
+        rows.append(
+            {
+                "rule": rule,
+                "backend": name,
+                "size": size_label(size),
+                "tensors": len(shapes),
+                "ms_per_step": t * 1e3,
+                "gbs": gbs,
+                "ceiling_gbs": ceil,
+                "ratio_to_ceiling": gbs / ceil if ceil else None,
+                "ms_per_step_with_finite_check": medians[name + "+finite"] * 1e3 if is_fo else None,
+                "torch_speed_ratio": torch_s / t if (torch_s and is_fo) else None,
+            }
+        )
     return rows
 
 
 def format_row(r) -> str:
     ratio = f"{r['ratio_to_ceiling']:6.2f}" if r["ratio_to_ceiling"] is not None else f"{'-':>6}"
-    chk = f"{r['ms_per_step_with_finite_check']:10.2f}" if r["ms_per_step_with_finite_check"] is not None \
+    chk = (
+        f"{r['ms_per_step_with_finite_check']:10.2f}"
+        if r["ms_per_step_with_finite_check"] is not None
         else f"{'-':>10}"
+    )
     vs = f"{r['torch_speed_ratio']:8.2f}" if r["torch_speed_ratio"] is not None else f"{'-':>8}"
     ceil = f"{r['ceiling_gbs']:6.2f}" if r["ceiling_gbs"] else f"{'-':>6}"
-    return (f"{r['rule']:<13} {r['backend']:<24} {r['size']:>5} {r['tensors']:>7} {r['ms_per_step']:9.2f} "
-            f"{r['gbs']:6.2f} {ceil} {ratio} {chk} {vs}")
+    return (
+        f"{r['rule']:<13} {r['backend']:<24} {r['size']:>5} {r['tensors']:>7} {r['ms_per_step']:9.2f} "
+        f"{r['gbs']:6.2f} {ceil} {ratio} {chk} {vs}"
+    )
 
 
-HEADER = (f"{'rule':<13} {'backend':<24} {'size':>5} {'tensors':>7} {'ms/step':>9} {'GB/s':>6} "
-          f"{'ceil':>6} {'/ceil':>6} {'+finite ms':>10} {'vs torch':>8}")
+HEADER = (
+    f"{'rule':<13} {'backend':<24} {'size':>5} {'tensors':>7} {'ms/step':>9} {'GB/s':>6} "
+    f"{'ceil':>6} {'/ceil':>6} {'+finite ms':>10} {'vs torch':>8}"
+)
 
 
 def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselines=True, out=sys.stdout):
-    print(f"fisheropt bench: dtype={np.dtype(dtype).name}, median of {repeats} steps, timed round-robin with "
-          "the ceiling (a += 0*b over the same params, grads and optimizer state, numba)", file=out)
+    print(
+        f"fisheropt bench: dtype={np.dtype(dtype).name}, median of {repeats} steps, timed round-robin with "
+        "the ceiling (a += 0*b over the same params, grads and optimizer state, numba)",
+        file=out,
+    )
     try:
         import numba
+
         print(f"numba {numba.__version__}, {numba.get_num_threads()} threads; numpy {np.__version__}", file=out)
     except Exception:
         pass
@@ -361,15 +390,19 @@ def run(rules, sizes, backends, dtype, repeats, numpy_large=False, torch_baselin
     rows = []
     for rule in rules:
         for size in sizes:
-            for r in measure_problem(rule, size, backends, dtype, repeats, numpy_large=numpy_large,
-                                     torch_baselines=torch_baselines):
+            for r in measure_problem(
+                rule, size, backends, dtype, repeats, numpy_large=numpy_large, torch_baselines=torch_baselines
+            ):
                 print(format_row(r), file=out)
                 out.flush()
                 rows.append(r)
             gc.collect()  # free this problem's buffers before the next one
     items = ", ".join(f"{REGISTRY[r].title} {REGISTRY[r].items_per_element}" for r in rules)
-    print(f"GB/s = the rule's bytes per element ({items} itemsizes) / time; "
-          "ceil = GB/s of a += 0*b; vs torch = torch time / this time (> 1: fisheropt faster)", file=out)
+    print(
+        f"GB/s = the rule's bytes per element ({items} itemsizes) / time; "
+        "ceil = GB/s of a += 0*b; vs torch = torch time / this time (> 1: fisheropt faster)",
+        file=out,
+    )
     return rows
 
 
@@ -387,6 +420,7 @@ def validation_cost(rules, backend: str, repeats: int, out=sys.stdout) -> list[d
     before it reads an element (:meth:`fisheropt.Optimizer.checked_grads`) and of a whole step,
     timed alternately in this process."""
     import fisheropt as fo  # noqa: F401  (the optimizer classes)
+
     shapes, coupled = problem_shapes(rules[0], "many")
     rng = np.random.default_rng(0)
     params = random_arrays(shapes, np.float32, rng)
@@ -405,35 +439,63 @@ def validation_cost(rules, backend: str, repeats: int, out=sys.stdout) -> list[d
             t2 = time.perf_counter()
             checks.append(t1 - t0)
             steps.append(t2 - t1)
-        row = {"rule": rule, "tensors": len(params), "checks_ms": 1e3 * float(np.median(checks)),
-               "step_ms": 1e3 * float(np.median(steps))}
+        row = {
+            "rule": rule,
+            "tensors": len(params),
+            "checks_ms": 1e3 * float(np.median(checks)),
+            "step_ms": 1e3 * float(np.median(steps)),
+        }
         row["fraction"] = row["checks_ms"] / row["step_ms"]
         rows.append(row)
-        print(f"{rule:14s}{row['tensors']:8d}{row['checks_ms']:11.3f}{row['step_ms']:10.1f}{row['fraction']:10.4f}",
-              file=out)
+        print(
+            f"{rule:14s}{row['tensors']:8d}{row['checks_ms']:11.3f}{row['step_ms']:10.1f}{row['fraction']:10.4f}",
+            file=out,
+        )
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fisheropt bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", type=parse_size, default=None, metavar="SIZE",
-                    help=f"element counts (2^25, 1048576, 1e6; at most 2^{MAX_SIZE.bit_length() - 1}) or 'many' "
-                         "(default: 2^16 2^20 2^25 many)")
+    ap = argparse.ArgumentParser(
+        prog="fisheropt bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help=f"element counts (2^25, 1048576, 1e6; at most 2^{MAX_SIZE.bit_length() - 1}) or 'many' "
+        "(default: 2^16 2^20 2^25 many)",
+    )
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
-    ap.add_argument("--backends", nargs="+", type=backend_name, default=None, metavar="BACKEND",
-                    help="fisheropt backends to time (default: numpy and numba, those usable here; "
-                         "naming an unknown or unusable one is an error)")
-    ap.add_argument("--repeats", type=positive_int, default=None,
-                    help="steps timed per row, >= 1 (median; default 5, --quick 2)")
+    ap.add_argument(
+        "--backends",
+        nargs="+",
+        type=backend_name,
+        default=None,
+        metavar="BACKEND",
+        help="fisheropt backends to time (default: numpy and numba, those usable here; "
+        "naming an unknown or unusable one is an error)",
+    )
+    ap.add_argument(
+        "--repeats", type=positive_int, default=None, help="steps timed per row, >= 1 (median; default 5, --quick 2)"
+    )
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--quick", action="store_true", help="fewer sizes (no 2^25) and repeats")
-    ap.add_argument("--numpy-large", action="store_true",
-                    help=f"also time the numpy reference above {NUMPY_MAX_ELEMENTS} elements (slow)")
+    ap.add_argument(
+        "--numpy-large",
+        action="store_true",
+        help=f"also time the numpy reference above {NUMPY_MAX_ELEMENTS} elements (slow)",
+    )
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
-    ap.add_argument("--validation-cost", action="store_true",
-                    help="instead of the table: the time of a step's pre-write checks against the whole step "
-                         "on the 147-tensor model, per rule (first --backends entry, default numba)")
+    ap.add_argument(
+        "--validation-cost",
+        action="store_true",
+        help="instead of the table: the time of a step's pre-write checks against the whole step "
+        "on the 147-tensor model, per rule (first --backends entry, default numba)",
+    )
     return ap
 
 
@@ -447,6 +509,7 @@ def main(argv=None) -> int:
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     if args.backends is None:
         import fisheropt as fo
+
         usable = fo.backends.available()
         backends = [b for b in ("numpy", "numba") if b in usable]
     else:
@@ -454,8 +517,15 @@ def main(argv=None) -> int:
     if args.validation_cost:
         validation_cost(args.rules, backends[-1] if args.backends is None else backends[0], max(repeats, 9))
         return 0
-    run(args.rules, sizes, backends, np.dtype(args.dtype), repeats,
-        numpy_large=args.numpy_large, torch_baselines=not args.no_torch)
+    run(
+        args.rules,
+        sizes,
+        backends,
+        np.dtype(args.dtype),
+        repeats,
+        numpy_large=args.numpy_large,
+        torch_baselines=not args.no_torch,
+    )
     return 0
 
 

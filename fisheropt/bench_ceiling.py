@@ -16,6 +16,7 @@ load drift hits all of them alike.
 
 Used by ``fisheropt bench``. Importing it needs numba (ImportError otherwise).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -73,4 +74,5 @@ def ceiling_on(a_list, b_list, scale: float = 0.0):
         for args in calls:
             launch(_axpy_multi, n, *args)
         return keep
+
     return run, nbytes

@@ -13,6 +13,7 @@ Every run writes ``report.md`` and PNG plots into ``--out`` (default: a new
 folder ``fisheropt-out/<name>-<time>`` under the current directory) and prints
 where they are. ``--quick`` is a sub-minute smoke run of the same code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 from . import __version__
-
 
 # Seeds go to numpy.random.default_rng; the CLI takes NumPy's classic seed range, 0 .. 2**32-1.
 SEED_MAX = 2**32 - 1
@@ -91,21 +91,27 @@ def seed_arg(text: str) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="a small, sub-minute run of the same code (smoke test)")
-    p.add_argument("--out", type=out_dir_arg, default=None, metavar="DIR",
-                   help="folder for report.md and the plots (default: fisheropt-out/<name>-<time>); "
-                        "an existing folder is written into")
-    p.add_argument("--seed", type=seed_arg, default=0, metavar="N",
-                   help=f"base random seed, 0 to {SEED_MAX} (default 0)")
+    p.add_argument("--quick", action="store_true", help="a small, sub-minute run of the same code (smoke test)")
+    p.add_argument(
+        "--out",
+        type=out_dir_arg,
+        default=None,
+        metavar="DIR",
+        help="folder for report.md and the plots (default: fisheropt-out/<name>-<time>); "
+        "an existing folder is written into",
+    )
+    p.add_argument(
+        "--seed", type=seed_arg, default=0, metavar="N", help=f"base random seed, 0 to {SEED_MAX} (default 0)"
+    )
 
 
 def _experiment_name_arg(text: str) -> str:
     from .experiments import EXPERIMENTS
 
     if text != "all" and text not in EXPERIMENTS:
-        raise argparse.ArgumentTypeError(f"unknown experiment {text!r}; choose from: "
-                                         f"{', '.join(sorted(EXPERIMENTS))}, all")
+        raise argparse.ArgumentTypeError(
+            f"unknown experiment {text!r}; choose from: {', '.join(sorted(EXPERIMENTS))}, all"
+        )
     return text
 
 
@@ -126,21 +132,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="fisheropt",
-        description="Fisher-information optimizers: a demo and small-scale reproductions of the papers' claims.")
+        description="Fisher-information optimizers: a demo and small-scale reproductions of the papers' claims.",
+    )
     parser.add_argument("--version", action="version", version=f"fisheropt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train the digits MLP with every optimizer on every backend",
-                          description="Train a NumPy MLP on scikit-learn's bundled digits with Adam, AdamW, "
-                                      "FAdam and natural-gradient descent (EF, SF, iEF) on every available "
-                                      "backend; print a table and write loss curves.")
+    demo = sub.add_parser(
+        "demo",
+        help="train the digits MLP with every optimizer on every backend",
+        description="Train a NumPy MLP on scikit-learn's bundled digits with Adam, AdamW, "
+        "FAdam and natural-gradient descent (EF, SF, iEF) on every available "
+        "backend; print a table and write loss curves.",
+    )
     _add_common(demo)
     demo.set_defaults(subparser=demo)
 
     names = ", ".join(sorted(EXPERIMENTS))
-    exp = sub.add_parser("experiment", help=f"run one experiment ({names}, or all)",
-                         description=f"Run a small-scale reproduction of a paper's claim. Experiments: {names}; "
-                                     "'all' runs every one into subfolders of --out.")
+    exp = sub.add_parser(
+        "experiment",
+        help=f"run one experiment ({names}, or all)",
+        description=f"Run a small-scale reproduction of a paper's claim. Experiments: {names}; "
+        "'all' runs every one into subfolders of --out.",
+    )
     exp.add_argument("name", nargs="?", type=_experiment_name_arg, help="experiment name, or 'all'")
     exp.add_argument("--list", action="store_true", help="list the experiments and exit")
     _add_common(exp)
@@ -179,8 +192,9 @@ def _run_experiment(args, parser) -> int:
     names = sorted(experiments.EXPERIMENTS) if args.name == "all" else [args.name]
     unknown = [n for n in names if n not in experiments.EXPERIMENTS]
     if unknown:  # normally caught while parsing (the name's type check)
-        args.subparser.error(f"unknown experiment {unknown[0]!r}; choose from: "
-                             f"{', '.join(sorted(experiments.EXPERIMENTS))}, all")
+        args.subparser.error(
+            f"unknown experiment {unknown[0]!r}; choose from: {', '.join(sorted(experiments.EXPERIMENTS))}, all"
+        )
     base = args.out or _default_out("experiment-" + args.name)
     outs = {name: base / name if len(names) > 1 else base for name in names}
     for out in outs.values():  # every folder checked before the first experiment starts
@@ -218,8 +232,10 @@ def main(argv=None) -> int:
         # `fisheropt bench torch ...` is the PyTorch comparison (fisheropt.torch.bench).
         if argv[1:2] == ["torch"]:
             from .torch import bench as torch_bench
+
             return int(torch_bench.main(argv[2:]) or 0)
         from . import bench
+
         result = bench.main(argv[1:])
         return int(result or 0)
     parser = build_parser()
@@ -234,8 +250,10 @@ def main(argv=None) -> int:
         if args.command == "info":
             return _run_info()
     except ImportError as exc:
-        print(f"fisheropt: {exc}\n(the demo and experiments need the demo extra: "
-              "pip install 'fisheropt[demo]')", file=sys.stderr)
+        print(
+            f"fisheropt: {exc}\n(the demo and experiments need the demo extra: pip install 'fisheropt[demo]')",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -27,6 +27,7 @@ CuPy: the model runs on the host, so on the cupy backend the gradients (or G)
 are copied to the GPU, the update/direction is computed there and copied back;
 the step time then includes those transfers.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,7 +46,7 @@ QUICK = dict(hidden=16, batch=64, epochs=2, n_train=384)
 ADAPTIVE_LR = 3e-3
 #: method label -> rule, for every rule of the registry (the label is the class name).
 ADAPTIVE = {rule.title: rule for rule in RULES.values()}
-FIRST_LAYER_WEIGHT = 0   # index of W1 in MLP.params = [W1, b1, W2, b2]
+FIRST_LAYER_WEIGHT = 0  # index of W1 in MLP.params = [W1, b1, W2, b2]
 _KIND_LABELS = {"exact": "exact", "ef": "EF", "sf": "SF", "ief": "iEF"}
 #: method label -> kind of fisheropt.fisher.ngd_direction, for every kind.
 NGD = {f"NGD-{_KIND_LABELS.get(kind, kind)}": kind for kind in fisher.KINDS}
@@ -64,12 +65,17 @@ def make_optimizer(rule, params, backend):
 
 def method_notes() -> list[str]:
     """One line per method whose setup needs saying: a rule's flagged tensor, the NGD step."""
-    notes = [f"{rule.title}: {rule.tensor_flag.name}=True for the first-layer weight W1 only: the MLP has no "
-             f"embedding, so W1's rows (the 64 input pixels) play the vocabulary; the other tensors have "
-             f"{rule.tensor_flag.name}=False"
-             for rule in ADAPTIVE.values() if rule.tensor_flag is not None]
-    notes.append(f"NGD-*: θ ← θ − {NGD_LR} d, d = fisheropt.fisher.ngd_direction(kind, damping={NGD_DAMPING}) "
-                 "on the summed batch loss (SF: one sampled label per image)")
+    notes = [
+        f"{rule.title}: {rule.tensor_flag.name}=True for the first-layer weight W1 only: the MLP has no "
+        f"embedding, so W1's rows (the 64 input pixels) play the vocabulary; the other tensors have "
+        f"{rule.tensor_flag.name}=False"
+        for rule in ADAPTIVE.values()
+        if rule.tensor_flag is not None
+    ]
+    notes.append(
+        f"NGD-*: θ ← θ − {NGD_LR} d, d = fisheropt.fisher.ngd_direction(kind, damping={NGD_DAMPING}) "
+        "on the summed batch loss (SF: one sampled label per image)"
+    )
     return notes
 
 
@@ -115,7 +121,7 @@ def train(method, backend, data, cfg, seed):
     for _ in C.progress(range(cfg["epochs"]), desc=f"{method} [{backend}]"):
         order = rng.permutation(N)
         for start in range(0, N, cfg["batch"]):
-            idx = order[start:start + cfg["batch"]]
+            idx = order[start : start + cfg["batch"]]
             X, y = X_tr[idx], y_tr[idx]
             t0 = time.perf_counter()
             if method in ADAPTIVE:
@@ -128,17 +134,23 @@ def train(method, backend, data, cfg, seed):
                 kind = NGD[method]
                 G = model.per_sample_grads(X, y)
                 inputs = {name: transfer.to(a) for name, a in _ngd_inputs(kind, model, X, y, rng).items()}
-                d = transfer.back(fisher.ngd_direction(kind, G=transfer.to(G), damping=NGD_DAMPING,
-                                                       backend=backend, **inputs))
-                for p, d_p in zip(model.params, model.unflatten(d)):     # θ ← θ − η d, in place
+                d = transfer.back(
+                    fisher.ngd_direction(kind, G=transfer.to(G), damping=NGD_DAMPING, backend=backend, **inputs)
+                )
+                for p, d_p in zip(model.params, model.unflatten(d)):  # θ ← θ − η d, in place
                     p -= NGD_LR * d_p
             step_times.append(time.perf_counter() - t0)
         curve["train_loss"].append(model.loss(X_tr, y_tr) / N)
         curve["test_acc"].append(model.accuracy(X_te, y_te))
-    steps_after_warmup = step_times[min(5, len(step_times) - 1):]     # JIT compilation, caches
-    row = {"method": method, "backend": backend, "train_loss": curve["train_loss"][-1],
-           "test_acc": curve["test_acc"][-1], "step_ms": 1e3 * float(np.median(steps_after_warmup)),
-           "steps": len(step_times)}
+    steps_after_warmup = step_times[min(5, len(step_times) - 1) :]  # JIT compilation, caches
+    row = {
+        "method": method,
+        "backend": backend,
+        "train_loss": curve["train_loss"][-1],
+        "test_acc": curve["test_acc"][-1],
+        "step_ms": 1e3 * float(np.median(steps_after_warmup)),
+        "steps": len(step_times),
+    }
     return row, curve
 
 
@@ -153,11 +165,15 @@ def run(*, quick: bool = False, out_dir: Path, seed: int = 0, verbose: bool = Fa
     backends = fo.backends.available()
     skipped = fo.backends.unavailable()
     if verbose:
-        print(f"fisheropt demo{' (quick)' if quick else ''}: digits MLP 64-{cfg['hidden']}-10, "
-              f"{X_tr.shape[0]} train / {X_te.shape[0]} test images, {cfg['epochs']} epochs, "
-              f"batch {cfg['batch']}, seed {seed}")
-        print(f"backends: {', '.join(backends)}"
-              + "".join(f"; {n} skipped ({r.splitlines()[0][:70]})" for n, r in skipped.items()))
+        print(
+            f"fisheropt demo{' (quick)' if quick else ''}: digits MLP 64-{cfg['hidden']}-10, "
+            f"{X_tr.shape[0]} train / {X_te.shape[0]} test images, {cfg['epochs']} epochs, "
+            f"batch {cfg['batch']}, seed {seed}"
+        )
+        print(
+            f"backends: {', '.join(backends)}"
+            + "".join(f"; {n} skipped ({r.splitlines()[0][:70]})" for n, r in skipped.items())
+        )
 
     rows, curves = [], {}
     jobs = [(b, m) for b in backends for m in METHODS]
@@ -173,14 +189,14 @@ def run(*, quick: bool = False, out_dir: Path, seed: int = 0, verbose: bool = Fa
     notes = method_notes()
     report = f"""# fisheropt demo
 
-Digits MLP (64-{cfg['hidden']}-10, tanh), {X_tr.shape[0]} training / {X_te.shape[0]} test images, {cfg['epochs']} epochs,
-minibatch {cfg['batch']}, seed {seed}{" (quick mode)" if quick else ""}.
-Optimizers: every rule of `fisheropt.refimpl.RULES` ({', '.join(ADAPTIVE)}), lr {ADAPTIVE_LR:g}, the rule's
+Digits MLP (64-{cfg["hidden"]}-10, tanh), {X_tr.shape[0]} training / {X_te.shape[0]} test images, {cfg["epochs"]} epochs,
+minibatch {cfg["batch"]}, seed {seed}{" (quick mode)" if quick else ""}.
+Optimizers: every rule of `fisheropt.refimpl.RULES` ({", ".join(ADAPTIVE)}), lr {ADAPTIVE_LR:g}, the rule's
 defaults otherwise, mean cross-entropy gradients.
 Natural-gradient descent: θ ← θ − {NGD_LR} d, d = `fisheropt.fisher.ngd_direction(kind, damping={NGD_DAMPING})`
-for every kind ({', '.join(NGD.values())}) on the summed batch loss (SF: one sampled label per image).
+for every kind ({", ".join(NGD.values())}) on the summed batch loss (SF: one sampled label per image).
 ms/step = median wall time of one training step (gradient + update), first 5 steps excluded.
-Backends: {', '.join(backends)}.{''.join(f' {n}: unavailable ({r.splitlines()[0][:100]}).' for n, r in skipped.items())}
+Backends: {", ".join(backends)}.{"".join(f" {n}: unavailable ({r.splitlines()[0][:100]})." for n, r in skipped.items())}
 Wall time {elapsed():.1f} s. {C.environment_line()}.
 
 {C.markdown_table(rows, cols, heads)}
@@ -189,15 +205,25 @@ Notes:
 """
     # Results first (terminal, report, metrics), plots last: without matplotlib only the plots are lost.
     C.write_report(out_dir, report)
-    C.save_metrics(out_dir, {"config": cfg, "seed": seed, "rows": rows, "notes": notes,
-                             "curves": {f"{m}|{b}": c for (m, b), c in curves.items()}})
+    C.save_metrics(
+        out_dir,
+        {
+            "config": cfg,
+            "seed": seed,
+            "rows": rows,
+            "notes": notes,
+            "curves": {f"{m}|{b}": c for (m, b), c in curves.items()},
+        },
+    )
     if verbose:
         print()
         print(table_text)
         print("\n" + "\n".join(f"note: {note}" for note in notes))
     try:
-        plots = [_plot(out_dir / "loss_curves.png", curves, backends, "train_loss", "train loss (mean CE)", True),
-                 _plot(out_dir / "test_accuracy.png", curves, backends, "test_acc", "test accuracy", False)]
+        plots = [
+            _plot(out_dir / "loss_curves.png", curves, backends, "train_loss", "train loss (mean CE)", True),
+            _plot(out_dir / "test_accuracy.png", curves, backends, "test_acc", "test accuracy", False),
+        ]
     except ImportError as exc:
         plots = []
         if verbose:
@@ -206,8 +232,14 @@ Notes:
         C.write_report(out_dir, report + "\n" + "".join(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots))
         if verbose:
             print(f"\nLoss curves: {plots[0].resolve()}")
-    return {"rows": rows, "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": table_text, "notes": notes, "backends": backends}
+    return {
+        "rows": rows,
+        "plots": [str(p) for p in plots],
+        "report": str(out_dir / "report.md"),
+        "summary": table_text,
+        "notes": notes,
+        "backends": backends,
+    }
 
 
 def _plot(path, curves, backends, key, ylabel, logy):

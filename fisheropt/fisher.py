@@ -34,6 +34,7 @@ would overflow (an entry beyond the float range) raises ValueError instead of ho
 damping too small for float64 to deliver the direction accurately raises :class:`DampingTooSmall`
 (a ValueError; spec/fisher.md §3, "Accuracy").
 """
+
 from __future__ import annotations
 
 import numbers
@@ -46,8 +47,8 @@ from ._checks import array_module, check_array_type, check_float_dtype, check_re
 from .refimpl import fisher_diagonal as _diag
 from .refimpl import fisher_empirical as _emp
 from .refimpl import fisher_exact as _exact
-from .refimpl import fisher_ngd as _ngd_ref
 from .refimpl import fisher_improved as _imp
+from .refimpl import fisher_ngd as _ngd_ref
 from .refimpl import fisher_operators as _operators
 from .refimpl import fisher_quality as _quality
 from .refimpl import fisher_sampled as _sampled
@@ -78,24 +79,19 @@ __all__ = [
 
 #: The kinds of natural-gradient direction :func:`ngd_direction` computes: "exact", "ef", "sf", "ief".
 KINDS = _ngd.KINDS
-_REQUIRED = {
-    "ef": ("G",),
-    "ief": ("G", "s"),
-    "sf": ("G", "J", "probs", "labels_sampled"),
-    "exact": ("G", "J", "probs"),
-}
+_REQUIRED = {"ef": ("G",), "ief": ("G", "s"), "sf": ("G", "J", "probs", "labels_sampled"), "exact": ("G", "J", "probs")}
 
 
 # ---- validation -------------------------------------------------------------------
-_FINITE_CHUNK = 1 << 20   # elements per finiteness test: O(1 MiB) of temporaries, never a copy of a big array
+_FINITE_CHUNK = 1 << 20  # elements per finiteness test: O(1 MiB) of temporaries, never a copy of a big array
 
 
 def _all_finite(a) -> bool:
     xp = array_module(a)
     if a.ndim == 0 or a.size == 0:
         return bool(xp.isfinite(a).all())
-    rows = max(1, _FINITE_CHUNK // max(1, a.size // a.shape[0]))   # slices along axis 0: no reshape copy
-    return all(bool(xp.isfinite(a[i:i + rows]).all()) for i in range(0, a.shape[0], rows))
+    rows = max(1, _FINITE_CHUNK // max(1, a.size // a.shape[0]))  # slices along axis 0: no reshape copy
+    return all(bool(xp.isfinite(a[i : i + rows]).all()) for i in range(0, a.shape[0], rows))
 
 
 def _array(a, name, host_only):
@@ -107,7 +103,7 @@ def _array(a, name, host_only):
 
 def _float_array(a, name, ndim, *, host_only=False, check_finite=True):
     _array(a, name, host_only)
-    check_float_dtype(a.dtype, name)        # float32/float64, native byte order
+    check_float_dtype(a.dtype, name)  # float32/float64, native byte order
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}")
     if check_finite and not _all_finite(a):
@@ -124,8 +120,7 @@ def _int_array(a, name, ndim, n_classes, *, host_only=False):
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}")
     if a.size and (int(a.min()) < 0 or int(a.max()) >= n_classes):
-        raise ValueError(f"{name} must lie in 0..{n_classes - 1}, got values in "
-                         f"{int(a.min())}..{int(a.max())}")
+        raise ValueError(f"{name} must lie in 0..{n_classes - 1}, got values in {int(a.min())}..{int(a.max())}")
     return a
 
 
@@ -148,8 +143,10 @@ def _check_probs(probs, N=None, *, host_only=False):
 def _check_J(J, probs=None, *, host_only=False):
     _float_array(J, "J", 3, host_only=host_only)
     if probs is not None and tuple(J.shape[:2]) != tuple(probs.shape):
-        raise ValueError(f"J has shape {tuple(J.shape)} but probs has shape {tuple(probs.shape)}; "
-                         "J must be (N, C, P) with probs (N, C)")
+        raise ValueError(
+            f"J has shape {tuple(J.shape)} but probs has shape {tuple(probs.shape)}; "
+            "J must be (N, C, P) with probs (N, C)"
+        )
     return J
 
 
@@ -178,8 +175,9 @@ def _check_s(s, N, *, positive, host_only=False):
 def _check_labels_sampled(labels_sampled, N, C, *, host_only=False):
     _int_array(labels_sampled, "labels_sampled", 2, C, host_only=host_only)
     if labels_sampled.shape[1] != N or labels_sampled.shape[0] < 1:
-        raise ValueError(f"labels_sampled must have shape (K, N) = (K, {N}) with K >= 1, "
-                         f"got {tuple(labels_sampled.shape)}")
+        raise ValueError(
+            f"labels_sampled must have shape (K, N) = (K, {N}) with K >= 1, got {tuple(labels_sampled.shape)}"
+        )
     return labels_sampled
 
 
@@ -282,8 +280,9 @@ def empirical_operator(G, damping=0.0):
 def sampled_operator(J, probs, labels_sampled, damping=0.0):
     """LinearOperator v -> (Ĝ^T Ĝ + damping I) v."""
     _check_J_probs(J, probs, labels_sampled)
-    return _operators.sampled_operator(J, probs.astype(J.dtype), labels_sampled,
-                                       _check_damping(damping, allow_zero=True))
+    return _operators.sampled_operator(
+        J, probs.astype(J.dtype), labels_sampled, _check_damping(damping, allow_zero=True)
+    )
 
 
 def improved_operator(G, s, damping=0.0):
@@ -322,8 +321,20 @@ def diag_improved(G, s):
 
 
 # ---- directions -------------------------------------------------------------------
-def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sampled=None, F=None,
-                  backend="numpy", exact_method="auto", cg_maxiter=None):
+def ngd_direction(
+    kind,
+    *,
+    G,
+    damping,
+    s=None,
+    J=None,
+    probs=None,
+    labels_sampled=None,
+    F=None,
+    backend="numpy",
+    exact_method="auto",
+    cg_maxiter=None,
+):
     r"""Natural-gradient direction d (update θ ← θ − η d), (P,) in G's dtype.
 
     kind    required arguments             direction
@@ -354,8 +365,15 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
     if F is not None:
-        return _operator_direction(kind, G=G, F=F, damping=damping, exact_method=exact_method,
-                                   others=(s, J, probs, labels_sampled), cg_maxiter=cg_maxiter)
+        return _operator_direction(
+            kind,
+            G=G,
+            F=F,
+            damping=damping,
+            exact_method=exact_method,
+            others=(s, J, probs, labels_sampled),
+            cg_maxiter=cg_maxiter,
+        )
     given = {"G": G, "s": s, "J": J, "probs": probs, "labels_sampled": labels_sampled}
     missing = [name for name in _REQUIRED[kind] if given[name] is None]
     if missing:
@@ -375,8 +393,7 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
     if kind in ("sf", "exact"):
         _check_J(J)
         if J.shape[0] != N or J.shape[2] != P:
-            raise ValueError(f"J has shape {tuple(J.shape)} but G has shape {tuple(G.shape)}; "
-                             "J must be (N, C, P)")
+            raise ValueError(f"J has shape {tuple(J.shape)} but G has shape {tuple(G.shape)}; J must be (N, C, P)")
         _check_probs(probs, N)
         _check_J(J, probs)
     if kind == "sf":
@@ -385,8 +402,17 @@ def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sample
     backend_module = _backends.select(backend, arrays)
     if kind in ("sf", "exact"):
         probs = probs.astype(J.dtype, copy=False)
-    d = _ngd.ngd_direction(kind, G=G, damping=damping, s=s, J=J, probs=probs,
-                           labels_sampled=labels_sampled, backend=backend_module, exact_method=exact_method)
+    d = _ngd.ngd_direction(
+        kind,
+        G=G,
+        damping=damping,
+        s=s,
+        J=J,
+        probs=probs,
+        labels_sampled=labels_sampled,
+        backend=backend_module,
+        exact_method=exact_method,
+    )
     return _finite_result(d, "the direction", "|d| exceeds the float range (a larger damping shrinks it)")
 
 
@@ -402,17 +428,23 @@ def _operator_direction(kind, *, G, F, damping, exact_method, others, cg_maxiter
     _check_G(G, host_only=True)
     P = G.shape[1]
     if not callable(getattr(F, "matvec", None)) or tuple(getattr(F, "shape", ())) != (P, P):
-        raise ValueError(f"F must be a linear operator of shape ({P}, {P}) with matvec (a scipy LinearOperator, "
-                         "fisher.exact_operator(J, probs), fisheropt.torch.FisherOperator(...).as_linear_operator())")
-    if cg_maxiter is not None and (isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral)
-                                   or cg_maxiter < 1):
+        raise ValueError(
+            f"F must be a linear operator of shape ({P}, {P}) with matvec (a scipy LinearOperator, "
+            "fisher.exact_operator(J, probs), fisheropt.torch.FisherOperator(...).as_linear_operator())"
+        )
+    if cg_maxiter is not None and (
+        isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral) or cg_maxiter < 1
+    ):
         raise ValueError(f"cg_maxiter must be a positive int, got {cg_maxiter!r}")
     grad = G.sum(axis=0, dtype=np.float64)
 
     def damped(v):
         return np.asarray(F.matvec(v), dtype=np.float64).reshape(-1) + damping * v
+
     d = _ngd_ref.conjugate_gradient(damped, grad, maxiter=cg_maxiter or 10 * P, damping=damping)
-    return _finite_result(d.astype(G.dtype), "the direction", "|d| exceeds the float range (a larger damping shrinks it)")
+    return _finite_result(
+        d.astype(G.dtype), "the direction", "|d| exceeds the float range (a larger damping shrinks it)"
+    )
 
 
 # ---- quality ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ There is one class per rule of the registry (:data:`fisheropt.refimpl.RULES`),
 made by :func:`optimizer_class` from the rule's descriptor: its signature,
 defaults, valid ranges, state and docstring all come from there.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -38,7 +39,7 @@ class Optimizer:
         self.params = _checks.check_params(params)
         self.flags = self._checked_flags(flags)
         if self.rule.tensor_flag is not None:
-            setattr(self, self.rule.tensor_flag.name, self.flags)   # e.g. opt.coupled
+            setattr(self, self.rule.tensor_flag.name, self.flags)  # e.g. opt.coupled
         self.backend = _backends.select(backend, self.params, function=self.rule.step_function)
         self.xp = self.backend.array_module
         self._dtypes = tuple({p.dtype: None for p in self.params})
@@ -47,11 +48,12 @@ class Optimizer:
         self.step_count = 0
         # Read-only mapping of tuples: the arrays the layout recorded are the ones stepped.
         self.state = types.MappingProxyType(
-            {name: tuple(self._new_state(name, i, p) for i, p in enumerate(self.params))
-             for name in self.state_names})
-        self._layout = Layout([(f"params[{i}]", p) for i, p in enumerate(self.params)]
-                              + [(f"state[{name!r}][{i}]", a)
-                                 for name, arrays in self.state.items() for i, a in enumerate(arrays)])
+            {name: tuple(self._new_state(name, i, p) for i, p in enumerate(self.params)) for name in self.state_names}
+        )
+        self._layout = Layout(
+            [(f"params[{i}]", p) for i, p in enumerate(self.params)]
+            + [(f"state[{name!r}][{i}]", a) for name, arrays in self.state.items() for i, a in enumerate(arrays)]
+        )
 
     @property
     def check_finite(self) -> bool:
@@ -123,7 +125,8 @@ class Optimizer:
         bad = [i for i, g in enumerate(grads) if not self.backend.all_finite([g])]
         raise FloatingPointError(
             f"non-finite values (NaN or Inf) in grads{bad}; nothing was updated "
-            "(pass check_finite=False to skip this check)")
+            "(pass check_finite=False to skip this check)"
+        )
 
     # ---- state ------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -176,12 +179,16 @@ class Optimizer:
         for i, (new, own) in enumerate(zip(arrays, self.state[name])):
             what = f"state[{name!r}][{i}]"
             if not hasattr(new, "dtype") or getattr(new.dtype, "kind", None) != "f":
-                raise ValueError(f"{what} must be a float array, got {type(new).__name__}"
-                                 f"{' of dtype ' + str(new.dtype) if hasattr(new, 'dtype') else ''}")
+                raise ValueError(
+                    f"{what} must be a float array, got {type(new).__name__}"
+                    f"{' of dtype ' + str(new.dtype) if hasattr(new, 'dtype') else ''}"
+                )
             new = self.xp.asarray(new)
             if new.shape != own.shape or new.dtype != own.dtype:
-                raise ValueError(f"{what} has shape {tuple(new.shape)} and dtype {new.dtype}; "
-                                 f"expected {tuple(own.shape)} and {own.dtype}")
+                raise ValueError(
+                    f"{what} has shape {tuple(new.shape)} and dtype {new.dtype}; "
+                    f"expected {tuple(own.shape)} and {own.dtype}"
+                )
             if not self.backend.all_finite([new]):
                 raise ValueError(f"{what} holds NaN or Inf; a moment estimate is always finite")
             if name in self._second_moments and new.size and bool((new < 0).any()):
@@ -206,8 +213,13 @@ class Optimizer:
         extra = {flag.name: self.flags} if flag is not None else {}
         function = self.rule.step_function + ("_checked" if checked else "")
         done = getattr(self.backend, function)(
-            self.params, grads, *(self.state[name] for name in self.state_names), step=step,
-            **self.rule.kernel_kwargs(self._hyperparams), **extra)
+            self.params,
+            grads,
+            *(self.state[name] for name in self.state_names),
+            step=step,
+            **self.rule.kernel_kwargs(self._hyperparams),
+            **extra,
+        )
         return done if checked else True
 
     def __repr__(self) -> str:
@@ -227,12 +239,16 @@ def check_hyperparams(rule: Rule, hp: dict, dtypes) -> dict:
         if h.names:
             if not isinstance(value, (tuple, list)) or len(value) != len(h.names):
                 raise ValueError(f"{h.name} must be a pair ({', '.join(h.names)}), got {value!r}")
-            out[h.name] = tuple(_checks.check_real(f"{h.name}[{i}]", x, low=h.low, high=h.high,
-                                                   low_open=h.low_open, high_open=h.high_open)
-                                for i, x in enumerate(value))
+            out[h.name] = tuple(
+                _checks.check_real(
+                    f"{h.name}[{i}]", x, low=h.low, high=h.high, low_open=h.low_open, high_open=h.high_open
+                )
+                for i, x in enumerate(value)
+            )
         else:
-            out[h.name] = _checks.check_real(h.name, value, low=h.low, high=h.high,
-                                             low_open=h.low_open, high_open=h.high_open)
+            out[h.name] = _checks.check_real(
+                h.name, value, low=h.low, high=h.high, low_open=h.low_open, high_open=h.high_open
+            )
     _checks.check_representable(out, dtypes, normal=tuple(h.name for h in rule.hyperparams if h.normal))
     return out
 
@@ -253,8 +269,10 @@ def check_tensor_flags(rule: Rule, flags, params):
     flags = tuple(_checks.check_bool(f"{name}[{i}]", c) for i, c in enumerate(flags))
     for i, (c, p) in enumerate(zip(flags, params)):
         if c and (p.ndim != 2 or p.shape[0] == 0):
-            raise ValueError(f"{name}[{i}] is True but params[{i}] has shape {tuple(p.shape)}; "
-                             f"a {name} tensor must be 2-D (V×d, rows = vocabulary) with V ≥ 1")
+            raise ValueError(
+                f"{name}[{i}] is True but params[{i}] has shape {tuple(p.shape)}; "
+                f"a {name} tensor must be 2-D (V×d, rows = vocabulary) with V ≥ 1"
+            )
     return flags
 
 
@@ -279,8 +297,17 @@ def optimizer_class(rule: Rule) -> type:
         Optimizer.__init__(self, params, arguments, flags=flags, backend=backend, check_finite=check_finite)
 
     __init__.__signature__ = signature
-    return type(rule.title, (Optimizer,), {"rule": rule, "__init__": __init__, "__doc__": _docstring(rule),
-                                           "__module__": __name__, "__qualname__": rule.title})
+    return type(
+        rule.title,
+        (Optimizer,),
+        {
+            "rule": rule,
+            "__init__": __init__,
+            "__doc__": _docstring(rule),
+            "__module__": __name__,
+            "__qualname__": rule.title,
+        },
+    )
 
 
 def _docstring(rule: Rule) -> str:
@@ -290,12 +317,23 @@ def _docstring(rule: Rule) -> str:
         lines += [f"* ``{rule.tensor_flag.name}``: one bool per parameter, {rule.tensor_flag.doc}"]
     lines += ["", "State (one array per parameter):", ""]
     lines += [f"* ``{s.name}``: {s.doc}" for s in rule.state]
-    lines += ["", "``backend``: ``\"auto\"`` (cupy for CuPy arrays, else numba, else numpy) or a backend name;",
-              "``check_finite``: refuse a step whose gradients hold NaN or Inf."]
+    lines += [
+        "",
+        '``backend``: ``"auto"`` (cupy for CuPy arrays, else numba, else numpy) or a backend name;',
+        "``check_finite``: refuse a step whose gradients hold NaN or Inf.",
+    ]
     return "\n".join(lines)
 
 
 #: Rule name -> optimizer class, one per rule of the registry.
 CLASSES = {name: optimizer_class(rule) for name, rule in RULES.items()}
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
-__all__ = ["Optimizer", "optimizer_class", "check_hyperparams", "check_tensor_flags", "CLASSES", "STATE_FORMAT", *(c.__name__ for c in CLASSES.values())]
+__all__ = [
+    "Optimizer",
+    "optimizer_class",
+    "check_hyperparams",
+    "check_tensor_flags",
+    "CLASSES",
+    "STATE_FORMAT",
+    *(c.__name__ for c in CLASSES.values()),
+]

@@ -5,6 +5,7 @@ fsynced, then renamed over the target (``os.replace``, atomic on POSIX and
 Windows). A write that fails part-way (disk full, a killed process) therefore
 leaves the previous checkpoint whole, never a truncated file.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,17 @@ def load_state(path) -> dict:
             missing = [k for k in _META_KEYS if k not in meta]
             if missing:
                 raise ValueError(f"its metadata lacks {', '.join(missing)}")
-        except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError,
-                zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except (
+            KeyError,
+            TypeError,
+            AttributeError,
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            zipfile.BadZipFile,
+            OSError,
+            ValueError,
+            EOFError,
+        ) as exc:
             reason = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
             raise ValueError(f"{path} is not a fisheropt checkpoint: {reason}") from exc
     return {**meta, "state": state}
@@ -116,8 +126,10 @@ def _encode(state_dict) -> tuple[dict, dict]:
         for i, a in enumerate(tensors):
             a = _to_host(a)
             if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
-                raise ValueError(f"state[{name!r}][{i}] must be a float array, got "
-                                 f"{type(a).__name__}{' of dtype ' + str(a.dtype) if hasattr(a, 'dtype') else ''}")
+                raise ValueError(
+                    f"state[{name!r}][{i}] must be a float array, got "
+                    f"{type(a).__name__}{' of dtype ' + str(a.dtype) if hasattr(a, 'dtype') else ''}"
+                )
             arrays[f"state/{name}/{i}"] = a
     meta["layout"] = layout
     return arrays, meta

@@ -6,6 +6,7 @@ arrays (the math) and a multi-tensor in-place ``<rule>_step`` with the backend
 signature (what the optimizer classes and the other backends implement).
 Speed is not a goal here; clarity and exactness are.
 """
+
 import importlib
 import pkgutil
 
@@ -37,5 +38,10 @@ for _rule in RULES.values():
     globals()[_rule.step.__name__] = _rule.step
     globals()[_rule.update.__name__] = _rule.update
 
-__all__ = ["RULES", "Rule", "all_finite",
-           *(r.step.__name__ for r in RULES.values()), *(r.update.__name__ for r in RULES.values())]
+__all__ = [
+    "RULES",
+    "Rule",
+    "all_finite",
+    *(r.step.__name__ for r in RULES.values()),
+    *(r.update.__name__ for r in RULES.values()),
+]

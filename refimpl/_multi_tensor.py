@@ -15,9 +15,13 @@ def step_tensors(update, params, grads, state, **values) -> None:
     """The multi-tensor in-place step: ``update(θ_i, g_i, *state_i, **values_i)`` for every tensor
     (``update`` may be a list, one function per tensor), all computed, then all written."""
     updates = update if isinstance(update, list) else [update] * len(params)
-    apply_updates((params, *state), [
-        fn(theta, g, *(s[i] for s in state), **hp)
-        for i, (fn, theta, g, hp) in enumerate(zip(updates, params, grads, per_tensor(len(params), **values)))])
+    apply_updates(
+        (params, *state),
+        [
+            fn(theta, g, *(s[i] for s in state), **hp)
+            for i, (fn, theta, g, hp) in enumerate(zip(updates, params, grads, per_tensor(len(params), **values)))
+        ],
+    )
 
 
 def apply_updates(targets, updates) -> None:
@@ -35,5 +39,7 @@ def per_tensor(n: int, **values) -> list[dict]:
     for name, value in values.items():
         if isinstance(value, (list, tuple)) and len(value) != n:
             raise ValueError(f"{name} has {len(value)} values for {n} tensors")
-    return [{name: value[i] if isinstance(value, (list, tuple)) else value for name, value in values.items()}
-            for i in range(n)]
+    return [
+        {name: value[i] if isinstance(value, (list, tuple)) else value for name, value in values.items()}
+        for i in range(n)
+    ]

@@ -20,13 +20,13 @@ memory). The rest is AdamW: per-element m, decoupled decay, bias corrections.
     \theta_{t,ij} &= \theta_{ij} - \frac{\alpha}{1-\beta_1^t}\,
         \frac{m_{t,ij}}{\sqrt{\bar v_{t,j}}/\sqrt{1-\beta_2^t} + \epsilon}
 """
+
 import numpy as np
 
 from ._multi_tensor import step_tensors
 from .adam import adam_direction
 from .adamw import adamw_update
-from .rule import (Rule, StateArray, TensorFlag, adam_coefficients, betas_param, eps_param, lr_param,
-                   weight_decay_param)
+from .rule import Rule, StateArray, TensorFlag, adam_coefficients, betas_param, eps_param, lr_param, weight_decay_param
 
 
 def column_mean_of_squares(g):
@@ -49,22 +49,49 @@ def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weigh
     ``coupled[i]`` True: params[i] is a V×d embedding and v[i] its length-d shared
     second moment; False: an ordinary tensor, updated by AdamW with v[i] like
     params[i]."""
-    step_tensors([coupled_adam_update if c else adamw_update for c in coupled], params, grads, (m, v),
-                 t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    step_tensors(
+        [coupled_adam_update if c else adamw_update for c in coupled],
+        params,
+        grads,
+        (m, v),
+        t=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
 
 
 RULE = Rule(
-    name="coupled_adam", title="CoupledAdam",
+    name="coupled_adam",
+    title="CoupledAdam",
     summary="AdamW with one second moment per column shared by an embedding's vocabulary rows",
-    paper="Stollenwerk & Stollenwerk, 2025", step=coupled_adam_step, update=coupled_adam_update,
-    state=(StateArray("m", "first moment (EMA of g)"),
-           StateArray("v", "second moment: per column (d,) for coupled tensors, else like θ",
-                      second_moment=True, per_column=True, reduced=True)),
-    hyperparams=(lr_param(1e-3), betas_param((0.9, 0.999)), eps_param(1e-8),
-                 weight_decay_param(1e-2, "decoupled decay λ: θ ← θ(1 − αλ)")),
+    paper="Stollenwerk & Stollenwerk, 2025",
+    step=coupled_adam_step,
+    update=coupled_adam_update,
+    state=(
+        StateArray("m", "first moment (EMA of g)"),
+        StateArray(
+            "v",
+            "second moment: per column (d,) for coupled tensors, else like θ",
+            second_moment=True,
+            per_column=True,
+            reduced=True,
+        ),
+    ),
+    hyperparams=(
+        lr_param(1e-3),
+        betas_param((0.9, 0.999)),
+        eps_param(1e-8),
+        weight_decay_param(1e-2, "decoupled decay λ: θ ← θ(1 − αλ)"),
+    ),
     coefficients=adam_coefficients,
-    tensor_flag=TensorFlag("coupled", "True for an embedding matrix (V×d, rows = vocabulary) whose second "
-                                      "moment is shared across its rows; False: AdamW"),
-    items_per_element=6,              # pass 1 read g; pass 2 read θ, g, m, write θ, m
-    items_per_element_unflagged=7,    # AdamW
+    tensor_flag=TensorFlag(
+        "coupled",
+        "True for an embedding matrix (V×d, rows = vocabulary) whose second "
+        "moment is shared across its rows; False: AdamW",
+    ),
+    items_per_element=6,  # pass 1 read g; pass 2 read θ, g, m, write θ, m
+    items_per_element_unflagged=7,  # AdamW
 )

@@ -22,6 +22,7 @@ and through the normalisation x = h/\|h\|:
 \partial\ell/\partial h = (I - x x^T)\,\partial\ell/\partial x\,/\,\|h\| (row by row).
 Everything is computed in float64; the queue gets no gradient.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -14,6 +14,7 @@ fused multiply-add — so every backend can agree bit for bit.
 ``ema_update`` is a public entry point of every backend; all of them call
 :func:`check_ema_args` first, which validates every tensor before anything is written.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,19 +55,24 @@ def check_ema_args(targets, sources, decay, *, device=False) -> float:
         for what, a in ((f"targets[{i}]", k), (f"sources[{i}]", q)):
             check_array_type(a, what)
             if is_cupy_array(a) != device:
-                raise TypeError(f"{what} is a {type(a).__module__.split('.')[0]} array; this backend "
-                                f"updates {kind}.ndarray arrays")
+                raise TypeError(
+                    f"{what} is a {type(a).__module__.split('.')[0]} array; this backend updates {kind}.ndarray arrays"
+                )
             check_float_dtype(a.dtype, what)
-        if not k.flags.c_contiguous:      # in place: a contiguous copy would not be the caller's array
-            raise ValueError(f"targets[{i}] is not C-contiguous; ema_update writes it in place and needs "
-                             "the parameter array itself in C order")
-        if not getattr(k.flags, "writeable", True):          # CuPy arrays have no such flag
+        if not k.flags.c_contiguous:  # in place: a contiguous copy would not be the caller's array
+            raise ValueError(
+                f"targets[{i}] is not C-contiguous; ema_update writes it in place and needs "
+                "the parameter array itself in C order"
+            )
+        if not getattr(k.flags, "writeable", True):  # CuPy arrays have no such flag
             raise ValueError(f"targets[{i}] is read-only; ema_update writes it in place")
         if q.shape != k.shape:
             raise ValueError(f"sources[{i}] has shape {tuple(q.shape)} but targets[{i}] has shape {tuple(k.shape)}")
         if q.dtype != k.dtype:
-            raise TypeError(f"sources[{i}] has dtype {q.dtype.name} but targets[{i}] has dtype {k.dtype.name}; "
-                            "mixed dtypes are not supported")
+            raise TypeError(
+                f"sources[{i}] has dtype {q.dtype.name} but targets[{i}] has dtype {k.dtype.name}; "
+                "mixed dtypes are not supported"
+            )
     return decay
 
 

@@ -9,6 +9,7 @@ dropped. Q defaults to 2.5 × batch size (the paper's best ratio; ``int()`` of i
 The current batch is enqueued *after* its loss is computed, so a sentence is
 never its own negative within one step.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,7 +42,7 @@ class MomentumQueue:
         if e.ndim != 2 or e.shape[1] != self.dim:
             raise ValueError(f"expected shape (n, {self.dim}), got {e.shape}")
         buf = np.concatenate([self._buf, e], axis=0)
-        self._buf = buf[buf.shape[0] - min(buf.shape[0], self.size):].copy()
+        self._buf = buf[buf.shape[0] - min(buf.shape[0], self.size) :].copy()
 
     def negatives(self) -> np.ndarray:
         """A copy of the queue, oldest first."""

@@ -19,6 +19,7 @@ unchanged.
 Randomness comes only from the ``numpy.random.Generator`` (or integer seed)
 passed in, so results are deterministic given a seed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +45,7 @@ def repetition_positions(n_tokens: int, *, dup_rate: float = DUP_RATE, rng=None)
     g = _rng(rng)
     dup_len = int(g.integers(0, max_dup_len(n_tokens, dup_rate), endpoint=True))
     k = min(dup_len, n_tokens)
-    return np.sort(g.permutation(n_tokens)[:k]).astype(np.int64)   # a uniform k-subset
+    return np.sort(g.permutation(n_tokens)[:k]).astype(np.int64)  # a uniform k-subset
 
 
 def apply_repetition(tokens, positions) -> np.ndarray:

@@ -21,6 +21,7 @@ Per tensor, with RMS(x) = \sqrt{\mathrm{mean}(x^2)} over the whole tensor:
         && \text{Fisher-preconditioned weight decay}\\
     \theta_t &= \theta_{t-1} - \alpha\,(m_t + \lambda\,\bar w)
 """
+
 import math
 
 import numpy as np
@@ -85,8 +86,21 @@ def fadam_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, wei
 
 def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """Multi-tensor, in place: the backend interface for FAdam (all tensors computed, then written)."""
-    step_tensors(fadam_update, params, grads, (m, f), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                 eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+    step_tensors(
+        fadam_update,
+        params,
+        grads,
+        (m, f),
+        t=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        eps2=eps2,
+        clip=clip,
+        p=p,
+        weight_decay=weight_decay,
+    )
 
 
 def fadam_coefficients(t, *, beta2, **_):
@@ -95,18 +109,48 @@ def fadam_coefficients(t, *, beta2, **_):
 
 
 RULE = Rule(
-    name="fadam", title="FAdam", summary="Adam corrected as natural-gradient descent with a diagonal Fisher",
-    paper="Hwang, 2024", step=fadam_step, update=fadam_update,
-    state=(StateArray("m", "momentum of the clipped natural gradient", reduced=True),
-           StateArray("f", "diagonal empirical Fisher (debiased EMA of g²)", second_moment=True)),
-    hyperparams=(lr_param(1e-3), betas_param((0.9, 0.999)), eps_param(1e-8),
-                 Hyperparam("eps2", 0.01, "scale of the adaptive epsilon ε₂·RMS(g)", low=0.0, low_open=True,
-                            normal=True, typical=(1e-4, 1.0)),
-                 Hyperparam("clip", 1.0, "cap c on the RMS of the natural gradient and of w̄", low=0.0,
-                            low_open=True, typical=(1e-2, 10.0)),
-                 Hyperparam("p", 0.5, "Fisher power (0.5: square root, as in Adam)", low=0.0, high=1.0,
-                            low_open=True, typical=(0.05, 1.0)),
-                 weight_decay_param(0.1, "weight decay λ, preconditioned by the Fisher")),
+    name="fadam",
+    title="FAdam",
+    summary="Adam corrected as natural-gradient descent with a diagonal Fisher",
+    paper="Hwang, 2024",
+    step=fadam_step,
+    update=fadam_update,
+    state=(
+        StateArray("m", "momentum of the clipped natural gradient", reduced=True),
+        StateArray("f", "diagonal empirical Fisher (debiased EMA of g²)", second_moment=True),
+    ),
+    hyperparams=(
+        lr_param(1e-3),
+        betas_param((0.9, 0.999)),
+        eps_param(1e-8),
+        Hyperparam(
+            "eps2",
+            0.01,
+            "scale of the adaptive epsilon ε₂·RMS(g)",
+            low=0.0,
+            low_open=True,
+            normal=True,
+            typical=(1e-4, 1.0),
+        ),
+        Hyperparam(
+            "clip",
+            1.0,
+            "cap c on the RMS of the natural gradient and of w̄",
+            low=0.0,
+            low_open=True,
+            typical=(1e-2, 10.0),
+        ),
+        Hyperparam(
+            "p",
+            0.5,
+            "Fisher power (0.5: square root, as in Adam)",
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            typical=(0.05, 1.0),
+        ),
+        weight_decay_param(0.1, "weight decay λ, preconditioned by the Fisher"),
+    ),
     coefficients=fadam_coefficients,
     items_per_element=10,  # pass 1 read θ, g, f, write f; pass 2 read θ, g, f, m, write θ, m
 )

@@ -1,5 +1,6 @@
 """all_finite: the pre-step check that lets an optimizer reject NaN/Inf gradients
 before it has written anything."""
+
 import numpy as np
 
 

@@ -7,6 +7,7 @@ All return a (P,) vector in the input dtype, accumulated in float64:
 * diag F   = :math:`\operatorname{diag}\sum_n J_n^\top H_n J_n = \sum_{n,c} (B_nJ_n)_{c}^{\odot2}`;
 * diag iEF = :math:`\sum_n g_n\odot g_n / s_n`.
 """
+
 import numpy as np
 
 from .fisher_exact import fisher_factor
@@ -30,5 +31,5 @@ def diag_exact(J, probs):
 
 
 def diag_improved(G, s):
-    Gt = scaled_rows(G, s)          # g_n/√s_n: no overflow of g_n/s_n for a subnormal s_n
+    Gt = scaled_rows(G, s)  # g_n/√s_n: no overflow of g_n/s_n for a subnormal s_n
     return np.einsum("np,np->p", Gt, Gt).astype(G.dtype)

@@ -10,6 +10,7 @@ probabilities :math:`p_n` and labels :math:`y_n`:
 
 Inputs are assumed valid (fisheropt.fisher validates).
 """
+
 import numpy as np
 
 

@@ -11,6 +11,7 @@ r"""The exact Fisher (= the generalised Gauss-Newton for softmax cross-entropy) 
 exact natural-gradient direction is solved in that NC-dimensional space
 (fisher_ngd.exact_direction) without forming F.
 """
+
 import numpy as np
 
 
@@ -27,12 +28,12 @@ def fisher_factor(J, probs, xp=np):
 
     Computed in float64; works for NumPy or CuPy (``xp``)."""
     N, C, P = J.shape
-    u = xp.sqrt(xp.maximum(probs.astype(xp.float64), 0.0))            # (N, C)
-    A = J.astype(xp.float64)                                          # the only N*C*P array
-    A *= u[:, :, None]                                                # diag(u) J_n
-    proj = xp.einsum("nc,ncp->np", u, A)                              # u^T diag(u) J_n, (N, P)
-    for c in range(C):                                                # (I - u u^T) diag(u) J_n,
-        A[:, c, :] -= u[:, c, None] * proj                            # N x P temporaries only
+    u = xp.sqrt(xp.maximum(probs.astype(xp.float64), 0.0))  # (N, C)
+    A = J.astype(xp.float64)  # the only N*C*P array
+    A *= u[:, :, None]  # diag(u) J_n
+    proj = xp.einsum("nc,ncp->np", u, A)  # u^T diag(u) J_n, (N, P)
+    for c in range(C):  # (I - u u^T) diag(u) J_n,
+        A[:, c, :] -= u[:, c, None] * proj  # N x P temporaries only
     return A.reshape(N * C, P)
 
 

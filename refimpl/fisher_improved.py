@@ -9,6 +9,7 @@ gradient, undoing the "inversely-scaled projection" of EF (well-fitted samples,
 with small :math:`s_n`, no longer dominate the update). The paper uses the same sum
 convention (its Eq. 1 and Eq. 14), so there is no factor of N.
 """
+
 import numpy as np
 
 

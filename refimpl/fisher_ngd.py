@@ -36,6 +36,7 @@ the same formulas on any backend (fisheropt._ngd), through the building blocks t
 backend's pieces as arguments: :func:`sample_space_direction`, :func:`factor_direction`,
 :func:`exact_cg_solve`. Inputs are assumed valid (fisheropt.fisher validates).
 """
+
 import math
 
 import numpy as np
@@ -44,8 +45,8 @@ import scipy.linalg
 from .fisher_exact import fisher_factor
 from .fisher_sampled import sampled_grads
 
-GRAM_BLOCK = 1 << 15   # parameters (columns of G) per float32 block product in fisher_gram
-EXACT_WOODBURY_MAX_ROWS = 4096   # exact direction: a direct solve when min(N*C, P) is at most this, else CG
+GRAM_BLOCK = 1 << 15  # parameters (columns of G) per float32 block product in fisher_gram
+EXACT_WOODBURY_MAX_ROWS = 4096  # exact direction: a direct solve when min(N*C, P) is at most this, else CG
 
 # The accuracy contract (spec/fisher.md §3): a returned direction's relative rounding error is at
 # most about ERROR_CONSTANT·ε·κ (times the cancellation in forming F and ∇L themselves), and a
@@ -53,7 +54,7 @@ EXACT_WOODBURY_MAX_ROWS = 4096   # exact direction: a direct solve when min(N*C,
 EPS = float(np.finfo(np.float64).eps)
 ERROR_CONSTANT = 10.0
 MAX_ERROR = 1e-6
-MAX_CONDITION = MAX_ERROR / (ERROR_CONSTANT * EPS)   # ≈ 4.5e8
+MAX_CONDITION = MAX_ERROR / (ERROR_CONSTANT * EPS)  # ≈ 4.5e8
 
 
 class DampingTooSmall(ValueError):
@@ -73,7 +74,8 @@ def check_condition(kappa, damping, scale, what="the damped system"):
         f"damping={damping:.3g} is too small for this problem: {what} has condition number "
         f"{kappa:.2g}, so float64 rounding could leave a relative error up to "
         f"{min(ERROR_CONSTANT * EPS * kappa, 1.0):.1g} (more than {MAX_ERROR:g}) in the direction; "
-        f"use damping >= {suggestion:.3g} or more (spec/fisher.md §3, Accuracy)")
+        f"use damping >= {suggestion:.3g} or more (spec/fisher.md §3, Accuracy)"
+    )
 
 
 # ---- backend functions (the "numpy" backend) ------------------------------------
@@ -81,11 +83,11 @@ def fisher_gram(G):
     """GGᵀ, (N, N) float64 (float32 G: blockwise float32 BLAS, float64 accumulation)."""
     N, P = G.shape
     if G.dtype == np.float64 or P <= GRAM_BLOCK:
-        gram = G @ G.T                      # syrk
+        gram = G @ G.T  # syrk
         return gram.astype(np.float64, copy=False) if G.dtype == np.float64 else gram.astype(np.float64)
     gram = np.zeros((N, N), dtype=np.float64)
     for start in range(0, P, GRAM_BLOCK):
-        block = G[:, start:start + GRAM_BLOCK]   # strided view, no copy; BLAS takes lda = P
+        block = G[:, start : start + GRAM_BLOCK]  # strided view, no copy; BLAS takes lda = P
         gram += block @ block.T
     return gram
 
@@ -106,8 +108,12 @@ def solve_damped_gram(gram, rhs, damping, *, singular=False):
     number that matters is that of AᵀA + λI, (‖gram‖ + λ)/λ."""
     damped = np.asarray(gram, dtype=np.float64) + damping * np.eye(gram.shape[0])
     w = np.linalg.eigvalsh(damped)
-    check_condition(damped_condition(w, damping if singular else None), damping, float(w[-1]),
-                    "F + λI (singular, P > rank)" if singular else "the damped Gram matrix")
+    check_condition(
+        damped_condition(w, damping if singular else None),
+        damping,
+        float(w[-1]),
+        "F + λI (singular, P > rank)" if singular else "the damped Gram matrix",
+    )
     factor = scipy.linalg.cho_factor(damped, lower=True, check_finite=False)
     return scipy.linalg.cho_solve(factor, np.asarray(rhs, dtype=np.float64), check_finite=False)
 
@@ -121,7 +127,7 @@ def sample_space_direction(G, rhs, damping, *, gram, solve, xp=np):
     top = float(xp.abs(rhs).max())
     shift = math.frexp(top)[1] - 1 if 0.0 < top < math.inf else 0
     rhs = xp.ldexp(rhs, -shift) if shift else rhs
-    if P < N:   # more samples than parameters: GGᵀ is singular, GᵀG (P × P) need not be
+    if P < N:  # more samples than parameters: GGᵀ is singular, GᵀG (P × P) need not be
         parameter_gram = gram(G.T)
         check_gram(parameter_gram, G.dtype, xp)
         d = solve(parameter_gram, G.T.astype(xp.float64, copy=False) @ rhs, damping).astype(G.dtype)
@@ -129,7 +135,7 @@ def sample_space_direction(G, rhs, damping, *, gram, solve, xp=np):
         sample_gram = gram(G)
         check_gram(sample_gram, G.dtype, xp)
         d = G.T @ solve(sample_gram, rhs, damping).astype(G.dtype)
-    return xp.ldexp(d, shift, out=d) if shift else d      # in place: d is ours, and may be large
+    return xp.ldexp(d, shift, out=d) if shift else d  # in place: d is ours, and may be large
 
 
 def fisher_sample_space_direction(G, rhs, damping):
@@ -137,8 +143,10 @@ def fisher_sample_space_direction(G, rhs, damping):
     return sample_space_direction(G, rhs, float(damping), gram=fisher_gram, solve=solve_damped_gram)
 
 
-NONFINITE_GRAM = ("G contains NaN or Inf (detected on the diagonal of its Gram matrix, which is "
-                  "non-finite exactly when a row (column) of G is, or when its squared norm overflows)")
+NONFINITE_GRAM = (
+    "G contains NaN or Inf (detected on the diagonal of its Gram matrix, which is "
+    "non-finite exactly when a row (column) of G is, or when its squared norm overflows)"
+)
 
 
 def check_gram(gram, dtype=np.float64, xp=np):
@@ -151,9 +159,11 @@ def check_gram(gram, dtype=np.float64, xp=np):
     top = float(diag.max()) if diag.size else 0.0
     info = np.finfo(dtype)
     if 0.0 < top < float(info.tiny) / float(info.eps):
-        raise ValueError(f"G is too small for a {np.dtype(dtype).name} Gram matrix (largest squared "
-                         f"norm {top:.3g}: the products underflow and lose their precision); multiply "
-                         "G by 2**k and the damping by 4**k, and the direction comes out divided by 2**k")
+        raise ValueError(
+            f"G is too small for a {np.dtype(dtype).name} Gram matrix (largest squared "
+            f"norm {top:.3g}: the products underflow and lose their precision); multiply "
+            "G by 2**k and the damping by 4**k, and the direction comes out divided by 2**k"
+        )
 
 
 # ---- the directions (spec/fisher.md §3) ------------------------------------------
@@ -262,7 +272,7 @@ def conjugate_gradient(matvec, b, *, xp=np, tol=1e-10, maxiter=1000, damping=0.0
     stop = (tol * float(xp.sqrt(b @ b))) ** 2
     cert = 0.5 * MAX_ERROR * damping
     for _ in range(int(maxiter)):
-        if rr <= stop and rr <= cert ** 2 * float(x @ x):
+        if rr <= stop and rr <= cert**2 * float(x @ x):
             break
         Ap = matvec(p)
         alpha = rr / float(p @ Ap)
@@ -272,11 +282,12 @@ def conjugate_gradient(matvec, b, *, xp=np, tol=1e-10, maxiter=1000, damping=0.0
         p = r + (rr_new / rr) * p
         rr = rr_new
     residual = float(xp.linalg.norm(b - matvec(x)))
-    if not residual <= MAX_ERROR * damping * float(xp.linalg.norm(x)):     # also catches NaN
+    if not residual <= MAX_ERROR * damping * float(xp.linalg.norm(x)):  # also catches NaN
         raise DampingTooSmall(
             f"conjugate gradients could not certify the direction to {MAX_ERROR:g} (residual "
             f"{residual:.3g} > {MAX_ERROR:g}·damping·‖d‖ after at most {int(maxiter)} iterations): damping="
-            f"{damping:.3g} is too small for exact_method='cg' here; use a larger damping or exact_method='woodbury'")
+            f"{damping:.3g} is too small for exact_method='cg' here; use a larger damping or exact_method='woodbury'"
+        )
     return x
 
 

@@ -3,6 +3,7 @@ r"""Matrix-free Fisher estimators as scipy LinearOperators — spec/fisher.md §
 Each operator is symmetric, float64, of shape (P, P) and optionally damped
 (:math:`+\lambda I`); a matvec costs O(N·C·P) (or O(N·P)) and stores nothing P×P.
 """
+
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
@@ -15,6 +16,7 @@ def _damped_operator(P, product, damping):
         v = np.asarray(v, dtype=np.float64).ravel()
         out = product(v)
         return out + damping * v if damping else out
+
     return LinearOperator((P, P), matvec=matvec, rmatvec=matvec, dtype=np.float64)
 
 
@@ -24,9 +26,10 @@ def exact_operator(J, probs, damping=0.0):
     p = probs.astype(np.float64)
 
     def product(v):
-        Jv = J64 @ v                                   # (N, C)
+        Jv = J64 @ v  # (N, C)
         HJv = p * Jv - p * np.sum(p * Jv, axis=1, keepdims=True)
         return np.einsum("ncp,nc->p", J64, HJv)
+
     return _damped_operator(J.shape[2], product, damping)
 
 
@@ -36,24 +39,29 @@ def empirical_operator(G, damping=0.0):
 
     def product(v):
         return G64.T @ (G64 @ v)
+
     return _damped_operator(G.shape[1], product, damping)
 
 
 def improved_operator(G, s, damping=0.0):
     """v -> (G^T diag(s)^{-1} G + λI) v = (G̃ᵀG̃ + λI) v with rows g_n/√s_n (no overflow of g_n/s_n)."""
     from .fisher_improved import scaled_rows
+
     Gt = scaled_rows(G, s)
 
     def product(v):
         return Gt.T @ (Gt @ v)
+
     return _damped_operator(G.shape[1], product, damping)
 
 
 def sampled_operator(J, probs, labels_sampled, damping=0.0):
     """v -> (Ĝ^T Ĝ + λI) v with Ĝ from labels_sampled (K, N)."""
     from .fisher_sampled import sampled_grads
+
     Gh = sampled_grads(J, probs, labels_sampled).astype(np.float64)
 
     def product(v):
         return Gh.T @ (Gh @ v)
+
     return _damped_operator(J.shape[2], product, damping)

@@ -8,6 +8,7 @@ over d with :math:`d^\top\nabla L\ne0`, by the exact natural gradient
 :math:`d\propto F^{+}\nabla L`, where :math:`\gamma_{\min} = (\nabla L^\top F^{+}\nabla L)^{-1/2}`.
 It is reported relative to SGD, :math:`\gamma(d)/\gamma(\nabla L)`; below 1 beats SGD.
 """
+
 import numpy as np
 
 

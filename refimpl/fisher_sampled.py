@@ -10,6 +10,7 @@ Labels are drawn from the model, :math:`\hat y_{kn}\sim p_n` for
 with :math:`\hat G\in\mathbb R^{KN\times P}` the rows :math:`\hat g_{kn}/\sqrt K`
 (row index k*N + n). :math:`\mathbb E[\mathrm{SF}] = F`.
 """
+
 import numpy as np
 
 
@@ -30,12 +31,12 @@ def sampled_grads(J, probs, labels_sampled, xp=np, dtype=None):
     K, N = labels_sampled.shape
     C = probs.shape[1]
     dtype = np.dtype(J.dtype if dtype is None else dtype)
-    R = xp.broadcast_to(probs, (K, N, C)).astype(dtype, copy=True)     # (K, N, C)
+    R = xp.broadcast_to(probs, (K, N, C)).astype(dtype, copy=True)  # (K, N, C)
     R[xp.arange(K)[:, None], xp.arange(N)[None, :], labels_sampled] -= 1
     R *= dtype.type(1.0 / np.sqrt(K))
     if J.dtype == dtype:
         Gh = xp.einsum("ncp,knc->knp", J, R)
-    else:   # upcasting: accumulate over classes, never a converted copy of J
+    else:  # upcasting: accumulate over classes, never a converted copy of J
         Gh = xp.zeros((K, N, J.shape[2]), dtype=dtype)
         for c in range(C):
             Gh += R[:, :, c, None] * J[None, :, c, :]

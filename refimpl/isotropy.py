@@ -17,6 +17,7 @@ Iso(E) = 1 means the partition function Z(u) is the same in every principal
 direction (isotropic); a common mean shift of all embeddings drives it to 0.
 Everything is computed in float64; these are measurements, not training code.
 """
+
 from __future__ import annotations
 
 import math
@@ -93,5 +94,4 @@ def condition_number(E) -> float:
 def embedding_report(E) -> dict:
     """All measures at once: isotropy, mu_norm, mu_ratio, condition_number."""
     mu_norm, mu_ratio = mean_embedding_norm(E)
-    return {"isotropy": isotropy(E), "mu_norm": mu_norm, "mu_ratio": mu_ratio,
-            "condition_number": condition_number(E)}
+    return {"isotropy": isotropy(E), "mu_norm": mu_norm, "mu_ratio": mu_ratio, "condition_number": condition_number(E)}

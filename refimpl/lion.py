@@ -14,6 +14,7 @@ from the decay). Every \|update\| is α (or 0), so Lion wants a smaller learning
 than Adam (default 1e-4) and a larger decay. There is no bias correction: the step
 index does not enter.
 """
+
 import numpy as np
 
 from ._multi_tensor import step_tensors
@@ -23,7 +24,7 @@ from .rule import Rule, StateArray, betas_param, lr_param, weight_decay_param
 def lion_update(theta, g, m, *, t, lr, beta1, beta2, weight_decay):
     """One Lion step on one tensor. Pure: returns (theta, m) as new arrays."""
     dtype = theta.dtype.type
-    c = dtype(beta1) * m + dtype(1 - beta1) * g          # before m is updated
+    c = dtype(beta1) * m + dtype(1 - beta1) * g  # before m is updated
     theta = theta - dtype(lr) * (np.sign(c) + dtype(weight_decay) * theta)
     m = dtype(beta2) * m + dtype(1 - beta2) * g
     return theta, m
@@ -31,8 +32,7 @@ def lion_update(theta, g, m, *, t, lr, beta1, beta2, weight_decay):
 
 def lion_step(params, grads, m, *, step, lr, beta1, beta2, weight_decay):
     """Multi-tensor, in place: the backend interface for Lion (all tensors computed, then written)."""
-    step_tensors(lion_update, params, grads, (m,), t=step, lr=lr, beta1=beta1, beta2=beta2,
-                 weight_decay=weight_decay)
+    step_tensors(lion_update, params, grads, (m,), t=step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
 
 
 def lion_coefficients(t, **_):
@@ -41,11 +41,18 @@ def lion_coefficients(t, **_):
 
 
 RULE = Rule(
-    name="lion", title="Lion", summary="the sign of an interpolated momentum, with decoupled weight decay",
-    paper="Chen et al., 2023", step=lion_step, update=lion_update,
+    name="lion",
+    title="Lion",
+    summary="the sign of an interpolated momentum, with decoupled weight decay",
+    paper="Chen et al., 2023",
+    step=lion_step,
+    update=lion_update,
     state=(StateArray("m", "momentum (EMA of g with β2)"),),
-    hyperparams=(lr_param(1e-4, typical=(1e-6, 1e-2)), betas_param((0.9, 0.99)),
-                 weight_decay_param(0.0, "decoupled decay λ: θ ← θ − αλθ")),
+    hyperparams=(
+        lr_param(1e-4, typical=(1e-6, 1e-2)),
+        betas_param((0.9, 0.99)),
+        weight_decay_param(0.0, "decoupled decay λ: θ ← θ − αλθ"),
+    ),
     coefficients=lion_coefficients,
-    items_per_element=5,   # read θ, g, m; write θ, m
+    items_per_element=5,  # read θ, g, m; write θ, m
 )

@@ -7,11 +7,12 @@ reads :data:`fisheropt.refimpl.RULES`, which collects them; nothing else lists
 the rules. Adding a rule is one reference file (plus its spec page, vectors and
 a kernel module per fused backend).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Hyperparam:
     low_open: bool = False
     high_open: bool = False
     normal: bool = False
-    names: tuple[str, ...] = ()   # kernel keyword names of a pair's elements, e.g. ("beta1", "beta2")
+    names: tuple[str, ...] = ()  # kernel keyword names of a pair's elements, e.g. ("beta1", "beta2")
     # The range where values are usually set (log-uniform for positive ranges), which the
     # property tests and benchmarks sample; None: [low, high].
     typical: tuple[float, float] | None = None
@@ -71,12 +72,12 @@ class TensorFlag:
 class Rule:
     """An update rule, as the reference defines it and as every backend and adapter uses it."""
 
-    name: str                    # module, suite and kernel-function stem: "fadam" -> fadam_step
-    title: str                   # class name: "FAdam"
-    summary: str                 # one line, for tables and docstrings
+    name: str  # module, suite and kernel-function stem: "fadam" -> fadam_step
+    title: str  # class name: "FAdam"
+    summary: str  # one line, for tables and docstrings
     paper: str
-    step: Callable               # reference multi-tensor in-place step (the backend interface)
-    update: Callable             # pure single-tensor update: (theta, g, *state, t, **kernel hp) -> new arrays
+    step: Callable  # reference multi-tensor in-place step (the backend interface)
+    update: Callable  # pure single-tensor update: (theta, g, *state, t, **kernel hp) -> new arrays
     state: tuple[StateArray, ...]
     hyperparams: tuple[Hyperparam, ...]
     # Host-side scalar coefficients of step t (float64): coefficients(t, **kernel hp) -> dict.
@@ -127,13 +128,22 @@ def lr_param(default: float, typical=(1e-6, 1.0)) -> Hyperparam:
 
 
 def betas_param(default: tuple) -> Hyperparam:
-    return Hyperparam("betas", default, "EMA factors (β1, β2), each in [0, 1)", low=0.0, high=1.0,
-                      high_open=True, names=("beta1", "beta2"), typical=(0.0, 0.9999))
+    return Hyperparam(
+        "betas",
+        default,
+        "EMA factors (β1, β2), each in [0, 1)",
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        names=("beta1", "beta2"),
+        typical=(0.0, 0.9999),
+    )
 
 
 def eps_param(default: float) -> Hyperparam:
-    return Hyperparam("eps", default, "ε added to the denominator", low=0.0, low_open=True, normal=True,
-                      typical=(1e-12, 1e-2))
+    return Hyperparam(
+        "eps", default, "ε added to the denominator", low=0.0, low_open=True, normal=True, typical=(1e-12, 1e-2)
+    )
 
 
 def weight_decay_param(default: float, doc: str) -> Hyperparam:

@@ -27,13 +27,37 @@ Tolerances (derived, not tuned):
   real bug (a wrong or swapped coefficient, a missing bias correction, a dropped tail
   element) moves values by far more than 1e-6 of the tensor's scale and fails.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from hypothesis import strategies as st
 
-INTERESTING_SHAPES = [(), (0,), (1,), (1, 1), (3,), (7,), (8,), (9,), (15,), (17,), (31,), (33,), (63,), (65,),
-                      (127,), (129,), (3, 5), (0, 4), (4, 0), (2, 3, 5), (1000,), (257, 3), (64, 65)]
+INTERESTING_SHAPES = [
+    (),
+    (0,),
+    (1,),
+    (1, 1),
+    (3,),
+    (7,),
+    (8,),
+    (9,),
+    (15,),
+    (17,),
+    (31,),
+    (33,),
+    (63,),
+    (65,),
+    (127,),
+    (129,),
+    (3, 5),
+    (0, 4),
+    (4, 0),
+    (2, 3, 5),
+    (1000,),
+    (257, 3),
+    (64, 65),
+]
 
 
 def tol(dtype, steps):
@@ -75,8 +99,9 @@ def assert_close(actual, expected, rtol, what, before=None):
     limit = rtol * np.abs(e) + rtol * scale
     if not np.all(err <= limit):
         i = int(np.argmax(err - limit))
-        raise AssertionError(f"{what}: |diff| {err[i]:.3g} > {limit[i]:.3g} (value {e[i]:.6g}, "
-                             f"scale {scale:.3g}, rtol {rtol:.3g})")
+        raise AssertionError(
+            f"{what}: |diff| {err[i]:.3g} > {limit[i]:.3g} (value {e[i]:.6g}, scale {scale:.3g}, rtol {rtol:.3g})"
+        )
 
 
 def make_tensor(rng, shape, dtype, exponent, zero=False):
@@ -119,5 +144,3 @@ def problems(draw, *, matrices=False, min_tensors=1, max_tensors=6):
     zero_grads = [[draw(st.booleans()) and draw(st.booleans()) for _ in range(n)] for _ in range(steps)]
     seed = draw(st.integers(0, 2**32 - 1))
     return shapes, dtypes, p_exp, g_exp, steps, zero_grads, seed
-
-

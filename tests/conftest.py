@@ -1,4 +1,5 @@
 """Shared test configuration: Hypothesis profiles, backend parametrisation, GPU skips."""
+
 import os
 
 import numpy as np
@@ -8,10 +9,12 @@ from hypothesis import HealthCheck, settings
 import fisheropt as fo
 
 # "ci" keeps the suite inside CI's budget on 2 cores; "dev" explores more.
-settings.register_profile("ci", max_examples=40, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("dev", max_examples=200, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile(
+    "dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 settings.load_profile(os.environ.get("FISHEROPT_HYPOTHESIS_PROFILE", "ci"))
 
 HOST_BACKENDS = ("numpy", "numba")
@@ -20,8 +23,10 @@ HOST_BACKENDS = ("numpy", "numba")
 def host_backend_params():
     """pytest params for each host backend; unavailable ones skip with the registry's reason."""
     reasons = fo.backends.unavailable()
-    return [pytest.param(name, marks=pytest.mark.skipif(name in reasons, reason=f"{name}: {reasons.get(name)}"))
-            for name in HOST_BACKENDS]
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(name in reasons, reason=f"{name}: {reasons.get(name)}"))
+        for name in HOST_BACKENDS
+    ]
 
 
 def gpu_skip_reason():

@@ -5,6 +5,7 @@ tests/backends/test_cupy_internals.py (tables, engine, CUDA text, plumbing).
 The host modules (``_kernels``, ``_plan``, ``_emulate`` and the rule modules) are imported under
 their own package name, without running backends/cupy/__init__.py (which imports cupy).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,7 +18,6 @@ from hypothesis import strategies as st
 
 import fisheropt.backends
 from fisheropt import refimpl
-
 
 HOST_PACKAGE = "_fisheropt_cupy_host"
 CUPY_DIR = Path(fisheropt.backends.__file__).parent / "cupy"
@@ -34,8 +34,11 @@ def _host_modules():
 
 cuda_kernels, planner, emulator = _host_modules()
 #: the step-function modules (finite and one per rule with a module), imported without cupy
-MODULES = {m: importlib.import_module(f"{HOST_PACKAGE}.{m}") for m in cuda_kernels.kernel_modules()
-           if (CUPY_DIR / f"{m}.py").exists()}
+MODULES = {
+    m: importlib.import_module(f"{HOST_PACKAGE}.{m}")
+    for m in cuda_kernels.kernel_modules()
+    if (CUPY_DIR / f"{m}.py").exists()
+}
 DTYPES = ("float32", "float64")
 HAVE_CXX = emulator.compiler() is not None
 
@@ -61,6 +64,7 @@ class Steps:
         def call(*args, **kwargs):
             with planner.using(self.engine):
                 return function(*args, **kwargs)
+
         return call
 
 
@@ -75,8 +79,9 @@ class EmulatedBackend:
     name = "emulated"
 
     def __init__(self, block=32, chunk=96, min_rows=2, max_rows=3, transform=None):
-        self.engine = planner.Engine(emulator.CpuLauncher(block, transform), chunk=chunk,
-                               tile_kw=dict(min_rows=min_rows, max_rows=max_rows))
+        self.engine = planner.Engine(
+            emulator.CpuLauncher(block, transform), chunk=chunk, tile_kw=dict(min_rows=min_rows, max_rows=max_rows)
+        )
 
     def __getattr__(self, fn):
         # all_finite, <rule>_step, <rule>_step_checked: the modules' own functions on this engine
@@ -114,10 +119,10 @@ def _default_hp(rule):
 
 TOL = {np.dtype("float32"): (2e-5, 1e-6), np.dtype("float64"): (1e-12, 1e-13)}
 
-any_shape = st.one_of(st.lists(st.integers(0, 6), max_size=3).map(tuple),
-                      st.integers(1, 700).map(lambda n: (n,)))
-matrix_shape = st.one_of(st.tuples(st.integers(1, 9), st.integers(1, 7)),
-                         st.tuples(st.integers(1, 40), st.integers(30, 80)))
+any_shape = st.one_of(st.lists(st.integers(0, 6), max_size=3).map(tuple), st.integers(1, 700).map(lambda n: (n,)))
+matrix_shape = st.one_of(
+    st.tuples(st.integers(1, 9), st.integers(1, 7)), st.tuples(st.integers(1, 40), st.integers(30, 80))
+)
 
 
 @st.composite
@@ -125,8 +130,7 @@ def problems(draw, rule):
     coupled = rule == "coupled_adam"
     shapes = draw(st.lists(matrix_shape if coupled else any_shape, min_size=1, max_size=4))
     mixed = draw(st.booleans())
-    dtypes = [draw(st.sampled_from(DTYPES)) for _ in shapes] if mixed else [draw(st.sampled_from(DTYPES))] * len(
-        shapes)
+    dtypes = [draw(st.sampled_from(DTYPES)) for _ in shapes] if mixed else [draw(st.sampled_from(DTYPES))] * len(shapes)
     scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
     # 0: zero grads; 1e-40: float32 subnormals (no flush-to-zero allowed); 3e19: g² overflows float32
     grad_scale = draw(st.sampled_from([0.0, 1e-40, 1e-18, 1e-3, 1.0, 1e3, 1e15, 3e19]))
@@ -135,21 +139,44 @@ def problems(draw, rule):
     seed = draw(st.integers(0, 2**31 - 1))
     misaligned = draw(st.booleans())
     if rule == "fadam":
-        hp = dict(lr=draw(st.sampled_from([1e-3, 0.05])), beta1=draw(st.sampled_from([0.0, 0.9])),
-                  beta2=draw(st.sampled_from([0.5, 0.999])), eps=draw(st.sampled_from([1e-8, 1e-3])),
-                  eps2=draw(st.sampled_from([0.01, 0.1])), clip=draw(st.sampled_from([0.5, 1.0, 2.0])),
-                  p=draw(st.sampled_from([0.5, 1.0, 0.25])), weight_decay=draw(st.sampled_from([0.0, 0.1])))
+        hp = dict(
+            lr=draw(st.sampled_from([1e-3, 0.05])),
+            beta1=draw(st.sampled_from([0.0, 0.9])),
+            beta2=draw(st.sampled_from([0.5, 0.999])),
+            eps=draw(st.sampled_from([1e-8, 1e-3])),
+            eps2=draw(st.sampled_from([0.01, 0.1])),
+            clip=draw(st.sampled_from([0.5, 1.0, 2.0])),
+            p=draw(st.sampled_from([0.5, 1.0, 0.25])),
+            weight_decay=draw(st.sampled_from([0.0, 0.1])),
+        )
     elif rule == "lion":
-        hp = dict(lr=draw(st.sampled_from([1e-4, 0.05])), beta1=draw(st.sampled_from([0.0, 0.9])),
-                  beta2=draw(st.sampled_from([0.5, 0.99])), weight_decay=draw(st.sampled_from([0.0, 0.1, 1.0])))
+        hp = dict(
+            lr=draw(st.sampled_from([1e-4, 0.05])),
+            beta1=draw(st.sampled_from([0.0, 0.9])),
+            beta2=draw(st.sampled_from([0.5, 0.99])),
+            weight_decay=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        )
     else:
-        hp = dict(lr=draw(st.sampled_from([1e-3, 0.05])), beta1=draw(st.sampled_from([0.0, 0.5, 0.9])),
-                  beta2=draw(st.sampled_from([0.5, 0.999])), eps=draw(st.sampled_from([1e-8, 1e-3])),
-                  weight_decay=draw(st.sampled_from([0.0, 0.01, 0.5])))
+        hp = dict(
+            lr=draw(st.sampled_from([1e-3, 0.05])),
+            beta1=draw(st.sampled_from([0.0, 0.5, 0.9])),
+            beta2=draw(st.sampled_from([0.5, 0.999])),
+            eps=draw(st.sampled_from([1e-8, 1e-3])),
+            weight_decay=draw(st.sampled_from([0.0, 0.01, 0.5])),
+        )
     if coupled:  # coupled and uncoupled (AdamW) tensors in one call, as the optimizer class makes it
         hp["coupled"] = draw(st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)))
-    return dict(shapes=shapes, dtypes=dtypes, scale=scale, grad_scale=grad_scale, first_step=first_step,
-                steps=steps, seed=seed, misaligned=misaligned, hp=hp)
+    return dict(
+        shapes=shapes,
+        dtypes=dtypes,
+        scale=scale,
+        grad_scale=grad_scale,
+        first_step=first_step,
+        steps=steps,
+        seed=seed,
+        misaligned=misaligned,
+        hp=hp,
+    )
 
 
 def _hyperparams(rule, pb):
@@ -178,8 +205,10 @@ def _make(rule, pb):
                 x = rng.standard_normal(s) * max(pb["grad_scale"], 1e-3)
                 arrs.append(np.asarray(x * x if k in ("v", "f") else 0.1 * x, dtype=d))
         state[k] = arrs
-    grads = [[np.asarray(rng.standard_normal(s) * pb["grad_scale"], dtype=d)
-              for s, d in zip(pb["shapes"], pb["dtypes"])] for _ in range(pb["steps"])]
+    grads = [
+        [np.asarray(rng.standard_normal(s) * pb["grad_scale"], dtype=d) for s, d in zip(pb["shapes"], pb["dtypes"])]
+        for _ in range(pb["steps"])
+    ]
     return params, state, grads
 
 
@@ -193,15 +222,17 @@ def _run_both(backend, rule, pb):
     for i, g in enumerate(grads):
         t = pb["first_step"] + i
         getattr(refimpl, fn)(ref_p, [x.copy() for x in g], *ref_s, step=t, **_hyperparams(rule, pb))
-        getattr(backend, fn)(dev_p, [backend.to_device(x, pb["misaligned"]) for x in g], *dev_s, step=t,
-                             **_hyperparams(rule, pb))
+        getattr(backend, fn)(
+            dev_p, [backend.to_device(x, pb["misaligned"]) for x in g], *dev_s, step=t, **_hyperparams(rule, pb)
+        )
     return (ref_p, ref_s), ([backend.to_host(p) for p in dev_p], [[backend.to_host(a) for a in s] for s in dev_s])
 
 
 def _assert_agree(ref, got, *, exact, magnitude):
     (rp, rs), (gp, gs) = ref, got
-    for want_list, got_list, what in [(rp, gp, "params")] + [(a, b, f"state{j}") for j, (a, b) in
-                                                                 enumerate(zip(rs, gs))]:
+    for want_list, got_list, what in [(rp, gp, "params")] + [
+        (a, b, f"state{j}") for j, (a, b) in enumerate(zip(rs, gs))
+    ]:
         for i, (w, g) in enumerate(zip(want_list, got_list)):
             assert g.dtype == w.dtype and g.shape == w.shape
             if exact:

@@ -3,11 +3,11 @@
 Nothing here lists the rules: a rule added to fisheropt.refimpl.RULES is tested by
 every test parametrised over RULE_NAMES.
 """
+
 from __future__ import annotations
 
 import math
 
-import numpy as np
 from hypothesis import strategies as st
 
 import fisheropt as fo
@@ -38,12 +38,12 @@ def log_uniform(lo, hi):
 
 def _value(h):
     lo, hi = h.typical if h.typical is not None else (h.low, h.high)
-    if h.names:                                   # a pair such as betas: each in [lo, hi]
+    if h.names:  # a pair such as betas: each in [lo, hi]
         return st.one_of(st.sampled_from([lo, 0.9, hi]), st.floats(lo, hi))
     values = log_uniform(lo, hi)
-    if h.low == 0.0 and not h.low_open:           # 0 is valid and special (no decay, lr 0)
+    if h.low == 0.0 and not h.low_open:  # 0 is valid and special (no decay, lr 0)
         values = st.one_of(st.just(0.0), values)
-    if h.name == "p":                             # the ways f^p is evaluated: sqrt, itself, pow
+    if h.name == "p":  # the ways f^p is evaluated: sqrt, itself, pow
         values = st.one_of(st.sampled_from([0.5, 1.0]), values)
     return values
 

@@ -14,6 +14,7 @@ package index that pip is configured with (numpy, scipy, setuptools, asv_runner,
 for the benchmark environment); it skips without them, and fails instead where
 FISHEROPT_ASV_REQUIRED is set (CI). About 2-4 minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,17 +50,19 @@ def _site_config(tmp: Path) -> dict:
 
     conf = util.load_json(str(ASV_BENCH / "asv.conf.json"), js_comments=True)
     req = {k: v for k, v in conf["matrix"]["req"].items() if not isinstance(v, list)}
-    conf.update({
-        "repo": str(REPO),
-        "branches": ["HEAD"],
-        "pythons": [f"{sys.version_info.major}.{sys.version_info.minor}"],
-        "matrix": {"req": req},
-        "exclude": [],
-        "benchmark_dir": str(ASV_BENCH / "benchmarks"),
-        "env_dir": str(tmp / "env"),
-        "results_dir": str(tmp / "results"),
-        "html_dir": str(tmp / "html"),
-    })
+    conf.update(
+        {
+            "repo": str(REPO),
+            "branches": ["HEAD"],
+            "pythons": [f"{sys.version_info.major}.{sys.version_info.minor}"],
+            "matrix": {"req": req},
+            "exclude": [],
+            "benchmark_dir": str(ASV_BENCH / "benchmarks"),
+            "env_dir": str(tmp / "env"),
+            "results_dir": str(tmp / "results"),
+            "html_dir": str(tmp / "html"),
+        }
+    )
     return conf
 
 
@@ -81,8 +84,9 @@ def test_published_site_renders_a_graph_from_two_commits(tmp_path):
         _missing("no chromium on PATH (Debian: apt-get install chromium)")
     if shutil.which("git") is None or not (REPO / ".git").exists():
         _missing("this is not a git checkout")
-    hashes = subprocess.run(["git", "rev-list", "--first-parent", "-n", "2", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split()
+    hashes = subprocess.run(
+        ["git", "rev-list", "--first-parent", "-n", "2", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     if len(hashes) < 2:
         _missing("the checkout has fewer than two commits (shallow clone?)")
 
@@ -90,16 +94,18 @@ def test_published_site_renders_a_graph_from_two_commits(tmp_path):
     (tmp_path / "hashes.txt").write_text("\n".join(hashes) + "\n")
     home = tmp_path / "home"
     home.mkdir()
-    env = dict(os.environ, HOME=str(home))      # asv's machine file goes here, not in the real home
+    env = dict(os.environ, HOME=str(home))  # asv's machine file goes here, not in the real home
     for user_conf in (Path.home() / ".config" / "pip" / "pip.conf", Path.home() / ".pip" / "pip.conf"):
         if user_conf.exists() and "PIP_CONFIG_FILE" not in env:
-            env["PIP_CONFIG_FILE"] = str(user_conf)   # keep the user's package index
+            env["PIP_CONFIG_FILE"] = str(user_conf)  # keep the user's package index
 
     def asv(*args, timeout=900):
-        proc = subprocess.run([sys.executable, "-m", "asv", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, f"asv {' '.join(args)} exited {proc.returncode}:\n" \
-                                     f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "asv", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert proc.returncode == 0, (
+            f"asv {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
         return proc.stdout
 
     asv("machine", "--yes", "--machine", "asv-site-test")
@@ -107,7 +113,7 @@ def test_published_site_renders_a_graph_from_two_commits(tmp_path):
     results = sorted(p.name for p in (tmp_path / "results" / "asv-site-test").glob("*-*.json"))
     assert {h[:8] for h in hashes} <= {name[:8] for name in results}, results
     asv("publish")
-    assert offline_site.localize(tmp_path / "html") == []   # no CDN: the page must work offline
+    assert offline_site.localize(tmp_path / "html") == []  # no CDN: the page must work offline
 
     shot = tmp_path / "asv-site.png"
     problems = check_site.check(tmp_path / "html", BENCHMARK, shot)

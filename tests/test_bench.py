@@ -1,4 +1,5 @@
 """fisheropt.bench: the ceiling crosses the same buffers as the step, and rows come out whole."""
+
 import math
 
 import numpy as np
@@ -17,15 +18,15 @@ def test_ceiling_buffers_cover_params_grads_and_state():
     params = [rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
     grads = [np.ones_like(p) for p in params]
 
-    a, b = bench.ceiling_buffers(params, grads)          # no optimizer: params and grads only
+    a, b = bench.ceiling_buffers(params, grads)  # no optimizer: params and grads only
     assert _same(a, params) and _same(b, grads)
 
     opt = fo.FAdam(params, backend="numpy")
-    a, b = bench.ceiling_buffers(params, grads, opt)      # m += 0*f over the state as well
+    a, b = bench.ceiling_buffers(params, grads, opt)  # m += 0*f over the state as well
     assert _same(a, params + list(opt.state["m"])) and _same(b, grads + list(opt.state["f"]))
 
     coupled = fo.CoupledAdam(params[:1], coupled=[True], backend="numpy")
-    a, b = bench.ceiling_buffers(params[:1], grads[:1], coupled)   # v is per column: m pairs with g
+    a, b = bench.ceiling_buffers(params[:1], grads[:1], coupled)  # v is per column: m pairs with g
     assert _same(a, params[:1] + list(coupled.state["m"])) and _same(b, grads[:1] + grads[:1])
 
 

@@ -6,18 +6,18 @@ steps, hyperparameter changes, checkpoint round trips through a file. Refused
 input, corrupt state dicts and failures injected inside a step (MemoryError or
 KeyboardInterrupt before the first write) must leave no trace.
 """
+
 import numpy as np
 import pytest
+from conftest import HOST_BACKENDS
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
-import fisheropt as fo
-
-from conftest import HOST_BACKENDS
 from rules import CLASS_NAMES as RULES
 from rules import make_optimizer
 from test_reliability import _injection_points, fail_on_call, mixed_model, snapshot
+
+import fisheropt as fo
 
 
 def _bad_grads(kind, params, rng):
@@ -41,7 +41,7 @@ def _bad_grads(kind, params, rng):
 def _bad_state(kind, opt):
     sd = opt.state_dict()
     second = [s.name for s in opt.rule.state if s.second_moment]
-    if kind == "nan" or (kind == "negative" and not second):   # a rule without a second moment
+    if kind == "nan" or (kind == "negative" and not second):  # a rule without a second moment
         sd["state"]["m"][0].flat[0] = np.nan
     elif kind == "negative":
         sd["state"][second[0]][-1].flat[0] = -1.0
@@ -83,8 +83,7 @@ def machine_for(backend, rule_name):
             self.opt.set_hyperparams(lr=lr, weight_decay=wd)
             self.shadow.set_hyperparams(lr=lr, weight_decay=wd)
 
-        @rule(change=st.sampled_from([{"lr": -1.0}, {"eps": 1e-60}, {"betas": (0.9, 1.0)}, {"lr": 1e300},
-                                      {"nope": 1}]))
+        @rule(change=st.sampled_from([{"lr": -1.0}, {"eps": 1e-60}, {"betas": (0.9, 1.0)}, {"lr": 1e300}, {"nope": 1}]))
         def refused_hyperparams(self, change):
             with pytest.raises((ValueError, TypeError)):
                 self.opt.set_hyperparams(**change)
@@ -113,10 +112,10 @@ def machine_for(backend, rule_name):
                 fail_on_call(mp, module, name, k, exc)
                 self.opt.step(g)
             except exc:
-                return            # refused: the invariant checks that nothing changed
+                return  # refused: the invariant checks that nothing changed
             finally:
                 mp.undo()
-            self.shadow.step(g)   # not reached the injection point: a normal step
+            self.shadow.step(g)  # not reached the injection point: a normal step
 
         @invariant()
         def equals_shadow(self):

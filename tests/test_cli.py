@@ -1,4 +1,5 @@
 """The fisheropt command: argument handling, bench pass-through, and the demo end to end."""
+
 import json
 import math
 import shutil
@@ -30,7 +31,7 @@ def test_experiment_list_and_errors(capsys):
     out = capsys.readouterr().out
     for name in ("coupled-adam", "ief", "fadam"):
         assert name in out
-    assert cli.main(["experiment"]) == 2                    # no name: list + usage error code
+    assert cli.main(["experiment"]) == 2  # no name: list + usage error code
     with pytest.raises(SystemExit) as exc:
         cli.main(["experiment", "no-such-thing", "--quick"])
     assert exc.value.code == 2
@@ -61,8 +62,9 @@ def test_bench_passes_arguments_through(monkeypatch):
 
 
 def test_python_dash_m_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "fisheropt", "experiment", "--list"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fisheropt", "experiment", "--list"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "coupled-adam" in proc.stdout
 
@@ -76,15 +78,16 @@ def test_console_script():
 # ---- the demo -----------------------------------------------------------------------
 def _has(module):
     import importlib.util
+
     return importlib.util.find_spec(module) is not None
 
 
-needs_demo_extra = pytest.mark.skipif(not (_has("matplotlib") and _has("sklearn")),
-                                      reason="needs the demo extra (matplotlib, scikit-learn)")
+needs_demo_extra = pytest.mark.skipif(
+    not (_has("matplotlib") and _has("sklearn")), reason="needs the demo extra (matplotlib, scikit-learn)"
+)
 
 
 @needs_demo_extra
-
 def test_demo_quick_end_to_end(tmp_path, capsys):
     from fisheropt import demo
 
@@ -113,8 +116,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     by = {(r["method"], r["backend"]): r for r in rows}
     for method in demo.METHODS:
         for backend in backends:
-            assert by[(method, backend)]["train_loss"] == pytest.approx(by[(method, "numpy")]["train_loss"],
-                                                                        rel=1e-6)
+            assert by[(method, backend)]["train_loss"] == pytest.approx(by[(method, "numpy")]["train_loss"], rel=1e-6)
 
 
 @needs_demo_extra

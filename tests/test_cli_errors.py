@@ -3,6 +3,7 @@
 Every argument is checked while parsing, before any folder is made or any work starts: the
 demo, experiment and benchmark runners are replaced by stand-ins that fail the test if called.
 """
+
 import subprocess
 import sys
 import types
@@ -55,8 +56,13 @@ def _fails(argv, capsys, root, *expected):
 @pytest.mark.parametrize("command", [["demo"], ["experiment", "fadam"], ["experiment", "all"]])
 def test_out_is_an_existing_file(command, capsys, no_work):
     (no_work / "afile").write_text("keep me")
-    _fails(command + ["--quick", "--out", "afile"], capsys, no_work,
-           "argument --out", "'afile' exists and is not a directory")
+    _fails(
+        command + ["--quick", "--out", "afile"],
+        capsys,
+        no_work,
+        "argument --out",
+        "'afile' exists and is not a directory",
+    )
     assert (no_work / "afile").read_text() == "keep me"
 
 
@@ -75,6 +81,7 @@ def test_out_with_nul_byte(capsys, no_work):
 
 def test_out_parent_not_writable(capsys, no_work, monkeypatch):
     import os
+
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
     _fails(["experiment", "fadam", "--out", "new/out"], capsys, no_work, "argument --out", "no permission")
     (no_work / "existing").mkdir()
@@ -93,16 +100,26 @@ def test_experiment_all_checks_every_subfolder_first(capsys, no_work):
     (no_work / "out").mkdir()
     last = sorted(experiments.EXPERIMENTS)[-1]
     (no_work / "out" / last).write_text("")
-    _fails(["experiment", "all", "--quick", "--out", "out"], capsys, no_work,
-           "--out", f"{last}' exists and is not a directory")
+    _fails(
+        ["experiment", "all", "--quick", "--out", "out"],
+        capsys,
+        no_work,
+        "--out",
+        f"{last}' exists and is not a directory",
+    )
 
 
 # ---- --seed -------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", ["-1", str(2**32), "abc", "1.5", ""])
 @pytest.mark.parametrize("command", [["demo"], ["experiment", "fadam"]])
 def test_bad_seed_creates_nothing(command, seed, capsys, no_work):
-    _fails(command + ["--quick", "--out", "out", "--seed", seed], capsys, no_work,
-           "argument --seed", "from 0 to 4294967295")
+    _fails(
+        command + ["--quick", "--out", "out", "--seed", seed],
+        capsys,
+        no_work,
+        "argument --seed",
+        "from 0 to 4294967295",
+    )
     assert not (no_work / "out").exists()
 
 
@@ -114,12 +131,19 @@ def test_seed_bounds_accepted():
 
 # ---- experiment and the top level ---------------------------------------------------------
 def test_unknown_experiment(capsys, no_work):
-    _fails(["experiment", "nosuch", "--quick", "--out", "out"], capsys, no_work,
-           "unknown experiment 'nosuch'", "fadam", "all")
+    _fails(
+        ["experiment", "nosuch", "--quick", "--out", "out"],
+        capsys,
+        no_work,
+        "unknown experiment 'nosuch'",
+        "fadam",
+        "all",
+    )
 
 
-@pytest.mark.parametrize("argv", [["experiment", "fadam", "--bogus"], ["experiment", "fadam", "extra"],
-                                  ["demo", "--nope"], ["info", "--x"]])
+@pytest.mark.parametrize(
+    "argv", [["experiment", "fadam", "--bogus"], ["experiment", "fadam", "extra"], ["demo", "--nope"], ["info", "--x"]]
+)
 def test_unrecognized_arguments(argv, capsys, no_work):
     _fails(argv, capsys, no_work, "unrecognized arguments")
 
@@ -144,30 +168,39 @@ def test_no_command_prints_help(capsys, no_work):
 
 
 # ---- bench --------------------------------------------------------------------------
-@pytest.mark.parametrize("size, message", [
-    ("2^-1", "exponent must not be negative"),
-    ("1e400", "not a finite number"),
-    ("inf", "not a finite number"),
-    ("nan", "not a finite number"),
-    ("0", "must be positive"),
-    ("-5", "must be positive"),
-    ("0^3", "must be positive"),
-    ("1.5", "not a whole number"),
-    ("2^40", "too large"),
-    ("2^10000000", "too large"),
-    ("10**12", "too large"),
-    ("1e12", "too large"),
-    ("2^", "invalid size"),
-    ("abc", "invalid size"),
-    ("9" * 5000, "--sizes"),               # int() refuses so many digits; float() makes it inf
-])
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        ("2^-1", "exponent must not be negative"),
+        ("1e400", "not a finite number"),
+        ("inf", "not a finite number"),
+        ("nan", "not a finite number"),
+        ("0", "must be positive"),
+        ("-5", "must be positive"),
+        ("0^3", "must be positive"),
+        ("1.5", "not a whole number"),
+        ("2^40", "too large"),
+        ("2^10000000", "too large"),
+        ("10**12", "too large"),
+        ("1e12", "too large"),
+        ("2^", "invalid size"),
+        ("abc", "invalid size"),
+        ("9" * 5000, "--sizes"),  # int() refuses so many digits; float() makes it inf
+    ],
+)
 def test_bench_bad_sizes(size, message, capsys, no_work):
     _fails(["bench", "--sizes", "2^10", size], capsys, no_work, "argument --sizes", message)
 
 
 def test_bench_good_sizes():
-    assert [bench.parse_size(s) for s in ("2^25", "2**4", "1048576", "1e6", " MANY ", "2^31")] == \
-        [1 << 25, 16, 1 << 20, 10**6, "many", 1 << 31]
+    assert [bench.parse_size(s) for s in ("2^25", "2**4", "1048576", "1e6", " MANY ", "2^31")] == [
+        1 << 25,
+        16,
+        1 << 20,
+        10**6,
+        "many",
+        1 << 31,
+    ]
 
 
 @pytest.mark.parametrize("repeats", ["0", "-3", "x", "2.5"])
@@ -176,14 +209,25 @@ def test_bench_bad_repeats(repeats, capsys, no_work):
 
 
 def test_bench_unknown_backend(capsys, no_work):
-    _fails(["bench", "--backends", "numpy", "nosuch"], capsys, no_work,
-           "argument --backends", "unknown backend 'nosuch'", "numpy, numba, cupy")
+    _fails(
+        ["bench", "--backends", "numpy", "nosuch"],
+        capsys,
+        no_work,
+        "argument --backends",
+        "unknown backend 'nosuch'",
+        "numpy, numba, cupy",
+    )
 
 
 def test_bench_unusable_backend_gives_its_reason(capsys, no_work, monkeypatch):
     monkeypatch.setattr(fo.backends, "unavailable", lambda: {"numba": "no numba (test)"})
-    _fails(["bench", "--backends", "numba"], capsys, no_work,
-           "argument --backends", "'numba' is not usable here: no numba (test)")
+    _fails(
+        ["bench", "--backends", "numba"],
+        capsys,
+        no_work,
+        "argument --backends",
+        "'numba' is not usable here: no numba (test)",
+    )
 
 
 def test_bench_cupy_backend(capsys, no_work):
@@ -197,39 +241,51 @@ def test_bench_backend_given_twice(capsys, no_work):
     _fails(["bench", "--backends", "numpy", "numpy"], capsys, no_work, "argument --backends", "given twice")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--rules", "nope"], "argument --rules: invalid choice"),
-    (["--dtype", "int8"], "argument --dtype: invalid choice"),
-    (["--sizes"], "argument --sizes: expected at least one argument"),
-    (["--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rules", "nope"], "argument --rules: invalid choice"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice"),
+        (["--sizes"], "argument --sizes: expected at least one argument"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_bench_other_bad_arguments(argv, message, capsys, no_work):
     _fails(["bench"] + argv, capsys, no_work, message)
 
 
 def test_bench_good_arguments_reach_the_runner(monkeypatch):
     seen = {}
-    monkeypatch.setattr(bench, "run", lambda rules, sizes, backends, dtype, repeats, **kw: seen.update(
-        rules=rules, sizes=sizes, backends=backends, repeats=repeats))
-    assert cli.main(["bench", "--sizes", "2^10", "many", "--rules", "adam", "--backends", "numpy",
-                     "--repeats", "1"]) == 0
+    monkeypatch.setattr(
+        bench,
+        "run",
+        lambda rules, sizes, backends, dtype, repeats, **kw: seen.update(
+            rules=rules, sizes=sizes, backends=backends, repeats=repeats
+        ),
+    )
+    assert (
+        cli.main(["bench", "--sizes", "2^10", "many", "--rules", "adam", "--backends", "numpy", "--repeats", "1"]) == 0
+    )
     assert seen == {"rules": ["adam"], "sizes": [1024, "many"], "backends": ["numpy"], "repeats": 1}
-    assert cli.main(["bench", "--quick"]) == 0   # defaults: the usable ones of numpy, numba
-    assert seen["repeats"] == 2 and seen["backends"] == [b for b in ("numpy", "numba")
-                                                         if b in fo.backends.available()]
+    assert cli.main(["bench", "--quick"]) == 0  # defaults: the usable ones of numpy, numba
+    assert seen["repeats"] == 2 and seen["backends"] == [b for b in ("numpy", "numba") if b in fo.backends.available()]
 
 
 # ---- the real entry point -----------------------------------------------------------
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--quick", "--out", "afile"], "exists and is not a directory"),
-    (["experiment", "fadam", "--quick", "--seed", "-1", "--out", "out"], "argument --seed"),
-    (["bench", "--sizes", "1e400"], "argument --sizes"),
-    (["bench", "--backends", "nosuch"], "unknown backend"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--quick", "--out", "afile"], "exists and is not a directory"),
+        (["experiment", "fadam", "--quick", "--seed", "-1", "--out", "out"], "argument --seed"),
+        (["bench", "--sizes", "1e400"], "argument --sizes"),
+        (["bench", "--backends", "nosuch"], "unknown backend"),
+    ],
+)
 def test_python_dash_m_bad_arguments(argv, message, no_work):
     (no_work / "afile").write_text("")
-    proc = subprocess.run([sys.executable, "-m", "fisheropt", *argv], capture_output=True, text=True,
-                          timeout=120, cwd=no_work)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fisheropt", *argv], capture_output=True, text=True, timeout=120, cwd=no_work
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if "error:" in line][0].count(message) == 1
@@ -237,6 +293,5 @@ def test_python_dash_m_bad_arguments(argv, message, no_work):
 
 
 def test_python_dash_m_without_a_command(no_work):
-    proc = subprocess.run([sys.executable, "-m", "fisheropt"], capture_output=True, text=True,
-                          timeout=120, cwd=no_work)
+    proc = subprocess.run([sys.executable, "-m", "fisheropt"], capture_output=True, text=True, timeout=120, cwd=no_work)
     assert proc.returncode == 0 and "usage: fisheropt" in proc.stdout and "Traceback" not in proc.stderr

@@ -9,24 +9,26 @@ reduction (the descriptor's ``StateArray.reduced``, and θ for such a rule) with
 the tolerance derived in tests/agreement.py. The spec vectors run over every
 backend in tests/test_vectors.py, the signatures in tests/test_interface.py.
 """
+
 import numpy as np
 import pytest
+from agreement import assert_close, assert_exact, make_tensor, problems, tol
 from hypothesis import given
 from hypothesis import strategies as st
+from rules import RULE_NAMES, kernel_hyperparams
 
 import fisheropt as fo
 from fisheropt.refimpl import RULES
-
-from agreement import assert_close, assert_exact, make_tensor, problems, tol
-from rules import RULE_NAMES, kernel_hyperparams
 
 FUSED_HOST_BACKENDS = [b for b in fo.backends.KNOWN if b not in ("numpy", "cupy")]
 
 
 def _backend_params():
     reasons = fo.backends.unavailable()
-    return [pytest.param(b, marks=pytest.mark.skipif(b in reasons, reason=f"{b}: {reasons.get(b)}"))
-            for b in FUSED_HOST_BACKENDS]
+    return [
+        pytest.param(b, marks=pytest.mark.skipif(b in reasons, reason=f"{b}: {reasons.get(b)}"))
+        for b in FUSED_HOST_BACKENDS
+    ]
 
 
 @pytest.mark.parametrize("backend_name", _backend_params())
@@ -39,7 +41,8 @@ def test_fused_backend_matches_the_reference(backend_name, rule_name, data):
         pytest.skip(f"{backend_name} has no {rule.step_function}")
     flagged = rule.tensor_flag is not None
     shapes, dtypes, p_exp, g_exp, steps, zero_grads, seed = data.draw(
-        problems(matrices=flagged, max_tensors=4 if flagged else 6))
+        problems(matrices=flagged, max_tensors=4 if flagged else 6)
+    )
     n = len(shapes)
     hp = data.draw(kernel_hyperparams(rule, n))
     first = data.draw(st.one_of(st.just(1), st.integers(1, 2000)))
@@ -47,12 +50,14 @@ def test_fused_backend_matches_the_reference(backend_name, rule_name, data):
     rng = np.random.default_rng(seed)
     extra = {}
     flags = [False] * n
-    if flagged:   # flagged and unflagged tensors in one call, as the optimizer class makes it
+    if flagged:  # flagged and unflagged tensors in one call, as the optimizer class makes it
         flags = [bool(x) and s[0] > 0 for x, s in zip(rng.random(n) < 0.7, shapes)]
         extra[rule.tensor_flag.name] = flags
     params = [make_tensor(rng, s, d, e) for s, d, e in zip(shapes, dtypes, p_exp)]
-    state = [[np.zeros(p.shape[1], p.dtype) if spec.per_column and f else np.zeros_like(p)
-              for p, f in zip(params, flags)] for spec in rule.state]
+    state = [
+        [np.zeros(p.shape[1], p.dtype) if spec.per_column and f else np.zeros_like(p) for p, f in zip(params, flags)]
+        for spec in rule.state
+    ]
     params_r, state_r = [p.copy() for p in params], [[a.copy() for a in s] for s in state]
     exact = [not rule.reduces] + [not spec.reduced for spec in rule.state]
     names = ["params", *rule.state_names]

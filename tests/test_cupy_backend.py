@@ -11,20 +11,31 @@ DLPack, a large multi-chunk problem).
 The backend's internals (tables, the engine's host logic, the CUDA text and its PTX, the
 package's plumbing without CuPy, the mutants): tests/backends/test_cupy_internals.py.
 """
+
 from __future__ import annotations
 
 import re
 
 import numpy as np
 import pytest
+from cupy_emulated import (
+    DTYPES,
+    FHP,
+    HAVE_CXX,
+    HP,
+    RULES,
+    EmulatedBackend,
+    _assert_agree,
+    _default_hp,
+    _run_both,
+    cuda_kernels,
+    problems,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fisheropt as fo
 from fisheropt import refimpl, vectors
-
-from cupy_emulated import (DTYPES, FHP, HAVE_CXX, HP, RULES, EmulatedBackend, _assert_agree, _default_hp, _run_both,
-                           cuda_kernels, problems)
 
 
 def _cupy_reason():
@@ -61,6 +72,7 @@ class CupyBackend:
 
     def __init__(self):
         import cupy
+
         self.cupy = cupy
         self.module = fo.backends.get("cupy")
 
@@ -80,10 +92,13 @@ class CupyBackend:
         return self.cupy.asnumpy(a)
 
 
-@pytest.fixture(scope="module", params=[
-    pytest.param("emulated", marks=pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler for the emulator")),
-    pytest.param("cupy", marks=pytest.mark.gpu),
-])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("emulated", marks=pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler for the emulator")),
+        pytest.param("cupy", marks=pytest.mark.gpu),
+    ],
+)
 def backend(request):
     if request.param == "emulated":
         return EmulatedBackend()
@@ -113,10 +128,17 @@ def test_rules_agree_with_the_reference(backend, rule, data):
 
 @pytest.mark.parametrize("rule", list(RULES))
 def test_results_are_deterministic(backend, rule):
-    pb = dict(shapes=[(37, 61), (5, 3)] if rule == "coupled_adam" else [(37, 61), (700,), ()],
-              dtypes=["float32", "float64"] + ([] if rule == "coupled_adam" else ["float32"]),
-              scale=1.0, grad_scale=1.0, first_step=1, steps=3, seed=11, misaligned=False,
-              hp=_default_hp(rule))
+    pb = dict(
+        shapes=[(37, 61), (5, 3)] if rule == "coupled_adam" else [(37, 61), (700,), ()],
+        dtypes=["float32", "float64"] + ([] if rule == "coupled_adam" else ["float32"]),
+        scale=1.0,
+        grad_scale=1.0,
+        first_step=1,
+        steps=3,
+        seed=11,
+        misaligned=False,
+        hp=_default_hp(rule),
+    )
     _, first = _run_both(backend, rule, pb)
     _, second = _run_both(backend, rule, pb)
     _assert_agree(first, second, exact=True, magnitude=1)
@@ -124,8 +146,10 @@ def test_results_are_deterministic(backend, rule):
 
 @pytest.mark.parametrize("misaligned", [False, True])
 def test_all_finite(backend, misaligned):
-    arrays = [np.ones(s, d) for s, d in [((3, 4), "float32"), ((), "float64"), ((0,), "float32"),
-                                         ((701,), "float64"), ((129,), "float32")]]
+    arrays = [
+        np.ones(s, d)
+        for s, d in [((3, 4), "float32"), ((), "float64"), ((0,), "float32"), ((701,), "float64"), ((129,), "float32")]
+    ]
     dev = [backend.to_device(a, misaligned) for a in arrays]
     assert backend.all_finite(dev) is True
     assert backend.all_finite([]) is True
@@ -146,9 +170,10 @@ def _assert_bits(got, want, what):
     np.testing.assert_array_equal(got[~nan].view(bits), want[~nan].view(bits), err_msg=f"{what}: bits")
 
 
-_EDGE = {"float32": [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 1e-45, np.nan, np.inf, -np.inf, 3e38, -3e38, 1e-3],
-         "float64": [0.0, -0.0, 1.0, -1.0, 1e-310, -1e-310, 5e-324, np.nan, np.inf, -np.inf, 1.7e308, -1.7e308,
-                     1e-3]}
+_EDGE = {
+    "float32": [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 1e-45, np.nan, np.inf, -np.inf, 3e38, -3e38, 1e-3],
+    "float64": [0.0, -0.0, 1.0, -1.0, 1e-310, -1e-310, 5e-324, np.nan, np.inf, -np.inf, 1.7e308, -1.7e308, 1e-3],
+}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -169,10 +194,10 @@ def test_lion_edge_values_are_bitwise_the_reference(backend, dtype, beta1, weigh
     _assert_bits(backend.to_host(dev_m[0]), want[1][0], "m")
     T = np.dtype(dtype).type
     one, zero, sub = list(vals).index(1.0), list(vals).index(0.0), list(vals).index(vals[vals > 0].min())
-    t0 = vals[one]                                   # θ = 1, where θ's own value can show the move
-    if beta1 == 0.5:    # c = 0.5·1 + 0.5·(-1) = 0: only the decay moves θ
+    t0 = vals[one]  # θ = 1, where θ's own value can show the move
+    if beta1 == 0.5:  # c = 0.5·1 + 0.5·(-1) = 0: only the decay moves θ
         assert got[one, list(vals).index(-1.0), one] == t0 - T(0.25) * (T(0) + T(weight_decay) * t0)
-    if beta1 == 0.0:    # m = 0, g subnormal: c subnormal, sign 1; m = g = 0: c = 0, sign 0
+    if beta1 == 0.0:  # m = 0, g subnormal: c subnormal, sign 1; m = g = 0: c = 0, sign 0
         assert got[zero, sub, one] == t0 - T(0.25) * (T(1) + T(weight_decay) * t0)
         assert got[zero, zero, one] == t0 - T(0.25) * (T(0) + T(weight_decay) * t0)
 
@@ -181,6 +206,7 @@ def _cancelling_pairs(dtype, beta1, n, seed):
     """(m, g) with β1·m + (1-β1)·g exactly 0 in ``dtype`` (two roundings), while β1·m itself is
     not exact: a fused multiply-add would leave its rounding error there, a sign of ±1."""
     from fractions import Fraction
+
     T = np.dtype(dtype).type
     b1, omb1 = T(beta1), T(1 - beta1)
     rng = np.random.default_rng(seed)
@@ -226,17 +252,24 @@ def _per_tensor_problem(rule, seed):
         shapes, coupled = [(40, 7), (3, 5), (9, 11), (40, 7), (6,)], [True, False, True, True, False]
     else:
         shapes, coupled = [(40, 7), (3, 5), (701,), (64, 9), (40, 7), ()], None
-    dtypes = ["float32", "float64", "float32", "float64", "float32", "float32"][:len(shapes)]
+    dtypes = ["float32", "float64", "float32", "float64", "float32", "float32"][: len(shapes)]
     n = len(shapes)
     # tensors 0 and 4 share every value (one launch); the others differ in something
-    hp = dict(step=[5, 1, 17, 3, 5, 2][:n], lr=[1e-2, 0.05, 1e-3, 1e-2, 1e-2, 0.2][:n],
-              beta1=[0.9, 0.5, 0.0, 0.9, 0.9, 0.9][:n], beta2=[0.99, 0.999, 0.9, 0.5, 0.99, 0.999][:n],
-              weight_decay=[0.0, 0.1, 0.01, 0.5, 0.0, 0.1][:n])
+    hp = dict(
+        step=[5, 1, 17, 3, 5, 2][:n],
+        lr=[1e-2, 0.05, 1e-3, 1e-2, 1e-2, 0.2][:n],
+        beta1=[0.9, 0.5, 0.0, 0.9, 0.9, 0.9][:n],
+        beta2=[0.99, 0.999, 0.9, 0.5, 0.99, 0.999][:n],
+        weight_decay=[0.0, 0.1, 0.01, 0.5, 0.0, 0.1][:n],
+    )
     if rule != "lion":
         hp["eps"] = [1e-8, 1e-3, 1e-8, 1e-6, 1e-8, 1e-8][:n]
     if rule == "fadam":
-        hp.update(eps2=[0.01, 0.1, 0.01, 1.0, 0.01, 0.01], clip=[1.0, 0.5, 2.0, 1.0, 1.0, 0.25],
-                  p=[0.5, 1.0, 0.25, 0.5, 0.5, 0.75])
+        hp.update(
+            eps2=[0.01, 0.1, 0.01, 1.0, 0.01, 0.01],
+            clip=[1.0, 0.5, 2.0, 1.0, 1.0, 0.25],
+            p=[0.5, 1.0, 0.25, 0.5, 0.5, 0.75],
+        )
     if rule == "coupled_adam":
         hp["coupled"] = coupled
     state_names = RULES[rule][1]
@@ -249,8 +282,10 @@ def _per_tensor_problem(rule, seed):
             x = rng.standard_normal(s)
             arrs.append(np.asarray(x * x if k in ("v", "f") else 0.1 * x, dtype=d))
         state.append(arrs)
-    grads = [[np.asarray(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 2), dtype=d)
-              for s, d in zip(shapes, dtypes)] for _ in range(3)]
+    grads = [
+        [np.asarray(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 2), dtype=d) for s, d in zip(shapes, dtypes)]
+        for _ in range(3)
+    ]
     return params, state, grads, hp
 
 
@@ -265,7 +300,7 @@ def test_per_tensor_hyperparameters_match_the_reference(backend, rule):
     dev_p, dev_s = [backend.to_device(p) for p in params], [[backend.to_device(a) for a in s] for s in state]
     for k, g in enumerate(grads):
         kw = dict(hp, step=[t + k for t in hp["step"]])
-        if k == 2:   # tuples are per-tensor too
+        if k == 2:  # tuples are per-tensor too
             kw = {name: tuple(v) if isinstance(v, list) else v for name, v in kw.items()}
         getattr(refimpl, fn)(ref_p, [x.copy() for x in g], *ref_s, **kw)
         getattr(backend, fn)(dev_p, [backend.to_device(x) for x in g], *dev_s, **kw)
@@ -309,9 +344,12 @@ def test_fused_finiteness_check_refuses_before_any_write(backend, rule):
     g = [backend.to_device(x) for x in grads[1]]
     assert getattr(backend, fn + "_checked")(dev_p, g, *dev_s, **hp) is True
     getattr(backend, fn)(unchecked_p, g, *unchecked_s, **hp)
-    _assert_agree(([backend.to_host(p) for p in dev_p], [[backend.to_host(a) for a in s] for s in dev_s]),
-                  ([backend.to_host(p) for p in unchecked_p], [[backend.to_host(a) for a in s] for s in unchecked_s]),
-                  exact=True, magnitude=1)
+    _assert_agree(
+        ([backend.to_host(p) for p in dev_p], [[backend.to_host(a) for a in s] for s in dev_s]),
+        ([backend.to_host(p) for p in unchecked_p], [[backend.to_host(a) for a in s] for s in unchecked_s]),
+        exact=True,
+        magnitude=1,
+    )
 
 
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
@@ -332,12 +370,19 @@ def test_fused_check_accepts_huge_finite_float64_gradients(backend, rule):
     ref_p, ref_m, ref_s = [p.copy() for p in params], [a.copy() for a in m], [a.copy() for a in state]
     getattr(refimpl, fn)(ref_p, grads, ref_m, ref_s, **hp)
     dev = [[backend.to_device(a) for a in lst] for lst in (params, m, state)]
-    assert getattr(backend, fn + "_checked")(dev[0], [backend.to_device(g) for g in grads], dev[1], dev[2],
-                                             **hp) is True
-    assert np.isinf(backend.to_host(dev[2][0])).all()   # g² overflowed: the step went ahead
-    _assert_agree((ref_p, [ref_m, ref_s]), ([backend.to_host(a) for a in dev[0]],
-                                            [[backend.to_host(a) for a in dev[1]],
-                                             [backend.to_host(a) for a in dev[2]]]), exact=False, magnitude=1)
+    assert (
+        getattr(backend, fn + "_checked")(dev[0], [backend.to_device(g) for g in grads], dev[1], dev[2], **hp) is True
+    )
+    assert np.isinf(backend.to_host(dev[2][0])).all()  # g² overflowed: the step went ahead
+    _assert_agree(
+        (ref_p, [ref_m, ref_s]),
+        (
+            [backend.to_host(a) for a in dev[0]],
+            [[backend.to_host(a) for a in dev[1]], [backend.to_host(a) for a in dev[2]]],
+        ),
+        exact=False,
+        magnitude=1,
+    )
 
 
 @pytest.mark.parametrize("suite", sorted(vectors.SUITES))
@@ -359,8 +404,17 @@ def test_fadam_epsilon_follows_rms_of_tiny_gradients():
     """With eps2·RMS(g) < eps the adaptive epsilon depends on the float64 RMS reduction
     (it does not for ordinary gradients, where min(eps, eps2·RMS) = eps)."""
     emu = EmulatedBackend()
-    pb = dict(shapes=[(37, 61), (700,), ()], dtypes=["float32", "float64", "float32"], scale=1.0,
-              grad_scale=1e-9, first_step=1, steps=3, seed=2, misaligned=True, hp=dict(FHP, p=0.25))
+    pb = dict(
+        shapes=[(37, 61), (700,), ()],
+        dtypes=["float32", "float64", "float32"],
+        scale=1.0,
+        grad_scale=1e-9,
+        first_step=1,
+        steps=3,
+        seed=2,
+        misaligned=True,
+        hp=dict(FHP, p=0.25),
+    )
     ref, got = _run_both(emu, "fadam", pb)
     _assert_agree(ref, got, exact=False, magnitude=1e-9)
 
@@ -372,9 +426,17 @@ def test_fadam_epsilon_follows_rms_of_tiny_gradients():
 def test_production_block_and_chunk_sizes_on_the_emulator():
     emu = EmulatedBackend(block=cuda_kernels.BLOCK, chunk=cuda_kernels.CHUNK, min_rows=32, max_rows=256)
     for rule in ("adamw", "fadam", "coupled_adam", "lion"):
-        pb = dict(shapes=[(70, 300)] if rule == "coupled_adam" else [(16384 + 5,), (3, 7)],
-                  dtypes=["float32"] * (1 if rule == "coupled_adam" else 2), scale=1.0, grad_scale=1.0,
-                  first_step=1, steps=2, seed=3, misaligned=False, hp=_default_hp(rule))
+        pb = dict(
+            shapes=[(70, 300)] if rule == "coupled_adam" else [(16384 + 5,), (3, 7)],
+            dtypes=["float32"] * (1 if rule == "coupled_adam" else 2),
+            scale=1.0,
+            grad_scale=1.0,
+            first_step=1,
+            steps=2,
+            seed=3,
+            misaligned=False,
+            hp=_default_hp(rule),
+        )
         ref, got = _run_both(emu, rule, pb)
         _assert_agree(ref, got, exact=rule in EXACT_RULES, magnitude=1)
 
@@ -387,13 +449,21 @@ def _cupy_or_skip():
     if reason is not None:
         pytest.skip(f"cupy backend unavailable: {reason}")
     import cupy
+
     return cupy
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cls,kw", [(fo.Adam, dict(weight_decay=0.01)), (fo.AdamW, {}), (fo.FAdam, {}),
-                                    (fo.CoupledAdam, dict(coupled=[True, False, False])),
-                                    (fo.Lion, dict(weight_decay=0.1))])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (fo.Adam, dict(weight_decay=0.01)),
+        (fo.AdamW, {}),
+        (fo.FAdam, {}),
+        (fo.CoupledAdam, dict(coupled=[True, False, False])),
+        (fo.Lion, dict(weight_decay=0.1)),
+    ],
+)
 def test_optimizer_classes_on_cupy_arrays(cls, kw):
     cupy = _cupy_or_skip()
     rng = np.random.default_rng(0)
@@ -432,8 +502,17 @@ def test_large_multi_chunk_problem_agrees():
     backend = CupyBackend()
     for rule in RULES:
         shapes = [(4099, 257), (33,)] if rule != "coupled_adam" else [(4099, 257), (7, 3)]
-        pb = dict(shapes=shapes, dtypes=["float32", "float64"], scale=1.0, grad_scale=1.0, first_step=1, steps=2,
-                  seed=5, misaligned=False, hp=_default_hp(rule))
+        pb = dict(
+            shapes=shapes,
+            dtypes=["float32", "float64"],
+            scale=1.0,
+            grad_scale=1.0,
+            first_step=1,
+            steps=2,
+            seed=5,
+            misaligned=False,
+            hp=_default_hp(rule),
+        )
         ref, got = _run_both(backend, rule, pb)
         _assert_agree(ref, got, exact=rule in EXACT_RULES, magnitude=1)
     cupy.cuda.Device().synchronize()

@@ -1,17 +1,17 @@
 """ESimCSE reference pieces: word repetition, the momentum queue, the EMA update,
 the InfoNCE loss and its gradient (spec/esimcse.md); and the tiny sentence encoder,
 a workload (fisheropt.workloads.esimcse_encoder) that the experiment trains."""
+
 import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy import stats
+
 from fisheropt.refimpl.esimcse_loss import TEMPERATURE, info_nce, info_nce_with_grad
-from fisheropt.refimpl.esimcse_momentum import (
-    MOMENTUM,
-    ema_coefficients,
-    ema_update,
-    ema_update_tensor,
-)
+from fisheropt.refimpl.esimcse_momentum import MOMENTUM, ema_coefficients, ema_update, ema_update_tensor
 from fisheropt.refimpl.esimcse_queue import MomentumQueue, default_queue_size
 from fisheropt.refimpl.esimcse_repetition import (
     DUP_RATE,
@@ -22,15 +22,12 @@ from fisheropt.refimpl.esimcse_repetition import (
     word_repetition_batch,
 )
 from fisheropt.workloads import esimcse_encoder as enc
-from hypothesis import given
-from hypothesis import strategies as st
-from scipy import stats
 
 
 # ---- word repetition ------------------------------------------------------------
 def test_repetition_defaults_and_bounds():
     assert DUP_RATE == 0.32
-    assert max_dup_len(0) == 2 and max_dup_len(6) == 2 and max_dup_len(7) == 2   # int(0.32·7) = 2
+    assert max_dup_len(0) == 2 and max_dup_len(6) == 2 and max_dup_len(7) == 2  # int(0.32·7) = 2
     assert max_dup_len(10) == 3 and max_dup_len(25) == 8 and max_dup_len(100) == 32
     assert max_dup_len(10, dup_rate=0.5) == 5
 
@@ -43,14 +40,14 @@ def test_repetition_duplicates_in_place():
 
 @given(n=st.integers(0, 60), seed=st.integers(0, 2**32 - 1), rate=st.sampled_from([0.1, 0.32, 0.5, 1.0]))
 def test_repetition_properties(n, seed, rate):
-    tokens = np.arange(100, 100 + n)                      # distinct, so duplicates are visible
+    tokens = np.arange(100, 100 + n)  # distinct, so duplicates are visible
     out = word_repetition(tokens, dup_rate=rate, rng=seed)
     k = len(out) - n
     assert 0 <= k <= min(n, max_dup_len(n, rate))
     values, counts = np.unique(out, return_counts=True)
-    np.testing.assert_array_equal(values, tokens)          # nothing new, nothing lost
+    np.testing.assert_array_equal(values, tokens)  # nothing new, nothing lost
     assert set(counts.tolist()) <= {1, 2} and int((counts == 2).sum()) == k
-    assert np.all(np.diff(out) >= 0)                       # order kept; a copy sits next to its original
+    assert np.all(np.diff(out) >= 0)  # order kept; a copy sits next to its original
     np.testing.assert_array_equal(out, word_repetition(tokens, dup_rate=rate, rng=seed))  # deterministic
 
 
@@ -71,7 +68,7 @@ def test_repetition_dup_len_is_uniform_on_its_range():
         hi = max_dup_len(n)
         k = np.array([len(repetition_positions(n, rng=rng)) for _ in range(trials)])
         observed = np.bincount(k, minlength=hi + 1)
-        assert observed.size == hi + 1 and observed.min() > 0   # 0 and hi both reached, nothing above
+        assert observed.size == hi + 1 and observed.min() > 0  # 0 and hi both reached, nothing above
         assert stats.chisquare(observed).pvalue > 1e-3
         assert abs(k.mean() - hi / 2) < 4 * math.sqrt(((hi + 1) ** 2 - 1) / 12 / trials)
 
@@ -93,7 +90,7 @@ def test_repetition_tiny_sentences():
     rng = np.random.default_rng(2)
     assert len(word_repetition(np.array([], dtype=np.int64), rng=rng)) == 0
     lengths = {len(word_repetition(np.array([9]), rng=rng)) for _ in range(200)}
-    assert lengths == {1, 2}                                # dup_len clamped to N = 1
+    assert lengths == {1, 2}  # dup_len clamped to N = 1
     with pytest.raises(ValueError):
         word_repetition(np.zeros((2, 2)), rng=rng)
 
@@ -114,8 +111,8 @@ def test_queue_is_fifo_oldest_first():
         history.extend(ids.tolist())
         got = q.negatives()
         assert got.shape == (min(len(history), 10), 2)
-        np.testing.assert_array_equal(got[:, 0], history[-10:])       # the last Q, oldest first
-        np.testing.assert_array_equal(got[:, 1], -got[:, 0])          # rows intact
+        np.testing.assert_array_equal(got[:, 0], history[-10:])  # the last Q, oldest first
+        np.testing.assert_array_equal(got[:, 1], -got[:, 0])  # rows intact
 
 
 def test_queue_big_batch_keeps_newest_and_returns_copies():
@@ -150,7 +147,7 @@ def test_ema_reference_formula(dtype):
 def test_ema_coefficients_rounded_to_dtype():
     a, b = ema_coefficients(0.995, np.float32)
     assert a.dtype == np.float32 and b.dtype == np.float32
-    assert b == np.float32(1.0 - 0.995)        # 1 − λ in float64 first, then rounded
+    assert b == np.float32(1.0 - 0.995)  # 1 − λ in float64 first, then rounded
     assert MOMENTUM == 0.995
 
 
@@ -161,7 +158,7 @@ def test_ema_edge_decays_and_tracking():
     np.testing.assert_array_equal(ema_update_tensor(k0, q, decay=0.0), q)
     np.testing.assert_array_equal(ema_update_tensor(k0, q, decay=1.0), k0)
     k = [k0.copy()]
-    for _ in range(2000):                      # a fixed source: θ_k → θ_q geometrically
+    for _ in range(2000):  # a fixed source: θ_k → θ_q geometrically
         ema_update(k, [q], decay=0.995)
     np.testing.assert_allclose(k[0], q + 0.995**2000 * (k0 - q), rtol=1e-9, atol=1e-12)
 
@@ -196,7 +193,7 @@ def test_info_nce_value_and_gradient_by_finite_differences(n_neg, tau):
     rng = np.random.default_rng(5)
     B, d = 4, 6
     h, hp = rng.standard_normal((B, d)), rng.standard_normal((B, d))
-    hp[1] = h[1] + 0.3 * rng.standard_normal(d)               # one easy positive
+    hp[1] = h[1] + 0.3 * rng.standard_normal(d)  # one easy positive
     neg = None if n_neg is None else rng.standard_normal((n_neg, d))
     loss, gh, ghp = info_nce_with_grad(h, hp, neg, tau=tau)
     assert loss == pytest.approx(_naive_loss(h, hp, neg, tau), rel=1e-12)
@@ -207,7 +204,9 @@ def test_info_nce_value_and_gradient_by_finite_differences(n_neg, tau):
     np.testing.assert_allclose(ghp, num_hp, rtol=1e-5, atol=1e-7 * scale)
 
 
-@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 6), Q=st.integers(0, 7), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+@given(
+    seed=st.integers(0, 2**32 - 1), B=st.integers(1, 6), Q=st.integers(0, 7), scale=st.sampled_from([1e-3, 1.0, 1e3])
+)
 def test_info_nce_invariances(seed, B, Q, scale):
     rng = np.random.default_rng(seed)
     d = 5
@@ -238,7 +237,7 @@ def test_info_nce_lower_bound_and_rejects_bad_shapes():
 def _tiny_model(seed=0):
     rng = np.random.default_rng(seed)
     params = enc.init_params(12, 9, 4, 3, rng=rng)
-    params[3][...] = rng.standard_normal(3)            # non-zero bias, so its gradient is tested
+    params[3][...] = rng.standard_normal(3)  # non-zero bias, so its gradient is tested
     sents = [rng.integers(1, 12, size=n) for n in (3, 7, 9, 1)]
     return params, sents
 
@@ -257,7 +256,7 @@ def test_encoder_gradient_by_finite_differences(dropout):
     assert [g.shape for g in grads] == [p.shape for p in params]
     for p, g in zip(params, grads):
         np.testing.assert_allclose(g, _numeric_grad(f, p), rtol=1e-6, atol=1e-8)
-    assert np.all(grads[0][0] == 0)                    # padding never gets a gradient
+    assert np.all(grads[0][0] == 0)  # padding never gets a gradient
 
 
 def test_encoder_end_to_end_gradient_through_info_nce():
@@ -282,7 +281,7 @@ def test_encoder_padding_truncation_and_encode():
     params, sents = _tiny_model(4)
     alone = enc.encode(params, sents[:1], max_len=9)
     batched = enc.encode(params, sents, max_len=9, batch_size=2)
-    np.testing.assert_allclose(batched[0], alone[0], rtol=1e-13)   # padding does not leak into the mean
+    np.testing.assert_allclose(batched[0], alone[0], rtol=1e-13)  # padding does not leak into the mean
     tokens, lengths = enc.pad_batch([np.arange(1, 20)], 9)
     assert tokens.shape == (1, 9) and lengths[0] == 9
     with pytest.raises(ValueError):

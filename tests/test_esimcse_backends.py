@@ -1,6 +1,7 @@
 """The ESimCSE momentum-encoder kernel ``ema_update`` on every backend: bit-for-bit
 agreement with the NumPy reference (Numba on the CPU; CuPy on a GPU, and its kernel
 text compiled for the CPU by g++ where no GPU is present)."""
+
 import ctypes
 import importlib.util
 import inspect
@@ -10,17 +11,17 @@ import subprocess
 import warnings
 from pathlib import Path
 
-import fisheropt.backends
 import numpy as np
 import pytest
 from conftest import gpu_skip_reason
-from fisheropt.backends import FUNCTIONS
-from fisheropt.refimpl.esimcse_momentum import MOMENTUM
-from fisheropt.refimpl.esimcse_momentum import ema_update as ref_ema
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fisheropt as fo
+import fisheropt.backends
+from fisheropt.backends import FUNCTIONS
+from fisheropt.refimpl.esimcse_momentum import MOMENTUM
+from fisheropt.refimpl.esimcse_momentum import ema_update as ref_ema
 
 SHAPES = [(37, 5), (8,), (), (1,), (2, 3, 4), (0, 3)]
 
@@ -35,6 +36,7 @@ def _tensors(dtype, seed, shapes=SHAPES, scale=1.0):
 def _numba_module():
     pytest.importorskip("numba")
     from fisheropt.backends.numba import esimcse
+
     return esimcse
 
 
@@ -42,7 +44,7 @@ def _assert_bitwise(got, want):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         bits = [np.ascontiguousarray(np.atleast_1d(x)).view(np.uint8) for x in (g, w)]
-        np.testing.assert_array_equal(*bits)                # bit patterns: -0.0 ≠ 0.0, NaN payloads
+        np.testing.assert_array_equal(*bits)  # bit patterns: -0.0 ≠ 0.0, NaN payloads
 
 
 def test_ema_update_is_in_the_interface_and_the_reference():
@@ -60,14 +62,18 @@ def test_numba_equals_reference_bitwise(dtype, decay):
     N = _numba_module()
     k, q = _tensors(dtype, 1)
     k_ref = [a.copy() for a in k]
-    for _ in range(3):                                      # a short trajectory
+    for _ in range(3):  # a short trajectory
         N.ema_update(k, q, decay=decay)
         ref_ema(k_ref, q, decay=decay)
     _assert_bitwise(k, k_ref)
 
 
-@given(seed=st.integers(0, 2**32 - 1), decay=st.floats(0.0, 1.0),
-       exp=st.sampled_from([-30, -3, 0, 3, 30]), f32=st.booleans())
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    decay=st.floats(0.0, 1.0),
+    exp=st.sampled_from([-30, -3, 0, 3, 30]),
+    f32=st.booleans(),
+)
 def test_numba_equals_reference_property(seed, decay, exp, f32):
     N = _numba_module()
     dtype = np.float32 if f32 else np.float64
@@ -81,10 +87,13 @@ def test_numba_equals_reference_property(seed, decay, exp, f32):
 def test_numba_mixed_dtypes_strided_sources_and_parallel_path():
     N = _numba_module()
     rng = np.random.default_rng(2)
-    big = N.PARALLEL_THRESHOLD + 17                         # takes the multi-threaded kernel
+    big = N.PARALLEL_THRESHOLD + 17  # takes the multi-threaded kernel
     k = [rng.standard_normal(big), rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((6, 4))]
-    q = [rng.standard_normal(big), rng.standard_normal((3, 4)).astype(np.float32),
-         rng.standard_normal((6, 8))[:, ::2]]               # a strided source is fine (read only)
+    q = [
+        rng.standard_normal(big),
+        rng.standard_normal((3, 4)).astype(np.float32),
+        rng.standard_normal((6, 8))[:, ::2],
+    ]  # a strided source is fine (read only)
     k_ref = [a.copy() for a in k]
     N.ema_update(k, q, decay=MOMENTUM)
     ref_ema(k_ref, q, decay=MOMENTUM)
@@ -104,10 +113,11 @@ def _bad_calls():
 
     def good(*shape, dt=np.float64):
         return np.asarray(rng.standard_normal(shape), dtype=dt)
+
     ro = good(3)
     ro.flags.writeable = False
     swapped = good(3).astype(np.dtype(np.float64).newbyteorder("S"))
-    with warnings.catch_warnings():       # np.matrix, on purpose (it must be refused)
+    with warnings.catch_warnings():  # np.matrix, on purpose (it must be refused)
         warnings.simplefilter("ignore", PendingDeprecationWarning)
         matrix = np.asmatrix(good(2, 2))
     second = [  # (description, targets[1], sources[1], error, message)
@@ -142,7 +152,7 @@ def test_ema_update_refuses_bad_input_before_writing(backend, case):
         _host_ema_backends()[backend](targets, sources, decay=decay)
     if before is not None:
         for t, b in zip(targets, before):
-            np.testing.assert_array_equal(np.asarray(t), b)     # nothing written, not even targets[0]
+            np.testing.assert_array_equal(np.asarray(t), b)  # nothing written, not even targets[0]
 
 
 def test_ema_update_torch_tensors_are_a_type_error():
@@ -155,6 +165,7 @@ def test_ema_update_torch_tensors_are_a_type_error():
 def test_ema_update_validation_is_shared(monkeypatch):
     """One validator (refimpl's check_ema_args) for the three backends, called once per update."""
     from fisheropt.refimpl import esimcse_momentum
+
     assert _cupy_esimcse_source_module().check_ema_args is esimcse_momentum.check_ema_args
     if importlib.util.find_spec("numba"):
         assert _numba_module().check_ema_args is esimcse_momentum.check_ema_args
@@ -223,8 +234,11 @@ def emulated_kernel(tmp_path_factory):
     m = _cupy_esimcse_source_module()
     d = tmp_path_factory.mktemp("ema_kernel")
     (d / "k.cpp").write_text(_HARNESS.replace("PREAMBLE", m.PREAMBLE).replace("BODY", m.BODY))
-    subprocess.run([cxx, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(d / "k.so"), str(d / "k.cpp")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [cxx, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(d / "k.so"), str(d / "k.cpp")],
+        check=True,
+        capture_output=True,
+    )
     lib = ctypes.CDLL(str(d / "k.so"))
 
     def ema_update(targets, sources, *, decay):
@@ -234,9 +248,15 @@ def emulated_kernel(tmp_path_factory):
             a, b = m.ema_coefficients(decay, k.dtype)
             ctype = ctypes.c_float if k.dtype == np.float32 else ctypes.c_double
             fn = lib.ema_f32 if k.dtype == np.float32 else lib.ema_f64
-            fn(flat_q.ctypes.data_as(ctypes.c_void_p), ctype(a), ctype(b),
-               flat_k.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(flat_k.size))
+            fn(
+                flat_q.ctypes.data_as(ctypes.c_void_p),
+                ctype(a),
+                ctype(b),
+                flat_k.ctypes.data_as(ctypes.c_void_p),
+                ctypes.c_long(flat_k.size),
+            )
             k[...] = flat_k
+
     return ema_update
 
 
@@ -258,6 +278,7 @@ def test_cupy_kernel_text_on_the_cpu_equals_reference(emulated_kernel, dtype, de
 def test_cupy_equals_reference_bitwise(dtype, decay):
     assert gpu_skip_reason() is None
     import cupy
+
     backend = fo.backends.get("cupy")
     rng = np.random.default_rng(4)
     shapes = SHAPES + [(1 << 20,), (300, 7)]
@@ -270,7 +291,7 @@ def test_cupy_equals_reference_bitwise(dtype, decay):
         ref_ema(k_ref, q, decay=decay)
     _assert_bitwise([cupy.asnumpy(a) for a in k_dev], k_ref)
     strided = cupy.asarray(rng.standard_normal((40, 12)).astype(dtype))
-    with pytest.raises(ValueError, match="not C-contiguous"):       # refused, like on the host
+    with pytest.raises(ValueError, match="not C-contiguous"):  # refused, like on the host
         backend.ema_update([strided[:, ::2]], [cupy.zeros((40, 6), dtype)], decay=decay)
 
 
@@ -278,6 +299,7 @@ def test_cupy_equals_reference_bitwise(dtype, decay):
 def test_cupy_ema_via_registry_select():
     assert gpu_skip_reason() is None
     import cupy
+
     k = [cupy.zeros(4, dtype=cupy.float32)]
     q = [cupy.ones(4, dtype=cupy.float32)]
     fo.backends.select("auto", k + q).ema_update(k, q, decay=0.75)

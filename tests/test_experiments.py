@@ -3,6 +3,7 @@ finite, depend on the seed, and can be recomputed from the outputs it saved.
 
 Each quick run is done once per module (fixtures) and shared by the checks.
 """
+
 import json
 import math
 
@@ -12,8 +13,10 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from fisheropt import experiments  # noqa: E402
-from fisheropt import fisher  # noqa: E402
+from fisheropt import (
+    experiments,  # noqa: E402
+    fisher,  # noqa: E402
+)
 from fisheropt.refimpl.fadam import fadam_update  # noqa: E402
 from fisheropt.refimpl.isotropy import embedding_report  # noqa: E402
 from fisheropt.workloads.models import MLP, load_digits_split  # noqa: E402
@@ -47,8 +50,9 @@ def _check_outputs(out, result, n_png):
     report = (out / "report.md").read_text(encoding="utf-8")
     assert report.startswith("# ")
     assert "| " in report and "Quick mode" in report
-    assert any(word in report for word in ("Agrees with the paper", "Disagrees with the paper",
-                                           "Inconclusive at this scale"))
+    assert any(
+        word in report for word in ("Agrees with the paper", "Disagrees with the paper", "Inconclusive at this scale")
+    )
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) >= n_png
     for p in pngs:
@@ -84,7 +88,7 @@ def test_coupled_adam_outputs(coupled):
     assert {r["optimizer"] for r in result["rows"]} == {"AdamW", "Coupled Adam"}
     for r in result["per_seed"]:
         assert 0 < r["isotropy"] <= 1 and 0 < r["mu_ratio"] <= 1 and r["condition_number"] >= 1
-        assert 0 < r["val_loss"] < math.log(400) + 1   # trained, finite, below ~uniform
+        assert 0 < r["val_loss"] < math.log(400) + 1  # trained, finite, below ~uniform
     assert metrics["verdict"] == json.loads(json.dumps(result["verdict"]))
 
 
@@ -130,7 +134,7 @@ def test_ief_seeds_differ_and_quality_recomputes(ief):
     raw = result["raw"]
     q = {(r["seed"], r["epoch"], r["damping"], r["kind"]): r["quality"] for r in raw}
     assert q[(0, 0, 1.0, "EF")] != q[(1, 0, 1.0, "EF")]
-    assert q[(0, 2, 1.0, "iEF")] != q[(0, 0, 1.0, "iEF")]          # training changed the model
+    assert q[(0, 2, 1.0, "iEF")] != q[(0, 0, 1.0, "iEF")]  # training changed the model
     # Recompute the epoch-0 EF and iEF qualities of seed 1 from the saved probe batch.
     ief_mod = experiments.get("ief")
     X_tr, y_tr, _, _ = load_digits_split(seed=0)
@@ -150,13 +154,19 @@ def test_fadam_outputs(fadam):
     report, metrics = _check_outputs(out, result, 2)
     assert "ablation: no-clip" in report and "FAdam" in report
     methods = {r["method"] for r in result["rows"]}
-    assert {"Adam", "AdamW", "FAdam", "ablation: no-clip", "ablation: momentum-first",
-            "ablation: adamw-decay"} == methods
+    assert {
+        "Adam",
+        "AdamW",
+        "FAdam",
+        "ablation: no-clip",
+        "ablation: momentum-first",
+        "ablation: adamw-decay",
+    } == methods
     stable = [r for r in result["runs"] if not r["diverged"]]
     assert _all_finite(stable, ("train_loss", "test_loss", "test_acc"))
     for r in result["runs"]:
         if r["method"] in ("Adam", "AdamW", "FAdam"):
-            assert not r["diverged"] and r["test_acc"] > 0.5     # learned something
+            assert not r["diverged"] and r["test_acc"] > 0.5  # learned something
 
 
 @pytest.mark.slow
@@ -234,10 +244,12 @@ def test_fadam_ablation_variants(variant, dtype):
     out = mod.fadam_ablation_update(theta, g, m, f, variant=variant, **HP)
     assert [a.dtype for a in out] == [dtype] * 3
     assert not np.allclose(out[0], ref[0]), variant
-    np.testing.assert_array_equal(out[2], ref[2])      # the Fisher EMA is never ablated
+    np.testing.assert_array_equal(out[2], ref[2])  # the Fisher EMA is never ablated
     # each ablation is its own recipe: the reference with exactly one block swapped
     recipe = mod.RECIPES[variant]
-    assert sum(getattr(recipe, field) is not getattr(mod.FADAM, field) for field in ("clipped", "direction", "decay")) == 1
+    assert (
+        sum(getattr(recipe, field) is not getattr(mod.FADAM, field) for field in ("clipped", "direction", "decay")) == 1
+    )
     for a, b in zip(out, recipe.update(theta, g, m, f, **HP)):
         np.testing.assert_array_equal(a, b)
     # and it computes what its description says
@@ -249,8 +261,7 @@ def test_fadam_ablation_variants(variant, dtype):
     opt = mod.FAdamAblation(params, variant, lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]))
     opt.step([g])
     assert params[0].dtype == dtype and opt.m[0].dtype == dtype and opt.f[0].dtype == dtype
-    first = mod.fadam_ablation_update(theta, g, np.zeros_like(m), np.zeros_like(f), variant=variant,
-                                      **dict(HP, t=1))
+    first = mod.fadam_ablation_update(theta, g, np.zeros_like(m), np.zeros_like(f), variant=variant, **dict(HP, t=1))
     np.testing.assert_array_equal(params[0], first[0])
 
 
@@ -279,7 +290,7 @@ def test_demo_covers_every_rule_and_every_direction():
         opt = demo.make_optimizer(rule, [p.copy() for p in model.params], "numpy")
         assert type(opt).__name__ == rule.title
         assert opt.hyperparams == {**rule.defaults(), "lr": demo.ADAPTIVE_LR}
-        if rule.tensor_flag is not None:       # W1 flagged (pixels as the vocabulary), nothing else
+        if rule.tensor_flag is not None:  # W1 flagged (pixels as the vocabulary), nothing else
             assert getattr(opt, rule.tensor_flag.name) == (True, False, False, False)
             assert any(note.startswith(rule.title) and "W1" in note for note in demo.method_notes())
 
@@ -297,11 +308,12 @@ def test_demo_prints_its_table_before_plotting(tmp_path, monkeypatch, capsys):
     result = demo.run(quick=True, out_dir=tmp_path, verbose=True)
     printed = capsys.readouterr().out
     assert result["plots"] == [] and "No plots: plots need matplotlib" in printed
-    table = printed[:printed.index("No plots")]
+    table = printed[: printed.index("No plots")]
     for method in demo.METHODS:
         assert method in table
     assert {(r["method"], r["backend"]) for r in result["rows"]} == {
-        (m, b) for m in demo.METHODS for b in result["backends"]}
+        (m, b) for m in demo.METHODS for b in result["backends"]
+    }
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert all(method in report for method in demo.METHODS) and ".png" not in report
     assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))

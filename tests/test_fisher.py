@@ -1,24 +1,21 @@
 """Fisher estimators and natural-gradient directions (fisheropt.fisher, refimpl/fisher_*.py)."""
+
 import numpy as np
 import pytest
-import scipy.linalg
-from fisheropt.refimpl import (
-    fisher_empirical,
-    fisher_exact,
-    fisher_improved,
-    fisher_ngd,
-    fisher_sampled,
-)
-from fisheropt.workloads.models import MLP, SoftmaxRegression
 
 import fisheropt as fo
+from fisheropt.refimpl import fisher_empirical, fisher_exact, fisher_improved, fisher_ngd, fisher_sampled
+from fisheropt.workloads.models import MLP, SoftmaxRegression
 
 F_ = fo.fisher
 
 
 def _problem(rng, N=7, F=4, H=3, C=3, dtype=np.float64, model="mlp", spread=1.0):
-    m = MLP(F, H, C, seed=int(rng.integers(1 << 30)), dtype=dtype) if model == "mlp" else \
-        SoftmaxRegression(F, C, seed=int(rng.integers(1 << 30)), dtype=dtype)
+    m = (
+        MLP(F, H, C, seed=int(rng.integers(1 << 30)), dtype=dtype)
+        if model == "mlp"
+        else SoftmaxRegression(F, C, seed=int(rng.integers(1 << 30)), dtype=dtype)
+    )
     m.set_flat((m.get_flat() + spread * rng.standard_normal(m.n_params)).astype(dtype))
     X = rng.standard_normal((N, F)).astype(dtype)
     y = rng.integers(0, C, N)
@@ -53,9 +50,9 @@ def test_per_sample_grads_and_s_against_brute_force(rng):
             e = np.zeros_like(theta)
             e[i] = 1e-6
             m.set_flat(theta + e)
-            lp = m.loss(X[n:n + 1], y[n:n + 1])
+            lp = m.loss(X[n : n + 1], y[n : n + 1])
             m.set_flat(theta - e)
-            lm = m.loss(X[n:n + 1], y[n:n + 1])
+            lm = m.loss(X[n : n + 1], y[n : n + 1])
             fd[i] = (lp - lm) / 2e-6
         m.set_flat(theta)
         np.testing.assert_allclose(G2[n], fd, rtol=1e-5, atol=1e-7)
@@ -65,9 +62,18 @@ def test_per_sample_grads_and_s_against_brute_force(rng):
     # s is the squared norm of the logits gradient: check it by differences in z
     z = m.logits(X)
     for n in range(X.shape[0]):
-        gz = np.array([(np.logaddexp.reduce(z[n] + 1e-6 * np.eye(3)[c]) - (z[n] + 1e-6 * np.eye(3)[c])[y[n]]
-                        - np.logaddexp.reduce(z[n] - 1e-6 * np.eye(3)[c]) + (z[n] - 1e-6 * np.eye(3)[c])[y[n]])
-                       / 2e-6 for c in range(3)])
+        gz = np.array(
+            [
+                (
+                    np.logaddexp.reduce(z[n] + 1e-6 * np.eye(3)[c])
+                    - (z[n] + 1e-6 * np.eye(3)[c])[y[n]]
+                    - np.logaddexp.reduce(z[n] - 1e-6 * np.eye(3)[c])
+                    + (z[n] - 1e-6 * np.eye(3)[c])[y[n]]
+                )
+                / 2e-6
+                for c in range(3)
+            ]
+        )
         assert s[n] == pytest.approx(float(gz @ gz), rel=1e-6)
 
 
@@ -80,10 +86,12 @@ def test_dense_estimators_against_brute_force(rng):
     # the exact Fisher is the expectation over model labels of g g^T
     np.testing.assert_allclose(F, fisher_exact.exact_expectation_bruteforce(J, p), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(F_.empirical(G), fisher_empirical.empirical_bruteforce(G), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(F_.sampled(J, p, ls), fisher_sampled.sampled_bruteforce(J, p, ls),
-                               rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(F_.improved_empirical(G, s), fisher_improved.improved_empirical_bruteforce(G, s),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        F_.sampled(J, p, ls), fisher_sampled.sampled_bruteforce(J, p, ls), rtol=1e-10, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        F_.improved_empirical(G, s), fisher_improved.improved_empirical_bruteforce(G, s), rtol=1e-10, atol=1e-12
+    )
     # the Fisher factor: A^T A = F
     A = fisher_exact.fisher_factor(J, p)
     np.testing.assert_allclose(A.T @ A, F, rtol=1e-10, atol=1e-12)
@@ -111,10 +119,12 @@ def test_operators_match_dense(rng):
     _, _, _, J, p, G, s = _problem(rng)
     ls = F_.sample_labels(p, 2, seed=0)
     v = rng.standard_normal(G.shape[1])
-    pairs = [(F_.exact_operator(J, p, 0.1), F_.exact(J, p)),
-             (F_.empirical_operator(G, 0.1), F_.empirical(G)),
-             (F_.sampled_operator(J, p, ls, 0.1), F_.sampled(J, p, ls)),
-             (F_.improved_operator(G, s, 0.1), F_.improved_empirical(G, s))]
+    pairs = [
+        (F_.exact_operator(J, p, 0.1), F_.exact(J, p)),
+        (F_.empirical_operator(G, 0.1), F_.empirical(G)),
+        (F_.sampled_operator(J, p, ls, 0.1), F_.sampled(J, p, ls)),
+        (F_.improved_operator(G, s, 0.1), F_.improved_empirical(G, s)),
+    ]
     for op, dense in pairs:
         np.testing.assert_allclose(op.matvec(v), dense @ v + 0.1 * v, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(op.rmatvec(v), op.matvec(v))
@@ -178,7 +188,7 @@ def test_ill_conditioned_damped_gram_raises_instead_of_a_fallback(rng):
     """No eigh fallback with clipped eigenvalues: a damped Gram the float64 solve cannot
     handle to the accuracy contract (spec/fisher.md §3) is refused, with a damping that works."""
     G = rng.standard_normal((5, 8))
-    G[4] = G[0]                                       # a duplicated sample: exactly singular Gram
+    G[4] = G[0]  # a duplicated sample: exactly singular Gram
     rhs = rng.standard_normal(5)
     with pytest.raises(fisher_ngd.DampingTooSmall, match=r"damping=1e-12 is too small"):
         fisher_ngd.fisher_sample_space_direction(G, rhs, 1e-12)
@@ -195,10 +205,10 @@ def test_more_samples_than_parameters_solves_the_small_system(rng, monkeypatch):
     G = rng.standard_normal((40, 3))
     calls = []
     orig = fisher_ngd.solve_damped_gram
-    monkeypatch.setattr(fisher_ngd, "solve_damped_gram",
-                        lambda K, r, lam: calls.append(K.shape) or orig(K, r, lam))
-    d = fisher_ngd.sample_space_direction(G, np.ones(40), 1e-300, gram=fisher_ngd.fisher_gram,
-                                          solve=fisher_ngd.solve_damped_gram)
+    monkeypatch.setattr(fisher_ngd, "solve_damped_gram", lambda K, r, lam: calls.append(K.shape) or orig(K, r, lam))
+    d = fisher_ngd.sample_space_direction(
+        G, np.ones(40), 1e-300, gram=fisher_ngd.fisher_gram, solve=fisher_ngd.solve_damped_gram
+    )
     assert calls == [(3, 3)]
     np.testing.assert_allclose(d, np.linalg.solve(G.T @ G, G.sum(axis=0)), rtol=1e-12)
 

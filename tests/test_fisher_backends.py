@@ -1,16 +1,17 @@
 """Fisher backends (numpy reference, numba, cupy) agree; the direction path never builds P x P."""
+
 import inspect
 import tracemalloc
 
 import numpy as np
 import pytest
 from conftest import gpu_skip_reason, host_backend_params
-from fisheropt import _ngd
-from fisheropt.refimpl import fisher_ngd
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fisheropt as fo
+from fisheropt import _ngd
+from fisheropt.refimpl import fisher_ngd
 
 FISHER_FUNCTIONS = ("fisher_gram", "fisher_sample_space_direction")
 
@@ -18,6 +19,7 @@ FISHER_FUNCTIONS = ("fisher_gram", "fisher_sample_space_direction")
 def _numba_module():
     pytest.importorskip("numba")
     from fisheropt.backends.numba import fisher
+
     return fisher
 
 
@@ -42,8 +44,8 @@ def gram_problems(draw):
     log_scale = draw(st.integers(-3, 3))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
-    G = (10.0 ** log_scale * rng.standard_normal((N, P))).astype(dtype)
-    if draw(st.booleans()) and N > 1:       # duplicated sample: exactly singular Gram
+    G = (10.0**log_scale * rng.standard_normal((N, P))).astype(dtype)
+    if draw(st.booleans()) and N > 1:  # duplicated sample: exactly singular Gram
         G[-1] = G[0]
     rhs = rng.uniform(0, 2, N)
     # damping relative to the Gram's scale keeps the solve well conditioned in float64
@@ -95,22 +97,34 @@ def _direction_error_bound(G, rhs, damping):
 
 def _direction_problem(rng, N, F, H, C, dtype):
     from fisheropt.workloads.models import MLP
+
     m = MLP(F, H, C, seed=int(rng.integers(1 << 20)), dtype=dtype)
     m.set_flat((m.get_flat() + rng.standard_normal(m.n_params)).astype(dtype))
     X = rng.standard_normal((N, F)).astype(dtype)
     y = rng.integers(0, C, N)
     J, p, G = m.logit_jacobians(X), m.probs(X), m.per_sample_grads(X, y)
-    return {"G": G, "J": J, "probs": p, "s": fo.fisher.logit_grad_sq_norms(p, y),
-            "labels_sampled": fo.fisher.sample_labels(p, 2, seed=1)}
+    return {
+        "G": G,
+        "J": J,
+        "probs": p,
+        "s": fo.fisher.logit_grad_sq_norms(p, y),
+        "labels_sampled": fo.fisher.sample_labels(p, 2, seed=1),
+    }
 
 
-_NEEDS = {"ef": ("G",), "ief": ("G", "s"), "sf": ("G", "J", "probs", "labels_sampled"),
-          "exact": ("G", "J", "probs")}
+_NEEDS = {"ef": ("G",), "ief": ("G", "s"), "sf": ("G", "J", "probs", "labels_sampled"), "exact": ("G", "J", "probs")}
 
 
-@given(N=st.integers(1, 8), F=st.integers(1, 4), H=st.integers(1, 3), C=st.integers(2, 4),
-       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31 - 1),
-       kind=st.sampled_from(sorted(_NEEDS)), lam=st.sampled_from([1e-2, 1.0]))
+@given(
+    N=st.integers(1, 8),
+    F=st.integers(1, 4),
+    H=st.integers(1, 3),
+    C=st.integers(2, 4),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**31 - 1),
+    kind=st.sampled_from(sorted(_NEEDS)),
+    lam=st.sampled_from([1e-2, 1.0]),
+)
 def test_numba_directions_agree_with_reference(N, F, H, C, dtype, seed, kind, lam):
     nb = _numba_module()
     prob = _direction_problem(np.random.default_rng(seed), N, F, H, C, dtype)
@@ -153,12 +167,14 @@ def test_direction_path_never_allocates_p_by_p(kind):
         tracemalloc.stop()
     assert d.shape == (P,) and np.all(np.isfinite(d))
     assert peak < 2**30, "a P x P array would be >= 64 GiB; something quadratic was built"
-    vec = 8 * P                                   # one float64 P-vector
-    small = 2 * P * G.itemsize + 64 * 8 * N * N + 2**16   # the output d + N x N work arrays
-    bound = {"ef": small,                         # no copy of G at all
-             "ief": small,
-             "sf": 2 * 8 * N * P + 4 * vec,       # float64 Ĝ (K*N x P, K = 1) + one temporary + P-vectors
-             "exact": 8 * N * C * P + 3 * 8 * N * P + 4 * vec}[kind]  # the float64 factor A + N x P temps
+    vec = 8 * P  # one float64 P-vector
+    small = 2 * P * G.itemsize + 64 * 8 * N * N + 2**16  # the output d + N x N work arrays
+    bound = {
+        "ef": small,  # no copy of G at all
+        "ief": small,
+        "sf": 2 * 8 * N * P + 4 * vec,  # float64 Ĝ (K*N x P, K = 1) + one temporary + P-vectors
+        "exact": 8 * N * C * P + 3 * 8 * N * P + 4 * vec,
+    }[kind]  # the float64 factor A + N x P temps
     assert peak <= bound, f"peak {peak / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB"
 
 
@@ -168,6 +184,7 @@ def test_direction_path_never_allocates_p_by_p(kind):
 def test_cupy_agrees_with_reference(problem):
     assert gpu_skip_reason() is None
     import cupy
+
     cp_backend = fo.backends.get("cupy")
     G, rhs, damping = problem
     Gd = cupy.asarray(G)
@@ -183,6 +200,7 @@ def test_cupy_agrees_with_reference(problem):
 def test_cupy_public_directions_agree(kind, rng):
     assert gpu_skip_reason() is None
     import cupy
+
     prob = _direction_problem(rng, 6, 3, 3, 3, np.float64)
     args = {k: prob[k] for k in _NEEDS[kind]}
     want = fo.fisher.ngd_direction(kind, damping=0.1, **args)
@@ -212,8 +230,10 @@ def _load_cupy_fisher_with_numpy(monkeypatch):
     import types
     from pathlib import Path
 
-    import fisheropt.backends as backends_pkg
     import scipy.linalg
+
+    import fisheropt.backends as backends_pkg
+
     cupyx = types.ModuleType("cupyx")
     cupyx.scipy = types.ModuleType("cupyx.scipy")
     cupyx.scipy.linalg = types.ModuleType("cupyx.scipy.linalg")
@@ -233,7 +253,7 @@ def test_cupy_module_logic_on_numpy(monkeypatch, rng):
     mod = _load_cupy_fisher_with_numpy(monkeypatch)
     for inspect_name in FISHER_FUNCTIONS:
         assert inspect.signature(getattr(mod, inspect_name)) == inspect.signature(getattr(fisher_ngd, inspect_name))
-    monkeypatch.setattr(mod, "GRAM_BLOCK", 16)           # exercise the blocked float32 path
+    monkeypatch.setattr(mod, "GRAM_BLOCK", 16)  # exercise the blocked float32 path
     for dtype in (np.float32, np.float64):
         G = rng.standard_normal((5, 70)).astype(dtype)
         rhs = rng.uniform(0.1, 1, 5)
@@ -260,5 +280,9 @@ def test_cupy_module_directions_on_numpy(monkeypatch, rng):
     prob = _direction_problem(rng, 5, 3, 3, 3, np.float64)
     for kind, needs in _NEEDS.items():
         args = {k: prob[k] for k in needs}
-        _close(_ngd.ngd_direction(kind, damping=0.1, backend=mod, **args),
-               fisher_ngd.ngd_direction(kind, damping=0.1, **args), np.float64, kind)
+        _close(
+            _ngd.ngd_direction(kind, damping=0.1, backend=mod, **args),
+            fisher_ngd.ngd_direction(kind, damping=0.1, **args),
+            np.float64,
+            kind,
+        )

@@ -4,17 +4,19 @@ Run as a script to print the table quoted in the report and in spec/fisher.md::
 
     python tests/test_fisher_quality.py
 """
+
 import numpy as np
 import pytest
-from fisheropt.workloads.models import MLP, load_digits_split
 
 import fisheropt as fo
+from fisheropt.workloads.models import MLP, load_digits_split
 
 KINDS = ("sgd", "ef", "sf", "ief", "exact")
 
 
-def gamma_trajectory(checkpoints=(0, 100, 400), *, n_hidden=32, batch=128, lr=0.5, rel_damping=1e-4,
-                     n_label_samples=1, seed=0):
+def gamma_trajectory(
+    checkpoints=(0, 100, 400), *, n_hidden=32, batch=128, lr=0.5, rel_damping=1e-4, n_label_samples=1, seed=0
+):
     """Train the digits MLP with plain SGD on the mean loss; at each checkpoint, on a fresh
     batch of ``batch`` samples, return γ(d)/γ(∇L) for each kind (exact Fisher F of that batch).
 
@@ -51,8 +53,7 @@ def gamma_trajectory(checkpoints=(0, 100, 400), *, n_hidden=32, batch=128, lr=0.
             "sf": fo.fisher.ngd_direction("sf", G=G, J=J, probs=probs, labels_sampled=ls, damping=lam_F),
             "exact": fo.fisher.ngd_direction("exact", G=G, J=J, probs=probs, damping=lam_F),
         }
-        row = {"step": step, "train_loss": model.loss(Xtr, ytr) / Xtr.shape[0],
-               "test_acc": model.accuracy(Xte, yte)}
+        row = {"step": step, "train_loss": model.loss(Xtr, ytr) / Xtr.shape[0], "test_acc": model.accuracy(Xte, yte)}
         row.update({k: fo.fisher.relative_quality(d[k], F, g) for k in KINDS})
         rows.append(row)
     return rows
@@ -62,8 +63,9 @@ def format_rows(rows):
     head = f"{'step':>5} {'loss':>7} {'acc':>6} " + " ".join(f"{k:>8}" for k in KINDS)
     lines = [head]
     for r in rows:
-        lines.append(f"{r['step']:>5} {r['train_loss']:7.4f} {r['test_acc']:6.3f} "
-                     + " ".join(f"{r[k]:8.4f}" for k in KINDS))
+        lines.append(
+            f"{r['step']:>5} {r['train_loss']:7.4f} {r['test_acc']:6.3f} " + " ".join(f"{r[k]:8.4f}" for k in KINDS)
+        )
     return "\n".join(lines)
 
 

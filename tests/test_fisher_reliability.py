@@ -2,27 +2,28 @@
 accurate within the bound of spec/fisher.md §3 ("Accuracy") or raises the documented ValueError
 (checked against an exact rational solve), subnormal s never yields Inf/NaN, and the mean-loss
 recipe of the docs gives the mean-loss directions."""
+
 import sys
 from fractions import Fraction
 
 import numpy as np
 import pytest
 from conftest import host_backend_params
-from fisheropt.workloads.models import MLP
 from hypothesis import example, given
 from hypothesis import strategies as st
 from test_fisher import _kwargs
 
 import fisheropt as fo
+from fisheropt.workloads.models import MLP
 
 F_ = fo.fisher
 EPS = np.finfo(np.float64).eps
-TINY = 2.0 ** -1074                   # the smallest subnormal
+TINY = 2.0**-1074  # the smallest subnormal
 # spec/fisher.md §3: a returned float64 direction has relative error <= C·ε·κ and at most
 # MAX_ERROR; otherwise ngd_direction raises ValueError("damping ... too small ...").
 C_BOUND, MAX_ERROR = 10.0, 1e-6
 
-pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")   # np.matrix, on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix, on purpose
 
 
 def _softmax(z):
@@ -34,11 +35,17 @@ def _random_problem(rng, N, C, P, K=2, J_scale=1.0, logit_scale=1.0, duplicate=F
     J = J_scale * rng.standard_normal((N, C, P))
     p = _softmax(logit_scale * rng.standard_normal((N, C)))
     y = rng.integers(0, C, N)
-    if duplicate and N > 1:                      # a repeated sample: exactly singular Grams
+    if duplicate and N > 1:  # a repeated sample: exactly singular Grams
         J[-1], p[-1], y[-1] = J[0], p[0], y[0]
     G = F_.per_sample_grads(J, p, y)
-    return {"G": G, "J": J, "p": p, "y": y, "s": F_.logit_grad_sq_norms(p, y),
-            "ls": F_.sample_labels(p, K, seed=int(rng.integers(1 << 30)))}
+    return {
+        "G": G,
+        "J": J,
+        "p": p,
+        "y": y,
+        "s": F_.logit_grad_sq_norms(p, y),
+        "ls": F_.sample_labels(p, K, seed=int(rng.integers(1 << 30))),
+    }
 
 
 # ---- 1. array types and byte order ------------------------------------------------------------
@@ -57,8 +64,10 @@ def _calls(pr):
         "ngd_ef": (lambda **kw: F_.ngd_direction("ef", damping=1.0, **kw), {"G": G}),
         "ngd_ief": (lambda **kw: F_.ngd_direction("ief", damping=1.0, **kw), {"G": G, "s": s}),
         "ngd_exact": (lambda **kw: F_.ngd_direction("exact", damping=1.0, **kw), {"G": G, "J": J, "probs": p}),
-        "ngd_sf": (lambda **kw: F_.ngd_direction("sf", damping=1.0, **kw),
-                   {"G": G, "J": J, "probs": p, "labels_sampled": ls}),
+        "ngd_sf": (
+            lambda **kw: F_.ngd_direction("sf", damping=1.0, **kw),
+            {"G": G, "J": J, "probs": p, "labels_sampled": ls},
+        ),
         "quality": (F_.quality_indicator, {"d": g, "F": F_.empirical(G), "grad": g}),
     }
 
@@ -72,7 +81,7 @@ def _swapped(a):
 def test_non_native_byte_order_floats_are_refused(name):
     pr = _random_problem(np.random.default_rng(1), 4, 3, 5)
     fn, kwargs = _calls(pr)[name]
-    fn(**kwargs)                                          # the native call works
+    fn(**kwargs)  # the native call works
     for arg, value in kwargs.items():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             bad = dict(kwargs, **{arg: _swapped(value)})
@@ -226,9 +235,10 @@ def _check_against_oracle(kind, pr, lam, d_or_error, cg=False):
     if cg:
         bound += min(kappa * 1.1e-10, MAX_ERROR) * scale
     err = np.linalg.norm(d - want)
-    floor = 4 * np.sqrt(d.size) * TINY                # subnormal outputs carry absolute rounding
-    assert err <= bound + floor, \
+    floor = 4 * np.sqrt(d.size) * TINY  # subnormal outputs carry absolute rounding
+    assert err <= bound + floor, (
         f"{kind} λ={lam:g}: relative error {err / scale:.3g}, κ={kappa:.3g}, bound {bound / scale:.3g}"
+    )
     return "accurate"
 
 
@@ -256,9 +266,8 @@ def test_well_conditioned_problem_is_accurate_at_every_damping(well_conditioned,
     M, g = (np.array(a, dtype=np.float64) for a in _exact_matrix_and_rhs(kind, pr))
     assert np.linalg.cond(M) < 20
     for lam in ISSUE_DAMPINGS:
-        want = np.linalg.solve(M + lam * np.eye(M.shape[0]), g)      # cond ≤ 20: an accurate oracle
-        d = F_.ngd_direction(kind, **_kwargs(kind, pr["G"], pr["s"], pr["J"], pr["p"], pr["ls"], lam,
-                                             backend=backend))
+        want = np.linalg.solve(M + lam * np.eye(M.shape[0]), g)  # cond ≤ 20: an accurate oracle
+        d = F_.ngd_direction(kind, **_kwargs(kind, pr["G"], pr["s"], pr["J"], pr["p"], pr["ls"], lam, backend=backend))
         assert np.linalg.norm(d - want) <= 1e-12 * np.linalg.norm(want), (kind, lam)
 
 
@@ -275,19 +284,32 @@ def test_exact_cg_is_accurate_or_refuses(well_conditioned, lam):
 def damped_problems(draw):
     N, C, P = draw(st.integers(1, 5)), draw(st.integers(2, 4)), draw(st.integers(1, 9))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    pr = _random_problem(rng, N, C, P, K=draw(st.integers(1, 2)),
-                         J_scale=10.0 ** draw(st.integers(-2, 2)),
-                         logit_scale=draw(st.sampled_from([0.1, 1.0, 6.0])),
-                         duplicate=draw(st.booleans()))
-    if draw(st.booleans()):                      # s down to subnormals (iEF's right-hand side)
+    pr = _random_problem(
+        rng,
+        N,
+        C,
+        P,
+        K=draw(st.integers(1, 2)),
+        J_scale=10.0 ** draw(st.integers(-2, 2)),
+        logit_scale=draw(st.sampled_from([0.1, 1.0, 6.0])),
+        duplicate=draw(st.booleans()),
+    )
+    if draw(st.booleans()):  # s down to subnormals (iEF's right-hand side)
         pr["s"] = pr["s"] * 10.0 ** -draw(st.integers(300, 323))
-    lam = draw(st.one_of(st.builds(lambda e, m: m * 10.0 ** e, st.integers(-300, 6), st.floats(1.0, 9.99)),
-                         st.sampled_from([5e-324, 1e-310, 2.2250738585072014e-308])))
+    lam = draw(
+        st.one_of(
+            st.builds(lambda e, m: m * 10.0**e, st.integers(-300, 6), st.floats(1.0, 9.99)),
+            st.sampled_from([5e-324, 1e-310, 2.2250738585072014e-308]),
+        )
+    )
     return pr, lam
 
 
-@given(damped_problems(), st.sampled_from([(k, "auto") for k in F_.KINDS] + [("exact", "woodbury"), ("exact", "cg")]),
-       st.sampled_from(["numpy", "numba"]))
+@given(
+    damped_problems(),
+    st.sampled_from([(k, "auto") for k in F_.KINDS] + [("exact", "woodbury"), ("exact", "cg")]),
+    st.sampled_from(["numpy", "numba"]),
+)
 def test_direction_is_accurate_or_raises_property(problem, kind_method, backend):
     if backend in fo.backends.unavailable():
         pytest.skip(f"{backend} backend unavailable")
@@ -312,7 +334,7 @@ def test_ief_full_row_rank_stays_accurate_at_tiny_damping():
 
 
 def test_too_small_damping_error_names_a_damping_that_works():
-    pr = _random_problem(np.random.default_rng(6), 3, 3, 12, duplicate=True)   # P > N·C: F singular
+    pr = _random_problem(np.random.default_rng(6), 3, 3, 12, duplicate=True)  # P > N·C: F singular
     for kind in F_.KINDS:
         kw = _kwargs(kind, pr["G"], pr["s"], pr["J"], pr["p"], pr["ls"], 1e-30)
         with pytest.raises(ValueError, match=r"damping=1e-30 is too small") as info:
@@ -325,23 +347,27 @@ def test_too_small_damping_error_names_a_damping_that_works():
 
 # ---- subnormal s in the iEF matrix, its diagonal and its operator -----------------------------
 @given(seed=st.integers(0, 2**32 - 1), s_exp=st.integers(-323, 0), g_exp=st.integers(-170, 5))
-@example(seed=0, s_exp=-320, g_exp=-10)      # the issue's s = 1e-320: g/s overflows, g²/s does not
-@example(seed=0, s_exp=-320, g_exp=0)        # g²/s itself beyond float64: a clear error, not Inf
+@example(seed=0, s_exp=-320, g_exp=-10)  # the issue's s = 1e-320: g/s overflows, g²/s does not
+@example(seed=0, s_exp=-320, g_exp=0)  # g²/s itself beyond float64: a clear error, not Inf
 def test_ief_matrix_diagonal_and_operator_with_tiny_s(seed, s_exp, g_exp):
     rng = np.random.default_rng(seed)
     N, P = 3, 4
-    G = rng.standard_normal((N, P)) * 10.0 ** g_exp
+    G = rng.standard_normal((N, P)) * 10.0**g_exp
     s = rng.uniform(0.1, 1.0, N)
-    s[0] = max(10.0 ** s_exp * rng.uniform(1, 9), TINY)
+    s[0] = max(10.0**s_exp * rng.uniform(1, 9), TINY)
     Gf, sf = _fr(G), _fr(s)
-    dense = sum(np.outer(Gf[n], Gf[n]) / sf[n] for n in range(N))      # exact G^T diag(s)^-1 G
+    dense = sum(np.outer(Gf[n], Gf[n]) / sf[n] for n in range(N))  # exact G^T diag(s)^-1 G
     fits = all(abs(v) < 1e308 for v in dense.ravel())
     v = rng.standard_normal(P)
     for name, call, want in (
-            ("diag_improved", lambda: F_.diag_improved(G, s), np.diag(dense)),
-            ("improved_empirical", lambda: F_.improved_empirical(G, s), dense),
-            ("improved_operator", lambda: F_.improved_operator(G, s, 0.5).matvec(v),
-             dense @ _fr(v) + Fraction(0.5) * _fr(v))):
+        ("diag_improved", lambda: F_.diag_improved(G, s), np.diag(dense)),
+        ("improved_empirical", lambda: F_.improved_empirical(G, s), dense),
+        (
+            "improved_operator",
+            lambda: F_.improved_operator(G, s, 0.5).matvec(v),
+            dense @ _fr(v) + Fraction(0.5) * _fr(v),
+        ),
+    ):
         try:
             got = call()
         except ValueError as exc:
@@ -361,28 +387,34 @@ def test_mean_loss_recipe_gives_the_mean_loss_directions():
     must equal (M̄ + λ̄I)⁻¹∇L̄ with every curvature matrix of the mean loss M̄ = M/N (curvlinops'
     reduction="mean": the GGN/Fisher of the mean loss, and the EF c·Σ∇lₙ∇lₙᵀ with c = 1/N)."""
     doc = " ".join(F_.__doc__.split())
-    assert "divide G and ∇L by N" not in doc                      # the old, wrong recipe
+    assert "divide G and ∇L by N" not in doc  # the old, wrong recipe
     assert "damping N·λ̄" in doc and "divided by N" in doc
     rng = np.random.default_rng(7)
     N, lam_bar = 9, 0.05
     model = MLP(3, 2, 3, seed=1)
     X, y = rng.standard_normal((N, 3)), rng.integers(0, 3, N)
     J, p = model.logit_jacobians(X), model.probs(X)
-    G_mean = model.per_sample_grads(X, y) / N                       # ∇θ (lₙ / N)
+    G_mean = model.per_sample_grads(X, y) / N  # ∇θ (lₙ / N)
     grad_mean = model.loss_and_grads(X, y)[1]
-    grad_mean = model.flatten(grad_mean) / N                        # ∇L̄
+    grad_mean = model.flatten(grad_mean) / N  # ∇L̄
     s = F_.logit_grad_sq_norms(p, y)
     ls = F_.sample_labels(p, 2, seed=0)
     # the mean-loss matrices from their definitions (not from fisheropt's sum-loss functions)
     H = np.einsum("nc,cd->ncd", p, np.eye(3)) - np.einsum("nc,nd->ncd", p, p)
-    mean = {"exact": np.einsum("ncp,ncd,ndq->pq", J, H / N, J),
-            "ef": N * G_mean.T @ G_mean,                            # (1/N) Σ ∇lₙ ∇lₙᵀ
-            "sf": sum(np.outer(J[n].T @ (p[n] - np.eye(3)[ls[k, n]]), J[n].T @ (p[n] - np.eye(3)[ls[k, n]]))
-                      for k in range(2) for n in range(N)) / (2 * N)}
+    mean = {
+        "exact": np.einsum("ncp,ncd,ndq->pq", J, H / N, J),
+        "ef": N * G_mean.T @ G_mean,  # (1/N) Σ ∇lₙ ∇lₙᵀ
+        "sf": sum(
+            np.outer(J[n].T @ (p[n] - np.eye(3)[ls[k, n]]), J[n].T @ (p[n] - np.eye(3)[ls[k, n]]))
+            for k in range(2)
+            for n in range(N)
+        )
+        / (2 * N),
+    }
     rhs = {k: grad_mean for k in mean}
-    rhs["ief"] = N * G_mean.T @ s / N      # iEF direction: (EF̄ + λ̄I)⁻¹ (Gᵀs)/N, same rule
+    rhs["ief"] = N * G_mean.T @ s / N  # iEF direction: (EF̄ + λ̄I)⁻¹ (Gᵀs)/N, same rule
     mean["ief"] = mean["ef"]
-    G_sum = N * G_mean                                              # the recipe: the sum-loss G
+    G_sum = N * G_mean  # the recipe: the sum-loss G
     for kind in F_.KINDS:
         want = np.linalg.solve(mean[kind] + lam_bar * np.eye(mean[kind].shape[0]), rhs[kind])
         d = F_.ngd_direction(kind, **_kwargs(kind, G_sum, s, J, p, ls, N * lam_bar))
@@ -396,7 +428,7 @@ def test_mean_loss_recipe_gives_the_mean_loss_directions():
     assert not np.allclose(old, np.linalg.solve(mean["ef"] + lam_bar * np.eye(mean["ef"].shape[0]), grad_mean))
 
 
-if __name__ == "__main__":     # print the accuracy table quoted in the report
+if __name__ == "__main__":  # print the accuracy table quoted in the report
     pr = _random_problem(np.random.default_rng(0), 30, 3, 6)
     for backend in ("numpy", "numba"):
         print(backend, " ".join(f"{lam:8.0e}" for lam in ISSUE_DAMPINGS))

@@ -1,4 +1,5 @@
 """The backend registry and the one-interface rule: every backend has the reference's signatures."""
+
 import inspect
 
 import numpy as np
@@ -53,6 +54,7 @@ def test_auto_picks_a_host_backend_for_numpy_arrays():
 def test_installed_backend_packages_give_usable_backends():
     """If numba imports, the numba backend must load: an incomplete backend is a bug, not a skip."""
     import importlib.util
+
     if importlib.util.find_spec("numba") is None:
         pytest.skip("numba is not installed")
     assert "numba" in fo.backends.available(), fo.backends.unavailable().get("numba")

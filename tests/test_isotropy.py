@@ -1,11 +1,11 @@
 """refimpl.isotropy: the embedding measures of the Coupled Adam paper, checked by hand."""
+
 import math
 
 import numpy as np
 import pytest
 
-from fisheropt.refimpl.isotropy import (condition_number, embedding_report, isotropy,
-                                        log_partition, mean_embedding_norm)
+from fisheropt.refimpl.isotropy import condition_number, embedding_report, isotropy, log_partition, mean_embedding_norm
 
 
 def _naive_isotropy(E):

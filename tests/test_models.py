@@ -1,6 +1,8 @@
 """The NumPy model zoo (fisheropt.workloads.models): analytic derivatives against finite differences."""
+
 import numpy as np
 import pytest
+
 from fisheropt.workloads.models import MLP, SoftmaxRegression, load_digits_split, softmax
 
 
@@ -58,7 +60,7 @@ def test_per_sample_grads_are_the_per_sample_loss_gradients(model, rng):
     G = model.per_sample_grads(X, y)
     assert G.shape == (6, model.n_params)
     for n in range(6):  # brute force: the batch gradient of a one-sample batch
-        _, g = model.loss_and_grads(X[n:n + 1], y[n:n + 1])
+        _, g = model.loss_and_grads(X[n : n + 1], y[n : n + 1])
         np.testing.assert_allclose(G[n], model.flatten(g), rtol=1e-12, atol=1e-14)
     _, g = model.loss_and_grads(X, y)
     np.testing.assert_allclose(G.sum(axis=0), model.flatten(g), rtol=1e-12, atol=1e-13)

@@ -6,6 +6,7 @@ tolerances are derived in tests/agreement.py. The backend's internals (determini
 thread counts, FAdam's schedules, the fma intrinsic, the plan cache):
 tests/backends/test_numba_internals.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,15 +14,14 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
+from agreement import assert_close, assert_exact, make_tensor, shapes_st, tol  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from rules import CLASS_NAMES, make_optimizer  # noqa: E402
 
 import fisheropt as fo  # noqa: E402
 from fisheropt import backends  # noqa: E402
 from fisheropt.refimpl import RULES  # noqa: E402
-
-from agreement import assert_close, assert_exact, make_tensor, shapes_st, tol  # noqa: E402
-from rules import CLASS_NAMES, make_optimizer  # noqa: E402
 
 ref = backends.get("numpy")
 nb = backends.get("numba")
@@ -38,10 +38,13 @@ def test_numba_is_available():
 # every fused backend); the signatures: tests/test_interface.py.
 
 
-@given(shapes=st.lists(shapes_st, min_size=0, max_size=6),
-       dtypes=st.lists(st.sampled_from([np.float32, np.float64]), min_size=6, max_size=6),
-       poison=st.sampled_from([None, np.nan, np.inf, -np.inf]),
-       where=st.integers(0, 10**6), seed=st.integers(0, 2**32 - 1))
+@given(
+    shapes=st.lists(shapes_st, min_size=0, max_size=6),
+    dtypes=st.lists(st.sampled_from([np.float32, np.float64]), min_size=6, max_size=6),
+    poison=st.sampled_from([None, np.nan, np.inf, -np.inf]),
+    where=st.integers(0, 10**6),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_all_finite_matches_reference(shapes, dtypes, poison, where, seed):
     rng = np.random.default_rng(seed)
     arrays = [make_tensor(rng, s, d, int(rng.integers(-30, 30))) for s, d in zip(shapes, dtypes)]
@@ -100,8 +103,9 @@ def test_optimizer_classes_numba_vs_numpy(cls):
                 g[...] = 0  # an all-zero gradient step
         o_nb.step(grads)
         o_np.step(grads)
-    for a, b in zip(p_nb + [x for v in o_nb.state.values() for x in v],
-                    p_np + [x for v in o_np.state.values() for x in v]):
+    for a, b in zip(
+        p_nb + [x for v in o_nb.state.values() for x in v], p_np + [x for v in o_np.state.values() for x in v]
+    ):
         if not o_nb.rule.reduces:
             assert_exact(a, b, cls)
         else:
@@ -155,10 +159,34 @@ def test_many_tensors_one_call():
         grads = [randn(rng, p.shape, p.dtype) for p in params]
         nb.adamw_step(params, grads, *st_nb, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
         ref.adamw_step(params_r, grads, *st_r, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-        nb.fadam_step(params, grads, *st_nb, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01,
-                      clip=1.0, p=0.5, weight_decay=0.1)
-        ref.fadam_step(params_r, grads, *st_r, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01,
-                       clip=1.0, p=0.5, weight_decay=0.1)
+        nb.fadam_step(
+            params,
+            grads,
+            *st_nb,
+            step=t,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            eps2=0.01,
+            clip=1.0,
+            p=0.5,
+            weight_decay=0.1,
+        )
+        ref.fadam_step(
+            params_r,
+            grads,
+            *st_r,
+            step=t,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            eps2=0.01,
+            clip=1.0,
+            p=0.5,
+            weight_decay=0.1,
+        )
     for a, b in zip(params + st_nb[0] + st_nb[1], params_r + st_r[0] + st_r[1]):
         assert_close(a, b, tol(b.dtype, 6), "many tensors")
 
@@ -166,20 +194,27 @@ def test_many_tensors_one_call():
 # ---- the fused finiteness check (per-tensor hyperparameters: tests/test_conformance.py) ---------
 def _per_tensor_problem(rule, rng):
     shapes = [(40, 7), (3, 5), (70_001,), (64, 9)] if rule != "coupled_adam_step" else [(40, 7), (3, 5), (9, 11)]
-    dtypes = [np.float32, np.float64, np.float32, np.float64][:len(shapes)]
+    dtypes = [np.float32, np.float64, np.float32, np.float64][: len(shapes)]
     params = [make_tensor(rng, s, d, 0) for s, d in zip(shapes, dtypes)]
     n = len(params)
-    hp = dict(step=[int(x) for x in rng.integers(1, 50, n)], lr=[float(x) for x in rng.uniform(1e-3, 1e-1, n)],
-              beta1=0.9, beta2=[0.99, 0.999, 0.9, 0.99][:n], eps=1e-8,
-              weight_decay=[0.0, 0.1, 0.01, 0.0][:n])
+    hp = dict(
+        step=[int(x) for x in rng.integers(1, 50, n)],
+        lr=[float(x) for x in rng.uniform(1e-3, 1e-1, n)],
+        beta1=0.9,
+        beta2=[0.99, 0.999, 0.9, 0.99][:n],
+        eps=1e-8,
+        weight_decay=[0.0, 0.1, 0.01, 0.0][:n],
+    )
     kw = {}
     if rule == "fadam_step":
         hp.update(eps2=[0.01, 0.1, 0.01, 1.0], clip=[1.0, 0.5, 2.0, 1.0], p=[0.5, 1.0, 0.25, 0.5])
     if rule == "coupled_adam_step":
         kw["coupled"] = [True, False, True]
     state_shapes = [(s[1],) if kw.get("coupled", [False] * n)[i] else s for i, s in enumerate(shapes)]
-    state = [[np.zeros_like(p) for p in params],
-             [np.abs(make_tensor(rng, s, d, -2)) for s, d in zip(state_shapes, dtypes)]]
+    state = [
+        [np.zeros_like(p) for p in params],
+        [np.abs(make_tensor(rng, s, d, -2)) for s, d in zip(state_shapes, dtypes)],
+    ]
     return params, state, hp, kw, shapes, dtypes
 
 
@@ -214,6 +249,6 @@ def test_fused_check_accepts_huge_finite_float64_gradients():
     params_r, m_r, f_r = [p.copy() for p in params], [a.copy() for a in m], [a.copy() for a in f]
     assert nb.fadam_step_checked(params, grads, m, f, **hp) is True
     ref.fadam_step(params_r, grads, m_r, f_r, **hp)
-    assert np.isinf(f[0]).all()   # g² overflowed: the step went ahead, as the reference's does
+    assert np.isinf(f[0]).all()  # g² overflowed: the step went ahead, as the reference's does
     for a, b in zip(params + m + f, params_r + m_r + f_r):
         assert_close(a, b, tol(b.dtype, 1), "huge finite gradient")

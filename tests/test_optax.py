@@ -16,6 +16,7 @@ pieces in test_optax_natural_gradient.py):
 Float64 runs inside ``with jax.enable_x64(True)``, so the other tests (and other modules)
 keep JAX's default.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,10 +69,15 @@ def sample_hyperparams(rule, rng) -> dict:
 def random_tree(rng, rule):
     """A nested pytree of shapes (dict / list / tuple) with 0-d, size-0, size-1, 1-D and 2-D leaves."""
     two_d = lambda: (int(rng.integers(1, 7)), int(rng.integers(1, 6)))  # noqa: E731
-    shapes = {"embed": two_d(), "blocks": [{"w": two_d(), "b": (int(rng.integers(1, 9)),)}, ((),)],
-              "empty": (0,), "one": (1,)}
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple) and all(
-        isinstance(i, int) for i in x))
+    shapes = {
+        "embed": two_d(),
+        "blocks": [{"w": two_d(), "b": (int(rng.integers(1, 9)),)}, ((),)],
+        "empty": (0,),
+        "one": (1,),
+    }
+    leaves, treedef = jax.tree.flatten(
+        shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+    )
     return leaves, treedef
 
 
@@ -132,10 +138,11 @@ def run_against_reference(rule, dtype, seed, *, steps=8, jit=True, hp=None):
     update = jax.jit(tx.update) if jit else tx.update
     tol = Tolerance(dtype)
     for k in range(1, steps + 1):
-        grads = [np.asarray(rng.standard_normal(s) * c * 10.0 ** rng.uniform(-2, 2), dtype)
-                 for s, c in zip(leaves, scale)]
+        grads = [
+            np.asarray(rng.standard_normal(s) * c * 10.0 ** rng.uniform(-2, 2), dtype) for s, c in zip(leaves, scale)
+        ]
         if k == 3:
-            grads = [np.zeros_like(g) for g in grads]     # a zero-gradient step
+            grads = [np.zeros_like(g) for g in grads]  # a zero-gradient step
         before = [p.astype(np.float64) for p in ref.params]
         ref.step([g.copy() for g in grads])
         updates, state = update(treedef.unflatten([jnp.asarray(g) for g in grads]), state, P)
@@ -161,6 +168,7 @@ def test_one_transform_per_registry_rule():
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_signature_comes_from_the_registry(name):
     import inspect
+
     rule = RULES[name]
     sig = inspect.signature(getattr(foo, name))
     expected = [("learning_rate" if h.name == "lr" else h.name, h.default) for h in rule.hyperparams]
@@ -168,8 +176,9 @@ def test_signature_comes_from_the_registry(name):
     flag = [(rule.tensor_flag.name, None)] if rule.tensor_flag is not None else []
     assert got == expected + flag
     assert "state_dtype" in sig.parameters
-    assert isinstance(getattr(foo, name)(**({rule.tensor_flag.name: []} if rule.tensor_flag else {})),
-                      optax.GradientTransformation)
+    assert isinstance(
+        getattr(foo, name)(**({rule.tensor_flag.name: []} if rule.tensor_flag else {})), optax.GradientTransformation
+    )
 
 
 def test_lion_exactly_when_the_registry_has_it(monkeypatch):
@@ -209,8 +218,9 @@ def test_ranges_come_from_the_registry(name):
     with pytest.raises(TypeError):
         getattr(foo, name)(learning_rate="1e-3", **flag)
     # a schedule is accepted as the learning rate
-    assert isinstance(getattr(foo, name)(learning_rate=optax.constant_schedule(1e-3), **flag),
-                      optax.GradientTransformation)
+    assert isinstance(
+        getattr(foo, name)(learning_rate=optax.constant_schedule(1e-3), **flag), optax.GradientTransformation
+    )
 
 
 @pytest.mark.parametrize("name", [n for n in RULE_NAMES if any(h.normal for h in RULES[n].hyperparams)])
@@ -255,7 +265,7 @@ def test_jit_and_eager_agree():
         u2, s2 = tx.update(g, s2, P2)
         P1, P2 = optax.apply_updates(P1, u1), optax.apply_updates(P2, u2)
     eps = np.finfo(np.float32).eps
-    for x, y in zip(jax.tree.leaves((P1, s1)), jax.tree.leaves((P2, s2))):   # the spec's tolerance form
+    for x, y in zip(jax.tree.leaves((P1, s1)), jax.tree.leaves((P2, s2))):  # the spec's tolerance form
         y = np.asarray(y, np.float64)
         np.testing.assert_allclose(np.asarray(x), y, rtol=8 * eps, atol=8 * eps * float(np.max(np.abs(y))))
 
@@ -317,8 +327,9 @@ def test_building_blocks_factorise_the_rule(name):
     shapes = [(5, 3), (4,), ()]
     hp = sample_hyperparams(rule, rng)
     flags = [True, False, False] if rule.tensor_flag else None
-    whole = foo.TRANSFORMS[name](learning_rate=hp["lr"], **{k: v for k, v in hp.items() if k != "lr"},
-                                 **({"coupled": flags} if flags else {}))
+    whole = foo.TRANSFORMS[name](
+        learning_rate=hp["lr"], **{k: v for k, v in hp.items() if k != "lr"}, **({"coupled": flags} if flags else {})
+    )
     betas = {"betas": hp["betas"]}
     wd = optax.add_decayed_weights(hp["weight_decay"])
     lr = optax.scale_by_learning_rate(hp["lr"])
@@ -344,7 +355,7 @@ def test_building_blocks_factorise_the_rule(name):
         for x, y in zip(P1, P2):
             if exact:
                 np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-            else:   # a few ulp of the step
+            else:  # a few ulp of the step
                 np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7 * hp["lr"])
 
 
@@ -353,7 +364,7 @@ def test_coupled_adam_keeps_a_length_d_second_moment():
     params = {"embed": jnp.ones((50, 8)), "w": jnp.ones((8, 8)), "b": jnp.ones(8)}
     mask = {"embed": True, "w": False, "b": False}
     state = foo.coupled_adam(coupled=mask).init(params)
-    assert state.v["embed"].shape == (8,)           # 1/V of Adam's second moment
+    assert state.v["embed"].shape == (8,)  # 1/V of Adam's second moment
     assert state.v["w"].shape == (8, 8) and state.m["embed"].shape == (50, 8)
     # a function of the params gives the same mask
     state2 = foo.coupled_adam(coupled=lambda p: jax.tree.map(lambda x: x.shape == (50, 8), p)).init(params)
@@ -373,7 +384,7 @@ def test_weight_decay_needs_the_params():
     p = [jnp.ones(3)]
     with pytest.raises(ValueError, match="needs the params"):
         tx.update(p, tx.init(p))
-    tx = foo.adam()    # no decay: the params are not needed
+    tx = foo.adam()  # no decay: the params are not needed
     tx.update(p, tx.init(p))
 
 
@@ -392,10 +403,15 @@ def test_bfloat16_params_with_float32_state(name):
     hp = rule.defaults()
     hp["lr"] = 1e-2
     params32 = [np.asarray(rng.standard_normal(s), np.float32).astype(bf16).astype(np.float32) for s in shapes]
-    ref = getattr(fo, rule.title)([p.copy() for p in params32], backend="numpy", **hp,
-                                  **({"coupled": flags} if flags else {}))
-    tx = foo.TRANSFORMS[name](learning_rate=hp["lr"], **{k: v for k, v in hp.items() if k != "lr"},
-                              **({"coupled": flags} if flags else {}), state_dtype=jnp.float32)
+    ref = getattr(fo, rule.title)(
+        [p.copy() for p in params32], backend="numpy", **hp, **({"coupled": flags} if flags else {})
+    )
+    tx = foo.TRANSFORMS[name](
+        learning_rate=hp["lr"],
+        **{k: v for k, v in hp.items() if k != "lr"},
+        **({"coupled": flags} if flags else {}),
+        state_dtype=jnp.float32,
+    )
     P = [jnp.asarray(p, jnp.bfloat16) for p in params32]
     state = tx.init(P)
     assert all(jax.tree.leaves(jax.tree.map(lambda a: a.dtype == jnp.float32, state[1:])))
@@ -403,14 +419,14 @@ def test_bfloat16_params_with_float32_state(name):
     for k in range(1, 9):
         g = [np.asarray(rng.standard_normal(s), np.float32) for s in shapes]
         ref.step([x.copy() for x in g])
-        for p in ref.params:                       # the bfloat16 parameter: rounded every step
+        for p in ref.params:  # the bfloat16 parameter: rounded every step
             p[...] = p.astype(bf16).astype(np.float32)
         u, state = update([jnp.asarray(x, jnp.bfloat16) for x in g], state, P)
         P = optax.apply_updates(P, u)
         for i, (x, y) in enumerate(zip(P, ref.params)):
             assert x.dtype == jnp.bfloat16
             x = np.asarray(x.astype(jnp.float32), np.float64)
-            ulp_bf16 = np.spacing(np.abs(y)).astype(np.float64) * 2.0 ** 16   # float32 ulp × 2^16
+            ulp_bf16 = np.spacing(np.abs(y)).astype(np.float64) * 2.0**16  # float32 ulp × 2^16
             assert np.all(np.abs(x - y) <= ulp_bf16), f"{name} params[{i}] step {k}"
 
 
@@ -431,16 +447,23 @@ def test_scalars_without_x64_round_like_the_reference():
     rng = np.random.default_rng(0)
     ts = np.r_[np.arange(0, 600), rng.integers(0, 2**31 - 2, 200)].astype(np.int32)
     for beta in (0.9, 0.999, 0.95):
+
         def scalars(n, beta=beta):
             c = nu.DD.one_minus_pow(beta, n + 1)
             b2h = (nu.DD.const(beta) * nu.DD.one_minus_pow(beta, n)) / c
-            return (c.round(jnp.float32), (nu.DD.const(1e-3) / c).round(jnp.float32),
-                    c.sqrt().round(jnp.float32), b2h.round(jnp.float32), (1.0 - b2h).round(jnp.float32))
+            return (
+                c.round(jnp.float32),
+                (nu.DD.const(1e-3) / c).round(jnp.float32),
+                c.sqrt().round(jnp.float32),
+                b2h.round(jnp.float32),
+                (1.0 - b2h).round(jnp.float32),
+            )
+
         got = [np.asarray(a) for a in jax.jit(jax.vmap(scalars))(ts)]
         want = [[], [], [], [], []]
         for n in ts:
             t = int(n) + 1
-            c = 1 - beta ** t
+            c = 1 - beta**t
             b2h = beta * (1 - beta ** (t - 1)) / c
             for lst, v in zip(want, (c, 1e-3 / c, math.sqrt(c), b2h, 1 - b2h)):
                 lst.append(np.float32(v))
@@ -454,7 +477,7 @@ def test_float32_reductions_without_x64_emulate_float64(scale):
     """RMS of float32 data whose squares overflow or underflow float32 (not float64), without x64."""
     rng = np.random.default_rng(2)
     x = np.asarray(rng.standard_normal(1000) * scale, np.float32)
-    x = np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(scale), x)   # no subnormal inputs
+    x = np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(scale), x)  # no subnormal inputs
     got = float(jax.jit(lambda a: nu.rms(a, nu.DD).round(jnp.float32))(x))
     want = math.sqrt(np.mean(x.astype(np.float64) ** 2))
     assert abs(got - want) <= 2 * np.spacing(np.float32(want))

@@ -2,6 +2,7 @@
 (no JAX needed). The reference wrapped functionally passes every case of every suite, and
 plausible mistakes of a functional port (a step index off by one, state not carried, results
 in the wrong dtype, an exception) fail."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,11 +15,13 @@ from fisheropt.vectors.functional import lookup, run_functional_case, run_functi
 
 def functional(fn):
     """A functional step from an in-place one: copy, update the copies, return them."""
+
     def step(params, grads, state, *, step, **hp):
         params = [p.copy() for p in params]
         state = {k: [a.copy() for a in v] for k, v in state.items()}
         fn(params, [g.copy() for g in grads], *state.values(), step=step, **hp)
         return params, state
+
     return step
 
 
@@ -27,6 +30,7 @@ def functional_inplace(fn):
         copies = {k: [a.copy() for a in v] if isinstance(v, list) else v for k, v in args.items()}
         fn(**copies)
         return copies
+
     return call
 
 
@@ -53,8 +57,9 @@ def _optimizer_suite(name="adam"):
 
 
 def test_step_index_off_by_one_fails():
-    impl = implementations(adam_step=lambda p, g, s, *, step, **hp: functional(reference.adam_step)(
-        p, g, s, step=step + 1, **hp))
+    impl = implementations(
+        adam_step=lambda p, g, s, *, step, **hp: functional(reference.adam_step)(p, g, s, step=step + 1, **hp)
+    )
     results = run_functional_suite(_optimizer_suite(), impl)
     assert any(results.values())
     assert results["f32_resume_at_step_1000"]
@@ -63,7 +68,8 @@ def test_step_index_off_by_one_fails():
 def test_state_not_carried_fails():
     def forgetful(params, grads, state, *, step, **hp):
         new_params, _ = functional(reference.adam_step)(params, grads, state, step=step, **hp)
-        return new_params, state          # returns the old state
+        return new_params, state  # returns the old state
+
     results = run_functional_suite(_optimizer_suite(), implementations(adam_step=forgetful))
     assert results["f64_basic"] and results["f32_basic"]
 
@@ -75,12 +81,13 @@ def test_wrong_dtype_and_exceptions_fail():
 
     def raises(*a, **k):
         raise RuntimeError("boom")
+
     results = run_functional_suite(_optimizer_suite(), implementations(adam_step=float32_everything))
     assert any("dtype" in m for m in results["f64_basic"])
     results = run_functional_suite(_optimizer_suite(), implementations(adam_step=raises))
     assert all(any("raised RuntimeError: boom" in m for m in msgs) for msgs in results.values())
     ema = load_suite("esimcse")["cases"][0]
-    assert run_functional_case(ema, implementations(ema_update=lambda **a: None))   # not a mapping
+    assert run_functional_case(ema, implementations(ema_update=lambda **a: None))  # not a mapping
 
 
 def test_lookup_names_the_missing_function():

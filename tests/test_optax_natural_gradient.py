@@ -1,5 +1,6 @@
 """fisheropt.optax.natural_gradient: per-sample gradients, the matrix-free exact Fisher and the
 EF / iEF / exact directions in JAX, jitted, against fisheropt.fisher on the same G (and J, p)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,9 +18,12 @@ N_IN, HIDDEN, C = 4, 3, 3
 
 
 def mlp(rng, dtype):
-    return {"w1": jnp.asarray(rng.standard_normal((N_IN, HIDDEN)), dtype), "b1": jnp.zeros(HIDDEN, dtype),
-            "w2": jnp.asarray(rng.standard_normal((HIDDEN, C)), dtype),
-            "b2": jnp.asarray(rng.standard_normal(C), dtype)}
+    return {
+        "w1": jnp.asarray(rng.standard_normal((N_IN, HIDDEN)), dtype),
+        "b1": jnp.zeros(HIDDEN, dtype),
+        "w2": jnp.asarray(rng.standard_normal((HIDDEN, C)), dtype),
+        "b2": jnp.asarray(rng.standard_normal(C), dtype),
+    }
 
 
 def logits_fn(params, x):
@@ -49,7 +53,7 @@ def test_per_sample_grads_are_the_rows_of_G():
         np.testing.assert_allclose(np.asarray(ng.batch_gradient(G)), np.asarray(total), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("n", [6, 40])     # N < P (Gram N×N) and N > P (P×P): P = 27
+@pytest.mark.parametrize("n", [6, 40])  # N < P (Gram N×N) and N > P (P×P): P = 27
 @pytest.mark.parametrize("kind", ["ief", "ef"])
 def test_directions_match_ngd_direction_on_the_same_G(kind, n):
     with jax.enable_x64(True):
@@ -86,7 +90,7 @@ def test_fisher_matvec_is_the_exact_fisher():
     with jax.enable_x64(True):
         params, x, y = problem(5, jnp.float64, seed=1)
         flat, unravel = ravel_pytree(params)
-        J = jax.jacrev(lambda f: logits_fn(unravel(f), x))(flat)           # (N, C, P)
+        J = jax.jacrev(lambda f: logits_fn(unravel(f), x))(flat)  # (N, C, P)
         probs = jax.nn.softmax(logits_fn(params, x), axis=-1)
         F = fo.fisher.exact(np.asarray(J), np.asarray(probs))
         v = jnp.asarray(np.random.default_rng(0).standard_normal(flat.shape[0]))

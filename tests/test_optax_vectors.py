@@ -13,6 +13,7 @@ flushes subnormal inputs and results to zero (FTZ/DAZ; a platform property, see
 test_optax.py::test_xla_cpu_flushes_subnormals), a case tagged "subnormal" that fails is
 reported as xfail with its first mismatch. Every other tag must pass.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -46,9 +47,8 @@ def _params():
             float32 = case.get("dtype") == "float32"
             if not float32 or suite == "fisher":
                 out.append(pytest.param(True, suite, case, id=f"x64-{suite}-{case['name']}"))
-            elif reduces:   # the same float32 case again, through the float64-reduction path: slow
-                out.append(pytest.param(True, suite, case, id=f"x64-{suite}-{case['name']}",
-                                        marks=pytest.mark.slow))
+            elif reduces:  # the same float32 case again, through the float64-reduction path: slow
+                out.append(pytest.param(True, suite, case, id=f"x64-{suite}-{case['name']}", marks=pytest.mark.slow))
             if float32 and (suite != "fisher" or case["function"] != "fisher_gram"):
                 out.append(pytest.param(False, suite, case, id=f"f32-{suite}-{case['name']}"))
     return out

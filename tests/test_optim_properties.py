@@ -1,15 +1,15 @@
 """Invariants of the update rules (Hypothesis), on every host backend."""
+
 import math
 
 import numpy as np
 import pytest
+from conftest import host_backend_params
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fisheropt as fo
 from fisheropt.refimpl import fadam as fadam_ref
-
-from conftest import host_backend_params
 
 dtypes = st.sampled_from([np.float32, np.float64])
 matrix_shapes = st.tuples(st.integers(1, 9), st.integers(1, 7))
@@ -18,8 +18,13 @@ log_scales = st.sampled_from([1e-6, 1e-2, 1.0, 1e2, 1e6])
 
 
 @pytest.mark.parametrize("backend", host_backend_params())
-@given(shape=matrix_shapes, dtype=dtypes, steps=st.integers(1, 6), seed=st.integers(0, 2**31),
-       beta2=st.sampled_from([0.0, 0.5, 0.9, 0.999]))
+@given(
+    shape=matrix_shapes,
+    dtype=dtypes,
+    steps=st.integers(1, 6),
+    seed=st.integers(0, 2**31),
+    beta2=st.sampled_from([0.0, 0.5, 0.9, 0.999]),
+)
 def test_coupled_second_moment_is_row_mean_of_adams(backend, shape, dtype, steps, seed, beta2):
     """Coupled Adam stores v̄ (d,) = mean over rows of Adam's per-element v (V×d)."""
     rng = np.random.default_rng(seed)
@@ -37,9 +42,15 @@ def test_coupled_second_moment_is_row_mean_of_adams(backend, shape, dtype, steps
 
 
 @pytest.mark.parametrize("backend", host_backend_params())
-@given(shapes=st.lists(any_shapes, min_size=1, max_size=4), dtype=dtypes, scale=log_scales,
-       wd=st.sampled_from([0.0, 0.1, 1.0]), clip=st.sampled_from([0.5, 1.0, 2.0]),
-       steps=st.integers(1, 5), seed=st.integers(0, 2**31))
+@given(
+    shapes=st.lists(any_shapes, min_size=1, max_size=4),
+    dtype=dtypes,
+    scale=log_scales,
+    wd=st.sampled_from([0.0, 0.1, 1.0]),
+    clip=st.sampled_from([0.5, 1.0, 2.0]),
+    steps=st.integers(1, 5),
+    seed=st.integers(0, 2**31),
+)
 def test_fadam_update_rms_is_bounded(backend, shapes, dtype, scale, wd, clip, steps, seed):
     """RMS(ḡ) ≤ c and RMS(w̄) ≤ c, and m is a convex mix of ḡ's, so
     RMS(Δθ) ≤ lr·c·(1 + λ) per tensor, whatever the gradient scale."""
@@ -54,12 +65,19 @@ def test_fadam_update_rms_is_bounded(backend, shapes, dtype, scale, wd, clip, st
             if p.size:
                 rms_step = fadam_ref.rms(p.astype(np.float64) - b)
                 # slack: float32 rounding of θ itself (ulp of |θ|) on top of the bound
-                slack = 1.0001 + (8 * np.finfo(dtype).eps * np.max(np.abs(b)) / (lr * clip) if dtype == np.float32 else 0)
+                slack = 1.0001 + (
+                    8 * np.finfo(dtype).eps * np.max(np.abs(b)) / (lr * clip) if dtype == np.float32 else 0
+                )
                 assert rms_step <= lr * clip * (1 + wd) * slack
 
 
-@given(rms_g=st.floats(0, 1e30), eps=st.floats(1e-30, 1e-2), eps2=st.floats(1e-6, 1.0), p=st.floats(0.05, 1.0),
-       dtype=dtypes)
+@given(
+    rms_g=st.floats(0, 1e30),
+    eps=st.floats(1e-30, 1e-2),
+    eps2=st.floats(1e-6, 1.0),
+    p=st.floats(0.05, 1.0),
+    dtype=dtypes,
+)
 def test_fadam_adaptive_epsilon_is_never_zero_or_nan(rms_g, eps, eps2, p, dtype):
     """The v3 bug: ε·min(1, RMS(g)) is 0 for a zero gradient; ours falls back to ε^{2p}
     there and wherever the value underflows, and never goes below the dtype's tiny."""
@@ -69,7 +87,9 @@ def test_fadam_adaptive_epsilon_is_never_zero_or_nan(rms_g, eps, eps2, p, dtype)
 
 
 @pytest.mark.parametrize("backend", host_backend_params())
-@pytest.mark.parametrize("dtype,g", [(np.float64, 1e-170), (np.float64, 5e-324), (np.float32, 1e-40), (np.float32, 1e-25)])
+@pytest.mark.parametrize(
+    "dtype,g", [(np.float64, 1e-170), (np.float64, 5e-324), (np.float32, 1e-40), (np.float32, 1e-25)]
+)
 def test_fadam_subnormal_gradient_stays_finite(backend, dtype, g):
     """g² underflows to 0 here, so f = 0 and only ε_t keeps the denominator positive."""
     theta = np.ones(4, dtype=dtype)

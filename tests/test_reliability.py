@@ -4,6 +4,7 @@ Each test reproduces a failure found by an audit (issue 13) and checks the fix:
 a refused call changes nothing, a step is all or nothing, a checkpoint write
 never destroys the previous checkpoint.
 """
+
 import importlib
 import os
 import signal
@@ -15,15 +16,13 @@ import time
 
 import numpy as np
 import pytest
-
-import fisheropt as fo
-from fisheropt import refimpl
-
 from conftest import host_backend_params
-from fisheropt.refimpl import RULES as REGISTRY
 from rules import CLASS_NAMES, make_optimizer
 
-RULES = CLASS_NAMES   # every rule of the registry
+import fisheropt as fo
+from fisheropt.refimpl import RULES as REGISTRY
+
+RULES = CLASS_NAMES  # every rule of the registry
 
 
 def mixed_model(rng, n=6):
@@ -37,8 +36,12 @@ def grads_for(params, rng):
 
 
 def snapshot(opt):
-    return ([p.tobytes() for p in opt.params], {k: [a.tobytes() for a in v] for k, v in opt.state.items()},
-            opt.step_count, opt.hyperparams)
+    return (
+        [p.tobytes() for p in opt.params],
+        {k: [a.tobytes() for a in v] for k, v in opt.state.items()},
+        opt.step_count,
+        opt.hyperparams,
+    )
 
 
 # ---- 1. non-native byte order ------------------------------------------------------------
@@ -93,6 +96,7 @@ def fail_on_call(monkeypatch, module, name, k, exc=MemoryError):
         if calls[0] == k:
             raise exc("injected failure")
         return original(*args, **kwargs)
+
     monkeypatch.setattr(module, name, wrapper)
     return calls
 
@@ -103,12 +107,17 @@ def _injection_points(backend, rule):
     if backend == "numpy":
         # the pure per-tensor updates the reference step computes before writing anything
         module = sys.modules[descriptor.step.__module__]
-        return [(module, name) for name in dir(module)
-                if name.endswith("_update") and callable(getattr(module, name)) and name != "apply_updates"]
+        return [
+            (module, name)
+            for name in dir(module)
+            if name.endswith("_update") and callable(getattr(module, name)) and name != "apply_updates"
+        ]
     from fisheropt.backends.numba import _core
+
     module = importlib.import_module(f"fisheropt.backends.numba.{descriptor.name}")
     return [(_core.PLANS, "get"), (_core, "per_tensor_table")] + [
-        (module, name) for name in ("addresses", "per_tensor_table", "adam_launches") if hasattr(module, name)]
+        (module, name) for name in ("addresses", "per_tensor_table", "adam_launches") if hasattr(module, name)
+    ]
 
 
 @pytest.mark.parametrize("exc", [MemoryError, KeyboardInterrupt])
@@ -138,10 +147,10 @@ def test_failure_anywhere_before_the_first_write_changes_nothing(monkeypatch, ba
                     injected += 1
                     assert snapshot(opt) == before, f"{point[1]} failing at call {k} left a partial step"
                     continue
-            shadow.step(grads)   # the step completed: the shadow takes it too
+            shadow.step(grads)  # the step completed: the shadow takes it too
             assert snapshot(opt)[:3] == snapshot(shadow)[:3]
             if calls[0] < k:
-                break            # fewer than k calls: later k cannot fail either
+                break  # fewer than k calls: later k cannot fail either
     assert injected > 0, "no injection point was reached"
     grads = grads_for(params, rng)
     opt.step(grads)
@@ -169,7 +178,7 @@ def test_real_ctrl_c_never_leaves_a_partial_step(rule):
         try:
             timer.start()
             opt.step(grads)
-            time.sleep(1.5 * step_time)   # a late signal lands here, outside the step
+            time.sleep(1.5 * step_time)  # a late signal lands here, outside the step
         except KeyboardInterrupt:
             interrupted += 1
         finally:
@@ -296,13 +305,16 @@ def test_object_arrays_are_never_pickled_into_a_checkpoint(tmp_path):
 
 
 # ---- 6. loading bad state -----------------------------------------------------------------
-@pytest.mark.parametrize("rule,name,index,value,match", [
-    ("Adam", "m", 0, np.nan, r"state\['m'\]\[0\] holds NaN or Inf"),
-    ("FAdam", "m", 1, np.inf, r"state\['m'\]\[1\] holds NaN or Inf"),
-    ("Adam", "v", 1, -1.0, r"state\['v'\]\[1\] has negative entries"),
-    ("FAdam", "f", 0, -1e-30, r"state\['f'\]\[0\] has negative entries"),
-    ("CoupledAdam", "v", 0, -2.0, r"state\['v'\]\[0\] has negative entries"),
-])
+@pytest.mark.parametrize(
+    "rule,name,index,value,match",
+    [
+        ("Adam", "m", 0, np.nan, r"state\['m'\]\[0\] holds NaN or Inf"),
+        ("FAdam", "m", 1, np.inf, r"state\['m'\]\[1\] holds NaN or Inf"),
+        ("Adam", "v", 1, -1.0, r"state\['v'\]\[1\] has negative entries"),
+        ("FAdam", "f", 0, -1e-30, r"state\['f'\]\[0\] has negative entries"),
+        ("CoupledAdam", "v", 0, -2.0, r"state\['v'\]\[0\] has negative entries"),
+    ],
+)
 def test_corrupt_moments_are_refused(rule, name, index, value, match):
     """Before: NaN in m or a negative second moment loaded, and the next step made θ NaN."""
     opt = _trained(rule)
@@ -316,13 +328,14 @@ def test_corrupt_moments_are_refused(rule, name, index, value, match):
 
 def test_load_state_explains_files_that_are_not_checkpoints(tmp_path):
     cases = {
-        "a.npz": lambda p: np.save(open(p, "wb"), np.ones(3)),   # a .npy under an .npz name
+        "a.npz": lambda p: np.save(open(p, "wb"), np.ones(3)),  # a .npy under an .npz name
         "b.npz": lambda p: p.write_text("hello\n"),
-        "c.npz": lambda p: np.savez(p, other=np.ones(2)),          # no metadata
+        "c.npz": lambda p: np.savez(p, other=np.ones(2)),  # no metadata
         "d.npz": lambda p: np.savez(p, meta=np.frombuffer(b"{not json", np.uint8)),
-        "e.npz": lambda p: np.savez(p, meta=np.frombuffer(
-            b'{"format": "fisheropt.optimizer_state", "layout": {"m": 2}}', np.uint8)),
-        "f.npz": lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 40),   # a broken zip
+        "e.npz": lambda p: np.savez(
+            p, meta=np.frombuffer(b'{"format": "fisheropt.optimizer_state", "layout": {"m": 2}}', np.uint8)
+        ),
+        "f.npz": lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 40),  # a broken zip
     }
     for name, write in cases.items():
         path = tmp_path / name
@@ -338,7 +351,7 @@ def test_eps_that_rounds_to_zero_in_float32_is_refused():
     """Before: eps=1e-50 is positive but 0 in float32, and 0/0 gave [nan, 0.999, nan]."""
     with pytest.raises(ValueError, match=r"eps = 1e-50 is below the smallest normal float32"):
         fo.Adam([np.ones(3, np.float32)], eps=1e-50, backend="numpy")
-    fo.Adam([np.ones(3, np.float64)], eps=1e-50, backend="numpy")   # a normal float64: fine
+    fo.Adam([np.ones(3, np.float64)], eps=1e-50, backend="numpy")  # a normal float64: fine
     with pytest.raises(ValueError, match="eps2 = 1e-40 is below the smallest normal float32"):
         fo.FAdam([np.ones(3), np.ones(2, np.float32)], eps2=1e-40, backend="numpy")
     opt = fo.FAdam([np.ones(3, np.float32)], backend="numpy")

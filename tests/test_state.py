@@ -1,26 +1,26 @@
 """Optimizer state saves and loads exactly; a resumed run equals an uninterrupted one, bit for bit."""
+
 import numpy as np
 import pytest
+from conftest import host_backend_params
 from hypothesis import given
 from hypothesis import strategies as st
+from rules import CLASS_NAMES, make_optimizer
 
 import fisheropt as fo
-
-from conftest import host_backend_params
-from rules import CLASS_NAMES, make_optimizer
 
 SHAPES = [(6, 4), (5,), ()]
 
 
 def _make(rule, params, backend):
-    return make_optimizer(rule, params, backend, lr=1e-2)   # Coupled Adam: the (6, 4) matrix coupled
+    return make_optimizer(rule, params, backend, lr=1e-2)  # Coupled Adam: the (6, 4) matrix coupled
 
 
 def _grads(rng, dtype):
     return [np.asarray(rng.standard_normal(s), dtype=dtype) for s in SHAPES]
 
 
-RULES = CLASS_NAMES   # every rule of the registry
+RULES = CLASS_NAMES  # every rule of the registry
 
 
 @pytest.mark.parametrize("backend", host_backend_params())
@@ -111,8 +111,19 @@ def _corrupt(sd, how):
     return sd
 
 
-@pytest.mark.parametrize("how", ["wrong optimizer", "wrong shape", "wrong dtype", "missing tensor", "bad step",
-                                 "bad hyperparameter", "unknown version", "missing state entry"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "wrong optimizer",
+        "wrong shape",
+        "wrong dtype",
+        "missing tensor",
+        "bad step",
+        "bad hyperparameter",
+        "unknown version",
+        "missing state entry",
+    ],
+)
 @pytest.mark.parametrize("rule", RULES)
 def test_bad_state_dict_is_rejected_and_changes_nothing(rule, how):
     rng = np.random.default_rng(2)

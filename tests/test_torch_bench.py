@@ -1,4 +1,5 @@
 """The fisheropt.torch benchmark: its comparison implementation is the same rule, and it runs."""
+
 import numpy as np
 import pytest
 
@@ -17,8 +18,11 @@ def test_foreach_coupled_adam_is_the_rule_of_fisheropt():
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
 
     def groups(ps):
-        return [{"params": [p for p, c in zip(ps, coupled) if c], "coupled": True},
-                {"params": [p for p, c in zip(ps, coupled) if not c]}]
+        return [
+            {"params": [p for p, c in zip(ps, coupled) if c], "coupled": True},
+            {"params": [p for p, c in zip(ps, coupled) if not c]},
+        ]
+
     ours = fot.CoupledAdam(groups(a), lr=1e-2, backend="numpy")
     theirs = bench.foreach_coupled_adam_class()(groups(b), lr=1e-2)
     for _ in range(6):

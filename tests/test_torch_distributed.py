@@ -4,6 +4,7 @@ all-or-nothing step across ranks, and the distributed EF/iEF/SF/exact direction.
 Each world size is one launch of real processes (tests/distributed_workers/worker.py, gloo on
 localhost, a free port), bounded by LAUNCH_TIMEOUT and killed on failure; the module-scoped fixtures
 run them once and the tests compare what the ranks saved with single-process runs made here."""
+
 import os
 import signal
 import socket
@@ -20,11 +21,13 @@ import fisheropt.torch as fot
 from fisheropt import fisher
 from fisheropt.torch import distributed as fd
 
-pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with gloo is not available",
+)
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_workers", "worker.py")
-LAUNCH_TIMEOUT = 240   # seconds per launch (all scenarios of one world size; ~40 s on 2 loaded cores)
+LAUNCH_TIMEOUT = 240  # seconds per launch (all scenarios of one world size; ~40 s on 2 loaded cores)
 
 
 def _free_port():
@@ -42,9 +45,15 @@ def launch(world, scenarios, tmp_path):
         for r in range(world):
             log = open(tmp_path / f"rank{r}.log", "w")
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(port), str(tmp_path),
-                                           ",".join(scenarios)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, WORKER, str(r), str(world), str(port), str(tmp_path), ",".join(scenarios)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -53,7 +62,7 @@ def launch(world, scenarios, tmp_path):
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)    # this launch's own process group only
+                os.killpg(p.pid, signal.SIGKILL)  # this launch's own process group only
                 p.wait()
         for log in logs:
             log.close()
@@ -88,7 +97,7 @@ def _set_grads(params, flat):
     i = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[i:i + n].reshape(p.shape).clone()
+        p.grad = flat[i : i + n].reshape(p.shape).clone()
         i += n
 
 
@@ -133,7 +142,7 @@ def test_ddp_matches_single_process_full_batch_training(two, name):
     for step, rec in enumerate(trace):
         x, y = common.batch(step, 2)
         common.loss_of(model, x, y).backward()
-        if step != common.BAD_STEP:            # the DDP run skipped it (a NaN on the last rank)
+        if step != common.BAD_STEP:  # the DDP run skipped it (a NaN on the last rank)
             opt.step()
         opt.zero_grad()
         torch.testing.assert_close(common.flat(params), rec["param"], rtol=1e-10, atol=1e-12)
@@ -144,7 +153,7 @@ def test_ddp_non_finite_gradient_on_one_rank_every_rank_skips(two, name):
     for out in two:
         rec = out["ddp"][name][common.BAD_STEP]
         assert rec["raised"] is not None and "non-finite" in rec["raised"]
-        assert bitwise(rec["param"], rec["before"])           # byte-identical: nothing was written
+        assert bitwise(rec["param"], rec["before"])  # byte-identical: nothing was written
         assert torch.isnan(rec["grad"]).any()
         assert all(r["raised"] is None for i, r in enumerate(out["ddp"][name]) if i != common.BAD_STEP)
 
@@ -161,8 +170,8 @@ def test_zero_redundancy_optimizer_equals_single_process(two, name):
     assert all(r["inner"] == fot.CLASSES[name].__name__ for r in res)
     owned = [set(r["owned"]) for r in res]
     n_params = len(list(common.make_model().parameters()))
-    assert set().union(*owned) == set(range(n_params)) and not owned[0] & owned[1]   # each tensor on one rank
-    assert all(owned)                                                                # both ranks own some
+    assert set().union(*owned) == set(range(n_params)) and not owned[0] & owned[1]  # each tensor on one rank
+    assert all(owned)  # both ranks own some
     model = common.make_model()
     params = list(model.parameters())
     opt = fot.CLASSES[name](common.param_groups(name, model), **common.HYPER[name])
@@ -185,14 +194,18 @@ def test_zero_redundancy_optimizer_equals_single_process(two, name):
 # ---- distributed EF / iEF / SF / exact -------------------------------------------------------------------
 def _reference(key, world):
     kind, columns, _, dt, empty = key.split("-")
-    empty = None if empty == "emptyNone" else int(empty[len("empty"):])
+    empty = None if empty == "emptyNone" else int(empty[len("empty") :])
     dtype = getattr(torch, dt)
     parts = [common.fisher_problem(r, world, empty_rank=empty, dtype=dtype) for r in range(world)]
     G = torch.cat([p[0] for p in parts]).numpy()
     s, J, probs = (torch.cat([p[i] for p in parts]).numpy() for i in (1, 2, 3))
     ls = torch.cat([p[5] for p in parts], dim=1).numpy()
-    kw = {"ef": {}, "ief": {"s": s.astype(G.dtype)}, "sf": {"J": J, "probs": probs, "labels_sampled": ls},
-          "exact": {"J": J, "probs": probs, "exact_method": "woodbury"}}[kind]
+    kw = {
+        "ef": {},
+        "ief": {"s": s.astype(G.dtype)},
+        "sf": {"J": J, "probs": probs, "labels_sampled": ls},
+        "exact": {"J": J, "probs": probs, "exact_method": "woodbury"},
+    }[kind]
     ref = fisher.ngd_direction(kind, G=G, damping=0.5, **kw)
     cols = fd.shard_columns(common.SHAPES, world) if columns == "shard0" else None
     return ref, fd.Columns(common.P, world, cols), dtype
@@ -212,10 +225,10 @@ def test_distributed_direction_equals_ngd_direction_on_the_gathered_G(request, w
             res = out["ngd"][key]
             d = res["d"].numpy()
             assert d.dtype == ref.dtype
-            mine = ref[cols.index[r].numpy()] if cols.index is not None else ref[cols.offsets[r]:cols.offsets[r + 1]]
+            mine = ref[cols.index[r].numpy()] if cols.index is not None else ref[cols.offsets[r] : cols.offsets[r + 1]]
             assert d.shape == mine.shape, key
             assert np.abs(d - mine).max() <= tol * scale, (key, r, np.abs(d - mine).max() / scale)
-            assert torch.equal(res["full"], outs[0]["ngd"][key]["full"])      # gathered: the same on every rank
+            assert torch.equal(res["full"], outs[0]["ngd"][key]["full"])  # gathered: the same on every rank
             assert np.abs(res["full"].numpy() - ref).max() <= tol * scale
             assert res["stats"]["collectives"] == 3
 
@@ -240,10 +253,10 @@ def test_distributed_direction_communication_volume(two, three):
 
 def test_columns_and_shards():
     assert fd.column_split(50, 3) == [17, 17, 16]
-    cols = fd.shard_columns([(5, 2), (3,), ()], 2)       # (5,2): rows 3|2; (3,): 2|1; 0-d on rank 0
+    cols = fd.shard_columns([(5, 2), (3,), ()], 2)  # (5,2): rows 3|2; (3,): 2|1; 0-d on rank 0
     assert cols[0].tolist() == [0, 1, 2, 3, 4, 5, 10, 11, 13]
     assert cols[1].tolist() == [6, 7, 8, 9, 12]
-    assert [c.numel() for c in fd.shard_columns([(2, 3)], 3)] == [3, 3, 0]   # an empty shard
+    assert [c.numel() for c in fd.shard_columns([(2, 3)], 3)] == [3, 3, 0]  # an empty shard
     with pytest.raises(ValueError, match="partition"):
         fd.Columns(4, 2, [torch.tensor([0, 1]), torch.tensor([1, 2])])
     with pytest.raises(ValueError, match="sizes"):
@@ -263,6 +276,7 @@ def test_natural_gradient_with_a_process_group_equals_one_process_on_the_global_
     direction out (one all-to-all of G's columns, one all-reduce of the Gram): every rank ends with the
     parameters of a single process that stepped on the whole batch."""
     from distributed_workers.worker import natgrad_problem
+
     model, x, y = natgrad_problem(world=2)
     opt = fot.NaturalGradient(model, kind=kind, lr=0.5, damping=1e-2, backend="numpy")
     losses = [float(opt.step(x, y)) for _ in range(3)]

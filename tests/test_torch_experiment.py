@@ -1,4 +1,5 @@
 """The torch-lm experiment in --quick mode: report, plots, metrics that recompute from its outputs."""
+
 import json
 import math
 

@@ -1,6 +1,7 @@
 """fisheropt.torch on CUDA tensors: the cupy backend through DLPack, zero copy, on torch's current
 stream, no host synchronisation inside a step (check_finite=False). Marked ``gpu``: skipped with the
 reason where CuPy, a CUDA build of torch or a GPU is missing (tests/conftest.py)."""
+
 import numpy as np
 import pytest
 
@@ -9,9 +10,13 @@ from fisheropt.refimpl import RULES
 torch = pytest.importorskip("torch")
 fot = pytest.importorskip("fisheropt.torch")
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="GPU test: no CUDA device for torch here (torch.cuda.is_available() is False)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="GPU test: no CUDA device for torch here (torch.cuda.is_available() is False)",
+    ),
+]
 
 SHAPES = [(64, 48), (300,), (), (5, 3, 2)]
 
@@ -20,22 +25,29 @@ def _pair(name, seed=0, dtype=torch.float32):
     """(cuda params, cpu params, cuda opt, cpu opt) with the same initial values and groups."""
     rule = RULES[name]
     rng = np.random.default_rng(seed)
-    host = [torch.nn.Parameter(torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32)).to(dtype))
-            for s in SHAPES]
+    host = [
+        torch.nn.Parameter(torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=np.float32)).to(dtype))
+        for s in SHAPES
+    ]
     dev = [torch.nn.Parameter(p.detach().cuda()) for p in host]
     cls = getattr(fot, rule.title)
 
     def build(ps, backend):
         if rule.tensor_flag is not None:
-            return cls([{"params": ps[:1], rule.tensor_flag.name: True}, {"params": ps[1:], "lr": 2e-2}],
-                       lr=1e-2, backend=backend)
+            return cls(
+                [{"params": ps[:1], rule.tensor_flag.name: True}, {"params": ps[1:], "lr": 2e-2}],
+                lr=1e-2,
+                backend=backend,
+            )
         return cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 2e-2}], lr=1e-2, backend=backend)
+
     return dev, host, build(dev, "auto"), build(host, "numpy")
 
 
 def _grads(rng, params):
-    return [torch.from_numpy(np.asarray(rng.standard_normal(tuple(p.shape)), dtype=np.float32)).to(p.dtype)
-            for p in params]
+    return [
+        torch.from_numpy(np.asarray(rng.standard_normal(tuple(p.shape)), dtype=np.float32)).to(p.dtype) for p in params
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
@@ -66,9 +78,11 @@ def test_cuda_views_are_zero_copy(monkeypatch):
     real = backend.adamw_step
 
     def spy(p, g, m, v, **kw):
-        seen.append(([a.data.ptr for a in p], [a.data.ptr for a in g], [a.data.ptr for a in m],
-                     [a.data.ptr for a in v]))
+        seen.append(
+            ([a.data.ptr for a in p], [a.data.ptr for a in g], [a.data.ptr for a in m], [a.data.ptr for a in v])
+        )
         return real(p, g, m, v, **kw)
+
     monkeypatch.setattr(backend, "adamw_step", spy)
     opt.check_finite = False
     rng = np.random.default_rng(2)
@@ -85,18 +99,20 @@ def test_cuda_views_are_zero_copy(monkeypatch):
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_no_host_synchronisation_inside_a_step(monkeypatch, name):
     import cupy
+
     dev, _, opt, _ = _pair(name)
     opt.check_finite = False
     rng = np.random.default_rng(3)
     for d, g in zip(dev, _grads(rng, dev)):
         d.grad = g.cuda()
-    opt.step()                     # first step: kernels compiled, state allocated
+    opt.step()  # first step: kernels compiled, state allocated
     for d, g in zip(dev, _grads(rng, dev)):
         d.grad = g.cuda()
     torch.cuda.synchronize()
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation inside a step")
+
     monkeypatch.setattr(cupy.ndarray, "get", forbidden)
     monkeypatch.setattr(cupy.cuda.Stream, "synchronize", forbidden)
     monkeypatch.setattr(cupy.cuda.ExternalStream, "synchronize", forbidden)

@@ -1,11 +1,11 @@
 """fisheropt.torch inside PyTorch training loops: GradScaler, LR schedulers, torch.compile,
 and the Coupled Adam param-group helper."""
+
 import numpy as np
 import pytest
+from conftest import host_backend_params
 
 import fisheropt as fo
-
-from conftest import host_backend_params
 
 torch = pytest.importorskip("torch")
 fot = pytest.importorskip("fisheropt.torch")
@@ -36,11 +36,12 @@ def test_grad_scaler_skips_overflowing_steps_and_unscales_the_others(name):
     model, ref = tiny_model(), tiny_model()
     kw = {"coupled": False} if name == "CoupledAdam" else {}
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = getattr(fot, name)(model.parameters(), lr=1e-2, **kw)
         ropt = getattr(fot, name)(ref.parameters(), lr=1e-2, **kw)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     data = batches(4)
     for x, y in data[:2]:
         loss = ((model(x) - y) ** 2).mean()
@@ -66,7 +67,7 @@ def test_grad_scaler_skips_overflowing_steps_and_unscales_the_others(name):
     assert params_bytes(model) == before_p and state_bytes(opt) == before_s
     assert scaler.get_scale() < 3.0e38
     # and the step after it runs normally
-    scaler.update(new_scale=2.0 ** 8)
+    scaler.update(new_scale=2.0**8)
     loss = ((model(x) - y) ** 2).mean()
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -87,7 +88,8 @@ def test_lr_schedulers_drive_the_next_step_as_in_torch(backend, sched):
             return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10)
         if sched == "lambda":
             return torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (1 + k))
-        return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=3e-2, total_steps=12)   # also cycles betas
+        return torch.optim.lr_scheduler.OneCycleLR(o, max_lr=3e-2, total_steps=12)  # also cycles betas
+
     s, ts = make(opt), make(topt)
     for x, y in batches(12):
         for m, o, sc in ((model, opt, s), (twin, topt, ts)):
@@ -103,10 +105,10 @@ def test_lr_schedulers_drive_the_next_step_as_in_torch(backend, sched):
 def test_learning_rate_changes_take_effect_at_the_next_step():
     model = tiny_model()
     opt = fot.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    (x, y), = batches(1)
+    ((x, y),) = batches(1)
     ((model(x) - y) ** 2).mean().backward()
     opt.step()
-    opt.param_groups[0]["lr"] = 0.0          # lr 0: θ(1 - 0·λ) - 0·(...) = θ exactly
+    opt.param_groups[0]["lr"] = 0.0  # lr 0: θ(1 - 0·λ) - 0·(...) = θ exactly
     before = params_bytes(model)
     opt.step()
     assert params_bytes(model) == before
@@ -129,6 +131,7 @@ def test_compiled_model_trains_like_the_eager_one(monkeypatch):
     def spy(*args, **kwargs):
         tracing.append(torch.compiler.is_compiling())
         return real(*args, **kwargs)
+
     monkeypatch.setattr(module, "adamw_step", spy)
 
     def train_step(m, o, x, y):
@@ -138,7 +141,7 @@ def test_compiled_model_trains_like_the_eager_one(monkeypatch):
         o.zero_grad()
         return loss
 
-    ctrain = torch.compile(train_step, backend="aot_eager")   # the step inside: a graph break
+    ctrain = torch.compile(train_step, backend="aot_eager")  # the step inside: a graph break
     for i, (x, y) in enumerate(batches(4)):
         train_step(eager, opt, x, y)
         (ctrain if i % 2 else train_step)(cmodel, copt, x, y)
@@ -150,14 +153,15 @@ def test_compiled_model_trains_like_the_eager_one(monkeypatch):
 def test_step_inside_fullgraph_compile_says_why():
     model = tiny_model()
     opt = fot.FAdam(model.parameters(), backend="numpy")
-    (x, y), = batches(1)
+    ((x, y),) = batches(1)
     ((model(x) - y) ** 2).mean().backward()
 
     def step():
         opt.step()
+
     with pytest.raises(Exception, match="run their update outside torch.compile"):
         torch.compile(step, backend="eager", fullgraph=True)()
-    assert not opt.state   # nothing ran
+    assert not opt.state  # nothing ran
 
 
 # ---- Coupled Adam groups --------------------------------------------------------------------
@@ -165,11 +169,11 @@ class TiedLM(nn.Module):
     def __init__(self, vocab=50, d=8, context=4):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(context, d)            # not vocabulary: excluded below
+        self.pos = nn.Embedding(context, d)  # not vocabulary: excluded below
         self.mix = nn.Linear(d, d)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.tok.weight             # tied output projection
+        self.head.weight = self.tok.weight  # tied output projection
 
     def forward(self, ids):
         h = self.tok(ids) + self.pos.weight[: ids.shape[1]]
@@ -183,7 +187,7 @@ def test_coupled_param_groups_flags_embeddings_and_tied_heads():
     assert [g["coupled"] for g in groups] == [True, False]
     assert [n for n, _ in groups[0]["params"]] == ["tok.weight"]
     rest = [n for n, _ in groups[1]["params"]]
-    assert "pos.weight" in rest and "head.weight" not in rest      # tied: listed once, as tok.weight
+    assert "pos.weight" in rest and "head.weight" not in rest  # tied: listed once, as tok.weight
     assert all(g["weight_decay"] == 0.05 for g in groups)
     assert len(groups[0]["params"]) + len(rest) == len(list(model.parameters()))
     assert [n for n, _ in fot.coupled_param_groups(model)[0]["params"]] == ["tok.weight", "pos.weight"]
@@ -226,7 +230,7 @@ def test_step_keeps_torchs_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        p = nn.Parameter(torch.zeros(1 << 18))         # big enough for a parallel launch
+        p = nn.Parameter(torch.zeros(1 << 18))  # big enough for a parallel launch
         p.grad = torch.ones_like(p)
         opt = fot.AdamW([p])
         opt.step()

@@ -1,5 +1,6 @@
 """fisheropt.torch.NaturalGradient: the first step is fisheropt.fisher.ngd_direction, torch semantics,
 LoRA, and rejected steps that leave everything byte-identical."""
+
 import math
 import warnings
 
@@ -55,7 +56,7 @@ def reference_direction(kind, x, y, damping, mode, seed_labels=None):
     G = G.numpy()
     probs = torch.softmax(logits, 1).numpy()
     kw = {"G": G}
-    scale = float((G ** 2).sum(1).mean())
+    scale = float((G**2).sum(1).mean())
     if kind == "ief":
         kw["s"] = fisher.logit_grad_sq_norms(probs, y.numpy())
     if kind in ("sf", "exact"):
@@ -64,26 +65,44 @@ def reference_direction(kind, x, y, damping, mode, seed_labels=None):
         if kind == "exact":
             scale = np.trace(fisher.exact(J, probs)) / x.shape[0]
     if kind == "sf":
-        ls = torch.multinomial(torch.softmax(logits, 1), 1, replacement=True,
-                               generator=torch.Generator().manual_seed(seed_labels)).T.numpy()
+        ls = torch.multinomial(
+            torch.softmax(logits, 1), 1, replacement=True, generator=torch.Generator().manual_seed(seed_labels)
+        ).T.numpy()
         kw["labels_sampled"] = ls
         scale = np.trace(fisher.sampled(kw["J"], probs, ls)) / x.shape[0]
     lam = damping * scale if mode == "relative" else damping
     return fisher.ngd_direction(kind, damping=lam, **kw), lam
 
 
-@pytest.mark.parametrize("kind, method, mode", [
-    ("ief", "auto", "relative"), ("ief", "auto", "absolute"), ("ef", "auto", "relative"),
-    ("sf", "woodbury", "relative"), ("exact", "woodbury", "relative"), ("exact", "woodbury", "absolute"),
-    ("exact", "cg", "absolute"), ("sf", "cg", "absolute"),
-])
+@pytest.mark.parametrize(
+    "kind, method, mode",
+    [
+        ("ief", "auto", "relative"),
+        ("ief", "auto", "absolute"),
+        ("ef", "auto", "relative"),
+        ("sf", "woodbury", "relative"),
+        ("exact", "woodbury", "relative"),
+        ("exact", "woodbury", "absolute"),
+        ("exact", "cg", "absolute"),
+        ("sf", "cg", "absolute"),
+    ],
+)
 def test_first_step_equals_ngd_direction(batch, kind, method, mode):
     x, y = batch
     m = mlp()
     theta0 = flat(m)
     lr, damping = 0.3, (1e-2 if mode == "relative" else 0.05)
-    opt = fot.NaturalGradient(m, kind=kind, lr=lr, damping=damping, damping_mode=mode, exact_method=method,
-                              generator=torch.Generator().manual_seed(4), cg_rtol=1e-12, cg_maxiter=1000)
+    opt = fot.NaturalGradient(
+        m,
+        kind=kind,
+        lr=lr,
+        damping=damping,
+        damping_mode=mode,
+        exact_method=method,
+        generator=torch.Generator().manual_seed(4),
+        cg_rtol=1e-12,
+        cg_maxiter=1000,
+    )
     loss = opt.step(x, y)
     d = ((theta0 - flat(m)) / lr).numpy()
     ref, lam = reference_direction(kind, x, y, damping, mode, seed_labels=4)
@@ -96,11 +115,18 @@ def test_first_step_equals_ngd_direction(batch, kind, method, mode):
 
 def test_exact_cg_relative_damping_uses_an_unbiased_trace_estimate(batch):
     x, y = batch
-    opt = fot.NaturalGradient(mlp(), kind="exact", exact_method="cg", damping=1e-2, lr=0.0, cg_maxiter=1,
-                              generator=torch.Generator().manual_seed(0))
+    opt = fot.NaturalGradient(
+        mlp(),
+        kind="exact",
+        exact_method="cg",
+        damping=1e-2,
+        lr=0.0,
+        cg_maxiter=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     scales = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fot.CGConvergenceWarning)     # one CG step: only the scale matters here
+        warnings.simplefilter("ignore", fot.CGConvergenceWarning)  # one CG step: only the scale matters here
         for _ in range(20):
             opt.step(x, y)
             scales.append(opt.last_stats["scale"])
@@ -133,8 +159,9 @@ def test_only_lora_parameters_are_updated(batch, kind):
     frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not n.endswith((".A", ".B"))}
     before = [p.detach().clone() for p in lora]
     # exact NGD takes huge steps for confidently wrong samples (H_n ≈ 0): it needs more damping than iEF
-    opt = fot.NaturalGradient(m, kind=kind, lr=0.3, params=lora, exact_method="cg",
-                              damping=1e-3 if kind == "ief" else 0.3)
+    opt = fot.NaturalGradient(
+        m, kind=kind, lr=0.3, params=lora, exact_method="cg", damping=1e-3 if kind == "ief" else 0.3
+    )
     assert opt.layout.P == sum(p.numel() for p in lora)
     l0 = float(opt.step(x, y))
     for _ in range(3):
@@ -149,11 +176,13 @@ def test_only_lora_parameters_are_updated(batch, kind):
 def test_momentum_param_groups_scheduler_and_state_dict(batch):
     x, y = batch
     m = mlp()
-    groups = [{"params": [m[0].weight, m[0].bias], "lr": 0.2, "momentum": 0.5},
-              {"params": [m[2].weight, m[2].bias], "lr": 0.1}]
+    groups = [
+        {"params": [m[0].weight, m[0].bias], "lr": 0.2, "momentum": 0.5},
+        {"params": [m[2].weight, m[2].bias], "lr": 0.1},
+    ]
     opt = fot.NaturalGradient(m, kind="ief", params=groups, damping=1e-2)
     assert isinstance(opt, torch.optim.Optimizer)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** k)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5**k)
     t0 = flat(m)
     opt.step(x, y)
     sched.step()
@@ -170,9 +199,15 @@ def test_momentum_param_groups_scheduler_and_state_dict(batch):
     sd = opt.state_dict()
     m2 = mlp()
     m2.load_state_dict(m.state_dict())
-    opt2 = fot.NaturalGradient(m2, kind="ief", damping=1e-2, params=[
-        {"params": [m2[0].weight, m2[0].bias], "lr": 0.2, "momentum": 0.5},
-        {"params": [m2[2].weight, m2[2].bias], "lr": 0.1}])
+    opt2 = fot.NaturalGradient(
+        m2,
+        kind="ief",
+        damping=1e-2,
+        params=[
+            {"params": [m2[0].weight, m2[0].bias], "lr": 0.2, "momentum": 0.5},
+            {"params": [m2[2].weight, m2[2].bias], "lr": 0.1},
+        ],
+    )
     opt2.load_state_dict(sd)
     opt.step(x, y)
     opt2.step(x, y)
@@ -194,12 +229,20 @@ def test_quality_is_logged_with_the_matrix_free_fisher(batch):
     x, y = batch
     q = {}
     for kind in ("ief", "ef", "exact"):
-        opt = fot.NaturalGradient(mlp(), kind=kind, lr=0.0, damping=1e-4, track_quality=True, cg_rtol=1e-10,
-                                  exact_method="cg", cg_maxiter=1000)
+        opt = fot.NaturalGradient(
+            mlp(),
+            kind=kind,
+            lr=0.0,
+            damping=1e-4,
+            track_quality=True,
+            cg_rtol=1e-10,
+            exact_method="cg",
+            cg_maxiter=1000,
+        )
         opt.step(x, y)
         q[kind] = opt.last_stats["quality"]
         assert math.isfinite(q[kind]) and q[kind] > 0
-    assert q["exact"] <= min(q["ief"], q["ef"]) + 1e-6        # the exact natural gradient minimises γ
+    assert q["exact"] <= min(q["ief"], q["ef"]) + 1e-6  # the exact natural gradient minimises γ
 
 
 def test_sequence_model_with_padding_steps_and_descends():
@@ -213,10 +256,11 @@ def test_sequence_model_with_padding_steps_and_descends():
 
         def forward(self, ids):
             return self.out(torch.tanh(self.emb(ids).cumsum(1)))
+
     ids = torch.randint(0, 6, (8, 6))
     y = torch.randint(0, 5, (8, 6))
     y[:, :2] = -100
-    y[3] = -100                                          # a sample with no counted token is left out
+    y[3] = -100  # a sample with no counted token is left out
     for kind in ("ief", "exact"):
         m = Seq()
         opt = fot.NaturalGradient(m, kind=kind, lr=0.5, damping=1e-2)
@@ -239,7 +283,7 @@ def test_bad_steps_leave_everything_untouched(batch):
     x, y = batch
     m = mlp()
     opt = fot.NaturalGradient(m, kind="ief", lr=0.1, momentum=0.9)
-    opt.step(x, y)                                      # some state exists
+    opt.step(x, y)  # some state exists
     before = snapshot(m, opt)
     bad = [
         ((x, torch.full_like(y, 3)), ValueError, "0..2"),
@@ -274,12 +318,11 @@ def test_model_not_returning_logits_is_refused(batch):
 @pytest.mark.parametrize("kind", ["ief", "ef", "exact"])
 def test_damping_too_small_raises_and_leaves_parameters(batch, kind):
     x, y = batch
-    x = torch.cat([x[:4], x[:4]])                       # duplicated samples: a singular Gram matrix
+    x = torch.cat([x[:4], x[:4]])  # duplicated samples: a singular Gram matrix
     y = torch.cat([y[:4], y[:4]])
     m = mlp()
     before = snapshot(m)
-    opt = fot.NaturalGradient(m, kind=kind, lr=0.1, damping=1e-300, damping_mode="absolute",
-                              exact_method="woodbury")
+    opt = fot.NaturalGradient(m, kind=kind, lr=0.1, damping=1e-300, damping_mode="absolute", exact_method="woodbury")
     with pytest.raises(fisher.DampingTooSmall, match="parameters are unchanged"):
         opt.step(x, y)
     assert_identical(before, m, None)
@@ -333,6 +376,6 @@ def test_training_with_ief_reduces_the_loss_on_float32_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for i in range(15):
-            losses.append(float(opt.step(X[16 * (i % 4):16 * (i % 4 + 1)], Y[16 * (i % 4):16 * (i % 4 + 1)])))
+            losses.append(float(opt.step(X[16 * (i % 4) : 16 * (i % 4 + 1)], Y[16 * (i % 4) : 16 * (i % 4 + 1)])))
     assert all(p.dtype == torch.float32 for p in m.parameters())
     assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])

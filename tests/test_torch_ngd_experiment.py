@@ -1,4 +1,5 @@
 """The ief-finetune experiment in --quick mode: report, plots, metrics; LoRA trains only the adapters."""
+
 import json
 import math
 
@@ -38,8 +39,9 @@ def test_lora_model_trains_only_adapters_and_head():
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     X, y = data["fine"][0][:32], data["fine"][1][:32]
     with torch.no_grad():
-        torch.testing.assert_close(model.fc1(X), backbone.fc1(X))        # B = 0: starts as the pretrained layer
+        torch.testing.assert_close(model.fc1(X), backbone.fc1(X))  # B = 0: starts as the pretrained layer
     import fisheropt.torch as fot
+
     opt = fot.NaturalGradient(model, kind="ief", lr=0.3, params=trainable)
     opt.step(X, y)
     opt.step(X, y)

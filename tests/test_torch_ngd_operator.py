@@ -1,4 +1,5 @@
 """The matrix-free exact Fisher (FisherOperator) and its conjugate-gradient solve."""
+
 import warnings
 
 import numpy as np
@@ -34,12 +35,14 @@ def autograd_ggn(model, x, layout):
 
     def f(flat):
         return torch.func.functional_call(model, layout.unflatten_dict(flat), (x,))
+
     J = torch.autograd.functional.jacobian(f, theta)
     z = f(theta).detach()
     F = torch.zeros(layout.P, layout.P, dtype=torch.float64)
     for n in range(x.shape[0]):
         H = torch.autograd.functional.hessian(
-            lambda zz: nn.functional.cross_entropy(zz[None], torch.tensor([0]), reduction="sum"), z[n])
+            lambda zz: nn.functional.cross_entropy(zz[None], torch.tensor([0]), reduction="sum"), z[n]
+        )
         F += J[n].T @ H @ J[n]
     return F
 
@@ -85,15 +88,16 @@ def test_sequence_operator_sums_over_counted_tokens():
 
         def forward(self, ids):
             return self.out(torch.tanh(self.emb(ids).cumsum(1)))
+
     m = Seq().double()
     ids = torch.randint(0, 5, (3, 4))
     y = torch.randint(0, 4, (3, 4))
     y[1, 2:] = -100
     op = fot.FisherOperator(m, ids, y)
-    J = fot.logit_jacobians(m, ids)                      # (N, T, C, P)
+    J = fot.logit_jacobians(m, ids)  # (N, T, C, P)
     keep = (y != -100).reshape(-1)
     Jt = J.reshape(-1, 4, op.P)[keep].numpy()
-    F = fisher.exact(Jt, op.probs[keep].numpy())         # token-level exact Fisher
+    F = fisher.exact(Jt, op.probs[keep].numpy())  # token-level exact Fisher
     v = np.random.default_rng(2).standard_normal(op.P)
     np.testing.assert_allclose(op.matvec(v), F @ v, rtol=1e-11, atol=1e-12)
 
@@ -123,7 +127,7 @@ def test_cg_cap_warns_with_the_residual_or_raises(batch):
     with pytest.warns(fot.CGConvergenceWarning, match="relative residual"):
         res = op.solve(g, 1e-4, maxiter=2)
     assert not res.converged and res.iterations == 2 and res.residual > 1e-4
-    assert float(res.x @ g) > 0                     # still a descent direction
+    assert float(res.x @ g) > 0  # still a descent direction
     with pytest.raises(fot.CGNotConverged, match="did not converge"):
         op.solve(g, 1e-4, maxiter=2, on_fail="raise")
     with pytest.raises(fisher.DampingTooSmall):

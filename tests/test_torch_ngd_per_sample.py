@@ -1,4 +1,5 @@
 """fisheropt.torch.per_sample_grads / logit_jacobians / ParamLayout against plain autograd."""
+
 import numpy as np
 import pytest
 
@@ -38,14 +39,15 @@ def loop_grads(model, x, y, params, loss_fn):
     for n in range(x.shape[0]):
         for p in params:
             p.grad = None
-        loss_fn(model(x[n:n + 1]), y[n:n + 1]).backward()
+        loss_fn(model(x[n : n + 1]), y[n : n + 1]).backward()
         rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]))
     return torch.stack(rows)
 
 
 def ce_sum(logits, y, ignore_index=-100):
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                       ignore_index=ignore_index, reduction="sum")
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 3])
@@ -61,7 +63,7 @@ def test_per_sample_grads_match_single_sample_backward(chunk_size):
 
 def test_per_sample_grads_subset_order_and_float32():
     m = mlp(torch.float32)
-    params = [m[3].weight, m[0].bias]                 # the given order, not the model's
+    params = [m[3].weight, m[0].bias]  # the given order, not the model's
     x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
     G, _, layout = fot.per_sample_grads(m, x, y, params=params)
     assert G.dtype == torch.float32 and layout.names == ["3.weight", "0.bias"] and layout.P == 21 + 7
@@ -77,8 +79,8 @@ def test_sequence_model_sample_is_a_sequence_with_ignore_index():
     m = SeqModel().double()
     ids = torch.randint(0, 6, (4, 5))
     y = torch.randint(0, 5, (4, 5))
-    y[0, :2] = -100                      # prompt tokens
-    y[2, 3:] = -100                      # padding
+    y[0, :2] = -100  # prompt tokens
+    y[2, 3:] = -100  # padding
     G, logits, layout = fot.per_sample_grads(m, ids, y, chunk_size=3)
     ref = loop_grads(m, ids, y, list(m.parameters()), ce_sum)
     torch.testing.assert_close(G, ref, rtol=1e-12, atol=1e-12)
@@ -87,7 +89,7 @@ def test_sequence_model_sample_is_a_sequence_with_ignore_index():
     p = torch.softmax(logits.double(), -1)
     mask = (y != -100).double()
     r = p - nn.functional.one_hot(y.clamp(min=0), 5).double()
-    torch.testing.assert_close(st.s, ((r ** 2).sum(-1) * mask).sum(1))
+    torch.testing.assert_close(st.s, ((r**2).sum(-1) * mask).sum(1))
 
 
 def test_logit_jacobians_match_autograd_and_give_G():
@@ -99,7 +101,8 @@ def test_logit_jacobians_match_autograd_and_give_G():
 
     def f(flat):
         return torch.func.functional_call(m, layout.unflatten_dict(flat), (x,))
-    ref = torch.autograd.functional.jacobian(f, theta)          # (N, C, P)
+
+    ref = torch.autograd.functional.jacobian(f, theta)  # (N, C, P)
     torch.testing.assert_close(J, ref, rtol=1e-12, atol=1e-12)
     G = fot.per_sample_grads(m, x, y).G
     probs = torch.softmax(m(x), 1).detach().numpy()
@@ -116,17 +119,24 @@ class TupleOut(nn.Module):
         return self.lin(x), x
 
 
-@pytest.mark.parametrize("model, x, y, match", [
-    (TupleOut(), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), "logits tensor"),
-    (nn.Linear(3, 1), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), "C >= 2"),
-    (nn.Sequential(nn.Linear(3, 2), nn.Flatten(0)), torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
-     "expected logits"),
-    (nn.Linear(3, 4), torch.randn(4, 3), torch.tensor([0, 1, 4, 2]), "0..3"),
-    (nn.Linear(3, 4), torch.randn(4, 3), torch.tensor([0, -1, 2, 2]), "0..3"),
-    (nn.Linear(3, 4), torch.randn(4, 3), torch.zeros(4), "integer class indices"),
-    (nn.Linear(3, 4), torch.randn(4, 3), torch.zeros(5, dtype=torch.long), "shape"),
-    (nn.Linear(3, 4), torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long), "targets"),
-])
+@pytest.mark.parametrize(
+    "model, x, y, match",
+    [
+        (TupleOut(), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), "logits tensor"),
+        (nn.Linear(3, 1), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), "C >= 2"),
+        (
+            nn.Sequential(nn.Linear(3, 2), nn.Flatten(0)),
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            "expected logits",
+        ),
+        (nn.Linear(3, 4), torch.randn(4, 3), torch.tensor([0, 1, 4, 2]), "0..3"),
+        (nn.Linear(3, 4), torch.randn(4, 3), torch.tensor([0, -1, 2, 2]), "0..3"),
+        (nn.Linear(3, 4), torch.randn(4, 3), torch.zeros(4), "integer class indices"),
+        (nn.Linear(3, 4), torch.randn(4, 3), torch.zeros(5, dtype=torch.long), "shape"),
+        (nn.Linear(3, 4), torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long), "targets"),
+    ],
+)
 def test_bad_models_and_targets_are_refused(model, x, y, match):
     with pytest.raises((ValueError, TypeError), match=match):
         fot.per_sample_grads(model, x, y)

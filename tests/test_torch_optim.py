@@ -4,15 +4,15 @@ Same update as fisheropt.* (bit for bit), torch.optim semantics (param groups,
 per-parameter steps, None gradients, add_param_group, zero_grad), Adam/AdamW
 parity with torch.optim, zero-copy views and one fused backend call per step.
 """
+
 import inspect
 
 import numpy as np
 import pytest
+from conftest import host_backend_params
 
 import fisheropt as fo
 from fisheropt.refimpl import RULES
-
-from conftest import host_backend_params
 
 torch = pytest.importorskip("torch")
 fot = pytest.importorskip("fisheropt.torch")
@@ -29,8 +29,18 @@ def numba_takes_lists():
     p = [np.zeros(3, np.float32), np.zeros(2, np.float32)]
     g = [np.ones(3, np.float32), np.ones(2, np.float32)]
     try:
-        mod.adamw_step([x.copy() for x in p], g, [x.copy() for x in p], [x.copy() for x in p], step=[1, 2],
-                       lr=[0.1, 0.2], beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=[0.0, 0.1])
+        mod.adamw_step(
+            [x.copy() for x in p],
+            g,
+            [x.copy() for x in p],
+            [x.copy() for x in p],
+            step=[1, 2],
+            lr=[0.1, 0.2],
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=[0.0, 0.1],
+        )
     except (TypeError, ValueError):
         return False
     return True
@@ -49,13 +59,13 @@ def group_backends():
 
 
 def make_params(rng, shapes=SHAPES, dtype=torch.float32):
-    return [torch.nn.Parameter(torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=NP[dtype])))
-            for s in shapes]
+    return [torch.nn.Parameter(torch.from_numpy(np.asarray(rng.standard_normal(s), dtype=NP[dtype]))) for s in shapes]
 
 
 def grads_for(rng, params, scale=1.0):
-    return [torch.from_numpy(np.asarray(rng.standard_normal(tuple(p.shape)) * scale, dtype=NP[p.dtype]))
-            for p in params]
+    return [
+        torch.from_numpy(np.asarray(rng.standard_normal(tuple(p.shape)) * scale, dtype=NP[p.dtype])) for p in params
+    ]
 
 
 def set_grads(params, grads):
@@ -79,8 +89,10 @@ def fot_groups(rule, params, flags):
 
 
 def snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
+    return (
+        [p.detach().clone() for p in params],
+        {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
+    )
 
 
 def assert_same(opt, params, snap):
@@ -113,6 +125,7 @@ def test_one_class_per_rule_of_the_registry():
 def test_a_new_rule_gets_a_class():
     """optimizer_class works from the descriptor alone (e.g. Lion, added to the registry later)."""
     import dataclasses
+
     rule = dataclasses.replace(RULES["adamw"], name="adamw_copy", title="AdamWCopy")
     cls = fot.optimizer_class(rule)
     assert cls.__name__ == "AdamWCopy" and issubclass(cls, fot.Optimizer)
@@ -132,8 +145,9 @@ def test_same_bits_as_fisheropt(backend, name, dtype):
     groups, _ = fot_groups(rule, params, flags)
     opt = getattr(fot, rule.title)(groups, lr=3e-2, backend=backend)
     arrays = [a.copy() for a in init]
-    fo_opt = getattr(fo, rule.title)(arrays, lr=3e-2, backend=backend,
-                                     **({rule.tensor_flag.name: flags} if flags else {}))
+    fo_opt = getattr(fo, rule.title)(
+        arrays, lr=3e-2, backend=backend, **({rule.tensor_flag.name: flags} if flags else {})
+    )
     for _ in range(5):
         grads = grads_for(rng, params)
         set_grads(params, grads)
@@ -160,10 +174,14 @@ def test_param_groups_equal_separate_fisheropt_optimizers(backend, name):
     ga = {"params": a, "lr": 1e-2, "weight_decay": 0.0}
     gb = {"params": b, "lr": 3e-2, "weight_decay": 0.2, "betas": (0.8, 0.95)}
     if flag:  # flag within groups: flagged 2-D tensors in their own groups
-        ga = [{**ga, "params": [p for p, f in zip(a, fa) if f], flag: True},
-              {**ga, "params": [p for p, f in zip(a, fa) if not f]}]
-        gb = [{**gb, "params": [p for p, f in zip(b, fb) if f], flag: True},
-              {**gb, "params": [p for p, f in zip(b, fb) if not f]}]
+        ga = [
+            {**ga, "params": [p for p, f in zip(a, fa) if f], flag: True},
+            {**ga, "params": [p for p, f in zip(a, fa) if not f]},
+        ]
+        gb = [
+            {**gb, "params": [p for p, f in zip(b, fb) if f], flag: True},
+            {**gb, "params": [p for p, f in zip(b, fb) if not f]},
+        ]
         a = ga[0]["params"] + ga[1]["params"]
         b = gb[0]["params"] + gb[1]["params"]
         groups = ga + gb
@@ -191,8 +209,14 @@ def test_one_backend_call_per_step_whatever_the_groups(monkeypatch):
     """Per-group hyperparameters and per-parameter steps go to the kernel as lists, in one call;
     float32 and float64 parameters share the call too."""
     rng = np.random.default_rng(0)
-    groups = [{"params": make_params(rng, [(4, 3), (2,)], dtype=torch.float32 if i % 2 else torch.float64),
-               "lr": 1e-3 * (i + 1), "weight_decay": 0.01 * i} for i in range(6)]
+    groups = [
+        {
+            "params": make_params(rng, [(4, 3), (2,)], dtype=torch.float32 if i % 2 else torch.float64),
+            "lr": 1e-3 * (i + 1),
+            "weight_decay": 0.01 * i,
+        }
+        for i in range(6)
+    ]
     opt = fot.AdamW(groups, backend="numpy")
     backend = fo.backends.get("numpy")
     calls = []
@@ -228,7 +252,7 @@ def _torch_twin(name, params_fot, groups_kw):
     k = 0
     for kw in groups_kw:
         n = kw["n"]
-        groups.append({"params": twins[k:k + n], **{x: y for x, y in kw.items() if x != "n"}})
+        groups.append({"params": twins[k : k + n], **{x: y for x, y in kw.items() if x != "n"}})
         k += n
     return twins, groups
 
@@ -241,12 +265,14 @@ def test_adam_adamw_follow_torch_with_param_groups(backend, name, dtype, tol):
     whose grad is sometimes None (skipped, own step count), within the tolerances of test_torch_parity."""
     rng = np.random.default_rng(11)
     params = make_params(rng, dtype=dtype)
-    spec = [{"n": 2, "lr": 3e-2, "weight_decay": 0.1}, {"n": 2, "lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6,
-                                                        "weight_decay": 0.0}]
+    spec = [
+        {"n": 2, "lr": 3e-2, "weight_decay": 0.1},
+        {"n": 2, "lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.0},
+    ]
     twins, tgroups = _torch_twin(name, params, spec)
     groups, k = [], 0
     for kw in spec:
-        groups.append({"params": params[k:k + kw["n"]], **{x: y for x, y in kw.items() if x != "n"}})
+        groups.append({"params": params[k : k + kw["n"]], **{x: y for x, y in kw.items() if x != "n"}})
         k += kw["n"]
     opt = getattr(fot, name)(groups, backend=backend)
     topt = TORCH[name](tgroups, foreach=False)
@@ -254,9 +280,9 @@ def test_adam_adamw_follow_torch_with_param_groups(backend, name, dtype, tol):
     for step in range(40):
         grads = grads_for(rng, params)
         if step % 3 == 1:
-            grads[1] = None           # skipped: no decay, no step count
+            grads[1] = None  # skipped: no decay, no step count
         if step < 5:
-            grads[3] = None           # starts late: its own step count from 1
+            grads[3] = None  # starts late: its own step count from 1
         set_grads(params, grads)
         set_grads(twins, grads)
         opt.step()
@@ -278,11 +304,11 @@ def test_none_gradient_skips_the_parameter_entirely():
     grads[2] = None
     set_grads(params, grads)
     opt.step()
-    assert params[2].detach().numpy().tobytes() == before.numpy().tobytes()   # no decay either
+    assert params[2].detach().numpy().tobytes() == before.numpy().tobytes()  # no decay either
     assert params[2] not in opt.state or not opt.state[params[2]]
     assert all(int(opt.state[p]["step"]) == 1 for i, p in enumerate(params) if i != 2)
     opt.zero_grad()
-    opt.step()   # nothing has a gradient: nothing changes
+    opt.step()  # nothing has a gradient: nothing changes
     assert all(int(opt.state[p]["step"]) == 1 for i, p in enumerate(params) if i != 2)
 
 
@@ -322,7 +348,7 @@ def test_add_param_group_follows_torch(backend):
     for p, t in zip(first + later, twins_first + twins_later):
         np.testing.assert_allclose(p.detach().numpy(), t.detach().numpy(), rtol=0, atol=2e-6)
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 5e-2
-    assert opt.param_groups[1]["betas"] == (0.9, 0.999)   # defaults filled in, as torch does
+    assert opt.param_groups[1]["betas"] == (0.9, 0.999)  # defaults filled in, as torch does
 
 
 def test_param_groups_edited_by_hand_are_picked_up():
@@ -334,7 +360,7 @@ def test_param_groups_edited_by_hand_are_picked_up():
     set_grads([a, b], grads_for(rng, [a, b]))
     opt.step()
     assert int(opt.state[b]["step"]) == 1
-    opt.param_groups[0]["params"].append(a)   # now a parameter twice: refused, nothing changes
+    opt.param_groups[0]["params"].append(a)  # now a parameter twice: refused, nothing changes
     snap = snapshot(opt, [a, b])
     with pytest.raises(ValueError, match="same tensor"):
         opt.step()
@@ -348,7 +374,7 @@ def test_closure_is_evaluated_with_grad_enabled():
 
     def closure():
         opt.zero_grad()
-        loss = (w ** 2).sum()
+        loss = (w**2).sum()
         loss.backward()
         return loss
 
@@ -372,9 +398,16 @@ def test_zero_copy_views_of_params_grads_and_state(monkeypatch, backend):
             continue
 
         def spy(p, g, m, v, *args, _real=real, **kwargs):
-            seen.append(([a.ctypes.data for a in p], [a.ctypes.data for a in g],
-                         [a.ctypes.data for a in m], [a.ctypes.data for a in v]))
+            seen.append(
+                (
+                    [a.ctypes.data for a in p],
+                    [a.ctypes.data for a in g],
+                    [a.ctypes.data for a in m],
+                    [a.ctypes.data for a in v],
+                )
+            )
             return _real(p, g, m, v, *args, **kwargs)
+
         monkeypatch.setattr(module, fn, spy)
     ptrs = [p.data_ptr() for p in params]
     for _ in range(2):
@@ -401,6 +434,7 @@ def test_views_are_made_once_per_parameter(monkeypatch):
     def spy(p, g, m, v, **kw):
         ids.append(tuple(map(id, p + m + v)))
         return real(p, g, m, v, **kw)
+
     monkeypatch.setattr(module, "adamw_step", spy)
     for _ in range(3):
         set_grads(params, grads_for(rng, params))
@@ -415,8 +449,9 @@ def test_channels_last_and_transposed_parameters_are_updated_in_place(backend, n
     """Dense non-C-order parameters are updated in their own memory order, like contiguous copies
     (elementwise rules bit for bit; FAdam's RMS sums then add in another order: a few ulp)."""
     rng = np.random.default_rng(10)
-    conv = torch.nn.Parameter(torch.from_numpy(rng.standard_normal((4, 3, 5, 5), dtype=np.float32))
-                              .to(memory_format=torch.channels_last))
+    conv = torch.nn.Parameter(
+        torch.from_numpy(rng.standard_normal((4, 3, 5, 5), dtype=np.float32)).to(memory_format=torch.channels_last)
+    )
     tr = torch.nn.Parameter(torch.from_numpy(rng.standard_normal((6, 5), dtype=np.float32)).t())  # strides (1, 5)
     assert not conv.is_contiguous() and not tr.is_contiguous()
     twins = [torch.nn.Parameter(conv.detach().contiguous().clone()), torch.nn.Parameter(tr.detach().contiguous())]
@@ -427,8 +462,8 @@ def test_channels_last_and_transposed_parameters_are_updated_in_place(backend, n
     ref = getattr(fot, name)(twins, lr=1e-2, backend=backend)
     for step in range(3):
         grads = [torch.from_numpy(rng.standard_normal(tuple(p.shape), dtype=np.float32)) for p in params]
-        for p, g in zip(params, grads):          # autograd-like: the grad has the param's strides
-            p.grad = torch.empty_like(p).copy_(g) if step != 1 else g.clone()   # step 1: another layout (copied)
+        for p, g in zip(params, grads):  # autograd-like: the grad has the param's strides
+            p.grad = torch.empty_like(p).copy_(g) if step != 1 else g.clone()  # step 1: another layout (copied)
         set_grads(twins, grads)
         opt.step()
         ref.step()
@@ -486,6 +521,7 @@ def test_group_hyperparameters_are_validated_only_when_they_change(monkeypatch):
     """A step does not re-validate unchanged groups (the cost of a step does not grow with the groups);
     a changed value is validated at the next step."""
     import fisheropt.torch.optim as fot_optim
+
     rng = np.random.default_rng(13)
     groups = [{"params": make_params(rng, [(3,)]), "lr": 1e-3 * (i + 1)} for i in range(20)]
     opt = fot.AdamW(groups, backend="numpy")
@@ -496,18 +532,19 @@ def test_group_hyperparameters_are_validated_only_when_they_change(monkeypatch):
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(fot_optim, "check_hyperparams", spy)
     for _ in range(3):
         set_grads(params, grads_for(rng, params))
         opt.step()
     assert calls == []
     opt.param_groups[7]["lr"] = 0.5
-    opt.param_groups[8]["betas"] = [0.8, 0.9]      # a list, as torch accepts
+    opt.param_groups[8]["betas"] = [0.8, 0.9]  # a list, as torch accepts
     opt.step()
     assert len(calls) == 2
     opt.step()
     assert len(calls) == 2
-    opt.param_groups[8]["betas"][0] = 0.7           # edited in place: seen too
+    opt.param_groups[8]["betas"][0] = 0.7  # edited in place: seen too
     opt.step()
     assert len(calls) == 3
 
@@ -518,11 +555,11 @@ def test_empty_state_entries_are_no_state():
     opt = fot.AdamW(params, backend="numpy")
     params[0].grad = grads_for(rng, params)[0]
     opt.step()
-    opt.state[params[1]]          # a defaultdict access creates {}
+    opt.state[params[1]]  # a defaultdict access creates {}
     sd = opt.state_dict()
     assert sd["state"][1] == {}
     other = fot.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], backend="numpy")
     other.load_state_dict(sd)
     set_grads(params, grads_for(rng, params))
-    opt.step()                    # {} is replaced by fresh state at the first gradient
+    opt.step()  # {} is replaced by fresh state at the first gradient
     assert int(opt.state[params[1]]["step"]) == 1

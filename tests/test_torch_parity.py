@@ -1,10 +1,10 @@
 """Adam and AdamW follow torch.optim.Adam / AdamW: a user switching from PyTorch gets the same trajectory."""
+
 import numpy as np
 import pytest
+from conftest import host_backend_params
 
 import fisheropt as fo
-
-from conftest import host_backend_params
 
 torch = pytest.importorskip("torch")
 
@@ -40,8 +40,9 @@ def _run_both(cls_fo, cls_torch, dtype, backend, steps, **hp):
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adam_matches_torch(backend, dtype, tol, wd):
-    worst = _run_both(fo.Adam, torch.optim.Adam, dtype, backend, 60,
-                      lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd)
+    worst = _run_both(
+        fo.Adam, torch.optim.Adam, dtype, backend, 60, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd
+    )
     assert worst < tol
 
 
@@ -49,8 +50,9 @@ def test_adam_matches_torch(backend, dtype, tol, wd):
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
 @pytest.mark.parametrize("wd", [0.0, 0.3])
 def test_adamw_matches_torch(backend, dtype, tol, wd):
-    worst = _run_both(fo.AdamW, torch.optim.AdamW, dtype, backend, 60,
-                      lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd)
+    worst = _run_both(
+        fo.AdamW, torch.optim.AdamW, dtype, backend, 60, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd
+    )
     assert worst < tol
 
 

@@ -1,13 +1,13 @@
 """fisheropt.torch refuses what it cannot update correctly, with a message naming the parameter,
 and a refused step or group leaves parameters, state and param_groups byte-identical."""
+
 import copy
 
 import numpy as np
 import pytest
+from conftest import host_backend_params
 
 from fisheropt.refimpl import RULES
-
-from conftest import host_backend_params
 
 torch = pytest.importorskip("torch")
 fot = pytest.importorskip("fisheropt.torch")
@@ -29,8 +29,12 @@ def trained(name="adamw", backend="numpy", steps=2, **kw):
     rule = RULES[name]
     cls = getattr(fot, rule.title)
     if rule.tensor_flag is not None:
-        opt = cls([{"params": params[:1], rule.tensor_flag.name: True}, {"params": params[1:]}], lr=1e-2,
-                  backend=backend, **kw)
+        opt = cls(
+            [{"params": params[:1], rule.tensor_flag.name: True}, {"params": params[1:]}],
+            lr=1e-2,
+            backend=backend,
+            **kw,
+        )
     else:
         opt = cls(params, lr=1e-2, backend=backend, **kw)
     for _ in range(steps):
@@ -41,10 +45,12 @@ def trained(name="adamw", backend="numpy", steps=2, **kw):
 
 
 def snapshot(opt, params):
-    return ([p.detach().numpy().tobytes() for p in params],
-            {id(p): {k: v.numpy().tobytes() for k, v in s.items()} for p, s in opt.state.items() if s},
-            copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),
-            [list(map(id, g["params"])) for g in opt.param_groups])
+    return (
+        [p.detach().numpy().tobytes() for p in params],
+        {id(p): {k: v.numpy().tobytes() for k, v in s.items()} for p, s in opt.state.items() if s},
+        copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),
+        [list(map(id, g["params"])) for g in opt.param_groups],
+    )
 
 
 # ---- at step time ------------------------------------------------------------------------
@@ -58,8 +64,8 @@ def test_non_finite_gradient_is_refused_and_changes_nothing(backend, name, bad):
     with pytest.raises(FloatingPointError, match=r"param_groups\[\d\]\['params'\]\[\d\]"):
         opt.step()
     assert snapshot(opt, params) == before
-    opt.check_finite = False    # the control: the same step goes through without the check
-    if name != "fadam":         # (FAdam's RMS clip keeps a NaN step finite only sometimes)
+    opt.check_finite = False  # the control: the same step goes through without the check
+    if name != "fadam":  # (FAdam's RMS clip keeps a NaN step finite only sometimes)
         opt.step()
         assert snapshot(opt, params) != before
 
@@ -69,7 +75,7 @@ def _make_bad(kind, opt, params):
     if kind == "sparse_grad":
         a.grad = a.grad.to_sparse()
     elif kind == "grad_is_a_param":
-        c.grad = a.detach()[:3, :2].contiguous()   # fine, a copy ...
+        c.grad = a.detach()[:3, :2].contiguous()  # fine, a copy ...
         c.grad = a.detach().view(-1)[:6].view(3, 2)  # ... but this shares a's memory
     elif kind == "shared_grad":
         c.grad = torch.ones(6).view(3, 2)
@@ -95,10 +101,10 @@ def _make_bad(kind, opt, params):
     elif kind == "foreign_option":
         opt.param_groups[0]["momentum"] = 0.9
     elif kind == "param_transposed":
-        b.data = b.data[:5]            # same memory, same shape: accepted
-        c.data = c.data.t()             # same memory, another shape and strides: refused
+        b.data = b.data[:5]  # same memory, same shape: accepted
+        c.data = c.data.t()  # same memory, another shape and strides: refused
     elif kind == "grad_dtype":
-        b.grad_dtype = None             # torch lets a gradient have another dtype then
+        b.grad_dtype = None  # torch lets a gradient have another dtype then
         b.grad = torch.ones(5, dtype=torch.float64)
     else:
         raise AssertionError(kind)
@@ -118,8 +124,10 @@ BAD_STEPS = {
     "amsgrad": (ValueError, "amsgrad=True"),
     "foreign_option": (ValueError, "momentum=0.9 is not an option"),
     "param_transposed": (ValueError, r"\['params'\]\[2\] was replaced or changed"),
-    "grad_dtype": (UnsupportedTensor,
-                   r"\['params'\]\[1\] has dtype torch.float32 but its gradient has dtype torch.float64"),
+    "grad_dtype": (
+        UnsupportedTensor,
+        r"\['params'\]\[1\] has dtype torch.float32 but its gradient has dtype torch.float64",
+    ),
 }
 
 
@@ -131,11 +139,17 @@ def test_bad_step_is_refused_and_changes_nothing(backend, kind):
     before = snapshot(opt, params)
     grads = [p.grad for p in params]
     _make_bad(kind, opt, params)
-    before = (before[0] if kind not in ("param_replaced", "model_to_double", "param_transposed")
-              else [p.detach().numpy().tobytes() for p in params],) + before[1:]
+    before = (
+        before[0]
+        if kind not in ("param_replaced", "model_to_double", "param_transposed")
+        else [p.detach().numpy().tobytes() for p in params],
+    ) + before[1:]
     if kind in ("negative_lr", "beta_one", "eps_underflows", "tensor_lr", "maximize", "amsgrad", "foreign_option"):
-        before = before[:2] + (copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
-                                              for g in opt.param_groups]),) + before[3:]
+        before = (
+            before[:2]
+            + (copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),)
+            + before[3:]
+        )
     with pytest.raises(exc, match=message):
         opt.step()
     assert snapshot(opt, params) == before
@@ -163,8 +177,9 @@ def test_changing_the_coupled_flag_of_a_group_is_refused():
 
 # ---- at construction and in add_param_group -------------------------------------------------
 def _param(dtype=torch.float32, shape=(4, 3)):
-    return torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=dtype.is_floating_point
-                              or dtype.is_complex)
+    return torch.nn.Parameter(
+        torch.zeros(shape, dtype=dtype), requires_grad=dtype.is_floating_point or dtype.is_complex
+    )
 
 
 def _views_of_one_buffer():
@@ -183,20 +198,28 @@ def _in_two_groups():
 
 
 BAD_PARAMS = {
-    "bfloat16": (lambda: [_param(torch.bfloat16)], UnsupportedTensor,
-                 r"torch\.bfloat16.*torch\.float32 and torch\.float64.*no bfloat16"),
-    "float16": (lambda: [_param(torch.float16)], UnsupportedTensor,
-                r"torch\.float16.*torch\.float32 and torch\.float64"),
+    "bfloat16": (
+        lambda: [_param(torch.bfloat16)],
+        UnsupportedTensor,
+        r"torch\.bfloat16.*torch\.float32 and torch\.float64.*no bfloat16",
+    ),
+    "float16": (
+        lambda: [_param(torch.float16)],
+        UnsupportedTensor,
+        r"torch\.float16.*torch\.float32 and torch\.float64",
+    ),
     "complex": (lambda: [_param(torch.complex64)], UnsupportedTensor, "complex"),
     "integer": (lambda: [torch.zeros(3, dtype=torch.int64)], UnsupportedTensor, "int64"),
     "non_dense": (lambda: [torch.zeros(10)[::2].requires_grad_()], UnsupportedTensor, "not a dense tensor"),
     "sparse_param": (lambda: [torch.zeros(3, 3).to_sparse().requires_grad_()], UnsupportedTensor, "layout"),
     "meta": (lambda: [torch.nn.Parameter(torch.empty(3, device="meta"))], UnsupportedTensor, "meta"),
-    "overlap": (lambda: _views_of_one_buffer(), ValueError,
-                r"\['params'\]\[0\] and .*\['params'\]\[1\] share memory"),
+    "overlap": (lambda: _views_of_one_buffer(), ValueError, r"\['params'\]\[0\] and .*\['params'\]\[1\] share memory"),
     "twice_in_group": (lambda: _twice(), ValueError, "same tensor"),
-    "two_groups": (lambda: _in_two_groups(), ValueError,
-                   r"param_groups\[1\]\['params'\]\[1\] is already in param_groups\[0\]"),
+    "two_groups": (
+        lambda: _in_two_groups(),
+        ValueError,
+        r"param_groups\[1\]\['params'\]\[1\] is already in param_groups\[0\]",
+    ),
     "non_leaf": (lambda: [_param() * 2], ValueError, "non-leaf"),
     "not_a_tensor": (lambda: [np.zeros(3)], TypeError, "numpy.ndarray"),
 }

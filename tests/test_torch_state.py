@@ -1,15 +1,15 @@
 """fisheropt.torch state dicts: plain tensors (weights_only), exchange with torch.optim.AdamW in both
 directions, resume bit for bit, and load_state_dict that checks everything before changing anything."""
+
 import copy
 import io
 import pickle
 
 import numpy as np
 import pytest
+from conftest import host_backend_params
 
 from fisheropt.refimpl import RULES
-
-from conftest import host_backend_params
 
 torch = pytest.importorskip("torch")
 fot = pytest.importorskip("fisheropt.torch")
@@ -48,9 +48,11 @@ def via_bytes(obj):
 
 
 def snapshot(opt, params):
-    return ([p.detach().numpy().tobytes() for p in params],
-            {id(p): {k: v.numpy().tobytes() for k, v in s.items()} for p, s in opt.state.items() if s},
-            copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]))
+    return (
+        [p.detach().numpy().tobytes() for p in params],
+        {id(p): {k: v.numpy().tobytes() for k, v in s.items()} for p, s in opt.state.items() if s},
+        copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),
+    )
 
 
 @pytest.mark.parametrize("backend", host_backend_params())
@@ -60,7 +62,7 @@ def test_resume_from_weights_only_checkpoint_is_bit_exact(backend, name):
     params = make_params(rng)
     init = [p.detach().clone() for p in params]
     grads = [grads_for(rng, params) for _ in range(6)]
-    grads[2][1] = None   # a skipped parameter: its own step count travels with the checkpoint
+    grads[2][1] = None  # a skipped parameter: its own step count travels with the checkpoint
     opt = build(name, params, backend)
     for g in grads[:3]:
         set_grads(params, g)
@@ -174,42 +176,66 @@ def _trained():
 def _mutations():
     def shape(sd):
         sd["state"][1]["exp_avg"] = torch.zeros(6)
+
     def dtype(sd):
         sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].double()
+
     def nan(sd):
         sd["state"][0]["exp_avg"][0, 0] = float("nan")
+
     def negative(sd):
         sd["state"][0]["exp_avg_sq"][0, 0] = -1.0
+
     def missing(sd):
         del sd["state"][2]["exp_avg_sq"]
+
     def amsgrad_state(sd):
         sd["state"][0]["max_exp_avg_sq"] = sd["state"][0]["exp_avg_sq"].clone()
+
     def step_negative(sd):
         sd["state"][3]["step"] = torch.tensor(-1.0)
+
     def step_fraction(sd):
         sd["state"][3]["step"] = torch.tensor(2.5)
+
     def groups_count(sd):
         sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0]))
+
     def params_count(sd):
         sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+
     def bad_lr(sd):
         sd["param_groups"][0]["lr"] = -1.0
+
     def amsgrad(sd):
         sd["param_groups"][0]["amsgrad"] = True
+
     def unknown_id(sd):
         sd["state"][99] = sd["state"][0]
+
     def not_a_tensor(sd):
         sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].numpy()
+
     def missing_hyper(sd):
         del sd["param_groups"][0]["betas"]
-    return {"shape": (shape, r"state\[1\].*'exp_avg'.*shape \(6,\).*\(5,\)"),
-            "dtype": (dtype, "dtype torch.float64"), "nan": (nan, "NaN or Inf"), "negative": (negative, "negative"),
-            "missing": (missing, "expected the entries"), "amsgrad_state": (amsgrad_state, "AMSGrad"),
-            "step_negative": (step_negative, "non-negative whole"), "step_fraction": (step_fraction, "whole number"),
-            "groups_count": (groups_count, "2 parameter groups"), "params_count": (params_count, "3 parameters"),
-            "bad_lr": (bad_lr, "lr must be >= 0"), "amsgrad": (amsgrad, "amsgrad=True"),
-            "unknown_id": (unknown_id, "parameter id 99"), "not_a_tensor": (not_a_tensor, "must be a Tensor"),
-            "missing_hyper": (missing_hyper, "missing hyperparameter 'betas'")}
+
+    return {
+        "shape": (shape, r"state\[1\].*'exp_avg'.*shape \(6,\).*\(5,\)"),
+        "dtype": (dtype, "dtype torch.float64"),
+        "nan": (nan, "NaN or Inf"),
+        "negative": (negative, "negative"),
+        "missing": (missing, "expected the entries"),
+        "amsgrad_state": (amsgrad_state, "AMSGrad"),
+        "step_negative": (step_negative, "non-negative whole"),
+        "step_fraction": (step_fraction, "whole number"),
+        "groups_count": (groups_count, "2 parameter groups"),
+        "params_count": (params_count, "3 parameters"),
+        "bad_lr": (bad_lr, "lr must be >= 0"),
+        "amsgrad": (amsgrad, "amsgrad=True"),
+        "unknown_id": (unknown_id, "parameter id 99"),
+        "not_a_tensor": (not_a_tensor, "must be a Tensor"),
+        "missing_hyper": (missing_hyper, "missing hyperparameter 'betas'"),
+    }
 
 
 @pytest.mark.parametrize("mutation", sorted(_mutations()))
@@ -275,7 +301,7 @@ def test_coupled_flag_must_match():
     set_grads(params, grads_for(rng, params))
     opt.step()
     sd = opt.state_dict()
-    assert tuple(sd["state"][0]["exp_avg_sq"].shape) == (4,)      # per column
+    assert tuple(sd["state"][0]["exp_avg_sq"].shape) == (4,)  # per column
     other = fot.CoupledAdam([{"params": [params[0]]}, {"params": params[1:]}], backend="numpy")
     with pytest.raises(ValueError, match="coupled=True"):
         other.load_state_dict(sd)
@@ -293,7 +319,7 @@ def test_loading_replaces_the_whole_state_as_torch_does():
     sd = copy.deepcopy(opt.state_dict())
     opt.step()
     opt.load_state_dict(sd)
-    assert opt.state[params[0]]["exp_avg"].data_ptr() == ptr       # copied into the same memory
+    assert opt.state[params[0]]["exp_avg"].data_ptr() == ptr  # copied into the same memory
     assert torch.equal(opt.state[params[0]]["exp_avg"], sd["state"][0]["exp_avg"])
     opt.load_state_dict(sd_empty)
     assert not any(opt.state.get(p) for p in params)

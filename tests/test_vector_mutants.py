@@ -2,6 +2,7 @@
 must fail at least one case of its suite (score 100 % per suite), the reference must pass
 every case, and every case must kill the mutants it lists in ``kills``, which include the
 ones the rules of spec/vectors.md ("Mutants") require of it."""
+
 import functools
 import re
 
@@ -12,8 +13,15 @@ import fisheropt as fo
 from fisheropt import vectors
 from fisheropt.refimpl import RULES
 from fisheropt.vectors import mutants as M
-from fisheropt.vectors.optim import (STEP_MUTANTS, RuleVectors, case_rule, data_tags, rule_cases,
-                                     shared_kills, theta_moves)
+from fisheropt.vectors.optim import (
+    STEP_MUTANTS,
+    RuleVectors,
+    case_rule,
+    data_tags,
+    rule_cases,
+    shared_kills,
+    theta_moves,
+)
 
 SUITES = [s for s in vectors.SUITES if M.mutants(s)]
 
@@ -22,12 +30,12 @@ def _step_matters(suite):
     return case_rule(suite).step_matters
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cases(suite):
     return vectors.load_suite(suite)["cases"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _matrix(suite):
     return M.kill_matrix(suite, _cases(suite))
 
@@ -141,8 +149,9 @@ def test_lion_cases_kill_the_issue_20_lion_mistakes():
     for short in ("f64", "f32"):
         assert {"sign_of_zero", "decay_not_scaled_by_lr"} <= _kills("lion", f"{short}_zero_grads_from_step1")
         assert {"momentum_before_sign", "betas_swapped", "state_doubled"} <= _kills("lion", f"{short}_basic")
-        assert {"decay_after_sign", "decay_not_scaled_by_lr", "decay_coupled"} \
-            <= _kills("lion", f"{short}_other_hyperparams")
+        assert {"decay_after_sign", "decay_not_scaled_by_lr", "decay_coupled"} <= _kills(
+            "lion", f"{short}_other_hyperparams"
+        )
         assert "flush_to_zero" in _kills("lion", f"{short}_sign_argument_subnormal")
         assert "lerp_form" in _kills("lion", f"{short}_infinite_grads")
         assert "sign_of_nan" in _kills("lion", f"{short}_nan_placement")
@@ -208,8 +217,9 @@ def test_coupled_flags_are_stored_and_both_kinds_occur():
     for case in _cases("coupled_adam"):
         flags = case["hyperparams"]["coupled"]
         assert len(flags) == len(case["inputs"]["params"]) and True in flags and False in flags, case["name"]
-        assert any(p["shape"] and len(p["shape"]) == 2 and not c
-                   for p, c in zip(case["inputs"]["params"], flags)), "an uncoupled 2-D tensor"
+        assert any(p["shape"] and len(p["shape"]) == 2 and not c for p, c in zip(case["inputs"]["params"], flags)), (
+            "an uncoupled 2-D tensor"
+        )
 
 
 def test_every_mutant_is_documented():

@@ -1,15 +1,15 @@
 """spec/vectors: valid against the schema, reproduced by the reference, passed by every backend."""
+
 import json
 
 import numpy as np
 import pytest
+from conftest import gpu_skip_reason
 
 import fisheropt as fo
 from fisheropt import vectors
 from fisheropt.refimpl import RULES
 from fisheropt.vectors.optim import RULE_VECTORS, derived_other_hyperparams
-
-from conftest import gpu_skip_reason
 
 SCHEMA = json.loads((vectors.VECTOR_DIR / "schema.json").read_text())
 SUITES = sorted(vectors.SUITES)
@@ -38,8 +38,8 @@ def test_derived_other_hyperparameters_are_valid_and_differ_from_the_defaults():
         for h in rule.hyperparams:
             for k in h.kernel_names:
                 x = other[k]
-                assert (h.low is None or x > h.low or (x == h.low and not h.low_open)), (rule.name, k, x)
-                assert (h.high is None or x < h.high or (x == h.high and not h.high_open)), (rule.name, k, x)
+                assert h.low is None or x > h.low or (x == h.low and not h.low_open), (rule.name, k, x)
+                assert h.high is None or x < h.high or (x == h.high and not h.high_open), (rule.name, k, x)
                 assert h.typical is None or h.typical[0] <= x <= h.typical[1], (rule.name, k, x)
 
 
@@ -67,8 +67,9 @@ def test_reference_still_generates_the_stored_vectors(suite):
     (same cases, inputs bit for bit, expected values within each case's tolerance)."""
     stored = vectors.load_suite(suite)["cases"]
     fresh = vectors.generate_suite(suite)["cases"]
-    assert [c["name"] for c in fresh] == [c["name"] for c in stored], \
+    assert [c["name"] for c in fresh] == [c["name"] for c in stored], (
         "case list changed: regenerate with `python -m fisheropt.vectors`"
+    )
     for new, old in zip(fresh, stored):
         for key in ("kind", "function", "dtype", "inputs", "args", "hyperparams", "state_order", "tags", "kills"):
             assert json.loads(json.dumps(new.get(key))) == old.get(key), f"{suite}/{old['name']}: {key} changed"
@@ -80,14 +81,22 @@ def test_reference_still_generates_the_stored_vectors(suite):
             assert a.keys() == b.keys() and a["ulps"] == b["ulps"], f"{suite}/{old['name']}{path}: tolerance changed"
             for k in ("rtol", "atol"):
                 assert a[k] == pytest.approx(b[k], rel=1e-4), f"{suite}/{old['name']}{path}: tolerance changed"
-        assert vectors.compare(vectors.decode(new["expected"]), vectors.decode(old["expected"]),
-                               vectors.expected_tolerance(old), old["name"]) == []
+        assert (
+            vectors.compare(
+                vectors.decode(new["expected"]),
+                vectors.decode(old["expected"]),
+                vectors.expected_tolerance(old),
+                old["name"],
+            )
+            == []
+        )
 
 
 def _host_backends():
     reasons = fo.backends.unavailable()
-    return [pytest.param(n, marks=pytest.mark.skipif(n in reasons, reason=str(reasons.get(n))))
-            for n in ("numpy", "numba")]
+    return [
+        pytest.param(n, marks=pytest.mark.skipif(n in reasons, reason=str(reasons.get(n)))) for n in ("numpy", "numba")
+    ]
 
 
 @pytest.mark.parametrize("suite", SUITES)
@@ -108,6 +117,7 @@ def test_backend_passes_vectors(suite, backend):
 def test_cupy_passes_vectors(suite):
     assert gpu_skip_reason() is None
     import cupy
+
     module = fo.backends.get("cupy")
     failures = []
     for case in vectors.load_suite(suite)["cases"]:

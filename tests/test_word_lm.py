@@ -1,4 +1,5 @@
 """fisheropt.workloads.word_lm: analytic gradients against finite differences, corpus loading, tying."""
+
 import numpy as np
 import pytest
 

@@ -25,17 +25,27 @@ ruler stays the same (fisheropt's own copy, ``fisheropt.backends.numba._ceiling`
 changed with the package and does not exist in the oldest commits). Without numba
 these functions raise NotImplementedError, which asv reports as a skipped benchmark.
 """
+
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-__all__ = ["measure_ceiling_gbs", "ratio_to_ceiling", "ceiling_on", "interleaved_times", "interleaved_medians",
-           "paired_ratio", "median_time", "BYTES_PER_ELEMENT", "CHUNK"]
+__all__ = [
+    "measure_ceiling_gbs",
+    "ratio_to_ceiling",
+    "ceiling_on",
+    "interleaved_times",
+    "interleaved_medians",
+    "paired_ratio",
+    "median_time",
+    "BYTES_PER_ELEMENT",
+    "CHUNK",
+]
 
-BYTES_PER_ELEMENT = 3   # itemsizes moved per element by a += s*b
-CHUNK = 1 << 16         # elements per parallel work item (one tensor's slice)
+BYTES_PER_ELEMENT = 3  # itemsizes moved per element by a += s*b
+CHUNK = 1 << 16  # elements per parallel work item (one tensor's slice)
 
 _KERNELS = {}
 
@@ -46,7 +56,7 @@ def _kernels():
         try:
             from numba import njit, prange, types
             from numba.extending import intrinsic
-        except ImportError as exc:   # numba missing: the ceiling cannot be measured here
+        except ImportError as exc:  # numba missing: the ceiling cannot be measured here
             raise NotImplementedError(f"the bandwidth ceiling needs numba: {exc}") from exc
 
         @intrinsic
@@ -58,6 +68,7 @@ def _kernels():
 
             def codegen(context, builder, signature, args):
                 return builder.inttoptr(args[0], context.get_value_type(ptrty))
+
             return ptrty(address, like), codegen
 
         @njit(parallel=True, cache=True)
@@ -133,15 +144,24 @@ def ceiling_on(a_list, b_list, scale: float = 0.0):
                 stop.append(min(size, s0 + CHUNK))
         a_addr = np.array([a_list[i].__array_interface__["data"][0] for i in idx], np.int64)
         b_addr = np.array([b_list[i].__array_interface__["data"][0] for i in idx], np.int64)
-        calls.append((a_addr, b_addr, np.asarray(tens, np.int64), np.asarray(start, np.int64),
-                      np.asarray(stop, np.int64), dt.type(scale)))
+        calls.append(
+            (
+                a_addr,
+                b_addr,
+                np.asarray(tens, np.int64),
+                np.asarray(start, np.int64),
+                np.asarray(stop, np.int64),
+                dt.type(scale),
+            )
+        )
         nbytes += BYTES_PER_ELEMENT * dt.itemsize * sum(a_list[i].size for i in idx)
-    keep = (a_list, b_list)   # the addresses are valid while these live
+    keep = (a_list, b_list)  # the addresses are valid while these live
 
     def run():
         for args in calls:
             axpy_chunks(*args)
         return keep
+
     return run, nbytes
 
 

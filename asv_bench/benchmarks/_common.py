@@ -9,6 +9,7 @@ skipped benchmark ("n/a") instead of a failure. Only the public optimizer classe
 ``opt.step(grads)``, ``opt.state``) and ``fo.backends`` are relied upon: they
 are unchanged since the first commit.
 """
+
 from __future__ import annotations
 
 import gc
@@ -27,9 +28,9 @@ ITEMS_PER_ELEMENT = {"adam": 7, "adamw": 7, "fadam": 10, "coupled_adam": 6}
 _CLASS = {"adam": "Adam", "adamw": "AdamW", "fadam": "FAdam", "coupled_adam": "CoupledAdam"}
 
 
-try:   # asv >= 0.6: the exception that also skips when raised inside the benchmark function
+try:  # asv >= 0.6: the exception that also skips when raised inside the benchmark function
     from asv_runner.benchmarks.mark import SkipNotImplemented as _Skip
-except ImportError:   # outside asv, or an older asv (where setup's NotImplementedError skips)
+except ImportError:  # outside asv, or an older asv (where setup's NotImplementedError skips)
     _Skip = NotImplementedError
 
 
@@ -119,8 +120,11 @@ def make_optimizer(rule: str, backend_name: str, params, coupled, check_finite: 
 
 def full_size_state(opt, params):
     """The optimizer's state lists whose arrays have the parameters' shapes (m, v or f)."""
-    return [list(arrays) for arrays in opt.state.values()
-            if len(arrays) == len(params) and all(x.shape == p.shape for x, p in zip(arrays, params))]
+    return [
+        list(arrays)
+        for arrays in opt.state.values()
+        if len(arrays) == len(params) and all(x.shape == p.shape for x, p in zip(arrays, params))
+    ]
 
 
 def state_nbytes(opt) -> int:
@@ -174,6 +178,7 @@ def torch_baseline(rule: str, params, grads, share_with=None):
     def step():
         with torch.no_grad():
             opt.step()
+
     return name, step
 
 

@@ -4,6 +4,7 @@ repetition, and one training step of the tiny encoder.
 
 The EMA moves 3 × itemsize bytes per parameter (read θ_k and θ_q, write θ_k).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,6 +23,7 @@ def _module(name):
     """fisheropt.workloads.<name>, or fisheropt.refimpl.<name> in older commits; asv skips the
     benchmark at commits before either existed."""
     import importlib
+
     for package in ("fisheropt.workloads", "fisheropt.refimpl"):
         try:
             return importlib.import_module(f"{package}.{name}")
@@ -32,6 +34,7 @@ def _module(name):
 
 class EmaUpdate:
     """θ_k ← 0.995·θ_k + 0.005·θ_q over a BERT-base-like list of tensors (scaled by ``size``)."""
+
     params = (["numpy", "numba", "cupy"], ["float32", "float64"], [10_000, 1_000_000, 20_000_000])
     param_names = ["backend", "dtype", "parameters"]
 
@@ -44,7 +47,7 @@ class EmaUpdate:
         self.k = [xp.asarray(rng.standard_normal(s).astype(dtype)) for s in sizes]
         self.q = [xp.asarray(rng.standard_normal(s).astype(dtype)) for s in sizes]
         self.sync = getattr(xp, "cuda", None)
-        self.mod.ema_update(self.k, self.q, decay=0.995)      # compile / warm up
+        self.mod.ema_update(self.k, self.q, decay=0.995)  # compile / warm up
 
     def time_ema_update(self, backend, dtype, parameters):
         self.mod.ema_update(self.k, self.q, decay=0.995)

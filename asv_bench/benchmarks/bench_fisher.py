@@ -6,6 +6,7 @@ memory O(N² + P) on top of G (no float64 copy of G, nothing P×P). ``track_time
 and ``track_peak_extra_mib`` report exactly those two numbers; ``time_*`` and
 ``peakmem_*`` give the raw figures.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,8 +33,10 @@ def _models():
     """The reference models module (fisheropt.workloads.models; fisheropt.refimpl.models in older
     commits) and fisheropt; NotImplementedError (asv: skipped) at commits before them."""
     import importlib
+
     try:
         import fisheropt as fo
+
         fo.fisher.ngd_direction  # noqa: B018
     except (ImportError, AttributeError) as exc:
         raise NotImplementedError(f"no Fisher API at this commit: {exc}") from exc
@@ -53,6 +56,7 @@ def _sync(xp):
 
 class SampleSpaceDirection:
     """d = Gᵀ(GGᵀ + λI)⁻¹ rhs (EF: rhs = 1, iEF: rhs = s) against the bare Gram product."""
+
     params = (("numpy", "numba", "cupy"), ("float32", "float64"), ("32x65536", "128x1048576"))
     param_names = ("backend", "dtype", "NxP")
     timeout = 300
@@ -66,7 +70,7 @@ class SampleSpaceDirection:
         rng = np.random.default_rng(0)
         self.G = self.xp.asarray(rng.standard_normal((N, P), dtype=np.float32).astype(dtype))
         self.rhs = self.xp.asarray(rng.uniform(0.1, 1.0, N))
-        self.mod.fisher_sample_space_direction(self.G, self.rhs, 1e-3)    # compile / warm up
+        self.mod.fisher_sample_space_direction(self.G, self.rhs, 1e-3)  # compile / warm up
         _sync(self.xp)
 
     def time_gram_product_alone(self, backend, dtype, shape):
@@ -97,6 +101,7 @@ class SampleSpaceDirection:
             _sync(self.xp)
             t_dir.append(time.perf_counter() - t)
         return min(t_dir) / min(t_gram)
+
     track_time_ratio.unit = "ratio"
 
     def track_peak_extra_mib(self, backend, dtype, shape):
@@ -109,11 +114,13 @@ class SampleSpaceDirection:
             return tracemalloc.get_traced_memory()[1] / 2**20
         finally:
             tracemalloc.stop()
+
     track_peak_extra_mib.unit = "MiB"
 
 
 class DirectionsOnDigitsMLP:
     """All four kinds on the digits MLP (64-32-10, P = 2410), batch N = 128."""
+
     params = (("ef", "ief", "sf", "exact", "exact-cg"),)
     param_names = ("kind",)
 
@@ -142,6 +149,7 @@ class DirectionsOnDigitsMLP:
 
 class DenseEstimators:
     """Dense P×P estimators (small P only), for scale."""
+
     params = (("exact", "empirical", "improved_empirical"),)
     param_names = ("estimator",)
 
@@ -170,6 +178,7 @@ if __name__ == "__main__":
     import sys
 
     import fisheropt as fo
+
     N, P = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (128, 1 << 20)
     shape = f"{N}x{P}"
     for name in fo.backends.available():
@@ -177,5 +186,7 @@ if __name__ == "__main__":
         bench.setup(name, "float32", shape)
         ratio = bench.track_time_ratio(name, "float32", shape)
         peak = bench.track_peak_extra_mib(name, "float32", shape)
-        print(f"{name:6s} N={N} P={P} float32: direction / (G @ G.T) = {ratio:.3f} (min of 5), "
-              f"peak extra {peak:.2f} MiB (G itself {bench.G.nbytes / 2**20:.0f} MiB)")
+        print(
+            f"{name:6s} N={N} P={P} float32: direction / (G @ G.T) = {ratio:.3f} (min of 5), "
+            f"peak extra {peak:.2f} MiB (G itself {bench.G.nbytes / 2**20:.0f} MiB)"
+        )

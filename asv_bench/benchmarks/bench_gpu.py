@@ -10,6 +10,7 @@ Adam/AdamW read θ, g, m, v and write θ, m, v: 28 B; FAdam reads g (RMS), then
 θ, m: 44 B; Coupled Adam reads g (column sums), then θ, g, m and writes θ, m:
 24 B (+ the float64 column partial sums, ~1/rows_per_tile of g, not counted).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,9 +32,11 @@ def transformer_shapes(layers: int = 12, d: int = 768, vocab: int = 8192, ctx: i
 def cupy_or_none():
     try:
         import fisheropt as fo
+
         if fo.backends.unavailable().get("cupy") is not None:
             return None
         import cupy
+
         return cupy
     except Exception:
         return None
@@ -44,6 +47,7 @@ def gpu_time_ms(fn, *, warmup: int = 5, reps: int = 30, sync=None) -> float:
     events on the current CuPy stream, so the host runs ahead as in training (per-call
     Python overhead counts only where it is longer than the GPU work)."""
     import cupy
+
     for _ in range(warmup):
         fn()
     cupy.cuda.get_current_stream().synchronize()
@@ -51,7 +55,7 @@ def gpu_time_ms(fn, *, warmup: int = 5, reps: int = 30, sync=None) -> float:
         sync()
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     best = float("inf")
-    for _ in range(3):   # best of three batches
+    for _ in range(3):  # best of three batches
         start.record()
         for _ in range(reps):
             fn()
@@ -64,6 +68,7 @@ def gpu_time_ms(fn, *, warmup: int = 5, reps: int = 30, sync=None) -> float:
 def copy_gbps(n: int = LARGE, dtype="float32", reps: int = 30) -> float:
     """Device-to-device copy bandwidth (read + write counted) in GB/s, in this process."""
     import cupy
+
     src = cupy.ones(n, dtype=dtype)
     dst = cupy.empty_like(src)
 
@@ -77,6 +82,7 @@ def copy_gbps(n: int = LARGE, dtype="float32", reps: int = 30) -> float:
 def make_problem(rule, shapes, dtype="float32", seed=0):
     """Device params, grads and state for ``rule`` (CuPy arrays)."""
     import cupy
+
     rng = cupy.random.default_rng(seed)
     params = [rng.standard_normal(s, dtype=dtype) for s in shapes]
     grads = [rng.standard_normal(s, dtype=dtype) * 1e-2 for s in shapes]
@@ -88,15 +94,18 @@ def make_problem(rule, shapes, dtype="float32", seed=0):
     return params, grads, m, v
 
 
-HP = {"adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0),
-      "adamw": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
-      "fadam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1),
-      "coupled_adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)}
+HP = {
+    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0),
+    "adamw": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
+    "fadam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1),
+    "coupled_adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
+}
 
 
 def fo_step_ms(rule, shapes, dtype="float32", reps=30) -> float:
     """Median time of one backend step (no finiteness check) in ms."""
     import fisheropt as fo
+
     backend = fo.backends.get("cupy")
     fn = getattr(backend, f"{rule}_step")
     params, grads, m, v = make_problem(rule, shapes, dtype)
@@ -126,14 +135,20 @@ def torch_fused_ms(shapes, *, decoupled=True, dtype="float32", reps=30) -> float
         params.append(p)
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     hp = HP["adamw" if decoupled else "adam"]
-    opt = cls(params, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
-              weight_decay=hp["weight_decay"], fused=True)
+    opt = cls(
+        params,
+        lr=hp["lr"],
+        betas=(hp["beta1"], hp["beta2"]),
+        eps=hp["eps"],
+        weight_decay=hp["weight_decay"],
+        fused=True,
+    )
     for _ in range(5):
         opt.step()
     torch.cuda.synchronize()
     best = float("inf")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):   # same protocol as gpu_time_ms: back-to-back steps, best of three batches
+    for _ in range(3):  # same protocol as gpu_time_ms: back-to-back steps, best of three batches
         start.record()
         for _ in range(reps):
             opt.step()

@@ -23,6 +23,7 @@
 Memory is deterministic where time is not: the ``track_`` figures repeat to within 0.2 %
 from run to run, so the regression gate holds them to a tight threshold.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,6 +62,7 @@ def _construct_and_step(rule, backend, params, grads, coupled):
 class OptimizerState:
     """Exact state size and the resident-memory peak of construction + first step, all
     (rule, backend) pairs measured one after the other in one process (setup_cache)."""
+
     params = (list(C.RULES), ["numpy", "numba"])
     param_names = ["rule", "backend"]
     timeout = 600
@@ -89,15 +91,18 @@ class OptimizerState:
 
     def track_state_bytes_per_param(self, figures, rule, backend):
         return figures[(rule, backend)]["state_bytes_per_param"]
+
     track_state_bytes_per_param.unit = "bytes/param"
 
     def track_step_extra_mib(self, figures, rule, backend):
         return figures[(rule, backend)]["step_extra_mib"]
+
     track_step_extra_mib.unit = "MiB"
 
 
 class OptimizerStatePeak:
     """asv's peak RSS of a process that builds the optimizer and steps once (one process each)."""
+
     params = (list(C.RULES), ["numpy", "numba"])
     param_names = ["rule", "backend"]
     timeout = 300
@@ -143,6 +148,7 @@ class NaturalGradientDirection:
     def track_direction_extra_mib(self, backend):
         extra, _ = C.peak_extra_bytes(lambda: self.mod.fisher_sample_space_direction(self.G, self.rhs, 1e-3))
         return extra / 2**20
+
     track_direction_extra_mib.unit = "MiB"
 
     def peakmem_direction(self, backend):

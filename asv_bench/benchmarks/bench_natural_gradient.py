@@ -24,6 +24,7 @@ with 2 threads, 0.5 ms with 1); AdamW and iEF are measured under the same settin
 Every benchmark skips ("n/a") at commits without ``fisheropt.torch.NaturalGradient`` or without torch.
 ``python asv_bench/benchmarks/bench_natural_gradient.py [ief|exact|all]`` prints the headline numbers.
 """
+
 from __future__ import annotations
 
 import gc
@@ -45,10 +46,12 @@ def _modules():
     fo = C.fisheropt()
     try:
         import fisheropt.torch as fot
+
         fot.NaturalGradient  # noqa: B018
     except (ImportError, AttributeError) as exc:
         C.skip(f"no fisheropt.torch.NaturalGradient at this commit: {exc}")
     import os
+
     torch.set_num_threads(int(os.environ.get("FISHEROPT_BENCH_TORCH_THREADS", "1")))
     return torch, fo, fot
 
@@ -77,6 +80,7 @@ def _min_time(fn, repeat):
 
 class IEFStep:
     """iEF step vs AdamW step at P ≈ 10⁶, N = 64 (CPU, float32)."""
+
     SIZES = (512, 1024, 460, CLASSES)
     timeout = 600
     number = 1
@@ -88,9 +92,9 @@ class IEFStep:
         self.torch, self.fo = torch, fo
         self.model = _mlp(torch, self.SIZES)
         self.x, self.y = _batch(torch, self.SIZES[0])
-        self.ief = fot.NaturalGradient(self.model, kind="ief", lr=0.0, damping=1e-3)     # lr 0: same point every run
+        self.ief = fot.NaturalGradient(self.model, kind="ief", lr=0.0, damping=1e-3)  # lr 0: same point every run
         self.adamw = torch.optim.AdamW(self.model.parameters(), lr=0.0)
-        self.ief.step(self.x, self.y)            # warm up (numba compile, allocator)
+        self.ief.step(self.x, self.y)  # warm up (numba compile, allocator)
         self.adamw_step()
 
     def adamw_step(self):
@@ -112,6 +116,7 @@ class IEFStep:
             t_ief.append(_min_time(lambda: self.ief.step(self.x, self.y), 1))
             t_adam.append(_min_time(self.adamw_step, 1))
         return min(t_ief) / min(t_adam)
+
     track_ief_over_adamw.unit = "ratio"
 
     def track_per_sample_share(self):
@@ -122,6 +127,7 @@ class IEFStep:
             s = self.ief.last_stats
             shares.append(s["time_grads"] / s["time_total"])
         return min(shares)
+
     track_per_sample_share.unit = "fraction"
 
     def track_solve_over_gram(self):
@@ -134,20 +140,26 @@ class IEFStep:
             t_solve.append(self.ief.last_stats["time_solve"])
             t_gram.append(_min_time(lambda: G @ G.T, 1))
         return min(t_solve) / min(t_gram)
+
     track_solve_over_gram.unit = "ratio"
 
     def fo_G(self):
         import fisheropt.torch as fot
+
         return fot.per_sample_grads(self.model, self.x, self.y).G.numpy()
 
 
 class ExactDirection:
     """Exact natural-gradient direction: matrix-free CG at P ≈ 10⁷ and 2¹⁸, J-based at 2¹⁸ (N = 64, C = 10)."""
+
     params = (("cg-1e7", "cg-2^18", "woodbury-2^18"),)
     param_names = ("method-P",)
-    SIZES = {"cg-1e7": (1024, 4096, 1415, CLASSES), "cg-2^18": (256, 512, 250, CLASSES),
-             "woodbury-2^18": (256, 512, 250, CLASSES)}
-    CG_ITERS = 30                 # a fixed amount of work: rtol tiny, maxiter = CG_ITERS
+    SIZES = {
+        "cg-1e7": (1024, 4096, 1415, CLASSES),
+        "cg-2^18": (256, 512, 250, CLASSES),
+        "woodbury-2^18": (256, 512, 250, CLASSES),
+    }
+    CG_ITERS = 30  # a fixed amount of work: rtol tiny, maxiter = CG_ITERS
     timeout = 1800
     number = 1
     repeat = 1
@@ -162,14 +174,23 @@ class ExactDirection:
         self.x, self.y = _batch(torch, sizes[0])
         self.P = sum(p.numel() for p in self.model.parameters())
         method = case.split("-")[0]
-        self.opt = fot.NaturalGradient(self.model, kind="exact", lr=0.0, damping=1e-3, damping_mode="absolute",
-                                       exact_method=method, cg_rtol=1e-30 if method == "cg" else 1e-4,
-                                       cg_maxiter=self.CG_ITERS, on_cg_fail="warn")
+        self.opt = fot.NaturalGradient(
+            self.model,
+            kind="exact",
+            lr=0.0,
+            damping=1e-3,
+            damping_mode="absolute",
+            exact_method=method,
+            cg_rtol=1e-30 if method == "cg" else 1e-4,
+            cg_maxiter=self.CG_ITERS,
+            on_cg_fail="warn",
+        )
 
     def _direction(self):
         import warnings
+
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")          # the fixed iteration count never meets rtol=1e-30
+            warnings.simplefilter("ignore")  # the fixed iteration count never meets rtol=1e-30
             self.opt.step(self.x, self.y)
         return self.opt.last_stats
 
@@ -180,6 +201,7 @@ class ExactDirection:
         t = time.perf_counter()
         self._direction()
         return time.perf_counter() - t
+
     track_seconds.unit = "s"
 
     def track_peak_extra_mib(self, case):
@@ -187,6 +209,7 @@ class ExactDirection:
         gc.collect()
         extra, _ = C.peak_extra_bytes(self._direction)
         return extra / 2**20
+
     track_peak_extra_mib.unit = "MiB"
 
 
@@ -197,12 +220,16 @@ def _report_ief():
     t_adam = _min_time(b.time_adamw_step, 3)
     s = b.ief.last_stats
     P = sum(p.numel() for p in b.model.parameters())
-    print(f"iEF step, P={P}, N={N}, float32: {t_ief * 1e3:.0f} ms (min of 3); AdamW step {t_adam * 1e3:.1f} ms; "
-          f"ratio {t_ief / t_adam:.1f}x")
-    print(f"  split: per-sample grads {s['time_grads'] * 1e3:.0f} ms, damping scale (diag GGᵀ) "
-          f"{s.get('time_scale', 0.0) * 1e3:.0f} ms, solve {s['time_solve'] * 1e3:.0f} ms, "
-          f"update {s['time_update'] * 1e3:.1f} ms; solve / (G @ G.T) = {b.track_solve_over_gram():.2f}; "
-          f"per-sample share {b.track_per_sample_share():.2f}")
+    print(
+        f"iEF step, P={P}, N={N}, float32: {t_ief * 1e3:.0f} ms (min of 3); AdamW step {t_adam * 1e3:.1f} ms; "
+        f"ratio {t_ief / t_adam:.1f}x"
+    )
+    print(
+        f"  split: per-sample grads {s['time_grads'] * 1e3:.0f} ms, damping scale (diag GGᵀ) "
+        f"{s.get('time_scale', 0.0) * 1e3:.0f} ms, solve {s['time_solve'] * 1e3:.0f} ms, "
+        f"update {s['time_update'] * 1e3:.1f} ms; solve / (G @ G.T) = {b.track_solve_over_gram():.2f}; "
+        f"per-sample share {b.track_per_sample_share():.2f}"
+    )
 
 
 def _report_exact(cases):
@@ -214,15 +241,18 @@ def _report_exact(cases):
         extra, stats = C.peak_extra_bytes(b._direction)
         dt = time.perf_counter() - t
         model_mib = b.P * 4 / 2**20
-        print(f"exact {case}: P={b.P}: {dt:.1f} s, peak extra {extra / 2**20:.0f} MiB (model {model_mib:.0f} MiB); "
-              f"method {stats.get('method')}, grads {stats['time_grads']:.1f} s, solve {stats['time_solve']:.1f} s, "
-              f"CG iterations {stats.get('cg_iterations', '-')}")
+        print(
+            f"exact {case}: P={b.P}: {dt:.1f} s, peak extra {extra / 2**20:.0f} MiB (model {model_mib:.0f} MiB); "
+            f"method {stats.get('method')}, grads {stats['time_grads']:.1f} s, solve {stats['time_solve']:.1f} s, "
+            f"CG iterations {stats.get('cg_iterations', '-')}"
+        )
         del b
         gc.collect()
 
 
 if __name__ == "__main__":
     import sys
+
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if what in ("ief", "all"):
         _report_ief()

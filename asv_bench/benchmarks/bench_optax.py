@@ -26,6 +26,7 @@ Without jax/optax or numba the benchmarks raise NotImplementedError (asv: skippe
 
     cd asv_bench && python -m benchmarks.bench_optax [17M|many] [repeats]
 """
+
 from __future__ import annotations
 
 import gc
@@ -49,12 +50,14 @@ def _require():
     except ImportError as exc:
         raise NotImplementedError(f"needs jax and optax (pip install 'fisheropt[jax]'): {exc}") from exc
     import fisheropt as fo
+
     if "numba" not in fo.backends.available():
         raise NotImplementedError("needs the numba backend")
 
 
 def shapes_for(size: str):
     from fisheropt import bench as fb
+
     return fb.transformer_shapes(d=D_MODEL[size])
 
 
@@ -68,8 +71,8 @@ def hlo_passes(text: str, shape: tuple) -> dict:
     Parameters, tuples and get-tuple-element are bookkeeping, not passes."""
     dims = ",".join(str(s) for s in shape)
     pattern = re.compile(r"f32\[" + re.escape(dims) + r"\]")
-    entry = text[text.index("\nENTRY"):]
-    body = entry[entry.index("{") + 1:]
+    entry = text[text.index("\nENTRY") :]
+    body = entry[entry.index("{") + 1 :]
     shapes, passes, moved = {}, [], 0
     for line in body.splitlines():
         m = _INSTR.match(line)
@@ -78,7 +81,7 @@ def hlo_passes(text: str, shape: tuple) -> dict:
         _, name, out_shape, op, rest = m.groups()
         shapes[name] = out_shape
         if op in ("parameter", "tuple", "get-tuple-element", "constant", "bitcast", "conditional"):
-            continue   # (a conditional's branch runs only when taken: fisheropt.optax's rescue sums)
+            continue  # (a conditional's branch runs only when taken: fisheropt.optax's rescue sums)
         operands = re.findall(r"%[\w.\-]+", rest.split("),")[0] if ")," in rest else rest)
         reads = sum(1 for o in operands if pattern.search(shapes.get(o, "")))
         writes = len(pattern.findall(out_shape))
@@ -102,21 +105,23 @@ def plain_fadam(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps2=0.01, clip=
     def update(grads, state, params):
         count, m, f = state
         t = (count + 1).astype(jnp.float32)
-        b2h = b2 * (1 - b2 ** (t - 1)) / (1 - b2 ** t)
+        b2h = b2 * (1 - b2 ** (t - 1)) / (1 - b2**t)
         rms = lambda x: jnp.sqrt(jnp.mean(x * x))  # noqa: E731
 
         def leaf(g, th, m_, f_):
             f_ = b2h * f_ + (1 - b2h) * g * g
-            d = f_ ** p + jnp.minimum(eps, eps2 * rms(g)) ** (2 * p)
+            d = f_**p + jnp.minimum(eps, eps2 * rms(g)) ** (2 * p)
             gb = g / d
             gb = gb / jnp.maximum(1.0, rms(gb) / clip)
             m_ = b1 * m_ + (1 - b1) * gb
             wb = th / d
             wb = wb / jnp.maximum(1.0, rms(wb) / clip)
             return -learning_rate * (m_ + weight_decay * wb), m_, f_
+
         out = jax.tree.map(leaf, grads, params, m, f)
         pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=lambda x: isinstance(x, tuple))  # noqa: E731
         return pick(0), (optax.safe_increment(count), pick(1), pick(2))
+
     return optax.GradientTransformation(init, update)
 
 
@@ -147,6 +152,7 @@ def measure(size: str, repeats: int = REPEATS, seed: int = 0) -> dict:
             def step(p, s, g):
                 updates, s = tx.update(g, s, p)
                 return optax.apply_updates(p, updates), s
+
             self.fn = jax.jit(step, donate_argnums=(0, 1))
             self.p = [jnp.asarray(x) for x in params]
             self.g = [jnp.asarray(x) for x in grads]
@@ -164,14 +170,25 @@ def measure(size: str, repeats: int = REPEATS, seed: int = 0) -> dict:
     opt = fo.FAdam([p.copy() for p in params], backend="numba", check_finite=False)
     opt.step(grads)
     ceiling, ceil_bytes = ceiling_on(opt.params, grads)
-    t = interleaved_medians({"ceiling": ceiling, "numba": lambda: opt.step(grads),
-                             "jax_fadam": fadam, "optax_adamw": adamw, "plain_fadam": plain}, repeats=repeats)
+    t = interleaved_medians(
+        {
+            "ceiling": ceiling,
+            "numba": lambda: opt.step(grads),
+            "jax_fadam": fadam,
+            "optax_adamw": adamw,
+            "plain_fadam": plain,
+        },
+        repeats=repeats,
+    )
     fadam_bytes = RULES["fadam"].items_per_element * 4 * n
     adamw_bytes = RULES["adamw"].items_per_element * 4 * n
     ceil_gbs = ceil_bytes / t["ceiling"] / 1e9
     big = max(shapes, key=math.prod)
     out = {
-        "size": size, "tensors": len(shapes), "parameters": n, "seconds": t,
+        "size": size,
+        "tensors": len(shapes),
+        "parameters": n,
+        "seconds": t,
         "ceiling_gbs": ceil_gbs,
         "jax_fadam_gbs": fadam_bytes / t["jax_fadam"] / 1e9,
         "numba_fadam_gbs": fadam_bytes / t["numba"] / 1e9,
@@ -206,30 +223,37 @@ class TrackOptax:
 
     def track_fadam_ratio_to_ceiling(self, results, size):
         return self._get(results, size, "fadam_ratio_to_ceiling")
+
     track_fadam_ratio_to_ceiling.unit = "fraction of a += 0*b"
 
     def track_fadam_gbs(self, results, size):
         return self._get(results, size, "jax_fadam_gbs")
+
     track_fadam_gbs.unit = "GB/s"
 
     def track_fadam_speed_vs_numba(self, results, size):
         return self._get(results, size, "fadam_speed_vs_numba")
+
     track_fadam_speed_vs_numba.unit = "numba time / jax time"
 
     def track_fadam_time_vs_optax_adamw(self, results, size):
         return self._get(results, size, "fadam_time_vs_optax_adamw")
+
     track_fadam_time_vs_optax_adamw.unit = "foo.fadam time / optax.adamw time"
 
     def track_fadam_time_vs_plain_fadam(self, results, size):
         return self._get(results, size, "fadam_time_vs_plain_fadam")
+
     track_fadam_time_vs_plain_fadam.unit = "foo.fadam time / plain optax FAdam time"
 
     def track_fadam_hlo_passes(self, results, size):
         return float(results[size]["fadam_hlo"]["passes"])
+
     track_fadam_hlo_passes.unit = "passes over the embedding"
 
     def track_adamw_hlo_passes(self, results, size):
         return float(results[size]["adamw_hlo"]["passes"])
+
     track_adamw_hlo_passes.unit = "passes over the embedding"
 
 
@@ -239,18 +263,26 @@ def main(argv=None) -> int:
     repeats = int(argv[1]) if len(argv) > 1 else REPEATS
     r = measure(size, repeats)
     print(f"{r['tensors']} tensors, {r['parameters'] / 1e6:.1f} M float32 parameters, median of {repeats}")
-    for key, label in (("ceiling", "a += 0*b (numba)"), ("numba", "fo.FAdam numba"),
-                       ("jax_fadam", "jit foo.fadam"), ("optax_adamw", "jit optax.adamw"),
-                       ("plain_fadam", "jit plain_fadam")):
+    for key, label in (
+        ("ceiling", "a += 0*b (numba)"),
+        ("numba", "fo.FAdam numba"),
+        ("jax_fadam", "jit foo.fadam"),
+        ("optax_adamw", "jit optax.adamw"),
+        ("plain_fadam", "jit plain_fadam"),
+    ):
         print(f"  {label:20s} {r['seconds'][key] * 1e3:8.1f} ms")
-    print(f"  ceiling {r['ceiling_gbs']:.2f} GB/s; GB/s (spec bytes) / ratio to ceiling: "
-          f"foo.fadam {r['jax_fadam_gbs']:.2f} / {r['fadam_ratio_to_ceiling']:.3f}, "
-          f"numba FAdam {r['numba_fadam_gbs']:.2f} / {r['numba_ratio_to_ceiling']:.3f}, "
-          f"optax.adamw {r['optax_adamw_gbs']:.2f} / {r['adamw_ratio_to_ceiling']:.3f}, "
-          f"plain_fadam {r['plain_fadam_gbs']:.2f}")
-    print(f"  numba time / foo.fadam time {r['fadam_speed_vs_numba']:.3f}; "
-          f"foo.fadam time / optax.adamw time {r['fadam_time_vs_optax_adamw']:.3f}; "
-          f"foo.fadam time / plain_fadam time {r['fadam_time_vs_plain_fadam']:.3f}")
+    print(
+        f"  ceiling {r['ceiling_gbs']:.2f} GB/s; GB/s (spec bytes) / ratio to ceiling: "
+        f"foo.fadam {r['jax_fadam_gbs']:.2f} / {r['fadam_ratio_to_ceiling']:.3f}, "
+        f"numba FAdam {r['numba_fadam_gbs']:.2f} / {r['numba_ratio_to_ceiling']:.3f}, "
+        f"optax.adamw {r['optax_adamw_gbs']:.2f} / {r['adamw_ratio_to_ceiling']:.3f}, "
+        f"plain_fadam {r['plain_fadam_gbs']:.2f}"
+    )
+    print(
+        f"  numba time / foo.fadam time {r['fadam_speed_vs_numba']:.3f}; "
+        f"foo.fadam time / optax.adamw time {r['fadam_time_vs_optax_adamw']:.3f}; "
+        f"foo.fadam time / plain_fadam time {r['fadam_time_vs_plain_fadam']:.3f}"
+    )
     for key in ("fadam_hlo", "plain_fadam_hlo", "adamw_hlo"):
         h = r[key]
         print(f"  {key}: {h['passes']} passes over the embedding, {h['bytes_per_element']} B per element")

@@ -14,6 +14,7 @@ Sizes: element counts of one tensor, or "many" (147 tensors of a GPT-2-small-lik
 model, 91.3 M parameters). The numpy reference is skipped above 2^22 elements
 (seconds per step).
 """
+
 from __future__ import annotations
 
 import gc
@@ -71,6 +72,7 @@ class Step:
 
 class StepChecked:
     """A step with the default finiteness check (one more read of every gradient)."""
+
     params = (list(C.RULES), ["numpy", "numba"], SIZES)
     param_names = ["rule", "backend", "size"]
     timeout = 600
@@ -114,6 +116,7 @@ class Overhead:
     """One Adam step of the NumPy reference on a single 1024-element tensor: the fixed per-step cost
     (input checks, dispatch) more than arithmetic. Tiny and present at every commit, it is also the
     benchmark tests/test_asv_site.py publishes and renders."""
+
     number = 20
     repeat = (3, 10, 5.0)
 

@@ -15,6 +15,7 @@
 
 Commits without ``fisheropt.torch``, torch or pytorch_optimizer are skipped ("n/a").
 """
+
 from __future__ import annotations
 
 import gc
@@ -29,6 +30,7 @@ IMPLS = ["fot", "fot+finite", "fo", "baseline"]
 def _bench():
     try:
         import torch  # noqa: F401
+
         from fisheropt.torch import bench
     except ImportError as exc:
         C.skip(f"fisheropt.torch or torch is not available: {exc}")
@@ -45,6 +47,7 @@ class TorchStep:
     def setup(self, rule, impl, problem):
         bench = _bench()
         import torch
+
         params, grads, coupled, _ = bench.problem(problem)
         for p, g in zip(params, grads):
             p.grad = g
@@ -65,8 +68,9 @@ class TorchStep:
             def step():
                 with torch.no_grad():
                     opt.step()
+
             self.step = step
-        self.step()   # kernels loaded, state allocated
+        self.step()  # kernels loaded, state allocated
 
     def teardown(self, rule, impl, problem):
         self.step = self.keep = None
@@ -78,6 +82,7 @@ class TorchStep:
 
 class TorchTrack:
     """Ratios from one process: fot vs the PyTorch baseline, and fot's overhead over fisheropt.*."""
+
     params = (RULES, PROBLEMS)
     param_names = ["rule", "problem"]
     timeout = 3600
@@ -85,8 +90,11 @@ class TorchTrack:
 
     def setup_cache(self):
         bench = _bench()
-        return {(rule, problem): bench.measure_steps(rule, problem, repeats=self.REPEATS)
-                for problem in PROBLEMS for rule in RULES}
+        return {
+            (rule, problem): bench.measure_steps(rule, problem, repeats=self.REPEATS)
+            for problem in PROBLEMS
+            for rule in RULES
+        }
 
     def _get(self, results, rule, problem, key):
         value = results[(rule, problem)].get(key)
@@ -96,19 +104,23 @@ class TorchTrack:
 
     def track_speed_vs_baseline(self, results, rule, problem):
         return self._get(results, rule, problem, "speed_vs_base")
+
     track_speed_vs_baseline.unit = "baseline time / fot time"
 
     def track_speed_vs_baseline_finite(self, results, rule, problem):
         return self._get(results, rule, problem, "speed_vs_base_finite")
+
     track_speed_vs_baseline_finite.unit = "baseline time / fot (check_finite) time"
 
     def track_adapter_overhead(self, results, rule, problem):
         return self._get(results, rule, problem, "overhead_us_per_tensor")
+
     track_adapter_overhead.unit = "µs per tensor (fot - fo)"
 
 
 class TorchTrain:
     """A whole training step (forward, backward, optimizer) of the ~17 M transformer."""
+
     params = (["fot AdamW", "fot FAdam", "fot CoupledAdam", "torch AdamW(fused)", "pytorch_optimizer FAdam"],)
     param_names = ["optimizer"]
     timeout = 3600
@@ -123,4 +135,5 @@ class TorchTrain:
         if row is None or row.get("vs_torch_fused_adamw") is None:
             C.skip(f"{optimizer} not measured here")
         return row["vs_torch_fused_adamw"]
+
     track_train_speed.unit = "torch fused AdamW step time / this step time"

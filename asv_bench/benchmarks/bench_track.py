@@ -25,6 +25,7 @@ process: a few seconds of compile, then ``REPEATS`` interleaved rounds on each o
 Without numba, without torch, or at a commit that lacks a rule or the numba backend,
 the affected figures are skipped.
 """
+
 from __future__ import annotations
 
 import gc
@@ -45,7 +46,7 @@ def _measure_once(rule: str, size: str, repeats: int, seed: int) -> dict:
     params = C.random_arrays(shapes, seed)
     grads = C.random_arrays(shapes, seed + 1, 1e-3)
     opt = C.make_optimizer(rule, "numba", params, coupled, check_finite=False)
-    opt.step(grads)                                   # compile (or load) the kernels
+    opt.step(grads)  # compile (or load) the kernels
     fns = {}
     state = C.full_size_state(opt, params)
     a_list = list(params) + (state[0] if state else [])
@@ -56,15 +57,17 @@ def _measure_once(rule: str, size: str, repeats: int, seed: int) -> dict:
     base = C.torch_baseline(rule, params, grads, share_with=opt)
     if base is not None:
         fns["torch"] = base[1]
-        pause["torch"] = 0.05    # let PyTorch's OpenMP threads stop spinning before the next timing
+        pause["torch"] = 0.05  # let PyTorch's OpenMP threads stop spinning before the next timing
     t = _ceiling.interleaved_times(fns, repeats=repeats, pause=pause)
     step_bytes = C.moved_bytes(rule, shapes, coupled, np.dtype(np.float32).itemsize)
     return {
-        "times": t, "torch": base[0] if base is not None else None,
+        "times": t,
+        "torch": base[0] if base is not None else None,
         # per round: numba time / the time the ceiling needs for the step's bytes; median over rounds
         "time_over_ceiling": _ceiling.paired_ratio(t["numba"], t["ceiling"]) * ceil_bytes / step_bytes,
         "time_over_torch": _ceiling.paired_ratio(t["numba"], t["torch"]) if "torch" in t else None,
-        "step_bytes": step_bytes, "parameters": sum(math.prod(s) for s in shapes),
+        "step_bytes": step_bytes,
+        "parameters": sum(math.prod(s) for s in shapes),
     }
 
 
@@ -87,8 +90,9 @@ def measure_problem(rule: str, size: str, repeats: int = 11, allocations: int = 
     return {
         "gbs": runs[0]["step_bytes"] / float(np.median(numba_times)) / 1e9,
         "time_over_ceiling": _geomean([r["time_over_ceiling"] for r in runs]),
-        "time_over_torch": (_geomean([r["time_over_torch"] for r in runs])
-                            if runs[0]["time_over_torch"] is not None else None),
+        "time_over_torch": (
+            _geomean([r["time_over_torch"] for r in runs]) if runs[0]["time_over_torch"] is not None else None
+        ),
         "torch": runs[0]["torch"],
         "parameters": runs[0]["parameters"],
     }
@@ -96,20 +100,22 @@ def measure_problem(rule: str, size: str, repeats: int = 11, allocations: int = 
 
 class Ratios:
     """GB/s of the numba step, and its time over the ceiling's and over PyTorch's, from one process."""
+
     params = (list(C.RULES), list(SIZES))
     param_names = ["rule", "size"]
     timeout = 1800
-    rounds = 1          # one measurement per commit (setup_cache); more rounds would repeat the same value
+    rounds = 1  # one measurement per commit (setup_cache); more rounds would repeat the same value
     repeat = 1
     number = 1
-    REPEATS = 11                               # round-robin rounds per set of buffers
-    ALLOCATIONS = {"2^25": 2, "many": 1}       # sets of buffers (147 tensors already average placement)
+    REPEATS = 11  # round-robin rounds per set of buffers
+    ALLOCATIONS = {"2^25": 2, "many": 1}  # sets of buffers (147 tensors already average placement)
 
     def setup_cache(self):
         results = {}
         try:
             C.backend("numba")
             from . import _ceiling
+
             _ceiling._kernels()
         except NotImplementedError as exc:
             return {"skip": str(exc)}
@@ -119,7 +125,7 @@ class Ratios:
                     results[(rule, size)] = measure_problem(rule, size, self.REPEATS, self.ALLOCATIONS[size])
                 except NotImplementedError as exc:
                     results[(rule, size)] = {"skip": str(exc)}
-                gc.collect()       # free this problem's buffers before the next one
+                gc.collect()  # free this problem's buffers before the next one
         return results
 
     def setup(self, results, rule, size):
@@ -136,25 +142,32 @@ class Ratios:
 
     def track_time_over_ceiling(self, results, rule, size):
         return self._get(results, rule, size, "time_over_ceiling")
+
     track_time_over_ceiling.unit = "step time / ceiling time"
 
     def track_time_over_torch(self, results, rule, size):
         return self._get(results, rule, size, "time_over_torch")
+
     track_time_over_torch.unit = "fisheropt time / torch time"
 
     def track_gbs(self, results, rule, size):
         return self._get(results, rule, size, "gbs")
+
     track_gbs.unit = "GB/s"
 
 
 if __name__ == "__main__":
     # The tracked ratios without asv: python -m benchmarks.bench_track (from asv_bench/)
     import sys
+
     sizes = sys.argv[1:] or list(SIZES)
     for rule in C.RULES:
         for size in sizes:
             r = measure_problem(rule, size, Ratios.REPEATS, Ratios.ALLOCATIONS.get(size, 1))
             tt = f"{r['time_over_torch']:.3f}" if r["time_over_torch"] is not None else "-"
-            print(f"{rule:13s} {size:5s} GB/s {r['gbs']:6.2f}  time/ceiling {r['time_over_ceiling']:.3f}  "
-                  f"time/torch {tt}", flush=True)
+            print(
+                f"{rule:13s} {size:5s} GB/s {r['gbs']:6.2f}  time/ceiling {r['time_over_ceiling']:.3f}  "
+                f"time/torch {tt}",
+                flush=True,
+            )
             gc.collect()

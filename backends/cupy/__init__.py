@@ -38,6 +38,7 @@ rule without a module here is unavailable on this backend only.
 * Float32 and float64 tensors may be mixed in one list (one launch group per
   dtype). Arrays must be C-contiguous (the optimizer classes check it).
 """
+
 import cupy  # noqa: F401  (an ImportError here is the registry's "why not")
 
 from ..interface import BackendUnavailable, load_rule_functions

@@ -7,6 +7,7 @@ caches the binary on disk, and launches on CuPy's current stream. ``engine``
 is the engine every ``<rule>_step`` of this package runs on. Importing this
 module imports cupy.
 """
+
 import hashlib
 import os
 import tempfile
@@ -70,6 +71,7 @@ def _arch_option() -> tuple[str, str]:
     """NVRTC target for the current device: SASS when NVRTC knows the arch, else PTX for
     the newest arch it knows that is not newer than the device (the driver JITs it)."""
     from cupy.cuda import nvrtc
+
     cc = int(cupy.cuda.Device().compute_capability)
     try:
         archs = tuple(int(a) for a in nvrtc.getSupportedArchs())
@@ -82,8 +84,12 @@ def _arch_option() -> tuple[str, str]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("FISHEROPT_KERNEL_CACHE",
-                               Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fisheropt" / "cuda"))
+    return Path(
+        os.environ.get(
+            "FISHEROPT_KERNEL_CACHE",
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fisheropt" / "cuda",
+        )
+    )
 
 
 def load_module(dtype: str, block: int = _kernels.BLOCK):
@@ -92,6 +98,7 @@ def load_module(dtype: str, block: int = _kernels.BLOCK):
     NVRTC is called directly with exactly ``_kernels.COMPILE_OPTIONS``; see there for why
     not ``cupy.RawModule`` (it forces -ftz=true)."""
     from cupy.cuda import function, nvrtc
+
     src = _kernels.source(dtype, block)
     arch, kind = _arch_option()
     options = [arch, *_kernels.COMPILE_OPTIONS]
@@ -108,8 +115,9 @@ def load_module(dtype: str, block: int = _kernels.BLOCK):
             try:
                 nvrtc.compileProgram(prog, options)
             except Exception as exc:
-                raise RuntimeError(f"NVRTC failed to compile the fisheropt {dtype} kernels ({exc}):\n"
-                                   f"{nvrtc.getProgramLog(prog)}") from exc
+                raise RuntimeError(
+                    f"NVRTC failed to compile the fisheropt {dtype} kernels ({exc}):\n{nvrtc.getProgramLog(prog)}"
+                ) from exc
             data = nvrtc.getCUBIN(prog) if kind == "cubin" else nvrtc.getPTX(prog)
         finally:
             nvrtc.destroyProgram(prog)

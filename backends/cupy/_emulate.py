@@ -14,6 +14,7 @@ coefficients, order of launches) and every kernel body run here on NumPy
 arrays. What this cannot show: GPU memory-model or occupancy problems, NVRTC
 specifics, real misaligned-access faults, speed.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -75,8 +76,9 @@ def _wrapper(name: str, dtype: str) -> str:
     kernel = _kernels.kernel_name(name, dtype)
     parameters = _kernels.parameters(name, dtype)
     args = ", ".join(a for _, a in _kernels.kernels()[name].signature)
-    return (f'extern "C" void emu_{kernel}(int grid, {parameters}) '
-            f'{{ fo_run_grid(grid, [=] {{ {kernel}({args}); }}); }}\n')
+    return (
+        f'extern "C" void emu_{kernel}(int grid, {parameters}) {{ fo_run_grid(grid, [=] {{ {kernel}({args}); }}); }}\n'
+    )
 
 
 def emulation_source(dtype: str, block: int) -> str:
@@ -89,7 +91,7 @@ def _build(dtype: str, block: int, transform=None) -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) to build the CPU emulation of the CUDA kernels")
     src = emulation_source(dtype, block)
-    if transform is not None:   # tests: a deliberately broken kernel must be caught
+    if transform is not None:  # tests: a deliberately broken kernel must be caught
         src = transform(src)
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("FISHEROPT_EMU_CACHE", Path(tempfile.gettempdir()) / "fisheropt_cuda_emu"))
@@ -99,8 +101,21 @@ def _build(dtype: str, block: int, transform=None) -> ctypes.CDLL:
         cu = cache / f"emu_{dtype}_{block}_{digest}.cc"
         cu.write_text(src)
         tmp = cache / f"{lib.name}.{os.getpid()}.tmp"
-        cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off",
-               "-fno-strict-aliasing", "-fno-fast-math", "-Wno-unknown-pragmas", "-o", str(tmp), str(cu)]
+        cmd = [
+            cxx,
+            "-std=c++20",
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-pthread",
+            "-ffp-contract=off",
+            "-fno-strict-aliasing",
+            "-fno-fast-math",
+            "-Wno-unknown-pragmas",
+            "-o",
+            str(tmp),
+            str(cu),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"emulation build failed:\n{res.stderr[-4000:]}")
@@ -126,8 +141,9 @@ class CpuLauncher:
             lib = self._libs[dtype] = _build(dtype, self.block, self.transform)
         fn = getattr(lib, f"emu_{_kernels.kernel_name(name, dtype)}")
         t = ctypes.c_float if dtype == "float32" else ctypes.c_double
-        fn.argtypes = [ctypes.c_int] + [t if c == "T" else _CTYPES.get(c, ctypes.c_void_p)
-                                        for c, _ in _kernels.kernels()[name].signature]
+        fn.argtypes = [ctypes.c_int] + [
+            t if c == "T" else _CTYPES.get(c, ctypes.c_void_p) for c, _ in _kernels.kernels()[name].signature
+        ]
         fn.restype = None
         return fn
 
@@ -139,7 +155,7 @@ class CpuLauncher:
         return np.array(host, copy=True, order="C")
 
     def empty_f64(self, n):
-        return np.full(int(n), np.nan)   # NaN, so a missing write shows
+        return np.full(int(n), np.nan)  # NaN, so a missing write shows
 
     def zeros_i32(self, n):
         return np.zeros(int(n), dtype=np.int32)

@@ -44,15 +44,16 @@ Layout shared with the planner (``_plan``)
   rows, cols, partial base, row chunks, 0);
 * pointer tables: one uint64 array per role (params, grads, m, v / f).
 """
+
 from __future__ import annotations
 
 import importlib
 import re
 from typing import NamedTuple
 
-CHUNK_ROW = 4     # int64 per row of the chunk table: tensor, start, stop, start % cols
-META_ROW = 8      # int64 per row of the meta table (one row per tensor)
-TILE_ROW = 5      # int64 per row tile of the coupled column sums: tensor, first row, end row, first column,
+CHUNK_ROW = 4  # int64 per row of the chunk table: tensor, start, stop, start % cols
+META_ROW = 8  # int64 per row of the meta table (one row per tensor)
+TILE_ROW = 5  # int64 per row tile of the coupled column sums: tensor, first row, end row, first column,
 #                   offset of the tile's partial sums
 COL_TILE_ROW = 2  # int64 per column tile of the coupled column finalize: tensor, first column
 
@@ -89,6 +90,7 @@ def kernel_modules() -> tuple[str, ...]:
     rule of the registry (a rule without a module, or whose module has no ``KERNELS``,
     has no kernels here; ``adamw`` runs Adam's)."""
     from fisheropt.refimpl import RULES
+
     return ("finite", *RULES)
 
 
@@ -106,7 +108,7 @@ def _collect() -> dict:
                 module = importlib.import_module(f"{__package__}.{module_name}")
             except ModuleNotFoundError as exc:
                 if exc.name == f"{__package__}.{module_name}":
-                    continue          # no GPU kernel for this rule
+                    continue  # no GPU kernel for this rule
                 raise
             for name, kernel in getattr(module, "KERNELS", {}).items():
                 if name in kernels:
@@ -246,15 +248,25 @@ def kernel_source(name: str, dtype: str) -> str:
     """The definition of one kernel for one dtype (no header)."""
     dtype = str(dtype)
     body = _math(kernels()[name].body, dtype)
-    return (f'extern "C" __global__ void __launch_bounds__(BLOCK) '
-            f"{kernel_name(name, dtype)}({parameters(name, dtype)})\n{{{body}}}\n")
+    return (
+        f'extern "C" __global__ void __launch_bounds__(BLOCK) '
+        f"{kernel_name(name, dtype)}({parameters(name, dtype)})\n{{{body}}}\n"
+    )
 
 
 def header(dtype: str, block: int = BLOCK) -> str:
     """The shared header for ``dtype``, then the rule modules' ``__device__`` helpers."""
     dtype = str(dtype)
-    text = _HEADER.format(DTYPE=dtype, CT=ctype(dtype), VEC=vec(dtype), BLOCK=int(block), CHUNK_ROW=CHUNK_ROW,
-                          META_ROW=META_ROW, TILE_ROW=TILE_ROW, COL_TILE_ROW=COL_TILE_ROW)
+    text = _HEADER.format(
+        DTYPE=dtype,
+        CT=ctype(dtype),
+        VEC=vec(dtype),
+        BLOCK=int(block),
+        CHUNK_ROW=CHUNK_ROW,
+        META_ROW=META_ROW,
+        TILE_ROW=TILE_ROW,
+        COL_TILE_ROW=COL_TILE_ROW,
+    )
     return text + "".join(_math(code, dtype) for code in _collect()["device_code"])
 
 

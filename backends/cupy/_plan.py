@@ -27,6 +27,7 @@ and the grads' upload (one small asynchronous host-to-device copy) happens only
 when the grads live at new addresses. Neither cache evicts an entry used by the
 step being prepared, so a model with many hyperparameter groups does not thrash.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def chunk_table(sizes, chunk: int = _kernels.CHUNK, cols=None):
     for i, (size, n) in enumerate(zip(sizes, counts)):
         if n == 0:
             continue
-        rows = table[first[i]:first[i + 1]]
+        rows = table[first[i] : first[i + 1]]
         starts = np.arange(n, dtype=np.int64) * chunk
         rows[:, 0] = i
         rows[:, 1] = starts
@@ -73,8 +74,9 @@ def chunk_table(sizes, chunk: int = _kernels.CHUNK, cols=None):
     return table, first
 
 
-def rows_per_tile(rows: int, cols: int, block: int, *, min_rows: int = 32, max_rows: int = 256,
-                  target_blocks: int = 4096) -> int:
+def rows_per_tile(
+    rows: int, cols: int, block: int, *, min_rows: int = 32, max_rows: int = 256, target_blocks: int = 4096
+) -> int:
     """Rows summed by one block of the column-sum kernel: enough blocks to fill the
     GPU, few enough partial rows that they cost little next to reading g."""
     col_tiles = max(1, -(-cols // block))
@@ -137,8 +139,9 @@ def _converters(name: str, dtype: str):
     converters = _CONVERTERS.get((name, dtype))
     if converters is None:
         by_c_type = {"T": np.dtype(dtype).type, "double": np.float64, "int": np.int32, "long long": np.int64}
-        converters = _CONVERTERS[(name, dtype)] = [(arg, by_c_type.get(c_type))
-                                                   for c_type, arg in _kernels.kernels()[name].signature]
+        converters = _CONVERTERS[(name, dtype)] = [
+            (arg, by_c_type.get(c_type)) for c_type, arg in _kernels.kernels()[name].signature
+        ]
     return converters
 
 
@@ -206,8 +209,9 @@ class Plan:
             self.n_partial = int(n_partial)
             self.host.update(tiles=tiles, col_tiles=col_tiles, meta=meta)
             self.tiles = launcher.upload(tiles if len(tiles) else np.zeros((1, _kernels.TILE_ROW), np.int64))
-            self.col_tiles = launcher.upload(col_tiles if len(col_tiles)
-                                             else np.zeros((1, _kernels.COL_TILE_ROW), np.int64))
+            self.col_tiles = launcher.upload(
+                col_tiles if len(col_tiles) else np.zeros((1, _kernels.COL_TILE_ROW), np.int64)
+            )
         else:
             meta = meta_table(shapes, first)
             self.host["meta"] = meta
@@ -238,8 +242,9 @@ class Engine:
     """Caches and launches over one launcher (CuPy, or the CPU emulator); the rule modules
     build the launches of a step with it."""
 
-    def __init__(self, launcher, *, chunk: int = _kernels.CHUNK, tile_kw=None,
-                 max_plans: int = 32, max_pointer_tables: int = 64):
+    def __init__(
+        self, launcher, *, chunk: int = _kernels.CHUNK, tile_kw=None, max_plans: int = 32, max_pointer_tables: int = 64
+    ):
         if chunk % 4:
             raise ValueError("chunk must be a multiple of 4")
         self.launcher = launcher
@@ -249,7 +254,7 @@ class Engine:
         self._plans: OrderedDict = OrderedDict()
         self._ptrs: OrderedDict = OrderedDict()
         self.max_plans, self.max_pointer_tables = max_plans, max_pointer_tables
-        self._generation = 0   # advances after each run: entries used since are never evicted
+        self._generation = 0  # advances after each run: entries used since are never evicted
         self.stats = {"plans_built": 0, "pointer_uploads": 0, "launches": 0}
 
     def clear_cache(self) -> None:
@@ -264,7 +269,7 @@ class Engine:
             while len(cache) > limit:
                 oldest_key, oldest = next(iter(cache.items()))
                 if oldest[1] == self._generation:
-                    break        # everything left is used by the step being prepared
+                    break  # everything left is used by the step being prepared
                 del cache[oldest_key]
         else:
             entry[1] = self._generation
@@ -290,8 +295,10 @@ class Engine:
         def build():
             for i, a in enumerate(arrays):
                 if not a.flags.c_contiguous:
-                    raise ValueError(f"array {i} (shape {tuple(a.shape)}) is not C-contiguous; "
-                                     "the cupy backend needs contiguous arrays")
+                    raise ValueError(
+                        f"array {i} (shape {tuple(a.shape)}) is not C-contiguous; "
+                        "the cupy backend needs contiguous arrays"
+                    )
             self.stats["pointer_uploads"] += 1
             return launcher.upload(np.array(ptrs, dtype=np.uint64))
 
@@ -301,7 +308,7 @@ class Engine:
     @staticmethod
     def groups(arrays):
         """[(dtype name, indices or None for all)]: one group per dtype, in first-seen order."""
-        kinds = {a.dtype for a in arrays}   # (dtype.name is slow; dtype hashing is not)
+        kinds = {a.dtype for a in arrays}  # (dtype.name is slow; dtype hashing is not)
         for d in kinds:
             if d not in _DTYPE_NAMES:
                 raise TypeError(f"the cupy backend supports float32 and float64, got {d}")
@@ -328,7 +335,7 @@ class Engine:
         rows: dict = {}
         out: dict = {}
         for dtype, idx in by_dtype:
-            for i in (range(len(arrays)) if idx is None else idx):
+            for i in range(len(arrays)) if idx is None else idx:
                 key = tuple(_key(values[k][i]) for k in varying)
                 entry = rows.get(key)
                 if entry is None:

@@ -15,6 +15,7 @@ Tensors with ``coupled[i]`` False take Adam's kernel in AdamW mode in the same
 call. The step size and √(1-β2^t) come from the rule's descriptor.
 ``coupled_adam_step_checked`` fuses the finiteness check into pass 1 (see there).
 """
+
 from fisheropt.refimpl.coupled_adam import RULE
 
 from ._kernels import Kernel
@@ -27,8 +28,13 @@ __all__ = ["coupled_adam_step", "coupled_adam_step_checked", "coupled_adam_launc
 KERNELS = {
     # ---- Coupled Adam pass 1: float64 column sums of g^2 over a tile of rows (thread = column).
     "colsumsq": Kernel(
-        [("const long long*", "tiles"), ("const long long*", "meta"),
-         ("const unsigned long long*", "grad_ptrs"), ("double*", "partials")], r"""
+        [
+            ("const long long*", "tiles"),
+            ("const long long*", "meta"),
+            ("const unsigned long long*", "grad_ptrs"),
+            ("double*", "partials"),
+        ],
+        r"""
     const long long* tile = tiles + (long long)TILE_ROW * blockIdx.x;
     const int t = (int)tile[0];
     const long long row_begin = tile[1], row_end = tile[2];
@@ -41,11 +47,19 @@ KERNELS = {
         for (long long r = row_begin; r < row_end; ++r) { const double x = (double)g[r * d + col]; acc += x * x; }
         partials[tile[4] + col] = acc;
     }
-"""),
+""",
+    ),
     # ---- Coupled Adam pass 2: column mean over all rows (fixed order), v_col EMA.
     "coupled_v": Kernel(
-        [("const long long*", "col_tiles"), ("const long long*", "meta"), ("const double*", "partials"),
-         ("const unsigned long long*", "v_col_ptrs"), ("T", "beta2"), ("T", "one_minus_beta2")], r"""
+        [
+            ("const long long*", "col_tiles"),
+            ("const long long*", "meta"),
+            ("const double*", "partials"),
+            ("const unsigned long long*", "v_col_ptrs"),
+            ("T", "beta2"),
+            ("T", "one_minus_beta2"),
+        ],
+        r"""
     const int t = (int)col_tiles[(long long)COL_TILE_ROW * blockIdx.x];
     const long long col = col_tiles[(long long)COL_TILE_ROW * blockIdx.x + 1] + threadIdx.x;
     const long long* tensor_meta = meta + (long long)META_ROW * t;
@@ -58,14 +72,25 @@ KERNELS = {
         TENSOR(T, v, v_col_ptrs);
         v[col] = beta2 * v[col] + one_minus_beta2 * col_mean;
     }
-"""),
+""",
+    ),
     # ---- Coupled Adam pass 3: AdamW with the per-column second moment.
     "coupled_apply": Kernel(
-        [("const long long*", "chunks"), ("const long long*", "meta"),
-         ("const unsigned long long*", "param_ptrs"), ("const unsigned long long*", "grad_ptrs"),
-         ("const unsigned long long*", "m_ptrs"), ("const unsigned long long*", "v_col_ptrs"),
-         ("T", "decay_factor"), ("T", "beta1"), ("T", "one_minus_beta1"), ("T", "step_size"),
-         ("T", "bias_correction2_sqrt"), ("T", "eps")], r"""
+        [
+            ("const long long*", "chunks"),
+            ("const long long*", "meta"),
+            ("const unsigned long long*", "param_ptrs"),
+            ("const unsigned long long*", "grad_ptrs"),
+            ("const unsigned long long*", "m_ptrs"),
+            ("const unsigned long long*", "v_col_ptrs"),
+            ("T", "decay_factor"),
+            ("T", "beta1"),
+            ("T", "one_minus_beta1"),
+            ("T", "step_size"),
+            ("T", "bias_correction2_sqrt"),
+            ("T", "eps"),
+        ],
+        r"""
     CHUNK_HEADER
     const long long d = meta[(long long)META_ROW * t + 4];
     TENSOR(T, theta, param_ptrs);
@@ -95,29 +120,40 @@ KERNELS = {
         store_group(theta, base, stop, full, theta_group);
         store_group(m, base, stop, full, m_group);
     }
-"""),
+""",
+    ),
 }
 
 
 def coupled_scalars(*, step, lr, beta1, beta2, eps, weight_decay):
     """One coupled tensor's kernel scalars, float64 on the host."""
     c = RULE.coefficients(step, lr=lr, beta1=beta1, beta2=beta2)
-    return dict(decay_factor=1 - lr * weight_decay, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2,
-                one_minus_beta2=1 - beta2, step_size=c["step_size"],
-                bias_correction2_sqrt=c["bias_correction2_sqrt"], eps=eps)
+    return dict(
+        decay_factor=1 - lr * weight_decay,
+        beta1=beta1,
+        one_minus_beta1=1 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1 - beta2,
+        step_size=c["step_size"],
+        bias_correction2_sqrt=c["bias_correction2_sqrt"],
+        eps=eps,
+    )
 
 
 def _coupled_only(engine, params, grads, m, v_col, check, flag, hyperparams):
     first, rest = [], []
     for dtype, scalars, plan, pointers in engine.launch_groups(
-            "coupled", coupled_scalars, hyperparams, param_ptrs=params, grad_ptrs=grads, m_ptrs=m, v_col_ptrs=v_col):
+        "coupled", coupled_scalars, hyperparams, param_ptrs=params, grad_ptrs=grads, m_ptrs=m, v_col_ptrs=v_col
+    ):
         (partials,) = plan.scratch("colsum", plan.n_partial)
         available = {**plan.tables, **pointers, **scalars, "partials": partials}
         first.append(engine.prepared_from("colsumsq", dtype, plan.n_tiles, available))
         if check:
             first.append(partials_finite_launch(engine, dtype, partials, plan.n_partial, flag))
-        rest += [engine.prepared_from("coupled_v", dtype, plan.n_col_tiles, available),
-                 engine.prepared_from("coupled_apply", dtype, plan.n_chunks, available)]
+        rest += [
+            engine.prepared_from("coupled_v", dtype, plan.n_col_tiles, available),
+            engine.prepared_from("coupled_apply", dtype, plan.n_chunks, available),
+        ]
     return first, rest
 
 
@@ -132,8 +168,9 @@ def coupled_adam_launches(engine, params, grads, m, v, *, coupled, check=False, 
     check_per_tensor(n, {**hyperparams, "coupled": coupled})
     coupled_idx = [i for i, c in enumerate(coupled) if c]
     adamw_idx = [i for i, c in enumerate(coupled) if not c]
-    first, rest = _coupled_only(engine, *select(coupled_idx, params, grads, m, v), check, flag,
-                                pick(coupled_idx, hyperparams))
+    first, rest = _coupled_only(
+        engine, *select(coupled_idx, params, grads, m, v), check, flag, pick(coupled_idx, hyperparams)
+    )
     uncoupled = select(adamw_idx, params, grads, m, v)
     if check:
         first += finite_launches(engine, uncoupled[1], flag)
@@ -143,13 +180,24 @@ def coupled_adam_launches(engine, params, grads, m, v, *, coupled, check=False, 
 def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):
     """Multi-tensor, in place: the backend interface for Coupled Adam (no host synchronisation)."""
     engine = current()
-    first, rest = coupled_adam_launches(engine, params, grads, m, v, coupled=coupled, step=step, lr=lr,
-                                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    first, rest = coupled_adam_launches(
+        engine,
+        params,
+        grads,
+        m,
+        v,
+        coupled=coupled,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
     engine.run(first + rest)
 
 
-def coupled_adam_step_checked(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay,
-                              coupled) -> bool:
+def coupled_adam_step_checked(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled) -> bool:
     """:func:`coupled_adam_step` that returns False, having written nothing, when a gradient
     holds NaN or Inf.
 
@@ -161,9 +209,22 @@ def coupled_adam_step_checked(params, grads, m, v, *, step, lr, beta1, beta2, ep
     gradients read again."""
     engine = current()
     flag = engine.new_flag()
-    first, rest = coupled_adam_launches(engine, params, grads, m, v, coupled=coupled, check=True, flag=flag,
-                                        step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                        weight_decay=weight_decay)
+    first, rest = coupled_adam_launches(
+        engine,
+        params,
+        grads,
+        m,
+        v,
+        coupled=coupled,
+        check=True,
+        flag=flag,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
     engine.run(first)
     if engine.flag_set(flag) and not exactly_finite(engine, grads):
         return False

@@ -15,6 +15,7 @@ sources of the targets' shapes and dtypes — so a bad call writes nothing. cupy
 imported when the kernel is first built, so the kernel text (``PREAMBLE``,
 ``BODY``) can be read and checked on a machine without CuPy.
 """
+
 from __future__ import annotations
 
 from fisheropt.refimpl.esimcse_momentum import check_ema_args, ema_coefficients
@@ -44,7 +45,7 @@ def _get_kernel():
 
 def ema_update(targets, sources, *, decay):
     """Multi-tensor, in place on ``targets`` (cupy.ndarray): the backend interface."""
-    decay = check_ema_args(targets, sources, decay, device=True)   # everything, before any write
+    decay = check_ema_args(targets, sources, decay, device=True)  # everything, before any write
     kernel = None
     for k, q in zip(targets, sources):
         if k.size == 0:

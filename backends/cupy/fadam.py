@@ -19,6 +19,7 @@ divides, where the numba kernels multiply by reciprocals); β̂₂ comes from th
 rule's descriptor. ``fadam_step_checked`` fuses the finiteness check into pass 1
 (see there).
 """
+
 import numpy as np
 
 from fisheropt.refimpl.fadam import RULE
@@ -56,12 +57,22 @@ KERNELS = {
     __shared__ double shared[BLOCK];
     const double sum = block_sum(acc, shared);
     if (threadIdx.x == 0) g2_partials[blockIdx.x] = sum;
-"""),
+""",
+    ),
     # ---- FAdam finalize 1 (one block per tensor): eps_t from RMS(g), as refimpl.fadam.adaptive_epsilon.
     "fadam_eps": Kernel(
-        [("const long long*", "meta"), ("const double*", "g2_partials"), ("double*", "tensor_scalars"),
-         ("double", "eps"), ("double", "eps2"), ("double", "two_p"), ("int", "two_p_is_one"),
-         ("T", "eps_pow_2p"), ("T", "tiny")], r"""
+        [
+            ("const long long*", "meta"),
+            ("const double*", "g2_partials"),
+            ("double*", "tensor_scalars"),
+            ("double", "eps"),
+            ("double", "eps2"),
+            ("double", "two_p"),
+            ("int", "two_p_is_one"),
+            ("T", "eps_pow_2p"),
+            ("T", "tiny"),
+        ],
+        r"""
     const long long* tensor_meta = meta + (long long)META_ROW * blockIdx.x;
     const long long n = tensor_meta[0], chunk_begin = tensor_meta[1], chunk_end = tensor_meta[2];
     double acc = 0;
@@ -78,13 +89,24 @@ KERNELS = {
         if (tiny > eps_t) eps_t = tiny;                                 // max(eps_t, finfo.tiny)
         tensor_scalars[3 * blockIdx.x] = (double)eps_t;
     }
-""", kind="finalize"),
+""",
+        kind="finalize",
+    ),
     # ---- FAdam pass 2: f update (written), float64 sums of g_bar^2 and w_bar^2 per chunk.
     "fadam_precond": Kernel(
-        [("const long long*", "chunks"), ("const unsigned long long*", "param_ptrs"),
-         ("const unsigned long long*", "grad_ptrs"), ("const unsigned long long*", "f_ptrs"),
-         ("const double*", "tensor_scalars"), ("double*", "clip_partials"),
-         ("T", "beta2_hat"), ("T", "one_minus_beta2_hat"), ("int", "pow_mode"), ("T", "p")], r"""
+        [
+            ("const long long*", "chunks"),
+            ("const unsigned long long*", "param_ptrs"),
+            ("const unsigned long long*", "grad_ptrs"),
+            ("const unsigned long long*", "f_ptrs"),
+            ("const double*", "tensor_scalars"),
+            ("double*", "clip_partials"),
+            ("T", "beta2_hat"),
+            ("T", "one_minus_beta2_hat"),
+            ("int", "pow_mode"),
+            ("T", "p"),
+        ],
+        r"""
     CHUNK_HEADER
     TENSOR(const T, theta, param_ptrs);
     TENSOR(const T, g, grad_ptrs);
@@ -121,11 +143,17 @@ KERNELS = {
         clip_partials[2 * (long long)blockIdx.x] = block_g_bar2;
         clip_partials[2 * (long long)blockIdx.x + 1] = block_w_bar2;
     }
-"""),
+""",
+    ),
     # ---- FAdam finalize 2 (one block per tensor): clip scales max(1, RMS/c) for g_bar and w_bar.
     "fadam_scales": Kernel(
-        [("const long long*", "meta"), ("const double*", "clip_partials"), ("double*", "tensor_scalars"),
-         ("double", "clip")], r"""
+        [
+            ("const long long*", "meta"),
+            ("const double*", "clip_partials"),
+            ("double*", "tensor_scalars"),
+            ("double", "clip"),
+        ],
+        r"""
     const long long* tensor_meta = meta + (long long)META_ROW * blockIdx.x;
     const long long n = tensor_meta[0], chunk_begin = tensor_meta[1], chunk_end = tensor_meta[2];
     double sum_g_bar2 = 0, sum_w_bar2 = 0;
@@ -142,14 +170,26 @@ KERNELS = {
         tensor_scalars[3 * blockIdx.x + 1] = (ratio_g > 1.0) ? ratio_g : 1.0;    // Python max(1.0, rms/c)
         tensor_scalars[3 * blockIdx.x + 2] = (ratio_w > 1.0) ? ratio_w : 1.0;
     }
-""", kind="finalize"),
+""",
+        kind="finalize",
+    ),
     # ---- FAdam pass 3: momentum of the clipped natural gradient, preconditioned weight decay, θ.
     "fadam_apply": Kernel(
-        [("const long long*", "chunks"), ("const unsigned long long*", "param_ptrs"),
-         ("const unsigned long long*", "grad_ptrs"), ("const unsigned long long*", "m_ptrs"),
-         ("const unsigned long long*", "f_ptrs"), ("const double*", "tensor_scalars"),
-         ("int", "pow_mode"), ("T", "p"), ("T", "beta1"), ("T", "one_minus_beta1"), ("T", "lr"),
-         ("T", "weight_decay")], r"""
+        [
+            ("const long long*", "chunks"),
+            ("const unsigned long long*", "param_ptrs"),
+            ("const unsigned long long*", "grad_ptrs"),
+            ("const unsigned long long*", "m_ptrs"),
+            ("const unsigned long long*", "f_ptrs"),
+            ("const double*", "tensor_scalars"),
+            ("int", "pow_mode"),
+            ("T", "p"),
+            ("T", "beta1"),
+            ("T", "one_minus_beta1"),
+            ("T", "lr"),
+            ("T", "weight_decay"),
+        ],
+        r"""
     CHUNK_HEADER
     TENSOR(T, theta, param_ptrs);
     TENSOR(const T, g, grad_ptrs);
@@ -179,17 +219,30 @@ KERNELS = {
         store_group(theta, base, stop, full, theta_group);
         store_group(m, base, stop, full, m_group);
     }
-"""),
+""",
+    ),
 }
 
 
 def fadam_scalars(*, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """One tensor's kernel scalars, float64 on the host (β̂₂ from the rule's descriptor)."""
     beta2_hat = RULE.coefficients(step, lr=lr, beta1=beta1, beta2=beta2)["beta2_hat"]
-    return dict(eps=eps, eps2=eps2, two_p=2 * p, two_p_is_one=int(2 * p == 1), eps_pow_2p=eps ** (2 * p),
-                beta2_hat=beta2_hat, one_minus_beta2_hat=1 - beta2_hat,
-                pow_mode=0 if p == 0.5 else (1 if p == 1 else 2), p=p, clip=clip, beta1=beta1,
-                one_minus_beta1=1 - beta1, lr=lr, weight_decay=weight_decay)
+    return dict(
+        eps=eps,
+        eps2=eps2,
+        two_p=2 * p,
+        two_p_is_one=int(2 * p == 1),
+        eps_pow_2p=eps ** (2 * p),
+        beta2_hat=beta2_hat,
+        one_minus_beta2_hat=1 - beta2_hat,
+        pow_mode=0 if p == 0.5 else (1 if p == 1 else 2),
+        p=p,
+        clip=clip,
+        beta1=beta1,
+        one_minus_beta1=1 - beta1,
+        lr=lr,
+        weight_decay=weight_decay,
+    )
 
 
 def fadam_launches(engine, params, grads, m, f, *, check=False, flag=None, **hyperparams):
@@ -200,25 +253,54 @@ def fadam_launches(engine, params, grads, m, f, *, check=False, flag=None, **hyp
     each group with its own scratch."""
     first, rest = [], []
     for dtype, scalars, plan, pointers in engine.launch_groups(
-            "elem", fadam_scalars, hyperparams, param_ptrs=params, grad_ptrs=grads, m_ptrs=m, f_ptrs=f):
-        g2_partials, clip_partials, tensor_scalars = plan.scratch("fadam", plan.n_chunks, 2 * plan.n_chunks,
-                                                                  3 * plan.n_tensors)
-        available = {**plan.tables, **pointers, **scalars, "g2_partials": g2_partials, "clip_partials": clip_partials,
-                     "tensor_scalars": tensor_scalars, "tiny": np.finfo(dtype).tiny}
+        "elem", fadam_scalars, hyperparams, param_ptrs=params, grad_ptrs=grads, m_ptrs=m, f_ptrs=f
+    ):
+        g2_partials, clip_partials, tensor_scalars = plan.scratch(
+            "fadam", plan.n_chunks, 2 * plan.n_chunks, 3 * plan.n_tensors
+        )
+        available = {
+            **plan.tables,
+            **pointers,
+            **scalars,
+            "g2_partials": g2_partials,
+            "clip_partials": clip_partials,
+            "tensor_scalars": tensor_scalars,
+            "tiny": np.finfo(dtype).tiny,
+        }
         first.append(engine.prepared_from("sumsq", dtype, plan.n_chunks, available))
         if check:
             first.append(partials_finite_launch(engine, dtype, g2_partials, plan.n_chunks, flag))
-        rest += [engine.prepared_from(name, dtype, grid, available)
-                 for name, grid in (("fadam_eps", plan.n_tensors), ("fadam_precond", plan.n_chunks),
-                                    ("fadam_scales", plan.n_tensors), ("fadam_apply", plan.n_chunks))]
+        rest += [
+            engine.prepared_from(name, dtype, grid, available)
+            for name, grid in (
+                ("fadam_eps", plan.n_tensors),
+                ("fadam_precond", plan.n_chunks),
+                ("fadam_scales", plan.n_tensors),
+                ("fadam_apply", plan.n_chunks),
+            )
+        ]
     return first, rest
 
 
 def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """Multi-tensor, in place: the backend interface for FAdam (no host synchronisation)."""
     engine = current()
-    first, rest = fadam_launches(engine, params, grads, m, f, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                                 eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+    first, rest = fadam_launches(
+        engine,
+        params,
+        grads,
+        m,
+        f,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        eps2=eps2,
+        clip=clip,
+        p=p,
+        weight_decay=weight_decay,
+    )
     engine.run(first + rest)
 
 
@@ -233,8 +315,24 @@ def fadam_step_checked(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2
     Σg² although finite: only then are the gradients read again, to tell the two apart."""
     engine = current()
     flag = engine.new_flag()
-    first, rest = fadam_launches(engine, params, grads, m, f, check=True, flag=flag, step=step, lr=lr, beta1=beta1,
-                                 beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+    first, rest = fadam_launches(
+        engine,
+        params,
+        grads,
+        m,
+        f,
+        check=True,
+        flag=flag,
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        eps2=eps2,
+        clip=clip,
+        p=p,
+        weight_decay=weight_decay,
+    )
     engine.run(first)
     if engine.flag_set(flag) and not exactly_finite(engine, grads):
         return False

@@ -6,6 +6,7 @@ partial sums instead of the gradients: the rules that reduce over g anyway (FAda
 Coupled Adam) use it for ``<rule>_step_checked`` (see there), a non-finite g
 making its partial sum non-finite.
 """
+
 from ._kernels import Kernel
 from ._plan import current
 
@@ -14,7 +15,8 @@ __all__ = ["all_finite", "finite_launches", "partials_finite_launch", "exactly_f
 KERNELS = {
     # ---- pre-step check: one int flag, set (never cleared) by any block that sees a NaN/Inf.
     "all_finite": Kernel(
-        [("const long long*", "chunks"), ("const unsigned long long*", "grad_ptrs"), ("int*", "flag")], r"""
+        [("const long long*", "chunks"), ("const unsigned long long*", "grad_ptrs"), ("int*", "flag")],
+        r"""
     CHUNK_HEADER
     TENSOR(const T, g, grad_ptrs);
     const bool aligned = aligned16(grad_ptrs[t]);
@@ -27,13 +29,16 @@ KERNELS = {
         for (int k = 0; k < VEC; ++k) bad = bad || !isfinite(g_group[k]);
     }
     if (bad) *flag = 1;
-"""),
+""",
+    ),
     # ---- the same flag from n float64 partial sums (one thread each).
     "finite_f64": Kernel(
-        [("const double*", "partials"), ("long long", "n"), ("int*", "flag")], r"""
+        [("const double*", "partials"), ("long long", "n"), ("int*", "flag")],
+        r"""
     const long long i = (long long)blockIdx.x * BLOCK + threadIdx.x;
     if (i < n && !isfinite(partials[i])) *flag = 1;
-"""),
+""",
+    ),
 }
 
 
@@ -43,8 +48,10 @@ def _no_scalars() -> dict:
 
 def finite_launches(engine, arrays, flag) -> list:
     """The launches that set ``flag`` when an element of ``arrays`` is NaN or ±Inf (one per dtype)."""
-    return [engine.prepared_from("all_finite", dtype, plan.n_chunks, {**plan.tables, **pointers, "flag": flag})
-            for dtype, _, plan, pointers in engine.launch_groups("elem", _no_scalars, {}, grad_ptrs=arrays)]
+    return [
+        engine.prepared_from("all_finite", dtype, plan.n_chunks, {**plan.tables, **pointers, "flag": flag})
+        for dtype, _, plan, pointers in engine.launch_groups("elem", _no_scalars, {}, grad_ptrs=arrays)
+    ]
 
 
 def partials_finite_launch(engine, dtype, partials, n, flag):

@@ -11,6 +11,7 @@ Same signatures as fisheropt.refimpl.fisher_ngd; arrays are cupy.ndarray.
   condition number the check accepts lets the factorisation succeed. Then d = G^T a by
   cuBLAS gemv in G's dtype.
 """
+
 import cupy
 
 from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK, check_condition, damped_condition, sample_space_direction
@@ -25,7 +26,7 @@ def fisher_gram(G):
         return (G @ G.T).astype(cupy.float64)
     gram = cupy.zeros((N, N), dtype=cupy.float64)
     for start in range(0, P, GRAM_BLOCK):
-        block = G[:, start:start + GRAM_BLOCK]
+        block = G[:, start : start + GRAM_BLOCK]
         gram += (block @ block.T).astype(cupy.float64)
     return gram
 
@@ -37,11 +38,16 @@ def solve_damped_gram(gram, rhs, damping, *, singular=False):
     n = gram.shape[0]
     damped = gram.astype(cupy.float64, copy=False) + damping * cupy.eye(n, dtype=cupy.float64)
     w = cupy.linalg.eigvalsh(damped)
-    check_condition(damped_condition(w, damping if singular else None), damping, float(w[-1]),
-                    "F + λI (singular, P > rank)" if singular else "the damped Gram matrix")
+    check_condition(
+        damped_condition(w, damping if singular else None),
+        damping,
+        float(w[-1]),
+        "F + λI (singular, P > rank)" if singular else "the damped Gram matrix",
+    )
     # Imported here: cupyx.scipy.linalg loads cuBLAS/cuSOLVER at import time, and a missing CUDA
     # library must not make the whole backend unimportable.
     from cupyx.scipy.linalg import solve_triangular
+
     L = cupy.linalg.cholesky(damped)
     y = solve_triangular(L, rhs.astype(cupy.float64, copy=False), lower=True)
     return solve_triangular(L.T, y, lower=False)

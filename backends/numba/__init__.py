@@ -8,6 +8,7 @@ with ImportError when numba is missing, which the registry reports as the reason
 the backend is unavailable; a rule without a module here is unavailable on this
 backend only.
 """
+
 import numba  # noqa: F401  (an ImportError here is the registry's "why not")
 import numpy as np
 
@@ -32,4 +33,5 @@ def clear_cache() -> None:
     """Forget every cached plan (addresses and chunk tables); they are rebuilt on demand."""
     _core.PLANS.clear()
     from .finite import clear_cache as clear_finite
+
     clear_finite()

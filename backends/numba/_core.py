@@ -19,6 +19,7 @@ the entry as soon as any of them is freed, so a recycled ``id`` can never be
 mistaken for a cached array, and the cache never keeps a model's memory alive. The cache holds at most
 ``_CACHE_MAX`` entries (least recently used evicted).
 """
+
 from __future__ import annotations
 
 import threading
@@ -27,8 +28,7 @@ from collections import OrderedDict
 
 import numba
 import numpy as np
-from numba import types
-from numba import njit
+from numba import njit, types
 from numba.extending import intrinsic
 
 from fisheropt._memory import DATA_OFFSET
@@ -249,6 +249,7 @@ class PlanCache:
             if entries is not None:
                 with lock:
                     entries.pop(key, None)
+
         return drop
 
     def clear(self) -> None:
@@ -259,7 +260,7 @@ class PlanCache:
         return len(self._entries)
 
 
-PLANS = PlanCache()   # one cache for every rule module's plans
+PLANS = PlanCache()  # one cache for every rule module's plans
 
 
 @njit(cache=True)

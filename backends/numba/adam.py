@@ -8,6 +8,7 @@ results equal the reference bit for bit (tested). Each tensor reads its own
 row of the coefficient table, so param groups with their own learning rate
 and parameters with their own step count still take one launch per dtype.
 """
+
 import numpy as np
 from numba import njit, prange
 
@@ -17,7 +18,7 @@ from ._core import PLANS, addresses, as_pointer, dtype_groups, flat_chunks, per_
 
 __all__ = ["adam_step", "adam_launches"]
 
-SCALED, L2 = 0, 1   # how weight decay enters, per tensor: θ·decay_coef (AdamW; Adam without decay: 1), g + λθ
+SCALED, L2 = 0, 1  # how weight decay enters, per tensor: θ·decay_coef (AdamW; Adam without decay: 1), g + λθ
 
 
 @njit(parallel=True, cache=True)
@@ -61,8 +62,9 @@ def build_flat_plan(lists):
     for dt, idx in dtype_groups(params):
         chunk_tensor, start, stop, first = flat_chunks([params[i].size for i in idx])
         sizes = np.array([params[i].size for i in idx], dtype=np.int64)
-        plan.append((dt, idx, [addresses(lst, idx) for lst in lists], chunk_tensor, start, stop, first,
-                     sizes, int(sizes.sum())))
+        plan.append(
+            (dt, idx, [addresses(lst, idx) for lst in lists], chunk_tensor, start, stop, first, sizes, int(sizes.sum()))
+        )
     return plan
 
 
@@ -88,14 +90,42 @@ def adam_launches(params, grads, m, v, *, decoupled, **hyperparams):
     values = {**hyperparams, "decoupled": decoupled}
     launches = []
     for dt, idx, (theta_addrs, m_addrs, v_addrs), chunk_tensor, start, stop, _first, _sizes, n in PLANS.get(
-            "adam", (params, m, v), build_flat_plan):
-        launches.append((_adam_kernel, n, (theta_addrs, addresses(grads, idx), m_addrs, v_addrs, chunk_tensor, start,
-                                           stop, per_tensor_table(idx, _row, values, dt),
-                                           per_tensor_table(idx, _mode, values, np.int64)[:, 0].copy())))
+        "adam", (params, m, v), build_flat_plan
+    ):
+        launches.append(
+            (
+                _adam_kernel,
+                n,
+                (
+                    theta_addrs,
+                    addresses(grads, idx),
+                    m_addrs,
+                    v_addrs,
+                    chunk_tensor,
+                    start,
+                    stop,
+                    per_tensor_table(idx, _row, values, dt),
+                    per_tensor_table(idx, _mode, values, np.int64)[:, 0].copy(),
+                ),
+            )
+        )
     return launches
 
 
 def adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
     """Multi-tensor, in place: the backend interface for Adam."""
-    run_all(adam_launches(params, grads, m, v, decoupled=False, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                          eps=eps, weight_decay=weight_decay))
+    run_all(
+        adam_launches(
+            params,
+            grads,
+            m,
+            v,
+            decoupled=False,
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+        )
+    )

@@ -9,13 +9,23 @@ into scratch, nothing else written) and one applies (write v̄, θ, m): 24 B per
 float32 element. The reductions of every group run before any update, and
 their sums double as the finiteness check of the coupled gradients.
 """
+
 import numpy as np
 from numba import njit, prange
 
 from fisheropt.refimpl.coupled_adam import RULE
 
-from ._core import (KERNEL_LOCK, PLANS, addresses, all_finite_at, as_pointer, dtype_groups, per_tensor_table,
-                    row_chunks, run_phases)
+from ._core import (
+    KERNEL_LOCK,
+    PLANS,
+    addresses,
+    all_finite_at,
+    as_pointer,
+    dtype_groups,
+    per_tensor_table,
+    row_chunks,
+    run_phases,
+)
 from .adam import adam_launches
 from .finite import all_finite
 
@@ -27,8 +37,24 @@ COUPLED_MAX_BLOCKS = 64
 
 
 @njit(parallel=True, cache=True)
-def _coupled_reduce(grad_addrs, v_col_addrs, rows, cols, block_tensor, block_start, block_stop, block_first,
-                    partial_offset, partials, column_offset, v_col_new, denominator, itemsize, coef, check):
+def _coupled_reduce(
+    grad_addrs,
+    v_col_addrs,
+    rows,
+    cols,
+    block_tensor,
+    block_start,
+    block_stop,
+    block_first,
+    partial_offset,
+    partials,
+    column_offset,
+    v_col_new,
+    denominator,
+    itemsize,
+    coef,
+    check,
+):
     """Column means of g² over the V rows → v̄_new (into ``v_col_new``) and √v̄/bc2 + ε (into
     ``denominator``), both at ``column_offset[t]`` per tensor.
 
@@ -67,8 +93,8 @@ def _coupled_reduce(grad_addrs, v_col_addrs, rows, cols, block_tensor, block_sta
             for c in range(block_first[t], block_first[t + 1]):
                 col_sum += partials[partial_offset[c] + j]
             if check and not np.isfinite(col_sum):
-                ok[t] = False    # NaN/Inf in g (or, float64, a g² that overflows: looked at below)
-            denominator[offset + j] = col_sum / rows[t]   # the column mean, rounded to the parameter dtype
+                ok[t] = False  # NaN/Inf in g (or, float64, a g² that overflows: looked at below)
+            denominator[offset + j] = col_sum / rows[t]  # the column mean, rounded to the parameter dtype
             vj = beta2 * v_col[j] + one_minus_beta2 * denominator[offset + j]
             v_col_new[offset + j] = vj
             denominator[offset + j] = np.sqrt(vj) / bias_correction2_sqrt + eps
@@ -79,8 +105,21 @@ def _coupled_reduce(grad_addrs, v_col_addrs, rows, cols, block_tensor, block_sta
 
 
 @njit(parallel=True, cache=True)
-def _coupled_apply(theta_addrs, grad_addrs, m_addrs, v_col_addrs, cols, update_tensor, update_start, update_stop,
-                   column_offset, v_col_new, denominator, itemsize, coef):
+def _coupled_apply(
+    theta_addrs,
+    grad_addrs,
+    m_addrs,
+    v_col_addrs,
+    cols,
+    update_tensor,
+    update_start,
+    update_stop,
+    column_offset,
+    v_col_new,
+    denominator,
+    itemsize,
+    coef,
+):
     """v̄ ← v̄_new; θ ← θ(1-lr·λ) - step_size · m/denominator_j with m ← β₁m + (1-β₁)g, over row
     blocks (update_tensor, update_start, update_stop) of whole rows."""
     one = v_col_new.dtype.type(1)
@@ -117,35 +156,106 @@ def _build_plan(lists):
         update_tensor, update_start, update_stop, _ = row_chunks(rows, cols)
         column_offset = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(cols, out=column_offset[1:])
-        plan.append((dt, idx, [addresses(lst, idx) for lst in lists], rows, cols,
-                     block_tensor, block_start, block_stop, block_first, partial_offset[:-1].copy(),
-                     int(partial_offset[-1]), update_tensor, update_start, update_stop, column_offset[:-1].copy(),
-                     int(column_offset[-1]), int((rows * cols).sum())))
+        plan.append(
+            (
+                dt,
+                idx,
+                [addresses(lst, idx) for lst in lists],
+                rows,
+                cols,
+                block_tensor,
+                block_start,
+                block_stop,
+                block_first,
+                partial_offset[:-1].copy(),
+                int(partial_offset[-1]),
+                update_tensor,
+                update_start,
+                update_stop,
+                column_offset[:-1].copy(),
+                int(column_offset[-1]),
+                int((rows * cols).sum()),
+            )
+        )
     return plan
 
 
 def _row(*, step, lr, beta1, beta2, eps, weight_decay):
     c = RULE.coefficients(step, lr=lr, beta1=beta1, beta2=beta2)
-    return (beta1, 1 - beta1, beta2, 1 - beta2, c["bias_correction2_sqrt"], eps, c["step_size"],
-            1 - lr * weight_decay)
+    return (beta1, 1 - beta1, beta2, 1 - beta2, c["bias_correction2_sqrt"], eps, c["step_size"], 1 - lr * weight_decay)
 
 
 def _coupled_launches(params, grads, m, v, check, hyperparams):
     if not params:
         return [], []
     reduce, apply = [], []
-    for (dt, idx, (theta_addrs, m_addrs, v_col_addrs), rows, cols, block_tensor, block_start, block_stop, block_first,
-         partial_offset, partial_len, update_tensor, update_start, update_stop, column_offset, column_len,
-         n) in PLANS.get("coupled", (params, m, v), _build_plan):
+    for (
+        dt,
+        idx,
+        (theta_addrs, m_addrs, v_col_addrs),
+        rows,
+        cols,
+        block_tensor,
+        block_start,
+        block_stop,
+        block_first,
+        partial_offset,
+        partial_len,
+        update_tensor,
+        update_start,
+        update_stop,
+        column_offset,
+        column_len,
+        n,
+    ) in PLANS.get("coupled", (params, m, v), _build_plan):
         grad_addrs = addresses(grads, idx)
         coef = per_tensor_table(idx, _row, hyperparams, dt)
         v_col_new, denominator = np.empty(column_len, dtype=dt), np.empty(column_len, dtype=dt)
-        reduce.append((_coupled_reduce, n, (grad_addrs, v_col_addrs, rows, cols, block_tensor, block_start, block_stop,
-                                            block_first, partial_offset, np.zeros(partial_len, np.float64),
-                                            column_offset, v_col_new, denominator, dt.itemsize, coef, check)))
-        apply.append((_coupled_apply, n, (theta_addrs, grad_addrs, m_addrs, v_col_addrs, cols, update_tensor,
-                                          update_start, update_stop, column_offset, v_col_new, denominator,
-                                          dt.itemsize, coef)))
+        reduce.append(
+            (
+                _coupled_reduce,
+                n,
+                (
+                    grad_addrs,
+                    v_col_addrs,
+                    rows,
+                    cols,
+                    block_tensor,
+                    block_start,
+                    block_stop,
+                    block_first,
+                    partial_offset,
+                    np.zeros(partial_len, np.float64),
+                    column_offset,
+                    v_col_new,
+                    denominator,
+                    dt.itemsize,
+                    coef,
+                    check,
+                ),
+            )
+        )
+        apply.append(
+            (
+                _coupled_apply,
+                n,
+                (
+                    theta_addrs,
+                    grad_addrs,
+                    m_addrs,
+                    v_col_addrs,
+                    cols,
+                    update_tensor,
+                    update_start,
+                    update_stop,
+                    column_offset,
+                    v_col_new,
+                    denominator,
+                    dt.itemsize,
+                    coef,
+                ),
+            )
+        )
     return reduce, apply
 
 
@@ -161,7 +271,7 @@ def _step(params, grads, m, v, coupled, check, hyperparams) -> bool:
     reduce, apply = _coupled_launches(*(pick(coupled_idx, lst) for lst in (params, grads, m, v)), check, coupled_hp)
     adamw = adam_launches(*(pick(adamw_idx, lst) for lst in (params, grads, m, v)), decoupled=True, **adamw_hp)
     with KERNEL_LOCK:
-        if check and not all_finite(pick(adamw_idx, grads)):   # the AdamW tensors have no reduction to check in
+        if check and not all_finite(pick(adamw_idx, grads)):  # the AdamW tensors have no reduction to check in
             return False
         return run_phases(reduce, apply + adamw, check)
 
@@ -171,13 +281,26 @@ def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weigh
 
     ``coupled[i]`` True: a V×d tensor with v[i] of shape (d,); False: AdamW with
     v[i] like params[i]. Every launch of both kinds is prepared before any runs."""
-    _step(params, grads, m, v, coupled, False,
-          dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay))
+    _step(
+        params,
+        grads,
+        m,
+        v,
+        coupled,
+        False,
+        dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+    )
 
 
-def coupled_adam_step_checked(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay,
-                              coupled) -> bool:
+def coupled_adam_step_checked(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled) -> bool:
     """:func:`coupled_adam_step` that returns False, having written nothing, when a gradient
     holds NaN or Inf: the coupled ones are checked by the column sums they need anyway."""
-    return _step(params, grads, m, v, coupled, True,
-                 dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay))
+    return _step(
+        params,
+        grads,
+        m,
+        v,
+        coupled,
+        True,
+        dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+    )

@@ -13,13 +13,15 @@ than ``PARALLEL_THRESHOLD`` elements in all run the serial kernel: for small
 models (a momentum encoder of a few hundred thousand numbers) waking the thread
 pool costs more than the update, and on a busy machine far more.
 """
+
 from __future__ import annotations
 
 import numba
 import numpy as np
-from fisheropt.refimpl.esimcse_momentum import check_ema_args, ema_coefficients
 from numba import prange
 from numba.typed import List
+
+from fisheropt.refimpl.esimcse_momentum import check_ema_args, ema_coefficients
 
 from ._core import KERNEL_LOCK
 
@@ -48,17 +50,24 @@ _ema_fused_serial = _ema_kernel(parallel=False)
 
 def ema_update(targets, sources, *, decay):
     """Multi-tensor, in place on ``targets``: the backend interface (see the reference)."""
-    decay = check_ema_args(targets, sources, decay)        # everything, before any write
+    decay = check_ema_args(targets, sources, decay)  # everything, before any write
     groups: dict[np.dtype, tuple[list, list]] = {}
     for k, q in zip(targets, sources):
         if k.size == 0:
             continue
         ks, qs = groups.setdefault(k.dtype, ([], []))
-        ks.append(k.reshape(-1))                           # C-contiguous: a view, written in place
+        ks.append(k.reshape(-1))  # C-contiguous: a view, written in place
         qs.append(np.ascontiguousarray(q).reshape(-1))
     # Every argument of every dtype's call is built before the first call writes (all or nothing).
-    calls = [(_ema_fused_parallel if sum(k.size for k in ks) >= PARALLEL_THRESHOLD else _ema_fused_serial,
-              List(ks), List(qs), *ema_coefficients(decay, dtype)) for dtype, (ks, qs) in groups.items()]
-    with KERNEL_LOCK:   # a parallel kernel from two Python threads at once aborts under "workqueue"
+    calls = [
+        (
+            _ema_fused_parallel if sum(k.size for k in ks) >= PARALLEL_THRESHOLD else _ema_fused_serial,
+            List(ks),
+            List(qs),
+            *ema_coefficients(decay, dtype),
+        )
+        for dtype, (ks, qs) in groups.items()
+    ]
+    with KERNEL_LOCK:  # a parallel kernel from two Python threads at once aborts under "workqueue"
         for kernel, *args in calls:
             kernel(*args)

@@ -8,6 +8,7 @@ quotients. The per-tensor RMS values are float64 sums with a fixed structure
 the thread count. A step is two launches per dtype group: the reductions
 (read only) for every group first, then the updates.
 """
+
 import math
 
 import numpy as np
@@ -67,7 +68,7 @@ def _pow_p(x, pow_mode, p):
         return np.sqrt(x)
     if pow_mode == 1:
         return x
-    return x ** p
+    return x**p
 
 
 @njit(cache=True, inline="always")
@@ -115,7 +116,7 @@ def _fadam_sums(theta, g, f, start, stop, eps_t, beta2_hat, one_minus_beta2_hat,
             elif pow_mode == 1:
                 r = one / (fi + eps_t)
             else:
-                r = one / (fi ** p + eps_t)
+                r = one / (fi**p + eps_t)
             x = np.float64(gi)
             y = np.float64(gi * r)
             z = np.float64(theta[i + j] * r)
@@ -173,9 +174,30 @@ def _rms(total, n):
 
 
 @njit(parallel=True, cache=True)
-def _fadam_reduce(theta_addrs, grad_addrs, f_addrs, sizes, chunk_tensor, chunk_start, chunk_stop, first, scalars,
-                  defer, partials, resum, beta2_hat, one_minus_beta2_hat, p, pow_mode, eps, eps2, two_p, clip, tiny,
-                  check):
+def _fadam_reduce(
+    theta_addrs,
+    grad_addrs,
+    f_addrs,
+    sizes,
+    chunk_tensor,
+    chunk_start,
+    chunk_stop,
+    first,
+    scalars,
+    defer,
+    partials,
+    resum,
+    beta2_hat,
+    one_minus_beta2_hat,
+    p,
+    pow_mode,
+    eps,
+    eps2,
+    two_p,
+    clip,
+    tiny,
+    check,
+):
     """Passes 1 and 1b and the per-tensor scalars; writes only the scratch arrays.
 
     scalars (parameter dtype): ε_t per tensor, the two clip scales per tensor, then the guess.
@@ -190,8 +212,8 @@ def _fadam_reduce(theta_addrs, grad_addrs, f_addrs, sizes, chunk_tensor, chunk_s
     n_chunks = chunk_tensor.size
     n_tensors = sizes.size
     one = scalars.dtype.type(1)
-    guess = scalars[3 * n_tensors:]
-    guess[0] = eps ** two_p                # ε^{2p}, rounded to the parameter dtype
+    guess = scalars[3 * n_tensors :]
+    guess[0] = eps**two_p  # ε^{2p}, rounded to the parameter dtype
     if guess[0] < tiny:
         guess[0] = tiny
 
@@ -203,8 +225,18 @@ def _fadam_reduce(theta_addrs, grad_addrs, f_addrs, sizes, chunk_tensor, chunk_s
             partials[c] = _sumsq(g, chunk_start[c], chunk_stop[c])
         else:
             partials[c], partials[n_chunks + c], partials[2 * n_chunks + c] = _fadam_sums(
-                as_pointer(theta_addrs[t], one), g, as_pointer(f_addrs[t], one), chunk_start[c], chunk_stop[c],
-                guess[0], beta2_hat, one_minus_beta2_hat, p, pow_mode, one)
+                as_pointer(theta_addrs[t], one),
+                g,
+                as_pointer(f_addrs[t], one),
+                chunk_start[c],
+                chunk_stop[c],
+                guess[0],
+                beta2_hat,
+                one_minus_beta2_hat,
+                p,
+                pow_mode,
+                one,
+            )
 
     # Per tensor (chunk order): ε_t = min(ε, ε₂·RMS(g))^{2p} in float64, rounded to the
     # parameter dtype; ε^{2p} where that is 0; then at least the dtype's smallest normal.
@@ -220,7 +252,7 @@ def _fadam_reduce(theta_addrs, grad_addrs, f_addrs, sizes, chunk_tensor, chunk_s
         x = eps2 * _rms(sum_g2, sizes[t])
         scalars[t] = (x if x < eps else eps) ** two_p  # rounded to the parameter dtype
         if scalars[t] == 0:
-            scalars[t] = eps ** two_p
+            scalars[t] = eps**two_p
         if scalars[t] < tiny:
             scalars[t] = tiny
         if defer[t] != 0 or scalars[t] != guess[0]:
@@ -233,8 +265,18 @@ def _fadam_reduce(theta_addrs, grad_addrs, f_addrs, sizes, chunk_tensor, chunk_s
             t = chunk_tensor[c]
             if resum[t] != 0:
                 _sum_g2, partials[n_chunks + c], partials[2 * n_chunks + c] = _fadam_sums(
-                    as_pointer(theta_addrs[t], one), as_pointer(grad_addrs[t], one), as_pointer(f_addrs[t], one),
-                    chunk_start[c], chunk_stop[c], scalars[t], beta2_hat, one_minus_beta2_hat, p, pow_mode, one)
+                    as_pointer(theta_addrs[t], one),
+                    as_pointer(grad_addrs[t], one),
+                    as_pointer(f_addrs[t], one),
+                    chunk_start[c],
+                    chunk_stop[c],
+                    scalars[t],
+                    beta2_hat,
+                    one_minus_beta2_hat,
+                    p,
+                    pow_mode,
+                    one,
+                )
 
     # Per tensor: clip scales max(1, RMS/c), rounded to the parameter dtype; the hint.
     for t in range(n_tensors):
@@ -252,8 +294,24 @@ def _fadam_reduce(theta_addrs, grad_addrs, f_addrs, sizes, chunk_tensor, chunk_s
 
 
 @njit(parallel=True, cache=True)
-def _fadam_apply(theta_addrs, grad_addrs, m_addrs, f_addrs, chunk_tensor, chunk_start, chunk_stop, scalars, beta1,
-                 one_minus_beta1, beta2_hat, one_minus_beta2_hat, lr, weight_decay, p, pow_mode):
+def _fadam_apply(
+    theta_addrs,
+    grad_addrs,
+    m_addrs,
+    f_addrs,
+    chunk_tensor,
+    chunk_start,
+    chunk_stop,
+    scalars,
+    beta1,
+    one_minus_beta1,
+    beta2_hat,
+    one_minus_beta2_hat,
+    lr,
+    weight_decay,
+    p,
+    pow_mode,
+):
     """Pass 2: f ← β̂₂f + (1-β̂₂)g² (stored); m ← β₁m + (1-β₁)ḡ/clip_g; θ ← θ - lr (m + λ w̄/clip_w)."""
     n_tensors = (scalars.size - 1) // 3
     one = scalars.dtype.type(1)
@@ -267,24 +325,47 @@ def _fadam_apply(theta_addrs, grad_addrs, m_addrs, f_addrs, chunk_tensor, chunk_
         inv_clip_g = one / scalars[n_tensors + t]
         inv_clip_w = one / scalars[2 * n_tensors + t]
         start, stop = chunk_start[c], chunk_stop[c]
-        if pow_mode == 0:      # one loop per pow_mode: LLVM does not unswitch this one by itself
+        if pow_mode == 0:  # one loop per pow_mode: LLVM does not unswitch this one by itself
             for i in range(start, stop):
                 fi = _new_f(f, g, i, beta2_hat, one_minus_beta2_hat)
                 f[i] = fi
-                _fadam_update(theta, g, m, i, one / (np.sqrt(fi) + eps_t), beta1, one_minus_beta1, lr, weight_decay,
-                              inv_clip_g, inv_clip_w)
+                _fadam_update(
+                    theta,
+                    g,
+                    m,
+                    i,
+                    one / (np.sqrt(fi) + eps_t),
+                    beta1,
+                    one_minus_beta1,
+                    lr,
+                    weight_decay,
+                    inv_clip_g,
+                    inv_clip_w,
+                )
         elif pow_mode == 1:
             for i in range(start, stop):
                 fi = _new_f(f, g, i, beta2_hat, one_minus_beta2_hat)
                 f[i] = fi
-                _fadam_update(theta, g, m, i, one / (fi + eps_t), beta1, one_minus_beta1, lr, weight_decay,
-                              inv_clip_g, inv_clip_w)
+                _fadam_update(
+                    theta, g, m, i, one / (fi + eps_t), beta1, one_minus_beta1, lr, weight_decay, inv_clip_g, inv_clip_w
+                )
         else:
             for i in range(start, stop):
                 fi = _new_f(f, g, i, beta2_hat, one_minus_beta2_hat)
                 f[i] = fi
-                _fadam_update(theta, g, m, i, one / (fi ** p + eps_t), beta1, one_minus_beta1, lr, weight_decay,
-                              inv_clip_g, inv_clip_w)
+                _fadam_update(
+                    theta,
+                    g,
+                    m,
+                    i,
+                    one / (fi**p + eps_t),
+                    beta1,
+                    one_minus_beta1,
+                    lr,
+                    weight_decay,
+                    inv_clip_g,
+                    inv_clip_w,
+                )
 
 
 def _build_plan(lists):
@@ -295,8 +376,19 @@ def _build_plan(lists):
 def _row(*, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """The launch's host scalars: float64 from the descriptor (rounded per dtype below)."""
     beta2_hat = RULE.coefficients(step, beta2=beta2)["beta2_hat"]
-    return (beta1, 1 - beta1, beta2_hat, 1 - beta2_hat, lr, weight_decay, p, float(eps), float(eps2), float(2 * p),
-            float(clip))
+    return (
+        beta1,
+        1 - beta1,
+        beta2_hat,
+        1 - beta2_hat,
+        lr,
+        weight_decay,
+        p,
+        float(eps),
+        float(eps2),
+        float(2 * p),
+        float(clip),
+    )
 
 
 def fadam_launches(params, grads, m, f, *, check, **hyperparams):
@@ -316,29 +408,75 @@ def fadam_launches(params, grads, m, f, *, check, **hyperparams):
         pow_mode = _pow_mode(float(row[6]))
         lists = tuple([lst[i] for i in members] for lst in (params, m, f))
         ((_dt, _idx, (theta_addrs, m_addrs, f_addrs), chunk_tensor, start, stop, first, sizes, n, defer),) = PLANS.get(
-            "fadam", lists, _build_plan)
+            "fadam", lists, _build_plan
+        )
         grad_addrs = addresses(grads, members)
         scalars = np.empty(3 * len(members) + 1, dtype=dt)
-        reduce.append((_fadam_reduce, n, (
-            theta_addrs, grad_addrs, f_addrs, sizes, chunk_tensor, start, stop, first, scalars, defer,
-            np.zeros(3 * chunk_tensor.size, np.float64), np.zeros(len(members), np.uint8), beta2_hat,
-            one_minus_beta2_hat, p, pow_mode, eps, eps2, two_p, clip, np.finfo(dt).tiny, check)))
-        apply.append((_fadam_apply, n, (theta_addrs, grad_addrs, m_addrs, f_addrs, chunk_tensor, start, stop, scalars,
-                                        beta1, one_minus_beta1, beta2_hat, one_minus_beta2_hat, lr, weight_decay, p,
-                                        pow_mode)))
+        reduce.append(
+            (
+                _fadam_reduce,
+                n,
+                (
+                    theta_addrs,
+                    grad_addrs,
+                    f_addrs,
+                    sizes,
+                    chunk_tensor,
+                    start,
+                    stop,
+                    first,
+                    scalars,
+                    defer,
+                    np.zeros(3 * chunk_tensor.size, np.float64),
+                    np.zeros(len(members), np.uint8),
+                    beta2_hat,
+                    one_minus_beta2_hat,
+                    p,
+                    pow_mode,
+                    eps,
+                    eps2,
+                    two_p,
+                    clip,
+                    np.finfo(dt).tiny,
+                    check,
+                ),
+            )
+        )
+        apply.append(
+            (
+                _fadam_apply,
+                n,
+                (
+                    theta_addrs,
+                    grad_addrs,
+                    m_addrs,
+                    f_addrs,
+                    chunk_tensor,
+                    start,
+                    stop,
+                    scalars,
+                    beta1,
+                    one_minus_beta1,
+                    beta2_hat,
+                    one_minus_beta2_hat,
+                    lr,
+                    weight_decay,
+                    p,
+                    pow_mode,
+                ),
+            )
+        )
     return reduce, apply
 
 
 def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """Multi-tensor, in place: the backend interface for FAdam."""
-    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p,
-              weight_decay=weight_decay)
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
     run_phases(*fadam_launches(params, grads, m, f, check=False, **hp), check=False)
 
 
 def fadam_step_checked(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay) -> bool:
     """:func:`fadam_step` with the finiteness check fused into pass 1: returns False, having
     written nothing, when a gradient holds NaN or Inf (no extra read of the gradients)."""
-    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p,
-              weight_decay=weight_decay)
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
     return run_phases(*fadam_launches(params, grads, m, f, check=True, **hp), check=True)

@@ -1,4 +1,5 @@
 """all_finite on the CPU: the optimizers' pre-step check, one parallel pass over the gradients."""
+
 from functools import lru_cache
 
 import numpy as np

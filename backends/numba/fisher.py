@@ -11,8 +11,10 @@ Same signatures as fisheropt.refimpl.fisher_ngd (the reference backend):
   condition-number check (``check_condition`` on LAPACK eigenvalues); then d = G^T a by BLAS
   gemv in G's dtype.
 """
+
 import numba
 import numpy as np
+
 from fisheropt.refimpl.fisher_ngd import check_condition, damped_condition, sample_space_direction
 from fisheropt.refimpl.fisher_ngd import fisher_gram as _reference_gram
 
@@ -57,7 +59,7 @@ def _cholesky_solve(damped, rhs):
 
 def _solve_damped_gram(gram, rhs, damping):
     damped = np.asarray(gram, dtype=np.float64) + damping * np.eye(gram.shape[0])
-    w = np.linalg.eigvalsh(damped)          # κ ≤ MAX_CONDITION makes the Cholesky below succeed
+    w = np.linalg.eigvalsh(damped)  # κ ≤ MAX_CONDITION makes the Cholesky below succeed
     check_condition(damped_condition(w), damping, float(w[-1]), "the damped Gram matrix")
     return _cholesky_solve(damped, np.ascontiguousarray(rhs, dtype=np.float64))
 

@@ -4,6 +4,7 @@ One pass per step: read θ, g, m; write θ, m (20 B per float32 element). Arithm
 in the parameter dtype in the reference's order (spec/lion.md), coefficients
 rounded on the host, no FMA contraction: the same bits as the reference.
 """
+
 from numba import njit, prange
 
 from ._core import PLANS, addresses, as_pointer, per_tensor_table, run_all
@@ -25,7 +26,7 @@ def _sign(x, zero, one):
 @njit(parallel=True, cache=True)
 def _lion_kernel(theta_addrs, grad_addrs, m_addrs, chunk_tensor, chunk_start, chunk_stop, coef):
     # coef[t] = (β1, 1-β1, β2, 1-β2, lr, λ) in the parameter dtype.
-    zero = coef.dtype.type(0)   # typed constants: a Python 1 would promote float32 sums to float64
+    zero = coef.dtype.type(0)  # typed constants: a Python 1 would promote float32 sums to float64
     one = coef.dtype.type(1)
     for c in prange(chunk_tensor.size):
         t = chunk_tensor[c]
@@ -51,7 +52,23 @@ def lion_step(params, grads, m, *, step, lr, beta1, beta2, weight_decay):
     if not params:
         return
     values = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
-    run_all([(_lion_kernel, n, (theta_addrs, addresses(grads, idx), m_addrs, chunk_tensor, start, stop,
-                                per_tensor_table(idx, _row, values, dt)))
-             for dt, idx, (theta_addrs, m_addrs), chunk_tensor, start, stop, _first, _sizes, n in PLANS.get(
-                 "lion", (params, m), build_flat_plan)])
+    run_all(
+        [
+            (
+                _lion_kernel,
+                n,
+                (
+                    theta_addrs,
+                    addresses(grads, idx),
+                    m_addrs,
+                    chunk_tensor,
+                    start,
+                    stop,
+                    per_tensor_table(idx, _row, values, dt),
+                ),
+            )
+            for dt, idx, (theta_addrs, m_addrs), chunk_tensor, start, stop, _first, _sizes, n in PLANS.get(
+                "lion", (params, m), build_flat_plan
+            )
+        ]
+    )

@@ -5,6 +5,7 @@
 ``report.md`` and PNG plots into ``out_dir`` and returns its metrics table
 (``{"rows": [...], ...}``). To add one, add a line here.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@
 matplotlib (Agg, no display needed) and tqdm come with ``pip install fisheropt[demo]``;
 they are imported lazily so that ``import fisheropt`` never needs them.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ def progress(iterable=None, *, total=None, desc=None, leave=False, **kwargs):
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is in the demo extra
         return iterable if iterable is not None else range(total or 0)
-    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=disable,
-                dynamic_ncols=True, file=sys.stderr, **kwargs)
+    return tqdm(
+        iterable, total=total, desc=desc, leave=leave, disable=disable, dynamic_ncols=True, file=sys.stderr, **kwargs
+    )
 
 
 @contextmanager
@@ -87,12 +89,24 @@ def pyplot():
         raise ImportError(f"plots need matplotlib; {DEMO_EXTRA_HINT}") from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+
     return plt
 
 
-def plot_curves(path: Path, curves: dict, *, title: str, xlabel: str, ylabel: str,
-                logy: bool = False, bands: dict | None = None, xs: dict | None = None, logx: bool = False,
-                marker: str | None = None, hline: float | None = None) -> Path:
+def plot_curves(
+    path: Path,
+    curves: dict,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logy: bool = False,
+    bands: dict | None = None,
+    xs: dict | None = None,
+    logx: bool = False,
+    marker: str | None = None,
+    hline: float | None = None,
+) -> Path:
     """One line per entry of ``curves`` (label -> y values); optional shaded ``bands``
     (label -> (low, high)), x values (label -> xs), point ``marker`` and a dashed horizontal
     reference line at ``hline``. Writes a PNG and returns its path."""
@@ -123,8 +137,9 @@ def plot_curves(path: Path, curves: dict, *, title: str, xlabel: str, ylabel: st
     return path
 
 
-def plot_seed_curves(out_dir: Path, histories: dict, names, seeds, metrics, *, x_key: str = "step",
-                     xlabel: str = "step") -> list[Path]:
+def plot_seed_curves(
+    out_dir: Path, histories: dict, names, seeds, metrics, *, x_key: str = "step", xlabel: str = "step"
+) -> list[Path]:
     """One PNG ``<metric>.png`` per ``(metric, label, logy)`` of ``metrics``: per name, the mean
     over ``seeds`` of ``histories[(name, seed)][metric]`` in its min..max band, against
     ``histories[...][x_key]``. Returns the paths."""
@@ -134,9 +149,18 @@ def plot_seed_curves(out_dir: Path, histories: dict, names, seeds, metrics, *, x
         curves, bands = {}, {}
         for name in names:
             curves[name], bands[name] = seed_band([histories[(name, s)][metric] for s in seeds])
-        plots.append(plot_curves(out_dir / f"{metric}.png", curves, bands=bands, xs={n: xs for n in names}, logy=logy,
-                                 title=f"{label} (mean over {len(seeds)} seeds, band = min..max)",
-                                 xlabel=xlabel, ylabel=label))
+        plots.append(
+            plot_curves(
+                out_dir / f"{metric}.png",
+                curves,
+                bands=bands,
+                xs={n: xs for n in names},
+                logy=logy,
+                title=f"{label} (mean over {len(seeds)} seeds, band = min..max)",
+                xlabel=xlabel,
+                ylabel=label,
+            )
+        )
     return plots
 
 
@@ -256,9 +280,12 @@ def agreement(agrees: bool, why_agrees: str, why_disagrees: str) -> str:
 
 def environment_line() -> str:
     import fisheropt
-    return (f"fisheropt {fisheropt.__version__}, Python {platform.python_version()}, "
-            f"NumPy {np.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"backends available: {', '.join(fisheropt.backends.available())}")
+
+    return (
+        f"fisheropt {fisheropt.__version__}, Python {platform.python_version()}, "
+        f"NumPy {np.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"backends available: {', '.join(fisheropt.backends.available())}"
+    )
 
 
 @contextmanager

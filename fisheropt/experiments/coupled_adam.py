@@ -13,6 +13,7 @@ the same hyperparameters, initialisation and batch order per seed; Coupled Adam
 is AdamW with the second moment of E shared across rows, so AdamW is the
 like-for-like baseline (the paper's "Adam" baseline also uses decoupled decay).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,16 +28,17 @@ from . import _common as common
 
 TITLE = "Coupled Adam: embedding isotropy of a tied-embedding word LM"
 
-FULL = dict(vocab=2000, dim=32, context=3, hidden=64, batch=128, steps=1200, evals=12, n_seeds=3,
-            n_val=None)
-QUICK = dict(vocab=400, dim=16, context=2, hidden=32, batch=64, steps=120, evals=4, n_seeds=2,
-             n_val=1500)
+FULL = dict(vocab=2000, dim=32, context=3, hidden=64, batch=128, steps=1200, evals=12, n_seeds=3, n_val=None)
+QUICK = dict(vocab=400, dim=16, context=2, hidden=32, batch=64, steps=120, evals=4, n_seeds=2, n_val=1500)
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 OPTIMIZERS = ("AdamW", "Coupled Adam")
 METRICS = ("val_loss", "isotropy", "mu_norm", "mu_ratio", "condition_number")
 #: the curves plotted over training: (metric, label, log scale)
-EMBEDDING_PLOTS = (("val_loss", "validation loss (nats/token)", False), ("isotropy", "Iso(E)", True),
-                   ("mu_ratio", "‖μ‖ / mean‖e_i‖", False))
+EMBEDDING_PLOTS = (
+    ("val_loss", "validation loss (nats/token)", False),
+    ("isotropy", "Iso(E)", True),
+    ("mu_ratio", "‖μ‖ / mean‖e_i‖", False),
+)
 
 
 def _make_optimizer(name, model):
@@ -50,7 +52,7 @@ def train_one(opt_name, cfg, seed, data, *, desc=None):
     (contexts_train, y_tr), (contexts_val, y_val) = data
     model = WordLM(cfg["vocab"], cfg["dim"], cfg["context"], cfg["hidden"], seed=seed, dtype=np.float32)
     opt = _make_optimizer(opt_name, model)
-    rng = np.random.default_rng([seed, 7])          # batch order: same for both optimizers
+    rng = np.random.default_rng([seed, 7])  # batch order: same for both optimizers
     eval_at = set(np.linspace(0, cfg["steps"], cfg["evals"] + 1).astype(int).tolist())
     hist = {"step": [], "train_loss": [], **{m: [] for m in METRICS}}
     run_loss = []
@@ -76,8 +78,7 @@ def _pc_scatter(path, E_by_opt, counts):
     """Embeddings projected on their own top-2 right singular vectors (uncentred),
     coloured by log word frequency: a common offset shows as a displaced cloud."""
     plt = common.pyplot()
-    fig, axes = plt.subplots(1, len(E_by_opt), figsize=(5.5 * len(E_by_opt), 4.6), dpi=110,
-                             layout="constrained")
+    fig, axes = plt.subplots(1, len(E_by_opt), figsize=(5.5 * len(E_by_opt), 4.6), dpi=110, layout="constrained")
     for ax, (name, E) in zip(np.atleast_1d(axes), E_by_opt.items()):
         E = np.asarray(E, dtype=np.float64)
         _, _, Vt = np.linalg.svd(E, full_matrices=False)
@@ -116,25 +117,37 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                 backends.add(backend)
                 histories[(name, s)] = hist
                 final_E[f"{name.replace(' ', '_')}_seed{s}"] = model.embedding.copy()
-                per_seed.append({"optimizer": name, "seed": s, "backend": backend,
-                                 "train_loss": hist["train_loss"][-1],
-                                 **{m: hist[m][-1] for m in METRICS}})
+                per_seed.append(
+                    {
+                        "optimizer": name,
+                        "seed": s,
+                        "backend": backend,
+                        "train_loss": hist["train_loss"][-1],
+                        **{m: hist[m][-1] for m in METRICS},
+                    }
+                )
     np.savez(out_dir / "embeddings.npz", **final_E)
     np.save(out_dir / "word_counts.npy", counts)
 
-    summary_rows = [{"optimizer": name, **common.mean_std_columns([r for r in per_seed if r["optimizer"] == name],
-                                                                  METRICS)}
-                    for name in OPTIMIZERS]
+    summary_rows = [
+        {"optimizer": name, **common.mean_std_columns([r for r in per_seed if r["optimizer"] == name], METRICS)}
+        for name in OPTIMIZERS
+    ]
 
     # ---- plots -------------------------------------------------------------
     plots = common.plot_seed_curves(out_dir, histories, OPTIMIZERS, seeds, EMBEDDING_PLOTS)
-    plots.append(_pc_scatter(out_dir / "embeddings_pca.png",
-                             {n: final_E[f"{n.replace(' ', '_')}_seed{seeds[0]}"] for n in OPTIMIZERS},
-                             counts))
+    plots.append(
+        _pc_scatter(
+            out_dir / "embeddings_pca.png",
+            {n: final_E[f"{n.replace(' ', '_')}_seed{seeds[0]}"] for n in OPTIMIZERS},
+            counts,
+        )
+    )
 
     # ---- verdict (computed, not assumed) ----------------------------------
     adamw, coupled = summary_rows
     iso_gain = coupled["isotropy"] / adamw["isotropy"] if adamw["isotropy"] > 0 else float("inf")
+
     def seed_values(opt, key):
         return [next(r[key] for r in per_seed if r["optimizer"] == opt and r["seed"] == s) for s in seeds]
 
@@ -142,25 +155,46 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     loss_diff = loss_cmp["mean"]
     iso_wins = sum(
         next(r for r in per_seed if r["optimizer"] == "Coupled Adam" and r["seed"] == s)["isotropy"]
-        > next(r for r in per_seed if r["optimizer"] == "AdamW" and r["seed"] == s)["isotropy"] for s in seeds)
+        > next(r for r in per_seed if r["optimizer"] == "AdamW" and r["seed"] == s)["isotropy"]
+        for s in seeds
+    )
     # "Far more isotropic": higher in every seed and the anisotropy 1 - Iso at least halved.
     aniso_cut = (1 - coupled["isotropy"]) / (1 - adamw["isotropy"]) if adamw["isotropy"] < 1 else float("nan")
     iso_agrees = iso_wins == len(seeds) and aniso_cut <= 0.5
-    loss_agrees = loss_cmp["sign"] <= 0            # not worse beyond seed noise
+    loss_agrees = loss_cmp["sign"] <= 0  # not worse beyond seed noise
     mu_agrees = coupled["mu_ratio"] < adamw["mu_ratio"]
-    verdict = {"isotropy_ratio_coupled_over_adamw": iso_gain, "isotropy_wins": iso_wins,
-               "anisotropy_ratio_coupled_over_adamw": aniso_cut,
-               "val_loss_diff_coupled_minus_adamw": loss_cmp,
-               "isotropy_agrees": bool(iso_agrees), "loss_agrees": bool(loss_agrees),
-               "mu_ratio_agrees": bool(mu_agrees)}
+    verdict = {
+        "isotropy_ratio_coupled_over_adamw": iso_gain,
+        "isotropy_wins": iso_wins,
+        "anisotropy_ratio_coupled_over_adamw": aniso_cut,
+        "val_loss_diff_coupled_minus_adamw": loss_cmp,
+        "isotropy_agrees": bool(iso_agrees),
+        "loss_agrees": bool(loss_agrees),
+        "mu_ratio_agrees": bool(mu_agrees),
+    }
 
-    cols = ["optimizer", "val_loss", "val_loss_std", "isotropy", "isotropy_std", "mu_norm", "mu_ratio",
-            "mu_ratio_std", "condition_number"]
-    heads = {"val_loss": "val loss", "val_loss_std": "± std", "isotropy": "Iso(E)", "isotropy_std": "± std",
-             "mu_norm": "‖μ‖", "mu_ratio": "‖μ‖/mean‖e‖", "mu_ratio_std": "± std",
-             "condition_number": "cond(E)"}
-    seed_cols = ["optimizer", "seed", "train_loss", "val_loss", "isotropy", "mu_norm", "mu_ratio",
-                 "condition_number"]
+    cols = [
+        "optimizer",
+        "val_loss",
+        "val_loss_std",
+        "isotropy",
+        "isotropy_std",
+        "mu_norm",
+        "mu_ratio",
+        "mu_ratio_std",
+        "condition_number",
+    ]
+    heads = {
+        "val_loss": "val loss",
+        "val_loss_std": "± std",
+        "isotropy": "Iso(E)",
+        "isotropy_std": "± std",
+        "mu_norm": "‖μ‖",
+        "mu_ratio": "‖μ‖/mean‖e‖",
+        "mu_ratio_std": "± std",
+        "condition_number": "cond(E)",
+    }
+    seed_cols = ["optimizer", "seed", "train_loss", "val_loss", "isotropy", "mu_norm", "mu_ratio", "condition_number"]
 
     report = f"""# {TITLE}
 
@@ -175,12 +209,12 @@ more isotropic embeddings at equal or better loss.
 
 - Corpus: `pydoc_data.topics` (CPython's `help()` text), lower-cased `[a-z]+` words,
   {train_ids.size} training / {val_ids.size} validation tokens (last 10 %),
-  vocabulary {cfg['vocab']} (incl. `<unk>`; {int((counts <= 2).sum())} words occur at most twice in training).
-- Model (`fisheropt.workloads.word_lm.WordLM`): {cfg['context']}-word context window, embedding
-  dim {cfg['dim']}, tanh hidden {cfg['hidden']}, output layer tied to E; mean cross-entropy; float32.
-- Training: {cfg['steps']} steps, batch {cfg['batch']} windows, seeds {seeds}; both optimizers
-  lr={HYPER['lr']}, betas={HYPER['betas']}, eps={HYPER['eps']}, decoupled weight decay={HYPER['weight_decay']};
-  backend(s): {', '.join(sorted(backends))}. Validation loss on {contexts_val.shape[0]} windows.
+  vocabulary {cfg["vocab"]} (incl. `<unk>`; {int((counts <= 2).sum())} words occur at most twice in training).
+- Model (`fisheropt.workloads.word_lm.WordLM`): {cfg["context"]}-word context window, embedding
+  dim {cfg["dim"]}, tanh hidden {cfg["hidden"]}, output layer tied to E; mean cross-entropy; float32.
+- Training: {cfg["steps"]} steps, batch {cfg["batch"]} windows, seeds {seeds}; both optimizers
+  lr={HYPER["lr"]}, betas={HYPER["betas"]}, eps={HYPER["eps"]}, decoupled weight decay={HYPER["weight_decay"]};
+  backend(s): {", ".join(sorted(backends))}. Validation loss on {contexts_val.shape[0]} windows.
 - Measures of the final E (`fisheropt.refimpl.isotropy`): Iso(E) = min_u Z(u)/max_u Z(u),
   Z(u) = Σ_i exp(uᵀe_i), u over the eigenvectors of EᵀE (both signs); ‖μ‖ and ‖μ‖/mean‖e_i‖
   with μ the mean embedding; cond(E) = σ_max/σ_min.
@@ -194,19 +228,42 @@ more isotropic embeddings at equal or better loss.
 {common.markdown_table(per_seed, seed_cols, heads)}
 ## Verdict
 
-- Isotropy: Iso(E) {common.fmt(coupled['isotropy'])} (Coupled Adam) vs {common.fmt(adamw['isotropy'])} (AdamW), ratio {common.fmt(iso_gain)};
+- Isotropy: Iso(E) {common.fmt(coupled["isotropy"])} (Coupled Adam) vs {common.fmt(adamw["isotropy"])} (AdamW), ratio {
+        common.fmt(iso_gain)
+    };
   Coupled higher in {iso_wins}/{len(seeds)} seeds; anisotropy 1 − Iso(E) Coupled/AdamW = {common.fmt(aniso_cut)}.
-  {common.agreement(iso_agrees, "Coupled Adam's embeddings are markedly more isotropic (higher in every seed, anisotropy at least halved).",
-       "the isotropy gain is not the large, consistent gain the paper reports (criterion, fixed before the runs: higher in every seed and 1 − Iso at least halved).")}
-- Mean embedding: ‖μ‖/mean‖e‖ is {common.fmt(coupled['mu_ratio'])} (Coupled) vs {common.fmt(adamw['mu_ratio'])} (AdamW).
-  {common.agreement(mu_agrees, "Coupled Adam shrinks the common offset.", "Coupled Adam does not reduce the common offset here.")}
-- Loss: validation loss Coupled − AdamW, paired by seed: {common.fmt(loss_diff)} ± {common.fmt(loss_cmp['se'], 2)} (SE, n={loss_cmp['n']}).
-  {common.agreement(loss_agrees, ("better loss (beyond seed noise)." if loss_cmp["sign"] < 0 else
-                     "equal loss within seed noise (95 % Student-t interval of the paired difference contains 0)."),
-       "Coupled Adam's validation loss is worse beyond seed noise here.")}
+  {
+        common.agreement(
+            iso_agrees,
+            "Coupled Adam's embeddings are markedly more isotropic (higher in every seed, anisotropy at least halved).",
+            "the isotropy gain is not the large, consistent gain the paper reports (criterion, fixed before the runs: higher in every seed and 1 − Iso at least halved).",
+        )
+    }
+- Mean embedding: ‖μ‖/mean‖e‖ is {common.fmt(coupled["mu_ratio"])} (Coupled) vs {common.fmt(adamw["mu_ratio"])} (AdamW).
+  {
+        common.agreement(
+            mu_agrees, "Coupled Adam shrinks the common offset.", "Coupled Adam does not reduce the common offset here."
+        )
+    }
+- Loss: validation loss Coupled − AdamW, paired by seed: {common.fmt(loss_diff)} ± {
+        common.fmt(loss_cmp["se"], 2)
+    } (SE, n={loss_cmp["n"]}).
+  {
+        common.agreement(
+            loss_agrees,
+            (
+                "better loss (beyond seed noise)."
+                if loss_cmp["sign"] < 0
+                else "equal loss within seed noise (95 % Student-t interval of the paired difference contains 0)."
+            ),
+            "Coupled Adam's validation loss is worse beyond seed noise here.",
+        )
+    }
 
-This is a ~{sum(p.size for p in WordLM(cfg['vocab'], cfg['dim'], cfg['context'], cfg['hidden']).params) // 1000}k-parameter model trained
-for {cfg['steps']} steps, not the paper's GPT-2-scale models; hyperparameters were set once and not tuned
+This is a ~{
+        sum(p.size for p in WordLM(cfg["vocab"], cfg["dim"], cfg["context"], cfg["hidden"]).params) // 1000
+    }k-parameter model trained
+for {cfg["steps"]} steps, not the paper's GPT-2-scale models; hyperparameters were set once and not tuned
 toward the paper's result.
 
 ## Files
@@ -216,9 +273,23 @@ toward the paper's result.
   `metrics.json`: every number above, with the curves.
 """
     common.write_report(out_dir, report)
-    common.save_metrics(out_dir, {"config": cfg, "hyper": HYPER, "seeds": seeds, "summary": summary_rows,
-                                  "per_seed": per_seed, "verdict": verdict,
-                                  "curves": {f"{n}|{s}": h for (n, s), h in histories.items()}})
-    return {"rows": summary_rows, "per_seed": per_seed, "verdict": verdict,
-            "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": common.text_table(summary_rows, cols, heads)}
+    common.save_metrics(
+        out_dir,
+        {
+            "config": cfg,
+            "hyper": HYPER,
+            "seeds": seeds,
+            "summary": summary_rows,
+            "per_seed": per_seed,
+            "verdict": verdict,
+            "curves": {f"{n}|{s}": h for (n, s), h in histories.items()},
+        },
+    )
+    return {
+        "rows": summary_rows,
+        "per_seed": per_seed,
+        "verdict": verdict,
+        "plots": [str(p) for p in plots],
+        "report": str(out_dir / "report.md"),
+        "summary": common.text_table(summary_rows, cols, heads),
+    }

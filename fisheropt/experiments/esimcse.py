@@ -18,6 +18,7 @@ sentences by whether same-topic pairs are more similar than different-topic
 pairs; the length-bias statistic is computed on held-out random pairs (see
 the report).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,10 +40,10 @@ TITLE = "ESimCSE vs unsup-SimCSE: length bias of a tiny sentence encoder"
 
 FULL = dict(dim=64, out_dim=64, batch=64, steps=500, evals=10, n_seeds=3, n_eval=400, dropout=0.1, ablations=True)
 QUICK = dict(dim=16, out_dim=16, batch=32, steps=40, evals=2, n_seeds=1, n_eval=120, dropout=0.1, ablations=False)
-MAX_TOKENS = 32                 # sentence length range kept from the corpus: 5..32 words
+MAX_TOKENS = 32  # sentence length range kept from the corpus: 5..32 words
 MIN_TOKENS = 5
-MAX_LEN = 48                    # position table; a repeated 32-word sentence has at most 42 tokens
-DTYPE = np.float32              # parameters and activations; the loss and its gradient are float64
+MAX_LEN = 48  # position table; a repeated 32-word sentence has at most 42 tokens
+DTYPE = np.float32  # parameters and activations; the loss and its gradient are float64
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 FADAM_EXTRA = dict(eps2=0.01, clip=1.0, p=0.5)
 OPTIMIZERS = ("Adam", "FAdam", "Coupled Adam")
@@ -50,9 +51,9 @@ METHODS = ("SimCSE", "ESimCSE")
 # Ablations (full run only, Adam only): one ESimCSE component at a time, and ESimCSE
 # without leaving the anchor's own sentence out of the queue (see train_one).
 ABLATIONS = ("SimCSE + repetition", "SimCSE + queue", "ESimCSE, unmasked queue")
-DELETIONS = (1, 2, 3, 4, 5, 6)   # positive-pair probes: a sentence vs itself minus k random words
-LEN_BINS = 16                    # |ΔL| = 0..14, and ≥ 15
-SHORT_GAP = 3                    # the paper's split: length difference ≤ 3 vs > 3
+DELETIONS = (1, 2, 3, 4, 5, 6)  # positive-pair probes: a sentence vs itself minus k random words
+LEN_BINS = 16  # |ΔL| = 0..14, and ≥ 15
+SHORT_GAP = 3  # the paper's split: length difference ≤ 3 vs > 3
 
 
 # ---- training -----------------------------------------------------------------
@@ -73,10 +74,11 @@ def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, d
     in-batch negatives. ESimCSE: positives are word-repeated copies (each view
     with its own dropout), plus the momentum queue as extra negatives. Batches,
     initialisation and dropout streams depend only on the seed."""
-    params = enc.init_params(vocab_size, MAX_LEN, cfg["dim"], cfg["out_dim"], rng=np.random.default_rng([seed, 1]),
-                             dtype=DTYPE)
+    params = enc.init_params(
+        vocab_size, MAX_LEN, cfg["dim"], cfg["out_dim"], rng=np.random.default_rng([seed, 1]), dtype=DTYPE
+    )
     opt = _make_optimizer(opt_name, params)
-    backend = opt.backend                        # the EMA kernel runs on the optimizer's backend
+    backend = opt.backend  # the EMA kernel runs on the optimizer's backend
     repeats_words = method in ("ESimCSE", "SimCSE + repetition", "ESimCSE, unmasked queue")
     uses_momentum_queue = method in ("ESimCSE", "SimCSE + queue", "ESimCSE, unmasked queue")
     masks_own_sentences = method != "ESimCSE, unmasked queue"
@@ -135,7 +137,7 @@ def _epoch_batches(n, batch, rng):
     while True:
         order = rng.permutation(n)
         for start in range(0, n - batch + 1, batch):
-            yield order[start:start + batch]
+            yield order[start : start + batch]
 
 
 # ---- evaluation ---------------------------------------------------------------
@@ -192,15 +194,18 @@ class Evaluator:
         i, j = self.pairs
         cos_neg = np.einsum("nd,nd->n", U[i], U[j])
         short = self.pair_dl <= SHORT_GAP
-        out = {"neg_gap": float(cos_neg[short].mean() - cos_neg[~short].mean()),
-               "topic_auc": _auc(cos_neg, self.same_topic)}
+        out = {
+            "neg_gap": float(cos_neg[short].mean() - cos_neg[~short].mean()),
+            "topic_auc": _auc(cos_neg, self.same_topic),
+        }
         if not full:
             return out
         T = self.embed(params, self.train)
         out["topic_nn"] = float(np.mean(self.train_topics[np.argmax(U @ T.T, axis=1)] == self.topics))
         bins = np.minimum(self.pair_dl, LEN_BINS - 1)
-        out["neg_curve"] = [float(cos_neg[bins == b].mean()) if np.any(bins == b) else float("nan")
-                            for b in range(LEN_BINS)]
+        out["neg_curve"] = [
+            float(cos_neg[bins == b].mean()) if np.any(bins == b) else float("nan") for b in range(LEN_BINS)
+        ]
         out["neg_cos"] = float(cos_neg.mean())
         out["neg_corr"] = float(np.corrcoef(cos_neg, self.pair_dl)[0, 1])
         pos_cos = {}
@@ -224,11 +229,18 @@ class Evaluator:
         pred = np.hstack([U, np.ones((U.shape[0], 1))]) @ w
         y = self.lengths.astype(np.float64)
         out["len_r2"] = float(1.0 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))
-        tok = embedding_report(params[0][2:])   # token embeddings, <pad>/<unk> rows excluded
+        tok = embedding_report(params[0][2:])  # token embeddings, <pad>/<unk> rows excluded
         sent = embedding_report(enc.encode(params, self.sents, max_len=MAX_LEN))
-        out.update({"tok_iso": tok["isotropy"], "tok_mu_ratio": tok["mu_ratio"], "tok_cond": tok["condition_number"],
-                    "sent_iso": sent["isotropy"], "sent_mu_ratio": sent["mu_ratio"],
-                    "sent_cond": sent["condition_number"]})
+        out.update(
+            {
+                "tok_iso": tok["isotropy"],
+                "tok_mu_ratio": tok["mu_ratio"],
+                "tok_cond": tok["condition_number"],
+                "sent_iso": sent["isotropy"],
+                "sent_mu_ratio": sent["mu_ratio"],
+                "sent_cond": sent["condition_number"],
+            }
+        )
         return out
 
 
@@ -245,7 +257,7 @@ def _plot_length_curves(path, finals, init, key, xs, *, title, xlabel):
         ax.set_title(method)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    for (m, o), res in finals.items():            # ablations, drawn on the panel of the method they modify
+    for (m, o), res in finals.items():  # ablations, drawn on the panel of the method they modify
         if m in ABLATIONS:
             arr = np.array([r[key] for r in res], dtype=float)
             axes[1 if m.startswith("ESimCSE") else 0].plot(xs, arr.mean(axis=0), ls="--", lw=1.2, label=f"{m} ({o})")
@@ -266,8 +278,15 @@ def _plot_align_uniform(path, finals, init):
     markers = {"SimCSE": "o", "ESimCSE": "s", ABLATIONS[0]: "^", ABLATIONS[1]: "v", ABLATIONS[2]: "D"}
     colors = dict(zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")))
     for (m, o), res in finals.items():
-        ax.scatter([r["uniform"] for r in res], [r["align"] for r in res], marker=markers[m],
-                   color=colors[o], label=f"{m} / {o}", s=28, alpha=0.85)
+        ax.scatter(
+            [r["uniform"] for r in res],
+            [r["align"] for r in res],
+            marker=markers[m],
+            color=colors[o],
+            label=f"{m} / {o}",
+            s=28,
+            alpha=0.85,
+        )
     ax.scatter([init["uniform"]], [init["align"]], marker="x", color="gray", label="untrained")
     ax.set_xlabel("uniformity  log E exp(−2‖f(x)−f(y)‖²)  (lower = more uniform)")
     ax.set_ylabel("alignment  E‖f(x)−f(x⁺)‖²  (lower = better)")
@@ -281,10 +300,31 @@ def _plot_align_uniform(path, finals, init):
 
 
 # ---- the experiment -----------------------------------------------------------
-LABELS = {"neg_gap": "neg gap ≤3−>3", "neg_corr": "corr(cos, len diff)", "len_r2": "length R²", "topic_auc": "topic AUC",
-          "topic_nn": "topic 1-NN", "align": "alignment", "uniform": "uniformity"}
-SUMMARY_METRICS = ("train_loss", "topic_auc", "topic_nn", "neg_gap", "neg_corr", "pos_gap", "len_r2", "align",
-                   "uniform", "tok_iso", "tok_mu_ratio", "tok_cond", "sent_iso", "sent_mu_ratio")
+LABELS = {
+    "neg_gap": "neg gap ≤3−>3",
+    "neg_corr": "corr(cos, len diff)",
+    "len_r2": "length R²",
+    "topic_auc": "topic AUC",
+    "topic_nn": "topic 1-NN",
+    "align": "alignment",
+    "uniform": "uniformity",
+}
+SUMMARY_METRICS = (
+    "train_loss",
+    "topic_auc",
+    "topic_nn",
+    "neg_gap",
+    "neg_corr",
+    "pos_gap",
+    "len_r2",
+    "align",
+    "uniform",
+    "tok_iso",
+    "tok_mu_ratio",
+    "tok_cond",
+    "sent_iso",
+    "sent_mu_ratio",
+)
 
 
 def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
@@ -301,50 +341,81 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
 
     finals: dict = {}
     per_seed, histories, backends = [], {}, set()
-    init = enc.init_params(len(vocab), MAX_LEN, cfg["dim"], cfg["out_dim"], rng=np.random.default_rng([seeds[0], 1]),
-                           dtype=DTYPE)
+    init = enc.init_params(
+        len(vocab), MAX_LEN, cfg["dim"], cfg["out_dim"], rng=np.random.default_rng([seeds[0], 1]), dtype=DTYPE
+    )
     # BLAS and Numba on one thread: the matrices are tiny, and on a shared machine a thread
     # pool costs more than it gains.
     with common.stopwatch() as elapsed, common.blas_threads(numba=True), np.errstate(all="ignore"):
         init_res = evaluator(init, full=True)
         for s in seeds:
             for method, opt_name in grid:
-                params, hist, backend = train_one(method, opt_name, cfg, s, train, len(vocab),
-                                                  eval_fn=evaluator, desc=f"{method}/{opt_name} seed {s}")
+                params, hist, backend = train_one(
+                    method, opt_name, cfg, s, train, len(vocab), eval_fn=evaluator, desc=f"{method}/{opt_name} seed {s}"
+                )
                 backends.add(backend)
                 histories[(method, opt_name, s)] = hist
                 res = evaluator(params, full=True)
                 res["train_loss"] = hist["train_loss"][-1]
                 finals.setdefault((method, opt_name), []).append(res)
-                per_seed.append({"method": method, "optimizer": opt_name, "seed": s,
-                                 **{k: res[k] for k in SUMMARY_METRICS}})
+                per_seed.append(
+                    {"method": method, "optimizer": opt_name, "seed": s, **{k: res[k] for k in SUMMARY_METRICS}}
+                )
 
     init_row = {"method": "untrained", "optimizer": "—", **{k: init_res.get(k, float("nan")) for k in SUMMARY_METRICS}}
-    summary_rows = [{"method": method, "optimizer": opt_name,
-                     **common.mean_std_columns(finals[(method, opt_name)], SUMMARY_METRICS)}
-                    for method, opt_name in grid]
+    summary_rows = [
+        {
+            "method": method,
+            "optimizer": opt_name,
+            **common.mean_std_columns(finals[(method, opt_name)], SUMMARY_METRICS),
+        }
+        for method, opt_name in grid
+    ]
 
     # ---- plots ---------------------------------------------------------------
     plots = [
-        _plot_length_curves(out_dir / "length_bias_negatives.png", finals, init_res, "neg_curve", np.arange(LEN_BINS),
-                            title="Random held-out pairs: cosine vs |length difference| "
-                                  f"(last bin ≥ {LEN_BINS - 1}); a downward slope is length bias",
-                            xlabel="|ΔL| (words)"),
-        _plot_length_curves(out_dir / "length_bias_positives.png", finals, init_res, "pos_curve", np.array(DELETIONS),
-                            title="Positive probes: cosine of a sentence and itself minus k random words",
-                            xlabel="k = words deleted = |ΔL|"),
+        _plot_length_curves(
+            out_dir / "length_bias_negatives.png",
+            finals,
+            init_res,
+            "neg_curve",
+            np.arange(LEN_BINS),
+            title="Random held-out pairs: cosine vs |length difference| "
+            f"(last bin ≥ {LEN_BINS - 1}); a downward slope is length bias",
+            xlabel="|ΔL| (words)",
+        ),
+        _plot_length_curves(
+            out_dir / "length_bias_positives.png",
+            finals,
+            init_res,
+            "pos_curve",
+            np.array(DELETIONS),
+            title="Positive probes: cosine of a sentence and itself minus k random words",
+            xlabel="k = words deleted = |ΔL|",
+        ),
         _plot_align_uniform(out_dir / "align_uniform.png", finals, init_res),
     ]
     steps = histories[grid[0] + (seeds[0],)]["step"]
-    for metric, label in (("train_loss", "training InfoNCE loss (running mean)"),
-                          ("topic_auc", "held-out same-topic AUC"), ("neg_gap", "neg gap (|ΔL| ≤ 3 − > 3)")):
+    for metric, label in (
+        ("train_loss", "training InfoNCE loss (running mean)"),
+        ("topic_auc", "held-out same-topic AUC"),
+        ("neg_gap", "neg gap (|ΔL| ≤ 3 − > 3)"),
+    ):
         curves = {}
         for method, opt_name in grid:
             arr = np.array([histories[(method, opt_name, s)][metric] for s in seeds], dtype=float)
             with np.errstate(all="ignore"):
                 curves[f"{method} / {opt_name}"] = arr.mean(axis=0)
-        plots.append(common.plot_curves(out_dir / f"{metric}.png", curves, xs={k: steps for k in curves},
-                                        title=f"{label}, mean over {len(seeds)} seed(s)", xlabel="step", ylabel=label))
+        plots.append(
+            common.plot_curves(
+                out_dir / f"{metric}.png",
+                curves,
+                xs={k: steps for k in curves},
+                title=f"{label}, mean over {len(seeds)} seed(s)",
+                xlabel="step",
+                ylabel=label,
+            )
+        )
 
     # ---- verdict (computed, not assumed) ------------------------------------
     def paired(key, a=("SimCSE", None), b=("ESimCSE", None), better="lower"):
@@ -366,18 +437,36 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         return {"diff": mean, "two_se": float(se2), "n_better": n_better, "n": int(d.size), "call": word}
 
     def mean_of(method, key, opt=None):
-        return float(np.mean([r[key] for r in per_seed if r["method"] == method and (opt is None or r["optimizer"] == opt)]))
+        return float(
+            np.mean([r[key] for r in per_seed if r["method"] == method and (opt is None or r["optimizer"] == opt)])
+        )
 
-    COMPARE = (("neg_gap", "lower"), ("neg_corr", "higher"), ("len_r2", "lower"), ("topic_auc", "higher"),
-               ("topic_nn", "higher"), ("align", "lower"), ("uniform", "lower"))
+    COMPARE = (
+        ("neg_gap", "lower"),
+        ("neg_corr", "higher"),
+        ("len_r2", "lower"),
+        ("topic_auc", "higher"),
+        ("topic_nn", "higher"),
+        ("align", "lower"),
+        ("uniform", "lower"),
+    )
     v = {"init_neg_gap": init_res["neg_gap"]}
     comp_rows = []
     for key, better in COMPARE:
         c = paired(key, better=better)
         v[key] = {"simcse": mean_of("SimCSE", key), "esimcse": mean_of("ESimCSE", key), **c}
-        comp_rows.append({"metric": LABELS[key], "better": better, "SimCSE": v[key]["simcse"], "ESimCSE": v[key]["esimcse"],
-                          "diff": c["diff"], "two_se": c["two_se"], "wins": f"{c['n_better']}/{c['n']}",
-                          "call": c["call"]})
+        comp_rows.append(
+            {
+                "metric": LABELS[key],
+                "better": better,
+                "SimCSE": v[key]["simcse"],
+                "ESimCSE": v[key]["esimcse"],
+                "diff": c["diff"],
+                "two_se": c["two_se"],
+                "wins": f"{c['n_better']}/{c['n']}",
+                "call": c["call"],
+            }
+        )
     coupled = {}
     for method in METHODS:
         for key, better in (("tok_iso", "higher"), ("tok_mu_ratio", "lower"), ("topic_auc", "higher")):
@@ -387,44 +476,107 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     bias_reduced = v["neg_gap"]["call"] == "better"
     r2_reduced = v["len_r2"]["call"] == "better"
     sim_better = v["topic_auc"]["call"] == "better"
-    v.update(simcse_gap_above_untrained=bool(bias_trained), bias_reduced=bool(bias_reduced),
-             length_r2_reduced=bool(r2_reduced), similarity_improved=bool(sim_better))
+    v.update(
+        simcse_gap_above_untrained=bool(bias_trained),
+        bias_reduced=bool(bias_reduced),
+        length_r2_reduced=bool(r2_reduced),
+        similarity_improved=bool(sim_better),
+    )
 
-    cols = ["method", "optimizer", "train_loss", "topic_auc", "topic_auc_std", "topic_nn", "neg_gap", "neg_gap_std",
-            "neg_corr", "pos_gap", "len_r2", "align", "uniform", "tok_iso", "tok_mu_ratio", "tok_cond",
-            "sent_iso", "sent_mu_ratio"]
-    heads = {"train_loss": "loss", "topic_auc": "topic AUC", "topic_auc_std": "± std", "topic_nn": "topic 1-NN",
-             "neg_gap": "neg gap ≤3−>3", "neg_gap_std": "± std", "neg_corr": "corr(cos, len diff)",
-             "pos_gap": "pos gap ≤3−>3", "len_r2": "length R²", "align": "align", "uniform": "uniform",
-             "tok_iso": "Iso(E)", "tok_mu_ratio": "‖μ‖/‖e‖ (E)", "tok_cond": "cond(E)", "sent_iso": "Iso(sent)",
-             "sent_mu_ratio": "‖μ‖/‖e‖ (sent)"}
+    cols = [
+        "method",
+        "optimizer",
+        "train_loss",
+        "topic_auc",
+        "topic_auc_std",
+        "topic_nn",
+        "neg_gap",
+        "neg_gap_std",
+        "neg_corr",
+        "pos_gap",
+        "len_r2",
+        "align",
+        "uniform",
+        "tok_iso",
+        "tok_mu_ratio",
+        "tok_cond",
+        "sent_iso",
+        "sent_mu_ratio",
+    ]
+    heads = {
+        "train_loss": "loss",
+        "topic_auc": "topic AUC",
+        "topic_auc_std": "± std",
+        "topic_nn": "topic 1-NN",
+        "neg_gap": "neg gap ≤3−>3",
+        "neg_gap_std": "± std",
+        "neg_corr": "corr(cos, len diff)",
+        "pos_gap": "pos gap ≤3−>3",
+        "len_r2": "length R²",
+        "align": "align",
+        "uniform": "uniform",
+        "tok_iso": "Iso(E)",
+        "tok_mu_ratio": "‖μ‖/‖e‖ (E)",
+        "tok_cond": "cond(E)",
+        "sent_iso": "Iso(sent)",
+        "sent_mu_ratio": "‖μ‖/‖e‖ (sent)",
+    }
     table = common.markdown_table([init_row] + summary_rows, cols, heads)
-    seed_cols = ["method", "optimizer", "seed", "train_loss", "topic_auc", "topic_nn", "neg_gap", "neg_corr",
-                 "len_r2", "align", "uniform", "tok_iso", "sent_iso"]
+    seed_cols = [
+        "method",
+        "optimizer",
+        "seed",
+        "train_loss",
+        "topic_auc",
+        "topic_nn",
+        "neg_gap",
+        "neg_corr",
+        "len_r2",
+        "align",
+        "uniform",
+        "tok_iso",
+        "sent_iso",
+    ]
     n_params = sum(p.size for p in init)
 
     ablation_lines = ""
     if cfg["ablations"]:
+
         def row_of(m, o="Adam"):
             return next(r for r in summary_rows if r["method"] == m and r["optimizer"] == o)
+
         parts = []
         for m in ("SimCSE", ABLATIONS[0], ABLATIONS[1], "ESimCSE", ABLATIONS[2]):
             r = row_of(m)
-            parts.append(f"  - {m} (Adam): neg gap {common.fmt(r['neg_gap'])}, corr {common.fmt(r['neg_corr'])}, "
-                         f"length R² {common.fmt(r['len_r2'])}, topic AUC {common.fmt(r['topic_auc'])}, "
-                         f"align {common.fmt(r['align'])}, uniform {common.fmt(r['uniform'])}, "
-                         f"Iso(sent) {common.fmt(r['sent_iso'])}")
-        ablation_lines = ("- Ablations (Adam; one ESimCSE component added to SimCSE at a time, and ESimCSE with the "
-                          "anchor's own sentence left in the queue):\n" + "\n".join(parts) + "\n")
-    comp_table = common.markdown_table(comp_rows, ["metric", "better", "SimCSE", "ESimCSE", "diff", "two_se", "wins", "call"],
-                                       {"better": "better is", "diff": "ESimCSE − SimCSE", "two_se": "± 2·SE",
-                                   "wins": "ESimCSE better in", "call": "ESimCSE is"})
+            parts.append(
+                f"  - {m} (Adam): neg gap {common.fmt(r['neg_gap'])}, corr {common.fmt(r['neg_corr'])}, "
+                f"length R² {common.fmt(r['len_r2'])}, topic AUC {common.fmt(r['topic_auc'])}, "
+                f"align {common.fmt(r['align'])}, uniform {common.fmt(r['uniform'])}, "
+                f"Iso(sent) {common.fmt(r['sent_iso'])}"
+            )
+        ablation_lines = (
+            "- Ablations (Adam; one ESimCSE component added to SimCSE at a time, and ESimCSE with the "
+            "anchor's own sentence left in the queue):\n" + "\n".join(parts) + "\n"
+        )
+    comp_table = common.markdown_table(
+        comp_rows,
+        ["metric", "better", "SimCSE", "ESimCSE", "diff", "two_se", "wins", "call"],
+        {
+            "better": "better is",
+            "diff": "ESimCSE − SimCSE",
+            "two_se": "± 2·SE",
+            "wins": "ESimCSE better in",
+            "call": "ESimCSE is",
+        },
+    )
     coupled_lines = "\n".join(
         f"  - {m}: Iso(E) {common.fmt(coupled[f'{m}|tok_iso']['diff'])} (higher in {coupled[f'{m}|tok_iso']['n_better']}/"
         f"{coupled[f'{m}|tok_iso']['n']}: {coupled[f'{m}|tok_iso']['call']}), ‖μ‖/‖e‖ (E) "
         f"{common.fmt(coupled[f'{m}|tok_mu_ratio']['diff'])} (lower in {coupled[f'{m}|tok_mu_ratio']['n_better']}/"
         f"{coupled[f'{m}|tok_mu_ratio']['n']}: {coupled[f'{m}|tok_mu_ratio']['call']}), topic AUC "
-        f"{common.fmt(coupled[f'{m}|topic_auc']['diff'])} ({coupled[f'{m}|topic_auc']['call']})" for m in METHODS)
+        f"{common.fmt(coupled[f'{m}|topic_auc']['diff'])} ({coupled[f'{m}|topic_auc']['call']})"
+        for m in METHODS
+    )
 
     report = f"""# {TITLE}
 
@@ -442,19 +594,19 @@ STS with BERT-base). The paper shows the bias by splitting STS-B pairs at a leng
   ({MIN_TOKENS}–{MAX_TOKENS} lower-cased words, {len(set(train_topics.tolist()))} `help()` topics), vocabulary
   {len(vocab)} (words seen twice in training, plus `<pad>`, `<unk>`).
 - Encoder (`fisheropt.workloads.esimcse_encoder`, {n_params // 1000}k parameters, float32): token + position
-  embeddings (d={cfg['dim']}), dropout p={cfg['dropout']}, mean pooling, linear projection to {cfg['out_dim']}.
-- Loss: InfoNCE, cosine similarity, τ={TEMPERATURE}, in-batch negatives (batch {cfg['batch']}).
+  embeddings (d={cfg["dim"]}), dropout p={cfg["dropout"]}, mean pooling, linear projection to {cfg["out_dim"]}.
+- Loss: InfoNCE, cosine similarity, τ={TEMPERATURE}, in-batch negatives (batch {cfg["batch"]}).
   - SimCSE: positive = the same sentence under a second dropout mask.
   - ESimCSE: positive = word repetition (dup_rate {DUP_RATE}) of the sentence, both views with dropout;
-    plus a queue of the last {default_queue_size(cfg['batch'])} momentum-encoder embeddings
+    plus a queue of the last {default_queue_size(cfg["batch"])} momentum-encoder embeddings
     (λ={MOMENTUM}, dropout off in the momentum encoder) as extra negatives. Batches are drawn epoch by
     epoch without replacement; queue rows that hold a sentence of the current batch (from an earlier
     step of a small corpus — impossible in the paper's single pass over 10⁶ sentences) are dropped
     from the step's negatives: for its own anchor such a row is a false negative. The ablation "ESimCSE, unmasked queue" keeps them, to show what they do.
 - Optimizers: Adam, FAdam ({FADAM_EXTRA}), Coupled Adam (token embedding E coupled); all with
-  lr={HYPER['lr']}, betas={HYPER['betas']}, eps={HYPER['eps']}, weight decay 0 (set once, not tuned per
-  optimizer or method); {cfg['steps']} steps; seeds {seeds}; same initialisation, batches and dropout stream
-  per seed. Backend(s): {', '.join(sorted(backends))}.
+  lr={HYPER["lr"]}, betas={HYPER["betas"]}, eps={HYPER["eps"]}, weight decay 0 (set once, not tuned per
+  optimizer or method); {cfg["steps"]} steps; seeds {seeds}; same initialisation, batches and dropout stream
+  per seed. Backend(s): {", ".join(sorted(backends))}.
 - Held-out measures (no dropout). There are no STS labels offline, so:
   - **topic AUC** (semantic-similarity stand-in): over all held-out pairs, the ROC AUC of the cosine
     for "same `help()` topic" vs "different topic"; **topic 1-NN**: the nearest training sentence
@@ -486,17 +638,40 @@ Paired over the {len(seeds) * len(OPTIMIZERS)} (seed, optimizer) runs; "no clear
 difference is within twice its standard error.
 
 {comp_table}
-- Length bias under SimCSE: random same-length pairs are more similar (neg gap {common.fmt(v['neg_gap']['simcse'])} > 0).
-  {common.agreement(bias_trained, "SimCSE training raised the gap above the untrained encoder's (" + common.fmt(init_res['neg_gap']) + ").",
-       "the gap is inherited from the random initialisation (untrained encoder: " + common.fmt(init_res['neg_gap'])
-       + ") and SimCSE training lowered it; in the paper the bias is attributed to SimCSE's same-length positives.")}
-- {common.agreement(bias_reduced, "ESimCSE lowers the ≤3 vs >3 similarity gap of random pairs.",
-       "ESimCSE does not clearly lower the ≤3 vs >3 similarity gap of random pairs.")}
-- {common.agreement(r2_reduced, "less length information is linearly decodable from ESimCSE's embeddings.",
-       "ESimCSE's embeddings do not encode length less than SimCSE's (length R² " + v['len_r2']['call'] + ").")}
-- {common.agreement(sim_better, "ESimCSE separates the held-out topics better (our STS stand-in).",
-       "ESimCSE does not improve the semantic stand-in (topic AUC: " + v['topic_auc']['call'] + ").")}
-- Wang & Isola: ESimCSE's alignment is {v['align']['call']} and its uniformity {v['uniform']['call']} than SimCSE's.
+- Length bias under SimCSE: random same-length pairs are more similar (neg gap {
+        common.fmt(v["neg_gap"]["simcse"])
+    } > 0).
+  {
+        common.agreement(
+            bias_trained,
+            "SimCSE training raised the gap above the untrained encoder's (" + common.fmt(init_res["neg_gap"]) + ").",
+            "the gap is inherited from the random initialisation (untrained encoder: "
+            + common.fmt(init_res["neg_gap"])
+            + ") and SimCSE training lowered it; in the paper the bias is attributed to SimCSE's same-length positives.",
+        )
+    }
+- {
+        common.agreement(
+            bias_reduced,
+            "ESimCSE lowers the ≤3 vs >3 similarity gap of random pairs.",
+            "ESimCSE does not clearly lower the ≤3 vs >3 similarity gap of random pairs.",
+        )
+    }
+- {
+        common.agreement(
+            r2_reduced,
+            "less length information is linearly decodable from ESimCSE's embeddings.",
+            "ESimCSE's embeddings do not encode length less than SimCSE's (length R² " + v["len_r2"]["call"] + ").",
+        )
+    }
+- {
+        common.agreement(
+            sim_better,
+            "ESimCSE separates the held-out topics better (our STS stand-in).",
+            "ESimCSE does not improve the semantic stand-in (topic AUC: " + v["topic_auc"]["call"] + ").",
+        )
+    }
+- Wang & Isola: ESimCSE's alignment is {v["align"]["call"]} and its uniformity {v["uniform"]["call"]} than SimCSE's.
 {ablation_lines}- Coupled Adam − Adam, same method, paired over seeds (the Coupled Adam paper predicts more isotropic
   token embeddings, i.e. higher Iso(E) and lower ‖μ‖/‖e‖):
 {coupled_lines}
@@ -513,11 +688,27 @@ toward the paper's result.
 - `metrics.json`: every number above, with the curves.
 """
     common.write_report(out_dir, report)
-    common.save_metrics(out_dir, {"config": cfg, "hyper": HYPER, "seeds": seeds, "summary": summary_rows,
-                                  "untrained": init_res, "per_seed": per_seed, "verdict": v,
-                                  "curves": {"|".join(map(str, k)): h for k, h in histories.items()},
-                                  "length_curves": {"|".join(k): [{c: r[c] for c in ("neg_curve", "pos_curve")} for r in res]
-                                               for k, res in finals.items()}})
-    return {"rows": summary_rows, "per_seed": per_seed, "verdict": v,
-            "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": common.text_table([init_row] + summary_rows, cols, heads)}
+    common.save_metrics(
+        out_dir,
+        {
+            "config": cfg,
+            "hyper": HYPER,
+            "seeds": seeds,
+            "summary": summary_rows,
+            "untrained": init_res,
+            "per_seed": per_seed,
+            "verdict": v,
+            "curves": {"|".join(map(str, k)): h for k, h in histories.items()},
+            "length_curves": {
+                "|".join(k): [{c: r[c] for c in ("neg_curve", "pos_curve")} for r in res] for k, res in finals.items()
+            },
+        },
+    )
+    return {
+        "rows": summary_rows,
+        "per_seed": per_seed,
+        "verdict": v,
+        "plots": [str(p) for p in plots],
+        "report": str(out_dir / "report.md"),
+        "summary": common.text_table([init_row] + summary_rows, cols, heads),
+    }

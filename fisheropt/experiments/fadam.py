@@ -15,11 +15,12 @@ The ablations are NOT options of :class:`fisheropt.FAdam`. Each is a recipe
 is :func:`fisheropt.refimpl.fadam.fadam_update` bit for bit. They are labelled
 "ablation:" everywhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -34,7 +35,7 @@ TITLE = "FAdam vs Adam/AdamW on the digits MLP, with ablations"
 FULL = dict(hidden=64, batch=64, epochs=40, n_seeds=5, lrs=(1e-3, 3e-3, 1e-2), main_lr=3e-3)
 QUICK = dict(hidden=32, batch=64, epochs=4, n_seeds=2, lrs=(3e-3,), main_lr=3e-3)
 BETAS = (0.9, 0.999)
-FADAM_HP = dict(eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1)   # fo.FAdam defaults
+FADAM_HP = dict(eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1)  # fo.FAdam defaults
 
 
 # ---- building blocks: each one line of refimpl/fadam.py, in the parameter dtype ----------------
@@ -121,8 +122,7 @@ RECIPES = {
 METHODS = ("Adam", "AdamW", "FAdam", *(f"ablation: {k}" for k in ABLATIONS))
 
 
-def fadam_ablation_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, weight_decay,
-                          variant=None):
+def fadam_ablation_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, weight_decay, variant=None):
     """FAdam's update with one ablation: ``RECIPES[variant].update``.
 
     ``variant=None`` is FAdam itself (:func:`fisheropt.refimpl.fadam.fadam_update`,
@@ -130,8 +130,21 @@ def fadam_ablation_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, cli
     exactly one design choice. Pure: returns new (theta, m, f)."""
     if variant not in RECIPES:
         raise ValueError(f"unknown ablation {variant!r}; known: {', '.join(ABLATIONS)}")
-    return RECIPES[variant].update(theta, g, m, f, t=t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2,
-                                   clip=clip, p=p, weight_decay=weight_decay)
+    return RECIPES[variant].update(
+        theta,
+        g,
+        m,
+        f,
+        t=t,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        eps2=eps2,
+        clip=clip,
+        p=p,
+        weight_decay=weight_decay,
+    )
 
 
 class FAdamAblation:
@@ -147,8 +160,9 @@ class FAdamAblation:
     def step(self, grads):
         self.step_count += 1
         for theta, g, m, f in zip(self.params, grads, self.m, self.f):
-            theta_new, m_new, f_new = fadam_ablation_update(theta, g, m, f, t=self.step_count,
-                                                            variant=self.variant, **self.hp)
+            theta_new, m_new, f_new = fadam_ablation_update(
+                theta, g, m, f, t=self.step_count, variant=self.variant, **self.hp
+            )
             theta[...], m[...], f[...] = theta_new, m_new, f_new
 
 
@@ -183,7 +197,7 @@ def train_one(method, lr, seed, data, cfg, *, desc=None):
     for epoch in common.progress(range(1, cfg["epochs"] + 1), desc=desc):
         order = rng.permutation(N)
         for start in range(0, N, cfg["batch"]):
-            idx = order[start:start + cfg["batch"]]
+            idx = order[start : start + cfg["batch"]]
             _, grads = model.loss_and_grads(X_tr[idx], y_tr[idx])
             grads = [g / idx.size for g in grads]
             if not all(np.all(np.isfinite(g)) for g in grads):
@@ -212,9 +226,17 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # diverging ablations
                 model, hist = train_one(method, lr, s, data, cfg)
             histories[(method, lr, s)] = hist
-            results.append({"method": method, "lr": lr, "seed": s, "diverged": hist["diverged"],
-                            "train_loss": hist["train_loss"][-1], "test_loss": hist["test_loss"][-1],
-                            "test_acc": hist["test_acc"][-1]})
+            results.append(
+                {
+                    "method": method,
+                    "lr": lr,
+                    "seed": s,
+                    "diverged": hist["diverged"],
+                    "train_loss": hist["train_loss"][-1],
+                    "test_loss": hist["test_loss"][-1],
+                    "test_acc": hist["test_acc"][-1],
+                }
+            )
             if lr == cfg["main_lr"]:
                 for i, p in enumerate(model.params):
                     saved[f"{method}|seed{s}|{i}"] = p.copy()
@@ -222,8 +244,12 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
 
     def summarize(method, lr):
         rows = [r for r in results if r["method"] == method and r["lr"] == lr]
-        return {"method": method, "lr": lr, "diverged": sum(r["diverged"] for r in rows),
-                **common.mean_std_columns(rows, ("train_loss", "test_loss", "test_acc"))}
+        return {
+            "method": method,
+            "lr": lr,
+            "diverged": sum(r["diverged"] for r in rows),
+            **common.mean_std_columns(rows, ("train_loss", "test_loss", "test_acc")),
+        }
 
     main_rows = [summarize(m, cfg["main_lr"]) for m in METHODS]
     sweep_rows = []
@@ -231,8 +257,9 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         row = {"method": m}
         for lr in cfg["lrs"]:
             s = summarize(m, lr)
-            row[f"lr={lr:g}"] = f"{common.fmt(s['test_loss'])} ± {common.fmt(s['test_loss_std'], 2)}" + \
-                                (f" ({s['diverged']} diverged)" if s["diverged"] else "")
+            row[f"lr={lr:g}"] = f"{common.fmt(s['test_loss'])} ± {common.fmt(s['test_loss_std'], 2)}" + (
+                f" ({s['diverged']} diverged)" if s["diverged"] else ""
+            )
         sweep_rows.append(row)
 
     # ---- plots --------------------------------------------------------------
@@ -242,15 +269,31 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         for m in METHODS:
             curves[m], bands[m] = common.seed_band([histories[(m, cfg["main_lr"], s)][key] for s in seeds])
             xs[m] = np.arange(len(curves[m]))
-        plots.append(common.plot_curves(out_dir / f"{key}.png", curves, bands=bands, xs=xs, logy=logy,
-                                        title=f"{label}, lr={cfg['main_lr']:g}, {len(seeds)} seeds (band = min..max)",
-                                        xlabel="epoch", ylabel=label))
+        plots.append(
+            common.plot_curves(
+                out_dir / f"{key}.png",
+                curves,
+                bands=bands,
+                xs=xs,
+                logy=logy,
+                title=f"{label}, lr={cfg['main_lr']:g}, {len(seeds)} seeds (band = min..max)",
+                xlabel="epoch",
+                ylabel=label,
+            )
+        )
     if len(cfg["lrs"]) > 1:
         curves = {m: [summarize(m, lr)["test_loss"] for lr in cfg["lrs"]] for m in METHODS}
-        plots.append(common.plot_curves(out_dir / "lr_sensitivity.png", curves,
-                                        xs={m: list(cfg["lrs"]) for m in METHODS}, logy=True,
-                                        title="final test loss vs learning rate (mean over seeds)",
-                                        xlabel="learning rate", ylabel="test loss"))
+        plots.append(
+            common.plot_curves(
+                out_dir / "lr_sensitivity.png",
+                curves,
+                xs={m: list(cfg["lrs"]) for m in METHODS},
+                logy=True,
+                title="final test loss vs learning rate (mean over seeds)",
+                xlabel="learning rate",
+                ylabel="test loss",
+            )
+        )
 
     # ---- verdict (paired by seed: same init and batch order) -----------------
     by = {r["method"]: r for r in main_rows}
@@ -275,13 +318,20 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
             word = f"{common.DISAGREES}: FAdam's test loss is higher than {base}'s beyond seed noise."
             state = "disagrees"
         else:
-            word, state = (f"{common.INCONCLUSIVE}: no test-loss difference beyond seed noise (consistent with "
-                           f"\"at least as good\", not with \"better\")."), "inconclusive"
+            word, state = (
+                (
+                    f"{common.INCONCLUSIVE}: no test-loss difference beyond seed noise (consistent with "
+                    f'"at least as good", not with "better").'
+                ),
+                "inconclusive",
+            )
         train_word = {-1: "lower", 0: "indistinguishable", 1: "higher"}[p_train["sign"]]
-        lines.append(f"- FAdam vs {base}: test loss {common.fmt(fa['test_loss'])} vs "
-                     f"{common.fmt(by[base]['test_loss'])}, "
-                     f"{diff_text(p_test)}. {word} FAdam's final train loss is {train_word} "
-                     f"({common.fmt(fa['train_loss'])} vs {common.fmt(by[base]['train_loss'])}, {diff_text(p_train)}).")
+        lines.append(
+            f"- FAdam vs {base}: test loss {common.fmt(fa['test_loss'])} vs "
+            f"{common.fmt(by[base]['test_loss'])}, "
+            f"{diff_text(p_test)}. {word} FAdam's final train loss is {train_word} "
+            f"({common.fmt(fa['train_loss'])} vs {common.fmt(by[base]['train_loss'])}, {diff_text(p_train)})."
+        )
         verdict[f"fadam_vs_{base}"] = state
         verdict[f"fadam_vs_{base}_test_loss_diff"] = p_test
     for key in ABLATIONS:
@@ -289,26 +339,49 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         ab = by[name]
         p = cmp(name, "FAdam", "test_loss")
         if ab["diverged"] and not fa["diverged"]:
-            word, state = (f"{common.AGREES}: the ablation diverged in {ab['diverged']}/{len(seeds)} seeds "
-                           "(its losses are from the last finite epoch); FAdam never did."), "agrees"
+            word, state = (
+                (
+                    f"{common.AGREES}: the ablation diverged in {ab['diverged']}/{len(seeds)} seeds "
+                    "(its losses are from the last finite epoch); FAdam never did."
+                ),
+                "agrees",
+            )
         elif p["sign"] > 0:
             word, state = f"{common.AGREES}: removing this choice hurts.", "agrees"
         elif p["sign"] < 0:
             word, state = f"{common.DISAGREES}: the ablation is better than FAdam here.", "disagrees"
         else:
             word, state = f"{common.INCONCLUSIVE}: no difference beyond seed noise.", "inconclusive"
-        lines.append(f"- {ABLATIONS[key]}: test loss {common.fmt(ab['test_loss'])} vs FAdam "
-                     f"{common.fmt(fa['test_loss'])}, "
-                     f"{diff_text(p)}. {word}")
+        lines.append(
+            f"- {ABLATIONS[key]}: test loss {common.fmt(ab['test_loss'])} vs FAdam "
+            f"{common.fmt(fa['test_loss'])}, "
+            f"{diff_text(p)}. {word}"
+        )
         verdict[f"ablation_{key}"] = state
-    lines.append("\n(Comparisons are paired by seed, which fixes the initialisation and the batch order; "
-                 "\"beyond seed noise\" means the 95 % Student-t interval of the mean paired difference excludes 0.)")
+    lines.append(
+        "\n(Comparisons are paired by seed, which fixes the initialisation and the batch order; "
+        '"beyond seed noise" means the 95 % Student-t interval of the mean paired difference excludes 0.)'
+    )
 
-    cols = ["method", "train_loss", "train_loss_std", "test_loss", "test_loss_std", "test_acc", "test_acc_std",
-            "diverged"]
-    heads = {"train_loss": "train loss", "train_loss_std": "± std", "test_loss": "test loss",
-             "test_loss_std": "± std", "test_acc": "test acc", "test_acc_std": "± std",
-             "diverged": "diverged runs"}
+    cols = [
+        "method",
+        "train_loss",
+        "train_loss_std",
+        "test_loss",
+        "test_loss_std",
+        "test_acc",
+        "test_acc_std",
+        "diverged",
+    ]
+    heads = {
+        "train_loss": "train loss",
+        "train_loss_std": "± std",
+        "test_loss": "test loss",
+        "test_loss_std": "± std",
+        "test_acc": "test acc",
+        "test_acc_std": "± std",
+        "diverged": "diverged runs",
+    }
     report = f"""# {TITLE}
 
 {"**Quick mode** (smoke-test sizes; numbers are not meaningful)." if quick else ""}
@@ -320,15 +393,15 @@ its clipping, momentum-after-preconditioning and Fisher-preconditioned weight de
 ## Setup
 
 - Data: scikit-learn's bundled digits (8×8), {data[0].shape[0]} train / {data[2].shape[0]} test,
-  standardised, split seed {seed}. Model: `MLP(64, {cfg['hidden']}, 10)` (tanh), loss = mean
+  standardised, split seed {seed}. Model: `MLP(64, {cfg["hidden"]}, 10)` (tanh), loss = mean
   cross-entropy (the negative log-likelihood, as FAdam requires).
-- {cfg['epochs']} epochs, minibatch {cfg['batch']}, seeds {seeds} (model init and batch order), betas {BETAS}.
-  Learning rates {', '.join(f'{lr:g}' for lr in cfg['lrs'])}; main table at lr={cfg['main_lr']:g}.
-- Methods: {'; '.join(f'**{m}**: {make_optimizer(m, [np.zeros(1)], 1e-3)[1]}' for m in METHODS)}.
+- {cfg["epochs"]} epochs, minibatch {cfg["batch"]}, seeds {seeds} (model init and batch order), betas {BETAS}.
+  Learning rates {", ".join(f"{lr:g}" for lr in cfg["lrs"])}; main table at lr={cfg["main_lr"]:g}.
+- Methods: {"; ".join(f"**{m}**: {make_optimizer(m, [np.zeros(1)], 1e-3)[1]}" for m in METHODS)}.
   Hyperparameters were set once (library defaults) and not tuned toward the paper.
 - Wall time: {elapsed():.1f} s. {common.environment_line()}.
 
-## Results at lr={cfg['main_lr']:g} (mean over {len(seeds)} seeds)
+## Results at lr={cfg["main_lr"]:g} (mean over {len(seeds)} seeds)
 
 {common.markdown_table(main_rows, cols, heads)}
 ## Learning-rate sensitivity: final test loss (mean ± std)
@@ -338,19 +411,34 @@ its clipping, momentum-after-preconditioning and Fisher-preconditioned weight de
 
 {chr(10).join(lines)}
 
-A 64-feature, {cfg['hidden']}-unit MLP on 1.3k images is far from the paper's LLM/ASR settings,
+A 64-feature, {cfg["hidden"]}-unit MLP on 1.3k images is far from the paper's LLM/ASR settings,
 and each method runs with one untuned setting (library defaults) per learning rate.
 
 ## Files
 
 {chr(10).join(f"- `{p.name}`" for p in plots)}
-- `final_params.npz`: final MLP parameters at lr={cfg['main_lr']:g} (keys `method|seed<k>|<param index>`);
+- `final_params.npz`: final MLP parameters at lr={cfg["main_lr"]:g} (keys `method|seed<k>|<param index>`);
   `metrics.json`: every run's numbers and curves.
 """
     common.write_report(out_dir, report)
-    common.save_metrics(out_dir, {"config": cfg, "seeds": seeds, "split_seed": seed, "main": main_rows,
-                                  "runs": results, "verdict": verdict,
-                                  "curves": {f"{m}|{lr}|{s}": h for (m, lr, s), h in histories.items()}})
-    return {"rows": main_rows, "runs": results, "sweep": sweep_rows, "verdict": verdict,
-            "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": common.text_table(main_rows, cols, heads)}
+    common.save_metrics(
+        out_dir,
+        {
+            "config": cfg,
+            "seeds": seeds,
+            "split_seed": seed,
+            "main": main_rows,
+            "runs": results,
+            "verdict": verdict,
+            "curves": {f"{m}|{lr}|{s}": h for (m, lr, s), h in histories.items()},
+        },
+    )
+    return {
+        "rows": main_rows,
+        "runs": results,
+        "sweep": sweep_rows,
+        "verdict": verdict,
+        "plots": [str(p) for p in plots],
+        "report": str(out_dir / "report.md"),
+        "summary": common.text_table(main_rows, cols, heads),
+    }

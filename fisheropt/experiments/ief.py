@@ -13,6 +13,7 @@ and probabilities; every direction comes from :func:`fisheropt.fisher.ngd_direct
 (the loss is the SUM over the batch) and its quality from
 :func:`fisheropt.fisher.relative_quality` with the exact Fisher as a matrix-free operator.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,11 +28,17 @@ from . import _common as common
 
 TITLE = "iEF: quality of natural-gradient approximations during training"
 
-FULL = dict(hidden=32, batch=64, checkpoints=(0, 1, 3, 10, 30), eval_n=64, n_seeds=3,
-            dampings=(1e-6, 1e-4, 1e-2, 1.0, 1e2), lr=1e-3)
-QUICK = dict(hidden=16, batch=64, checkpoints=(0, 2), eval_n=32, n_seeds=2,
-             dampings=(1e-4, 1.0), lr=1e-3)
-KINDS = ("exact", "iEF", "SF", "EF")       # display names; fisher kinds are lower-case
+FULL = dict(
+    hidden=32,
+    batch=64,
+    checkpoints=(0, 1, 3, 10, 30),
+    eval_n=64,
+    n_seeds=3,
+    dampings=(1e-6, 1e-4, 1e-2, 1.0, 1e2),
+    lr=1e-3,
+)
+QUICK = dict(hidden=16, batch=64, checkpoints=(0, 2), eval_n=32, n_seeds=2, dampings=(1e-4, 1.0), lr=1e-3)
+KINDS = ("exact", "iEF", "SF", "EF")  # display names; fisher kinds are lower-case
 
 
 def direction(kind, stats, damping, backend="numpy"):
@@ -52,17 +59,22 @@ def batch_stats(model, X, y, rng):
     probs = model.probs(X)
     J = model.logit_jacobians(X)
     G = model.per_sample_grads(X, y)
-    return {"G": G, "J": J, "probs": probs, "s": fisher.logit_grad_sq_norms(probs, y),
-            "labels_sampled": fisher.sample_labels(probs, 1, seed=rng),
-            "F": fisher.exact_operator(J, probs), "grad": G.sum(axis=0)}
+    return {
+        "G": G,
+        "J": J,
+        "probs": probs,
+        "s": fisher.logit_grad_sq_norms(probs, y),
+        "labels_sampled": fisher.sample_labels(probs, 1, seed=rng),
+        "F": fisher.exact_operator(J, probs),
+        "grad": G.sum(axis=0),
+    }
 
 
 def fisher_top_eigenvalue(F) -> float:
     """Largest eigenvalue of the (summed-loss) exact Fisher, matrix-free (Lanczos)."""
     from scipy.sparse.linalg import eigsh
 
-    return float(eigsh(F, k=1, which="LA", return_eigenvectors=False, tol=1e-6,
-                       v0=np.ones(F.shape[0]))[0])
+    return float(eigsh(F, k=1, which="LA", return_eigenvectors=False, tol=1e-6, v0=np.ones(F.shape[0]))[0])
 
 
 def evaluate_checkpoint(model, X, y, dampings, rng):
@@ -90,7 +102,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
             model = MLP(X_tr.shape[1], cfg["hidden"], 10, seed=s)
             opt = fo.Adam(model.params, lr=cfg["lr"])
             rng = np.random.default_rng([s, 23])
-            eval_idx = rng.choice(N, size=cfg["eval_n"], replace=False)   # fixed per seed
+            eval_idx = rng.choice(N, size=cfg["eval_n"], replace=False)  # fixed per seed
             eval_batches[f"seed{s}"] = eval_idx
             Xe, ye = X_tr[eval_idx], y_tr[eval_idx]
             curve = []
@@ -106,7 +118,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                     break
                 order = rng.permutation(N)
                 for start in range(0, N, cfg["batch"]):
-                    idx = order[start:start + cfg["batch"]]
+                    idx = order[start : start + cfg["batch"]]
                     _, grads = model.loss_and_grads(X_tr[idx], y_tr[idx])
                     opt.step([g / idx.size for g in grads])
                 if hasattr(bar, "update"):
@@ -127,9 +139,14 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     by_epoch = []
     for ep in cfg["checkpoints"]:
         loss = np.mean([r["train_loss"] for r in rows if r["epoch"] == ep])
-        by_epoch.append({"epoch": ep, "train_loss": loss,
-                         "lam_max": float(np.mean([lam_max[(s, ep)] for s in seeds])),
-                         **{k: gmean(q(k, epoch=ep)) for k in KINDS}})
+        by_epoch.append(
+            {
+                "epoch": ep,
+                "train_loss": loss,
+                "lam_max": float(np.mean([lam_max[(s, ep)] for s in seeds])),
+                **{k: gmean(q(k, epoch=ep)) for k in KINDS},
+            }
+        )
     by_damping = [{"damping": lam, **{k: gmean(q(k, damping=lam)) for k in KINDS}} for lam in cfg["dampings"]]
 
     # ---- verdict --------------------------------------------------------------
@@ -143,23 +160,44 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     spreads = {k: _spread(rows, k) for k in KINDS}
     order_ok = ief_lt_sf / n > 0.5 and sf_lt_ef / n > 0.5
     robust_ok = spreads["iEF"] <= min(spreads["EF"], spreads["SF"])
-    verdict = {"cells": n, "iEF<SF": ief_lt_sf, "SF<EF": sf_lt_ef, "iEF<EF": ief_lt_ef,
-               "damping_spread": spreads, "ordering_agrees": bool(order_ok), "robustness_agrees": bool(robust_ok)}
+    verdict = {
+        "cells": n,
+        "iEF<SF": ief_lt_sf,
+        "SF<EF": sf_lt_ef,
+        "iEF<EF": ief_lt_ef,
+        "damping_spread": spreads,
+        "ordering_agrees": bool(order_ok),
+        "robustness_agrees": bool(robust_ok),
+    }
 
     # ---- plots ----------------------------------------------------------------
     plots = []
     lam_mid = cfg["dampings"][len(cfg["dampings"]) // 2]
     curves = {k: [gmean(q(k, epoch=ep, damping=lam_mid)) for ep in cfg["checkpoints"]] for k in KINDS}
-    plots.append(common.plot_curves(out_dir / "quality_vs_epoch.png", curves,
-                                    xs={k: list(cfg["checkpoints"]) for k in KINDS}, logy=True,
-                                    title=f"γ(d)/γ(∇L) during training, damping {lam_mid:g} (geo-mean over seeds)",
-                                    xlabel="epoch (Adam training)", ylabel="relative quality (lower is better)"))
+    plots.append(
+        common.plot_curves(
+            out_dir / "quality_vs_epoch.png",
+            curves,
+            xs={k: list(cfg["checkpoints"]) for k in KINDS},
+            logy=True,
+            title=f"γ(d)/γ(∇L) during training, damping {lam_mid:g} (geo-mean over seeds)",
+            xlabel="epoch (Adam training)",
+            ylabel="relative quality (lower is better)",
+        )
+    )
     curves = {k: [gmean(q(k, damping=lam)) for lam in cfg["dampings"]] for k in KINDS}
     plots.append(_loglog(out_dir / "quality_vs_damping.png", cfg["dampings"], curves))
-    plots.append(common.plot_curves(out_dir / "train_loss.png", {f"seed {s}": c for s, c in train_curves.items()},
-                                    logy=True, xs={f"seed {s}": np.arange(len(c)) for s, c in train_curves.items()},
-                                    title="training loss of the Adam run being probed", xlabel="epoch",
-                                    ylabel="mean CE"))
+    plots.append(
+        common.plot_curves(
+            out_dir / "train_loss.png",
+            {f"seed {s}": c for s, c in train_curves.items()},
+            logy=True,
+            xs={f"seed {s}": np.arange(len(c)) for s, c in train_curves.items()},
+            title="training loss of the Adam run being probed",
+            xlabel="epoch",
+            ylabel="mean CE",
+        )
+    )
 
     ep_cols = ["epoch", "train_loss", "lam_max", *KINDS]
     ep_heads = {"train_loss": "train loss", "lam_max": "λmax(F)"}
@@ -178,11 +216,11 @@ as damping → 0), iEF ≈ exact NG, better than SF, better than EF; iEF is robu
 
 ## Setup
 
-- Digits MLP `MLP(64, {cfg['hidden']}, 10)` trained with `fo.Adam(lr={cfg['lr']})`, minibatch {cfg['batch']},
-  mean CE; seeds {seeds}. At epochs {list(cfg['checkpoints'])}: a fixed batch of {cfg['eval_n']} training
+- Digits MLP `MLP(64, {cfg["hidden"]}, 10)` trained with `fo.Adam(lr={cfg["lr"]})`, minibatch {cfg["batch"]},
+  mean CE; seeds {seeds}. At epochs {list(cfg["checkpoints"])}: a fixed batch of {cfg["eval_n"]} training
   samples (per seed) gives G, J, probs; the loss for the directions is the SUM over that batch.
 - Directions `fisheropt.fisher.ngd_direction(kind, damping=λ)` for kind in exact, iEF, SF (1 sampled
-  label per datum), EF; λ in {list(cfg['dampings'])} (absolute, on the summed loss; for scale, the
+  label per datum), EF; λ in {list(cfg["dampings"])} (absolute, on the summed loss; for scale, the
   table lists λmax(F), the exact Fisher's largest eigenvalue on the probe batch, mean over seeds).
 - Quality `fisheropt.fisher.relative_quality(d, F, ∇L)` with F = `fisher.exact_operator(J, probs)` (undamped).
 - Wall time: {elapsed():.1f} s. {common.environment_line()}.
@@ -200,18 +238,32 @@ Damping sensitivity (mean over seeds and checkpoints of max/min of γ across the
 
 - Ordering over {n} (seed, checkpoint, damping) cells: iEF < SF in {ief_lt_sf}, SF < EF in {sf_lt_ef},
   iEF < EF in {ief_lt_ef}.
-  {common.agreement(order_ok, "iEF beats SF and SF beats EF in most cells.",
-       "the ordering iEF < SF < EF does not hold in most cells (see the counts above).")}
-- Distance to the exact natural gradient (geometric mean over all cells): exact {common.fmt(gap['exact'])},
-  iEF {common.fmt(gap['iEF'])}, SF {common.fmt(gap['SF'])}, EF {common.fmt(gap['EF'])} (1 = plain gradient descent).
-  The closest approximation here is {closest}, {"still well short of" if gap[closest] > 1.2 * gap['exact'] else "close to"}
+  {
+        common.agreement(
+            order_ok,
+            "iEF beats SF and SF beats EF in most cells.",
+            "the ordering iEF < SF < EF does not hold in most cells (see the counts above).",
+        )
+    }
+- Distance to the exact natural gradient (geometric mean over all cells): exact {common.fmt(gap["exact"])},
+  iEF {common.fmt(gap["iEF"])}, SF {common.fmt(gap["SF"])}, EF {common.fmt(gap["EF"])} (1 = plain gradient descent).
+  The closest approximation here is {closest}, {
+        "still well short of" if gap[closest] > 1.2 * gap["exact"] else "close to"
+    }
   the exact direction{" and on average barely better than plain gradient descent" if gap[closest] > 0.9 else ""}.
 - iEF is the best of the three approximations (geometric mean over seeds and checkpoints) at
-  damping {", ".join(f"{lam:g}" for lam in best_at) or "none"}{"; not at " + ", ".join(f"{lam:g}" for lam in not_best_at) if not_best_at else ""}.
-- Damping: {common.agreement(robust_ok, "iEF's quality varies least across the damping grid.",
-                "iEF is not the least damping-sensitive approximation here.")}
+  damping {", ".join(f"{lam:g}" for lam in best_at) or "none"}{
+        "; not at " + ", ".join(f"{lam:g}" for lam in not_best_at) if not_best_at else ""
+    }.
+- Damping: {
+        common.agreement(
+            robust_ok,
+            "iEF's quality varies least across the damping grid.",
+            "iEF is not the least damping-sensitive approximation here.",
+        )
+    }
 
-A {cfg['hidden']}-unit MLP on 8×8 digits, evaluated on {cfg['eval_n']}-sample batches, is far smaller than the
+A {cfg["hidden"]}-unit MLP on 8×8 digits, evaluated on {cfg["eval_n"]}-sample batches, is far smaller than the
 paper's settings; the exact Fisher here is computed, not approximated.
 
 ## Files
@@ -220,13 +272,27 @@ paper's settings; the exact Fisher here is computed, not approximated.
 - `metrics.json`: every (seed, epoch, damping, kind) quality value; `eval_batches.npz`: the probe batches.
 """
     common.write_report(out_dir, report)
-    common.save_metrics(out_dir, {"config": cfg, "seeds": seeds, "rows": rows, "by_epoch": by_epoch,
-                                  "by_damping": by_damping, "verdict": verdict,
-                                  "train_curves": {str(k): v for k, v in train_curves.items()}})
-    return {"rows": by_epoch, "by_damping": by_damping, "raw": rows, "verdict": verdict,
-            "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": common.text_table(by_epoch, ep_cols, ep_heads) + "\n\n"
-                       + common.text_table(by_damping, dp_cols)}
+    common.save_metrics(
+        out_dir,
+        {
+            "config": cfg,
+            "seeds": seeds,
+            "rows": rows,
+            "by_epoch": by_epoch,
+            "by_damping": by_damping,
+            "verdict": verdict,
+            "train_curves": {str(k): v for k, v in train_curves.items()},
+        },
+    )
+    return {
+        "rows": by_epoch,
+        "by_damping": by_damping,
+        "raw": rows,
+        "verdict": verdict,
+        "plots": [str(p) for p in plots],
+        "report": str(out_dir / "report.md"),
+        "summary": common.text_table(by_epoch, ep_cols, ep_heads) + "\n\n" + common.text_table(by_damping, dp_cols),
+    }
 
 
 def _spread(rows, kind) -> float:
@@ -239,6 +305,15 @@ def _spread(rows, kind) -> float:
 
 
 def _loglog(path, dampings, curves):
-    return common.plot_curves(path, curves, xs={k: dampings for k in curves}, logx=True, logy=True, marker="o",
-                              hline=1.0, title="quality vs damping (geo-mean over seeds and checkpoints)",
-                              xlabel="damping λ", ylabel="γ(d)/γ(∇L) (lower is better)")
+    return common.plot_curves(
+        path,
+        curves,
+        xs={k: dampings for k in curves},
+        logx=True,
+        logy=True,
+        marker="o",
+        hline=1.0,
+        title="quality vs damping (geo-mean over seeds and checkpoints)",
+        xlabel="damping λ",
+        ylabel="γ(d)/γ(∇L) (lower is better)",
+    )

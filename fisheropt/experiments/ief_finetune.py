@@ -17,6 +17,7 @@ natural-gradient optimizers are :class:`fisheropt.torch.NaturalGradient` (sum lo
 relative to the mean eigenvalue of the Gram matrix; γ(d)/γ(∇L) logged with the matrix-free exact
 Fisher); AdamW and SGD are ``torch.optim`` on the mean loss.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,14 +35,43 @@ TITLE = "iEF as an optimizer: LoRA fine-tuning of a pretrained MLP (digits 0-4 �
 NGD_KINDS = {"iEF": "ief", "EF": "ef", "SF": "sf", "exact NGD": "exact"}
 OPTIMIZERS = ("iEF", "EF", "SF", "exact NGD", "AdamW", "SGD")
 
-FULL = dict(hidden=128, rank=4, alpha=8.0, pre_epochs=40, epochs=15, batch=64, n_seeds=3, damping=1e-3,
-            dampings=(1e-6, 1e-4, 1e-2, 1e-1, 1.0), sweep_seeds=3, quality_every=4, threads=1,
-            lrs={"iEF": (1.0, 3.0, 10.0, 30.0), "EF": (0.003, 0.01, 0.03, 0.1), "SF": (0.03, 0.1, 0.3),
-                 "exact NGD": (0.03, 0.1, 0.3), "AdamW": (3e-3, 1e-2, 3e-2, 1e-1), "SGD": (0.03, 0.1, 0.3)})
-QUICK = dict(hidden=48, rank=2, alpha=4.0, pre_epochs=6, epochs=1, batch=64, n_seeds=2, damping=1e-3,
-             dampings=(1e-4, 1e-1), sweep_seeds=1, quality_every=3, threads=1,
-             lrs={"iEF": (1.0,), "EF": (0.03,), "SF": (0.03,), "exact NGD": (0.1,), "AdamW": (3e-2,),
-                  "SGD": (0.1,)})
+FULL = dict(
+    hidden=128,
+    rank=4,
+    alpha=8.0,
+    pre_epochs=40,
+    epochs=15,
+    batch=64,
+    n_seeds=3,
+    damping=1e-3,
+    dampings=(1e-6, 1e-4, 1e-2, 1e-1, 1.0),
+    sweep_seeds=3,
+    quality_every=4,
+    threads=1,
+    lrs={
+        "iEF": (1.0, 3.0, 10.0, 30.0),
+        "EF": (0.003, 0.01, 0.03, 0.1),
+        "SF": (0.03, 0.1, 0.3),
+        "exact NGD": (0.03, 0.1, 0.3),
+        "AdamW": (3e-3, 1e-2, 3e-2, 1e-1),
+        "SGD": (0.03, 0.1, 0.3),
+    },
+)
+QUICK = dict(
+    hidden=48,
+    rank=2,
+    alpha=4.0,
+    pre_epochs=6,
+    epochs=1,
+    batch=64,
+    n_seeds=2,
+    damping=1e-3,
+    dampings=(1e-4, 1e-1),
+    sweep_seeds=1,
+    quality_every=3,
+    threads=1,
+    lrs={"iEF": (1.0,), "EF": (0.03,), "SF": (0.03,), "exact NGD": (0.1,), "AdamW": (3e-2,), "SGD": (0.1,)},
+)
 
 
 def _torch():
@@ -91,11 +121,13 @@ def load_tasks(seed=0):
     """Pretraining task (digits 0-4) and fine-tuning task (digits 5-9, relabelled 0-4), float32 tensors."""
     torch = _torch()
     from fisheropt.workloads.models import load_digits_split
+
     X, y, Xt, yt = load_digits_split(seed=seed, dtype=np.float32)
 
     def part(X, y, lo):
         m = (y >= lo) & (y < lo + 5)
         return torch.from_numpy(X[m]), torch.from_numpy(y[m] - lo)
+
     return {"pre": (*part(X, y, 0), *part(Xt, yt, 0)), "fine": (*part(X, y, 5), *part(Xt, yt, 5))}
 
 
@@ -150,13 +182,20 @@ def run_one(cfg, data, backbone, name, lr, seed, damping):
     """Fine-tune with one optimizer; per-epoch training loss, final metrics, timings, γ(d)/γ(∇L)."""
     torch = _torch()
     import fisheropt.torch as fot
+
     X, y, Xt, yt = data["fine"]
     model, trainable = finetune_model(cfg, backbone, seed)
     steps_per_epoch = math.ceil(X.shape[0] / cfg["batch"])
     total = cfg["epochs"] * steps_per_epoch
     if name in NGD_KINDS:
-        opt = fot.NaturalGradient(model, kind=NGD_KINDS[name], lr=lr, damping=damping, params=trainable,
-                                  generator=torch.Generator().manual_seed(7 + seed))
+        opt = fot.NaturalGradient(
+            model,
+            kind=NGD_KINDS[name],
+            lr=lr,
+            damping=damping,
+            params=trainable,
+            generator=torch.Generator().manual_seed(7 + seed),
+        )
     elif name == "AdamW":
         opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
     else:
@@ -172,10 +211,10 @@ def run_one(cfg, data, backbone, name, lr, seed, damping):
             if name in NGD_KINDS:
                 opt.track_quality = k % cfg["quality_every"] == 0
                 try:
-                    with warnings.catch_warnings():      # a diverging run overflows inside the solve, then raises
+                    with warnings.catch_warnings():  # a diverging run overflows inside the solve, then raises
                         warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
                         opt.step(X[idx], y[idx])
-                except ValueError as exc:          # DampingTooSmall (a ValueError): recorded, run stops
+                except ValueError as exc:  # DampingTooSmall (a ValueError): recorded, run stops
                     failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     break
                 if opt.track_quality:
@@ -185,8 +224,11 @@ def run_one(cfg, data, backbone, name, lr, seed, damping):
                 torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
                 opt.step()
             sched.step()
-            step_times.append(time.perf_counter() - t - (opt.last_stats.get("time_quality", 0.0)
-                                                         if name in NGD_KINDS and opt.track_quality else 0.0))
+            step_times.append(
+                time.perf_counter()
+                - t
+                - (opt.last_stats.get("time_quality", 0.0) if name in NGD_KINDS and opt.track_quality else 0.0)
+            )
             k += 1
         if failure:
             break
@@ -197,12 +239,24 @@ def run_one(cfg, data, backbone, name, lr, seed, damping):
     if failure or not math.isfinite(train_loss):
         train_loss = test_loss = math.nan
     diverged = failure is not None or not math.isfinite(train_loss0) or train_loss0 > curve[0]
-    return {"optimizer": name, "lr": lr, "seed": seed, "damping": damping if name in NGD_KINDS else math.nan,
-            "diverged": bool(diverged), "early_loss": curve[min(len(curve) - 1, max(1, cfg["epochs"] // 5))],
-            "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
-            "wall_s": float(np.sum(step_times)),
-            "step_ms": 1e3 * float(np.median(step_times)) if step_times else math.nan,
-            "curve": curve, "quality": quality, "failure": failure, "steps": k}
+    return {
+        "optimizer": name,
+        "lr": lr,
+        "seed": seed,
+        "damping": damping if name in NGD_KINDS else math.nan,
+        "diverged": bool(diverged),
+        "early_loss": curve[min(len(curve) - 1, max(1, cfg["epochs"] // 5))],
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "wall_s": float(np.sum(step_times)),
+        "step_ms": 1e3 * float(np.median(step_times)) if step_times else math.nan,
+        "curve": curve,
+        "quality": quality,
+        "failure": failure,
+        "steps": k,
+    }
 
 
 def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
@@ -225,6 +279,7 @@ def _mean(rows, key):
 
 def _run(cfg, quick, out_dir, seed):
     import fisheropt.torch as fot
+
     data = load_tasks(seed=0)
     seeds = [seed + i for i in range(cfg["n_seeds"])]
     with C.stopwatch() as elapsed:
@@ -233,8 +288,11 @@ def _run(cfg, quick, out_dir, seed):
         P = sum(p.numel() for p in trainable)
         P_total = sum(p.numel() for p in backbone.parameters())
         runs = []
-        bar = C.progress(total=sum(len(cfg["lrs"][o]) for o in OPTIMIZERS) * len(seeds)
-                         + len(NGD_KINDS) * len(cfg["dampings"]) * cfg["sweep_seeds"], desc="ief-finetune")
+        bar = C.progress(
+            total=sum(len(cfg["lrs"][o]) for o in OPTIMIZERS) * len(seeds)
+            + len(NGD_KINDS) * len(cfg["dampings"]) * cfg["sweep_seeds"],
+            desc="ief-finetune",
+        )
         for name in OPTIMIZERS:
             for lr in cfg["lrs"][name]:
                 for s in seeds:
@@ -243,14 +301,16 @@ def _run(cfg, quick, out_dir, seed):
                         bar.update(1)
         best_lr = {}
         for name in OPTIMIZERS:
-            scores = {lr: _mean([r for r in runs if r["optimizer"] == name and r["lr"] == lr], "train_loss")
-                      for lr in cfg["lrs"][name]}
+            scores = {
+                lr: _mean([r for r in runs if r["optimizer"] == name and r["lr"] == lr], "train_loss")
+                for lr in cfg["lrs"][name]
+            }
             finite = {lr: v for lr, v in scores.items() if math.isfinite(v)}
             best_lr[name] = min(finite, key=finite.get) if finite else cfg["lrs"][name][0]
         sweep = []
         for name in NGD_KINDS:
             for lam in cfg["dampings"]:
-                for s in seeds[:cfg["sweep_seeds"]]:
+                for s in seeds[: cfg["sweep_seeds"]]:
                     sweep.append(run_one(cfg, data, backbone, name, best_lr[name], s, lam))
                     if hasattr(bar, "update"):
                         bar.update(1)
@@ -268,21 +328,38 @@ def _run(cfg, quick, out_dir, seed):
         q = [v for r in rs for _, v in r["quality"]]
         tl = C.mean_std([r["train_loss"] for r in rs])
         ta = C.mean_std([r["test_acc"] for r in rs])
-        main.append({"optimizer": name, "lr": best_lr[name], "early": _mean(rs, "early_loss"),
-                     "train_loss": tl[0], "train_sd": tl[1],
-                     "test_acc": ta[0], "test_sd": ta[1], "test_loss": _mean(rs, "test_loss"),
-                     "step_ms": _mean(rs, "step_ms"), "wall_s": _mean(rs, "wall_s"),
-                     "quality": float(np.median(q)) if q else (1.0 if name == "SGD" else math.nan),
-                     "failures": sum(r["failure"] is not None for r in rs),
-                     "diverged": sum(r["diverged"] for r in rs)})
+        main.append(
+            {
+                "optimizer": name,
+                "lr": best_lr[name],
+                "early": _mean(rs, "early_loss"),
+                "train_loss": tl[0],
+                "train_sd": tl[1],
+                "test_acc": ta[0],
+                "test_sd": ta[1],
+                "test_loss": _mean(rs, "test_loss"),
+                "step_ms": _mean(rs, "step_ms"),
+                "wall_s": _mean(rs, "wall_s"),
+                "quality": float(np.median(q)) if q else (1.0 if name == "SGD" else math.nan),
+                "failures": sum(r["failure"] is not None for r in rs),
+                "diverged": sum(r["diverged"] for r in rs),
+            }
+        )
     grid = []
     for name in OPTIMIZERS:
         for lr in cfg["lrs"][name]:
             rs = [r for r in runs if r["optimizer"] == name and r["lr"] == lr]
-            grid.append({"optimizer": name, "lr": lr, "early": _mean(rs, "early_loss"),
-                         "train_loss": _mean(rs, "train_loss"),
-                         "test_acc": _mean(rs, "test_acc"), "diverged": sum(r["diverged"] for r in rs),
-                         "best": "←" if lr == best_lr[name] else ""})
+            grid.append(
+                {
+                    "optimizer": name,
+                    "lr": lr,
+                    "early": _mean(rs, "early_loss"),
+                    "train_loss": _mean(rs, "train_loss"),
+                    "test_acc": _mean(rs, "test_acc"),
+                    "diverged": sum(r["diverged"] for r in rs),
+                    "best": "←" if lr == best_lr[name] else "",
+                }
+            )
     damp_rows = []
     for name in NGD_KINDS:
         row = {"optimizer": name, "lr": best_lr[name]}
@@ -290,8 +367,13 @@ def _run(cfg, quick, out_dir, seed):
             rs = [r for r in sweep if r["optimizer"] == name and r["damping"] == lam]
             too_small = sum((r["failure"] or "").startswith("DampingTooSmall") for r in rs)
             bad = sum(r["diverged"] for r in rs)
-            row[f"{lam:g}"] = ("raises DampingTooSmall" if too_small == len(rs) else "diverged" if bad == len(rs)
-                               else _mean([r for r in rs if not r["diverged"]], "train_loss"))
+            row[f"{lam:g}"] = (
+                "raises DampingTooSmall"
+                if too_small == len(rs)
+                else "diverged"
+                if bad == len(rs)
+                else _mean([r for r in rs if not r["diverged"]], "train_loss")
+            )
             row[f"acc {lam:g}"] = _mean(rs, "test_acc")
         damp_rows.append(row)
 
@@ -305,11 +387,21 @@ def _run(cfg, quick, out_dir, seed):
                 rs = [r for r in sweep if r["optimizer"] == name and r["damping"] == lam]
                 if all(r["failure"] is None for r in rs):
                     options.append((lam, rs))
-        lam, rs = min(options, key=lambda o: _mean(o[1], "train_loss") if math.isfinite(_mean(o[1], "train_loss"))
-                      else math.inf)
+        lam, rs = min(
+            options, key=lambda o: _mean(o[1], "train_loss") if math.isfinite(_mean(o[1], "train_loss")) else math.inf
+        )
         tl, ta = C.mean_std([r["train_loss"] for r in rs]), C.mean_std([r["test_acc"] for r in rs])
-        tuned.append({"optimizer": name, "lr": best_lr[name], "damping": lam if name in NGD_KINDS else "",
-                      "train_loss": tl[0], "train_sd": tl[1], "test_acc": ta[0], "test_sd": ta[1]})
+        tuned.append(
+            {
+                "optimizer": name,
+                "lr": best_lr[name],
+                "damping": lam if name in NGD_KINDS else "",
+                "train_loss": tl[0],
+                "train_sd": tl[1],
+                "test_acc": ta[0],
+                "test_sd": ta[1],
+            }
+        )
     tuned_lowest = min((r for r in tuned if math.isfinite(r["train_loss"])), key=lambda r: r["train_loss"])["optimizer"]
     tuned_top = max(r["test_acc"] for r in tuned)
     tuned_best_acc = [r["optimizer"] for r in tuned if r["test_acc"] >= tuned_top - 1e-12]
@@ -322,10 +414,15 @@ def _run(cfg, quick, out_dir, seed):
             continue
         kmax = max(k for k, _ in pts) + 1
         thirds = [[v for k, v in pts if int(3 * k / kmax) == i] for i in range(3)]
-        q_rows.append({"optimizer": name, "early": float(np.median(thirds[0])) if thirds[0] else math.nan,
-                       "middle": float(np.median(thirds[1])) if thirds[1] else math.nan,
-                       "late": float(np.median(thirds[2])) if thirds[2] else math.nan,
-                       "all": float(np.median([v for _, v in pts]))})
+        q_rows.append(
+            {
+                "optimizer": name,
+                "early": float(np.median(thirds[0])) if thirds[0] else math.nan,
+                "middle": float(np.median(thirds[1])) if thirds[1] else math.nan,
+                "late": float(np.median(thirds[2])) if thirds[2] else math.nan,
+                "all": float(np.median([v for _, v in pts])),
+            }
+        )
 
     # ---- verdicts -----------------------------------------------------------------
     by = {r["optimizer"]: r for r in main}
@@ -336,8 +433,10 @@ def _run(cfg, quick, out_dir, seed):
     # the fastest start over each optimizer's whole lr grid (the lr chosen for the final loss may start slowly)
     early_best = {}
     for name in OPTIMIZERS:
-        vals = [(_mean([r for r in runs if r["optimizer"] == name and r["lr"] == lr], "early_loss"), lr)
-                for lr in cfg["lrs"][name]]
+        vals = [
+            (_mean([r for r in runs if r["optimizer"] == name and r["lr"] == lr], "early_loss"), lr)
+            for lr in cfg["lrs"][name]
+        ]
         vals = [v for v in vals if math.isfinite(v[0])]
         early_best[name] = min(vals) if vals else (math.nan, math.nan)
     early_grid_lowest = min((n for n in OPTIMIZERS if math.isfinite(early_best[n][0])), key=lambda n: early_best[n][0])
@@ -345,32 +444,59 @@ def _run(cfg, quick, out_dir, seed):
     acc_vs_adamw = C.paired_difference([r["test_acc"] for r in best("iEF")], [r["test_acc"] for r in best("AdamW")])
 
     def spread(name):
-        vals = [v for k, v in next(r for r in damp_rows if r["optimizer"] == name).items()
-                if k not in ("optimizer", "lr") and not k.startswith("acc") and isinstance(v, float)
-                and math.isfinite(v)]
-        n_raise = sum(1 for k, v in next(r for r in damp_rows if r["optimizer"] == name).items() if isinstance(v, str)
-                      and k not in ("optimizer",))
+        vals = [
+            v
+            for k, v in next(r for r in damp_rows if r["optimizer"] == name).items()
+            if k not in ("optimizer", "lr") and not k.startswith("acc") and isinstance(v, float) and math.isfinite(v)
+        ]
+        n_raise = sum(
+            1
+            for k, v in next(r for r in damp_rows if r["optimizer"] == name).items()
+            if isinstance(v, str) and k not in ("optimizer",)
+        )
         return (max(vals) / min(vals) if len(vals) > 1 and min(vals) > 0 else math.nan), n_raise
+
     spreads = {name: spread(name) for name in NGD_KINDS}
     ief_spread = spreads["iEF"][0]
     # robust: iEF never diverges or raises on the grid, and varies no more than any kind that never does either
-    robust = (math.isfinite(ief_spread) and spreads["iEF"][1] == 0
-              and all(spreads[n][1] > 0 or not ief_spread > spreads[n][0] for n in NGD_KINDS if n != "iEF"))
+    robust = (
+        math.isfinite(ief_spread)
+        and spreads["iEF"][1] == 0
+        and all(spreads[n][1] > 0 or not ief_spread > spreads[n][0] for n in NGD_KINDS if n != "iEF")
+    )
     qd = {r["optimizer"]: r["all"] for r in q_rows}
-    verdict = {"lowest_train_loss": lowest, "lowest_early_train_loss": early_lowest,
-               "early_best_over_grid": early_best, "early_grid_lowest": early_grid_lowest, "best_test_acc": best_acc,
-               "iEF_minus_AdamW_train_loss": ief_vs_adamw,
-               "iEF_minus_AdamW_test_acc": acc_vs_adamw, "damping_spread": spreads, "iEF_most_robust": bool(robust),
-               "quality": qd, "tuned_lowest_train_loss": tuned_lowest, "tuned_best_test_acc": tuned_best_acc}
+    verdict = {
+        "lowest_train_loss": lowest,
+        "lowest_early_train_loss": early_lowest,
+        "early_best_over_grid": early_best,
+        "early_grid_lowest": early_grid_lowest,
+        "best_test_acc": best_acc,
+        "iEF_minus_AdamW_train_loss": ief_vs_adamw,
+        "iEF_minus_AdamW_test_acc": acc_vs_adamw,
+        "damping_spread": spreads,
+        "iEF_most_robust": bool(robust),
+        "quality": qd,
+        "tuned_lowest_train_loss": tuned_lowest,
+        "tuned_best_test_acc": tuned_best_acc,
+    }
 
     # ---- plots --------------------------------------------------------------------
     plots = []
-    curves = {n: np.mean([r["curve"] for r in best(n) if len(r["curve"]) == cfg["epochs"] + 1] or [[math.nan]], axis=0)
-              for n in OPTIMIZERS}
-    plots.append(C.plot_curves(out_dir / "train_loss.png", curves, logy=True,
-                               xs={n: np.arange(len(c)) for n, c in curves.items()},
-                               title="LoRA fine-tuning: training loss at each optimizer's best lr (mean over seeds)",
-                               xlabel="epoch", ylabel="mean cross-entropy (train)"))
+    curves = {
+        n: np.mean([r["curve"] for r in best(n) if len(r["curve"]) == cfg["epochs"] + 1] or [[math.nan]], axis=0)
+        for n in OPTIMIZERS
+    }
+    plots.append(
+        C.plot_curves(
+            out_dir / "train_loss.png",
+            curves,
+            logy=True,
+            xs={n: np.arange(len(c)) for n, c in curves.items()},
+            title="LoRA fine-tuning: training loss at each optimizer's best lr (mean over seeds)",
+            xlabel="epoch",
+            ylabel="mean cross-entropy (train)",
+        )
+    )
     qcurves, qxs = {}, {}
     for name in NGD_KINDS:
         pts = {}
@@ -381,22 +507,54 @@ def _run(cfg, quick, out_dir, seed):
             ks = sorted(pts)
             qxs[name], qcurves[name] = ks, [float(np.median(pts[k])) for k in ks]
     if qcurves:
-        plots.append(C.plot_curves(out_dir / "quality.png", qcurves, xs=qxs, logy=True,
-                                   title="γ(d)/γ(∇L) along training (exact Fisher, matrix-free; < 1 beats SGD)",
-                                   xlabel="step", ylabel="relative quality (lower is better)"))
+        plots.append(
+            C.plot_curves(
+                out_dir / "quality.png",
+                qcurves,
+                xs=qxs,
+                logy=True,
+                title="γ(d)/γ(∇L) along training (exact Fisher, matrix-free; < 1 beats SGD)",
+                xlabel="step",
+                ylabel="relative quality (lower is better)",
+            )
+        )
     plots.append(_damping_plot(out_dir / "damping_sweep.png", cfg["dampings"], damp_rows))
 
-    cols = ["optimizer", "lr", "early", "train_loss", "train_sd", "test_acc", "test_sd", "test_loss", "diverged",
-            "step_ms", "wall_s", "quality"]
+    cols = [
+        "optimizer",
+        "lr",
+        "early",
+        "train_loss",
+        "train_sd",
+        "test_acc",
+        "test_sd",
+        "test_loss",
+        "diverged",
+        "step_ms",
+        "wall_s",
+        "quality",
+    ]
     early_epoch = max(1, cfg["epochs"] // 5)
-    heads = {"early": f"train loss @ epoch {early_epoch}", "diverged": "diverged seeds",
-             "train_loss": "train loss", "train_sd": "± sd", "test_acc": "test acc", "test_sd": "± sd",
-             "test_loss": "test loss", "step_ms": "ms/step", "wall_s": "train s", "quality": "median γ(d)/γ(∇L)"}
+    heads = {
+        "early": f"train loss @ epoch {early_epoch}",
+        "diverged": "diverged seeds",
+        "train_loss": "train loss",
+        "train_sd": "± sd",
+        "test_acc": "test acc",
+        "test_sd": "± sd",
+        "test_loss": "test loss",
+        "step_ms": "ms/step",
+        "wall_s": "train s",
+        "quality": "median γ(d)/γ(∇L)",
+    }
     dcols = ["optimizer", "lr", *[f"{lam:g}" for lam in cfg["dampings"]]]
     acols = ["optimizer", *[f"acc {lam:g}" for lam in cfg["dampings"]]]
     ief_sd = f"{C.fmt(ief_vs_adamw['mean'])} ± {C.fmt(ief_vs_adamw['t'] * ief_vs_adamw['se'])}"
-    sign_text = {-1: "lower than AdamW beyond seed noise", 1: "higher than AdamW beyond seed noise",
-                 0: "not distinguishable from AdamW's at this number of seeds"}
+    sign_text = {
+        -1: "lower than AdamW beyond seed noise",
+        1: "higher than AdamW beyond seed noise",
+        0: "not distinguishable from AdamW's at this number of seeds",
+    }
     report = f"""# {TITLE}
 
 {"**Quick mode** (smoke-test sizes; numbers are not meaningful)." if quick else ""}
@@ -407,22 +565,22 @@ and is robust to damping; its direction approximates the exact natural gradient 
 
 ## Setup
 
-- Pretraining (in the experiment): MLP 64-{cfg['hidden']}-{cfg['hidden']}-5 (tanh), all {P_total} parameters,
-  `torch.optim.Adam(lr=3e-3)`, {cfg['pre_epochs']} epochs on the digits 0-4 of scikit-learn's bundled digits
+- Pretraining (in the experiment): MLP 64-{cfg["hidden"]}-{cfg["hidden"]}-5 (tanh), all {P_total} parameters,
+  `torch.optim.Adam(lr=3e-3)`, {cfg["pre_epochs"]} epochs on the digits 0-4 of scikit-learn's bundled digits
   (test accuracy {C.fmt(pre_acc)}).
-- Fine-tuning: digits 5-9 ({data['fine'][0].shape[0]} training, {data['fine'][2].shape[0]} test samples), a new
+- Fine-tuning: digits 5-9 ({data["fine"][0].shape[0]} training, {data["fine"][2].shape[0]} test samples), a new
   5-way head,
-  LoRA adapters (rank {cfg['rank']}, α = {cfg['alpha']:g}, B = 0 at the start) on both hidden layers, the pretrained
-  weights frozen: **P = {P} trainable parameters** (adapters + head). {cfg['epochs']} epochs of batches of
-  {cfg['batch']}, cosine learning-rate schedule to 0 (`LambdaLR`), seeds {seeds} (adapter/head init and batch order).
-- Optimizers: `fisheropt.torch.NaturalGradient(model, kind=..., params=lora_and_head, damping={cfg['damping']:g})`
+  LoRA adapters (rank {cfg["rank"]}, α = {cfg["alpha"]:g}, B = 0 at the start) on both hidden layers, the pretrained
+  weights frozen: **P = {P} trainable parameters** (adapters + head). {cfg["epochs"]} epochs of batches of
+  {cfg["batch"]}, cosine learning-rate schedule to 0 (`LambdaLR`), seeds {seeds} (adapter/head init and batch order).
+- Optimizers: `fisheropt.torch.NaturalGradient(model, kind=..., params=lora_and_head, damping={cfg["damping"]:g})`
   (damping relative to the mean eigenvalue of the Gram matrix, sum loss, SF with one sampled label per
   sample, exact NGD through J and the Woodbury solve of `fisheropt.fisher.ngd_direction` since J is small here);
   `torch.optim.AdamW(weight_decay=0.01)` and `torch.optim.SGD(momentum=0.9)` on the mean loss. Each optimizer's
   learning rate is the best of its grid by mean final training loss (table below).
-- γ(d)/γ(∇L) (exact Fisher, matrix-free `FisherOperator`, on the step's batch) every {cfg['quality_every']} steps;
+- γ(d)/γ(∇L) (exact Fisher, matrix-free `FisherOperator`, on the step's batch) every {cfg["quality_every"]} steps;
   the time it takes is excluded from ms/step. Wall time of the whole experiment: {wall:.1f} s; torch threads
-  {cfg['threads']}. {C.environment_line()}.
+  {cfg["threads"]}. {C.environment_line()}.
 
 ## Results at each optimizer's best learning rate (mean over {len(seeds)} seeds)
 
@@ -437,18 +595,33 @@ Lowest training loss: **{tuned_lowest}**; best test accuracy: {", ".join(tuned_b
 
 ## Learning-rate grid (mean over seeds; ← the lr used above; a diverged seed ends above its initial loss)
 
-{C.markdown_table(grid, ["optimizer", "lr", "early", "train_loss", "test_acc", "diverged", "best"],
-                  {"early": f"train loss @ epoch {early_epoch}", "train_loss": "final train loss",
-                   "test_acc": "test acc", "diverged": "diverged seeds", "best": ""})}
-## Damping sweep (relative damping; final training loss, each kind at its best lr; {cfg['sweep_seeds']} seed(s))
+{
+        C.markdown_table(
+            grid,
+            ["optimizer", "lr", "early", "train_loss", "test_acc", "diverged", "best"],
+            {
+                "early": f"train loss @ epoch {early_epoch}",
+                "train_loss": "final train loss",
+                "test_acc": "test acc",
+                "diverged": "diverged seeds",
+                "best": "",
+            },
+        )
+    }
+## Damping sweep (relative damping; final training loss, each kind at its best lr; {cfg["sweep_seeds"]} seed(s))
 
 {C.markdown_table(damp_rows, dcols)}
 Test accuracy in the same runs:
 
 {C.markdown_table(damp_rows, acols)}
 Spread (max/min final training loss over the damping grid; 1 = insensitive):
-{", ".join(f"{n} {C.fmt(s[0])}" + (f" (and {s[1]} of {len(cfg['dampings'])} dampings diverge or raise)" if s[1] else "")
-           for n, s in spreads.items())}.
+{
+        ", ".join(
+            f"{n} {C.fmt(s[0])}"
+            + (f" (and {s[1]} of {len(cfg['dampings'])} dampings diverge or raise)" if s[1] else "")
+            for n, s in spreads.items()
+        )
+    }.
 
 ## γ(d)/γ(∇L) along training (median over seeds; thirds of the run)
 
@@ -456,28 +629,46 @@ Spread (max/min final training loss over the damping grid; 1 = insensitive):
 ## Verdict
 
 - Training loss: lowest for **{lowest}**. iEF − AdamW (paired over seeds): {ief_sd} (95 % interval),
-  {sign_text[ief_vs_adamw['sign']]}.
-  {C.agreement(lowest == "iEF" or (lowest == "exact NGD" and by["iEF"]["train_loss"] <= by["AdamW"]["train_loss"]),
-               "iEF reaches the lowest training loss of the practical optimizers, below well-tuned AdamW.",
-               f"{lowest} reaches a lower training loss than iEF at this scale.")}
-- Early in training (after epoch {early_epoch} of {cfg['epochs']}), at the lrs above, the lowest training loss is
+  {sign_text[ief_vs_adamw["sign"]]}.
+  {
+        C.agreement(
+            lowest == "iEF" or (lowest == "exact NGD" and by["iEF"]["train_loss"] <= by["AdamW"]["train_loss"]),
+            "iEF reaches the lowest training loss of the practical optimizers, below well-tuned AdamW.",
+            f"{lowest} reaches a lower training loss than iEF at this scale.",
+        )
+    }
+- Early in training (after epoch {early_epoch} of {cfg["epochs"]}), at the lrs above, the lowest training loss is
   **{early_lowest}**'s ({", ".join(f"{r['optimizer']} {C.fmt(r['early'])}" for r in main)}); the best early loss
   over each whole lr grid: {", ".join(f"{n} {C.fmt(v[0])} (lr {C.fmt(v[1])})" for n, v in early_best.items())}:
   lowest for **{early_grid_lowest}**.
-- Test accuracy: best for {", ".join(best_acc)} (iEF {C.fmt(by['iEF']['test_acc'])},
-  AdamW {C.fmt(by['AdamW']['test_acc'])};
-  iEF − AdamW {C.fmt(acc_vs_adamw['mean'])} ± {C.fmt(acc_vs_adamw['t'] * acc_vs_adamw['se'])}).
-  {C.agreement("iEF" in best_acc, "iEF is (joint) best on test accuracy.",
-               "iEF is not the best on test accuracy here (with a few hundred test samples, differences of one or two "
-               "samples are within noise).")}
-- Damping: {C.agreement(robust, "iEF trains at every damping of the grid (none diverges or raises) and its "
-                        "final loss varies no more than that of any other natural-gradient optimizer that also "
-                        "never diverges.",
-                        "iEF is not the least damping-sensitive of the natural-gradient optimizers here.")}
+- Test accuracy: best for {", ".join(best_acc)} (iEF {C.fmt(by["iEF"]["test_acc"])},
+  AdamW {C.fmt(by["AdamW"]["test_acc"])};
+  iEF − AdamW {C.fmt(acc_vs_adamw["mean"])} ± {C.fmt(acc_vs_adamw["t"] * acc_vs_adamw["se"])}).
+  {
+        C.agreement(
+            "iEF" in best_acc,
+            "iEF is (joint) best on test accuracy.",
+            "iEF is not the best on test accuracy here (with a few hundred test samples, differences of one or two "
+            "samples are within noise).",
+        )
+    }
+- Damping: {
+        C.agreement(
+            robust,
+            "iEF trains at every damping of the grid (none diverges or raises) and its "
+            "final loss varies no more than that of any other natural-gradient optimizer that also "
+            "never diverges.",
+            "iEF is not the least damping-sensitive of the natural-gradient optimizers here.",
+        )
+    }
 - Direction quality (median γ(d)/γ(∇L)): {", ".join(f"{n} {C.fmt(v)}" for n, v in qd.items())} (SGD = 1).
-  {C.agreement(qd.get("iEF", math.inf) < qd.get("EF", math.inf),
-               "iEF's direction is closer to the exact natural gradient than EF's.",
-               "EF's direction is as close or closer than iEF's here.")}
+  {
+        C.agreement(
+            qd.get("iEF", math.inf) < qd.get("EF", math.inf),
+            "iEF's direction is closer to the exact natural gradient than EF's.",
+            "EF's direction is as close or closer than iEF's here.",
+        )
+    }
 
 A {P}-parameter adapter on 8×8 digits is orders of magnitude below the paper's LoRA/prompt-tuning of
 T5/ViT models; read the verdicts as what happens at this scale.
@@ -488,15 +679,39 @@ T5/ViT models; read the verdicts as what happens at this scale.
 - `metrics.json`: every run (optimizer, lr, seed, damping, curves, γ values, failures).
 """
     C.write_report(out_dir, report)
-    C.save_metrics(out_dir, {"config": cfg, "seeds": seeds, "P": P, "pretrain_test_acc": pre_acc, "best_lr": best_lr,
-                             "main": main, "tuned": tuned, "lr_grid": grid, "damping_sweep": damp_rows,
-                             "quality": q_rows,
-                             "verdict": verdict, "runs": runs, "sweep_runs": sweep, "wall_s": wall,
-                             "api": fot.NaturalGradient.__module__})
-    return {"rows": main, "tuned": tuned, "lr_grid": grid, "damping_sweep": damp_rows, "quality": q_rows,
+    C.save_metrics(
+        out_dir,
+        {
+            "config": cfg,
+            "seeds": seeds,
+            "P": P,
+            "pretrain_test_acc": pre_acc,
+            "best_lr": best_lr,
+            "main": main,
+            "tuned": tuned,
+            "lr_grid": grid,
+            "damping_sweep": damp_rows,
+            "quality": q_rows,
             "verdict": verdict,
-            "runs": runs, "sweep_runs": sweep, "plots": [str(p) for p in plots], "report": str(out_dir / "report.md"),
-            "summary": C.text_table(main, cols, heads) + "\n\n" + C.text_table(damp_rows, dcols)}
+            "runs": runs,
+            "sweep_runs": sweep,
+            "wall_s": wall,
+            "api": fot.NaturalGradient.__module__,
+        },
+    )
+    return {
+        "rows": main,
+        "tuned": tuned,
+        "lr_grid": grid,
+        "damping_sweep": damp_rows,
+        "quality": q_rows,
+        "verdict": verdict,
+        "runs": runs,
+        "sweep_runs": sweep,
+        "plots": [str(p) for p in plots],
+        "report": str(out_dir / "report.md"),
+        "summary": C.text_table(main, cols, heads) + "\n\n" + C.text_table(damp_rows, dcols),
+    }
 
 
 def _damping_plot(path, dampings, rows):

@@ -23,6 +23,7 @@ Natural-gradient pieces: :mod:`fisheropt.optax.natural_gradient`.
 Needs ``pip install "fisheropt[jax]"`` (jax, optax). Numerics: spec/conventions.md, with
 x64 disabled as described in ``fisheropt/optax/_numerics.py``.
 """
+
 from __future__ import annotations
 
 try:
@@ -52,9 +53,22 @@ BUILDING_BLOCKS = {name: transforms.block(name) for name, (rule, _) in BLOCKS.it
 globals().update(TRANSFORMS)
 globals().update(BUILDING_BLOCKS)
 
-__all__ = [*TRANSFORMS, *BUILDING_BLOCKS, "TRANSFORMS", "BUILDING_BLOCKS", "FACTORISATIONS", "compute_dtype",
-           "natural_gradient", "per_sample_grads", "logit_grad_sq_norms", "ef_direction", "ief_direction",
-           "fisher_matvec", "exact_direction", "MissingRule"]
+__all__ = [
+    *TRANSFORMS,
+    *BUILDING_BLOCKS,
+    "TRANSFORMS",
+    "BUILDING_BLOCKS",
+    "FACTORISATIONS",
+    "compute_dtype",
+    "natural_gradient",
+    "per_sample_grads",
+    "logit_grad_sq_norms",
+    "ef_direction",
+    "ief_direction",
+    "fisher_matvec",
+    "exact_direction",
+    "MissingRule",
+]
 
 
 def __getattr__(name):
@@ -64,5 +78,6 @@ def __getattr__(name):
         raise MissingRule(
             f"fisheropt.optax.{name} needs the update rule {rule!r} in the registry "
             f"(fisheropt.refimpl.RULES, a refimpl/{rule}.py defining RULE); this installation has only "
-            f"{', '.join(RULES)}")
+            f"{', '.join(RULES)}"
+        )
     raise AttributeError(f"module 'fisheropt.optax' has no attribute {name!r}")

@@ -32,6 +32,7 @@ Both produce values of the scalar classes below, which the rules round with
 ``.round(dtype)``. XLA:CPU flushes subnormal numbers to zero (inputs and results); no
 float arithmetic here can change that (see spec/vectors.md, "Functional implementations").
 """
+
 from __future__ import annotations
 
 import math
@@ -42,10 +43,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["x64_enabled", "numbers", "F64", "DD", "rms", "rms_of", "column_mean_of_squares",
-           "adaptive_epsilon", "clip_scale", "power"]
+__all__ = [
+    "x64_enabled",
+    "numbers",
+    "F64",
+    "DD",
+    "rms",
+    "rms_of",
+    "column_mean_of_squares",
+    "adaptive_epsilon",
+    "clip_scale",
+    "power",
+]
 
-_MASK32 = np.uint32(0xFFFFF000)   # keeps sign, exponent and the top 11 stored bits: a 12-bit significand
+_MASK32 = np.uint32(0xFFFFF000)  # keeps sign, exponent and the top 11 stored bits: a 12-bit significand
 
 
 def x64_enabled() -> bool:
@@ -117,7 +128,6 @@ class F64:
     def one_minus_pow(beta: float, n) -> F64:
         """1 − βⁿ as the reference computes it: ``1 - beta**n`` in float64 (n ≥ 0, traced int)."""
         return F64(1.0 - jnp.power(jnp.float64(beta), jnp.asarray(n).astype(jnp.float64)))
-
 
 
 # ---- float-float (x64 disabled) ---------------------------------------------------------------
@@ -260,13 +270,17 @@ class DD:
             if beta == 0.0:
                 P[k], C[k] = 0.0, 1.0
             else:
-                x = math.ldexp(math.log(beta), k)         # 2^k · ln β (exact scaling)
+                x = math.ldexp(math.log(beta), k)  # 2^k · ln β (exact scaling)
                 P[k], C[k] = math.exp(x), -math.expm1(x)
         if beta != 0.0:
-            P[0], C[0] = beta, 1.0 - beta                 # exact for β ≥ 1/2 (Sterbenz), as the reference
+            P[0], C[0] = beta, 1.0 - beta  # exact for β ≥ 1/2 (Sterbenz), as the reference
         tables = [np.asarray([np.float32(v) for v in T], np.float32) for T in (P, C)]
-        tables = [tables[0], np.asarray(P - tables[0].astype(np.float64), np.float32),
-                  tables[1], np.asarray(C - tables[1].astype(np.float64), np.float32)]
+        tables = [
+            tables[0],
+            np.asarray(P - tables[0].astype(np.float64), np.float32),
+            tables[1],
+            np.asarray(C - tables[1].astype(np.float64), np.float32),
+        ]
         ch, cl = _complement_of_power(*tables, jnp.asarray(n).astype(jnp.int32))
         return DD(ch, cl)
 
@@ -275,6 +289,7 @@ class DD:
 def _complement_of_power(p_hi, p_lo, c_hi, c_lo, n):
     """1 − βⁿ from the tables of β^(2^k) and 1 − β^(2^k) (float-float), over the 31 bits of n.
     A module-level jitted function: eager calls reuse one compilation."""
+
     def body(k, carry):
         ph, pl, ch, cl = carry
         acc_p, acc_c = DD(ph, pl), DD(ch, cl)
@@ -282,8 +297,12 @@ def _complement_of_power(p_hi, p_lo, c_hi, c_lo, n):
         new_c = acc_c + acc_p * ck
         new_p = acc_p * pk
         on = ((n >> k) & 1) == 1
-        return (jnp.where(on, new_p.hi, ph), jnp.where(on, new_p.lo, pl),
-                jnp.where(on, new_c.hi, ch), jnp.where(on, new_c.lo, cl))
+        return (
+            jnp.where(on, new_p.hi, ph),
+            jnp.where(on, new_p.lo, pl),
+            jnp.where(on, new_c.hi, ch),
+            jnp.where(on, new_c.lo, cl),
+        )
 
     z = jnp.float32(0)
     _, _, ch, cl = lax.fori_loop(0, p_hi.shape[0], body, (jnp.float32(1), z, z, z))
@@ -296,8 +315,8 @@ def _complement_of_power(p_hi, p_lo, c_hi, c_lo, n):
 # recomputes them), so nothing the size of a parameter is materialised for a reduction. The
 # operands pass an optimization barrier first, so that XLA does not merge (CSE) the reduction's
 # squares with the same squares elsewhere (FAdam's g·g) and materialise them to share them.
-_UP = np.float32(2.0 ** 64)      # scale for sums whose squares may have underflowed
-_DOWN = np.float32(2.0 ** -80)   # scale for sums that overflowed: (2^128·2^-80)² = 2^96, n·2^96 < 2^128
+_UP = np.float32(2.0**64)  # scale for sums whose squares may have underflowed
+_DOWN = np.float32(2.0**-80)  # scale for sums that overflowed: (2^128·2^-80)² = 2^96, n·2^96 < 2^128
 _ONE = np.float32(1.0)
 
 
@@ -329,7 +348,7 @@ def _sums_sq_f32(operands, make, axis):
     xs = make(*lax.optimization_barrier(tuple(operands)))
     n = xs[0].size if axis is None else xs[0].shape[0]
     plain = _sums(xs, axis)
-    small = np.float32(min(max(n, 1) * 2.0 ** -101, 1e38))
+    small = np.float32(min(max(n, 1) * 2.0**-101, 1e38))
     needs = jnp.any(jnp.stack([jnp.any(~(jnp.isfinite(p) & (p >= small))) for p in plain]))
 
     def scaled(ops):
@@ -360,7 +379,7 @@ def rms_of(make, operands, N):
     for s, inv_c in _sums_sq_f32(tuple(operands), make, None):
         s = lax.optimization_barrier(s)
         # float32 from here: the sum carries ~1 ulp (XLA's order); float-float would not help
-        out.append(DD(jnp.sqrt(s / np.float32(size)) * inv_c))   # exact scaling, or +Inf on overflow
+        out.append(DD(jnp.sqrt(s / np.float32(size)) * inv_c))  # exact scaling, or +Inf on overflow
     return out
 
 
@@ -408,20 +427,20 @@ def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype, N):
     XLA:CPU flushes subnormal results to zero, so a value the reference rounds to a subnormal
     (and then raises to the smallest normal) would otherwise look like 0."""
     log_tiny, log_zero = _exponent_limits(dtype)
-    floor = max(np.dtype(dtype).type(eps ** (2 * p)), np.finfo(dtype).tiny)     # host, as the reference
+    floor = max(np.dtype(dtype).type(eps ** (2 * p)), np.finfo(dtype).tiny)  # host, as the reference
     m = N.const(eps2) * rms_g if N is F64 else DD(np.float32(eps2) * rms_g.value())
     mv = m.value()
     sd = mv.dtype
     # log2(min(ε, ε₂·RMS)) from log2(RMS): exact enough for the decisions, never flushed
     log_m = jnp.fmin(jnp.asarray(math.log2(eps), sd), jnp.asarray(math.log2(eps2), sd) + jnp.log2(rms_g.value()))
     log_y = jnp.asarray(2 * p, sd) * log_m
-    m_val = jnp.fmin(jnp.asarray(eps, sd), mv)          # fmin: a NaN RMS gives ε, as Python's min
+    m_val = jnp.fmin(jnp.asarray(eps, sd), mv)  # fmin: a NaN RMS gives ε, as Python's min
     if 2 * p == 1.0:
         y = jnp.where(mv < eps, m.round(dtype), jnp.asarray(eps, dtype))
     else:
         y_s = jnp.where(m_val > 0, m_val ** jnp.asarray(2 * p, sd), jnp.exp2(log_y))
         y = y_s.astype(dtype)
-    zero = ~(log_y > log_zero)                           # also RMS = 0 (log = -inf)
+    zero = ~(log_y > log_zero)  # also RMS = 0 (log = -inf)
     tiny = jnp.asarray(np.finfo(dtype).tiny, dtype)
     return jnp.where(zero, jnp.asarray(floor, dtype), jnp.where(log_y < log_tiny, tiny, jnp.maximum(y, tiny)))
 
@@ -429,7 +448,7 @@ def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype, N):
 def clip_scale(rms_x, clip: float, dtype, N):
     """max(1, RMS(x)/c) rounded to dtype (rounding is monotone, so max after rounding is the same)."""
     if N is DD:
-        r = (rms_x.value() / np.float32(clip)).astype(dtype)    # float32 RMS: one more rounding is noise
+        r = (rms_x.value() / np.float32(clip)).astype(dtype)  # float32 RMS: one more rounding is noise
     else:
         r = (rms_x / N.const(clip)).round(dtype)
-    return jnp.fmax(jnp.asarray(1.0, dtype), r)            # fmax: NaN gives 1, as Python's max(1.0, nan)
+    return jnp.fmax(jnp.asarray(1.0, dtype), r)  # fmax: NaN gives 1, as Python's max(1.0, nan)

@@ -12,6 +12,7 @@ suite's ``fisher_gram`` / ``fisher_sample_space_direction`` through
     with jax.enable_x64(True):
         failures = run_functional_suite("fadam", functional_steps(), to_array=jnp.asarray)
 """
+
 from __future__ import annotations
 
 import jax
@@ -53,12 +54,14 @@ def functional_step(rule, *, jit: bool = True):
             def apply(params, grads, state):
                 updates, new_state = tx.update(grads, state, params)
                 return optax.apply_updates(params, updates), new_state
+
             cache[key] = (tx, jax.jit(apply) if jit else apply)
         tx, apply = cache[key]
         State = transforms.state_class(f"{rule.title}State", names)
         st = State(jnp.asarray(step - 1, jnp.int32), **{n: list(state[n]) for n in names})
         new_params, new_state = apply(list(params), list(grads), st)
         return list(new_params), {n: list(getattr(new_state, n)) for n in names}
+
     return step
 
 
@@ -75,6 +78,7 @@ def functional_steps(*, jit: bool = True) -> dict:
     (every rule of the registry) and the Fisher suite."""
     out = {rule.step_function: functional_step(rule, jit=jit) for name, rule in RULES.items() if name in TRANSFORMS}
     out["fisher_gram"] = jax.jit(_fisher_gram) if jit else _fisher_gram
-    out["fisher_sample_space_direction"] = (jax.jit(_fisher_sample_space_direction) if jit
-                                            else _fisher_sample_space_direction)
+    out["fisher_sample_space_direction"] = (
+        jax.jit(_fisher_sample_space_direction) if jit else _fisher_sample_space_direction
+    )
     return out

@@ -21,6 +21,7 @@ condition number of GGᵀ + λI): use x64 when κ is large. Unlike the reference
 functions cannot raise under ``jit``: a damping too small for the dtype gives an inaccurate
 (or NaN) direction instead of ``DampingTooSmall``.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,18 @@ from jax.flatten_util import ravel_pytree
 
 from ._numerics import x64_enabled
 
-__all__ = ["per_sample_grads", "logit_grad_sq_norms", "fisher_gram", "fisher_sample_space_direction",
-           "ef_direction", "ief_direction", "fisher_matvec", "exact_direction", "batch_gradient", "ravel_pytree"]
+__all__ = [
+    "per_sample_grads",
+    "logit_grad_sq_norms",
+    "fisher_gram",
+    "fisher_sample_space_direction",
+    "ef_direction",
+    "ief_direction",
+    "fisher_matvec",
+    "exact_direction",
+    "batch_gradient",
+    "ravel_pytree",
+]
 
 
 def _acc_dtype():
@@ -82,7 +93,7 @@ def fisher_sample_space_direction(G, rhs, damping):
     _, e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, jnp.ones((), acc)))
     shift = (e - 1).astype(jnp.int32)
     rhs = jnp.ldexp(rhs, -shift)
-    if P < N:   # GGᵀ singular: solve in parameter space
+    if P < N:  # GGᵀ singular: solve in parameter space
         Ga = G.astype(acc)
         S = jnp.matmul(Ga.T, Ga, precision=jax.lax.Precision.HIGHEST)
         d = _solve_damped(S, jnp.matmul(Ga.T, rhs, precision=jax.lax.Precision.HIGHEST), damping).astype(G.dtype)
@@ -122,12 +133,14 @@ def fisher_matvec(logits_fn, params, *inputs):
         jv = jvp(v)
         hjv = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
         return vjp(hjv)[0]
+
     return matvec
 
 
 def exact_direction(logits_fn, params, inputs, labels, damping, *, tol=1e-10, maxiter=None):
     """Exact natural gradient (F + λI)⁻¹∇L for the sum cross-entropy loss, by conjugate gradients
     on :func:`fisher_matvec` (matrix-free), as a pytree like ``params``."""
+
     def loss(p):
         z = logits_fn(p, inputs)
         return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), labels[:, None], axis=-1))

@@ -20,6 +20,7 @@ Parameters of any float dtype: the state (and the arithmetic) is in the paramete
 float32/float64 parameters and in float32 for others (bfloat16, float16), or in
 ``state_dtype`` when given; the new parameters are rounded to the parameter dtype.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,17 @@ from fisheropt.refimpl.rule import Rule
 
 from . import _numerics as nu
 
-__all__ = ["MATH", "FACTORISATIONS", "BLOCKS", "rule_transform", "transformation", "block", "state_class",
-           "compute_dtype", "MissingRule"]
+__all__ = [
+    "MATH",
+    "FACTORISATIONS",
+    "BLOCKS",
+    "rule_transform",
+    "transformation",
+    "block",
+    "state_class",
+    "compute_dtype",
+    "MissingRule",
+]
 
 
 class MissingRule(AttributeError):
@@ -63,8 +73,10 @@ def _adam_scalars(N, count, lr, hp):
     """α/(1−β₁ᵗ), √(1−β₂ᵗ) (refimpl.rule.adam_coefficients), and AdamW's 1 − αλ."""
     t = count + 1
     lr_n = N.of(lr)
-    out = {"step_size": lr_n / N.one_minus_pow(hp["beta1"], t),
-           "bias_correction2_sqrt": N.one_minus_pow(hp["beta2"], t).sqrt()}
+    out = {
+        "step_size": lr_n / N.one_minus_pow(hp["beta1"], t),
+        "bias_correction2_sqrt": N.one_minus_pow(hp["beta2"], t).sqrt(),
+    }
     wd = hp.get("weight_decay", 0.0)
     # host float64 when α is a constant (exactly the reference's 1 - lr*weight_decay)
     out["decay"] = N.const(1.0 - lr * wd) if isinstance(lr, float) else 1.0 - lr_n * N.const(wd)
@@ -105,7 +117,7 @@ def _coupled_adam_leaf(theta, g, state, sc, hp, dt, flagged, N):
     m, v_col = state
     m = _c(hp["beta1"], dt) * m + _c(1 - hp["beta1"], dt) * g
     v_col = _c(hp["beta2"], dt) * v_col + _c(1 - hp["beta2"], dt) * nu.column_mean_of_squares(g, dt, N)
-    step = _adam_direction(m, v_col, sc, hp, dt)      # (d,) broadcasts over the V rows
+    step = _adam_direction(m, v_col, sc, hp, dt)  # (d,) broadcasts over the V rows
     if hp["weight_decay"] == 0:
         return "delta", step, (m, v_col)
     return "theta", theta * sc["decay"] - step, (m, v_col)
@@ -128,9 +140,11 @@ def _unshared(g):
 def _preconditioned(p: float, decay: bool):
     """make(g, θ, f, ε_t) -> (ḡ, w̄) = (g, θ)/(f^p + ε_t) unclipped (w̄ only with weight decay);
     one function object per (p, decay), so that the jitted reduction is compiled once."""
+
     def make(g, theta, f, eps_t):
         denom = nu.power(f, p, f.dtype) + eps_t
         return (g / denom, theta / denom) if decay else (g / denom,)
+
     return make
 
 
@@ -141,7 +155,7 @@ def _fadam_leaf(theta, g, state, sc, hp, dt, flagged, N):
     (rms_g,) = nu.rms_of(_unshared, (g,), N)
     eps_t = nu.adaptive_epsilon(rms_g, eps=hp["eps"], eps2=hp["eps2"], p=p, dtype=dt, N=N)
     theta_r = theta if decay else jnp.zeros((), dt)
-    rms_bars = nu.rms_of(_preconditioned(p, decay), (g, theta_r, f, eps_t), N)   # RMS(ḡ), RMS(w̄)
+    rms_bars = nu.rms_of(_preconditioned(p, decay), (g, theta_r, f, eps_t), N)  # RMS(ḡ), RMS(w̄)
     s_g = nu.clip_scale(rms_bars[0], hp["clip"], dt, N)
 
     # The update passes recompute f^p + ε_t instead of sharing it: behind the barrier XLA sees
@@ -149,7 +163,7 @@ def _fadam_leaf(theta, g, state, sc, hp, dt, flagged, N):
     g2, f2 = lax.optimization_barrier((g, f))
     g_bar = g2 / (nu.power(f2, p, dt) + eps_t)
     m = _c(hp["beta1"], dt) * m + _c(1 - hp["beta1"], dt) * (g_bar / s_g)
-    if not decay:    # λ·w̄ = 0 for finite θ: w̄ (and θ) not needed
+    if not decay:  # λ·w̄ = 0 for finite θ: w̄ (and θ) not needed
         return "delta", sc["lr"] * m, (m, f)
     s_w = nu.clip_scale(rms_bars[1], hp["clip"], dt, N)
     theta3, f3, m3 = lax.optimization_barrier((theta, f, m))
@@ -176,10 +190,10 @@ def _lion_leaf(theta, g, state, sc, hp, dt, flagged, N):
 class Math:
     """The JAX math of one rule: step scalars, per-tensor update, and whether θ is needed."""
 
-    scalars: Callable      # (N, count, lr, kernel hp) -> {name: N value}
-    leaf: Callable         # see above
+    scalars: Callable  # (N, count, lr, kernel hp) -> {name: N value}
+    leaf: Callable  # see above
     needs_theta: Callable  # (kernel hp) -> bool
-    state_names: tuple     # the registry's state names this math expects, in order
+    state_names: tuple  # the registry's state names this math expects, in order
 
 
 #: Rule name -> its ``Math`` (the JAX math of the rule, in the order of its spec page).
@@ -203,16 +217,27 @@ BLOCKS = {
 #: How each whole rule factorises into blocks (documentation and tests; "exact": bit-identical
 #: to the whole rule, else within a few ulp of the step).
 FACTORISATIONS = {
-    "adam": ("chain(add_decayed_weights(weight_decay), scale_by_adam(betas, eps), "
-             "scale_by_learning_rate(learning_rate))", False),
-    "adamw": ("chain(scale_by_adam(betas, eps), add_decayed_weights(weight_decay), "
-              "scale_by_learning_rate(learning_rate))", False),
-    "coupled_adam": ("chain(scale_by_coupled_adam(betas, eps, coupled), add_decayed_weights(weight_decay), "
-                     "scale_by_learning_rate(learning_rate))", False),
-    "fadam": ("chain(scale_by_fadam(betas, eps, eps2, clip, p, weight_decay), "
-              "scale_by_learning_rate(learning_rate))", True),
-    "lion": ("chain(scale_by_lion(betas), add_decayed_weights(weight_decay), "
-             "scale_by_learning_rate(learning_rate))", True),
+    "adam": (
+        "chain(add_decayed_weights(weight_decay), scale_by_adam(betas, eps), scale_by_learning_rate(learning_rate))",
+        False,
+    ),
+    "adamw": (
+        "chain(scale_by_adam(betas, eps), add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))",
+        False,
+    ),
+    "coupled_adam": (
+        "chain(scale_by_coupled_adam(betas, eps, coupled), add_decayed_weights(weight_decay), "
+        "scale_by_learning_rate(learning_rate))",
+        False,
+    ),
+    "fadam": (
+        "chain(scale_by_fadam(betas, eps, eps2, clip, p, weight_decay), scale_by_learning_rate(learning_rate))",
+        True,
+    ),
+    "lion": (
+        "chain(scale_by_lion(betas), add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))",
+        True,
+    ),
 }
 
 
@@ -243,12 +268,13 @@ def compute_dtype(param_dtype, state_dtype=None) -> np.dtype:
     elif pdt in (np.dtype(np.float32), np.dtype(np.float64)):
         dt = pdt
     else:
-        dt = np.dtype(np.float32)   # bfloat16/float16 parameters: float32 state and arithmetic
+        dt = np.dtype(np.float32)  # bfloat16/float16 parameters: float32 state and arithmetic
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"state_dtype must be float32 or float64 (the spec's dtypes), got {dt}")
     if dt == np.float64 and not nu.x64_enabled():
-        raise ValueError("float64 state needs 64-bit JAX: jax.config.update('jax_enable_x64', True) "
-                         "or `with jax.enable_x64(True):`")
+        raise ValueError(
+            "float64 state needs 64-bit JAX: jax.config.update('jax_enable_x64', True) or `with jax.enable_x64(True):`"
+        )
     return dt
 
 
@@ -258,8 +284,10 @@ def _resolve_flags(rule: Rule, flags, params, leaves, treedef):
     if flag is None:
         return None
     if flags is None:
-        raise ValueError(f"{flag.name} is required: a pytree of bools like the params, or a function "
-                         f"params -> such a pytree ({flag.doc})")
+        raise ValueError(
+            f"{flag.name} is required: a pytree of bools like the params, or a function "
+            f"params -> such a pytree ({flag.doc})"
+        )
     if callable(flags):
         flags = flags(params)
     try:
@@ -269,16 +297,25 @@ def _resolve_flags(rule: Rule, flags, params, leaves, treedef):
     return list(check_tensor_flags(rule, flat, leaves))
 
 
-def transformation(rule: Rule, hp: dict, learning_rate, *, flags=None, state_dtype=None,
-                   direction: bool = False, state_name: str | None = None) -> optax.GradientTransformation:
+def transformation(
+    rule: Rule,
+    hp: dict,
+    learning_rate,
+    *,
+    flags=None,
+    state_dtype=None,
+    direction: bool = False,
+    state_name: str | None = None,
+) -> optax.GradientTransformation:
     """The optax transformation of ``rule`` with kernel hyperparameters ``hp`` (validated).
 
     ``direction``: a building block: return the descent direction (the step for α = 1,
     positive), with ``learning_rate`` fixed to 1."""
     math = MATH[rule.name]
     if tuple(rule.state_names) != math.state_names:
-        raise RuntimeError(f"the registry's {rule.name} state is {rule.state_names}; the JAX math "
-                           f"expects {math.state_names}")
+        raise RuntimeError(
+            f"the registry's {rule.name} state is {rule.state_names}; the JAX math expects {math.state_names}"
+        )
     names = rule.state_names
     per_column = tuple(s.per_column for s in rule.state)
     State = state_class(state_name or f"{rule.title}State", names)
@@ -295,9 +332,12 @@ def transformation(rule: Rule, hp: dict, learning_rate, *, flags=None, state_dty
         fl = _resolve_flags(rule, flags, params, leaves, treedef)
         arrays = {}
         for name, col in zip(names, per_column):
-            arrays[name] = treedef.unflatten([
-                jnp.zeros((p.shape[1],) if (col and fl is not None and fl[i]) else p.shape, dts[i])
-                for i, p in enumerate(leaves)])
+            arrays[name] = treedef.unflatten(
+                [
+                    jnp.zeros((p.shape[1],) if (col and fl is not None and fl[i]) else p.shape, dts[i])
+                    for i, p in enumerate(leaves)
+                ]
+            )
         return State(jnp.zeros([], jnp.int32), **arrays)
 
     def update_fn(updates, state, params=None):
@@ -323,8 +363,10 @@ def transformation(rule: Rule, hp: dict, learning_rate, *, flags=None, state_dty
             pdt = theta.dtype if theta is not None else g.dtype
             needs_theta = math.needs_theta(kernel_hp) or (not direction and pdt != dt)
             if theta is None and needs_theta:
-                raise ValueError(f"{rule.name}: this transformation needs the params here (weight decay, or "
-                                 f"parameters of dtype {pdt} with {dt} state): tx.update(grads, state, params)")
+                raise ValueError(
+                    f"{rule.name}: this transformation needs the params here (weight decay, or "
+                    f"parameters of dtype {pdt} with {dt} state): tx.update(grads, state, params)"
+                )
             flagged = any(col and s.ndim != g.ndim for col, s in zip(per_column, st))
             theta_c = theta.astype(dt) if theta is not None else None
             form, value, new_state = math.leaf(theta_c, g.astype(dt), st, sc_for(dt), kernel_hp, dt, flagged, N)
@@ -333,7 +375,7 @@ def transformation(rule: Rule, hp: dict, learning_rate, *, flags=None, state_dty
                     raise RuntimeError(f"{rule.name}: a building block must be in delta form")
                 u = value.astype(pdt)
             elif form == "delta" and pdt == dt:
-                u = -value                                   # θ + (−x) == θ − x exactly
+                u = -value  # θ + (−x) == θ − x exactly
             else:
                 new_theta = (theta_c - value if form == "delta" else value).astype(pdt)
                 # θ_new − θ is exact when they are within a factor 2 (Sterbenz), so apply_updates
@@ -366,7 +408,7 @@ def _hp_doc(rule: Rule, h, skip=()) -> str:
 def _validated(rule: Rule, values: dict, learning_rate) -> dict:
     hp = dict(values)
     if callable(learning_rate):
-        hp["lr"] = rule.defaults()["lr"]          # a schedule is checked for being callable only
+        hp["lr"] = rule.defaults()["lr"]  # a schedule is checked for being callable only
     elif learning_rate is not None:
         hp["lr"] = learning_rate
     out = check_hyperparams(rule, hp, ())
@@ -401,18 +443,26 @@ def rule_transform(rule: Rule) -> Callable:
     constructor.__signature__ = sig
     constructor.__name__ = constructor.__qualname__ = rule.name
     constructor.__module__ = "fisheropt.optax"
-    flag_doc = (f"    {rule.tensor_flag.name}: required; a pytree of bools with the params' structure, or a "
-                f"function params -> one. {rule.tensor_flag.doc}.\n" if rule.tensor_flag else "")
+    flag_doc = (
+        f"    {rule.tensor_flag.name}: required; a pytree of bools with the params' structure, or a "
+        f"function params -> one. {rule.tensor_flag.doc}.\n"
+        if rule.tensor_flag
+        else ""
+    )
     fact, exact = FACTORISATIONS.get(rule.name, ("", False))
     constructor.__doc__ = (
         f"{rule.title} ({rule.paper}) as an optax GradientTransformation: {rule.summary}.\n\n"
         f"Spec: spec/{rule.spec_page}; hyperparameters, defaults and ranges from fisheropt.refimpl.RULES"
         f"[{rule.name!r}] (checked here, and against the parameter dtypes at init).\n\n"
-        "Args:\n" + "\n".join(_hp_doc(rule, h) for h in rule.hyperparams) + "\n" + flag_doc +
-        "    state_dtype: dtype of the state and the arithmetic (default: the parameter dtype for float32/"
+        "Args:\n"
+        + "\n".join(_hp_doc(rule, h) for h in rule.hyperparams)
+        + "\n"
+        + flag_doc
+        + "    state_dtype: dtype of the state and the arithmetic (default: the parameter dtype for float32/"
         "float64 parameters, float32 for bfloat16/float16 ones).\n\n"
         f"State: {rule.title}State(count, {', '.join(rule.state_names)}).\n"
-        + (f"Factorisation ({'bit-identical' if exact else 'within a few ulp'}): {fact}.\n" if fact else ""))
+        + (f"Factorisation ({'bit-identical' if exact else 'within a few ulp'}): {fact}.\n" if fact else "")
+    )
     return constructor
 
 
@@ -420,13 +470,16 @@ def block(name: str) -> Callable:
     """The building block ``name`` of :data:`BLOCKS` (no learning rate), from the registry."""
     rule_name, fixed = BLOCKS[name]
     rule = RULES[rule_name]
-    params = [_P(h.name, _P.POSITIONAL_OR_KEYWORD, default=h.default)
-              for h in rule.hyperparams if h.name != "lr" and h.name not in fixed]
+    params = [
+        _P(h.name, _P.POSITIONAL_OR_KEYWORD, default=h.default)
+        for h in rule.hyperparams
+        if h.name != "lr" and h.name not in fixed
+    ]
     if rule.tensor_flag is not None:
         params.append(_P(rule.tensor_flag.name, _P.POSITIONAL_OR_KEYWORD, default=None))
     params.append(_P("state_dtype", _P.KEYWORD_ONLY, default=None))
     sig = inspect.Signature(params)
-    state_name = "".join(w.capitalize() for w in name.split("_")[:2]) + rule.title + "State"   # ScaleByFAdamState
+    state_name = "".join(w.capitalize() for w in name.split("_")[:2]) + rule.title + "State"  # ScaleByFAdamState
 
     def constructor(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
@@ -435,16 +488,21 @@ def block(name: str) -> Callable:
         flags = a.pop(rule.tensor_flag.name) if rule.tensor_flag is not None else None
         state_dtype = a.pop("state_dtype")
         hp = _validated(rule, {**a, **fixed}, 1.0)
-        return transformation(rule, hp, 1.0, flags=flags, state_dtype=state_dtype, direction=True,
-                              state_name=state_name)
+        return transformation(
+            rule, hp, 1.0, flags=flags, state_dtype=state_dtype, direction=True, state_name=state_name
+        )
 
     constructor.__signature__ = sig
     constructor.__name__ = constructor.__qualname__ = name
     constructor.__module__ = "fisheropt.optax"
     constructor.__doc__ = (
         f"{rule.title}'s descent direction without the learning rate"
-        + (" and without weight decay (add it with optax.add_decayed_weights)" if "weight_decay" in fixed else
-           " (weight decay included: it does not factorise, see spec/fadam.md)")
+        + (
+            " and without weight decay (add it with optax.add_decayed_weights)"
+            if "weight_decay" in fixed
+            else " (weight decay included: it does not factorise, see spec/fadam.md)"
+        )
         + f"; chain with optax.scale_by_learning_rate. Spec: spec/{rule.spec_page}.\n\nArgs:\n"
-        + "\n".join(_hp_doc(rule, h) for h in rule.hyperparams if h.name != "lr" and h.name not in fixed))
+        + "\n".join(_hp_doc(rule, h) for h in rule.hyperparams if h.name != "lr" and h.name not in fixed)
+    )
     return constructor

@@ -16,6 +16,7 @@ updated in place through NumPy views (numba backend when installed, else the
 NumPy reference); CUDA tensors through DLPack by the cupy backend, on torch's
 current stream. See :mod:`fisheropt.torch.optim`.
 """
+
 from . import distributed  # noqa: F401  (torch.distributed: spec/distributed.md)
 from .fisher_operator import CGConvergenceWarning, CGNotConverged, FisherOperator, conjugate_gradient
 from .groups import coupled_param_groups, embedding_parameters
@@ -26,7 +27,20 @@ from .per_sample import ParamLayout, logit_jacobians, per_sample_grads
 # One class per rule: Adam, AdamW, CoupledAdam, FAdam, ...
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
 
-__all__ = [*(cls.__name__ for cls in CLASSES.values()), "Optimizer", "optimizer_class", "CLASSES",
-           "coupled_param_groups", "embedding_parameters", "COMPILE_MESSAGE",
-           "NaturalGradient", "per_sample_grads", "logit_jacobians", "ParamLayout", "FisherOperator",
-           "conjugate_gradient", "CGNotConverged", "CGConvergenceWarning"]
+__all__ = [
+    *(cls.__name__ for cls in CLASSES.values()),
+    "Optimizer",
+    "optimizer_class",
+    "CLASSES",
+    "coupled_param_groups",
+    "embedding_parameters",
+    "COMPILE_MESSAGE",
+    "NaturalGradient",
+    "per_sample_grads",
+    "logit_jacobians",
+    "ParamLayout",
+    "FisherOperator",
+    "conjugate_gradient",
+    "CGNotConverged",
+    "CGConvergenceWarning",
+]

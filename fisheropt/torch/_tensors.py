@@ -15,6 +15,7 @@ rules' elementwise updates and whole-tensor RMS do not depend on the order of
 the elements; a tensor flagged by a rule's tensor flag (Coupled Adam's
 ``coupled``: rows are vocabulary items) must be C-contiguous.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,27 +39,35 @@ def device_key(t: torch.Tensor):
 def check_param(p, label: str) -> None:
     """Refuse a parameter tensor the kernels cannot update in place."""
     if not isinstance(p, torch.Tensor):
-        raise TypeError(f"{label} is a {type(p).__module__}.{type(p).__name__}; fisheropt.torch optimizes "
-                        "torch Tensors (for NumPy arrays use fisheropt.<Optimizer>)")
+        raise TypeError(
+            f"{label} is a {type(p).__module__}.{type(p).__name__}; fisheropt.torch optimizes "
+            "torch Tensors (for NumPy arrays use fisheropt.<Optimizer>)"
+        )
     if p.layout != torch.strided:
         raise UnsupportedTensor(f"{label} has layout {p.layout}; only dense (strided) parameters are supported")
     if p.device.type not in ("cpu", "cuda"):
-        raise UnsupportedTensor(f"{label} is on device {p.device}; fisheropt.torch runs on CPU tensors (NumPy "
-                                "views, numba or numpy backend) and CUDA tensors (cupy backend) only")
+        raise UnsupportedTensor(
+            f"{label} is on device {p.device}; fisheropt.torch runs on CPU tensors (NumPy "
+            "views, numba or numpy backend) and CUDA tensors (cupy backend) only"
+        )
     if p.is_complex():
-        raise UnsupportedTensor(f"{label} is complex ({p.dtype}); complex parameters are not supported "
-                                f"(supported dtypes: {SUPPORTED_TEXT})")
+        raise UnsupportedTensor(
+            f"{label} is complex ({p.dtype}); complex parameters are not supported (supported dtypes: {SUPPORTED_TEXT})"
+        )
     if p.dtype not in SUPPORTED_DTYPES:
         hint = ""
         if p.dtype in (torch.bfloat16, torch.float16):
-            hint = (" NumPy, whose arrays the CPU kernels update in place, has no bfloat16, and the kernels "
-                    "compute in the parameter dtype, so half-precision parameters are not supported: keep "
-                    "float32 master weights and use torch.autocast for bf16/fp16 compute.")
-        raise UnsupportedTensor(f"{label} has dtype {p.dtype}; fisheropt.torch supports {SUPPORTED_TEXT} "
-                                f"parameters only.{hint}")
+            hint = (
+                " NumPy, whose arrays the CPU kernels update in place, has no bfloat16, and the kernels "
+                "compute in the parameter dtype, so half-precision parameters are not supported: keep "
+                "float32 master weights and use torch.autocast for bf16/fp16 compute."
+            )
+        raise UnsupportedTensor(
+            f"{label} has dtype {p.dtype}; fisheropt.torch supports {SUPPORTED_TEXT} parameters only.{hint}"
+        )
     if p.is_meta:
         raise UnsupportedTensor(f"{label} is a meta tensor (no data); materialize the model first")
-    memory_order(p, label)   # raises for a layout with gaps or overlaps
+    memory_order(p, label)  # raises for a layout with gaps or overlaps
 
 
 def memory_order(t: torch.Tensor, label: str):
@@ -73,7 +82,8 @@ def memory_order(t: torch.Tensor, label: str):
     raise UnsupportedTensor(
         f"{label} is not a dense tensor (shape {tuple(t.shape)}, strides {tuple(t.stride())}: a slice or an "
         "expanded view with gaps or overlaps between its elements); the kernels update one contiguous "
-        "block of memory. Make it a parameter of its own (e.g. nn.Parameter(t.contiguous())).")
+        "block of memory. Make it a parameter of its own (e.g. nn.Parameter(t.contiguous()))."
+    )
 
 
 def host_view(t: torch.Tensor, order) -> np.ndarray:
@@ -86,8 +96,7 @@ def host_view(t: torch.Tensor, order) -> np.ndarray:
 
 def cupy_views(backend, tensors, order_of) -> list:
     """CuPy arrays on the memory of CUDA ``tensors`` (DLPack, no copy; see backends/cupy/optim.py)."""
-    prepared = [t.detach() if order_of(i) is None else t.detach().permute(order_of(i))
-                for i, t in enumerate(tensors)]
+    prepared = [t.detach() if order_of(i) is None else t.detach().permute(order_of(i)) for i, t in enumerate(tensors)]
     return backend.from_dlpack_list(prepared)
 
 
@@ -96,13 +105,14 @@ def explain_bad_grad(g, p, label: str) -> None:
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"{label}.grad is a {type(g).__name__}, not a Tensor")
     if g.layout != torch.strided:
-        raise UnsupportedTensor(f"{label} has a sparse gradient ({g.layout}); sparse gradients are not supported "
-                                "(for nn.Embedding use sparse=False)")
+        raise UnsupportedTensor(
+            f"{label} has a sparse gradient ({g.layout}); sparse gradients are not supported "
+            "(for nn.Embedding use sparse=False)"
+        )
     if g.device != p.device:
         raise UnsupportedTensor(f"{label} is on {p.device} but its gradient is on {g.device}")
     if g.dtype != p.dtype:
-        raise UnsupportedTensor(f"{label} has dtype {p.dtype} but its gradient has dtype {g.dtype}; "
-                                "they must match")
+        raise UnsupportedTensor(f"{label} has dtype {p.dtype} but its gradient has dtype {g.dtype}; they must match")
     if tuple(g.shape) != tuple(p.shape):
         raise ValueError(f"{label} has shape {tuple(p.shape)} but its gradient has shape {tuple(g.shape)}")
     raise ValueError(f"{label}: its gradient cannot be read (shape {tuple(g.shape)}, strides {tuple(g.stride())})")
@@ -112,8 +122,13 @@ def grad_tensor(g, p, label: str, order) -> torch.Tensor:
     """``g`` as a tensor laid out like the parameter's view (memory order), detached; a
     contiguous copy only when autograd produced another layout (gradients are read, never
     written, so a copy changes nothing but speed)."""
-    if not isinstance(g, torch.Tensor) or g.layout != torch.strided or g.device != p.device \
-            or g.dtype != p.dtype or g.shape != p.shape:
+    if (
+        not isinstance(g, torch.Tensor)
+        or g.layout != torch.strided
+        or g.device != p.device
+        or g.dtype != p.dtype
+        or g.shape != p.shape
+    ):
         explain_bad_grad(g, p, label)
     g = g.detach()
     if g.is_neg():

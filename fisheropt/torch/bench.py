@@ -18,6 +18,7 @@ Problems: ``many`` (the 147-tensor GPT-2-small-like list of ``fisheropt bench``,
 parameters, random gradients), ``lm`` (the transformer's own 100 tensors with gradients
 from a real backward pass), ``small`` (147 tensors of 32×32: the per-tensor overhead).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,11 @@ import numpy as np
 
 RULES = ("adamw", "fadam", "coupled_adam")
 PROBLEMS = ("small", "lm", "many")
-BASELINE = {"adamw": "torch AdamW(fused)", "fadam": "pytorch_optimizer FAdam", "coupled_adam": "torch foreach CoupledAdam"}
+BASELINE = {
+    "adamw": "torch AdamW(fused)",
+    "fadam": "pytorch_optimizer FAdam",
+    "coupled_adam": "torch foreach CoupledAdam",
+}
 HYPER = {"adamw": dict(lr=1e-3, weight_decay=0.01), "fadam": dict(lr=1e-3), "coupled_adam": dict(lr=1e-3)}
 # The ~17 M-parameter transformer: every word of the corpus (~3000), d=512, 5 layers.
 LM = dict(vocab=100_000, dim=512, layers=5, heads=8, context=64, batch=8)
@@ -41,6 +46,7 @@ LM_QUICK = dict(vocab=2000, dim=128, layers=2, heads=4, context=32, batch=8)
 
 def _torch():
     import torch
+
     return torch
 
 
@@ -82,8 +88,8 @@ def foreach_coupled_adam_class():
                 torch._foreach_lerp_(ms, gs, 1 - b1)
                 torch._foreach_mul_(vs, b2)
                 torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
-                step_size = lr / (1 - b1 ** step)
-                bc2 = math.sqrt(1 - b2 ** step)
+                step_size = lr / (1 - b1**step)
+                bc2 = math.sqrt(1 - b2**step)
                 if group["coupled"]:
                     denom = [v.mean(dim=0, keepdim=True) for v in vs]
                     torch._foreach_sqrt_(denom)
@@ -104,6 +110,7 @@ def foreach_coupled_adam_class():
 # ---- problems ------------------------------------------------------------------------------
 def lm_model(cfg, seed=0):
     from fisheropt.experiments.torch_lm import build_model, load_data
+
     data_cfg = dict(cfg, n_val=1)
     train, _, vocab, _ = load_data(data_cfg)
     cfg = dict(cfg, vocab=vocab)
@@ -112,6 +119,7 @@ def lm_model(cfg, seed=0):
 
 def lm_batch(train, cfg, rng):
     from fisheropt.experiments.torch_lm import batch_at
+
     return batch_at(train, cfg, rng)
 
 
@@ -131,9 +139,10 @@ def problem(name, *, quick=False, seed=0):
         return params, grads, coupled, f"transformer LM (d={cfg['dim']}, {cfg['layers']} layers, V={cfg['vocab']})"
     if name == "many":
         from fisheropt.bench import transformer_shapes
+
         d, vocab = (256, 2048) if quick else (768, 8192)
         shapes = transformer_shapes(layers=2 if quick else 12, d=d, vocab=vocab)
-        coupled = [s == (vocab, d) for s in shapes]       # the embedding
+        coupled = [s == (vocab, d) for s in shapes]  # the embedding
         desc = "GPT-2-small-like list"
     elif name == "small":
         shapes = [(32, 32)] * 147
@@ -149,6 +158,7 @@ def problem(name, *, quick=False, seed=0):
 # ---- contenders ----------------------------------------------------------------------------
 def _fot(rule, params, coupled, check_finite):
     import fisheropt.torch as fot
+
     cls = fot.CLASSES[rule]
     if rule == "coupled_adam":
         yes = [p for p, c in zip(params, coupled) if c]
@@ -160,6 +170,7 @@ def _fot(rule, params, coupled, check_finite):
 
 def _fo(rule, params, coupled, check_finite):
     import fisheropt as fo
+
     arrays = [p.detach().numpy() for p in params]
     cls = getattr(fo, fo.optim.CLASSES[rule].__name__)
     kw = {"coupled": coupled} if rule == "coupled_adam" else {}
@@ -170,7 +181,7 @@ def _baseline(rule, params, coupled, share_with=None):
     torch = _torch()
     if rule == "adamw":
         opt = torch.optim.AdamW(params, fused=True, **HYPER[rule])
-        if share_with is not None:     # the same state tensors as fot's (same memory for both: a fair race)
+        if share_with is not None:  # the same state tensors as fot's (same memory for both: a fair race)
             opt.step()
             for p in params:
                 st = opt.state[p]
@@ -179,6 +190,7 @@ def _baseline(rule, params, coupled, share_with=None):
         return opt
     if rule == "fadam":
         from pytorch_optimizer import FAdam
+
         return FAdam(params, **HYPER[rule])
     if rule == "coupled_adam":
         yes = [p for p, c in zip(params, coupled) if c]
@@ -217,8 +229,13 @@ def measure_steps(rule, prob, *, repeats=7, quick=False, baseline=True, adapter=
     for p, g in zip(params, grads):
         p.grad = g
     arrays = [g.numpy() for g in grads]
-    row = {"rule": rule, "problem": prob, "desc": desc, "tensors": len(params),
-           "params_M": sum(p.numel() for p in params) / 1e6}
+    row = {
+        "rule": rule,
+        "problem": prob,
+        "desc": desc,
+        "tensors": len(params),
+        "params_M": sum(p.numel() for p in params) / 1e6,
+    }
     fot_opt = _fot(rule, params, coupled, check_finite=False)
     row["backend"] = fot_opt.backends.get("cpu")
 
@@ -226,36 +243,46 @@ def measure_steps(rule, prob, *, repeats=7, quick=False, baseline=True, adapter=
         def run():
             fot_opt.check_finite = check
             fot_opt.step()
+
         return run
 
-    if adapter:   # pass 1: fot and fo on the same memory
+    if adapter:  # pass 1: fot and fo on the same memory
         fo_opt = _fo(rule, params, coupled, check_finite=False)
 
         def fo_step(check):
             def run():
                 fo_opt.check_finite = check
                 fo_opt.step(arrays)
+
             return run
-        times = interleaved_times({"fot": fot_step(False), "fo": fo_step(False), "fot+finite": fot_step(True),
-                                   "fo+finite": fo_step(True)}, repeats)
+
+        times = interleaved_times(
+            {"fot": fot_step(False), "fo": fo_step(False), "fot+finite": fot_step(True), "fo+finite": fo_step(True)},
+            repeats,
+        )
         row.update({f"{k}_ms": float(np.median(v)) * 1e3 for k, v in times.items()})
         # the fastest round of each: on a busy machine the least disturbed estimate of the overhead
         row["overhead_us_per_tensor_min"] = (min(times["fot"]) - min(times["fo"])) * 1e6 / len(params)
-        fo_opt = None     # its state freed before the baseline allocates its own
+        fo_opt = None  # its state freed before the baseline allocates its own
         gc.collect()
     if baseline:  # pass 2: fot and the PyTorch baseline
-        fot_opt.step()    # fot's state exists (torch AdamW steps the very same state tensors)
+        fot_opt.step()  # fot's state exists (torch AdamW steps the very same state tensors)
         try:
             base = _baseline(rule, params, coupled, share_with=fot_opt if rule == "adamw" else None)
         except ImportError as exc:
             row["baseline_missing"] = str(exc)
             base = None
         if base is not None:
+
             def base_step():
                 with torch.no_grad():
                     base.step()
-            med = interleaved_medians({"fot ": fot_step(False), "base": base_step, "fot+finite ": fot_step(True)},
-                                      repeats, pause={"base": 0.02})
+
+            med = interleaved_medians(
+                {"fot ": fot_step(False), "base": base_step, "fot+finite ": fot_step(True)},
+                repeats,
+                pause={"base": 0.02},
+            )
             row["baseline"] = BASELINE[rule]
             row["base_ms"] = med["base"] * 1e3
             row["fot_vs_base_ms"] = med["fot "] * 1e3
@@ -284,6 +311,7 @@ def _train_step(model, opt, batches):
         model.loss(x, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return train_step
 
 
@@ -292,6 +320,7 @@ def measure_training(*, repeats=5, quick=False, seed=0, contenders=TRAIN_CONTEND
     each on its own copy of the transformer, the same batch for all, timed round-robin."""
     torch = _torch()
     import fisheropt.torch as fot
+
     cfg = LM_QUICK if quick else LM
     model0, train, cfg = lm_model(cfg, seed)
     rng = np.random.default_rng(seed)
@@ -314,7 +343,7 @@ def measure_training(*, repeats=5, quick=False, seed=0, contenders=TRAIN_CONTEND
                 continue
             opt = FAdam(model.parameters(), **HYPER["fadam"])
 
-        fns[name] = _train_step(model, opt, itertools.cycle(batches))   # the same batches for every one
+        fns[name] = _train_step(model, opt, itertools.cycle(batches))  # the same batches for every one
     med = interleaved_medians(fns, repeats, pause={n: 0.02 for n in fns})
     base = med.get("torch AdamW(fused)")
     for name, t in med.items():
@@ -327,6 +356,7 @@ def set_threads(n: int) -> None:
     """n threads for numba's kernels and for torch's (numba first: its OpenMP layer shares torch's count)."""
     try:
         import numba
+
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
@@ -345,26 +375,44 @@ def _f(x, digits=2):
 
 
 def format_step_rows(rows) -> str:
-    head = ("| rule | problem | tensors | params (M) | fot ms | fot+finite ms | fo ms | fo+finite ms | "
-            "adapter µs/tensor (median, fastest) | within budget | baseline | baseline ms | fot speed × | "
-            "fot+finite speed × |")
+    head = (
+        "| rule | problem | tensors | params (M) | fot ms | fot+finite ms | fo ms | fo+finite ms | "
+        "adapter µs/tensor (median, fastest) | within budget | baseline | baseline ms | fot speed × | "
+        "fot+finite speed × |"
+    )
     lines = [head, "|" + "|".join(["---"] * 14) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join([
-            r["rule"], r["problem"], str(r["tensors"]), _f(r["params_M"], 1), _f(r.get("fot_ms")),
-            _f(r.get("fot+finite_ms")), _f(r.get("fo_ms")), _f(r.get("fo+finite_ms")),
-            _f(r.get("overhead_us_per_tensor")) + ", " + _f(r.get("overhead_us_per_tensor_min")),
-            _f(r.get("overhead_ok")) + "/" + _f(r.get("overhead_ok_finite")),
-            r.get("baseline", "-"), _f(r.get("base_ms")), _f(r.get("speed_vs_base")),
-            _f(r.get("speed_vs_base_finite"))]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["rule"],
+                    r["problem"],
+                    str(r["tensors"]),
+                    _f(r["params_M"], 1),
+                    _f(r.get("fot_ms")),
+                    _f(r.get("fot+finite_ms")),
+                    _f(r.get("fo_ms")),
+                    _f(r.get("fo+finite_ms")),
+                    _f(r.get("overhead_us_per_tensor")) + ", " + _f(r.get("overhead_us_per_tensor_min")),
+                    _f(r.get("overhead_ok")) + "/" + _f(r.get("overhead_ok_finite")),
+                    r.get("baseline", "-"),
+                    _f(r.get("base_ms")),
+                    _f(r.get("speed_vs_base")),
+                    _f(r.get("speed_vs_base_finite")),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def format_train_rows(rows, info) -> str:
-    title = (f"Whole training step, {info['params_M']:.1f} M-parameter tied-embedding transformer, "
-             f"{info['tokens_per_step']} tokens per step:")
-    lines = [title, "",
-             "| optimizer | ms per training step | speed vs torch fused AdamW |", "|---|---|---|"]
+    title = (
+        f"Whole training step, {info['params_M']:.1f} M-parameter tied-embedding transformer, "
+        f"{info['tokens_per_step']} tokens per step:"
+    )
+    lines = [title, "", "| optimizer | ms per training step | speed vs torch fused AdamW |", "|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['optimizer']} | {r['step_ms']:.1f} | {_f(r['vs_torch_fused_adamw'])} |")
     return "\n".join(lines)
@@ -380,28 +428,39 @@ def main(argv=None) -> int:
     ap.add_argument("--no-steps", action="store_true", help="skip the optimizer-step table")
     ap.add_argument("--quick", action="store_true", help="small problems and few repeats (a smoke run)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write every number as JSON")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="threads for torch and for numba alike (default: leave both as they are)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch and for numba alike (default: leave both as they are)",
+    )
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     torch = _torch()
     import fisheropt as fo
+
     if args.threads:
         set_threads(args.threads)
     import os
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"fisheropt.torch bench: torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "
-          f"load average {load:.1f}; backends "
-          f"{', '.join(fo.backends.available())}; medians of {repeats} rounds, contenders alternating in one process")
+    print(
+        f"fisheropt.torch bench: torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "
+        f"load average {load:.1f}; backends "
+        f"{', '.join(fo.backends.available())}; medians of {repeats} rounds, contenders alternating in one process"
+    )
     out = {"steps": [], "train": None, "torch_threads": torch.get_num_threads(), "load_average": load}
     if not args.no_steps:
         for prob in args.problems:
             for rule in args.rules:
                 row = measure_steps(rule, prob, repeats=repeats, quick=args.quick)
                 out["steps"].append(row)
-                print(f"  {rule:13s} {prob:6s} fot {row.get('fot_ms', 0):9.2f} ms  base {_f(row.get('base_ms'))} ms  "
-                      f"speed x{_f(row.get('speed_vs_base'))} (finite x{_f(row.get('speed_vs_base_finite'))})  "
-                      f"adapter {_f(row.get('overhead_us_per_tensor'))} us/tensor", flush=True)
+                print(
+                    f"  {rule:13s} {prob:6s} fot {row.get('fot_ms', 0):9.2f} ms  base {_f(row.get('base_ms'))} ms  "
+                    f"speed x{_f(row.get('speed_vs_base'))} (finite x{_f(row.get('speed_vs_base_finite'))})  "
+                    f"adapter {_f(row.get('overhead_us_per_tensor'))} us/tensor",
+                    flush=True,
+                )
         print()
         print(format_step_rows(out["steps"]))
     if not args.no_train:

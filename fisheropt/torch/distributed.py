@@ -34,6 +34,7 @@ and :math:`A\nabla L` partials, :math:`d_{C_r} = (\nabla L_{C_r} - A_{:,C_r}^\to
 Transport is ``torch.distributed`` only (gloo on CPU, NCCL on CUDA), on ``group`` (default: the
 world group). Every rank of the group must call these functions collectively.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,7 @@ from .. import _ngd
 from .. import backends as _backends
 from .._checks import array_module
 
-__all__ = ["ngd_direction", "column_split", "shard_columns", "gather_columns", "all_finite", "Columns",
-           "KINDS"]
+__all__ = ["ngd_direction", "column_split", "shard_columns", "gather_columns", "all_finite", "Columns", "KINDS"]
 
 KINDS = ("ef", "ief", "sf", "exact")
 
@@ -71,7 +71,7 @@ def shard_columns(shapes, world_size: int) -> list[torch.Tensor]:
     for shape in shapes:
         shape = tuple(int(x) for x in shape)
         numel = math.prod(shape)
-        if not shape:                         # a 0-d parameter: FSDP2 keeps it whole on rank 0
+        if not shape:  # a 0-d parameter: FSDP2 keeps it whole on rank 0
             cols[0].append(torch.arange(offset, offset + 1))
             offset += 1
             continue
@@ -94,8 +94,9 @@ class Columns:
         self.index = None
         if columns is None:
             self.sizes = column_split(P, R)
-        elif isinstance(columns, (list, tuple)) and all(isinstance(c, numbers.Integral) and not isinstance(c, bool)
-                                                       for c in columns):
+        elif isinstance(columns, (list, tuple)) and all(
+            isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in columns
+        ):
             self.sizes = [int(c) for c in columns]
             if len(self.sizes) != R or min(self.sizes, default=0) < 0 or sum(self.sizes) != P:
                 raise ValueError(f"columns: {R} non-negative block sizes summing to P={P} expected, got {columns}")
@@ -117,7 +118,7 @@ class Columns:
     def block(self, G: torch.Tensor, r: int) -> torch.Tensor:
         """The columns of rank r of G (rows, P), contiguous."""
         if self.index is None:
-            return G[:, self.offsets[r]:self.offsets[r + 1]].contiguous()
+            return G[:, self.offsets[r] : self.offsets[r + 1]].contiguous()
         return G.index_select(1, self.index[r].to(G.device))
 
 
@@ -133,13 +134,14 @@ def _to_array(t: torch.Tensor):
     if t.device.type == "cpu":
         return t.numpy()
     import cupy  # pragma: no cover - GPU only
+
     return cupy.from_dlpack(t)
 
 
 def _from_array(a, device) -> torch.Tensor:
     if isinstance(a, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-    return torch.from_dlpack(a).to(device)   # pragma: no cover - GPU only
+    return torch.from_dlpack(a).to(device)  # pragma: no cover - GPU only
 
 
 def all_finite(tensors, group=None) -> bool:
@@ -193,8 +195,9 @@ def _check_tensor(t, name, ndim, *, floating=True):
 
 
 # ---- the direction --------------------------------------------------------------------------
-def ngd_direction(kind, *, G, damping, s=None, A=None, group=None, columns=None, ordered=False,
-                  backend="auto", stats=None) -> torch.Tensor:
+def ngd_direction(
+    kind, *, G, damping, s=None, A=None, group=None, columns=None, ordered=False, backend="auto", stats=None
+) -> torch.Tensor:
     r"""This rank's slice :math:`d_{C_r}` of the natural-gradient direction of the *global* batch.
 
     ``G`` (N_r, P): the per-sample gradients (sum loss) of this rank's samples, float32/float64, every
@@ -214,8 +217,12 @@ def ngd_direction(kind, *, G, damping, s=None, A=None, group=None, columns=None,
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not math.isfinite(float(damping)) \
-            or float(damping) <= 0.0:
+    if (
+        isinstance(damping, bool)
+        or not isinstance(damping, numbers.Real)
+        or not math.isfinite(float(damping))
+        or float(damping) <= 0.0
+    ):
         raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
     damping = float(damping)
     _check_tensor(G, "G", 2)
@@ -248,8 +255,9 @@ def ngd_direction(kind, *, G, damping, s=None, A=None, group=None, columns=None,
 
     # 1. the shapes of every rank: (N_r, m_r, P, dtype code)
     m_local = int(A.shape[0]) if A is not None else 0
-    shape = torch.tensor([int(G.shape[0]), m_local, P, 1 if dtype == torch.float64 else 0],
-                         dtype=torch.int64, device=comm_device)
+    shape = torch.tensor(
+        [int(G.shape[0]), m_local, P, 1 if dtype == torch.float64 else 0], dtype=torch.int64, device=comm_device
+    )
     shapes = torch.empty(R * 4, dtype=torch.int64, device=comm_device)
     dist.all_gather_into_tensor(shapes, shape, group=group)
     shapes = shapes.reshape(R, 4)
@@ -258,8 +266,10 @@ def ngd_direction(kind, *, G, damping, s=None, A=None, group=None, columns=None,
     info["bytes_received"] += 32 * R
     shapes = shapes.cpu().tolist()
     if any(row[2] != P for row in shapes) or any(row[3] != shapes[0][3] for row in shapes):
-        raise ValueError(f"every rank must pass G with the same number of columns and dtype; got (P, float64?) "
-                         f"{[(row[2], bool(row[3])) for row in shapes]}")
+        raise ValueError(
+            f"every rank must pass G with the same number of columns and dtype; got (P, float64?) "
+            f"{[(row[2], bool(row[3])) for row in shapes]}"
+        )
     rows = [row[0] for row in shapes]
     mrows = [row[1] for row in shapes]
     N, m = sum(rows), sum(mrows)
@@ -270,9 +280,11 @@ def ngd_direction(kind, *, G, damping, s=None, A=None, group=None, columns=None,
         if m == 0:
             raise ValueError("A has no rows on any rank")
         if P <= m:
-            raise ValueError(f"P={P} <= m={m} factor rows: the parameter-space system is the smaller one; gather G "
-                             "and A and call fisheropt.fisher.ngd_direction (the distributed solve is the Woodbury "
-                             "branch, P > m)")
+            raise ValueError(
+                f"P={P} <= m={m} factor rows: the parameter-space system is the smaller one; gather G "
+                "and A and call fisheropt.fisher.ngd_direction (the distributed solve is the Woodbury "
+                "branch, P > m)"
+            )
 
     # 2. re-partition by columns: one all_to_all of [G rows; A rows] per destination
     width = cols.sizes[rank]
@@ -280,12 +292,19 @@ def ngd_direction(kind, *, G, damping, s=None, A=None, group=None, columns=None,
         A64 = A.to(torch.float64)
         G64 = G.to(torch.float64)
         both = torch.cat([G64, A64], dim=0)
-        local = _repartition(lambda j: cols.block(both, j), [n + k for n, k in zip(rows, mrows)], width, cols,
-                             group, torch.float64, device)
+        local = _repartition(
+            lambda j: cols.block(both, j),
+            [n + k for n, k in zip(rows, mrows)],
+            width,
+            cols,
+            group,
+            torch.float64,
+            device,
+        )
         # received row blocks: for each source i, N_i rows of G then m_i rows of A
         starts = np.cumsum([0] + [n + k for n, k in zip(rows, mrows)])
-        G_cols = torch.cat([local[starts[i]:starts[i] + rows[i]] for i in range(R)])
-        A_cols = torch.cat([local[starts[i] + rows[i]:starts[i + 1]] for i in range(R)])
+        G_cols = torch.cat([local[starts[i] : starts[i] + rows[i]] for i in range(R)])
+        A_cols = torch.cat([local[starts[i] + rows[i] : starts[i + 1]] for i in range(R)])
         itemsize = 8
         sent_rows = int(G.shape[0]) + m_local
     else:
@@ -298,7 +317,7 @@ def ngd_direction(kind, *, G, damping, s=None, A=None, group=None, columns=None,
 
     # 3. float64 Gram partials (+ the right-hand side's partials) in one buffer, summed over the group
     if factor:
-        grad_cols = G_cols.sum(0, dtype=torch.float64)         # ∇L restricted to my columns (P_r,)
+        grad_cols = G_cols.sum(0, dtype=torch.float64)  # ∇L restricted to my columns (P_r,)
         size = m
         mat = A_cols
     else:
@@ -309,13 +328,13 @@ def ngd_direction(kind, *, G, damping, s=None, A=None, group=None, columns=None,
         arr = _to_array(mat)
         module = _backends.select(backend, [arr])
         gram = module.fisher_gram(arr)
-        buf[:size * size] = _from_array(gram, device).reshape(-1)
+        buf[: size * size] = _from_array(gram, device).reshape(-1)
     if factor:
         if width:
-            buf[size * size:] = A_cols @ grad_cols              # (A ∇L) partial over my columns
+            buf[size * size :] = A_cols @ grad_cols  # (A ∇L) partial over my columns
     elif kind == "ief":
         off = sum(rows[:rank])
-        buf[size * size + off:size * size + off + rows[rank]] = s.to(torch.float64)
+        buf[size * size + off : size * size + off + rows[rank]] = s.to(torch.float64)
     buf = _reduce(buf, group, ordered)
     info["collectives"] += 1
     nbytes = buf.numel() * 8
@@ -324,17 +343,17 @@ def ngd_direction(kind, *, G, damping, s=None, A=None, group=None, columns=None,
     info.update(N=N, m=m, P=P, columns=width, ordered=bool(ordered))
 
     # 4. the replicated N × N (or m × m) solve, through fisheropt.fisher's checked solver
-    gram = _to_array(buf[:size * size].reshape(size, size))
+    gram = _to_array(buf[: size * size].reshape(size, size))
     xp = array_module(gram)
     _ngd.reference.check_gram(gram, np.float64 if factor or dtype == torch.float64 else np.float32, xp)
     solve = _ngd.parameter_space_solve(xp)
     if factor:
-        rhs = _to_array(buf[size * size:])
+        rhs = _to_array(buf[size * size :])
         a = _from_array(solve(gram, rhs, damping, singular=True), device)
         d = (grad_cols - A_cols.T @ a) / damping
         d = d.to(dtype)
     else:
-        rhs = xp.ones(N, dtype=xp.float64) if kind == "ef" else _to_array(buf[size * size:])
+        rhs = xp.ones(N, dtype=xp.float64) if kind == "ef" else _to_array(buf[size * size :])
         top = float(xp.abs(rhs).max()) if rhs.size else 0.0
         shift = math.frexp(top)[1] - 1 if 0.0 < top < math.inf else 0
         if shift:
@@ -358,15 +377,15 @@ def gather_columns(d_local: torch.Tensor, P: int, group=None, columns=None) -> t
     cols = Columns(P, R, columns)
     width = max(cols.sizes) if cols.sizes else 0
     padded = torch.zeros(width, dtype=d_local.dtype, device=d_local.device)
-    padded[:d_local.numel()] = d_local
+    padded[: d_local.numel()] = d_local
     out = torch.empty(R * width, dtype=d_local.dtype, device=d_local.device)
     dist.all_gather_into_tensor(out, padded, group=group)
     out = out.reshape(R, width)
     d = torch.empty(P, dtype=d_local.dtype, device=d_local.device)
     for j in range(R):
-        piece = out[j, :cols.sizes[j]]
+        piece = out[j, : cols.sizes[j]]
         if cols.index is None:
-            d[cols.offsets[j]:cols.offsets[j + 1]] = piece
+            d[cols.offsets[j] : cols.offsets[j + 1]] = piece
         else:
             d[cols.index[j].to(d.device)] = piece
     return d

@@ -36,6 +36,7 @@ still has not converged it warns (:class:`CGConvergenceWarning`, with the residu
 ``on_fail="raise"``, raises :class:`CGNotConverged`. Every CG iterate is a descent direction
 (:math:`b^\top x_k > 0`), so an unconverged x is still usable.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,16 @@ import torch
 
 from .per_sample import ParamLayout, _Batch, _check_chunk, _check_output, logit_statistics
 
-__all__ = ["FisherOperator", "conjugate_gradient", "CGResult", "CGNotConverged", "CGConvergenceWarning",
-           "operator_ngd_direction", "DEFAULT_CG_RTOL", "DEFAULT_CG_MAXITER"]
+__all__ = [
+    "FisherOperator",
+    "conjugate_gradient",
+    "CGResult",
+    "CGNotConverged",
+    "CGConvergenceWarning",
+    "operator_ngd_direction",
+    "DEFAULT_CG_RTOL",
+    "DEFAULT_CG_MAXITER",
+]
 
 #: Defaults of NaturalGradient's matrix-free solves (relative residual, iteration cap).
 DEFAULT_CG_RTOL = 1e-4
@@ -137,9 +146,11 @@ def conjugate_gradient(matvec, b, *, damping=0.0, rtol=1e-6, maxiter=None, certi
             matvecs += 1
             pAp = float(p @ Ap)
             if not math.isfinite(pAp):
-                raise ValueError("a Fisher-vector product is not finite (NaN/Inf in the model's outputs or "
-                                 "derivatives at these parameters)")
-            if pAp <= 0.0:          # not positive definite at the rounding level: stop, report below
+                raise ValueError(
+                    "a Fisher-vector product is not finite (NaN/Inf in the model's outputs or "
+                    "derivatives at these parameters)"
+                )
+            if pAp <= 0.0:  # not positive definite at the rounding level: stop, report below
                 breakdown = pAp
                 break
             alpha = rr / pAp
@@ -160,14 +171,21 @@ def conjugate_gradient(matvec, b, *, damping=0.0, rtol=1e-6, maxiter=None, certi
     bound = res / (damping * xn) if damping > 0 and xn > 0 else math.inf
     result = CGResult(x, it, matvecs, res / bnorm, bound, bool(ok))
     if not ok:
-        what = (f"relative residual {res / bnorm:.3g} > rtol={rtol:g}" if res > target else
-                f"error bound ‖r‖/(λ‖x‖) = {bound:.3g} > certify={certify:g}")
+        what = (
+            f"relative residual {res / bnorm:.3g} > rtol={rtol:g}"
+            if res > target
+            else f"error bound ‖r‖/(λ‖x‖) = {bound:.3g} > certify={certify:g}"
+        )
         if breakdown is not None:
-            what += (f"; breakdown: pᵀ(F + λI)p = {breakdown:.3g} <= 0, the operator is not positive definite "
-                     "to rounding (increase the damping)")
-        msg = (f"conjugate gradients did not converge: {what} after {it} iterations "
-               f"(maxiter={maxiter}, damping={damping:.3g}); raise maxiter or the damping, or loosen rtol "
-               "(a float32 model's products limit the attainable residual to about 1e-6·κ)")
+            what += (
+                f"; breakdown: pᵀ(F + λI)p = {breakdown:.3g} <= 0, the operator is not positive definite "
+                "to rounding (increase the damping)"
+            )
+        msg = (
+            f"conjugate gradients did not converge: {what} after {it} iterations "
+            f"(maxiter={maxiter}, damping={damping:.3g}); raise maxiter or the damping, or loosen rtol "
+            "(a float32 model's products limit the attainable residual to about 1e-6·κ)"
+        )
         if on_fail == "raise":
             raise CGNotConverged(msg)
         warnings.warn(msg, CGConvergenceWarning, stacklevel=3)
@@ -192,9 +210,22 @@ class FisherOperator:
     ``LinearOperator`` for :mod:`fisheropt.fisher` (``relative_quality``) and SciPy's solvers.
     """
 
-    def __init__(self, model, inputs, targets=None, *, kind="exact", params=None, n_samples=1,
-                 labels_sampled=None, generator=None, chunk_size=None, ignore_index=-100, mode="auto",
-                 layout=None):
+    def __init__(
+        self,
+        model,
+        inputs,
+        targets=None,
+        *,
+        kind="exact",
+        params=None,
+        n_samples=1,
+        labels_sampled=None,
+        generator=None,
+        chunk_size=None,
+        ignore_index=-100,
+        mode="auto",
+        layout=None,
+    ):
         if kind not in ("exact", "sf"):
             raise ValueError(f"kind must be 'exact' or 'sf', got {kind!r}")
         if mode not in ("auto", "jvp", "vjp"):
@@ -210,7 +241,7 @@ class FisherOperator:
         self.N, self.C = batch.N, batch.C
         self._primals = self.layout.primals()
         self._chunk = batch.N if chunk_size is None else min(chunk_size, batch.N)
-        self._cache = self._chunk >= batch.N          # one chunk: keep its forward pass for every product
+        self._cache = self._chunk >= batch.N  # one chunk: keep its forward pass for every product
         self._vjps = {}
         logits = []
         for a, b, args, _ in batch.chunks(self._chunk):
@@ -221,18 +252,21 @@ class FisherOperator:
                 self._vjps[a] = vjp_fn
             del vjp_fn
         self.logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-        tgt = batch.targets if batch.targets is not None else torch.zeros(self.logits.shape[:-1], dtype=torch.long,
-                                                                          device=self.logits.device)
+        tgt = (
+            batch.targets
+            if batch.targets is not None
+            else torch.zeros(self.logits.shape[:-1], dtype=torch.long, device=self.logits.device)
+        )
         self.stats = logit_statistics(self.logits, tgt, batch.ignore_index)
-        self.probs = self.stats.probs                          # (M, C) float64
-        self.mask = self.stats.mask.to(torch.float64)          # (M,)
+        self.probs = self.stats.probs  # (M, C) float64
+        self.mask = self.stats.mask.to(torch.float64)  # (M,)
         self._rows_per_sample = self.probs.shape[0] // self.N  # 1, or T
         self.labels_sampled = None
         if kind == "sf":
             self.labels_sampled = self._sample_labels(n_samples, labels_sampled, generator)
             M = self.probs.shape[0]
             ar = torch.arange(M, device=self.probs.device)
-            R = self.probs.unsqueeze(0).repeat(self.labels_sampled.shape[0], 1, 1)     # (K, M, C)
+            R = self.probs.unsqueeze(0).repeat(self.labels_sampled.shape[0], 1, 1)  # (K, M, C)
             for k in range(R.shape[0]):
                 R[k, ar, self.labels_sampled[k]] -= 1.0
             self._R = R * self.mask[None, :, None]
@@ -241,8 +275,12 @@ class FisherOperator:
     def _sample_labels(self, n_samples, labels_sampled, generator):
         M = self.probs.shape[0]
         if labels_sampled is not None:
-            if not isinstance(labels_sampled, torch.Tensor) or labels_sampled.dtype.is_floating_point \
-                    or labels_sampled.dim() != 2 or labels_sampled.shape[1] != M:
+            if (
+                not isinstance(labels_sampled, torch.Tensor)
+                or labels_sampled.dtype.is_floating_point
+                or labels_sampled.dim() != 2
+                or labels_sampled.shape[1] != M
+            ):
                 raise ValueError(f"labels_sampled must be an integer tensor of shape (K, {M})")
             if int(labels_sampled.min()) < 0 or int(labels_sampled.max()) >= self.C:
                 raise ValueError(f"labels_sampled must lie in 0..{self.C - 1}")
@@ -259,7 +297,7 @@ class FisherOperator:
         if self.kind == "exact":
             p = self.probs[rows]
             return m * (p * u - p * (p * u).sum(1, keepdim=True))
-        R = self._R[:, rows]                                                   # (K, rows, C)
+        R = self._R[:, rows]  # (K, rows, C)
         return (R * (R * u.unsqueeze(0)).sum(2, keepdim=True)).mean(0)
 
     # ---- products ---------------------------------------------------------------------
@@ -276,9 +314,9 @@ class FisherOperator:
             except (NotImplementedError, RuntimeError) as exc:
                 if self.mode == "jvp" or "forward" not in str(exc).lower() and not isinstance(exc, NotImplementedError):
                     raise
-                self.mode = "vjp"          # an op without a forward-mode derivative: reverse-over-reverse
+                self.mode = "vjp"  # an op without a forward-mode derivative: reverse-over-reverse
         fn = self._vjp_fn(a, args)
-        ref = self.logits[a:a + 1]
+        ref = self.logits[a : a + 1]
         zeros = torch.zeros((min(self._chunk, self.N - a), *ref.shape[1:]), dtype=ref.dtype, device=ref.device)
         return torch.func.vjp(fn, zeros)[1](tangents)[0]
 
@@ -322,7 +360,7 @@ class FisherOperator:
         T = self._rows_per_sample
         for a, b, args, _ in self._batch.chunks(self._chunk):
             ref = self.logits[a:b]
-            grads = self._vjp_fn(a, args)(r[a * T:b * T].reshape(ref.shape).to(ref.dtype))
+            grads = self._vjp_fn(a, args)(r[a * T : b * T].reshape(ref.shape).to(ref.dtype))
             for g, o0, o1 in zip(grads, lay.offsets[:-1], lay.offsets[1:]):
                 out[o0:o1] += g.reshape(-1)
         return out
@@ -336,14 +374,20 @@ class FisherOperator:
     def as_linear_operator(self):
         """A SciPy ``LinearOperator`` (P, P), float64, symmetric (matvec = rmatvec = F v)."""
         from scipy.sparse.linalg import LinearOperator
-        return LinearOperator(self.shape, matvec=lambda v: self.matvec(np.asarray(v).reshape(-1)),
-                              rmatvec=lambda v: self.matvec(np.asarray(v).reshape(-1)), dtype=np.float64)
+
+        return LinearOperator(
+            self.shape,
+            matvec=lambda v: self.matvec(np.asarray(v).reshape(-1)),
+            rmatvec=lambda v: self.matvec(np.asarray(v).reshape(-1)),
+            dtype=np.float64,
+        )
 
     def solve(self, b, damping, *, rtol=DEFAULT_CG_RTOL, maxiter=DEFAULT_CG_MAXITER, certify=None, on_fail="warn"):
         r""":math:`(F+\lambda I)^{-1}b` by :func:`conjugate_gradient` on these products; a :class:`CGResult`."""
         t = torch.as_tensor(b).to(device=self.layout.device, dtype=torch.float64)
-        return conjugate_gradient(self._apply, t, damping=damping, rtol=rtol, maxiter=maxiter, certify=certify,
-                                  on_fail=on_fail)
+        return conjugate_gradient(
+            self._apply, t, damping=damping, rtol=rtol, maxiter=maxiter, certify=certify, on_fail=on_fail
+        )
 
     def relative_quality(self, d, grad) -> float:
         r"""γ(d)/γ(∇L) with this F (two products): γ(v) = √(vᵀFv)/\|vᵀ∇L\|; below 1 beats plain SGD."""
@@ -354,6 +398,7 @@ class FisherOperator:
             vFv = max(float(v @ self._apply(v)), 0.0)
             vg = abs(float(v @ g))
             return math.inf if vg == 0.0 else math.sqrt(vFv) / vg
+
         gg = gamma(g)
         return gamma(d) / gg if gg > 0 else math.nan
 
@@ -361,8 +406,7 @@ class FisherOperator:
         return f"FisherOperator(kind={self.kind!r}, N={self.N}, C={self.C}, P={self.P}, mode={self.mode!r})"
 
 
-def operator_ngd_direction(F, *, damping, G=None, grad=None, rtol=1e-10, maxiter=None, certify=1e-6,
-                           on_fail="raise"):
+def operator_ngd_direction(F, *, damping, G=None, grad=None, rtol=1e-10, maxiter=None, certify=1e-6, on_fail="raise"):
     r"""The exact natural-gradient direction :math:`(F+\lambda I)^{-1}\nabla L` from an operator (NumPy).
 
     The hook proposed for ``fisheropt.fisher.ngd_direction("exact", G=G, F=F, damping=λ)`` (``F`` in
@@ -377,6 +421,7 @@ def operator_ngd_direction(F, *, damping, G=None, grad=None, rtol=1e-10, maxiter
     """
     from fisheropt._checks import check_array_type, check_float_dtype, check_real
     from fisheropt.fisher import DampingTooSmall
+
     if (G is None) == (grad is None):
         raise ValueError("pass exactly one of G (N, P) and grad (P,)")
     damping = check_real("damping", damping, low=0.0, low_open=True)
@@ -396,12 +441,21 @@ def operator_ngd_direction(F, *, damping, G=None, grad=None, rtol=1e-10, maxiter
 
     def mv(v):
         return np.asarray(F.matvec(v), dtype=np.float64).reshape(-1)
+
     try:
-        res = conjugate_gradient(mv, b, damping=damping, rtol=rtol, maxiter=10 * P if maxiter is None else maxiter,
-                                 certify=certify, on_fail=on_fail)
+        res = conjugate_gradient(
+            mv,
+            b,
+            damping=damping,
+            rtol=rtol,
+            maxiter=10 * P if maxiter is None else maxiter,
+            certify=certify,
+            on_fail=on_fail,
+        )
     except CGNotConverged as exc:
-        raise DampingTooSmall(f"{exc} (damping={damping:.3g} may be too small for this operator; "
-                              "spec/fisher.md §3, Accuracy)") from None
+        raise DampingTooSmall(
+            f"{exc} (damping={damping:.3g} may be too small for this operator; spec/fisher.md §3, Accuracy)"
+        ) from None
     x = res.x
     if not np.isfinite(x).all():
         raise ValueError("the direction overflows (a larger damping shrinks it)")

@@ -1,4 +1,5 @@
 """Param groups for Coupled Adam, built from a model instead of by hand."""
+
 from __future__ import annotations
 
 import torch
@@ -12,6 +13,7 @@ def embedding_parameters(model: nn.Module, *, extra=(), exclude=()) -> list:
     ``nn.EmbeddingBag`` (a tied output projection *is* that weight, so it is covered),
     plus ``extra`` (parameters or modules with a ``weight``, e.g. an untied output layer),
     minus ``exclude`` (e.g. positional embeddings written as ``nn.Embedding``)."""
+
     def weights(items, what):
         out = []
         for x in items:
@@ -31,8 +33,10 @@ def embedding_parameters(model: nn.Module, *, extra=(), exclude=()) -> list:
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             if module.sparse and id(module.weight) not in skip:
-                raise ValueError(f"{type(module).__name__} with sparse=True produces sparse gradients, which "
-                                 "fisheropt.torch does not support; use sparse=False")
+                raise ValueError(
+                    f"{type(module).__name__} with sparse=True produces sparse gradients, which "
+                    "fisheropt.torch does not support; use sparse=False"
+                )
             candidates = [module.weight]
         else:
             continue
@@ -62,11 +66,15 @@ def coupled_param_groups(model: nn.Module, *, extra=(), exclude=(), named: bool 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if "params" in options or "coupled" in options:
-        raise TypeError("options are group hyperparameters (lr, weight_decay, ...); 'params' and 'coupled' are set here")
+        raise TypeError(
+            "options are group hyperparameters (lr, weight_decay, ...); 'params' and 'coupled' are set here"
+        )
     flagged = {id(w) for w in embedding_parameters(model, extra=extra, exclude=exclude)}
     if not flagged:
-        raise ValueError("the model has no nn.Embedding (nor extra parameters to couple); Coupled Adam without a "
-                         "coupled tensor is AdamW. Pass the vocabulary matrices with extra=[...]")
+        raise ValueError(
+            "the model has no nn.Embedding (nor extra parameters to couple); Coupled Adam without a "
+            "coupled tensor is AdamW. Pass the vocabulary matrices with extra=[...]"
+        )
     named_params = list(model.named_parameters())
     present = {id(p) for _, p in named_params}
     missing = flagged - present
@@ -74,7 +82,9 @@ def coupled_param_groups(model: nn.Module, *, extra=(), exclude=(), named: bool 
         raise ValueError("extra holds a tensor that is not a parameter of the model")
     for name, p in named_params:
         if id(p) in flagged and p.dim() != 2:
-            raise ValueError(f"{name} has shape {tuple(p.shape)}; a coupled tensor must be 2-D (V×d, rows = vocabulary)")
+            raise ValueError(
+                f"{name} has shape {tuple(p.shape)}; a coupled tensor must be 2-D (V×d, rows = vocabulary)"
+            )
     item = (lambda n, p: (n, p)) if named else (lambda n, p: p)
     coupled = [item(n, p) for n, p in named_params if id(p) in flagged]
     rest = [item(n, p) for n, p in named_params if id(p) not in flagged]

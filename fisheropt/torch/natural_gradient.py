@@ -60,6 +60,7 @@ factor for woodbury; for cg only the model's activations, O(N·C) logits and a f
 ``track_quality=True`` the quality γ(d)/γ(∇L) of the direction under the exact Fisher, two
 matrix-free products).
 """
+
 from __future__ import annotations
 
 import math
@@ -96,8 +97,11 @@ def _real(name, value, *, low=None, high=None, low_open=False, high_open=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     v = float(value)
-    if not math.isfinite(v) or (low is not None and (v < low or (low_open and v == low))) \
-            or (high is not None and (v > high or (high_open and v == high))):
+    if (
+        not math.isfinite(v)
+        or (low is not None and (v < low or (low_open and v == low)))
+        or (high is not None and (v > high or (high_open and v == high)))
+    ):
         lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
         hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
         raise ValueError(f"{name} must be finite{', ' + lo if lo else ''}{' and ' + hi if hi else ''}; got {value!r}")
@@ -144,11 +148,33 @@ class NaturalGradient(torch.optim.Optimizer):
     Jacobian products): it does not read ``.grad`` and needs no ``backward()``.
     """
 
-    def __init__(self, model, kind="ief", lr=0.1, damping=1e-3, *, params=None, damping_mode="relative",
-                 momentum=0.0, weight_decay=0.0, backend="auto", exact_method="auto", n_samples=1, generator=None,
-                 chunk_size=None, ignore_index=-100, cg_rtol=DEFAULT_CG_RTOL, cg_maxiter=DEFAULT_CG_MAXITER,
-                 on_cg_fail="warn", track_quality=False, blas_threads=None, jacobian_budget=DEFAULT_JACOBIAN_BYTES,
-                 jvp_mode="auto", keep_buffers=True, process_group=None):
+    def __init__(
+        self,
+        model,
+        kind="ief",
+        lr=0.1,
+        damping=1e-3,
+        *,
+        params=None,
+        damping_mode="relative",
+        momentum=0.0,
+        weight_decay=0.0,
+        backend="auto",
+        exact_method="auto",
+        n_samples=1,
+        generator=None,
+        chunk_size=None,
+        ignore_index=-100,
+        cg_rtol=DEFAULT_CG_RTOL,
+        cg_maxiter=DEFAULT_CG_MAXITER,
+        on_cg_fail="warn",
+        track_quality=False,
+        blas_threads=None,
+        jacobian_budget=DEFAULT_JACOBIAN_BYTES,
+        jvp_mode="auto",
+        keep_buffers=True,
+        process_group=None,
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
         if kind not in KINDS:
@@ -177,8 +203,10 @@ class NaturalGradient(torch.optim.Optimizer):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         _real("jacobian_budget", jacobian_budget, low=0.0)
         if process_group is not None and kind not in ("ief", "ef"):
-            raise NotImplementedError(f"kind {kind!r} with a process_group: only 'ief' and 'ef' are assembled across "
-                                      "ranks here (fisheropt.torch.distributed.ngd_direction takes A for sf/exact)")
+            raise NotImplementedError(
+                f"kind {kind!r} with a process_group: only 'ief' and 'ef' are assembled across "
+                "ranks here (fisheropt.torch.distributed.ngd_direction takes A for sf/exact)"
+            )
         self.process_group = process_group
         self.model = model
         self.kind = kind
@@ -229,7 +257,7 @@ class NaturalGradient(torch.optim.Optimizer):
         parameters of the model, and its hyperparameters are checked."""
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
-        if hasattr(self, "_layout"):       # after __init__: the new parameters must fit the model
+        if hasattr(self, "_layout"):  # after __init__: the new parameters must fit the model
             try:
                 self._layout = self._make_layout()
             except (TypeError, ValueError):
@@ -240,8 +268,10 @@ class NaturalGradient(torch.optim.Optimizer):
         rows = [self._check_group(g, f"param_groups[{i}]") for i, g in enumerate(self.param_groups)]
         dampings = {r[3] for r in rows}
         if len(dampings) > 1:
-            raise ValueError(f"the param groups have different dampings {sorted(dampings)}; the direction is one "
-                             "solve over all parameters, so damping must be the same in every group")
+            raise ValueError(
+                f"the param groups have different dampings {sorted(dampings)}; the direction is one "
+                "solve over all parameters, so damping must be the same in every group"
+            )
         current = [p for g in self.param_groups for p in g["params"]]
         if len(current) != len(self._layout.params) or any(a is not b for a, b in zip(current, self._layout.params)):
             self._layout = self._make_layout()
@@ -258,16 +288,19 @@ class NaturalGradient(torch.optim.Optimizer):
 
         Raises before writing anything (module docstring, Guarantees)."""
         if inputs is None or targets is None or callable(inputs):
-            raise TypeError("NaturalGradient.step(inputs, targets) computes per-sample gradients itself from the "
-                            "batch; it takes the batch, not a closure, and does not read .grad")
+            raise TypeError(
+                "NaturalGradient.step(inputs, targets) computes per-sample gradients itself from the "
+                "batch; it takes the batch, not a closure, and does not read .grad"
+            )
         rows, damping = self._hyper()
         t0 = time.perf_counter()
         with torch.enable_grad():
             d, loss, stats = self._direction(inputs, targets, damping)
         t1 = time.perf_counter()
         if not bool(torch.isfinite(d).all()):
-            raise ValueError("the natural-gradient direction is not finite; increase the damping "
-                             "(the parameters are unchanged)")
+            raise ValueError(
+                "the natural-gradient direction is not finite; increase the damping (the parameters are unchanged)"
+            )
         self._update(d, rows)
         stats["time_update"] = time.perf_counter() - t1
         stats["time_total"] = time.perf_counter() - t0
@@ -285,8 +318,10 @@ class NaturalGradient(torch.optim.Optimizer):
             with _blas_limit(n):
                 return _fisher.ngd_direction(kind, backend=self.backend, **kw)
         except _fisher.DampingTooSmall as exc:
-            raise _fisher.DampingTooSmall(f"NaturalGradient(kind={self.kind!r}, damping_mode={self.damping_mode!r}): "
-                                          f"{exc}; the parameters are unchanged") from None
+            raise _fisher.DampingTooSmall(
+                f"NaturalGradient(kind={self.kind!r}, damping_mode={self.damping_mode!r}): "
+                f"{exc}; the parameters are unchanged"
+            ) from None
 
     def _direction(self, inputs, targets, damping):
         lay = self._layout
@@ -298,8 +333,9 @@ class NaturalGradient(torch.optim.Optimizer):
         batch = _Batch(self.model, inputs, targets, None, self.ignore_index, lay)
         if method == "auto":
             rows = int(batch.valid.sum())
-            method = "woodbury" if rows * batch.C * lay.P * lay.params[0].element_size() <= self.jacobian_budget \
-                else "cg"
+            method = (
+                "woodbury" if rows * batch.C * lay.P * lay.params[0].element_size() <= self.jacobian_budget else "cg"
+            )
         stats["method"] = method
         if method == "woodbury":
             return self._woodbury_direction(batch, damping, stats)
@@ -314,23 +350,34 @@ class NaturalGradient(torch.optim.Optimizer):
         return stats
 
     def _exact_operator(self, inputs, targets):
-        return FisherOperator(self.model, inputs, targets, kind="exact", layout=self._layout,
-                              chunk_size=self.chunk_size, ignore_index=self.ignore_index, mode=self.jvp_mode)
+        return FisherOperator(
+            self.model,
+            inputs,
+            targets,
+            kind="exact",
+            layout=self._layout,
+            chunk_size=self.chunk_size,
+            ignore_index=self.ignore_index,
+            mode=self.jvp_mode,
+        )
 
     def _distributed_gram_direction(self, G, s, loss_local, damping, stats):
         """EF/iEF of the group's global batch (fisheropt.torch.distributed): this rank's samples'
         gradients go in, the whole direction comes out on every rank (a replicated model)."""
         from . import distributed as _dist
+
         lay, group = self._layout, self.process_group
         t = time.perf_counter()
         sq = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()
         totals = torch.tensor([float(sq.sum()), float(G.shape[0]), loss_local], dtype=torch.float64)
-        torch.distributed.all_reduce(totals, group=group)          # a NaN on any rank reaches every rank
+        torch.distributed.all_reduce(totals, group=group)  # a NaN on any rank reaches every rank
         total_sq, N, loss = float(totals[0]), int(totals[1]), float(totals[2])
         if not math.isfinite(total_sq):
             raise ValueError("the per-sample gradients are not finite on some rank; the parameters are unchanged")
         if N == 0:
-            raise ValueError(f"every target of the global batch equals ignore_index={self.ignore_index}: nothing to fit")
+            raise ValueError(
+                f"every target of the global batch equals ignore_index={self.ignore_index}: nothing to fit"
+            )
         scale = total_sq / N
         lam = self._lambda(damping, scale)
         stats.update(scale=scale, damping=lam, N=N)
@@ -342,11 +389,19 @@ class NaturalGradient(torch.optim.Optimizer):
             comm = {}
             try:
                 with _blas_limit(self.blas_threads or torch.get_num_threads()):
-                    d_local = _dist.ngd_direction(self.kind, G=G, damping=lam, s=s if self.kind == "ief" else None,
-                                                  group=group, backend=self.backend, stats=comm)
+                    d_local = _dist.ngd_direction(
+                        self.kind,
+                        G=G,
+                        damping=lam,
+                        s=s if self.kind == "ief" else None,
+                        group=group,
+                        backend=self.backend,
+                        stats=comm,
+                    )
             except _fisher.DampingTooSmall as exc:
-                raise _fisher.DampingTooSmall(f"NaturalGradient(kind={self.kind!r}): {exc}; "
-                                              "the parameters are unchanged") from None
+                raise _fisher.DampingTooSmall(
+                    f"NaturalGradient(kind={self.kind!r}): {exc}; the parameters are unchanged"
+                ) from None
             d = _dist.gather_columns(d_local, lay.P, group=group).to(lay.dtype)
             stats["comm"] = comm
         stats["time_solve"] = time.perf_counter() - t
@@ -355,32 +410,42 @@ class NaturalGradient(torch.optim.Optimizer):
     def _gram_direction(self, inputs, targets, damping, stats):
         lay = self._layout
         t = time.perf_counter()
-        G, logits, _ = per_sample_grads(self.model, inputs, targets, layout=lay, chunk_size=self.chunk_size,
-                                        ignore_index=self.ignore_index, out=self._g_buffer(inputs, lay))
+        G, logits, _ = per_sample_grads(
+            self.model,
+            inputs,
+            targets,
+            layout=lay,
+            chunk_size=self.chunk_size,
+            ignore_index=self.ignore_index,
+            out=self._g_buffer(inputs, lay),
+        )
         st = logit_statistics(logits, targets, self.ignore_index)
         counts = torch.zeros(G.shape[0], dtype=torch.float64, device=G.device).index_add_(
-            0, st.sample, st.mask.to(torch.float64))
+            0, st.sample, st.mask.to(torch.float64)
+        )
         keep = counts > 0
         if self.process_group is None and not bool(keep.any()):
             raise ValueError(f"every target of the batch equals ignore_index={self.ignore_index}: nothing to fit")
         s = st.s
-        if not bool(keep.all()):          # samples with no counted token: zero rows, left out of the solve
+        if not bool(keep.all()):  # samples with no counted token: zero rows, left out of the solve
             G, s = G[keep], s[keep]
         stats["time_grads"] = time.perf_counter() - t
         if self.process_group is not None:
             return self._distributed_gram_direction(G, s, float(st.losses.sum()), damping, stats)
         t = time.perf_counter()
-        sq = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()     # diag(GGᵀ): one read of G
+        sq = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()  # diag(GGᵀ): one read of G
         if not bool(torch.isfinite(sq).all()):
-            raise ValueError("the per-sample gradients are not finite (NaN/Inf in the model's outputs or "
-                             "derivatives); the parameters are unchanged")
+            raise ValueError(
+                "the per-sample gradients are not finite (NaN/Inf in the model's outputs or "
+                "derivatives); the parameters are unchanged"
+            )
         scale = float(sq.mean())
         lam = self._lambda(damping, scale)
         stats.update(scale=scale, damping=lam, N=int(G.shape[0]))
         loss = float(st.losses.sum())
         stats["time_scale"] = time.perf_counter() - t
         t = time.perf_counter()
-        if scale == 0.0:                    # every per-sample gradient is 0: so are ∇L and the direction
+        if scale == 0.0:  # every per-sample gradient is 0: so are ∇L and the direction
             d = torch.zeros(lay.P, dtype=lay.dtype, device=lay.device)
         else:
             kw = {"G": _to_array(G), "damping": lam}
@@ -391,6 +456,7 @@ class NaturalGradient(torch.optim.Optimizer):
 
         def grad():
             return G.sum(0, dtype=torch.float64)
+
         if self.track_quality:
             self._finish(d, grad(), lambda: self._exact_operator(inputs, targets), stats)
         return d, loss, stats
@@ -402,11 +468,11 @@ class NaturalGradient(torch.optim.Optimizer):
             return None
         first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
         if not isinstance(first, torch.Tensor) or first.dim() == 0:
-            return None                            # the validation in per_sample_grads says why
+            return None  # the validation in per_sample_grads says why
         shape = (first.shape[0], lay.P)
         buf = self._buffer
         if buf is None or tuple(buf.shape) != shape or buf.dtype != lay.dtype or buf.device != lay.device:
-            self._buffer = buf = None                                   # free the old one first
+            self._buffer = buf = None  # free the old one first
             self._buffer = buf = torch.empty(shape, dtype=lay.dtype, device=lay.device)
         return buf
 
@@ -437,10 +503,11 @@ class NaturalGradient(torch.optim.Optimizer):
         JJ = torch.einsum("mcp,mdp->mcd", Jr, Jr).to(torch.float64)
         ls = None
         if self.kind == "exact":
-            trace = float((probs * torch.diagonal(JJ, dim1=1, dim2=2)).sum()
-                          - torch.einsum("mc,mcd,md->", probs, JJ, probs))
+            trace = float(
+                (probs * torch.diagonal(JJ, dim1=1, dim2=2)).sum() - torch.einsum("mc,mcd,md->", probs, JJ, probs)
+            )
         else:
-            ls = self._sampled(probs, self.n_samples)                           # (K, M)
+            ls = self._sampled(probs, self.n_samples)  # (K, M)
             R = probs.unsqueeze(0).repeat(ls.shape[0], 1, 1)
             ar = torch.arange(probs.shape[0], device=probs.device)
             for k in range(ls.shape[0]):
@@ -451,7 +518,7 @@ class NaturalGradient(torch.optim.Optimizer):
         stats.update(scale=scale, damping=lam, N=batch.N)
         r = probs.clone()
         r[torch.arange(r.shape[0], device=r.device), labels] -= 1.0
-        G_tok = _to_array(torch.einsum("mcp,mc->mp", Jr, r.to(Jr.dtype)).contiguous())   # rows J_mᵀ(p_m − e_y)
+        G_tok = _to_array(torch.einsum("mcp,mc->mp", Jr, r.to(Jr.dtype)).contiguous())  # rows J_mᵀ(p_m − e_y)
         J_np = _to_array(Jr.contiguous())
         p_np = _to_array(probs.contiguous())
         loss = float(st.losses.sum())
@@ -464,16 +531,25 @@ class NaturalGradient(torch.optim.Optimizer):
             d = _from_array(self._solve_ngd(self.kind, **kw), lay.device)
         stats["time_solve"] = time.perf_counter() - t
         if self.track_quality:
-            grad = _from_array(G_tok.sum(axis=0, dtype=np.float64), lay.device)   # ∇L = Σ_m rows
+            grad = _from_array(G_tok.sum(axis=0, dtype=np.float64), lay.device)  # ∇L = Σ_m rows
             self._finish(d, grad, lambda: self._exact_operator(batch.inputs, batch.targets), stats)
         return d, loss, stats
 
     def _cg_direction(self, batch, damping, stats):
         lay = self._layout
         t = time.perf_counter()
-        op = FisherOperator(self.model, batch.inputs, batch.targets, kind=self.kind, layout=lay,
-                            n_samples=self.n_samples, generator=self.generator, chunk_size=self.chunk_size,
-                            ignore_index=self.ignore_index, mode=self.jvp_mode)
+        op = FisherOperator(
+            self.model,
+            batch.inputs,
+            batch.targets,
+            kind=self.kind,
+            layout=lay,
+            n_samples=self.n_samples,
+            generator=self.generator,
+            chunk_size=self.chunk_size,
+            ignore_index=self.ignore_index,
+            mode=self.jvp_mode,
+        )
         if not bool(op.mask.any()):
             raise ValueError(f"every target of the batch equals ignore_index={self.ignore_index}: nothing to fit")
         grad = op.gradient()
@@ -488,8 +564,16 @@ class NaturalGradient(torch.optim.Optimizer):
             for k in range(ls.shape[0]):
                 y = torch.where(op.stats.mask, ls[k], torch.full_like(ls[k], self.ignore_index))
                 y = y.reshape(batch.targets.shape)
-                total += float(per_sample_sq_norms(self.model, batch.inputs, y, layout=lay, chunk_size=self.chunk_size,
-                                                   ignore_index=self.ignore_index).sum())
+                total += float(
+                    per_sample_sq_norms(
+                        self.model,
+                        batch.inputs,
+                        y,
+                        layout=lay,
+                        chunk_size=self.chunk_size,
+                        ignore_index=self.ignore_index,
+                    ).sum()
+                )
             scale = total / ls.shape[0] / batch.N
         stats["time_grads"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -497,20 +581,30 @@ class NaturalGradient(torch.optim.Optimizer):
         stats.update(scale=scale, damping=lam, N=batch.N)
         if float(grad.abs().max()) == 0.0 or lam == 0.0:
             if lam == 0.0 and float(grad.abs().max()) != 0.0:
-                raise ValueError("the relative damping's scale, the estimate of tr(F)/N, is 0 but ∇L is not: the "
-                                 "model's probabilities are one-hot to float64 precision (saturated), where the "
-                                 "Fisher vanishes; lower the learning rate, or use damping_mode='absolute'")
+                raise ValueError(
+                    "the relative damping's scale, the estimate of tr(F)/N, is 0 but ∇L is not: the "
+                    "model's probabilities are one-hot to float64 precision (saturated), where the "
+                    "Fisher vanishes; lower the learning rate, or use damping_mode='absolute'"
+                )
             d64 = torch.zeros(lay.P, dtype=torch.float64, device=lay.device)
             stats.update(cg_iterations=0, cg_residual=0.0)
         else:
             res = op.solve(grad, lam, rtol=self.cg_rtol, maxiter=self.cg_maxiter, on_fail=self.on_cg_fail)
             d64 = res.x
-            stats.update(cg_iterations=res.iterations, cg_matvecs=res.matvecs, cg_residual=res.residual,
-                         cg_converged=res.converged)
+            stats.update(
+                cg_iterations=res.iterations,
+                cg_matvecs=res.matvecs,
+                cg_residual=res.residual,
+                cg_converged=res.converged,
+            )
         stats["time_solve"] = time.perf_counter() - t
         if self.track_quality:
-            self._finish(d64, grad, (lambda: op) if self.kind == "exact" else
-                         (lambda: self._exact_operator(batch.inputs, batch.targets)), stats)
+            self._finish(
+                d64,
+                grad,
+                (lambda: op) if self.kind == "exact" else (lambda: self._exact_operator(batch.inputs, batch.targets)),
+                stats,
+            )
         return d64.to(lay.dtype), loss, stats
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ overlap) and raises before writing anything; the backend call is all or nothing,
 and Ctrl-C waits until it returns (README, "Guarantees"). With parameters on several
 devices there is one call per device, each all or nothing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,17 +52,28 @@ from . import _tensors as T
 try:  # float32 (float64 when that is torch's default dtype), as torch.optim stores "step"
     from torch.optim.optimizer import _get_scalar_dtype
 except ImportError:  # pragma: no cover - older or newer torch
+
     def _get_scalar_dtype():
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
-__all__ = ["Optimizer", "optimizer_class", "CLASSES", "COMMON_OPTIONS", "TorchCounterpart", "COUNTERPARTS",
-           "STATE_KEYS", "COMPILE_MESSAGE"]
+
+__all__ = [
+    "Optimizer",
+    "optimizer_class",
+    "CLASSES",
+    "COMMON_OPTIONS",
+    "TorchCounterpart",
+    "COUNTERPARTS",
+    "STATE_KEYS",
+    "COMPILE_MESSAGE",
+]
 
 #: Why ``step`` is not traced by torch.compile (the text of the graph break).
 COMPILE_MESSAGE = (
     "fisheropt.torch optimizers run their update outside torch.compile: the step hands the tensors' memory to "
     "NumPy/Numba (or CuPy) kernels, which TorchDynamo cannot trace. Compile the model (torch.compile(model)) "
-    "and call opt.step() outside the compiled function, or let the graph break here (fullgraph=False).")
+    "and call opt.step() outside the compiled function, or let the graph break here (fullgraph=False)."
+)
 
 
 @dataclass(frozen=True)
@@ -79,13 +91,19 @@ class Option:
 #: fisheropt always runs its own fused multi-tensor kernel, so any value is accepted (and kept,
 #: so that checkpoints round-trip).
 COMMON_OPTIONS = {
-    "maximize": Option(False, (False,), "maximize=True (gradient ascent) is not supported; minimize the "
-                                        "negated objective instead"),
+    "maximize": Option(
+        False, (False,), "maximize=True (gradient ascent) is not supported; minimize the negated objective instead"
+    ),
     "foreach": Option(None, (None, False, True)),
-    "capturable": Option(False, (False,), "capturable=True (CUDA-graph capture) is not supported: a step "
-                                          "runs host code (hyperparameters, step counts, checks)"),
-    "differentiable": Option(False, (False,), "differentiable=True is not supported: the update runs outside "
-                                              "autograd, in place"),
+    "capturable": Option(
+        False,
+        (False,),
+        "capturable=True (CUDA-graph capture) is not supported: a step "
+        "runs host code (hyperparameters, step counts, checks)",
+    ),
+    "differentiable": Option(
+        False, (False,), "differentiable=True is not supported: the update runs outside autograd, in place"
+    ),
     "fused": Option(None, (None, False, True)),
 }
 
@@ -100,30 +118,58 @@ class TorchCounterpart:
 
 _AMSGRAD = Option(False, (False,), "amsgrad=True (AMSGrad) is not supported", positional=True)
 COUNTERPARTS = {
-    "adam": TorchCounterpart("Adam", {
-        "amsgrad": _AMSGRAD,
-        "decoupled_weight_decay": Option(False, (False,), "decoupled_weight_decay=True is AdamW: use "
-                                                          "fisheropt.torch.AdamW"),
-    }),
-    "adamw": TorchCounterpart("AdamW", {
-        "amsgrad": _AMSGRAD,
-        "decoupled_weight_decay": Option(True, (True,), "AdamW always decouples its weight decay (L2 decay "
-                                                        "added to the gradient is fisheropt.torch.Adam)",
-                                         in_signature=False),
-    }),
+    "adam": TorchCounterpart(
+        "Adam",
+        {
+            "amsgrad": _AMSGRAD,
+            "decoupled_weight_decay": Option(
+                False, (False,), "decoupled_weight_decay=True is AdamW: use fisheropt.torch.AdamW"
+            ),
+        },
+    ),
+    "adamw": TorchCounterpart(
+        "AdamW",
+        {
+            "amsgrad": _AMSGRAD,
+            "decoupled_weight_decay": Option(
+                True,
+                (True,),
+                "AdamW always decouples its weight decay (L2 decay added to the gradient is fisheropt.torch.Adam)",
+                in_signature=False,
+            ),
+        },
+    ),
 }
 
 #: torch state keys of the rules' state arrays, where torch (or the rule's usual torch
 #: implementation: over torch.optim.AdamW for Coupled Adam, lion-pytorch for Lion) has names for them.
 #: Other rules use the descriptor's names (e.g. FAdam: "m", "f").
 _ADAM_KEYS = {"m": "exp_avg", "v": "exp_avg_sq"}
-STATE_KEYS = {"adam": _ADAM_KEYS, "adamw": _ADAM_KEYS, "coupled_adam": _ADAM_KEYS,
-              "lion": {"m": "exp_avg"}}   # as the Lion implementations for torch (lion-pytorch, pytorch_optimizer)
+STATE_KEYS = {
+    "adam": _ADAM_KEYS,
+    "adamw": _ADAM_KEYS,
+    "coupled_adam": _ADAM_KEYS,
+    "lion": {"m": "exp_avg"},
+}  # as the Lion implementations for torch (lion-pytorch, pytorch_optimizer)
 
 # Options of other torch optimizers and hyperparameters of other rules: a group that
 # turns one of them on is refused instead of being silently ignored.
-_TORCH_FOREIGN = ("amsgrad", "nesterov", "momentum", "dampening", "centered", "decoupled_weight_decay", "lr_decay",
-                  "rho", "alpha", "lambd", "momentum_decay", "initial_accumulator_value", "etas", "step_sizes")
+_TORCH_FOREIGN = (
+    "amsgrad",
+    "nesterov",
+    "momentum",
+    "dampening",
+    "centered",
+    "decoupled_weight_decay",
+    "lr_decay",
+    "rho",
+    "alpha",
+    "lambd",
+    "momentum_decay",
+    "initial_accumulator_value",
+    "etas",
+    "step_sizes",
+)
 
 _MISSING = object()
 
@@ -138,8 +184,24 @@ class _Resync(Exception):
 class _Record:
     """What the optimizer keeps for one parameter: its views, its state and where it is."""
 
-    __slots__ = ("param", "label", "dev", "fast", "order", "view", "shape", "np_dtype", "ptr", "tdtype",
-                 "tshape", "tstride", "flag", "st", "state_views", "step_np")
+    __slots__ = (
+        "param",
+        "label",
+        "dev",
+        "fast",
+        "order",
+        "view",
+        "shape",
+        "np_dtype",
+        "ptr",
+        "tdtype",
+        "tshape",
+        "tstride",
+        "flag",
+        "st",
+        "state_views",
+        "step_np",
+    )
 
     def state_shape(self, spec):
         if spec.per_column and self.flag:
@@ -159,8 +221,8 @@ class _Batch:
     def __init__(self, dev, backend):
         self.dev, self.backend = dev, backend
         self.records, self.grads, self.steps, self.state_rows, self.new = [], [], [], [], []
-        self.params = self.states = None    # made by _prepare
-        self.runs = []   # (_Group, count): consecutive tensors of one param group
+        self.params = self.states = None  # made by _prepare
+        self.runs = []  # (_Group, count): consecutive tensors of one param group
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -169,8 +231,8 @@ class Optimizer(torch.optim.Optimizer):
     Subclasses are made by :func:`optimizer_class`; ``fisheropt.torch.FAdam`` etc."""
 
     rule: Rule
-    options: dict          # torch option name -> Option (COMMON_OPTIONS and the counterpart's)
-    state_keys: tuple      # torch state key of each of rule.state
+    options: dict  # torch option name -> Option (COMMON_OPTIONS and the counterpart's)
+    state_keys: tuple  # torch state key of each of rule.state
 
     def __init__(self, params, defaults: dict, *, backend: str = "auto", check_finite: bool = True):
         if not isinstance(backend, str) or (backend != "auto" and backend not in _backends.KNOWN):
@@ -182,19 +244,26 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         flag = self.rule.tensor_flag
         if flag is not None and not any(g.flag for g in self._groups):
-            warnings.warn(f"{type(self).__name__}: no parameter has {flag.name}=True, so every tensor is updated by "
-                          f"AdamW; flag the embedding matrices ({{'params': [...], '{flag.name}': True}} or "
-                          "fisheropt.torch.coupled_param_groups(model))", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{type(self).__name__}: no parameter has {flag.name}=True, so every tensor is updated by "
+                f"AdamW; flag the embedding matrices ({{'params': [...], '{flag.name}': True}} or "
+                "fisheropt.torch.coupled_param_groups(model))",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _init_private(self) -> None:
-        self._records = {}          # parameter tensor -> _Record
-        self._groups = []           # one _Group per entry of param_groups
-        self._layouts = {}          # device key -> Layout of every parameter and state view (None: stale)
-        self._backends = {}         # device key -> backend module
+        self._records = {}  # parameter tensor -> _Record
+        self._groups = []  # one _Group per entry of param_groups
+        self._layouts = {}  # device key -> Layout of every parameter and state view (None: stale)
+        self._backends = {}  # device key -> backend module
         self._scalar_dtype = _get_scalar_dtype()
         self._flag_name = self.rule.tensor_flag.name if self.rule.tensor_flag is not None else None
-        self._group_keys = (tuple(h.name for h in self.rule.hyperparams) + tuple(self.options)
-                            + ((self._flag_name,) if self._flag_name else ()))
+        self._group_keys = (
+            tuple(h.name for h in self.rule.hyperparams)
+            + tuple(self.options)
+            + ((self._flag_name,) if self._flag_name else ())
+        )
         own = set(self._group_keys)
         others = {h.name for r in RULES.values() for h in r.hyperparams}
         others |= {r.tensor_flag.name for r in RULES.values() if r.tensor_flag is not None}
@@ -223,24 +292,30 @@ class Optimizer(torch.optim.Optimizer):
         for k in self._foreign_set.intersection(group):
             value = group[k]
             if value is not None and value is not False and not (isinstance(value, numbers.Number) and value == 0):
-                raise ValueError(f"{where}: {k}={value!r} is not an option of {type(self).__name__} "
-                                 "(it would be ignored)")
+                raise ValueError(
+                    f"{where}: {k}={value!r} is not an option of {type(self).__name__} (it would be ignored)"
+                )
         for name, opt in self.options.items():
             value = group.get(name, opt.default)
             if value is opt.default:
                 continue
             if not any(value is a or (type(value) is bool and value == a) for a in opt.accepted):
-                raise ValueError(f"{where}: {name}={value!r} is not supported by {type(self).__name__}"
-                                 + (f": {opt.why}" if opt.why else f" (accepted: {opt.accepted})"))
+                raise ValueError(
+                    f"{where}: {name}={value!r} is not supported by {type(self).__name__}"
+                    + (f": {opt.why}" if opt.why else f" (accepted: {opt.accepted})")
+                )
         hp = {}
         for h in rule.hyperparams:
             if h.name not in group:
                 raise ValueError(f"{where}: missing hyperparameter {h.name!r} of {type(self).__name__}")
             value = group[h.name]
-            if isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list))
-                                                   and any(isinstance(x, torch.Tensor) for x in value)):
-                raise TypeError(f"{where}: {h.name} is a Tensor; fisheropt.torch takes Python numbers (a Tensor "
-                                "hyperparameter, which torch.optim uses for capturable CUDA graphs, is not supported)")
+            if isinstance(value, torch.Tensor) or (
+                isinstance(value, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in value)
+            ):
+                raise TypeError(
+                    f"{where}: {h.name} is a Tensor; fisheropt.torch takes Python numbers (a Tensor "
+                    "hyperparameter, which torch.optim uses for capturable CUDA graphs, is not supported)"
+                )
             hp[h.name] = value
         try:
             hp = check_hyperparams(rule, hp, dtypes)
@@ -267,8 +342,10 @@ class Optimizer(torch.optim.Optimizer):
         gi = len(self.param_groups)
         for existing in self.param_groups:
             if ("param_names" in existing) != (names is not None):
-                raise ValueError("all optimizer param groups should be with/without names; cannot add a group "
-                                 f"{'with' if names is not None else 'without'} names to this optimizer")
+                raise ValueError(
+                    "all optimizer param groups should be with/without names; cannot add a group "
+                    f"{'with' if names is not None else 'without'} names to this optimizer"
+                )
         for name, default in self.defaults.items():
             group.setdefault(name, default)
         taken = {p: (gj, j) for gj, g in enumerate(self._groups) for j, p in enumerate(g.params)}
@@ -292,8 +369,10 @@ class Optimizer(torch.optim.Optimizer):
         params = group["params"]
         names = group.get("param_names")
         where = f"param_groups[{gi}]"
-        labels = [f"{where}['params'][{i}]" + (f" ({names[i]!r})" if names and i < len(names) else "")
-                  for i in range(len(params))]
+        labels = [
+            f"{where}['params'][{i}]" + (f" ({names[i]!r})" if names and i < len(names) else "")
+            for i in range(len(params))
+        ]
         seen = {}
         for i, p in enumerate(params):
             T.check_param(p, labels[i])
@@ -304,15 +383,22 @@ class Optimizer(torch.optim.Optimizer):
             seen[p] = i
             if p in taken:
                 gj, j = taken[p]
-                raise ValueError(f"{labels[i]} is already in param_groups[{gj}] (as its parameter {j}); "
-                                 "a parameter may appear in one group only")
+                raise ValueError(
+                    f"{labels[i]} is already in param_groups[{gj}] (as its parameter {j}); "
+                    "a parameter may appear in one group only"
+                )
         dtypes = tuple({T.SUPPORTED_DTYPES[p.dtype]: None for p in params})
         kernel_kw, flag = self._validate_group(group, dtypes, where)
         records = []
         for i, p in enumerate(params):
             old = reuse.get(p)
-            if old is not None and old.ptr == p.data_ptr() and old.tdtype == p.dtype \
-                    and old.tshape == p.size() and old.tstride == tuple(p.stride()):
+            if (
+                old is not None
+                and old.ptr == p.data_ptr()
+                and old.tdtype == p.dtype
+                and old.tshape == p.size()
+                and old.tstride == tuple(p.stride())
+            ):
                 rec = copy.copy(old)
                 rec.label = labels[i]
                 if rec.flag != flag:
@@ -328,8 +414,10 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"{where}: {exc} (params[i] is {where}['params'][i])") from None
             for r in records:
                 if r.order is not None:
-                    raise ValueError(f"{r.label} has {self._flag_name}=True but is not C-contiguous (strides "
-                                     f"{tuple(r.param.stride())}); its rows must be the vocabulary items")
+                    raise ValueError(
+                        f"{r.label} has {self._flag_name}=True but is not C-contiguous (strides "
+                        f"{tuple(r.param.stride())}); its rows must be the vocabulary items"
+                    )
         info = _Group()
         info.group, info.params, info.records, info.flag, info.dtypes = group, list(params), records, flag, dtypes
         info.kernel_kw = kernel_kw
@@ -363,8 +451,10 @@ class Optimizer(torch.optim.Optimizer):
             backend = _backends.select(self._backend_name, probe, function=function)
         else:
             if self._backend_name not in ("auto", "cupy"):
-                raise TypeError(f"{label} is on {p.device} but backend={self._backend_name!r} runs on CPU memory; "
-                                "use backend='auto' or 'cupy' for CUDA tensors")
+                raise TypeError(
+                    f"{label} is on {p.device} but backend={self._backend_name!r} runs on CPU memory; "
+                    "use backend='auto' or 'cupy' for CUDA tensors"
+                )
             backend = _backends.get("cupy", function)
         self._backends[dev] = backend
         return backend
@@ -449,8 +539,9 @@ class Optimizer(torch.optim.Optimizer):
             for b, (steps, kwargs) in zip(batches, calls):
                 with self._device_context(b.dev):
                     if fused:
-                        done = getattr(b.backend, function + "_checked")(b.params, b.grads, *b.states, step=steps,
-                                                                          **kwargs)
+                        done = getattr(b.backend, function + "_checked")(
+                            b.params, b.grads, *b.states, step=steps, **kwargs
+                        )
                         if not done:
                             self._refuse_non_finite(b)
                     else:
@@ -471,16 +562,18 @@ class Optimizer(torch.optim.Optimizer):
             if params is None or len(params) != len(info.records):
                 raise _Resync
             raw = self._raw(group)
-            try:   # equal values of the same types (a Tensor lr equal to the old float is not the same)
+            try:  # equal values of the same types (a Tensor lr equal to the old float is not the same)
                 same = raw == info.raw and all(type(x) is type(y) for x, y in zip(raw, info.raw))
-            except Exception:   # e.g. a Tensor hyperparameter: validation says what is wrong
+            except Exception:  # e.g. a Tensor hyperparameter: validation says what is wrong
                 same = False
             if not same:
                 kernel_kw, flag = self._validate_group(group, info.dtypes, f"param_groups[{gi}]")
                 if flag != info.flag:
-                    raise ValueError(f"param_groups[{gi}]: {self._flag_name} changed from {info.flag} to {flag}; "
-                                     "it decides the shape of the state, so it cannot change after the group is "
-                                     "added (add the tensors as a new group of a new optimizer)")
+                    raise ValueError(
+                        f"param_groups[{gi}]: {self._flag_name} changed from {info.flag} to {flag}; "
+                        "it decides the shape of the state, so it cannot change after the group is "
+                        "added (add the tensors as a new group of a new optimizer)"
+                    )
                 info.kernel_kw, info.raw = kernel_kw, raw
             starts = {key: len(x.records) for key, x in batches.items()}
             for p, rec in zip(params, info.records):
@@ -501,8 +594,14 @@ class Optimizer(torch.optim.Optimizer):
                         gv = None
                     # p itself: the same memory, still C-contiguous, so its view is still right (a new
                     # shape shows in the gradient's shape); anything else takes the detailed path.
-                    if gv is None or gv.shape != rec.shape or gv.dtype is not rec.np_dtype \
-                            or not g.is_contiguous() or p.data_ptr() != rec.ptr or not p.is_contiguous():
+                    if (
+                        gv is None
+                        or gv.shape != rec.shape
+                        or gv.dtype is not rec.np_dtype
+                        or not g.is_contiguous()
+                        or p.data_ptr() != rec.ptr
+                        or not p.is_contiguous()
+                    ):
                         gv = self._grad_view(rec, p, g)
                 else:
                     gv = self._grad_view(rec, p, g)
@@ -528,16 +627,22 @@ class Optimizer(torch.optim.Optimizer):
 
     def _grad_view(self, rec, p, g):
         """The gradient of ``p`` as an array laid out like ``rec.view``, or the error that says why not."""
-        if p.data_ptr() != rec.ptr or p.dtype != rec.tdtype or p.size() != rec.tshape \
-                or tuple(p.stride()) != rec.tstride:
-            raise ValueError(f"{rec.label} was replaced or changed since it was added to the optimizer (now "
-                             f"{p.dtype}, shape {tuple(p.shape)}, on {p.device}; it was {rec.tdtype}, shape "
-                             f"{tuple(rec.tshape)}): assigning p.data, model.to(...) or resize_() gives it other memory. "
-                             "Build the optimizer after moving or converting the model.")
+        if (
+            p.data_ptr() != rec.ptr
+            or p.dtype != rec.tdtype
+            or p.size() != rec.tshape
+            or tuple(p.stride()) != rec.tstride
+        ):
+            raise ValueError(
+                f"{rec.label} was replaced or changed since it was added to the optimizer (now "
+                f"{p.dtype}, shape {tuple(p.shape)}, on {p.device}; it was {rec.tdtype}, shape "
+                f"{tuple(rec.tshape)}): assigning p.data, model.to(...) or resize_() gives it other memory. "
+                "Build the optimizer after moving or converting the model."
+            )
         gt = T.grad_tensor(g, p, rec.label, rec.order)
         if rec.dev == "cpu":
             return gt.numpy()
-        return gt   # CUDA: made a CuPy view on torch's stream in _prepare
+        return gt  # CUDA: made a CuPy view on torch's stream in _prepare
 
     def _new_state(self, rec, batch) -> None:
         """Allocate the zero state of ``rec`` (made visible in ``self.state`` by _commit, if the step runs)."""
@@ -577,8 +682,12 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"{where}[{key!r}] is not laid out like its parameter (strides {tuple(t.stride())})")
             views.append(T.host_view(t, order) if rec.dev == "cpu" else (t, order))
         step_t = st["step"]
-        if not (isinstance(step_t, torch.Tensor) and step_t.device.type == "cpu" and step_t.dim() == 0
-                and step_t.dtype == self._scalar_dtype):
+        if not (
+            isinstance(step_t, torch.Tensor)
+            and step_t.device.type == "cpu"
+            and step_t.dim() == 0
+            and step_t.dtype == self._scalar_dtype
+        ):
             step_t = st["step"] = torch.tensor(float(step), dtype=self._scalar_dtype)
         if rec.dev != "cpu":
             views = self._cupy_state(rec.dev, views)
@@ -607,7 +716,8 @@ class Optimizer(torch.optim.Optimizer):
         raise FloatingPointError(
             f"non-finite values (NaN or Inf) in the gradient of {', '.join(bad)}; nothing was updated "
             "(check_finite=False skips this check; with torch.amp.GradScaler, scaler.step(opt) skips "
-            "such steps by itself)")
+            "such steps by itself)"
+        )
 
     def _prepare(self, b: _Batch, *, separate_check: bool):
         """Checks that read the gradients (overlap, finiteness) and the kernel arguments; writes nothing."""
@@ -624,8 +734,12 @@ class Optimizer(torch.optim.Optimizer):
         if layout is None:
             recs = [r for r in self._records.values() if r.dev == b.dev]
             named = [(r.label, r.view) for r in recs]
-            named += [(f"state of {r.label}[{k!r}]", a) for r in recs if r.state_views is not None
-                      for k, a in zip(self.state_keys, r.state_views)]
+            named += [
+                (f"state of {r.label}[{k!r}]", a)
+                for r in recs
+                if r.state_views is not None
+                for k, a in zip(self.state_keys, r.state_views)
+            ]
             layout = self._layouts[b.dev] = Layout(named)
             layout.tagged_ranges = [(start, end, 0, name) for start, end, name in layout.ranges]
         _check_grad_overlap(layout, b)
@@ -676,7 +790,8 @@ class Optimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         if len(self._groups) != len(self.param_groups) or any(
-                info.group is not g for info, g in zip(self._groups, self.param_groups)):
+            info.group is not g for info, g in zip(self._groups, self.param_groups)
+        ):
             self._resync()
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state dict (it needs 'state' and 'param_groups')")
@@ -685,22 +800,27 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(saved_groups, (list, tuple)) or not isinstance(saved_state, dict):
             raise ValueError("state dict: 'param_groups' must be a list and 'state' a dict")
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"the state dict has {len(saved_groups)} parameter groups; this optimizer has "
-                             f"{len(self.param_groups)}")
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} parameter groups; this optimizer has {len(self.param_groups)}"
+            )
         id_map, new_groups = {}, []
         for gi, (group, saved, info) in enumerate(zip(self.param_groups, saved_groups, self._groups)):
             where = f"param_groups[{gi}]"
             if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
                 raise ValueError(f"state dict {where} is not a param group (a dict with a 'params' list)")
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state dict {where} has {len(saved['params'])} parameters; this optimizer's has "
-                                 f"{len(group['params'])}")
+                raise ValueError(
+                    f"state dict {where} has {len(saved['params'])} parameters; this optimizer's has "
+                    f"{len(group['params'])}"
+                )
             ours, theirs = group.get("param_names"), saved.get("param_names")
             if ours is not None and theirs is not None:
                 for i, (a, b) in enumerate(zip(ours, theirs)):
                     if a != b:
-                        raise ValueError(f"{where}['params'][{i}] is {a!r} here but {b!r} in the state dict "
-                                         "(parameters in another order?); nothing was loaded")
+                        raise ValueError(
+                            f"{where}['params'][{i}] is {a!r} here but {b!r} in the state dict "
+                            "(parameters in another order?); nothing was loaded"
+                        )
             for pid, rec in zip(saved["params"], info.records):
                 if not isinstance(pid, numbers.Integral) or isinstance(pid, bool) or pid in id_map:
                     raise ValueError(f"state dict {where} has an invalid or repeated parameter id {pid!r}")
@@ -712,8 +832,10 @@ class Optimizer(torch.optim.Optimizer):
                 new.setdefault(self._flag_name, False)
             _, flag = self._validate_group(new, info.dtypes, f"state dict {where}")
             if flag != info.flag:
-                raise ValueError(f"state dict {where} has {self._flag_name}={flag} but this optimizer's group has "
-                                 f"{self._flag_name}={info.flag}")
+                raise ValueError(
+                    f"state dict {where} has {self._flag_name}={flag} but this optimizer's group has "
+                    f"{self._flag_name}={info.flag}"
+                )
             new["params"] = group["params"]
             if "param_names" in group and "param_names" not in new:
                 new["param_names"] = group["param_names"]
@@ -721,11 +843,12 @@ class Optimizer(torch.optim.Optimizer):
         incoming = {}
         for pid, entry in saved_state.items():
             if isinstance(entry, dict) and not entry:
-                continue        # an empty entry (defaultdict access) is no state, as in torch.optim
+                continue  # an empty entry (defaultdict access) is no state, as in torch.optim
             rec = id_map.get(pid)
             if rec is None:
-                raise ValueError(f"the state dict has state for parameter id {pid!r}, which none of its "
-                                 "param_groups lists")
+                raise ValueError(
+                    f"the state dict has state for parameter id {pid!r}, which none of its param_groups lists"
+                )
             incoming[rec.param] = (rec, self._checked_entry(entry, rec, f"state[{pid!r}] ({rec.label})"))
         # Everything checked. Allocate what is missing, then copy in place.
         fresh = {}
@@ -746,7 +869,7 @@ class Optimizer(torch.optim.Optimizer):
                 for key, t in zip(self.state_keys, tensors):
                     rec.st[key].copy_(t)
                 rec.step_np[()] = step
-            for p in [p for p in self.state if p not in incoming]:   # torch: the loaded state replaces all
+            for p in [p for p in self.state if p not in incoming]:  # torch: the loaded state replaces all
                 del self.state[p]
                 rec = self._records.get(p)
                 if rec is not None:
@@ -755,7 +878,7 @@ class Optimizer(torch.optim.Optimizer):
             for gi, (new, info) in enumerate(zip(new_groups, self._groups)):
                 self.param_groups[gi] = new
                 info.group = new
-                info.raw = None   # validated again at the next step
+                info.raw = None  # validated again at the next step
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -763,8 +886,11 @@ class Optimizer(torch.optim.Optimizer):
         expected = {"step", *self.state_keys}
         if not isinstance(entry, dict) or set(entry) != expected:
             got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
-            extra = " (amsgrad state: AMSGrad is not supported)" if isinstance(entry, dict) and \
-                "max_exp_avg_sq" in entry else ""
+            extra = (
+                " (amsgrad state: AMSGrad is not supported)"
+                if isinstance(entry, dict) and "max_exp_avg_sq" in entry
+                else ""
+            )
             raise ValueError(f"{where}: expected the entries {sorted(expected)}, got {got}{extra}")
         step = _checked_step(entry["step"], where)
         tensors = []
@@ -800,12 +926,16 @@ def _check_grad_overlap(layout, b) -> None:
     ranges = sorted(layout.tagged_ranges + extra)
     for (_, e0, k0, x), (s1, _, k1, y) in zip(ranges, ranges[1:]):
         if s1 < e0:
-            names = [x if k0 == 0 else f"the gradient of {b.records[x].label}",
-                     y if k1 == 0 else f"the gradient of {b.records[y].label}"]
+            names = [
+                x if k0 == 0 else f"the gradient of {b.records[x].label}",
+                y if k1 == 0 else f"the gradient of {b.records[y].label}",
+            ]
             names.sort(key=lambda name: name.startswith("the gradient"))
-            raise MemoryOverlap(f"{names[0]} and {names[1]} share memory; a gradient must be its own tensor, not a "
-                                "view of a parameter, of optimizer state or of another gradient (the update runs in "
-                                "parallel and would race); nothing was updated")
+            raise MemoryOverlap(
+                f"{names[0]} and {names[1]} share memory; a gradient must be its own tensor, not a "
+                "view of a parameter, of optimizer state or of another gradient (the update runs in "
+                "parallel and would race); nothing was updated"
+            )
 
 
 def _split_names(params):
@@ -813,11 +943,14 @@ def _split_names(params):
     if isinstance(params, torch.Tensor):
         return [params], None
     if isinstance(params, set):
-        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
-                        "of tensors in sets will change between runs. Please use a list instead.")
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but the ordering "
+            "of tensors in sets will change between runs. Please use a list instead."
+        )
     if isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
-        raise TypeError(f"params must be an iterable of Tensors (or of (name, Tensor) pairs), got "
-                        f"{type(params).__name__}")
+        raise TypeError(
+            f"params must be an iterable of Tensors (or of (name, Tensor) pairs), got {type(params).__name__}"
+        )
     items = list(params)
     named = [isinstance(x, tuple) for x in items]
     if any(named) and not all(named):
@@ -879,12 +1012,14 @@ def optimizer_class(rule: Rule) -> type:
     P = inspect.Parameter
     parameters = [P("self", P.POSITIONAL_ONLY), P("params", P.POSITIONAL_OR_KEYWORD)]
     parameters += [P(h.name, P.POSITIONAL_OR_KEYWORD, default=h.default) for h in rule.hyperparams]
-    parameters += [P(n, P.POSITIONAL_OR_KEYWORD, default=o.default) for n, o in options.items()
-                   if o.positional and o.in_signature]
+    parameters += [
+        P(n, P.POSITIONAL_OR_KEYWORD, default=o.default) for n, o in options.items() if o.positional and o.in_signature
+    ]
     if rule.tensor_flag is not None:
         parameters.append(P(rule.tensor_flag.name, P.KEYWORD_ONLY, default=False))
-    parameters += [P(n, P.KEYWORD_ONLY, default=o.default) for n, o in options.items()
-                   if not o.positional and o.in_signature]
+    parameters += [
+        P(n, P.KEYWORD_ONLY, default=o.default) for n, o in options.items() if not o.positional and o.in_signature
+    ]
     parameters += [P("backend", P.KEYWORD_ONLY, default="auto"), P("check_finite", P.KEYWORD_ONLY, default=True)]
     signature = inspect.Signature(parameters)
 
@@ -900,30 +1035,50 @@ def optimizer_class(rule: Rule) -> type:
         Optimizer.__init__(self, params, defaults, backend=backend, check_finite=check_finite)
 
     __init__.__signature__ = signature
-    namespace = {"rule": rule, "options": options, "state_keys": state_keys, "counterpart": counterpart,
-                 "__init__": __init__, "__doc__": _docstring(rule, counterpart, state_keys),
-                 "__module__": "fisheropt.torch", "__qualname__": rule.title}
+    namespace = {
+        "rule": rule,
+        "options": options,
+        "state_keys": state_keys,
+        "counterpart": counterpart,
+        "__init__": __init__,
+        "__doc__": _docstring(rule, counterpart, state_keys),
+        "__module__": "fisheropt.torch",
+        "__qualname__": rule.title,
+    }
     return type(rule.title, (Optimizer,), namespace)
 
 
 def _docstring(rule: Rule, counterpart, state_keys) -> str:
-    lines = [f"{rule.summary} ({rule.paper}), as a torch.optim.Optimizer. Spec: spec/{rule.spec_page}.", "",
-             f"Same update as fisheropt.{rule.title} (same kernels); torch semantics: param groups, per-parameter",
-             "state and step counts, parameters without .grad skipped, state_dict of tensors.", "",
-             "Hyperparameters (per param group):", ""]
+    lines = [
+        f"{rule.summary} ({rule.paper}), as a torch.optim.Optimizer. Spec: spec/{rule.spec_page}.",
+        "",
+        f"Same update as fisheropt.{rule.title} (same kernels); torch semantics: param groups, per-parameter",
+        "state and step counts, parameters without .grad skipped, state_dict of tensors.",
+        "",
+        "Hyperparameters (per param group):",
+        "",
+    ]
     lines += [f"* ``{h.name}`` = ``{h.default!r}``: {h.doc}" for h in rule.hyperparams]
     if rule.tensor_flag is not None:
-        lines += [f"* ``{rule.tensor_flag.name}`` = ``False``: per param group, {rule.tensor_flag.doc}",
-                  "  (``fisheropt.torch.coupled_param_groups(model)`` builds the groups)"]
-    lines += ["", "State per parameter (state[p]): step (0-d tensor), "
-              + ", ".join(f"{k} ({s.doc})" for k, s in zip(state_keys, rule.state)), ""]
+        lines += [
+            f"* ``{rule.tensor_flag.name}`` = ``False``: per param group, {rule.tensor_flag.doc}",
+            "  (``fisheropt.torch.coupled_param_groups(model)`` builds the groups)",
+        ]
+    lines += [
+        "",
+        "State per parameter (state[p]): step (0-d tensor), "
+        + ", ".join(f"{k} ({s.doc})" for k, s in zip(state_keys, rule.state)),
+        "",
+    ]
     if counterpart is not None:
         lines += [f"Checkpoints are interchangeable with torch.optim.{counterpart.name} (same keys).", ""]
-    lines += ["torch options: maximize, capturable, differentiable must stay off (an error otherwise);",
-              "foreach and fused are accepted and change nothing (the step is always one fused call per device).",
-              "backend: 'auto' (CPU: numba when installed, else numpy; CUDA: cupy) or a backend name;",
-              "check_finite: refuse a step whose gradients hold NaN or Inf.",
-              "opt.step() runs outside torch.compile (a graph break; compile the model, not the step)."]
+    lines += [
+        "torch options: maximize, capturable, differentiable must stay off (an error otherwise);",
+        "foreach and fused are accepted and change nothing (the step is always one fused call per device).",
+        "backend: 'auto' (CPU: numba when installed, else numpy; CUDA: cupy) or a backend name;",
+        "check_finite: refuse a step whose gradients hold NaN or Inf.",
+        "opt.step() runs outside torch.compile (a graph break; compile the model, not the step).",
+    ]
     return "\n".join(lines)
 
 

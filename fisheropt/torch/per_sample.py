@@ -27,6 +27,7 @@ Samples must not interact inside the model: per-sample gradients are evaluated o
 time (``vmap``), so a layer that mixes the batch (BatchNorm in training mode) is refused; put such
 a model in ``eval()`` mode. Dropout draws an independent mask per sample (``randomness="different"``).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -35,8 +36,17 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["ParamLayout", "PerSampleGrads", "LogitStatistics", "per_sample_grads", "logit_jacobians",
-           "logit_statistics", "batch_gradient", "per_sample_sq_norms", "DEFAULT_CHUNK_BYTES"]
+__all__ = [
+    "ParamLayout",
+    "PerSampleGrads",
+    "LogitStatistics",
+    "per_sample_grads",
+    "logit_jacobians",
+    "logit_statistics",
+    "batch_gradient",
+    "per_sample_sq_norms",
+    "DEFAULT_CHUNK_BYTES",
+]
 
 #: Default per-chunk budget of per-sample gradients (or Jacobians): chunk_size=None takes as many
 #: samples per chunk as fit in this many bytes (at least 1, at most N).
@@ -59,7 +69,7 @@ class ParamLayout:
     def __init__(self, model, params=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
-        named = list(model.named_parameters())     # tied weights once, under their first name
+        named = list(model.named_parameters())  # tied weights once, under their first name
         name_of = {id(p): n for n, p in named}
         if params is None:
             chosen = [(n, p) for n, p in named if p.requires_grad]
@@ -72,8 +82,10 @@ class ParamLayout:
                     raise TypeError(f"params[{i}] is a {type(item).__name__}, not a tensor")
                 name = name_of.get(id(item))
                 if name is None:
-                    raise ValueError(f"params[{i}] (shape {tuple(item.shape)}) is not a parameter of the model "
-                                     "(pass tensors from model.parameters(), e.g. the LoRA adapters)")
+                    raise ValueError(
+                        f"params[{i}] (shape {tuple(item.shape)}) is not a parameter of the model "
+                        "(pass tensors from model.parameters(), e.g. the LoRA adapters)"
+                    )
                 chosen.append((name, item))
             if not chosen:
                 raise ValueError("params is empty")
@@ -85,11 +97,15 @@ class ParamLayout:
         dtypes = {p.dtype for _, p in chosen}
         bad = [(n, p.dtype) for n, p in chosen if p.dtype not in _FLOATS]
         if bad:
-            raise TypeError(f"parameter {bad[0][0]!r} has dtype {bad[0][1]}; natural-gradient directions need "
-                            "float32 or float64 parameters")
+            raise TypeError(
+                f"parameter {bad[0][0]!r} has dtype {bad[0][1]}; natural-gradient directions need "
+                "float32 or float64 parameters"
+            )
         if len(dtypes) > 1:
-            raise TypeError(f"the parameters mix dtypes {sorted(map(str, dtypes))}; G holds one dtype, so all "
-                            "differentiated parameters must share it")
+            raise TypeError(
+                f"the parameters mix dtypes {sorted(map(str, dtypes))}; G holds one dtype, so all "
+                "differentiated parameters must share it"
+            )
         devices = {p.device for _, p in chosen}
         if len(devices) > 1:
             raise ValueError(f"the parameters are on several devices ({sorted(map(str, devices))}); put them on one")
@@ -158,9 +174,11 @@ def _flatten_params(params):
 def _check_batchnorm(model):
     for name, mod in model.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            raise ValueError(f"{name or type(mod).__name__} is a BatchNorm layer in training mode: it mixes the "
-                             "samples of the batch, so per-sample gradients and the per-sample Fisher are not "
-                             "defined; call model.eval() (or use LayerNorm/GroupNorm)")
+            raise ValueError(
+                f"{name or type(mod).__name__} is a BatchNorm layer in training mode: it mixes the "
+                "samples of the batch, so per-sample gradients and the per-sample Fisher are not "
+                "defined; call model.eval() (or use LayerNorm/GroupNorm)"
+            )
 
 
 def _as_inputs(inputs):
@@ -170,8 +188,10 @@ def _as_inputs(inputs):
         raise ValueError("inputs is empty")
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"inputs{'' if len(items) == 1 else f'[{i}]'} must be a torch.Tensor, got "
-                            f"{type(t).__module__}.{type(t).__name__}")
+            raise TypeError(
+                f"inputs{'' if len(items) == 1 else f'[{i}]'} must be a torch.Tensor, got "
+                f"{type(t).__module__}.{type(t).__name__}"
+            )
         if t.dim() == 0:
             raise ValueError("inputs must have a leading batch dimension N")
     N = items[0].shape[0]
@@ -186,8 +206,9 @@ def _check_targets(targets, N, device):
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of class indices, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must hold integer class indices (int64), got dtype {targets.dtype}; "
-                        "soft labels are not supported")
+        raise TypeError(
+            f"targets must hold integer class indices (int64), got dtype {targets.dtype}; soft labels are not supported"
+        )
     if targets.dim() not in (1, 2) or targets.shape[0] != N:
         raise ValueError(f"targets must have shape (N,) or (N, T) with N={N}, got {tuple(targets.shape)}")
     if targets.device != device:
@@ -198,21 +219,26 @@ def _check_targets(targets, N, device):
 def _check_output(out, N, targets, where="the model"):
     """The logits (N, C) or (N, T, C) of a model output, with a clear error otherwise."""
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{where} returned a {type(out).__name__}; natural-gradient methods need a model that "
-                        "returns a logits tensor of shape (N, C) (or (N, T, C) for sequences): wrap it, e.g. "
-                        "lambda x: model(x).logits")
+        raise TypeError(
+            f"{where} returned a {type(out).__name__}; natural-gradient methods need a model that "
+            "returns a logits tensor of shape (N, C) (or (N, T, C) for sequences): wrap it, e.g. "
+            "lambda x: model(x).logits"
+        )
     if not out.dtype.is_floating_point:
         raise TypeError(f"{where} returned a {out.dtype} tensor; expected float logits")
     if out.dim() not in (2, 3) or out.shape[0] != N:
-        raise ValueError(f"{where} returned shape {tuple(out.shape)}; expected logits (N, C) = ({N}, C) or "
-                         f"(N, T, C) for sequences")
+        raise ValueError(
+            f"{where} returned shape {tuple(out.shape)}; expected logits (N, C) = ({N}, C) or (N, T, C) for sequences"
+        )
     C = out.shape[-1]
     if C < 2:
         raise ValueError(f"{where} returned {C} logit(s) per sample; softmax cross-entropy needs C >= 2 classes")
     if targets is not None:
         if tuple(targets.shape) != tuple(out.shape[:-1]):
-            raise ValueError(f"targets have shape {tuple(targets.shape)} but the logits have shape "
-                             f"{tuple(out.shape)}; targets must be {tuple(out.shape[:-1])}")
+            raise ValueError(
+                f"targets have shape {tuple(targets.shape)} but the logits have shape "
+                f"{tuple(out.shape)}; targets must be {tuple(out.shape[:-1])}"
+            )
     return out
 
 
@@ -222,8 +248,9 @@ def _check_target_values(targets, C, ignore_index):
         v = targets[valid]
         lo, hi = int(v.min()), int(v.max())
         if lo < 0 or hi >= C:
-            raise ValueError(f"targets must lie in 0..{C - 1} (or equal ignore_index={ignore_index}), got values "
-                             f"in {lo}..{hi}")
+            raise ValueError(
+                f"targets must lie in 0..{C - 1} (or equal ignore_index={ignore_index}), got values in {lo}..{hi}"
+            )
     return valid
 
 
@@ -265,8 +292,10 @@ class _Batch:
         self.out_dtype = probe.dtype
         if self.targets is not None:
             if self.targets.dim() != (2 if self.seq else 1):
-                raise ValueError(f"targets have shape {tuple(self.targets.shape)} but the model returns "
-                                 f"{'(N, T, C)' if self.seq else '(N, C)'} logits")
+                raise ValueError(
+                    f"targets have shape {tuple(self.targets.shape)} but the model returns "
+                    f"{'(N, T, C)' if self.seq else '(N, C)'} logits"
+                )
             self.valid = _check_target_values(self.targets, self.C, self.ignore_index)
 
     def call(self, ptensors, args):
@@ -281,8 +310,9 @@ class _Batch:
 
 def _ce_sum(logits, y, ignore_index):
     C = logits.shape[-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, C), y.reshape(-1), ignore_index=ignore_index,
-                                             reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, C), y.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
 
 
 class PerSampleGrads(NamedTuple):
@@ -293,8 +323,9 @@ class PerSampleGrads(NamedTuple):
     layout: ParamLayout
 
 
-def per_sample_grads(model, inputs, targets, *, params=None, chunk_size=None, ignore_index=-100,
-                     layout=None, out=None) -> PerSampleGrads:
+def per_sample_grads(
+    model, inputs, targets, *, params=None, chunk_size=None, ignore_index=-100, layout=None, out=None
+) -> PerSampleGrads:
     r"""Per-sample gradients of the summed softmax cross-entropy: ``(G, logits, layout)``.
 
     ``G`` (N, P), row n = :math:`\nabla_\theta l_n` (the sum-loss convention of spec/fisher.md; for the
@@ -322,13 +353,19 @@ def per_sample_grads(model, inputs, targets, *, params=None, chunk_size=None, ig
         out = batch.call(ptensors, tuple(a.unsqueeze(0) for a in args))[0]
         return _ce_sum(out, y, ii), out
 
-    per_sample = torch.func.vmap(torch.func.grad(sample_loss, has_aux=True), in_dims=(None, 0, 0),
-                                 randomness="different")
+    per_sample = torch.func.vmap(
+        torch.func.grad(sample_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different"
+    )
     if out is None:
         G = torch.empty((batch.N, lay.P), dtype=lay.dtype, device=lay.device)
     else:
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (batch.N, lay.P) or out.dtype != lay.dtype \
-                or out.device != lay.device or not out.is_contiguous():
+        if (
+            not isinstance(out, torch.Tensor)
+            or tuple(out.shape) != (batch.N, lay.P)
+            or out.dtype != lay.dtype
+            or out.device != lay.device
+            or not out.is_contiguous()
+        ):
             raise ValueError(f"out must be a contiguous ({batch.N}, {lay.P}) {lay.dtype} tensor on {lay.device}")
         G = out
     logits = None
@@ -364,7 +401,7 @@ def logit_jacobians(model, inputs, *, params=None, chunk_size=None, layout=None)
     for a, b, args, _ in batch.chunks(_chunk_len(chunk_size, batch.N, lay.P * itemsize * batch.C * 8)):
         parts = jac(primals, args)
         if J is None:
-            rows = parts[0].shape[1:parts[0].dim() - len(lay.shapes[0])]     # (C,) or (T, C)
+            rows = parts[0].shape[1 : parts[0].dim() - len(lay.shapes[0])]  # (C,) or (T, C)
             J = torch.empty((batch.N, *rows, lay.P), dtype=lay.dtype, device=lay.device)
         for g, o0, o1 in zip(parts, lay.offsets[:-1], lay.offsets[1:]):
             J[a:b, ..., o0:o1] = g.reshape(b - a, *rows, -1)
@@ -425,8 +462,9 @@ def batch_gradient(model, inputs, targets, *, params=None, ignore_index=-100, la
     return g, float(stats.losses.sum()), out.detach()
 
 
-def per_sample_sq_norms(model, inputs, targets, *, params=None, chunk_size=None, ignore_index=-100,
-                        layout=None) -> torch.Tensor:
+def per_sample_sq_norms(
+    model, inputs, targets, *, params=None, chunk_size=None, ignore_index=-100, layout=None
+) -> torch.Tensor:
     r""":math:`\lVert\nabla_\theta l_n\rVert^2` (N,) float64, chunk by chunk, without storing G."""
     chunk_size = _check_chunk(chunk_size)
     batch = _Batch(model, inputs, targets, params, ignore_index, layout)

@@ -27,6 +27,7 @@ In short (format version 2):
 * ``tags`` say what a case is about and ``kills`` names the mutants of
   fisheropt.vectors.mutants (plausible implementation mistakes) it must catch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -59,10 +60,7 @@ VECTOR_DIR = _vector_dir()
 OPTIMIZER_SUITES = tuple(RULES)
 
 # The other suites: name -> "module:function" returning the list of cases.
-OTHER_SUITES = {
-    "esimcse": "fisheropt.vectors.esimcse:ema_cases",
-    "fisher": "fisheropt.vectors.fisher:fisher_cases",
-}
+OTHER_SUITES = {"esimcse": "fisheropt.vectors.esimcse:ema_cases", "fisher": "fisheropt.vectors.fisher:fisher_cases"}
 
 # suite name -> "module:function" generating its cases (called with the suite name for a rule).
 SUITES = {**{name: "fisheropt.vectors.optim:rule_cases" for name in OPTIMIZER_SUITES}, **OTHER_SUITES}
@@ -96,10 +94,14 @@ def encode_array(a) -> dict:
 def decode_array(obj: dict) -> np.ndarray:
     def scalar(x):
         return float(x) if isinstance(x, str) else x
+
     data = [scalar(x) for x in obj["data"]]
     # float32: parse as float64 (exact), then convert (exact): never a direct decimal -> float32
-    return np.array(data, dtype=np.float64 if obj["dtype"] == "float32" else obj["dtype"]) \
-        .astype(obj["dtype"]).reshape(obj["shape"])
+    return (
+        np.array(data, dtype=np.float64 if obj["dtype"] == "float32" else obj["dtype"])
+        .astype(obj["dtype"])
+        .reshape(obj["shape"])
+    )
 
 
 def is_encoded_array(obj) -> bool:
@@ -139,6 +141,7 @@ def generate_suite(name: str) -> dict:
     generate = getattr(importlib.import_module(module_name), func)
     cases = generate(name) if name in OPTIMIZER_SUITES else generate()
     import fisheropt
+
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -190,7 +193,7 @@ def ulp(e, dtype) -> np.ndarray:
     for |e| below the smallest normal, including 0. Returned as float64."""
     p, emin = _PRECISION[np.dtype(dtype)]
     e = np.abs(np.asarray(e, dtype=np.float64))
-    _, k = np.frexp(e)          # e = mant·2^k with mant in [0.5, 1): the binade is 2^(k−1)
+    _, k = np.frexp(e)  # e = mant·2^k with mant in [0.5, 1): the binade is 2^(k−1)
     k = np.where(e == 0, emin, np.maximum(k - 1, emin))
     return np.ldexp(1.0, k - p + 1)
 
@@ -213,13 +216,19 @@ def compare(actual, expected, tol, where: str = "") -> list[str]:
     if isinstance(expected, dict):
         if not isinstance(actual, dict) or set(actual) != set(expected):
             return [f"{where}: keys differ"]
-        return [m for k in expected
-                for m in compare(actual[k], expected[k], tol if is_tolerance(tol) else tol[k], f"{where}.{k}")]
+        return [
+            m
+            for k in expected
+            for m in compare(actual[k], expected[k], tol if is_tolerance(tol) else tol[k], f"{where}.{k}")
+        ]
     if isinstance(expected, (list, tuple)):
         if len(actual) != len(expected):
             return [f"{where}: length {len(actual)} != {len(expected)}"]
-        return [m for i, (a, e) in enumerate(zip(actual, expected))
-                for m in compare(a, e, tol if is_tolerance(tol) else tol[i], f"{where}[{i}]")]
+        return [
+            m
+            for i, (a, e) in enumerate(zip(actual, expected))
+            for m in compare(a, e, tol if is_tolerance(tol) else tol[i], f"{where}[{i}]")
+        ]
     if not is_tolerance(tol):
         raise ValueError(f"{where}: no tolerance for this value")
     a = _to_numpy(actual)
@@ -242,8 +251,10 @@ def compare(actual, expected, tol, where: str = "") -> list[str]:
     allowed = bound(e64[ok], tol, e.dtype if e.dtype in _PRECISION else np.float64)
     if np.any(err > allowed):
         i = int(np.argmax(err - allowed))
-        return [f"{where}: max excess at flat {i}: actual {a64[ok][i]!r} expected {e64[ok][i]!r} "
-                f"(|diff| {err[i]:.3g} > {allowed[i]:.3g})"]
+        return [
+            f"{where}: max excess at flat {i}: actual {a64[ok][i]!r} expected {e64[ok][i]!r} "
+            f"(|diff| {err[i]:.3g} > {allowed[i]:.3g})"
+        ]
     return []
 
 

@@ -8,6 +8,7 @@ targets at zero (the result is (1 − λ)·θ_q alone, so 1 − λ must be round
 float64), ±Inf and NaN (IEEE: λ·Inf + (1 − λ)·x = Inf, Inf − Inf = NaN), and a
 resumed EMA whose targets and sources nearly cancel.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +33,21 @@ def _tolerance(target, source, decay):
     return tolerance(atol=float(np.finfo(target.dtype).eps) * scale, ulps=1)
 
 
-def _case(name, dtype, decay, *, scale=1.0, shapes=SHAPES, seed=0, near=False, description="",
-          targets=None, sources=None, tags=(), kills=()):
+def _case(
+    name,
+    dtype,
+    decay,
+    *,
+    scale=1.0,
+    shapes=SHAPES,
+    seed=0,
+    near=False,
+    description="",
+    targets=None,
+    sources=None,
+    tags=(),
+    kills=(),
+):
     rng = np.random.default_rng(seed)
     dt = np.dtype(dtype)
     with np.errstate(under="ignore"):
@@ -90,8 +104,10 @@ def _nonfinite(dt):
 
 def _near_max(rng, dt, shapes=((3, 4), (7,))):
     big = float(np.finfo(dt).max)
-    return ([np.asarray(rng.uniform(-0.9, 0.9, s) * big, dtype=dt) for s in shapes],
-            [np.asarray(rng.uniform(-0.9, 0.9, s) * big, dtype=dt) for s in shapes])
+    return (
+        [np.asarray(rng.uniform(-0.9, 0.9, s) * big, dtype=dt) for s in shapes],
+        [np.asarray(rng.uniform(-0.9, 0.9, s) * big, dtype=dt) for s in shapes],
+    )
 
 
 def ema_cases():
@@ -101,31 +117,72 @@ def ema_cases():
         f32 = dtype == "float32"
         tiny = 1e-40 if f32 else 1e-310
         cases += [
-            _case(f"ema_{dtype}_default", dtype, MOMENTUM, seed=1,
-                  kills=["decay_swapped"] + ([] if f32 else ["float32_arithmetic"])),
-            _case(f"ema_{dtype}_decay0_copies_sources", dtype, 0.0, seed=2,
-                  description="λ = 0: the targets become the sources"),
-            _case(f"ema_{dtype}_decay1_keeps_targets", dtype, 1.0, seed=3,
-                  description="λ = 1: the targets do not change"),
+            _case(
+                f"ema_{dtype}_default",
+                dtype,
+                MOMENTUM,
+                seed=1,
+                kills=["decay_swapped"] + ([] if f32 else ["float32_arithmetic"]),
+            ),
+            _case(
+                f"ema_{dtype}_decay0_copies_sources",
+                dtype,
+                0.0,
+                seed=2,
+                description="λ = 0: the targets become the sources",
+            ),
+            _case(
+                f"ema_{dtype}_decay1_keeps_targets", dtype, 1.0, seed=3, description="λ = 1: the targets do not change"
+            ),
             _case(f"ema_{dtype}_decay_0p9", dtype, 0.9, seed=4),
             _case(f"ema_{dtype}_tiny", dtype, MOMENTUM, scale=1e-20, seed=5),
-            _case(f"ema_{dtype}_subnormal", dtype, MOMENTUM, scale=tiny, seed=9,
-                  description=f"|θ| ~ {tiny:g}: subnormal targets and sources (flush-to-zero loses them)"),
+            _case(
+                f"ema_{dtype}_subnormal",
+                dtype,
+                MOMENTUM,
+                scale=tiny,
+                seed=9,
+                description=f"|θ| ~ {tiny:g}: subnormal targets and sources (flush-to-zero loses them)",
+            ),
             _case(f"ema_{dtype}_huge", dtype, MOMENTUM, scale=1e20, seed=6),
-            _case(f"ema_{dtype}_near_max", dtype, MOMENTUM, seed=10,
-                  targets=_near_max(np.random.default_rng(10), dt)[0],
-                  sources=_near_max(np.random.default_rng(10), dt)[1],
-                  description="|θ| up to 0.9·(dtype max): the result never overflows, θ_q − θ_k may",
-                  tags=["huge"], kills=["lerp_form"]),
-            _case(f"ema_{dtype}_targets_zero", dtype, MOMENTUM, seed=11,
-                  targets=[np.zeros(s, dt) for s in SHAPES],
-                  description="θ_k = 0: the result is (1 − λ)·θ_q alone, with 1 − λ rounded from float64",
-                  kills=["scalars_in_param_dtype"] if f32 else ["float32_arithmetic"]),
-            _case(f"ema_{dtype}_nonfinite", dtype, MOMENTUM, targets=_nonfinite(dt)[0], sources=_nonfinite(dt)[1],
-                  description="±Inf and NaN (IEEE): λ·Inf + (1 − λ)·x = Inf, Inf + (−Inf) = NaN, NaN stays NaN",
-                  tags=["nonfinite"], kills=["lerp_form"]),
-            _case(f"ema_{dtype}_near_cancellation", dtype, MOMENTUM, seed=7, near=True,
-                  description="targets ≈ sources: the update is a tiny correction"),
+            _case(
+                f"ema_{dtype}_near_max",
+                dtype,
+                MOMENTUM,
+                seed=10,
+                targets=_near_max(np.random.default_rng(10), dt)[0],
+                sources=_near_max(np.random.default_rng(10), dt)[1],
+                description="|θ| up to 0.9·(dtype max): the result never overflows, θ_q − θ_k may",
+                tags=["huge"],
+                kills=["lerp_form"],
+            ),
+            _case(
+                f"ema_{dtype}_targets_zero",
+                dtype,
+                MOMENTUM,
+                seed=11,
+                targets=[np.zeros(s, dt) for s in SHAPES],
+                description="θ_k = 0: the result is (1 − λ)·θ_q alone, with 1 − λ rounded from float64",
+                kills=["scalars_in_param_dtype"] if f32 else ["float32_arithmetic"],
+            ),
+            _case(
+                f"ema_{dtype}_nonfinite",
+                dtype,
+                MOMENTUM,
+                targets=_nonfinite(dt)[0],
+                sources=_nonfinite(dt)[1],
+                description="±Inf and NaN (IEEE): λ·Inf + (1 − λ)·x = Inf, Inf + (−Inf) = NaN, NaN stays NaN",
+                tags=["nonfinite"],
+                kills=["lerp_form"],
+            ),
+            _case(
+                f"ema_{dtype}_near_cancellation",
+                dtype,
+                MOMENTUM,
+                seed=7,
+                near=True,
+                description="targets ≈ sources: the update is a tiny correction",
+            ),
             _case(f"ema_{dtype}_one_big_tensor", dtype, MOMENTUM, shapes=[(16, 9)], seed=8),
         ]
     return cases

@@ -21,6 +21,7 @@ so it follows the format as they do::
     failures = run_functional_suite("fadam", {"fadam_step": my_fadam_step}, to_array=jnp.asarray)
     # {case name: [mismatch messages]} (empty lists for cases that pass)
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -79,7 +80,7 @@ def run_functional_case(case: dict, implementations, *, to_array: Callable | Non
             t = inputs["first_step"] + offset
             try:
                 params, state = fn(params, _convert(grads, conv), state, step=t, **hp)
-            except Exception as exc:   # an implementation that raises fails the case, with the reason
+            except Exception as exc:  # an implementation that raises fails the case, with the reason
                 return messages + [f"{case['name']} step {t}: raised {type(exc).__name__}: {exc}"]
             params, state = list(params), {k: list(state[k]) for k in order}
             got = {"params": params, "state": state}
@@ -96,8 +97,10 @@ def run_functional_case(case: dict, implementations, *, to_array: Callable | Non
         return compare(out, expected, tol, case["name"])
     if kind == "inplace":
         if not isinstance(out, Mapping):
-            return [f"{case['name']}: a functional in-place case must return {{argument: new value}}, "
-                    f"got {type(out).__name__}"]
+            return [
+                f"{case['name']}: a functional in-place case must return {{argument: new value}}, "
+                f"got {type(out).__name__}"
+            ]
         missing = [k for k in expected if k not in out]
         if missing:
             return [f"{case['name']}: no new value for {', '.join(missing)}"]
@@ -105,8 +108,14 @@ def run_functional_case(case: dict, implementations, *, to_array: Callable | Non
     raise ValueError(f"unknown case kind {kind!r}")
 
 
-def run_functional_suite(suite, implementations, *, directory=VECTOR_DIR, to_array: Callable | None = None,
-                         select: Callable[[dict], bool] | None = None) -> dict[str, list[str]]:
+def run_functional_suite(
+    suite,
+    implementations,
+    *,
+    directory=VECTOR_DIR,
+    to_array: Callable | None = None,
+    select: Callable[[dict], bool] | None = None,
+) -> dict[str, list[str]]:
     """Run every case of a suite (a name in ``directory`` or a loaded suite dict) whose function
     the implementation provides (and that ``select(case)`` accepts): {case name: messages}."""
     data = load_suite(suite, directory) if isinstance(suite, str) else suite

@@ -25,11 +25,12 @@ and every case lists the mutants (fisheropt.vectors.mutants) it must kill: the
 ones it was designed for, plus the rule-based ones (:func:`rule_kills`; the
 step-index mutants only for a rule whose step index matters, :attr:`CaseRule.step_matters`).
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -167,16 +168,24 @@ def _case(rule, name, hyperparams, params, state, grads, first_step, *, descript
     """Run the reference over the trajectory and build the case."""
     dt = params[0].dtype
     state_order = rule.state_order
-    inputs = {"params": [p.copy() for p in params], "state": {k: [a.copy() for a in v] for k, v in state.items()},
-              "grads": grads, "first_step": first_step}
+    inputs = {
+        "params": [p.copy() for p in params],
+        "state": {k: [a.copy() for a in v] for k, v in state.items()},
+        "grads": grads,
+        "first_step": first_step,
+    }
     work = [p.copy() for p in params]
     current = [[a.copy() for a in state[k]] for k in state_order]
     expected = []
     with np.errstate(all="ignore"):  # overflow cases overflow on purpose
         for offset, g in enumerate(grads):
             rule.descriptor.step(work, [x.copy() for x in g], *current, step=first_step + offset, **hyperparams)
-            expected.append({"params": [p.copy() for p in work],
-                             "state": {k: [a.copy() for a in current[i]] for i, k in enumerate(state_order)}})
+            expected.append(
+                {
+                    "params": [p.copy() for p in work],
+                    "state": {k: [a.copy() for a in current[i]] for i, k in enumerate(state_order)},
+                }
+            )
     flags = hyperparams.get(rule.flag, [False] * len(params)) if rule.flag else [False] * len(params)
     tol = _tolerances(rule, params, expected, dt, len(grads), flags)
     all_tags = list(dict.fromkeys(list(tags) + data_tags(inputs, expected)))
@@ -236,8 +245,11 @@ class CaseRule:
         step-index mutants."""
         rng = np.random.default_rng(0)
         dt = np.dtype(np.float64)
-        params, state, grads = _draw(rng, self.shapes, 1.0, dt), self.resumed_state(rng, dt, 1.0), \
-            _draw(rng, self.shapes, 1.0, dt)
+        params, state, grads = (
+            _draw(rng, self.shapes, 1.0, dt),
+            self.resumed_state(rng, dt, 1.0),
+            _draw(rng, self.shapes, 1.0, dt),
+        )
         results = set()
         for t in (1, 2, 999, 1000, 1001):
             work = [p.copy() for p in params]
@@ -275,9 +287,18 @@ class CaseRule:
         return state
 
     def case(self, name, dt, *, params, grads, state=None, first_step=1, hp=None, description, tags=(), kills=()):
-        return _case(self, name, hp or self.hyperparams(), params,
-                     state if state is not None else self.zero_state(dt), grads, first_step,
-                     description=description, tags=tags, kills=kills)
+        return _case(
+            self,
+            name,
+            hp or self.hyperparams(),
+            params,
+            state if state is not None else self.zero_state(dt),
+            grads,
+            first_step,
+            description=description,
+            tags=tags,
+            kills=kills,
+        )
 
 
 def _draw(rng, shapes, scale, dt):
@@ -350,76 +371,148 @@ def common_cases(rule: CaseRule, other_hp: dict, *, extra_kills=None, case_hp=No
             return descriptions.get(stem, default)
 
         rng = np.random.default_rng(1)
-        cases.append(rule.case(
-            f"{short}_basic", dt, params=_draw(rng, shapes, 1.0, dt), grads=_draws(rng, shapes, 1.0, dt, 4),
-            hp=hp("basic"), description=text("basic", "four steps from zero state, unit-scale θ and g"),
-            kills=kills("basic")))
+        cases.append(
+            rule.case(
+                f"{short}_basic",
+                dt,
+                params=_draw(rng, shapes, 1.0, dt),
+                grads=_draws(rng, shapes, 1.0, dt, 4),
+                hp=hp("basic"),
+                description=text("basic", "four steps from zero state, unit-scale θ and g"),
+                kills=kills("basic"),
+            )
+        )
 
         rng = np.random.default_rng(2)
-        cases.append(rule.case(
-            f"{short}_zero_grads_from_step1", dt, params=_draw(rng, shapes, 1.0, dt),
-            grads=[[np.zeros(s, dt) for s in shapes] for _ in range(2)], hp=hp("zero_grads"),
-            description=text("zero_grads", "g = 0 at steps 1 and 2: nothing may divide 0 by 0; "
-                                           "only weight decay moves θ"),
-            kills=kills("zero_grads")))
+        cases.append(
+            rule.case(
+                f"{short}_zero_grads_from_step1",
+                dt,
+                params=_draw(rng, shapes, 1.0, dt),
+                grads=[[np.zeros(s, dt) for s in shapes] for _ in range(2)],
+                hp=hp("zero_grads"),
+                description=text(
+                    "zero_grads", "g = 0 at steps 1 and 2: nothing may divide 0 by 0; only weight decay moves θ"
+                ),
+                kills=kills("zero_grads"),
+            )
+        )
 
         rng = np.random.default_rng(3)
-        cases.append(rule.case(
-            f"{short}_resume_at_step_1000", dt, params=_draw(rng, shapes, 1e-3, dt),
-            state=rule.resumed_state(rng, dt, 1.0), grads=_draws(rng, shapes, 1.0, dt, 3), first_step=1000,
-            hp=hp("resume"),
-            description=text("resume", "steps 1000-1002 from non-zero state; θ of the size of one step, so the "
-                                       "bias corrections of t = 1000 (not 999 or 1001) show in θ"
-                             if rule.step_matters else
-                             "steps 1000-1002 from non-zero state; θ of the size of a few steps (the step "
-                             "index does not enter this rule)"),
-            kills=kills("resume")))
+        cases.append(
+            rule.case(
+                f"{short}_resume_at_step_1000",
+                dt,
+                params=_draw(rng, shapes, 1e-3, dt),
+                state=rule.resumed_state(rng, dt, 1.0),
+                grads=_draws(rng, shapes, 1.0, dt, 3),
+                first_step=1000,
+                hp=hp("resume"),
+                description=text(
+                    "resume",
+                    "steps 1000-1002 from non-zero state; θ of the size of one step, so the "
+                    "bias corrections of t = 1000 (not 999 or 1001) show in θ"
+                    if rule.step_matters
+                    else "steps 1000-1002 from non-zero state; θ of the size of a few steps (the step "
+                    "index does not enter this rule)",
+                ),
+                kills=kills("resume"),
+            )
+        )
 
         rng = np.random.default_rng(4)
         g = TINY_G[dtype]
-        cases.append(rule.case(
-            f"{short}_tiny", dt, params=_draw(rng, shapes, rule.tiny_theta(g), dt),
-            grads=_draws(rng, shapes, g, dt, 3), hp=hp("tiny"),
-            description=text("tiny", f"|g| ~ {g:g}: g is normal" + (", g² is subnormal" if squares else "")
-                             + f"; θ ~ {rule.tiny_theta(g):g}, so it moves visibly"),
-            tags=["tiny"], kills=kills("tiny")))
+        cases.append(
+            rule.case(
+                f"{short}_tiny",
+                dt,
+                params=_draw(rng, shapes, rule.tiny_theta(g), dt),
+                grads=_draws(rng, shapes, g, dt, 3),
+                hp=hp("tiny"),
+                description=text(
+                    "tiny",
+                    f"|g| ~ {g:g}: g is normal"
+                    + (", g² is subnormal" if squares else "")
+                    + f"; θ ~ {rule.tiny_theta(g):g}, so it moves visibly",
+                ),
+                tags=["tiny"],
+                kills=kills("tiny"),
+            )
+        )
 
         rng = np.random.default_rng(10)
         g = SUBNORMAL_G[dtype]
-        cases.append(rule.case(
-            f"{short}_subnormal_grads", dt, params=_draw(rng, shapes, rule.tiny_theta(g), dt),
-            grads=_draws(rng, shapes, g, dt, 3), hp=hp("subnormal"),
-            description=text("subnormal", f"|g| ~ {g:g}: subnormal gradients (flush-to-zero loses them); "
-                                          f"θ ~ {rule.tiny_theta(g):g}"),
-            tags=["tiny"], kills=kills("subnormal")))
+        cases.append(
+            rule.case(
+                f"{short}_subnormal_grads",
+                dt,
+                params=_draw(rng, shapes, rule.tiny_theta(g), dt),
+                grads=_draws(rng, shapes, g, dt, 3),
+                hp=hp("subnormal"),
+                description=text(
+                    "subnormal",
+                    f"|g| ~ {g:g}: subnormal gradients (flush-to-zero loses them); θ ~ {rule.tiny_theta(g):g}",
+                ),
+                tags=["tiny"],
+                kills=kills("subnormal"),
+            )
+        )
 
         rng = np.random.default_rng(5)
         g = HUGE_G[dtype]
-        cases.append(rule.case(
-            f"{short}_huge", dt, params=_draw(rng, shapes, 1.0, dt), grads=_draws(rng, shapes, g, dt, 3),
-            hp=hp("huge"),
-            description=text("huge", f"|g| ~ {g:g}: " + ("g² huge but finite" if squares else "huge but finite")
-                             + "; unit-scale θ still moves visibly"),
-            tags=["huge"], kills=kills("huge")))
+        cases.append(
+            rule.case(
+                f"{short}_huge",
+                dt,
+                params=_draw(rng, shapes, 1.0, dt),
+                grads=_draws(rng, shapes, g, dt, 3),
+                hp=hp("huge"),
+                description=text(
+                    "huge",
+                    f"|g| ~ {g:g}: "
+                    + ("g² huge but finite" if squares else "huge but finite")
+                    + "; unit-scale θ still moves visibly",
+                ),
+                tags=["huge"],
+                kills=kills("huge"),
+            )
+        )
 
         if squares:
             rng = np.random.default_rng(11)
-            cases.append(rule.case(
-                f"{short}_square_overflows", dt, params=_draw(rng, shapes, 1.0, dt),
-                grads=_overflow_grads(rng, shapes, dt, 3, big=rule.overflow_tensors, big_step=1), hp=hp("overflow"),
-                description=text("overflow", f"tensor(s) {', '.join(map(str, rule.overflow_tensors))} at step 2 "
-                                             "have g² = +Inf (IEEE): their second moment becomes +Inf and stays "
-                                             "so, and θ stops there; (1 − β₂)·g² computed as ((1 − β₂)·g)·g "
-                                             "would not overflow"),
-                tags=["overflow"], kills=kills("overflow")))
+            cases.append(
+                rule.case(
+                    f"{short}_square_overflows",
+                    dt,
+                    params=_draw(rng, shapes, 1.0, dt),
+                    grads=_overflow_grads(rng, shapes, dt, 3, big=rule.overflow_tensors, big_step=1),
+                    hp=hp("overflow"),
+                    description=text(
+                        "overflow",
+                        f"tensor(s) {', '.join(map(str, rule.overflow_tensors))} at step 2 "
+                        "have g² = +Inf (IEEE): their second moment becomes +Inf and stays "
+                        "so, and θ stops there; (1 − β₂)·g² computed as ((1 − β₂)·g)·g "
+                        "would not overflow",
+                    ),
+                    tags=["overflow"],
+                    kills=kills("overflow"),
+                )
+            )
 
         rng = np.random.default_rng(6)
-        cases.append(rule.case(
-            f"{short}_other_hyperparams", dt, params=_draw(rng, shapes, 1.0, dt),
-            grads=_draws(rng, shapes, 1.0, dt, 4), hp=rule.hyperparams(**other_hp),
-            description=text("other", "other hyperparameters: "
-                             + ", ".join(f"{k} = {v:g}" for k, v in other_hp.items())),
-            kills=kills("other")))
+        cases.append(
+            rule.case(
+                f"{short}_other_hyperparams",
+                dt,
+                params=_draw(rng, shapes, 1.0, dt),
+                grads=_draws(rng, shapes, 1.0, dt, 4),
+                hp=rule.hyperparams(**other_hp),
+                description=text(
+                    "other", "other hyperparameters: " + ", ".join(f"{k} = {v:g}" for k, v in other_hp.items())
+                ),
+                kills=kills("other"),
+            )
+        )
     return cases
 
 
@@ -459,13 +552,13 @@ class RuleVectors:
     optional: a rule without an entry in :data:`RULE_VECTORS` gets the common cases, with
     :func:`derived_other_hyperparams`, and the shared mutants."""
 
-    other_hp: dict | None = None                 # the other_hyperparams case (None: derived)
-    kills: dict = field(default_factory=dict)    # common case stem -> mutants (or dtype -> mutants)
+    other_hp: dict | None = None  # the other_hyperparams case (None: derived)
+    kills: dict = field(default_factory=dict)  # common case stem -> mutants (or dtype -> mutants)
     case_hp: dict = field(default_factory=dict)  # common case stem -> hyperparameters replacing the defaults
     descriptions: dict = field(default_factory=dict)  # common case stem -> description
     overflow_tensors: tuple = (0,)
     tiny_theta: Callable | None = None
-    extra_cases: Callable | None = None          # (CaseRule) -> the rule's own cases, after the common ones
+    extra_cases: Callable | None = None  # (CaseRule) -> the rule's own cases, after the common ones
 
 
 def _f32_only(*names):
@@ -473,8 +566,10 @@ def _f32_only(*names):
 
 
 ADAM_FAMILY_KILLS = {
-    "basic": lambda dtype: ["no_bias_correction", "bias_correction_twice", "betas_swapped", "state_doubled"]
-    + (["scalars_in_param_dtype"] if dtype == "float32" else ["eps_inside_sqrt"]),
+    "basic": lambda dtype: (
+        ["no_bias_correction", "bias_correction_twice", "betas_swapped", "state_doubled"]
+        + (["scalars_in_param_dtype"] if dtype == "float32" else ["eps_inside_sqrt"])
+    ),
     "other": ["eps_inside_sqrt"],
     "overflow": ["square_after_scaling"],
 }
@@ -491,12 +586,19 @@ def _adam_cases(rule):
         params[0][0, :2] = np.asarray([big * 0.9, -big * 0.9], dtype=dt)
         grads = _draws(rng, GENERAL_SHAPES, 1.0, dt, 2)
         grads[0][0][0, :2] = np.asarray([big * 0.9, -big * 0.9], dtype=dt)
-        cases.append(rule.case(
-            f"{_SHORT[dtype]}_decay_overflows", dt, params=params, grads=grads,
-            hp=rule.hyperparams(weight_decay=0.5),
-            description="two elements with g + λθ = ±Inf at step 1: m = ±Inf, v = +Inf, θ = NaN there "
-                        "(IEEE); every other element is finite and moves",
-            tags=["overflow"], kills=["decay_decoupled"]))
+        cases.append(
+            rule.case(
+                f"{_SHORT[dtype]}_decay_overflows",
+                dt,
+                params=params,
+                grads=grads,
+                hp=rule.hyperparams(weight_decay=0.5),
+                description="two elements with g + λθ = ±Inf at step 1: m = ±Inf, v = +Inf, θ = NaN there "
+                "(IEEE); every other element is finite and moves",
+                tags=["overflow"],
+                kills=["decay_decoupled"],
+            )
+        )
     return cases
 
 
@@ -509,15 +611,22 @@ def _coupled_adam_cases(rule):
     params = _draw(rng, shapes, 1.0, dt)
     grads = _draws(rng, shapes, 1.0, dt, 3)
     g = grads[1][0]
-    g[4, 0] = 2.2e19                      # g² = 4.8e38 > float32 max; the column mean 5.4e37 fits
+    g[4, 0] = 2.2e19  # g² = 4.8e38 > float32 max; the column mean 5.4e37 fits
     g[:, 1] = np.asarray(rng.uniform(1.2e19, 1.3e19, 9) * np.sign(rng.standard_normal(9)), dtype=dt)
     # column 1: every g² ≈ 1.5e38 fits, their float32 sum does not; the mean does
     sub = CaseRule(rule.descriptor, shapes=shapes, flags=flags)
-    return [sub.case(
-        "f32_column_mean_needs_float64", dt, params=params, grads=grads,
-        description="step 2: one column holds a g with g² > float32 max, another nine g with g² ≈ 1.5e38; "
-                    "squared and summed in float64 both column means fit in float32",
-        tags=["overflow"], kills=["squares_in_float32", "reduction_in_float32"])]
+    return [
+        sub.case(
+            "f32_column_mean_needs_float64",
+            dt,
+            params=params,
+            grads=grads,
+            description="step 2: one column holds a g with g² > float32 max, another nine g with g² ≈ 1.5e38; "
+            "squared and summed in float64 both column means fit in float32",
+            tags=["overflow"],
+            kills=["squares_in_float32", "reduction_in_float32"],
+        )
+    ]
 
 
 def _fadam_cases(rule):
@@ -528,33 +637,65 @@ def _fadam_cases(rule):
         short = _SHORT[dtype]
         rng = np.random.default_rng(7)
         # clip = 2 makes max(1, RMS/c) and max(1, RMS)/c differ: catches the common port bug.
-        cases.append(rule.case(
-            f"{short}_clip_2", dt, params=_draw(rng, shapes, 1.0, dt), grads=_draws(rng, shapes, 1.0, dt, 3),
-            hp=rule.hyperparams(clip=2.0), description="c = 2: max(1, RMS/c) and max(1, RMS)/c differ",
-            tags=["clip"], kills=["clip_form"]))
+        cases.append(
+            rule.case(
+                f"{short}_clip_2",
+                dt,
+                params=_draw(rng, shapes, 1.0, dt),
+                grads=_draws(rng, shapes, 1.0, dt, 3),
+                hp=rule.hyperparams(clip=2.0),
+                description="c = 2: max(1, RMS/c) and max(1, RMS)/c differ",
+                tags=["clip"],
+                kills=["clip_form"],
+            )
+        )
         rng = np.random.default_rng(8)
         # p = 1: the full Fisher inverse (no square root).
-        cases.append(rule.case(
-            f"{short}_p_1", dt, params=_draw(rng, shapes, 1.0, dt), grads=_draws(rng, shapes, 1.0, dt, 3),
-            hp=rule.hyperparams(p=1.0), description="p = 1: f^p = f", kills=["p_ignored"]))
+        cases.append(
+            rule.case(
+                f"{short}_p_1",
+                dt,
+                params=_draw(rng, shapes, 1.0, dt),
+                grads=_draws(rng, shapes, 1.0, dt, 3),
+                hp=rule.hyperparams(p=1.0),
+                description="p = 1: f^p = f",
+                kills=["p_ignored"],
+            )
+        )
         rng = np.random.default_rng(14)
         # p = 0.75, c = 3: RMS(ḡ) < c, where max(1, RMS/c) = 1 but max(1, RMS)/c < 1.
-        cases.append(rule.case(
-            f"{short}_p_0p75_clip_3", dt, params=_draw(rng, shapes, 1.0, dt),
-            grads=_draws(rng, shapes, 1.0, dt, 3), hp=rule.hyperparams(p=0.75, clip=3.0),
-            description="p = 0.75, c = 3: RMS(ḡ) < c, so the two clip forms differ, and f^p is a pow",
-            tags=["clip"], kills=["p_ignored", "clip_form"]))
+        cases.append(
+            rule.case(
+                f"{short}_p_0p75_clip_3",
+                dt,
+                params=_draw(rng, shapes, 1.0, dt),
+                grads=_draws(rng, shapes, 1.0, dt, 3),
+                hp=rule.hyperparams(p=0.75, clip=3.0),
+                description="p = 0.75, c = 3: RMS(ḡ) < c, so the two clip forms differ, and f^p is a pow",
+                tags=["clip"],
+                kills=["p_ignored", "clip_form"],
+            )
+        )
         rng = np.random.default_rng(9)
         # g² underflows to 0 in the parameter dtype; only ε_t keeps f^p + ε_t positive. In float32
         # g² also underflows when formed in float32 for RMS(g), but not in float64.
         g = 1e-170 if dtype == "float64" else 1e-25
-        cases.append(rule.case(
-            f"{short}_grad_squares_underflow", dt, params=_draw(rng, shapes, 1.0, dt),
-            grads=_draws(rng, shapes, g, dt, 2),
-            description=f"|g| ~ {g:g}: g² = 0 in the parameter dtype; RMS(g) (squares formed in float64) "
-                        "is not 0 in float32, 0 in float64 (so ε_t = ε^{2p})",
-            tags=["tiny"], kills=(["squares_in_float32", "reduction_in_float32", "eps_constant"]
-                                  if dtype == "float32" else ["eps_unguarded"])))
+        cases.append(
+            rule.case(
+                f"{short}_grad_squares_underflow",
+                dt,
+                params=_draw(rng, shapes, 1.0, dt),
+                grads=_draws(rng, shapes, g, dt, 2),
+                description=f"|g| ~ {g:g}: g² = 0 in the parameter dtype; RMS(g) (squares formed in float64) "
+                "is not 0 in float32, 0 in float64 (so ε_t = ε^{2p})",
+                tags=["tiny"],
+                kills=(
+                    ["squares_in_float32", "reduction_in_float32", "eps_constant"]
+                    if dtype == "float32"
+                    else ["eps_unguarded"]
+                ),
+            )
+        )
     return cases
 
 
@@ -579,46 +720,75 @@ def _lion_cases(rule):
 
         def near_tiny():
             # normal g of 1 to 8 times the smallest normal number: (1 − β₁)·g and (1 − β₂)·g are subnormal
-            return [np.asarray(np.where(rng.standard_normal(s) < 0, -1.0, 1.0) * rng.uniform(1, 8, s) * tiny,
-                               dtype=dt) for s in shapes]
+            return [
+                np.asarray(np.where(rng.standard_normal(s) < 0, -1.0, 1.0) * rng.uniform(1, 8, s) * tiny, dtype=dt)
+                for s in shapes
+            ]
+
         params = _draw(rng, shapes, 1e-3, dt)
-        cases.append(rule.case(
-            f"{short}_sign_argument_subnormal", dt, params=params, grads=[near_tiny() for _ in range(3)],
-            description=f"|g| of 1 to 8 × {tiny:g} (normal): c = (1 − β₁)·g at step 1 and m are subnormal, "
-                        "and sign(c) = ±1 moves θ by α; flushed to zero, c = 0 and θ stays",
-            tags=["tiny"]))
+        cases.append(
+            rule.case(
+                f"{short}_sign_argument_subnormal",
+                dt,
+                params=params,
+                grads=[near_tiny() for _ in range(3)],
+                description=f"|g| of 1 to 8 × {tiny:g} (normal): c = (1 − β₁)·g at step 1 and m are subnormal, "
+                "and sign(c) = ±1 moves θ by α; flushed to zero, c = 0 and θ stays",
+                tags=["tiny"],
+            )
+        )
 
         rng = np.random.default_rng(21)
         params = _draw(rng, shapes, 1.0, dt)
         state = rule.resumed_state(rng, dt, 1.0)
         grads = _draws(rng, shapes, 1.0, dt, 3)
         g0, m0 = grads[0][0], state["m"][0]
-        g0[0, :2] = [np.inf, -np.inf]               # c = ±Inf: θ moves by α; m = ±Inf and stays
-        m0[1, :2] = [-big, big]                     # huge m and g of opposite signs: c = ∓0.72·max,
-        g0[1, :2] = [big, -big]                     # while g − m overflows
-        cases.append(rule.case(
-            f"{short}_infinite_grads", dt, params=params, state=state, grads=grads, first_step=1000, hp=hp,
-            description="step 1: g = ±Inf at two elements: c = ±Inf, sign(c) = ±1, θ moves by α(±1 + λθ) and "
-                        "stays finite, m = ±Inf and stays so; two elements with m = ∓0.9·max, g = ±0.9·max: "
-                        "c = ∓0.72·max is finite (g − m is not)",
-            tags=["overflow"], kills=["lerp_form"]))
+        g0[0, :2] = [np.inf, -np.inf]  # c = ±Inf: θ moves by α; m = ±Inf and stays
+        m0[1, :2] = [-big, big]  # huge m and g of opposite signs: c = ∓0.72·max,
+        g0[1, :2] = [big, -big]  # while g − m overflows
+        cases.append(
+            rule.case(
+                f"{short}_infinite_grads",
+                dt,
+                params=params,
+                state=state,
+                grads=grads,
+                first_step=1000,
+                hp=hp,
+                description="step 1: g = ±Inf at two elements: c = ±Inf, sign(c) = ±1, θ moves by α(±1 + λθ) and "
+                "stays finite, m = ±Inf and stays so; two elements with m = ∓0.9·max, g = ±0.9·max: "
+                "c = ∓0.72·max is finite (g − m is not)",
+                tags=["overflow"],
+                kills=["lerp_form"],
+            )
+        )
 
         rng = np.random.default_rng(22)
         params = _draw(rng, shapes, 1.0, dt)
         state = rule.resumed_state(rng, dt, 1.0)
         grads = _draws(rng, shapes, 1.0, dt, 3)
         m0 = state["m"][0]
-        grads[0][0][0, 2] = np.nan                  # NaN gradient: c, θ, m NaN from step 1 on
-        m0[2, 0] = np.nan                           # NaN momentum: the same
-        m0[2, 1] = np.inf                           # m = +Inf: c = +Inf at step 1 (θ moves by α) ...
-        grads[1][0][2, 1] = -np.inf                 # ... and Inf − Inf = NaN at step 2
-        grads[0][0][2, 2], grads[1][0][2, 2] = np.inf, -np.inf   # m = +Inf after step 1, NaN after step 2
-        cases.append(rule.case(
-            f"{short}_nan_placement", dt, params=params, state=state, grads=grads, first_step=1000, hp=hp,
-            description="sign(NaN) = NaN: a NaN gradient or momentum makes c, θ and m NaN at that element "
-                        "from then on, as does c = Inf − Inf (m = +Inf meeting g = −Inf); every other element "
-                        "stays finite",
-            tags=["nan"], kills=["sign_of_nan"]))
+        grads[0][0][0, 2] = np.nan  # NaN gradient: c, θ, m NaN from step 1 on
+        m0[2, 0] = np.nan  # NaN momentum: the same
+        m0[2, 1] = np.inf  # m = +Inf: c = +Inf at step 1 (θ moves by α) ...
+        grads[1][0][2, 1] = -np.inf  # ... and Inf − Inf = NaN at step 2
+        grads[0][0][2, 2], grads[1][0][2, 2] = np.inf, -np.inf  # m = +Inf after step 1, NaN after step 2
+        cases.append(
+            rule.case(
+                f"{short}_nan_placement",
+                dt,
+                params=params,
+                state=state,
+                grads=grads,
+                first_step=1000,
+                hp=hp,
+                description="sign(NaN) = NaN: a NaN gradient or momentum makes c, θ and m NaN at that element "
+                "from then on, as does c = Inf − Inf (m = +Inf meeting g = −Inf); every other element "
+                "stays finite",
+                tags=["nan"],
+                kills=["sign_of_nan"],
+            )
+        )
     return cases
 
 
@@ -628,24 +798,47 @@ RULE_VECTORS: dict[str, RuleVectors] = {
     "adam": RuleVectors(
         other_hp={"lr": 0.05, "beta1": 0.5, "beta2": 0.9, "eps": 1e-3, "weight_decay": 0.1},
         kills={**ADAM_FAMILY_KILLS, "other": ["eps_inside_sqrt", "decay_decoupled"]},
-        extra_cases=_adam_cases),
+        extra_cases=_adam_cases,
+    ),
     "adamw": RuleVectors(
         other_hp={"lr": 0.05, "beta1": 0.0, "beta2": 0.5, "eps": 1e-3, "weight_decay": 0.5},
-        kills={**ADAM_FAMILY_KILLS, "other": ["eps_inside_sqrt", "decay_coupled", "decay_not_scaled_by_lr"]}),
+        kills={**ADAM_FAMILY_KILLS, "other": ["eps_inside_sqrt", "decay_coupled", "decay_not_scaled_by_lr"]},
+    ),
     "coupled_adam": RuleVectors(
         other_hp={"lr": 0.05, "beta1": 0.5, "beta2": 0.9, "eps": 1e-3, "weight_decay": 0.2},
-        kills={**ADAM_FAMILY_KILLS,
-               "basic": lambda dtype: ADAM_FAMILY_KILLS["basic"](dtype) + [
-                   "mean_over_columns", "couple_m", "uncoupled_as_coupled"]},
-        overflow_tensors=(0, 3),  # one coupled, one uncoupled
-        extra_cases=_coupled_adam_cases),
-    "fadam": RuleVectors(
-        other_hp={"lr": 0.05, "beta1": 0.5, "beta2": 0.9, "eps": 1e-4, "eps2": 0.1, "clip": 0.5,
-                  "p": 0.25, "weight_decay": 0.5},
         kills={
-            "basic": lambda dtype: ["betas_swapped", "momentum_before_preconditioning", "decay_not_preconditioned",
-                                    "beta2_not_debiased", "momentum_bias_corrected", "old_fisher", "state_doubled"]
-            + (["scalars_in_param_dtype"] if dtype == "float32" else []),
+            **ADAM_FAMILY_KILLS,
+            "basic": lambda dtype: (
+                ADAM_FAMILY_KILLS["basic"](dtype) + ["mean_over_columns", "couple_m", "uncoupled_as_coupled"]
+            ),
+        },
+        overflow_tensors=(0, 3),  # one coupled, one uncoupled
+        extra_cases=_coupled_adam_cases,
+    ),
+    "fadam": RuleVectors(
+        other_hp={
+            "lr": 0.05,
+            "beta1": 0.5,
+            "beta2": 0.9,
+            "eps": 1e-4,
+            "eps2": 0.1,
+            "clip": 0.5,
+            "p": 0.25,
+            "weight_decay": 0.5,
+        },
+        kills={
+            "basic": lambda dtype: (
+                [
+                    "betas_swapped",
+                    "momentum_before_preconditioning",
+                    "decay_not_preconditioned",
+                    "beta2_not_debiased",
+                    "momentum_bias_corrected",
+                    "old_fisher",
+                    "state_doubled",
+                ]
+                + (["scalars_in_param_dtype"] if dtype == "float32" else [])
+            ),
             "zero_grads": ["eps_unguarded"],
             "overflow": ["square_after_scaling"],
             "other": ["p_ignored", "no_clip"],
@@ -655,21 +848,27 @@ RULE_VECTORS: dict[str, RuleVectors] = {
         # moves θ by α·λ·c·θ/RMS(θ) per step; a θ much smaller than that would flip sign every step
         # (and amplify rounding differences), a θ much larger would overflow w̄ in float32.
         tiny_theta=lambda g: 1e-2,
-        extra_cases=_fadam_cases),
+        extra_cases=_fadam_cases,
+    ),
     "lion": RuleVectors(
         # λ ≠ 0 and α large enough that α²λ (decay after the sign step) shows in float32;
         # β₂ = 0.999, whose 1 − β₂ in float32 arithmetic is off by 1e-5 relative.
         other_hp={"lr": 0.01, "beta1": 0.95, "beta2": 0.999, "weight_decay": 0.5},
         case_hp={"zero_grads": {"weight_decay": LION_DECAY}},
-        descriptions={"zero_grads": f"g = 0 at steps 1 and 2 from zero state: c = 0 exactly and sign(0) = 0, "
-                                    f"so only the decay (λ = {LION_DECAY:g}) moves θ"},
+        descriptions={
+            "zero_grads": f"g = 0 at steps 1 and 2 from zero state: c = 0 exactly and sign(0) = 0, "
+            f"so only the decay (λ = {LION_DECAY:g}) moves θ"
+        },
         kills={
             "basic": ["momentum_before_sign"],
             "zero_grads": ["sign_of_zero", "decay_not_scaled_by_lr"],
-            "other": lambda dtype: ["decay_after_sign", "decay_not_scaled_by_lr", "decay_coupled"]
-            + (["scalars_in_param_dtype"] if dtype == "float32" else []),
+            "other": lambda dtype: (
+                ["decay_after_sign", "decay_not_scaled_by_lr", "decay_coupled"]
+                + (["scalars_in_param_dtype"] if dtype == "float32" else [])
+            ),
         },
-        extra_cases=_lion_cases),
+        extra_cases=_lion_cases,
+    ),
 }
 
 
@@ -685,8 +884,9 @@ def rule_cases(name: str, entry: RuleVectors | None = None) -> list[dict]:
     entry = entry if entry is not None else RULE_VECTORS.get(name, RuleVectors())
     rule = case_rule(name, entry)
     other_hp = entry.other_hp if entry.other_hp is not None else derived_other_hyperparams(rule.descriptor)
-    cases = common_cases(rule, other_hp, extra_kills=entry.kills, case_hp=entry.case_hp,
-                         descriptions=entry.descriptions)
+    cases = common_cases(
+        rule, other_hp, extra_kills=entry.kills, case_hp=entry.case_hp, descriptions=entry.descriptions
+    )
     if entry.extra_cases is not None:
         cases += entry.extra_cases(rule)
     return cases

@@ -22,6 +22,7 @@ embedding (``COUPLED = [True, False, False, False]`` for Coupled Adam). Token id
 loss given dL/dz, aligned with params; E's gradient is scattered to the rows of
 the tokens that occur. Computed in the params' dtype.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +34,7 @@ PARAM_NAMES = ("token_embedding", "position_embedding", "projection", "projectio
 
 def init_params(vocab_size: int, max_len: int, dim: int, out_dim: int, *, rng=None, dtype=np.float64):
     """Fresh parameters: N(0, 1/d) embeddings, N(0, 1/d) projection, zero bias."""
-    generator = np.random.default_rng(rng)          # a Generator passes through unchanged
+    generator = np.random.default_rng(rng)  # a Generator passes through unchanged
     std = 1.0 / np.sqrt(dim)
     return [
         (generator.standard_normal((vocab_size, dim)) * std).astype(dtype),
@@ -53,7 +54,7 @@ def pad_batch(sentences, max_len: int):
     L = int(lengths.max())
     tokens = np.zeros((len(sentences), L), dtype=np.int64)
     for b, s in enumerate(sentences):
-        tokens[b, :lengths[b]] = np.asarray(s, dtype=np.int64)[:lengths[b]]
+        tokens[b, : lengths[b]] = np.asarray(s, dtype=np.int64)[: lengths[b]]
     return tokens, lengths
 
 
@@ -63,13 +64,15 @@ def forward(params, tokens, lengths, *, dropout: float = 0.0, rng=None):
     ``dropout`` > 0 draws a fresh mask from ``rng`` (a Generator or seed)."""
     E, P, W, c = params
     L = tokens.shape[1]
-    valid = np.arange(L)[None, :] < lengths[:, None]                      # (B, L)
-    x = E[tokens] + P[:L][None, :, :]                                      # (B, L, d)
+    valid = np.arange(L)[None, :] < lengths[:, None]  # (B, L)
+    x = E[tokens] + P[:L][None, :, :]  # (B, L, d)
     keep = None
     if dropout > 0:
-        keep = (np.random.default_rng(rng).random(x.shape) >= dropout).astype(x.dtype) * x.dtype.type(1.0 / (1.0 - dropout))
+        keep = (np.random.default_rng(rng).random(x.shape) >= dropout).astype(x.dtype) * x.dtype.type(
+            1.0 / (1.0 - dropout)
+        )
         x = x * keep
-    weights = (valid / lengths[:, None]).astype(x.dtype)                  # (B, L): 1/n_b on real tokens
+    weights = (valid / lengths[:, None]).astype(x.dtype)  # (B, L): 1/n_b on real tokens
     pooled = np.einsum("bl,bld->bd", weights, x)
     z = pooled @ W + c
     return z, (tokens, weights, keep, pooled)
@@ -82,19 +85,19 @@ def backward(params, cache, dz):
     dz = np.asarray(dz, dtype=W.dtype)
     dW = pooled.T @ dz
     dc = dz.sum(axis=0)
-    dpooled = dz @ W.T                                                     # (B, d)
-    dx = weights[:, :, None] * dpooled[:, None, :]                         # (B, L, d)
+    dpooled = dz @ W.T  # (B, d)
+    dx = weights[:, :, None] * dpooled[:, None, :]  # (B, L, d)
     if keep is not None:
         dx = dx * keep
     dE = np.zeros_like(E)
     real = weights > 0
-    tok = tokens[real]                                                     # scatter-add dx rows into E's rows:
-    order = np.argsort(tok, kind="stable")                                 # sort by token, sum each run
+    tok = tokens[real]  # scatter-add dx rows into E's rows:
+    order = np.argsort(tok, kind="stable")  # sort by token, sum each run
     tok_sorted = tok[order]
     starts = np.flatnonzero(np.r_[True, tok_sorted[1:] != tok_sorted[:-1]])
     dE[tok_sorted[starts]] = np.add.reduceat(dx[real][order], starts, axis=0)
     dP = np.zeros_like(P)
-    dP[:tokens.shape[1]] = dx.sum(axis=0)
+    dP[: tokens.shape[1]] = dx.sum(axis=0)
     return [dE, dP, dW, dc]
 
 
@@ -102,6 +105,6 @@ def encode(params, sentences, *, max_len: int, batch_size: int = 256):
     """Embeddings (N, k) of a list of sentences, dropout off (evaluation)."""
     out = []
     for i in range(0, len(sentences), batch_size):
-        tokens, lengths = pad_batch(sentences[i:i + batch_size], max_len)
+        tokens, lengths = pad_batch(sentences[i : i + batch_size], max_len)
         out.append(forward(params, tokens, lengths)[0])
     return np.concatenate(out, axis=0) if out else np.zeros((0, params[2].shape[1]), params[2].dtype)

@@ -28,12 +28,21 @@ Shared by every model of :mod:`fisheropt.workloads`: :func:`log_softmax`,
 :func:`softmax`, the argument checks :func:`float_dtype` and :func:`positive_int`,
 and the flat-parameter views of :class:`FlatParams`.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MLP", "FlatParams", "SoftmaxRegression", "float_dtype", "load_digits_split", "log_softmax",
-           "positive_int", "softmax"]
+__all__ = [
+    "MLP",
+    "FlatParams",
+    "SoftmaxRegression",
+    "float_dtype",
+    "load_digits_split",
+    "log_softmax",
+    "positive_int",
+    "softmax",
+]
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -102,7 +111,7 @@ class FlatParams:
         """Views of ``vector`` (P,) shaped like each param, in params order."""
         offset = 0
         for p in self.params:
-            yield vector[offset:offset + p.size].reshape(p.shape)
+            yield vector[offset : offset + p.size].reshape(p.shape)
             offset += p.size
 
 
@@ -298,7 +307,8 @@ def load_digits_split(seed=0, test_fraction=0.25, dtype=np.float64):
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "load_digits_split needs scikit-learn, which is not installed; "
-            "install it with `pip install scikit-learn` or `pip install fisheropt[demo]`") from exc
+            "install it with `pip install scikit-learn` or `pip install fisheropt[demo]`"
+        ) from exc
     dtype = float_dtype(dtype)
     if not (0.0 < float(test_fraction) < 1.0):
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")

@@ -5,6 +5,7 @@
 :func:`build_dataset` splits them, builds the vocabulary and maps words to the
 ids that :mod:`fisheropt.workloads.esimcse_encoder` reads (0 = padding).
 """
+
 from __future__ import annotations
 
 import re
@@ -12,12 +13,11 @@ from collections import Counter
 
 import numpy as np
 
-from .esimcse_encoder import PAD
 from .word_lm import tokenize
 
 __all__ = ["UNK_ID", "build_dataset", "load_sentences"]
 
-UNK_ID = 1      # id of words outside the vocabulary (0 is the encoder's padding, PAD)
+UNK_ID = 1  # id of words outside the vocabulary (0 is the encoder's padding, PAD)
 
 
 def load_sentences(*, min_tokens=5, max_tokens=32):
@@ -65,7 +65,7 @@ def build_dataset(eval_fraction=0.15, split_seed=0, *, min_tokens=5, max_tokens=
     train_sentences = [sentences[i] for i in order[n_eval:]]
     freq = Counter(w for words in train_sentences for w in words)
     ranked = sorted((kv for kv in freq.items() if kv[1] >= 2), key=lambda kv: (-kv[1], kv[0]))
-    vocab = ["<pad>", "<unk>"] + [w for w, _ in ranked]          # ids PAD and UNK_ID
+    vocab = ["<pad>", "<unk>"] + [w for w, _ in ranked]  # ids PAD and UNK_ID
     index = {w: i for i, w in enumerate(vocab)}
 
     def ids(words):

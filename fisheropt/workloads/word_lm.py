@@ -33,6 +33,7 @@ Also here: :func:`load_pydoc_corpus`, a word-level English corpus that ships
 with CPython (``pydoc_data.topics``, the text of ``help()``), so the experiment
 needs no download.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,18 +55,18 @@ class WordLM(FlatParams):
     (larger than GPT-2's 0.02 so that the tiny model trains in a few hundred
     steps), W1 ~ N(0, 1/(kd)), W2 ~ N(0, 1/H), biases 0."""
 
-    def __init__(self, vocab_size, dim=32, context=3, hidden=64, *, seed=0, dtype=np.float64,
-                 embed_std=0.1):
-        self.V, self.d, self.k, self.H = (positive_int(name, value) for name, value in (
-            ("vocab_size", vocab_size), ("dim", dim), ("context", context), ("hidden", hidden)))
+    def __init__(self, vocab_size, dim=32, context=3, hidden=64, *, seed=0, dtype=np.float64, embed_std=0.1):
+        self.V, self.d, self.k, self.H = (
+            positive_int(name, value)
+            for name, value in (("vocab_size", vocab_size), ("dim", dim), ("context", context), ("hidden", hidden))
+        )
         self.dtype = float_dtype(dtype)
         rng = np.random.default_rng(seed)
         V, d, k, H = self.V, self.d, self.k, self.H
         E = embed_std * rng.standard_normal((V, d))
         W1 = rng.standard_normal((k * d, H)) / np.sqrt(k * d)
         W2 = rng.standard_normal((H, d)) / np.sqrt(H)
-        self.params = [a.astype(self.dtype) for a in
-                       (E, W1, np.zeros(H), W2, np.zeros(d), np.zeros(V))]
+        self.params = [a.astype(self.dtype) for a in (E, W1, np.zeros(H), W2, np.zeros(d), np.zeros(V))]
         self.param_names = ["E", "W1", "b1", "W2", "b2", "b_out"]
         self.coupled = [True, False, False, False, False, False]
 
@@ -77,8 +78,9 @@ class WordLM(FlatParams):
     def _check(self, contexts, targets=None):
         context_ids = np.asarray(contexts)
         if context_ids.ndim != 2 or context_ids.shape[1] != self.k or context_ids.dtype.kind not in "iu":
-            raise ValueError(f"contexts must be an int array of shape (N, {self.k}), "
-                             f"got {context_ids.shape} {context_ids.dtype}")
+            raise ValueError(
+                f"contexts must be an int array of shape (N, {self.k}), got {context_ids.shape} {context_ids.dtype}"
+            )
         if context_ids.size and (context_ids.min() < 0 or context_ids.max() >= self.V):
             raise ValueError("context ids out of range")
         if targets is None:
@@ -110,9 +112,9 @@ class WordLM(FlatParams):
         context_ids, y = self._check(contexts, targets)
         total = 0.0
         for start in range(0, context_ids.shape[0], chunk):
-            z = self._forward(context_ids[start:start + chunk])[0]
+            z = self._forward(context_ids[start : start + chunk])[0]
             log_probs = log_softmax(z)
-            total += float(-log_probs[np.arange(z.shape[0]), y[start:start + chunk]].astype(np.float64).sum())
+            total += float(-log_probs[np.arange(z.shape[0]), y[start : start + chunk]].astype(np.float64).sum())
         return total / context_ids.shape[0]
 
     def loss_and_grads(self, contexts, targets):
@@ -126,7 +128,7 @@ class WordLM(FlatParams):
         dz = np.exp(log_probs)
         dz[np.arange(N), y] -= 1
         dz /= N
-        dE = dz.T @ s                                    # output (tied) part, dense
+        dE = dz.T @ s  # output (tied) part, dense
         db_out = dz.sum(axis=0)
         ds = dz @ E
         dW2 = h.T @ ds
@@ -135,7 +137,7 @@ class WordLM(FlatParams):
         dW1 = x.T @ da
         db1 = da.sum(axis=0)
         dx = (da @ W1.T).reshape(N * self.k, self.d)
-        np.add.at(dE, context_ids.reshape(-1), dx)                 # input part, sparse rows
+        np.add.at(dE, context_ids.reshape(-1), dx)  # input part, sparse rows
         grads = [dE, dW1, db1, dW2, db2, db_out]
         return loss, [g.astype(self.dtype, copy=False) for g in grads]
 
@@ -169,7 +171,7 @@ def load_pydoc_corpus(vocab_size=2000, val_fraction=0.1):
 
     words = tokenize("\n".join(topics[key] for key in sorted(topics)))
     n_val = int(round(val_fraction * len(words)))
-    train_words, val_words = words[:len(words) - n_val], words[len(words) - n_val:]
+    train_words, val_words = words[: len(words) - n_val], words[len(words) - n_val :]
     freq = Counter(train_words)
     ranked = sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))[: vocab_size - 1]
     vocab = [UNK] + [w for w, _ in ranked]

@@ -5,6 +5,7 @@ without CuPy, and that the agreement check catches a broken kernel (mutants on t
 
 Agreement with the reference and the GPU tests: tests/test_cupy_backend.py.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,13 +17,27 @@ import types
 
 import numpy as np
 import pytest
+from cupy_emulated import (
+    CUPY_DIR,
+    DTYPES,
+    FHP,
+    HAVE_CXX,
+    HOST_PACKAGE,
+    HP,
+    LHP,
+    MODULES,
+    EmulatedBackend,
+    Steps,
+    _assert_agree,
+    _run_both,
+    cuda_kernels,
+    emulator,
+    planner,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fisheropt import refimpl
-
-from cupy_emulated import (CUPY_DIR, DTYPES, FHP, HAVE_CXX, HOST_PACKAGE, HP, LHP, MODULES, EmulatedBackend, Steps,
-                           _assert_agree, _run_both, cuda_kernels, emulator, planner)
 
 NVCC = shutil.which("nvcc")
 
@@ -31,6 +46,7 @@ def _nvrtc():
     try:
         import cupy  # noqa: F401
         from cupy.cuda import nvrtc
+
         nvrtc.getVersion()
         return nvrtc
     except Exception:
@@ -46,13 +62,13 @@ def test_chunk_table_covers_every_element_exactly_once(sizes, chunk):
     assert table.dtype == np.int64 and table.shape[1] == cuda_kernels.CHUNK_ROW
     assert first[0] == 0 and first[-1] == len(table)
     for i, size in enumerate(sizes):
-        rows = table[first[i]:first[i + 1]]
+        rows = table[first[i] : first[i + 1]]
         assert (rows[:, 0] == i).all()
         seen = np.zeros(size, dtype=int)
         for _, start, stop, _ in rows:
             assert 0 <= start < stop <= size
-            assert start % chunk == 0                     # alignment carries over
-            assert stop - start <= chunk                  # balanced: no oversized chunk
+            assert start % chunk == 0  # alignment carries over
+            assert stop - start <= chunk  # balanced: no oversized chunk
             seen[start:stop] += 1
         assert (seen == 1).all()
         full = rows[:-1]
@@ -68,11 +84,16 @@ def test_chunk_table_start_mod_cols_and_validation():
         planner.chunk_table([3], 6)
 
 
-@given(shapes=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 70)), min_size=1, max_size=4),
-       block=st.sampled_from([32, 64]), min_rows=st.integers(1, 4), extra=st.integers(0, 3))
+@given(
+    shapes=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 70)), min_size=1, max_size=4),
+    block=st.sampled_from([32, 64]),
+    min_rows=st.integers(1, 4),
+    extra=st.integers(0, 3),
+)
 def test_coupled_tiles_cover_every_entry_once(shapes, block, min_rows, extra):
-    tiles, ctiles, pbase, nrc, n_partial = planner.coupled_tables(shapes, block, min_rows=min_rows,
-                                                             max_rows=min_rows + extra)
+    tiles, ctiles, pbase, nrc, n_partial = planner.coupled_tables(
+        shapes, block, min_rows=min_rows, max_rows=min_rows + extra
+    )
     used = np.zeros(n_partial, dtype=int)
     for i, (rows, cols) in enumerate(shapes):
         covered = np.zeros((rows, cols), dtype=int)
@@ -83,7 +104,7 @@ def test_coupled_tiles_cover_every_entry_once(shapes, block, min_rows, extra):
             covered[r0:r1, cs] += 1
             k = (off - pbase[i]) // cols
             assert off == pbase[i] + k * cols and 0 <= k < nrc[i]
-            used[off + c0:off + min(c0 + block, cols)] += 1
+            used[off + c0 : off + min(c0 + block, cols)] += 1
         assert (covered == 1).all()
         cmine = ctiles[ctiles[:, 0] == i]
         assert sorted(cmine[:, 1].tolist()) == list(range(0, cols, block))
@@ -98,21 +119,68 @@ def test_rows_per_tile_bounds():
 
 
 def test_kernel_args_have_the_exact_c_types():
-    args = planner.kernel_args("adam", "float32", dict(chunks="C", param_ptrs="P", grad_ptrs="G", m_ptrs="M", v_ptrs="V",
-                                                 mode=2, weight_decay=0.1, decay_factor=0.99, beta1=0.9,
-                                                 one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=1e-3,
-                                                 step_size=1e-3, bias_correction2_sqrt=0.5, eps=1e-8))
+    args = planner.kernel_args(
+        "adam",
+        "float32",
+        dict(
+            chunks="C",
+            param_ptrs="P",
+            grad_ptrs="G",
+            m_ptrs="M",
+            v_ptrs="V",
+            mode=2,
+            weight_decay=0.1,
+            decay_factor=0.99,
+            beta1=0.9,
+            one_minus_beta1=0.1,
+            beta2=0.999,
+            one_minus_beta2=1e-3,
+            step_size=1e-3,
+            bias_correction2_sqrt=0.5,
+            eps=1e-8,
+        ),
+    )
     assert args[:5] == ["C", "P", "G", "M", "V"]
     assert type(args[5]) is np.int32
     assert all(type(a) is np.float32 for a in args[6:])
     assert args[7] == np.float32(0.99)
-    e = planner.kernel_args("fadam_eps", "float32", dict(meta=1, g2_partials=2, tensor_scalars=3, eps=1e-8, eps2=0.01,
-                                                    two_p=1.0, two_p_is_one=1, eps_pow_2p=1e-8, tiny=1e-38))
+    e = planner.kernel_args(
+        "fadam_eps",
+        "float32",
+        dict(
+            meta=1,
+            g2_partials=2,
+            tensor_scalars=3,
+            eps=1e-8,
+            eps2=0.01,
+            two_p=1.0,
+            two_p_is_one=1,
+            eps_pow_2p=1e-8,
+            tiny=1e-38,
+        ),
+    )
     assert [type(a) for a in e[3:]] == [np.float64, np.float64, np.float64, np.int32, np.float32, np.float32]
-    d = planner.kernel_args("adam", "float64", dict(chunks=0, param_ptrs=0, grad_ptrs=0, m_ptrs=0, v_ptrs=0, mode=0,
-                                              weight_decay=0, decay_factor=1, beta1=0.9, one_minus_beta1=0.1,
-                                              beta2=0.9, one_minus_beta2=0.1, step_size=1, bias_correction2_sqrt=1,
-                                              eps=1e-8))
+    d = planner.kernel_args(
+        "adam",
+        "float64",
+        dict(
+            chunks=0,
+            param_ptrs=0,
+            grad_ptrs=0,
+            m_ptrs=0,
+            v_ptrs=0,
+            mode=0,
+            weight_decay=0,
+            decay_factor=1,
+            beta1=0.9,
+            one_minus_beta1=0.1,
+            beta2=0.9,
+            one_minus_beta2=0.1,
+            step_size=1,
+            bias_correction2_sqrt=1,
+            eps=1e-8,
+        ),
+    )
     assert all(type(a) is np.float64 for a in d[6:])
     with pytest.raises(TypeError, match="missing"):
         planner.kernel_args("sumsq", "float32", dict(chunks=0, grad_ptrs=0))
@@ -144,7 +212,7 @@ class RecordingLauncher:
 
     def read_i32(self, a):
         self.reads += 1
-        return self.flag_value    # what the check kernels would have left in the flag
+        return self.flag_value  # what the check kernels would have left in the flag
 
     def ptr(self, a):
         return a.ctypes.data
@@ -163,13 +231,17 @@ def _model(n_layers, dtype=np.float32):
     return [np.zeros(s, dtype) for s in shapes]
 
 
-@pytest.mark.parametrize("rule,expected", [("adam", ["adam"]),
-                                           ("fadam", ["sumsq", "fadam_eps", "fadam_precond", "fadam_scales",
-                                                      "fadam_apply"]),
-                                           ("coupled", ["colsumsq", "coupled_v", "coupled_apply"]),
-                                           ("lion", ["lion"])])
+@pytest.mark.parametrize(
+    "rule,expected",
+    [
+        ("adam", ["adam"]),
+        ("fadam", ["sumsq", "fadam_eps", "fadam_precond", "fadam_scales", "fadam_apply"]),
+        ("coupled", ["colsumsq", "coupled_v", "coupled_apply"]),
+        ("lion", ["lion"]),
+    ],
+)
 def test_launches_per_step_do_not_grow_with_the_tensor_count(rule, expected):
-    for n_layers in (1, 37):   # 5 and 149 tensors
+    for n_layers in (1, 37):  # 5 and 149 tensors
         launcher = RecordingLauncher()
         engine = planner.Engine(launcher)
         params = _model(n_layers)
@@ -177,8 +249,7 @@ def test_launches_per_step_do_not_grow_with_the_tensor_count(rule, expected):
             params = [p for p in params if p.ndim == 2]
         grads = [np.zeros_like(p) for p in params]
         m = [np.zeros_like(p) for p in params]
-        v = [np.zeros(p.shape[1], p.dtype) for p in params] if rule == "coupled" else [np.zeros_like(p)
-                                                                                       for p in params]
+        v = [np.zeros(p.shape[1], p.dtype) for p in params] if rule == "coupled" else [np.zeros_like(p) for p in params]
         for step in (1, 2):
             launcher.launches.clear()
             if rule == "adam":
@@ -201,9 +272,9 @@ def test_tables_are_cached_and_only_new_grads_are_uploaded():
     steps = Steps(engine)
     steps.adam_step(params, grads, m, v, step=1, **HP)
     first = launcher.uploads
-    assert first == 2 + 4          # chunks + meta, then P, G, M, V pointer tables
+    assert first == 2 + 4  # chunks + meta, then P, G, M, V pointer tables
     steps.adam_step(params, grads, m, v, step=2, **HP)
-    assert launcher.uploads == first      # same arrays: nothing uploaded
+    assert launcher.uploads == first  # same arrays: nothing uploaded
     new_grads = [np.ones_like(p) for p in params]
     assert steps.all_finite(new_grads)
     steps.adam_step(params, new_grads, m, v, step=3, **HP)
@@ -219,8 +290,14 @@ def test_mixed_dtypes_make_one_group_each_and_noncontiguous_is_refused():
     steps.adamw_step(params, *state, step=1, **HP)
     assert [(d, n) for d, n, _ in launcher.launches] == [("float32", "adam"), ("float64", "adam")]
     with pytest.raises(TypeError, match="float32 and float64"):
-        steps.adamw_step([np.zeros(3, np.float16)], [np.zeros(3, np.float16)] * 1, [np.zeros(3, np.float16)],
-                         [np.zeros(3, np.float16)], step=1, **HP)
+        steps.adamw_step(
+            [np.zeros(3, np.float16)],
+            [np.zeros(3, np.float16)] * 1,
+            [np.zeros(3, np.float16)],
+            [np.zeros(3, np.float16)],
+            step=1,
+            **HP,
+        )
     bad = np.zeros((4, 4), np.float32)[:, ::2]
     with pytest.raises(ValueError, match="C-contiguous"):
         steps.adamw_step([bad.copy()], [bad], [bad.copy()], [bad.copy()], step=1, **HP)
@@ -228,27 +305,35 @@ def test_mixed_dtypes_make_one_group_each_and_noncontiguous_is_refused():
 
 def _adam_problem(specs):
     params = [np.zeros(shape, dtype) for shape, dtype in specs]
-    return params, [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params], [np.zeros_like(p)
-                                                                                           for p in params]
+    return (
+        params,
+        [np.zeros_like(p) for p in params],
+        [np.zeros_like(p) for p in params],
+        [np.zeros_like(p) for p in params],
+    )
 
 
 def test_per_tensor_values_make_one_launch_per_distinct_set_of_host_scalars():
     launcher = RecordingLauncher()
     steps = Steps(planner.Engine(launcher))
-    params, grads, m, v = _adam_problem([((5,), np.float32), ((7,), np.float64), ((3,), np.float32),
-                                         ((4,), np.float32)])
+    params, grads, m, v = _adam_problem(
+        [((5,), np.float32), ((7,), np.float64), ((3,), np.float32), ((4,), np.float32)]
+    )
     hp = dict(HP, lr=[1e-3, 1e-3, 1e-3, 2e-3])
     steps.adamw_step(params, grads, m, v, step=1, **hp)
     # float32: tensors 0 and 2 share their scalars, 3 has its own lr; float64: tensor 1
     assert [(d, n) for d, n, _ in launcher.launches] == [("float32", "adam"), ("float32", "adam"), ("float64", "adam")]
-    assert [a["step_size"] for a in launcher.args] == [np.float32(1e-3 / (1 - 0.9)), np.float32(2e-3 / (1 - 0.9)),
-                                                np.float64(1e-3 / (1 - 0.9))]
+    assert [a["step_size"] for a in launcher.args] == [
+        np.float32(1e-3 / (1 - 0.9)),
+        np.float32(2e-3 / (1 - 0.9)),
+        np.float64(1e-3 / (1 - 0.9)),
+    ]
     assert launcher.args[1]["decay_factor"] == np.float32(1 - 2e-3 * 0.01)
     launcher.launches.clear()
-    steps.adamw_step(params, grads, m, v, step=[1, 2, 1, 2], **dict(HP, lr=1e-3))   # own step counts
+    steps.adamw_step(params, grads, m, v, step=[1, 2, 1, 2], **dict(HP, lr=1e-3))  # own step counts
     assert [(d, n) for d, n, _ in launcher.launches] == [("float32", "adam"), ("float32", "adam"), ("float64", "adam")]
     launcher.launches.clear()
-    steps.lion_step(params, grads, m, step=[1, 9, 3, 4], **LHP)   # Lion's scalars do not depend on t
+    steps.lion_step(params, grads, m, step=[1, 9, 3, 4], **LHP)  # Lion's scalars do not depend on t
     assert [(d, n) for d, n, _ in launcher.launches] == [("float32", "lion"), ("float64", "lion")]
 
 
@@ -267,17 +352,27 @@ def test_a_step_that_cannot_be_prepared_launches_nothing():
         steps.adamw_step(params, grads[:2] + [bad], m, v, step=1, **dict(HP, lr=[1e-3, 1e-3, 5e-3]))
     with pytest.raises(ValueError, match="C-contiguous"):
         steps.fadam_step(params, grads[:2] + [bad], m, v, step=1, **dict(FHP, p=[0.5, 0.5, 1.0]))
-    cp, cg, cm = [np.zeros((4, 3), np.float32), np.zeros(5, np.float32)], [np.zeros((4, 3), np.float32), bad], \
-        [np.zeros((4, 3), np.float32), np.zeros(5, np.float32)]
-    with pytest.raises(ValueError, match="C-contiguous"):   # the AdamW tensor's, after the coupled ones
-        steps.coupled_adam_step(cp, cg, cm, [np.zeros(3, np.float32), np.zeros(5, np.float32)], step=1,
-                                coupled=[True, False], **HP)
+    cp, cg, cm = (
+        [np.zeros((4, 3), np.float32), np.zeros(5, np.float32)],
+        [np.zeros((4, 3), np.float32), bad],
+        [np.zeros((4, 3), np.float32), np.zeros(5, np.float32)],
+    )
+    with pytest.raises(ValueError, match="C-contiguous"):  # the AdamW tensor's, after the coupled ones
+        steps.coupled_adam_step(
+            cp, cg, cm, [np.zeros(3, np.float32), np.zeros(5, np.float32)], step=1, coupled=[True, False], **HP
+        )
     with pytest.raises(ValueError, match="coupled has 1 values for 2 tensors"):
-        steps.coupled_adam_step(cp, cp, cm, [np.zeros(3, np.float32), np.zeros(5, np.float32)], step=1,
-                                coupled=[True], **HP)
+        steps.coupled_adam_step(
+            cp, cp, cm, [np.zeros(3, np.float32), np.zeros(5, np.float32)], step=1, coupled=[True], **HP
+        )
     with pytest.raises(TypeError, match="float32 and float64"):
-        steps.lion_step(params + [np.zeros(2, np.float16)], grads + [np.zeros(2, np.float16)],
-                        m + [np.zeros(2, np.float16)], step=1, **LHP)
+        steps.lion_step(
+            params + [np.zeros(2, np.float16)],
+            grads + [np.zeros(2, np.float16)],
+            m + [np.zeros(2, np.float16)],
+            step=1,
+            **LHP,
+        )
     assert launcher.launches == []
 
 
@@ -306,19 +401,26 @@ def test_checked_steps_read_the_flag_once_before_any_write(rule):
     steps = Steps(planner.Engine(launcher))
     params, grads, m, v = _adam_problem([((6, 4), np.float32), ((5,), np.float32), ((3, 2), np.float64)])
     if rule == "fadam":
-        run = lambda: steps.fadam_step_checked(params, grads, m, v, step=1, **FHP)   # noqa: E731
+        run = lambda: steps.fadam_step_checked(params, grads, m, v, step=1, **FHP)  # noqa: E731
         reads_only = ["sumsq", "finite_f64", "sumsq", "finite_f64"]
         writes = ["fadam_eps", "fadam_precond", "fadam_scales", "fadam_apply"] * 2
     else:
         v = [np.zeros(4, np.float32), np.zeros(5, np.float32), np.zeros(2, np.float64)]
-        run = lambda: steps.coupled_adam_step_checked(params, grads, m, v, step=1,  # noqa: E731
-                                                      coupled=[True, False, True], **HP)
+        run = lambda: steps.coupled_adam_step_checked(
+            params,
+            grads,
+            m,
+            v,
+            step=1,  # noqa: E731
+            coupled=[True, False, True],
+            **HP,
+        )
         reads_only = ["colsumsq", "finite_f64", "colsumsq", "finite_f64", "all_finite"]
         writes = ["coupled_v", "coupled_apply"] * 2 + ["adam"]
     assert run() is True
     assert [n for _, n, _ in launcher.launches] == reads_only + writes and launcher.reads == 1
     launcher.launches.clear()
-    launcher.reads, launcher.flag_value = 0, 1        # a non-finite partial sum, and (re-read) a non-finite g
+    launcher.reads, launcher.flag_value = 0, 1  # a non-finite partial sum, and (re-read) a non-finite g
     assert run() is False
     assert [n for _, n, _ in launcher.launches] == reads_only + ["all_finite"] * 2 and launcher.reads == 2
 
@@ -359,7 +461,12 @@ def test_elementwise_kernels_have_no_double_literals_or_double_math(dtype, name)
 
 
 def test_float_literal_detector():
-    assert cuda_kernels.float_literals("x = 1.0 + 2.5f * 3e-4 + a1.5 + 0x7fLL + 15ull + .5") == ["1.0", "2.5f", "3e-4", ".5"]
+    assert cuda_kernels.float_literals("x = 1.0 + 2.5f * 3e-4 + a1.5 + 0x7fLL + 15ull + .5") == [
+        "1.0",
+        "2.5f",
+        "3e-4",
+        ".5",
+    ]
 
 
 def test_compile_options_forbid_contraction_and_flush_to_zero():
@@ -384,12 +491,15 @@ def _check_ptx(ptx: str, dtype: str) -> None:
         assert f"st.global.{w}" in entries[f"fo_{name}_{sfx}"], name
     if dtype == "float32":
         for name in ("adam", "lion"):
-            assert not re.search(r"\.(add|mul|div|sqrt)\.rn\.f64", entries[f"fo_{name}_f32"]), \
+            assert not re.search(r"\.(add|mul|div|sqrt)\.rn\.f64", entries[f"fo_{name}_f32"]), (
                 f"float64 math in {name}_f32"
+            )
 
 
-@pytest.mark.skipif(_nvrtc() is None, reason="NVRTC library not loadable here (pip install cupy-cuda12x "
-                                             "nvidia-cuda-nvrtc-cu12 for this check)")
+@pytest.mark.skipif(
+    _nvrtc() is None,
+    reason="NVRTC library not loadable here (pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12 for this check)",
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nvrtc_compiles_for_h100_without_ftz_or_contraction(dtype):
     nvrtc = _nvrtc()
@@ -411,8 +521,12 @@ def test_nvcc_compiles_for_h100_without_ftz_or_contraction(dtype, tmp_path):
     """The NVRTC check above, with the toolkit's nvcc and the same options (no GPU, no CuPy)."""
     cu, out = tmp_path / f"fo_{dtype}.cu", tmp_path / f"fo_{dtype}.ptx"
     cu.write_text(cuda_kernels.source(dtype))
-    res = subprocess.run([NVCC, "-ptx", "-arch=compute_90", *cuda_kernels.COMPILE_OPTIONS, "-o", str(out), str(cu)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [NVCC, "-ptx", "-arch=compute_90", *cuda_kernels.COMPILE_OPTIONS, "-o", str(out), str(cu)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     _check_ptx(out.read_text(), dtype)
 
@@ -429,14 +543,16 @@ def test_step_functions_have_the_reference_signatures_without_importing_cupy():
 
     from fisheropt.backends import FUNCTIONS, reference
     from fisheropt.backends.interface import FAMILIES
+
     checked_found = []
     for fn in FAMILIES["update rules"]:
-        module = "finite" if fn == "all_finite" else fn[:-len("_step")]
+        module = "finite" if fn == "all_finite" else fn[: -len("_step")]
         path = CUPY_DIR / f"{module}.py"
         assert path.exists(), f"{fn}: no backends/cupy/{module}.py"
         tree = ast.parse(path.read_text())
-        assert not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body), \
+        assert not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body), (
             "from __future__ import annotations turns annotations into strings: signatures would differ"
+        )
         defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
         ref = inspect.signature(getattr(reference, fn))
         for name in (fn, fn + "_checked"):
@@ -452,8 +568,11 @@ def test_step_functions_have_the_reference_signatures_without_importing_cupy():
             assert not a.defaults and not any(a.kw_defaults), name
             ret = ref.return_annotation
             got = ast.unparse(defs[name].returns) if defs[name].returns is not None else None
-            want = "bool" if name != fn else (None if ret is inspect.Signature.empty
-                                              else getattr(ret, "__name__", str(ret)))
+            want = (
+                "bool"
+                if name != fn
+                else (None if ret is inspect.Signature.empty else getattr(ret, "__name__", str(ret)))
+            )
             assert got == want, name
             function = getattr(MODULES[module], name)
             assert list(inspect.signature(function).parameters) == list(ref.parameters), name
@@ -487,14 +606,24 @@ def test_package_discovers_each_rule_from_its_module(monkeypatch):
 def _check_stubbed_package(pkg, stub):
     for rule in refimpl.RULES.values():
         assert callable(getattr(pkg, rule.step_function, None)) == (CUPY_DIR / f"{rule.name}.py").exists()
-    for fn in ("all_finite", "from_dlpack_list", "clear_cache", "check_usable", "owns", "fadam_step_checked",
-               "coupled_adam_step_checked", "fisher_gram", "fisher_sample_space_direction", "ema_update"):
+    for fn in (
+        "all_finite",
+        "from_dlpack_list",
+        "clear_cache",
+        "check_usable",
+        "owns",
+        "fadam_step_checked",
+        "coupled_adam_step_checked",
+        "fisher_gram",
+        "fisher_sample_space_direction",
+        "ema_update",
+    ):
         assert callable(getattr(pkg, fn)), fn
     assert not hasattr(pkg, "adam_step_checked") and not hasattr(pkg, "lion_step_checked")
     assert pkg.NAME == "cupy" and pkg.array_module is stub
     with pytest.raises(pkg.BackendUnavailable, match="no CUDA device"):
         pkg.check_usable()
-    assert pkg._plan.current() is pkg.engine          # the step functions' default engine
+    assert pkg._plan.current() is pkg.engine  # the step functions' default engine
     if HAVE_CXX:
         emu = pkg._plan.Engine(emulator.CpuLauncher(32), chunk=96)
         p, g, m = [np.ones(5, np.float32)], [np.full(5, -2.0, np.float32)], [np.zeros(5, np.float32)]
@@ -514,6 +643,7 @@ def test_cupy_launcher_compiles_caches_and_launches_without_a_gpu(monkeypatch, t
     sm_90 cubin, the disk cache, the module/function caches and the launch call."""
     import cupy
     from cupy.cuda import function
+
     device = importlib.import_module(f"{HOST_PACKAGE}._device")
     monkeypatch.setenv("FISHEROPT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cupy.cuda, "Device", lambda *a: types.SimpleNamespace(compute_capability="90", id=0))
@@ -529,18 +659,20 @@ def test_cupy_launcher_compiles_caches_and_launches_without_a_gpu(monkeypatch, t
 
     monkeypatch.setattr(function, "Module", FakeModule)
     device.load_module("float32")
-    assert loaded[0][:4] == b"\x7fELF"                      # SASS for the device, not PTX
+    assert loaded[0][:4] == b"\x7fELF"  # SASS for the device, not PTX
     assert [f.suffix for f in tmp_path.iterdir()] == [".cubin"]
-    device.load_module("float32")                               # second time: from the disk cache
+    device.load_module("float32")  # second time: from the disk cache
     assert loaded[1] == loaded[0] and len(list(tmp_path.iterdir())) == 1
 
     launcher = device.CupyLauncher()
     args = planner.kernel_args("sumsq", "float32", dict(chunks="c", grad_ptrs="g", g2_partials="p"))
     launcher.launch("float32", "sumsq", 7, args)
     launcher.launch("float32", "sumsq", 3, args)
-    assert calls == [("fo_sumsq_f32", (7,), (cuda_kernels.BLOCK,), ("c", "g", "p")),
-                     ("fo_sumsq_f32", (3,), (cuda_kernels.BLOCK,), ("c", "g", "p"))]
-    assert len(loaded) == 3                                  # one module per (device, dtype)
+    assert calls == [
+        ("fo_sumsq_f32", (7,), (cuda_kernels.BLOCK,), ("c", "g", "p")),
+        ("fo_sumsq_f32", (3,), (cuda_kernels.BLOCK,), ("c", "g", "p")),
+    ]
+    assert len(loaded) == 3  # one module per (device, dtype)
 
 
 # =====================================================================================
@@ -548,14 +680,20 @@ def test_cupy_launcher_compiles_caches_and_launches_without_a_gpu(monkeypatch, t
 # =====================================================================================
 MUTANTS = {  # (rule, original text, broken text): each must be caught by the agreement check
     "coupled column wrap": ("coupled_adam", "if (++col == d) col = 0;", "if (++col == d) col = (d > 1);"),
-    "fadam clip of w_bar uses g_bar's scale": ("fadam", "const T clip_w = (T)tensor_scalars[3 * t + 2];",
-                                               "const T clip_w = (T)tensor_scalars[3 * t + 1];"),
-    "sumsq drops the first group of each chunk": ("fadam", "FOR_GROUPS(base) {\n        const bool full = aligned && "
-                                                  "base + VEC <= stop;\n        T g_group[VEC];\n        "
-                                                  "load_group(g,",
-                                                  "FOR_GROUPS(base) {\n        const bool full = aligned && base + "
-                                                  "VEC <= stop;\n        T g_group[VEC];\n        if (base == "
-                                                  "start) continue;\n        load_group(g,"),
+    "fadam clip of w_bar uses g_bar's scale": (
+        "fadam",
+        "const T clip_w = (T)tensor_scalars[3 * t + 2];",
+        "const T clip_w = (T)tensor_scalars[3 * t + 1];",
+    ),
+    "sumsq drops the first group of each chunk": (
+        "fadam",
+        "FOR_GROUPS(base) {\n        const bool full = aligned && "
+        "base + VEC <= stop;\n        T g_group[VEC];\n        "
+        "load_group(g,",
+        "FOR_GROUPS(base) {\n        const bool full = aligned && base + "
+        "VEC <= stop;\n        T g_group[VEC];\n        if (base == "
+        "start) continue;\n        load_group(g,",
+    ),
 }
 
 
@@ -566,9 +704,17 @@ def test_agreement_checks_catch_a_broken_kernel(mutant):
     assert cuda_kernels.source("float32").count(before) >= 1, "mutation anchor not found: update the test"
     emu = EmulatedBackend(transform=lambda src: src.replace(before, after))
     shapes = [(37, 61), (5, 3)] if rule == "coupled_adam" else [(37, 61), (700,)]
-    pb = dict(shapes=shapes, dtypes=["float32"] * 2, scale=1.0, grad_scale=1e-9 if rule == "fadam" else 1.0,
-              first_step=1, steps=2, seed=4, misaligned=False,
-              hp=dict(FHP, clip=0.5) if rule == "fadam" else dict(HP))
+    pb = dict(
+        shapes=shapes,
+        dtypes=["float32"] * 2,
+        scale=1.0,
+        grad_scale=1e-9 if rule == "fadam" else 1.0,
+        first_step=1,
+        steps=2,
+        seed=4,
+        misaligned=False,
+        hp=dict(FHP, clip=0.5) if rule == "fadam" else dict(HP),
+    )
     ref, got = _run_both(emu, rule, pb)
     with pytest.raises(AssertionError):
         _assert_agree(ref, got, exact=False, magnitude=max(pb["grad_scale"], 1e-9))

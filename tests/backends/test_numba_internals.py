@@ -4,6 +4,7 @@ fused multiply-add intrinsic of the float64 sums, and the plan cache (weak refer
 
 Agreement with the reference: tests/test_numba_backend.py and tests/test_conformance.py.
 """
+
 from __future__ import annotations
 
 import gc
@@ -14,12 +15,12 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
+from agreement import assert_exact, make_tensor  # noqa: E402
+from rules import RULE_NAMES  # noqa: E402
+
 from fisheropt import backends  # noqa: E402
 from fisheropt.backends.numba import _core as nb_core  # noqa: E402
 from fisheropt.refimpl import RULES  # noqa: E402
-
-from agreement import assert_exact, make_tensor  # noqa: E402
-from rules import RULE_NAMES  # noqa: E402
 
 ref = backends.get("numpy")
 nb = backends.get("numba")
@@ -48,13 +49,17 @@ def test_bitwise_identical_for_any_thread_count(rule_name, dtype):
             numba.set_num_threads(threads)
             params, grads = _big_problem(7, dtype)
             kw = {}
-            if rule.tensor_flag is not None:   # as matrices, every one flagged
-                params = [p.reshape(-1, 7) if p.size % 7 == 0 else p.reshape(1, -1) if p.ndim else p.reshape(1, 1)
-                          for p in params]
+            if rule.tensor_flag is not None:  # as matrices, every one flagged
+                params = [
+                    p.reshape(-1, 7) if p.size % 7 == 0 else p.reshape(1, -1) if p.ndim else p.reshape(1, 1)
+                    for p in params
+                ]
                 grads = [g.reshape(p.shape) for g, p in zip(grads, params)]
                 kw = {rule.tensor_flag.name: [True] * len(params)}
-            state = [[np.zeros(p.shape[1], dtype) if spec.per_column and kw else np.zeros_like(p) for p in params]
-                     for spec in rule.state]
+            state = [
+                [np.zeros(p.shape[1], dtype) if spec.per_column and kw else np.zeros_like(p) for p in params]
+                for spec in rule.state
+            ]
             for t in range(1, 4):
                 getattr(nb, rule.step_function)(params, grads, *state, step=t, **hp, **kw)
             results.append([a.copy() for a in params + [x for s in state for x in s]])
@@ -65,7 +70,7 @@ def test_bitwise_identical_for_any_thread_count(rule_name, dtype):
         assert np.array_equal(a.reshape(-1).view(np.uint8), c.reshape(-1).view(np.uint8))
 
 
-@pytest.mark.parametrize("p", [0.5, 0.7, 1.0])   # the three ways f^p is evaluated
+@pytest.mark.parametrize("p", [0.5, 0.7, 1.0])  # the three ways f^p is evaluated
 def test_fadam_schedule_never_changes_the_bits(p):
     """The numba FAdam guesses ε_t = ε^{2p} and, for tensors whose guess failed on the
     last step, defers to three passes (a hint kept in the plan). Every schedule must
@@ -77,8 +82,13 @@ def test_fadam_schedule_never_changes_the_bits(p):
     # Gradient exponent per step and tensor: -12 makes RMS(g) < ε/ε₂, so ε_t is not the
     # guess; the sequence visits guess-holds, guess-fails, deferred-then-tiny and
     # deferred-then-normal for each tensor.
-    exponents = [[-2, -12, -2, -12, 0], [-12, -12, -2, -12, -2], [-12, -2, -12, -2, -12],
-                 [-2, -2, -12, -12, -12], [-12, -12, -12, -2, -2]]
+    exponents = [
+        [-2, -12, -2, -12, 0],
+        [-12, -12, -2, -12, -2],
+        [-12, -2, -12, -2, -12],
+        [-2, -2, -12, -12, -12],
+        [-12, -12, -12, -2, -2],
+    ]
     runs, deferred_seen = [], []
     for keep_hint in (True, False):
         rng = np.random.default_rng(3)
@@ -116,8 +126,8 @@ def test_fma64_is_fused_and_changes_nothing_for_float32_squares():
 
     a = np.array([1.0 + 2.0**-30])
     c = np.array([-(1.0 + 2.0**-29)])
-    assert (a * a + c)[0] == 0.0              # unfused: a² rounds to 1 + 2^-29
-    assert fused(a, a, c)[0] == 2.0**-60      # fused: the exact residual
+    assert (a * a + c)[0] == 0.0  # unfused: a² rounds to 1 + 2^-29
+    assert fused(a, a, c)[0] == 2.0**-60  # fused: the exact residual
 
     rng = np.random.default_rng(5)
     x = (rng.standard_normal(100_000) * 10.0 ** rng.integers(-40, 38, 100_000)).astype(np.float32)

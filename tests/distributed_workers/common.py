@@ -1,15 +1,21 @@
 """What the distributed workers and tests/test_torch_distributed.py share: the model, the data,
 the hyperparameters and the Fisher test problems (everything deterministic from seeds)."""
+
 import math
 
 import torch
 from torch import nn
 
-V, D, B, T = 13, 8, 4, 5          # vocabulary, width, samples per rank, tokens per sample
+V, D, B, T = 13, 8, 4, 5  # vocabulary, width, samples per rank, tokens per sample
 STEPS = 10
-BAD_STEP = 4                      # the step at which the last rank's gradient is NaN
-HYPER = {"adam": dict(lr=1e-2), "adamw": dict(lr=1e-2), "fadam": dict(lr=1e-2),
-         "coupled_adam": dict(lr=1e-2), "lion": dict(lr=1e-3)}
+BAD_STEP = 4  # the step at which the last rank's gradient is NaN
+HYPER = {
+    "adam": dict(lr=1e-2),
+    "adamw": dict(lr=1e-2),
+    "fadam": dict(lr=1e-2),
+    "coupled_adam": dict(lr=1e-2),
+    "lion": dict(lr=1e-3),
+}
 
 
 class TinyLM(nn.Module):
@@ -43,6 +49,7 @@ def loss_of(model, x, y):
 
 def param_groups(name, model):
     import fisheropt.torch as fot
+
     if name == "coupled_adam":
         return fot.coupled_param_groups(model, named=False)
     return list(model.parameters())
@@ -62,7 +69,7 @@ def state_flat(opt, params):
 
 
 # ---- Fisher problems: rank r's local rows -------------------------------------------------------
-SHAPES = [(9, 4), (5,), (3, 3)]   # P = 50: split 25/25 on 2 ranks, 17/17/16 on 3; Shard(0) uneven
+SHAPES = [(9, 4), (5,), (3, 3)]  # P = 50: split 25/25 on 2 ranks, 17/17/16 on 3; Shard(0) uneven
 P = sum(math.prod(s) for s in SHAPES)
 C, K = 3, 2
 
@@ -80,8 +87,11 @@ def fisher_problem(rank, world, seed=0, empty_rank=None, dtype=torch.float64):
     J = torch.randn(n, C, P, generator=g, dtype=torch.float64)
     probs = torch.softmax(torch.randn(n, C, generator=g, dtype=torch.float64), dim=1)
     labels = torch.randint(0, C, (n,), generator=g)
-    ls = torch.multinomial(probs, K, replacement=True, generator=g).T.contiguous() if n else \
-        torch.zeros(K, 0, dtype=torch.int64)
+    ls = (
+        torch.multinomial(probs, K, replacement=True, generator=g).T.contiguous()
+        if n
+        else torch.zeros(K, 0, dtype=torch.int64)
+    )
     r = probs.clone()
     r[torch.arange(n), labels] -= 1.0
     G = torch.einsum("ncp,nc->np", J, r)

@@ -2,6 +2,7 @@
 
 Runs the comma-separated scenarios (ddp, zero, finite, ngd) on a gloo group over localhost and saves
 what the test compares to OUTDIR/rank{RANK}.pt. Any exception is saved too (and the exit code is 1)."""
+
 import os
 import sys
 import traceback
@@ -20,6 +21,7 @@ def run_ddp(rank, world, out):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import fisheropt.torch as fot
+
     res = {}
     for name, cls in fot.CLASSES.items():
         model = common.make_model()
@@ -41,8 +43,15 @@ def run_ddp(rank, world, out):
                 raised = None
             except FloatingPointError as exc:
                 raised = str(exc)
-            trace.append({"grad": grads, "raised": raised, "before": before, "param": common.flat(params),
-                          "state": common.state_flat(opt, params)})
+            trace.append(
+                {
+                    "grad": grads,
+                    "raised": raised,
+                    "before": before,
+                    "param": common.flat(params),
+                    "state": common.state_flat(opt, params),
+                }
+            )
             opt.zero_grad()
         res[name] = trace
     out["ddp"] = res
@@ -53,13 +62,15 @@ def run_zero(rank, world, out):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import fisheropt.torch as fot
+
     res = {}
     for name in ("fadam", "coupled_adam"):
         model = common.make_model()
         ddp = DDP(model)
         params = list(model.parameters())
-        opt = ZeroRedundancyOptimizer(common.param_groups(name, model), optimizer_class=fot.CLASSES[name],
-                                      **common.HYPER[name])
+        opt = ZeroRedundancyOptimizer(
+            common.param_groups(name, model), optimizer_class=fot.CLASSES[name], **common.HYPER[name]
+        )
         trace = []
         for step in range(common.STEPS):
             x, y = common.batch(step, world)
@@ -72,13 +83,18 @@ def run_zero(rank, world, out):
         owned = [p for g in opt.optim.param_groups for p in g["params"]]
         opt.consolidate_state_dict(to=0)
         full = opt.state_dict() if rank == 0 else None
-        res[name] = {"trace": trace, "owned": [next(i for i, q in enumerate(params) if q is p) for p in owned],
-                     "inner": type(opt.optim).__name__, "state_dict": full}
+        res[name] = {
+            "trace": trace,
+            "owned": [next(i for i, q in enumerate(params) if q is p) for p in owned],
+            "inner": type(opt.optim).__name__,
+            "state_dict": full,
+        }
     out["zero"] = res
 
 
 def run_finite(rank, world, out):
     from fisheropt.torch.distributed import all_finite
+
     good = [torch.ones(3), torch.zeros(2, 2)]
     bad = [torch.ones(3), torch.tensor([1.0, float("nan")]) if rank == world - 1 else torch.zeros(2)]
     out["finite"] = {"good": all_finite(good), "bad": all_finite(bad)}
@@ -86,16 +102,22 @@ def run_finite(rank, world, out):
 
 def run_ngd(rank, world, out):
     from fisheropt.torch import distributed as fd
+
     res = {}
     configs = []
     for kind in ("ef", "ief", "sf", "exact"):
         for columns in ("balanced", "shard0"):
             for ordered in (False, True):
                 configs.append((kind, columns, ordered, torch.float64, None))
-    configs += [("ief", "balanced", False, torch.float32, None), ("ef", "balanced", False, torch.float32, None),
-                ("ief", "shard0", False, torch.float64, 1), ("sf", "balanced", False, torch.float64, 1)]
+    configs += [
+        ("ief", "balanced", False, torch.float32, None),
+        ("ef", "balanced", False, torch.float32, None),
+        ("ief", "shard0", False, torch.float64, 1),
+        ("sf", "balanced", False, torch.float64, 1),
+    ]
     from fisheropt.refimpl.fisher_exact import fisher_factor
     from fisheropt.refimpl.fisher_sampled import sampled_grads
+
     for kind, columns, ordered, dtype, empty in configs:
         G, s, J, probs, labels, ls = common.fisher_problem(rank, world, empty_rank=empty, dtype=dtype)
         cols = fd.shard_columns(common.SHAPES, world) if columns == "shard0" else None
@@ -142,11 +164,13 @@ def natgrad_problem(seed=3, per_rank=5, world=2):
 def run_natgrad(rank, world, out):
     """fot.NaturalGradient with a process group: each rank steps on its own slice of the global batch."""
     import fisheropt.torch as fot
+
     res = {}
     for kind in ("ief", "ef"):
         model, x, y = natgrad_problem(world=world)
-        opt = fot.NaturalGradient(model, kind=kind, lr=0.5, damping=1e-2, process_group=dist.group.WORLD,
-                                  backend="numpy")
+        opt = fot.NaturalGradient(
+            model, kind=kind, lr=0.5, damping=1e-2, process_group=dist.group.WORLD, backend="numpy"
+        )
         rows = slice(5 * rank, 5 * (rank + 1))
         losses = [float(opt.step(x[rows], y[rows])) for _ in range(3)]
         res[kind] = {"params": [p.detach().clone() for p in model.parameters()], "losses": losses}
@@ -157,8 +181,13 @@ SCENARIOS = {"ddp": run_ddp, "zero": run_zero, "finite": run_finite, "ngd": run_
 
 
 def main():
-    rank, world, port, outdir, scenarios = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \
-        sys.argv[5]
+    rank, world, port, outdir, scenarios = (
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        sys.argv[4],
+        sys.argv[5],
+    )
     out = {"rank": rank, "world": world}
     code = 0
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
