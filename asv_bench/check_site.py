@@ -7,8 +7,8 @@
 
 Serves the html folder on 127.0.0.1 (asv's pages load their JSON with fetch, which
 file:// URLs refuse), opens the benchmark's graph page in headless Chromium
-(Debian's ``chromium``: ``apt-get install chromium``) twice, once with ``--dump-dom``
-and once with ``--screenshot``, and checks that
+(Debian's ``chromium``: ``apt-get install chromium``), driven as the docs' browser test
+drives it (``docs/browser.py``), waits for the graph to be drawn, and checks that
 
 * the graph rendered: a flot canvas inside ``#main-graph`` with axis tick labels,
 * no error: asv's error dialog text (``#error-message``: "No data ...", "Error
@@ -26,38 +26,45 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
-import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
-from html.parser import HTMLParser
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "docs"))
+try:
+    from browser import Chromium, find_chromium  # one way to run headless Chromium, the docs' one
+finally:
+    sys.path.remove(str(HERE.parent / "docs"))
+
 SERIES_RGB = (0x24, 0x7A, 0xAD)  # $.asv.colors[0] in asv/www/asv.js
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--mute-audio",
-]
+WINDOW = (1280, 800)
 
-
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+# Resolves, once the graph is drawn or asv shows an error (or after 30 s), with what the checks read.
+_WAIT_GRAPH = """
+new Promise((resolve) => {
+  const t0 = Date.now();
+  const facts = () => {
+    const graph = document.getElementById('main-graph');
+    const error = document.getElementById('error-message');
+    const h1 = document.querySelector('h1');
+    return {
+      title: document.title,
+      canvases: graph ? graph.querySelectorAll('canvas.flot-base').length : 0,
+      tick_labels: graph ? graph.querySelectorAll('.flot-tick-label').length : 0,
+      error: error ? error.textContent.trim() : '',
+      h1: h1 ? h1.textContent.trim() : '',
+    };
+  };
+  (function poll() {
+    const f = facts();
+    if ((f.canvases && f.tick_labels >= 2) || f.error || Date.now() - t0 > 30000) {
+      setTimeout(() => resolve(facts()), 500);  // the draw in progress finishes
+    } else { setTimeout(poll, 100); }
+  })();
+})
+"""
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -79,70 +86,6 @@ class serve:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def run_chromium(chromium: str, url: str, extra: list, size=(1280, 800), budget_ms=20000, timeout=180) -> str:
-    with tempfile.TemporaryDirectory(prefix="asv-chromium-") as profile:
-        cmd = [
-            chromium,
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={profile}",
-            f"--window-size={size[0]},{size[1]}",
-            f"--virtual-time-budget={budget_ms}",
-            *extra,
-            url,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, HOME=profile))
-    if proc.returncode != 0:
-        raise RuntimeError(f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return proc.stdout
-
-
-class _Dom(HTMLParser):
-    """Collects what the checks need from the rendered DOM."""
-
-    def __init__(self):
-        super().__init__()
-        self.stack = []
-        self.in_main_graph = 0
-        self.canvases = 0
-        self.tick_labels = 0
-        self.error_message = ""
-        self._in_error = 0
-        self.title = ""
-        self._in_title = False
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        classes = (a.get("class") or "").split()
-        if tag in ("br", "img", "input", "meta", "link", "hr", "col"):
-            return
-        inside = self.in_main_graph > 0
-        self.stack.append((tag, a.get("id") == "main-graph", a.get("id") == "error-message"))
-        if a.get("id") == "main-graph":
-            self.in_main_graph += 1
-        if a.get("id") == "error-message":
-            self._in_error += 1
-        if inside and tag == "canvas" and "flot-base" in classes:
-            self.canvases += 1
-        if inside and "flot-tick-label" in classes:
-            self.tick_labels += 1
-        self._in_title = tag == "title"
-
-    def handle_endtag(self, tag):
-        while self.stack:
-            t, main, err = self.stack.pop()
-            self.in_main_graph -= main
-            self._in_error -= err
-            if t == tag:
-                break
-        self._in_title = False
-
-    def handle_data(self, data):
-        if self._in_error:
-            self.error_message += data
-        if self._in_title:
-            self.title += data
 
 
 def series_pixels(png: Path, rgb=SERIES_RGB, tolerance=12) -> int:
@@ -169,23 +112,24 @@ def check(
     if not (html / "index.html").exists():
         return [f"{html}/index.html missing: run asv publish"]
     problems = []
-    with serve(html) as base:
-        url = f"{base}index.html#{benchmark}{('?' + query) if query else ''}"
-        dom_text = run_chromium(chromium, url, ["--dump-dom"])
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        run_chromium(chromium, url, [f"--screenshot={screenshot}"])
-    dom = _Dom()
-    dom.feed(dom_text)
-    if "airspeed velocity" not in dom.title:
-        problems.append(f"page title {dom.title!r} is not asv's")
-    if dom.canvases < 1:
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with serve(html) as base, Chromium(chromium, width=WINDOW[0], height=WINDOW[1]) as browser:
+            browser.open(f"{base}index.html#{benchmark}{('?' + query) if query else ''}")
+            facts = browser.evaluate(_WAIT_GRAPH)
+            browser.screenshot(screenshot, width=WINDOW[0], height=WINDOW[1])
+    except (RuntimeError, TimeoutError, OSError, StopIteration) as exc:
+        return [f"chromium: {exc}"]
+    if "airspeed velocity" not in facts["title"]:
+        problems.append(f"page title {facts['title']!r} is not asv's")
+    if facts["canvases"] < 1:
         problems.append("no flot canvas in #main-graph: the graph did not render")
-    if dom.tick_labels < 2:
-        problems.append(f"{dom.tick_labels} axis tick labels in #main-graph: an empty plot")
-    if dom.error_message.strip():
-        problems.append(f"asv shows an error: {dom.error_message.strip()!r}")
-    if re.search(r"<h1>\s*(404|500|Error)", dom_text):
-        problems.append("an HTTP error page")
+    if facts["tick_labels"] < 2:
+        problems.append(f"{facts['tick_labels']} axis tick labels in #main-graph: an empty plot")
+    if facts["error"]:
+        problems.append(f"asv shows an error: {facts['error']!r}")
+    if re.match(r"(404|500|Error)", facts["h1"]):
+        problems.append(f"an HTTP error page: {facts['h1']!r}")
     if not screenshot.exists():
         problems.append("chromium wrote no screenshot")
     else:

@@ -26,6 +26,6 @@ rc=0
 # exit status 2 = some benchmark failed at some commit (shown above as "failed"); keep going
 asv run --skip-existing-commits --show-stderr -b "$bench" "$@" HASHFILE:.asv/history-commits.txt || rc=$?
 asv publish
-python offline_site.py        # the site's scripts from site_vendor/, not from CDNs
+python offline_site.py        # the site's scripts from vendor/site/, not from CDNs
 echo "history: done in $(( $(date +%s) - start )) s (asv run exit status $rc); view with: cd asv_bench && asv preview"
 [ "$rc" -eq 0 ] || [ "$rc" -eq 2 ]

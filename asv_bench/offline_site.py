@@ -7,7 +7,7 @@
 asv's ``index.html`` loads jQuery, flot, bootstrap, stupidtable and md5 from CDNs
 (code.jquery.com, cdnjs, jsdelivr). Without them the page is asv's "Can not determine
 continental origin of swallow" error page. This copies the files in
-``asv_bench/site_vendor/`` (the same versions, from npm; see its README.md) to
+``asv_bench/vendor/site/`` (the same versions, from npm; see its README.md) to
 ``<html>/vendor/`` and points every known CDN URL of the html pages at them
 (the ``integrity``/``crossorigin`` attributes go: they are for cross-origin files).
 Idempotent. Prints any CDN URL it does not know (a newer asv): the site checker
@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VENDOR = HERE / "site_vendor"
+VENDOR = HERE / "vendor" / "site"
 
-# basename of the CDN URL (as asv 0.6 writes it) -> local file in site_vendor/
+# basename of the CDN URL (as asv 0.6 writes it) -> local file in vendor/site/
 LOCAL = {
     "jquery-3.3.1.min.js": "jquery-3.3.1.min.js",
     "jquery.flot.min.js": "jquery.flot-0.8.3.js",

@@ -183,30 +183,15 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--head", default=None, help="commit-ish to test (default: the working tree, recorded as a commit object)"
     )
-    ap.add_argument(
-        "--ceiling-factor",
-        type=float,
-        default=CEILING_FACTOR,
-        help=f"flag a step time / ceiling time that grew by more than this (default {CEILING_FACTOR})",
-    )
-    ap.add_argument(
-        "--torch-factor",
-        type=float,
-        default=TORCH_FACTOR,
-        help=f"flag a fisheropt / PyTorch time (one 2^25 tensor) that grew more (default {TORCH_FACTOR})",
-    )
-    ap.add_argument(
-        "--memory-factor",
-        type=float,
-        default=MEMORY_FACTOR,
-        help=f"flag a tracked memory figure that grew by more than this (default {MEMORY_FACTOR})",
-    )
-    ap.add_argument(
-        "--peakmem-factor",
-        type=float,
-        default=PEAKMEM_FACTOR,
-        help=f"flag an asv peakmem that grew by more than this (default {PEAKMEM_FACTOR})",
-    )
+    for flag, default, figure in (
+        ("--ceiling-factor", CEILING_FACTOR, "a step time / ceiling time"),
+        ("--torch-factor", TORCH_FACTOR, "a fisheropt / PyTorch time (one 2^25 tensor)"),
+        ("--memory-factor", MEMORY_FACTOR, "a tracked memory figure"),
+        ("--peakmem-factor", PEAKMEM_FACTOR, "an asv peakmem"),
+    ):
+        ap.add_argument(
+            flag, type=float, default=default, help=f"flag {figure} that grew by more than this (default {default})"
+        )
     ap.add_argument("--ratio-bench", default=RATIO_BENCH, help="asv -b regex of the speed ratios")
     ap.add_argument("--memory-bench", default=MEMORY_BENCH, help="asv -b regex of the memory figures")
     ap.add_argument("--machine", default=None, help="asv machine name (default: asv's, from ~/.asv-machine.json)")

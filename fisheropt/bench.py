@@ -27,6 +27,15 @@ import time
 
 import numpy as np
 
+from .bench_ceiling import (
+    ceiling_buffers,
+    ceiling_kernel,
+    ceiling_on,
+    interleaved_medians,
+    torch_baseline,
+    torch_stepper,
+    transformer_shapes,
+)
 from .refimpl import RULES as REGISTRY
 
 RULES = tuple(REGISTRY)  # every update rule of the registry
@@ -123,16 +132,6 @@ def size_label(size) -> str:
     return f"2^{k}" if 1 << k == size else str(size)
 
 
-def transformer_shapes(layers: int = 12, d: int = 768, vocab: int = 8192):
-    """Shapes of a GPT-2-small-like model: 12 per layer + embedding + final norm = 147 tensors."""
-    shapes = []
-    for _ in range(layers):
-        shapes += [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]  # q, k, v, o; MLP in, out
-        shapes += [(d,), (d,), (d,), (d,), (4 * d,), (d,)]  # 2 layer norms (w, b), MLP biases
-    shapes += [(vocab, d), (d,), (d,)]  # embedding, final norm
-    return shapes
-
-
 def problem_shapes(rule: str, size):
     """(shapes, coupled flags) for a rule and a size."""
     if size == "many":
@@ -166,34 +165,6 @@ def random_arrays(shapes, dtype, rng, scale=1.0):
     return [np.asarray(rng.standard_normal(s, dtype=np.float32) * np.float32(scale), dtype=dtype) for s in shapes]
 
 
-# ---- timing -------------------------------------------------------------------
-def median_time(fn, repeats: int = 7, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
-    return interleaved_medians({"fn": fn}, repeats, warmup)["fn"]
-
-
-def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 1, pause: dict | None = None) -> dict:
-    """{name: median seconds} for callables timed round-robin (name order), ``repeats`` rounds.
-
-    ``pause`` maps a name to seconds to sleep after each of its calls (not timed), e.g. to let
-    another runtime's spinning threads go quiet before the next measurement."""
-    pause = pause or {}
-    for _ in range(warmup):
-        for name, fn in fns.items():
-            fn()
-            if pause.get(name):
-                time.sleep(pause[name])
-    times = {name: [] for name in fns}
-    for _ in range(max(1, repeats)):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-            if pause.get(name):
-                time.sleep(pause[name])
-    return {name: float(np.median(v)) for name, v in times.items()}
-
-
 def make_fisheropt(rule: str, backend: str, params, coupled, check_finite: bool):
     """fo.<Rule> with its default hyperparameters (lr 1e-3), flags from ``coupled``."""
     import fisheropt as fo
@@ -203,61 +174,14 @@ def make_fisheropt(rule: str, backend: str, params, coupled, check_finite: bool)
     return getattr(fo, descriptor.title)(params, lr=1e-3, backend=backend, check_finite=check_finite, **flags)
 
 
-def torch_baseline(rule):
-    """(name, factory(list of torch params) -> optimizer) or None when not installed / no counterpart."""
-    try:
-        import torch
-    except Exception:
-        return None
-    if rule in ("adam", "adamw"):
-        cls = torch.optim.Adam if rule == "adam" else torch.optim.AdamW
-        wd = 0.0 if rule == "adam" else 0.01
-        return (f"torch-{rule}-fused", lambda ps: cls(ps, lr=1e-3, weight_decay=wd, fused=True))
-    if rule in ("fadam", "lion"):
-        try:
-            import pytorch_optimizer
-        except Exception:
-            return None
-        cls = pytorch_optimizer.FAdam if rule == "fadam" else pytorch_optimizer.Lion
-        return (f"pytorch_optimizer-{rule}", lambda ps: cls(ps, lr=1e-3))
-    return None
-
-
 # ---- the table ------------------------------------------------------------------
-def _numba_ceiling():
-    """fisheropt.bench_ceiling, or None where numba (which it needs) cannot be imported."""
+def _ceiling_measurable() -> bool:
+    """Whether the bandwidth ceiling can be measured here (its kernel needs numba)."""
     try:
-        from fisheropt import bench_ceiling
-    except ImportError:
-        return None
-    return bench_ceiling
-
-
-def _share_torch_state(torch_opt, torch_params, m_list, v_list):
-    """Point torch's Adam state at fisheropt's m/v buffers (same memory for both: a fair race)."""
-    import torch
-
-    for p, m, v in zip(torch_params, m_list, v_list):
-        st = torch_opt.state[p]
-        if "exp_avg" in st and "exp_avg_sq" in st:
-            st["exp_avg"] = torch.from_numpy(m)
-            st["exp_avg_sq"] = torch.from_numpy(v)
-
-
-def ceiling_buffers(params, grads, opt=None):
-    """(a_list, b_list) for the ceiling ``a += 0*b``: the parameters and gradients and,
-    given the numba optimizer, its parameter-sized state (m with v or f, else m with g).
-
-    On a virtual machine the same kernel streams up to ~1.7x faster through one set of
-    buffers than another of the same size (measured here), so the ceiling should cross
-    the same memory as the step it is compared with, state included."""
-    a_list, b_list = list(params), list(grads)
-    if opt is not None:
-        full = [arrays for arrays in opt.state.values() if all(x.shape == p.shape for x, p in zip(arrays, params))]
-        if full:
-            a_list += full[0]
-            b_list += full[1] if len(full) > 1 else list(grads)
-    return a_list, b_list
+        ceiling_kernel()
+    except NotImplementedError:
+        return False
+    return True
 
 
 def measure_problem(
@@ -282,9 +206,8 @@ def measure_problem(
     grads = random_arrays(shapes, dtype, rng, scale=1e-3)
 
     fns, pause, opts = {}, {}, {}
-    ceiling_module = _numba_ceiling()
-    ceil_bytes = None
-    if ceiling_module is not None:
+    with_ceiling = _ceiling_measurable()
+    if with_ceiling:
         fns["ceiling"] = None  # filled in below, once the state buffers exist; timed first
     for backend in backends:
         if backend not in usable or (backend == "numpy" and n > NUMPY_MAX_ELEMENTS and not numpy_large):
@@ -301,30 +224,21 @@ def measure_problem(
                 o.check_finite = False
 
         fns[backend + "+finite"] = checked
-    if ceiling_module is not None:
-        fns["ceiling"], ceil_bytes = ceiling_module.ceiling_on(*ceiling_buffers(params, grads, opts.get("numba")))
+    ceil_bytes = None
+    if with_ceiling:
+        from .backends.numba._core import CHUNK, launch
+
+        numba_state = opts["numba"].state if "numba" in opts else None
+        fns["ceiling"], ceil_bytes = ceiling_on(
+            *ceiling_buffers(params, grads, numba_state), chunk=CHUNK, launch=launch
+        )
     base = torch_baseline(rule) if torch_baselines else None
-    torch_name = None
+    torch_name = base[0] if base is not None else None
     if base is not None:
-        import torch
-
-        torch_name, factory = base
-        tparams = []
-        for p, g in zip(params, grads):
-            tp = torch.from_numpy(p).requires_grad_()
-            tp.grad = torch.from_numpy(g)
-            tparams.append(tp)
-        topt = factory(tparams)
-        with torch.no_grad():
-            topt.step()
+        shared = None
         if share_buffers and "numba" in opts and rule in ("adam", "adamw"):
-            _share_torch_state(topt, tparams, opts["numba"].state["m"], opts["numba"].state["v"])
-
-        def torch_step():
-            with torch.no_grad():
-                topt.step()
-
-        fns[torch_name] = torch_step
+            shared = (opts["numba"].state["m"], opts["numba"].state["v"])
+        fns[torch_name] = torch_stepper(base[1], params, grads, shared)
         pause[torch_name] = 0.05  # let PyTorch's OpenMP threads stop spinning before the next timing
 
     medians = interleaved_medians(fns, repeats=repeats, pause=pause)

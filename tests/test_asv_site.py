@@ -3,7 +3,7 @@
 asv (asv_bench/asv.conf.json's environment without numba, in a private folder) builds
 the last two commits, runs one tiny benchmark on each (``bench_optim.Overhead``,
 ``--quick``), publishes the site, and asv_bench/check_site.py opens the benchmark's
-graph in headless Chromium (with its scripts from asv_bench/site_vendor/, so no
+graph in headless Chromium (with its scripts from asv_bench/vendor/site/, so no
 internet is needed: asv_bench/offline_site.py): the flot canvas and axis labels exist, asv shows no
 error, and the screenshot holds pixels of the plotted series. The screenshot is kept
 in pytest's temporary folder (its path is printed; set FISHEROPT_ASV_SCREENSHOT to a
@@ -12,7 +12,7 @@ path to copy it there).
 Needs asv (pip install asv, or the [bench] extra), Pillow, Debian's ``chromium`` and the
 package index that pip is configured with (numpy, scipy, setuptools, asv_runner, pympler
 for the benchmark environment); it skips without them, and fails instead where
-FISHEROPT_ASV_REQUIRED is set (CI). About 2-4 minutes on 2 cores.
+FISHEROPT_ASV_REQUIRED is set (CI). About 1.5-4 minutes on 2 cores.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
-"""fisheropt.bench: the ceiling crosses the same buffers as the step, and rows come out whole."""
+"""fisheropt.bench: the ceiling crosses the same buffers as the step, and rows come out whole;
+fisheropt/bench_ceiling.py stands alone, as the asv benchmarks load it against old commits."""
 
+import importlib.util
 import math
+import sys
 
 import numpy as np
 import pytest
 
 import fisheropt as fo
-from fisheropt import bench
+from fisheropt import bench, bench_ceiling
 
 
 def _same(xs, ys):
@@ -18,15 +21,15 @@ def test_ceiling_buffers_cover_params_grads_and_state():
     params = [rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
     grads = [np.ones_like(p) for p in params]
 
-    a, b = bench.ceiling_buffers(params, grads)  # no optimizer: params and grads only
+    a, b = bench_ceiling.ceiling_buffers(params, grads)  # no optimizer: params and grads only
     assert _same(a, params) and _same(b, grads)
 
     opt = fo.FAdam(params, backend="numpy")
-    a, b = bench.ceiling_buffers(params, grads, opt)  # m += 0*f over the state as well
+    a, b = bench_ceiling.ceiling_buffers(params, grads, opt.state)  # m += 0*f over the state as well
     assert _same(a, params + list(opt.state["m"])) and _same(b, grads + list(opt.state["f"]))
 
     coupled = fo.CoupledAdam(params[:1], coupled=[True], backend="numpy")
-    a, b = bench.ceiling_buffers(params[:1], grads[:1], coupled)  # v is per column: m pairs with g
+    a, b = bench_ceiling.ceiling_buffers(params[:1], grads[:1], coupled.state)  # v is per column: m pairs with g
     assert _same(a, params[:1] + list(coupled.state["m"])) and _same(b, grads[:1] + grads[:1])
 
 
@@ -37,3 +40,26 @@ def test_measure_problem_gives_finite_ratios():
     assert row["backend"] == "numba" and row["tensors"] == 1
     for key in ("ms_per_step", "gbs", "ceiling_gbs", "ratio_to_ceiling", "ms_per_step_with_finite_check"):
         assert math.isfinite(row[key]) and row[key] > 0, key
+
+
+def test_bench_ceiling_loads_by_path_without_fisheropt(monkeypatch):
+    """The asv benchmarks load the working tree's file by path at every commit of the history,
+    including commits without it: it must import nothing from fisheropt."""
+    pytest.importorskip("numba")
+    monkeypatch.setitem(sys.modules, "fisheropt", None)  # any import of fisheropt now fails
+    spec = importlib.util.spec_from_file_location("bench_ceiling_alone", bench_ceiling.__file__)
+    alone = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_ceiling_alone", alone)
+    spec.loader.exec_module(alone)
+
+    rng = np.random.default_rng(1)
+    a = [rng.standard_normal(n).astype(np.float32) for n in (5, 70_000, 3)] + [np.ones(4)]
+    b = [rng.standard_normal(x.shape).astype(x.dtype) for x in a]
+    before = [x.copy() for x in a]
+    run, nbytes = alone.ceiling_on(a, b, chunk=1 << 10)  # several chunks per tensor, two dtypes
+    run()
+    assert nbytes == 3 * (4 * (5 + 70_000 + 3) + 8 * 4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, before))  # a += 0*b leaves a as it was
+    run, _ = alone.ceiling_on(a, b, scale=1.0, chunk=1 << 10)
+    run()
+    assert all(np.array_equal(x, y + z) for x, y, z in zip(a, before, b))  # every element, once

@@ -13,9 +13,27 @@ are unchanged since the first commit.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
+
+
+def _working_tree_module(relative_path: str, name: str):
+    """A module of this repository's working tree, loaded by path (not the installed fisheropt's)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: pickle finds functions through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+# The bandwidth ceiling, round-robin timing and the PyTorch baselines: the same file at every
+# commit asv measures, so the ratios of the history share one ruler (it imports nothing from
+# fisheropt, and the oldest commits have no fisheropt.bench_ceiling at all).
+bench_ceiling = _working_tree_module("fisheropt/bench_ceiling.py", "fisheropt_bench_ceiling_of_the_working_tree")
 
 RULES = ("adam", "adamw", "fadam", "coupled_adam")
 
@@ -37,6 +55,21 @@ except ImportError:  # outside asv, or an older asv (where setup's NotImplemente
 def skip(reason) -> None:
     """Raise the exception asv reports as "skipped" ("n/a"), from setup or from the benchmark."""
     raise _Skip(str(reason))
+
+
+def tracked(key: str, unit: str):
+    """A ``track_`` method in ``unit``: figure ``key`` of the row that the class's ``setup_cache``
+    measured for these parameters (rows keyed by the parameter tuple, or by the one parameter);
+    skipped where that figure was not measured."""
+
+    def track(self, results, *params):
+        value = (results.get(params if len(params) > 1 else params[0]) or {}).get(key)
+        if value is None:
+            skip(f"{key} was not measured for {', '.join(map(str, params))} here")
+        return value
+
+    track.unit = unit
+    return track
 
 
 def fisheropt():
@@ -63,16 +96,6 @@ def parse_size(text: str):
     return int(base) ** int(exp)
 
 
-def transformer_shapes(layers: int = 12, d: int = 768, vocab: int = 8192):
-    """A GPT-2-small-like model: 12 per layer + embedding + final norm = 147 tensors, 91.3 M parameters."""
-    shapes = []
-    for _ in range(layers):
-        shapes += [(d, d)] * 4 + [(d, 4 * d), (4 * d, d)]
-        shapes += [(d,), (d,), (d,), (d,), (4 * d,), (d,)]
-    shapes += [(vocab, d), (d,), (d,)]
-    return shapes
-
-
 def problem_shapes(rule: str, size, d: int = 768):
     """(shapes, coupled flags) for a rule and a size ("many" or an element count).
 
@@ -80,7 +103,7 @@ def problem_shapes(rule: str, size, d: int = 768):
     the other rules one flat tensor."""
     size = parse_size(size) if isinstance(size, str) else size
     if size == "many":
-        shapes = transformer_shapes()
+        shapes = bench_ceiling.transformer_shapes()
         return shapes, [s == (8192, 768) for s in shapes]
     if rule == "coupled_adam":
         d = min(d, size)
@@ -118,15 +141,6 @@ def make_optimizer(rule: str, backend_name: str, params, coupled, check_finite: 
     return cls(params, **kw)
 
 
-def full_size_state(opt, params):
-    """The optimizer's state lists whose arrays have the parameters' shapes (m, v or f)."""
-    return [
-        list(arrays)
-        for arrays in opt.state.values()
-        if len(arrays) == len(params) and all(x.shape == p.shape for x, p in zip(arrays, params))
-    ]
-
-
 def state_nbytes(opt) -> int:
     return sum(int(a.nbytes) for arrays in opt.state.values() for a in arrays)
 
@@ -134,52 +148,15 @@ def state_nbytes(opt) -> int:
 # ---- PyTorch baselines ------------------------------------------------------------
 def torch_baseline(rule: str, params, grads, share_with=None):
     """(name, step callable) of the PyTorch counterpart of ``rule`` on the same numpy buffers, or
-    None: ``torch.optim.Adam/AdamW(fused=True)`` for Adam/AdamW, ``pytorch_optimizer.FAdam`` for
-    FAdam, nothing for Coupled Adam. With ``share_with`` (a fisheropt Adam/AdamW optimizer) torch's
-    m and v are fisheropt's arrays, so both race over the same memory."""
-    try:
-        import torch
-    except ImportError:
+    None (``bench_ceiling.torch_baseline``). With ``share_with`` (a fisheropt Adam/AdamW optimizer)
+    torch's m and v are fisheropt's arrays, so both race over the same memory."""
+    base = bench_ceiling.torch_baseline(rule)
+    if base is None:
         return None
-    if rule in ("adam", "adamw"):
-        cls = torch.optim.Adam if rule == "adam" else torch.optim.AdamW
-        wd = 0.0 if rule == "adam" else 0.01
-        name = f"torch-{rule}-fused"
-
-        def factory(ps):
-            return cls(ps, lr=1e-3, weight_decay=wd, fused=True)
-    elif rule == "fadam":
-        try:
-            from pytorch_optimizer import FAdam
-        except ImportError:
-            return None
-        name = "pytorch_optimizer-fadam"
-
-        def factory(ps):
-            return FAdam(ps, lr=1e-3)
-    else:
-        return None
-    tparams = []
-    for p, g in zip(params, grads):
-        tp = torch.from_numpy(p).requires_grad_()
-        tp.grad = torch.from_numpy(g)
-        tparams.append(tp)
-    opt = factory(tparams)
-    with torch.no_grad():
-        opt.step()
+    shared = None
     if share_with is not None and rule in ("adam", "adamw"):
-        m, v = share_with.state["m"], share_with.state["v"]
-        for tp, mi, vi in zip(tparams, m, v):
-            st = opt.state[tp]
-            if "exp_avg" in st and "exp_avg_sq" in st:
-                st["exp_avg"] = torch.from_numpy(mi)
-                st["exp_avg_sq"] = torch.from_numpy(vi)
-
-    def step():
-        with torch.no_grad():
-            opt.step()
-
-    return name, step
+        shared = (share_with.state["m"], share_with.state["v"])
+    return base[0], bench_ceiling.torch_stepper(base[1], params, grads, shared)
 
 
 # ---- memory -----------------------------------------------------------------------

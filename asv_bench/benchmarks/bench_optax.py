@@ -2,8 +2,8 @@
 optax.adamw and against fisheropt's numba FAdam, in one process, as ratios (issue 17).
 
 ``TrackOptax`` measures, for a 147-tensor GPT-2-small-like model as a pytree (the shapes of
-``fisheropt.bench.transformer_shapes``; "17M": d = 320, 17.4 M parameters; "many": d = 768,
-91.3 M), in ONE process, timed round-robin (``_ceiling.interleaved_medians``):
+``fisheropt.bench_ceiling.transformer_shapes``; "17M": d = 320, 17.4 M parameters; "many": d = 768,
+91.3 M), in ONE process, timed round-robin (``bench_ceiling.interleaved_medians``):
 
 * ``foo.fadam`` and ``optax.adamw`` as one ``jax.jit``-ed train-step tail
   (``tx.update`` + ``optax.apply_updates``, params and state donated, so XLA updates in place);
@@ -36,6 +36,9 @@ import sys
 
 import numpy as np
 
+from . import _common as C
+from ._common import bench_ceiling
+
 SIZES = ["17M", "many"]
 D_MODEL = {"17M": 320, "many": 768}
 REPEATS = 7
@@ -56,9 +59,7 @@ def _require():
 
 
 def shapes_for(size: str):
-    from fisheropt import bench as fb
-
-    return fb.transformer_shapes(d=D_MODEL[size])
+    return bench_ceiling.transformer_shapes(d=D_MODEL[size])
 
 
 # ---- compiled HLO -------------------------------------------------------------------------------
@@ -137,8 +138,6 @@ def measure(size: str, repeats: int = REPEATS, seed: int = 0) -> dict:
     import fisheropt.optax as foo
     from fisheropt.refimpl import RULES
 
-    from ._ceiling import ceiling_on, interleaved_medians
-
     shapes = shapes_for(size)
     n = sum(math.prod(s) for s in shapes)
     rng = np.random.default_rng(seed)
@@ -169,8 +168,8 @@ def measure(size: str, repeats: int = REPEATS, seed: int = 0) -> dict:
     plain = Jitted(plain_fadam())
     opt = fo.FAdam([p.copy() for p in params], backend="numba", check_finite=False)
     opt.step(grads)
-    ceiling, ceil_bytes = ceiling_on(opt.params, grads)
-    t = interleaved_medians(
+    ceiling, ceil_bytes = bench_ceiling.ceiling_on(opt.params, grads)
+    t = bench_ceiling.interleaved_medians(
         {
             "ceiling": ceiling,
             "numba": lambda: opt.step(grads),
@@ -204,6 +203,8 @@ def measure(size: str, repeats: int = REPEATS, seed: int = 0) -> dict:
     out["fadam_speed_vs_numba"] = t["numba"] / t["jax_fadam"]
     out["fadam_time_vs_optax_adamw"] = t["jax_fadam"] / t["optax_adamw"]
     out["fadam_time_vs_plain_fadam"] = t["jax_fadam"] / t["plain_fadam"]
+    out["fadam_hlo_passes"] = float(out["fadam_hlo"]["passes"])
+    out["adamw_hlo_passes"] = float(out["adamw_hlo"]["passes"])
     del fadam, adamw, plain
     gc.collect()
     return out
@@ -218,43 +219,13 @@ class TrackOptax:
         _require()
         return {size: measure(size) for size in SIZES}
 
-    def _get(self, results, size, key):
-        return results[size][key]
-
-    def track_fadam_ratio_to_ceiling(self, results, size):
-        return self._get(results, size, "fadam_ratio_to_ceiling")
-
-    track_fadam_ratio_to_ceiling.unit = "fraction of a += 0*b"
-
-    def track_fadam_gbs(self, results, size):
-        return self._get(results, size, "jax_fadam_gbs")
-
-    track_fadam_gbs.unit = "GB/s"
-
-    def track_fadam_speed_vs_numba(self, results, size):
-        return self._get(results, size, "fadam_speed_vs_numba")
-
-    track_fadam_speed_vs_numba.unit = "numba time / jax time"
-
-    def track_fadam_time_vs_optax_adamw(self, results, size):
-        return self._get(results, size, "fadam_time_vs_optax_adamw")
-
-    track_fadam_time_vs_optax_adamw.unit = "foo.fadam time / optax.adamw time"
-
-    def track_fadam_time_vs_plain_fadam(self, results, size):
-        return self._get(results, size, "fadam_time_vs_plain_fadam")
-
-    track_fadam_time_vs_plain_fadam.unit = "foo.fadam time / plain optax FAdam time"
-
-    def track_fadam_hlo_passes(self, results, size):
-        return float(results[size]["fadam_hlo"]["passes"])
-
-    track_fadam_hlo_passes.unit = "passes over the embedding"
-
-    def track_adamw_hlo_passes(self, results, size):
-        return float(results[size]["adamw_hlo"]["passes"])
-
-    track_adamw_hlo_passes.unit = "passes over the embedding"
+    track_fadam_ratio_to_ceiling = C.tracked("fadam_ratio_to_ceiling", "fraction of a += 0*b")
+    track_fadam_gbs = C.tracked("jax_fadam_gbs", "GB/s")
+    track_fadam_speed_vs_numba = C.tracked("fadam_speed_vs_numba", "numba time / jax time")
+    track_fadam_time_vs_optax_adamw = C.tracked("fadam_time_vs_optax_adamw", "foo.fadam time / optax.adamw time")
+    track_fadam_time_vs_plain_fadam = C.tracked("fadam_time_vs_plain_fadam", "foo.fadam time / plain optax FAdam time")
+    track_fadam_hlo_passes = C.tracked("fadam_hlo_passes", "passes over the embedding")
+    track_adamw_hlo_passes = C.tracked("adamw_hlo_passes", "passes over the embedding")
 
 
 def main(argv=None) -> int:

@@ -46,12 +46,14 @@ def _torch_stepper(rule, shapes):
     return base[1]
 
 
-class Step:
-    params = (list(C.RULES), ["numpy", "numba", "torch"], SIZES)
+class _Stepping:
+    """setup/teardown of one optimizer step per rule × backend × size (no benchmark of its own)."""
+
     param_names = ["rule", "backend", "size"]
     timeout = 600
     number = 1
     repeat = (1, 5, 60.0)
+    CHECK_FINITE = False
 
     def setup(self, rule, backend, size):
         shapes, coupled, n = _problem(rule, size)
@@ -60,34 +62,25 @@ class Step:
         if backend == "torch":
             self.step = _torch_stepper(rule, shapes)
         else:
-            self.step = _fisheropt_stepper(rule, backend, shapes, coupled, check_finite=False)
+            self.step = _fisheropt_stepper(rule, backend, shapes, coupled, check_finite=self.CHECK_FINITE)
 
     def teardown(self, rule, backend, size):
         self.step = None
         gc.collect()
+
+
+class Step(_Stepping):
+    params = (list(C.RULES), ["numpy", "numba", "torch"], SIZES)
 
     def time_step(self, rule, backend, size):
         self.step()
 
 
-class StepChecked:
+class StepChecked(_Stepping):
     """A step with the default finiteness check (one more read of every gradient)."""
 
     params = (list(C.RULES), ["numpy", "numba"], SIZES)
-    param_names = ["rule", "backend", "size"]
-    timeout = 600
-    number = 1
-    repeat = (1, 5, 60.0)
-
-    def setup(self, rule, backend, size):
-        shapes, coupled, n = _problem(rule, size)
-        if backend == "numpy" and n > NUMPY_MAX_ELEMENTS:
-            C.skip("the numpy reference is too slow at this size")
-        self.step = _fisheropt_stepper(rule, backend, shapes, coupled, check_finite=True)
-
-    def teardown(self, rule, backend, size):
-        self.step = None
-        gc.collect()
+    CHECK_FINITE = True
 
     def time_step_checked(self, rule, backend, size):
         self.step()

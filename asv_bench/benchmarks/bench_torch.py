@@ -96,26 +96,9 @@ class TorchTrack:
             for rule in RULES
         }
 
-    def _get(self, results, rule, problem, key):
-        value = results[(rule, problem)].get(key)
-        if value is None:
-            C.skip(f"{key} not measured for {rule} on {problem}")
-        return value
-
-    def track_speed_vs_baseline(self, results, rule, problem):
-        return self._get(results, rule, problem, "speed_vs_base")
-
-    track_speed_vs_baseline.unit = "baseline time / fot time"
-
-    def track_speed_vs_baseline_finite(self, results, rule, problem):
-        return self._get(results, rule, problem, "speed_vs_base_finite")
-
-    track_speed_vs_baseline_finite.unit = "baseline time / fot (check_finite) time"
-
-    def track_adapter_overhead(self, results, rule, problem):
-        return self._get(results, rule, problem, "overhead_us_per_tensor")
-
-    track_adapter_overhead.unit = "µs per tensor (fot - fo)"
+    track_speed_vs_baseline = C.tracked("speed_vs_base", "baseline time / fot time")
+    track_speed_vs_baseline_finite = C.tracked("speed_vs_base_finite", "baseline time / fot (check_finite) time")
+    track_adapter_overhead = C.tracked("overhead_us_per_tensor", "µs per tensor (fot - fo)")
 
 
 class TorchTrain:
@@ -130,10 +113,4 @@ class TorchTrain:
         rows, _ = bench.measure_training(repeats=5)
         return {r["optimizer"]: r for r in rows}
 
-    def track_train_speed(self, results, optimizer):
-        row = results.get(optimizer)
-        if row is None or row.get("vs_torch_fused_adamw") is None:
-            C.skip(f"{optimizer} not measured here")
-        return row["vs_torch_fused_adamw"]
-
-    track_train_speed.unit = "torch fused AdamW step time / this step time"
+    track_train_speed = C.tracked("vs_torch_fused_adamw", "torch fused AdamW step time / this step time")

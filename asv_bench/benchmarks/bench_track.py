@@ -6,7 +6,7 @@ ratios whose numerator and denominator are timed round-robin in one process over
 the same buffers:
 
 * ``Ratios.track_time_over_ceiling``: numba step time ÷ the time the bandwidth
-  ceiling (``a += 0*b``, ``_ceiling.py``) takes to move the rule's bytes over the same
+  ceiling (``a += 0*b``, ``fisheropt/bench_ceiling.py``) takes to move the rule's bytes over the same
   parameter, gradient and optimizer-state buffers. This is (GB/s ÷ ceiling GB/s)⁻¹:
   1.0 means the step streams at the ceiling, 1.25 that it is 25 % slower.
 * ``Ratios.track_time_over_torch``: numba step time ÷ PyTorch step time
@@ -40,32 +40,27 @@ SIZES = ("2^25", "many")
 
 def _measure_once(rule: str, size: str, repeats: int, seed: int) -> dict:
     """One set of buffers: per-round times of the ceiling, the numba step and the PyTorch step."""
-    from . import _ceiling
-
     shapes, coupled = C.problem_shapes(rule, size)
     params = C.random_arrays(shapes, seed)
     grads = C.random_arrays(shapes, seed + 1, 1e-3)
     opt = C.make_optimizer(rule, "numba", params, coupled, check_finite=False)
     opt.step(grads)  # compile (or load) the kernels
     fns = {}
-    state = C.full_size_state(opt, params)
-    a_list = list(params) + (state[0] if state else [])
-    b_list = list(grads) + (state[1] if len(state) > 1 else list(grads) if state else [])
-    fns["ceiling"], ceil_bytes = _ceiling.ceiling_on(a_list, b_list)
+    fns["ceiling"], ceil_bytes = C.bench_ceiling.ceiling_on(*C.bench_ceiling.ceiling_buffers(params, grads, opt.state))
     fns["numba"] = lambda: opt.step(grads)
     pause = {}
     base = C.torch_baseline(rule, params, grads, share_with=opt)
     if base is not None:
         fns["torch"] = base[1]
         pause["torch"] = 0.05  # let PyTorch's OpenMP threads stop spinning before the next timing
-    t = _ceiling.interleaved_times(fns, repeats=repeats, pause=pause)
+    t = C.bench_ceiling.interleaved_times(fns, repeats=repeats, pause=pause)
     step_bytes = C.moved_bytes(rule, shapes, coupled, np.dtype(np.float32).itemsize)
     return {
         "times": t,
         "torch": base[0] if base is not None else None,
         # per round: numba time / the time the ceiling needs for the step's bytes; median over rounds
-        "time_over_ceiling": _ceiling.paired_ratio(t["numba"], t["ceiling"]) * ceil_bytes / step_bytes,
-        "time_over_torch": _ceiling.paired_ratio(t["numba"], t["torch"]) if "torch" in t else None,
+        "time_over_ceiling": C.bench_ceiling.paired_ratio(t["numba"], t["ceiling"]) * ceil_bytes / step_bytes,
+        "time_over_torch": C.bench_ceiling.paired_ratio(t["numba"], t["torch"]) if "torch" in t else None,
         "step_bytes": step_bytes,
         "parameters": sum(math.prod(s) for s in shapes),
     }
@@ -114,9 +109,7 @@ class Ratios:
         results = {}
         try:
             C.backend("numba")
-            from . import _ceiling
-
-            _ceiling._kernels()
+            C.bench_ceiling.ceiling_kernel()
         except NotImplementedError as exc:
             return {"skip": str(exc)}
         for rule in C.RULES:
@@ -134,26 +127,9 @@ class Ratios:
         if "skip" in results[(rule, size)]:
             C.skip(results[(rule, size)]["skip"])
 
-    def _get(self, results, rule, size, key):
-        row = results[(rule, size)]
-        if row.get(key) is None:
-            C.skip(f"no PyTorch baseline for {rule} here")
-        return row[key]
-
-    def track_time_over_ceiling(self, results, rule, size):
-        return self._get(results, rule, size, "time_over_ceiling")
-
-    track_time_over_ceiling.unit = "step time / ceiling time"
-
-    def track_time_over_torch(self, results, rule, size):
-        return self._get(results, rule, size, "time_over_torch")
-
-    track_time_over_torch.unit = "fisheropt time / torch time"
-
-    def track_gbs(self, results, rule, size):
-        return self._get(results, rule, size, "gbs")
-
-    track_gbs.unit = "GB/s"
+    track_time_over_ceiling = C.tracked("time_over_ceiling", "step time / ceiling time")
+    track_time_over_torch = C.tracked("time_over_torch", "fisheropt time / torch time")
+    track_gbs = C.tracked("gbs", "GB/s")
 
 
 if __name__ == "__main__":

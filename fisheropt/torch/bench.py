@@ -27,9 +27,10 @@ import itertools
 import json
 import math
 import sys
-import time
 
 import numpy as np
+
+from fisheropt.bench_ceiling import interleaved_medians, interleaved_times
 
 RULES = ("adamw", "fadam", "coupled_adam")
 PROBLEMS = ("small", "lm", "many")
@@ -138,7 +139,7 @@ def problem(name, *, quick=False, seed=0):
         coupled = [p is model.tok.weight for p in params]
         return params, grads, coupled, f"transformer LM (d={cfg['dim']}, {cfg['layers']} layers, V={cfg['vocab']})"
     if name == "many":
-        from fisheropt.bench import transformer_shapes
+        from fisheropt.bench_ceiling import transformer_shapes
 
         d, vocab = (256, 2048) if quick else (768, 8192)
         shapes = transformer_shapes(layers=2 if quick else 12, d=d, vocab=vocab)
@@ -198,28 +199,6 @@ def _baseline(rule, params, coupled, share_with=None):
         groups = [g for g in ({"params": yes, "coupled": True}, {"params": no}) if g["params"]]
         return foreach_coupled_adam_class()(groups, **HYPER[rule])
     raise ValueError(rule)
-
-
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, pause: dict | None = None) -> dict:
-    """{name: median seconds}, the callables timed round-robin, ``repeats`` rounds."""
-    return {name: float(np.median(v)) for name, v in interleaved_times(fns, repeats, warmup, pause).items()}
-
-
-def interleaved_times(fns: dict, repeats: int, warmup: int = 1, pause: dict | None = None) -> dict:
-    """{name: [seconds per round]}, the callables timed round-robin, ``repeats`` rounds."""
-    pause = pause or {}
-    for _ in range(warmup):
-        for name, fn in fns.items():
-            fn()
-            time.sleep(pause.get(name, 0))
-    times = {name: [] for name in fns}
-    for _ in range(max(1, repeats)):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-            time.sleep(pause.get(name, 0))
-    return times
 
 
 def measure_steps(rule, prob, *, repeats=7, quick=False, baseline=True, adapter=True, seed=0):
