@@ -15,6 +15,8 @@ has no kernel for yet) is unusable for that function only: :func:`get` with
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
+from types import ModuleType
 
 from .._checks import is_cupy_array
 from .interface import FUNCTIONS, BackendUnavailable
@@ -29,11 +31,11 @@ KNOWN = {
 }
 _AUTO_PREFERENCE_HOST = ("numba", "numpy")
 
-_loaded: dict[str, object] = {}
+_loaded: dict[str, ModuleType] = {}
 _reasons: dict[str, str] = {}
 
 
-def _try_load(name: str):
+def _try_load(name: str) -> ModuleType | None:
     if name in _loaded:
         return _loaded[name]
     if name in _reasons:
@@ -53,6 +55,11 @@ def _try_load(name: str):
     return module
 
 
+def is_known(name: object) -> bool:
+    """Whether ``name`` is a backend name (a str of :data:`KNOWN`; callers may pass anything)."""
+    return isinstance(name, str) and name in KNOWN
+
+
 def available() -> list[str]:
     """Names of the backends that load and can run on this machine ("numpy" always)."""
     return [name for name in KNOWN if _try_load(name) is not None]
@@ -70,10 +77,10 @@ def functions(name: str) -> tuple[str, ...]:
     return tuple(f for f in FUNCTIONS if module is not None and callable(getattr(module, f, None)))
 
 
-def get(name: str, function: str | None = None):
+def get(name: str, function: str | None = None) -> ModuleType:
     """The backend module called ``name``; a clear error if unknown or unusable
     (for ``function``, when given)."""
-    if not isinstance(name, str) or name not in KNOWN:
+    if not is_known(name):
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(KNOWN)}")
     module = _try_load(name)
     if module is None:
@@ -84,7 +91,7 @@ def get(name: str, function: str | None = None):
     return module
 
 
-def select(name: str, arrays, function: str | None = None) -> object:
+def select(name: str, arrays: Iterable[object], function: str | None = None) -> ModuleType:
     """Resolve ``name`` (a backend name or "auto") for the given arrays.
 
     "auto" picks the cupy backend when the arrays are CuPy arrays, otherwise
@@ -101,8 +108,9 @@ def select(name: str, arrays, function: str | None = None) -> object:
         if device:
             return get("cupy", function)
         for candidate in _AUTO_PREFERENCE_HOST:
-            if function is None and _try_load(candidate) is not None or function in functions(candidate):
-                return _try_load(candidate)
+            module = _try_load(candidate)
+            if module is not None and (function is None or function in functions(candidate)):
+                return module
         raise BackendUnavailable(f"no host backend has {function}")  # the reference has every function
     module = get(name, function)
     for a in arrays:

@@ -50,21 +50,27 @@ def _rule_functions() -> tuple[str, ...]:
     return ("all_finite", *(rule.step_function for rule in RULES.values()))
 
 
+SHARDED_FUNCTIONS = ("fadam_partials", "fadam_apply", "coupled_adam_partials", "coupled_adam_apply")
+
 # The contract in families. A backend that lacks a function is unusable for that
 # function only (fisheropt.backends.get(name, function) says so), not refused whole.
 FAMILIES = {
     "update rules": _rule_functions(),  # one <rule>_step per rule of the registry, and the pre-step check
     "fisher": ("fisher_gram", "fisher_sample_space_direction"),
     "workloads": ("ema_update",),  # ESimCSE's momentum-encoder update
+    # The two passes of the rules whose reductions span a whole tensor, for sharded tensors (FSDP2,
+    # DTensor): partial sums of the local shard, then the update from the sums added over the shards
+    # (spec/distributed.md §5). Loaded with the rule's step where the rule's module has them.
+    "sharded": SHARDED_FUNCTIONS,
 }
 #: Every function name of the interface, family by family (a backend implements a subset).
 FUNCTIONS = tuple(f for family in FAMILIES.values() for f in family)
 
 
-def load_rule_functions(package: str, namespace: dict) -> None:
-    """Put ``<rule>_step`` (and ``<rule>_step_checked`` where it exists) of every registry rule
-    into ``namespace``, from the backend's module ``<package>.<rule>``; a rule without a
-    module there is left out (unavailable on that backend only)."""
+def load_rule_functions(package: str, namespace: dict[str, object]) -> None:
+    """Put ``<rule>_step`` (and ``<rule>_step_checked``, ``<rule>_partials``, ``<rule>_apply`` where
+    they exist) of every registry rule into ``namespace``, from the backend's module
+    ``<package>.<rule>``; a rule without a module there is left out (unavailable on that backend only)."""
     import importlib
 
     from fisheropt.refimpl import RULES
@@ -76,6 +82,11 @@ def load_rule_functions(package: str, namespace: dict) -> None:
             if exc.name == f"{package}.{rule.name}":
                 continue  # no kernel for this rule on this backend (yet)
             raise
-        for name in (rule.step_function, rule.step_function + "_checked"):
+        for name in (
+            rule.step_function,
+            rule.step_function + "_checked",
+            rule.name + "_partials",
+            rule.name + "_apply",
+        ):
             if hasattr(module, name):
                 namespace[name] = getattr(module, name)

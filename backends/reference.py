@@ -9,11 +9,10 @@ momentum update.
 import numpy as np
 
 from fisheropt.refimpl import RULES, all_finite  # noqa: F401  (the pre-step check)
+from fisheropt.refimpl.coupled_adam import coupled_adam_apply, coupled_adam_partials  # noqa: F401  (sharded steps)
 from fisheropt.refimpl.esimcse_momentum import ema_update  # noqa: F401  (ESimCSE momentum encoder)
-from fisheropt.refimpl.fisher_ngd import (  # noqa: F401  (Fisher directions)
-    fisher_gram,
-    fisher_sample_space_direction,
-)
+from fisheropt.refimpl.fadam import fadam_apply, fadam_partials  # noqa: F401  (sharded steps)
+from fisheropt.refimpl.fisher_ngd import fisher_gram, fisher_sample_space_direction  # noqa: F401  (Fisher directions)
 
 NAME = "numpy"
 array_module = np

@@ -13,50 +13,23 @@ GPU (NCCL), one process per GPU::
 Every rank holds the whole model and DDP's averaged gradient, so every rank takes the single-process
 step, bit for bit (tests/test_torch_distributed.py checks it); a NaN on one rank reaches all ranks
 through the average and every rank refuses that step (FloatingPointError; skipped here).
-FSDP2 (fully_shard, DTensor parameters) is not supported yet: FAdam and Coupled Adam need their
-reductions completed across the shards (spec/distributed.md §5).
+For FSDP2 (fully_shard, DTensor parameters) see examples/torchrun_fsdp_lm.py.
 """
 
-import argparse
-import os
-
-import numpy as np
 import torch
 import torch.distributed as dist
+from _lm_common import HYPER, OPTIMIZERS, data_and_model, param_groups, parser, sequences, setup, step_or_skip
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-import fisheropt.torch as fot
-from fisheropt.experiments.torch_lm import QUICK, build_model, load_data
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--optimizer", choices=("fadam", "coupled_adam", "adamw"), default="fadam")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--batch", type=int, default=16, help="sequences per rank")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--device", default="cpu")
+    ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
     args = ap.parse_args()
-
-    cuda = args.device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(1)
-
-    cfg = dict(QUICK)
-    train, (val_x, val_y), vocab, _ = load_data(cfg)
-    cfg["vocab"] = vocab
-    model = build_model(cfg, seed=0).to(device)  # the same initialisation on every rank
-    ddp = DDP(model, device_ids=[device.index] if cuda else None)
-    cls = {"fadam": fot.FAdam, "coupled_adam": fot.CoupledAdam, "adamw": fot.AdamW}[args.optimizer]
-    hyper = dict(lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    params = (
-        fot.coupled_param_groups(model, named=False) if args.optimizer == "coupled_adam" else list(model.parameters())
-    )
+    rank, world, device = setup(args.device)
+    cfg, train, (val_x, val_y), vocab, model = data_and_model(device)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    cls, params, hyper = OPTIMIZERS[args.optimizer], param_groups(args.optimizer, model), dict(HYPER, lr=args.lr)
     if args.zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -66,18 +39,11 @@ def main():
 
     T = cfg["context"]
     for step in range(args.steps):
-        rng = np.random.default_rng([step, rank])  # each rank its own sequences
-        starts = rng.integers(0, train.numel() - T - 1, size=args.batch)
-        chunk = train[torch.from_numpy(starts[:, None] + np.arange(T + 1)[None, :])].to(device)
+        chunk = sequences(train, step, rank, args.batch, T, device)
         logits = ddp(chunk[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), chunk[:, 1:].reshape(-1))
         loss.backward()
-        try:
-            opt.step()
-        except FloatingPointError as exc:  # raised on every rank alike
-            if rank == 0:
-                print(f"step {step}: skipped ({exc})")
-        opt.zero_grad(set_to_none=True)
+        step_or_skip(opt, step, rank)
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             with torch.no_grad():
                 val = model.loss(val_x.to(device), val_y.to(device)).item()

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 
 @contextmanager
-def deferred_interrupts():
+def deferred_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -30,7 +31,7 @@ def deferred_interrupts():
     if previous is None:  # installed from C: it could not be restored, so leave it alone
         yield
         return
-    received = []
+    received: list[int] = []
     signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from types import ModuleType
+from typing import Any, TypeGuard
 
 import numpy as np
+import numpy.typing as npt
 
 from ._memory import check_disjoint
+from ._types import FloatArray, Hyperparameter
 
 FLOAT_DTYPES = ("float32", "float64")
 
 
-def check_float_array(a, what: str, *, writeable: bool = False) -> None:
+def check_float_array(a: Any, what: str, *, writeable: bool = False) -> None:
     """A float32/float64 C-contiguous array (NumPy or CuPy); writeable if asked."""
     check_array_type(a, what)
     check_float_dtype(a.dtype, what)
@@ -27,7 +32,7 @@ def check_float_array(a, what: str, *, writeable: bool = False) -> None:
         raise ValueError(f"{what} is read-only; the optimizer updates parameters in place")
 
 
-def check_array_type(a, what: str) -> None:
+def check_array_type(a: object, what: str) -> None:
     """A plain NumPy ndarray or a CuPy ndarray: not a subclass (``np.matrix`` changes
     what ``*`` and indexing mean), not a NumPy scalar, not another framework's tensor."""
     if type(a) is np.ndarray or is_cupy_array(a):
@@ -48,7 +53,7 @@ def check_array_type(a, what: str) -> None:
     )
 
 
-def check_float_dtype(dtype, what: str) -> None:
+def check_float_dtype(dtype: np.dtype[Any], what: str) -> None:
     """float32 or float64 in the machine's native byte order.
 
     Kernels read memory as native floats, so a big-endian array on a little-endian
@@ -62,13 +67,34 @@ def check_float_dtype(dtype, what: str) -> None:
         )
 
 
-def is_cupy_array(a) -> bool:
+def is_dict(value: object) -> TypeGuard[dict[Any, Any]]:
+    """``isinstance(value, dict)``, for input checked at run time (a state dict, JSON): a type
+    checker then sees a dict whose contents are still to be checked, not of unknown type."""
+    return isinstance(value, dict)
+
+
+def is_sequence(value: object) -> TypeGuard[list[Any] | tuple[Any, ...]]:
+    """``isinstance(value, (list, tuple))``, for input checked at run time (see :func:`is_dict`)."""
+    return isinstance(value, (list, tuple))
+
+
+def is_ndarray(value: object) -> TypeGuard[npt.NDArray[Any]]:
+    """``isinstance(value, numpy.ndarray)``, for input checked at run time (see :func:`is_dict`)."""
+    return isinstance(value, np.ndarray)
+
+
+def is_named_pair(value: object) -> TypeGuard[tuple[str, Any]]:
+    """A ``(name, value)`` pair, as torch's named parameters are (``named_parameters()`` items)."""
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+
+
+def is_cupy_array(a: object) -> bool:
     """True for a CuPy ndarray, judged by type so that cupy is never imported here."""
     t = type(a)
     return t.__name__ == "ndarray" and t.__module__.startswith("cupy")
 
 
-def array_module(a):
+def array_module(a: object) -> ModuleType:
     """The array module of ``a``: cupy for a CuPy array (imported only then), else numpy."""
     if is_cupy_array(a):
         import cupy
@@ -77,12 +103,12 @@ def array_module(a):
     return np
 
 
-def _is_writeable(a) -> bool:
+def _is_writeable(a: Any) -> bool:
     # CuPy arrays have no writeable flag: device memory is always writeable.
     return bool(getattr(a.flags, "writeable", True))
 
 
-def check_params(params, what: str = "params") -> list:
+def check_params(params: Iterable[FloatArray], what: str = "params") -> list[FloatArray]:
     """Writeable float arrays, pairwise disjoint in memory (see fisheropt._memory)."""
     if isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
         raise TypeError(f"{what} must be an iterable of arrays, got {type(params).__name__}")
@@ -95,7 +121,7 @@ def check_params(params, what: str = "params") -> list:
     return params
 
 
-def check_grads(grads, params, what: str = "grads") -> list:
+def check_grads(grads: Sequence[FloatArray], params: Sequence[FloatArray], what: str = "grads") -> list[FloatArray]:
     """grads aligned with params: same count, shapes and dtypes (no mixing)."""
     if isinstance(grads, (str, bytes)) or not hasattr(grads, "__len__"):
         raise TypeError(f"{what} must be a sequence of arrays aligned with params")
@@ -112,21 +138,34 @@ def check_grads(grads, params, what: str = "grads") -> list:
     return grads
 
 
-def _explain_bad_grad(g, p, what: str, param_what: str) -> None:
+def _explain_bad_grad(g: Any, p: FloatArray, what: str, param_what: str) -> None:
     check_float_array(g, what)
     if type(g) is not type(p):
         raise TypeError(f"{what} is a {type(g).__module__} array but {param_what} is a {type(p).__module__} array")
-    if g.shape != p.shape:
-        raise ValueError(f"{what} has shape {tuple(g.shape)} but {param_what} has shape {tuple(p.shape)}")
-    if g.dtype != p.dtype:
-        raise TypeError(
-            f"{what} has dtype {g.dtype} but {param_what} has dtype {p.dtype}; mixed dtypes are not supported"
-        )
+    check_same_shape_and_dtype(g, p, what, param_what)
     # Equal but not identical dtype objects (both native, e.g. np.dtype('<f4') and
     # np.dtype('float32')) are the same type: accepted.
 
 
-def check_real(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
+def check_same_shape_and_dtype(a: Any, like: Any, what: str, like_what: str) -> None:
+    """ValueError where ``a``'s shape differs from ``like``'s, TypeError where its dtype does."""
+    if a.shape != like.shape:
+        raise ValueError(f"{what} has shape {tuple(a.shape)} but {like_what} has shape {tuple(like.shape)}")
+    if a.dtype != like.dtype:
+        raise TypeError(
+            f"{what} has dtype {a.dtype} but {like_what} has dtype {like.dtype}; mixed dtypes are not supported"
+        )
+
+
+def check_real(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """A finite real number in the given interval; returns it as float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -140,14 +179,44 @@ def check_real(name: str, value, *, low=None, high=None, low_open=False, high_op
     return value
 
 
-def check_bool(name: str, value) -> bool:
+def positive_int(value: object) -> int | None:
+    """``value`` as an int when it is an integer >= 1 (Python or NumPy, not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    n = int(value)
+    return n if n >= 1 else None
+
+
+def is_zero_number(value: object) -> bool:
+    """Whether ``value`` is a number equal to 0 (an option that is off), without comparing
+    anything else to 0 (a tensor's ``== 0`` is a tensor)."""
+    return isinstance(value, numbers.Number) and value == 0
+
+
+def check_bool(name: str, value: object) -> bool:
     """A Python or NumPy bool (not a truthy string such as "no")."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
 
 
-def check_representable(hyperparams: dict, dtypes, *, normal=()) -> None:
+def bool_property(name: str, doc: str) -> property:
+    """A bool attribute that is checked when set (anything but a bool raises TypeError), kept in
+    ``_<name>`` (the option ``check_finite`` of both optimizer families)."""
+    attr = "_" + name
+
+    def get(self: object) -> bool:
+        return getattr(self, attr)
+
+    def set_checked(self: object, value: object) -> None:
+        setattr(self, attr, check_bool(name, value))
+
+    return property(get, set_checked, doc=doc)
+
+
+def check_representable(
+    hyperparams: Mapping[str, Hyperparameter], dtypes: Iterable[np.dtype[Any]], *, normal: tuple[str, ...] = ()
+) -> None:
     """Every float hyperparameter stays finite when rounded to each parameter dtype, and
     those in ``normal`` (epsilons, damping) stay positive normal numbers.
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 
-def _probe_data_offset():
+def _probe_data_offset() -> int | None:
     """Offset of ``data`` in CPython's PyArrayObject, verified on probe arrays; None if unusable.
 
     Reading the pointer straight from the object is ~8x cheaper than
@@ -45,7 +47,7 @@ DATA_OFFSET = _probe_data_offset()
 _read_size_t = ctypes.c_size_t.from_address
 
 
-def data_pointer(a) -> int:
+def data_pointer(a: Any) -> int:
     """Address of the first byte of a NumPy or CuPy array's data."""
     if type(a) is np.ndarray:
         if DATA_OFFSET is not None:
@@ -54,7 +56,7 @@ def data_pointer(a) -> int:
     return int(a.data.ptr)  # cupy
 
 
-def data_pointers(arrays) -> list[int]:
+def data_pointers(arrays: Iterable[Any]) -> list[int]:
     return [data_pointer(a) for a in arrays]
 
 
@@ -62,18 +64,18 @@ class MemoryOverlap(ValueError):
     """Two arrays given to an optimizer share memory."""
 
 
-def first_overlap(named_ranges):
+def first_overlap(named_ranges: Iterable[tuple[str, int, int]]) -> tuple[str, str] | None:
     """The first pair of overlapping byte ranges among ``(name, start, nbytes)``, or None.
 
     Empty arrays occupy no bytes and never overlap."""
     ranges = sorted((start, start + n, name) for name, start, n in named_ranges if n > 0)
-    for (s0, e0, a), (s1, e1, b) in zip(ranges, ranges[1:]):
+    for (_, e0, a), (s1, _, b) in zip(ranges, ranges[1:]):
         if s1 < e0:
             return a, b
     return None
 
 
-def check_disjoint(named_arrays) -> None:
+def check_disjoint(named_arrays: Iterable[tuple[str, Any]]) -> None:
     """Refuse arrays that share memory, naming the first pair found."""
     pair = first_overlap((name, data_pointer(a), a.nbytes) for name, a in named_arrays)
     if pair is not None:
@@ -93,7 +95,10 @@ class Layout:
     each other or any recorded array. Both are O(n) in the number of arrays
     plus one sort, and read no element."""
 
-    def __init__(self, named):
+    # (start, end, 0, name) of each range: fisheropt.torch.optim sorts them with its gradients' ranges.
+    tagged_ranges: list[tuple[int, int, int, str]]
+
+    def __init__(self, named: Sequence[tuple[str, Any]]) -> None:
         self.names = [name for name, _ in named]
         self.arrays = [a for _, a in named]
         check_disjoint(named)
@@ -127,13 +132,13 @@ class Layout:
             if not getattr(a.flags, "writeable", True):
                 raise ValueError(f"{name} is read-only; the optimizer updates it in place")
 
-    def check_grads(self, grads, what: str = "grads") -> None:
+    def check_grads(self, grads: Sequence[Any], what: str = "grads") -> None:
         """Gradients must not share memory with each other nor with any recorded array."""
         extra = [
             (p, p + g.nbytes, f"{what}[{i}]") for i, (p, g) in enumerate(zip(data_pointers(grads), grads)) if g.nbytes
         ]
         ranges = sorted(self.ranges + extra)
-        for (s0, e0, a), (s1, e1, b) in zip(ranges, ranges[1:]):
+        for (_, e0, a), (s1, _, b) in zip(ranges, ranges[1:]):
             if s1 < e0:
                 a, b = sorted((a, b), key=lambda name: name.startswith(what))  # the gradient second
                 raise MemoryOverlap(

@@ -16,9 +16,14 @@ module, or fisheropt.refimpl.fisher_ngd itself). Inputs are assumed valid.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
 import numpy as np
 
 from ._checks import array_module
+from ._types import FloatArray
 from .refimpl import fisher_ngd as reference
 from .refimpl.fisher_exact import fisher_factor
 from .refimpl.fisher_sampled import sampled_grads
@@ -26,7 +31,7 @@ from .refimpl.fisher_sampled import sampled_grads
 KINDS = ("exact", "ef", "sf", "ief")
 
 
-def parameter_space_solve(xp):
+def parameter_space_solve(xp: ModuleType) -> Callable[..., Any]:
     """(gram + λI)⁻¹ rhs for the arrays of ``xp``: the reference's (LAPACK) on the host, the cupy
     backend's (cuSOLVER) on the GPU."""
     if xp is np:
@@ -36,17 +41,28 @@ def parameter_space_solve(xp):
     return solve_damped_gram
 
 
-def ngd_direction(kind, *, G, damping, s=None, J=None, probs=None, labels_sampled=None, backend, exact_method="auto"):
-    """The direction of ``kind`` (see :data:`KINDS`), (P,) in G's dtype, computed by ``backend``."""
+def ngd_direction(
+    kind: str, *, G: FloatArray, damping: float, backend: Any, exact_method: str = "auto", **arrays: Any
+) -> FloatArray:
+    """The direction of ``kind`` (see :data:`KINDS`), (P,) in G's dtype, computed by ``backend``.
+
+    ``arrays``: ``s``, ``J``, ``probs`` (in J's dtype) and ``labels_sampled`` as ``kind`` uses them
+    (:func:`fisheropt.fisher.ngd_direction` checks them)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}")
+    unknown = set(arrays) - {"s", "J", "probs", "labels_sampled"}
+    if unknown:
+        raise TypeError(f"ngd_direction() got unexpected keyword arguments {sorted(unknown)}")
     xp = array_module(G)
-    if kind in ("ef", "ief"):
-        rhs = xp.ones(G.shape[0], dtype=xp.float64) if kind == "ef" else s.astype(xp.float64)
-        return backend.fisher_sample_space_direction(G, rhs, damping)
+    if kind == "ef":
+        return backend.fisher_sample_space_direction(G, xp.ones(G.shape[0], dtype=xp.float64), damping)
+    if kind == "ief":
+        return backend.fisher_sample_space_direction(G, arrays["s"].astype(xp.float64), damping)
+    J: FloatArray = arrays["J"]
+    probs: FloatArray = arrays["probs"]
     grad = reference.batch_gradient(G, xp)
     if kind == "sf":
-        factor = sampled_grads(J, probs, labels_sampled, xp=xp, dtype=xp.float64)
+        factor = sampled_grads(J, probs, arrays["labels_sampled"], xp=xp, dtype=xp.float64)
     elif reference.choose_exact_method(exact_method, J.shape) == "cg":
         return reference.exact_cg_solve(J, probs, grad, damping, xp=xp).astype(G.dtype)
     else:

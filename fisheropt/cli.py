@@ -17,6 +17,7 @@ where they are. ``--quick`` is a sub-minute smoke run of the same code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import stat
 import sys
@@ -81,13 +82,10 @@ def out_dir_arg(text: str) -> Path:
 
 def seed_arg(text: str) -> int:
     """argparse type for --seed: an integer NumPy accepts as a seed, 0 .. 2**32-1."""
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = None
-    if seed is None or not 0 <= seed <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_MAX} (2**32-1), got {text!r}")
-    return seed
+    with contextlib.suppress(ValueError):  # not an integer: refused below, like one out of range
+        if 0 <= (seed := int(text)) <= SEED_MAX:
+            return seed
+    raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_MAX} (2**32-1), got {text!r}")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 
 import fisheropt as fo
 from fisheropt import fisher
-from fisheropt.experiments import _common as C
+from fisheropt.experiments import _common as common
 from fisheropt.refimpl import RULES
 from fisheropt.workloads.models import MLP, load_digits_split
 
@@ -118,7 +118,7 @@ def train(method, backend, data, cfg, seed):
         opt = make_optimizer(ADAPTIVE[method], device_params, backend)
     curve = {"train_loss": [model.loss(X_tr, y_tr) / N], "test_acc": [model.accuracy(X_te, y_te)]}
     step_times = []
-    for _ in C.progress(range(cfg["epochs"]), desc=f"{method} [{backend}]"):
+    for _ in common.progress(range(cfg["epochs"]), desc=f"{method} [{backend}]"):
         order = rng.permutation(N)
         for start in range(0, N, cfg["batch"]):
             idx = order[start : start + cfg["batch"]]
@@ -177,19 +177,20 @@ def run(*, quick: bool = False, out_dir: Path, seed: int = 0, verbose: bool = Fa
 
     rows, curves = [], {}
     jobs = [(b, m) for b in backends for m in METHODS]
-    with C.stopwatch() as elapsed, C.blas_threads():
-        for backend, method in C.progress(jobs, desc="demo", leave=True):
+    with common.stopwatch() as elapsed, common.blas_threads():
+        for backend, method in common.progress(jobs, desc="demo", leave=True):
             row, curve = train(method, backend, data, cfg, seed)
             rows.append(row)
             curves[(method, backend)] = curve
 
     cols = ["method", "backend", "train_loss", "test_acc", "step_ms"]
     heads = {"train_loss": "final train loss", "test_acc": "test accuracy", "step_ms": "ms/step"}
-    table_text = C.text_table(rows, cols, heads)
+    table_text = common.text_table(rows, cols, heads)
     notes = method_notes()
     report = f"""# fisheropt demo
 
-Digits MLP (64-{cfg["hidden"]}-10, tanh), {X_tr.shape[0]} training / {X_te.shape[0]} test images, {cfg["epochs"]} epochs,
+Digits MLP (64-{cfg["hidden"]}-10, tanh), {X_tr.shape[0]} training / {X_te.shape[0]} test images, \
+{cfg["epochs"]} epochs,
 minibatch {cfg["batch"]}, seed {seed}{" (quick mode)" if quick else ""}.
 Optimizers: every rule of `fisheropt.refimpl.RULES` ({", ".join(ADAPTIVE)}), lr {ADAPTIVE_LR:g}, the rule's
 defaults otherwise, mean cross-entropy gradients.
@@ -197,24 +198,15 @@ Natural-gradient descent: θ ← θ − {NGD_LR} d, d = `fisheropt.fisher.ngd_di
 for every kind ({", ".join(NGD.values())}) on the summed batch loss (SF: one sampled label per image).
 ms/step = median wall time of one training step (gradient + update), first 5 steps excluded.
 Backends: {", ".join(backends)}.{"".join(f" {n}: unavailable ({r.splitlines()[0][:100]})." for n, r in skipped.items())}
-Wall time {elapsed():.1f} s. {C.environment_line()}.
+Wall time {elapsed():.1f} s. {common.environment_line()}.
 
-{C.markdown_table(rows, cols, heads)}
+{common.markdown_table(rows, cols, heads)}
 Notes:
 {chr(10).join(f"- {note}" for note in notes)}
 """
     # Results first (terminal, report, metrics), plots last: without matplotlib only the plots are lost.
-    C.write_report(out_dir, report)
-    C.save_metrics(
-        out_dir,
-        {
-            "config": cfg,
-            "seed": seed,
-            "rows": rows,
-            "notes": notes,
-            "curves": {f"{m}|{b}": c for (m, b), c in curves.items()},
-        },
-    )
+    common.write_report(out_dir, report)
+    common.save_metrics(out_dir, {"config": cfg, "seed": seed, "rows": rows, "notes": notes, "curves": curves})
     if verbose:
         print()
         print(table_text)
@@ -229,7 +221,9 @@ Notes:
         if verbose:
             print(f"\nNo plots: {exc}")
     else:
-        C.write_report(out_dir, report + "\n" + "".join(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots))
+        common.write_report(
+            out_dir, report + "\n" + "".join(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots)
+        )
         if verbose:
             print(f"\nLoss curves: {plots[0].resolve()}")
     return {
@@ -243,7 +237,7 @@ Notes:
 
 
 def _plot(path, curves, backends, key, ylabel, logy):
-    plt = C.pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4.2), dpi=110, squeeze=False)
     for ax, backend in zip(axes[0], backends):
         for method in METHODS:
@@ -256,7 +250,4 @@ def _plot(path, curves, backends, key, ylabel, logy):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return common.save_figure(fig, path)

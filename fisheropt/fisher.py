@@ -37,13 +37,24 @@ damping too small for float64 to deliver the direction accurately raises :class:
 
 from __future__ import annotations
 
-import numbers
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+from scipy.sparse.linalg import LinearOperator  # pyright: ignore[reportMissingTypeStubs]  # scipy ships no annotations
 
 from . import _ngd
 from . import backends as _backends
-from ._checks import array_module, check_array_type, check_float_dtype, check_real, is_cupy_array
+from ._checks import (
+    array_module,
+    check_array_type,
+    check_float_dtype,
+    check_real,
+    is_cupy_array,
+    is_ndarray,
+    positive_int,
+)
+from ._types import FloatArray, IntArray
 from .refimpl import fisher_diagonal as _diag
 from .refimpl import fisher_empirical as _emp
 from .refimpl import fisher_exact as _exact
@@ -86,7 +97,7 @@ _REQUIRED = {"ef": ("G",), "ief": ("G", "s"), "sf": ("G", "J", "probs", "labels_
 _FINITE_CHUNK = 1 << 20  # elements per finiteness test: O(1 MiB) of temporaries, never a copy of a big array
 
 
-def _all_finite(a) -> bool:
+def _all_finite(a: Any) -> bool:
     xp = array_module(a)
     if a.ndim == 0 or a.size == 0:
         return bool(xp.isfinite(a).all())
@@ -94,24 +105,23 @@ def _all_finite(a) -> bool:
     return all(bool(xp.isfinite(a[i : i + rows]).all()) for i in range(0, a.shape[0], rows))
 
 
-def _array(a, name, host_only):
+def _array(a: Any, name: str, host_only: bool) -> None:
     """A plain numpy.ndarray (or cupy.ndarray unless ``host_only``): the one type rule, _checks'."""
     check_array_type(a, name)
     if host_only and is_cupy_array(a):
         raise TypeError(f"{name} must be a NumPy array here (this function runs on the host)")
 
 
-def _float_array(a, name, ndim, *, host_only=False, check_finite=True):
+def _float_array(a: Any, name: str, ndim: int, *, host_only: bool = False, check_finite: bool = True) -> None:
     _array(a, name, host_only)
     check_float_dtype(a.dtype, name)  # float32/float64, native byte order
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}")
     if check_finite and not _all_finite(a):
         raise ValueError(f"{name} contains NaN or Inf")
-    return a
 
 
-def _int_array(a, name, ndim, n_classes, *, host_only=False):
+def _int_array(a: Any, name: str, ndim: int, n_classes: int, *, host_only: bool = False) -> None:
     # Labels are only read through NumPy/CuPy indexing and min/max, which convert a non-native
     # byte order correctly (tested), so integer labels of either byte order are accepted.
     _array(a, name, host_only)
@@ -121,10 +131,9 @@ def _int_array(a, name, ndim, n_classes, *, host_only=False):
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}")
     if a.size and (int(a.min()) < 0 or int(a.max()) >= n_classes):
         raise ValueError(f"{name} must lie in 0..{n_classes - 1}, got values in {int(a.min())}..{int(a.max())}")
-    return a
 
 
-def _check_probs(probs, N=None, *, host_only=False):
+def _check_probs(probs: Any, N: int | None = None, *, host_only: bool = False) -> None:
     _float_array(probs, "probs", 2, host_only=host_only)
     if N is not None and probs.shape[0] != N:
         raise ValueError(f"probs has {probs.shape[0]} rows but the batch has N={N} samples")
@@ -137,20 +146,20 @@ def _check_probs(probs, N=None, *, host_only=False):
     err = float(xp.abs(probs.sum(axis=1, dtype=xp.float64) - 1.0).max()) if probs.shape[0] else 0.0
     if err > tol:
         raise ValueError(f"rows of probs must sum to 1 (max deviation {err:.3g} > {tol:g})")
-    return probs
 
 
-def _check_J(J, probs=None, *, host_only=False):
+def _check_J(J: Any, probs: Any = None, *, host_only: bool = False) -> None:
     _float_array(J, "J", 3, host_only=host_only)
     if probs is not None and tuple(J.shape[:2]) != tuple(probs.shape):
         raise ValueError(
             f"J has shape {tuple(J.shape)} but probs has shape {tuple(probs.shape)}; "
             "J must be (N, C, P) with probs (N, C)"
         )
-    return J
 
 
-def _check_G(G, *, P=None, N=None, host_only=False, check_finite=True):
+def _check_G(
+    G: Any, *, P: int | None = None, N: int | None = None, host_only: bool = False, check_finite: bool = True
+) -> None:
     _float_array(G, "G", 2, host_only=host_only, check_finite=check_finite)
     if N is not None and G.shape[0] != N:
         raise ValueError(f"G has {G.shape[0]} rows but J/probs have N={N} samples")
@@ -158,10 +167,9 @@ def _check_G(G, *, P=None, N=None, host_only=False, check_finite=True):
         raise ValueError(f"G has {G.shape[1]} columns but J has P={P} parameters")
     if G.shape[0] == 0 or G.shape[1] == 0:
         raise ValueError(f"G must be non-empty, got shape {tuple(G.shape)}")
-    return G
 
 
-def _check_s(s, N, *, positive, host_only=False):
+def _check_s(s: Any, N: int, *, positive: bool, host_only: bool = False) -> None:
     _float_array(s, "s", 1, host_only=host_only)
     if s.shape[0] != N:
         raise ValueError(f"s has shape {tuple(s.shape)} but G has N={N} rows")
@@ -169,23 +177,21 @@ def _check_s(s, N, *, positive, host_only=False):
         raise ValueError("s must be > 0 (iEF divides by s_n; a sample with s_n = 0 has g_n = 0, drop it)")
     if not positive and bool((s < 0).any()):
         raise ValueError("s must be >= 0 (squared norms)")
-    return s
 
 
-def _check_labels_sampled(labels_sampled, N, C, *, host_only=False):
+def _check_labels_sampled(labels_sampled: Any, N: int, C: int, *, host_only: bool = False) -> None:
     _int_array(labels_sampled, "labels_sampled", 2, C, host_only=host_only)
     if labels_sampled.shape[1] != N or labels_sampled.shape[0] < 1:
         raise ValueError(
             f"labels_sampled must have shape (K, N) = (K, {N}) with K >= 1, got {tuple(labels_sampled.shape)}"
         )
-    return labels_sampled
 
 
-def _check_damping(damping, *, allow_zero=False):
+def _check_damping(damping: object, *, allow_zero: bool = False) -> float:
     return check_real("damping", damping, low=0.0, low_open=not allow_zero)
 
 
-def _finite_result(out, what, hint="the inputs are too large"):
+def _finite_result(out: Any, what: str, hint: str = "the inputs are too large") -> FloatArray:
     """Finite inputs can still overflow in products (g²/s with a subnormal s, a float32 cast):
     refuse to return Inf/NaN."""
     if not _all_finite(out):
@@ -197,7 +203,7 @@ _IEF_OVERFLOW = "g_n²/s_n is too large for some sample (s_n tiny); scale G down
 
 
 # ---- per-sample quantities ---------------------------------------------------------
-def per_sample_grads(J, probs, labels):
+def per_sample_grads(J: FloatArray, probs: FloatArray, labels: IntArray) -> FloatArray:
     """G (N, P): g_n = J_n^T (p_n - e_{y_n}), in J's dtype."""
     _check_J_probs(J, probs)
     _int_array(labels, "labels", 1, probs.shape[1], host_only=True)
@@ -206,7 +212,7 @@ def per_sample_grads(J, probs, labels):
     return _emp.per_sample_grads(J, probs.astype(J.dtype), labels).astype(J.dtype, copy=False)
 
 
-def logit_grad_sq_norms(probs, labels):
+def logit_grad_sq_norms(probs: FloatArray, labels: IntArray) -> FloatArray:
     """s (N,): s_n = ||p_n - e_{y_n}||^2, in probs' dtype."""
     _check_probs(probs, host_only=True)
     _int_array(labels, "labels", 1, probs.shape[1], host_only=True)
@@ -215,17 +221,20 @@ def logit_grad_sq_norms(probs, labels):
     return _emp.logit_grad_sq_norms(probs, labels)
 
 
-def sample_labels(probs, n_samples=1, *, seed=None):
+def sample_labels(
+    probs: FloatArray, n_samples: int = 1, *, seed: int | np.random.Generator | None = None
+) -> npt.NDArray[np.int64]:
     """(K, N) int64 labels, labels[k, n] ~ Categorical(probs[n]); ``seed``: int, None or a Generator."""
     _check_probs(probs, host_only=True)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+    count = positive_int(n_samples)
+    if count is None:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    return _sampled.sample_labels(probs, int(n_samples), rng)
+    return _sampled.sample_labels(probs, count, rng)
 
 
-# ---- dense estimators (P x P; small P only) --------------------------------------------
-def _check_J_probs(J, probs, labels_sampled=None):
+# ---- estimators: the dense matrix (P x P; small P only), its diagonal and the operator ----
+def _check_J_probs(J: Any, probs: Any, labels_sampled: Any = None) -> None:
     """Host arrays J (N, C, P) and probs (N, C) that fit together; labels (K, N) if given."""
     _check_J(J, host_only=True)
     _check_probs(probs, J.shape[0], host_only=True)
@@ -234,50 +243,63 @@ def _check_J_probs(J, probs, labels_sampled=None):
         _check_labels_sampled(labels_sampled, J.shape[0], J.shape[1], host_only=True)
 
 
-def _check_G_s(G, s):
+def _check_G_s(G: Any, s: Any) -> None:
     """Host arrays G (N, P) and s (N,) > 0, for the iEF estimators (which divide by s)."""
     _check_G(G, host_only=True)
     _check_s(s, G.shape[0], positive=True, host_only=True)
 
 
-def exact(J, probs):
+def exact(J: FloatArray, probs: FloatArray) -> FloatArray:
     """F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n, dense (P, P) in J's dtype."""
     _check_J_probs(J, probs)
     return _finite_result(_exact.exact(J, probs), "the exact Fisher")
 
 
-def empirical(G):
-    """EF = G^T G, dense (P, P) in G's dtype."""
-    _check_G(G, host_only=True)
-    return _finite_result(_emp.empirical(G), "EF")
+def diag_exact(J: FloatArray, probs: FloatArray) -> FloatArray:
+    """diag F, (P,)."""
+    _check_J_probs(J, probs)
+    return _finite_result(_diag.diag_exact(J, probs), "diag F")
 
 
-def sampled(J, probs, labels_sampled):
-    """SF = (1/K) sum_{k,n} ĝ_kn ĝ_kn^T with labels_sampled (K, N), dense (P, P)."""
-    _check_J_probs(J, probs, labels_sampled)
-    return _finite_result(_sampled.sampled(J, probs.astype(J.dtype), labels_sampled), "SF")
-
-
-def improved_empirical(G, s):
-    """iEF = G^T diag(s)^{-1} G (Wu et al. 2024), dense (P, P); needs s > 0."""
-    _check_G_s(G, s)
-    return _finite_result(_imp.improved_empirical(G, s), "iEF", _IEF_OVERFLOW)
-
-
-# ---- matrix-free operators --------------------------------------------------------
-def exact_operator(J, probs, damping=0.0):
+def exact_operator(J: FloatArray, probs: FloatArray, damping: float = 0.0) -> LinearOperator:
     """scipy LinearOperator v -> (F + damping I) v, float64, nothing P x P stored."""
     _check_J_probs(J, probs)
     return _operators.exact_operator(J, probs, _check_damping(damping, allow_zero=True))
 
 
-def empirical_operator(G, damping=0.0):
+def empirical(G: FloatArray) -> FloatArray:
+    """EF = G^T G, dense (P, P) in G's dtype."""
+    _check_G(G, host_only=True)
+    return _finite_result(_emp.empirical(G), "EF")
+
+
+def diag_empirical(G: FloatArray) -> FloatArray:
+    """diag EF = sum_n g_n^2, (P,)."""
+    _check_G(G, host_only=True)
+    return _finite_result(_diag.diag_empirical(G), "diag EF")
+
+
+def empirical_operator(G: FloatArray, damping: float = 0.0) -> LinearOperator:
     """LinearOperator v -> (G^T G + damping I) v."""
     _check_G(G, host_only=True)
     return _operators.empirical_operator(G, _check_damping(damping, allow_zero=True))
 
 
-def sampled_operator(J, probs, labels_sampled, damping=0.0):
+def sampled(J: FloatArray, probs: FloatArray, labels_sampled: IntArray) -> FloatArray:
+    """SF = (1/K) sum_{k,n} ĝ_kn ĝ_kn^T with labels_sampled (K, N), dense (P, P)."""
+    _check_J_probs(J, probs, labels_sampled)
+    return _finite_result(_sampled.sampled(J, probs.astype(J.dtype), labels_sampled), "SF")
+
+
+def diag_sampled(J: FloatArray, probs: FloatArray, labels_sampled: IntArray) -> FloatArray:
+    """diag SF = (1/K) sum_{k,n} ĝ_kn^2, (P,)."""
+    _check_J_probs(J, probs, labels_sampled)
+    return _finite_result(_diag.diag_sampled(J, probs.astype(J.dtype), labels_sampled), "diag SF")
+
+
+def sampled_operator(
+    J: FloatArray, probs: FloatArray, labels_sampled: IntArray, damping: float = 0.0
+) -> LinearOperator:
     """LinearOperator v -> (Ĝ^T Ĝ + damping I) v."""
     _check_J_probs(J, probs, labels_sampled)
     return _operators.sampled_operator(
@@ -285,7 +307,19 @@ def sampled_operator(J, probs, labels_sampled, damping=0.0):
     )
 
 
-def improved_operator(G, s, damping=0.0):
+def improved_empirical(G: FloatArray, s: FloatArray) -> FloatArray:
+    """iEF = G^T diag(s)^{-1} G (Wu et al. 2024), dense (P, P); needs s > 0."""
+    _check_G_s(G, s)
+    return _finite_result(_imp.improved_empirical(G, s), "iEF", _IEF_OVERFLOW)
+
+
+def diag_improved(G: FloatArray, s: FloatArray) -> FloatArray:
+    """diag iEF = sum_n g_n^2 / s_n, (P,); needs s > 0."""
+    _check_G_s(G, s)
+    return _finite_result(_diag.diag_improved(G, s), "diag iEF", _IEF_OVERFLOW)
+
+
+def improved_operator(G: FloatArray, s: FloatArray, damping: float = 0.0) -> LinearOperator:
     """LinearOperator v -> (G^T diag(s)^{-1} G + damping I) v; needs s > 0."""
     _check_G_s(G, s)
     damping = _check_damping(damping, allow_zero=True)
@@ -295,46 +329,21 @@ def improved_operator(G, s, damping=0.0):
     return _operators.improved_operator(G, s, damping)
 
 
-# ---- diagonals --------------------------------------------------------------------
-def diag_exact(J, probs):
-    """diag F, (P,)."""
-    _check_J_probs(J, probs)
-    return _finite_result(_diag.diag_exact(J, probs), "diag F")
-
-
-def diag_empirical(G):
-    """diag EF = sum_n g_n^2, (P,)."""
-    _check_G(G, host_only=True)
-    return _finite_result(_diag.diag_empirical(G), "diag EF")
-
-
-def diag_sampled(J, probs, labels_sampled):
-    """diag SF = (1/K) sum_{k,n} ĝ_kn^2, (P,)."""
-    _check_J_probs(J, probs, labels_sampled)
-    return _finite_result(_diag.diag_sampled(J, probs.astype(J.dtype), labels_sampled), "diag SF")
-
-
-def diag_improved(G, s):
-    """diag iEF = sum_n g_n^2 / s_n, (P,); needs s > 0."""
-    _check_G_s(G, s)
-    return _finite_result(_diag.diag_improved(G, s), "diag iEF", _IEF_OVERFLOW)
-
-
 # ---- directions -------------------------------------------------------------------
 def ngd_direction(
-    kind,
+    kind: str,
     *,
-    G,
-    damping,
-    s=None,
-    J=None,
-    probs=None,
-    labels_sampled=None,
-    F=None,
-    backend="numpy",
-    exact_method="auto",
-    cg_maxiter=None,
-):
+    G: FloatArray,
+    damping: float,
+    s: FloatArray | None = None,
+    J: FloatArray | None = None,
+    probs: FloatArray | None = None,
+    labels_sampled: IntArray | None = None,
+    F: LinearOperator | None = None,
+    backend: str = "numpy",
+    exact_method: str = "auto",
+    cg_maxiter: int | None = None,
+) -> FloatArray:
     r"""Natural-gradient direction d (update θ ← θ − η d), (P,) in G's dtype.
 
     kind    required arguments             direction
@@ -374,7 +383,7 @@ def ngd_direction(
             others=(s, J, probs, labels_sampled),
             cg_maxiter=cg_maxiter,
         )
-    given = {"G": G, "s": s, "J": J, "probs": probs, "labels_sampled": labels_sampled}
+    given: dict[str, Any] = {"G": G, "s": s, "J": J, "probs": probs, "labels_sampled": labels_sampled}
     missing = [name for name in _REQUIRED[kind] if given[name] is None]
     if missing:
         raise ValueError(f"kind {kind!r} needs {', '.join(_REQUIRED[kind])}; missing: {', '.join(missing)}")
@@ -391,32 +400,33 @@ def ngd_direction(
     if kind == "ief":
         _check_s(s, N, positive=False)
     if kind in ("sf", "exact"):
+        assert J is not None and probs is not None  # required by these kinds: checked above
         _check_J(J)
         if J.shape[0] != N or J.shape[2] != P:
             raise ValueError(f"J has shape {tuple(J.shape)} but G has shape {tuple(G.shape)}; J must be (N, C, P)")
         _check_probs(probs, N)
         _check_J(J, probs)
-    if kind == "sf":
-        _check_labels_sampled(labels_sampled, N, J.shape[1])
+        if kind == "sf":
+            _check_labels_sampled(labels_sampled, N, J.shape[1])
     arrays = [a for a in given.values() if a is not None]
     backend_module = _backends.select(backend, arrays)
     if kind in ("sf", "exact"):
-        probs = probs.astype(J.dtype, copy=False)
-    d = _ngd.ngd_direction(
-        kind,
-        G=G,
-        damping=damping,
-        s=s,
-        J=J,
-        probs=probs,
-        labels_sampled=labels_sampled,
-        backend=backend_module,
-        exact_method=exact_method,
-    )
+        assert J is not None and probs is not None
+        given["probs"] = probs.astype(J.dtype, copy=False)
+    d = _ngd.ngd_direction(kind, damping=damping, backend=backend_module, exact_method=exact_method, **given)
     return _finite_result(d, "the direction", "|d| exceeds the float range (a larger damping shrinks it)")
 
 
-def _operator_direction(kind, *, G, F, damping, exact_method, others, cg_maxiter):
+def _operator_direction(
+    kind: str,
+    *,
+    G: FloatArray,
+    F: Any,
+    damping: float,
+    exact_method: str,
+    others: tuple[object, ...],
+    cg_maxiter: object,
+) -> FloatArray:
     """(F + λI)⁻¹ ∇L by conjugate gradients on the products of the operator F (host, float64)."""
     if kind != "exact":
         raise ValueError(f"F (a Fisher operator) is used by kind 'exact' only; kind {kind!r} does not take it")
@@ -432,38 +442,35 @@ def _operator_direction(kind, *, G, F, damping, exact_method, others, cg_maxiter
             f"F must be a linear operator of shape ({P}, {P}) with matvec (a scipy LinearOperator, "
             "fisher.exact_operator(J, probs), fisheropt.torch.FisherOperator(...).as_linear_operator())"
         )
-    if cg_maxiter is not None and (
-        isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral) or cg_maxiter < 1
-    ):
+    maxiter = 10 * P if cg_maxiter is None else positive_int(cg_maxiter)
+    if maxiter is None:
         raise ValueError(f"cg_maxiter must be a positive int, got {cg_maxiter!r}")
     grad = G.sum(axis=0, dtype=np.float64)
 
-    def damped(v):
-        return np.asarray(F.matvec(v), dtype=np.float64).reshape(-1) + damping * v
+    def damped(v: FloatArray) -> FloatArray:
+        return np.asarray(F.matvec(v), dtype=np.float64).ravel() + damping * v
 
-    d = _ngd_ref.conjugate_gradient(damped, grad, maxiter=cg_maxiter or 10 * P, damping=damping)
+    d = _ngd_ref.conjugate_gradient(damped, grad, maxiter=maxiter, damping=damping)
     return _finite_result(
         d.astype(G.dtype), "the direction", "|d| exceeds the float range (a larger damping shrinks it)"
     )
 
 
 # ---- quality ------------------------------------------------------------------------
-def _check_quality_args(d, F, grad):
+def _check_quality_args(d: Any, F: Any, grad: Any) -> None:
     _float_array(d, "d", 1, host_only=True)
     _float_array(grad, "grad", 1, host_only=True)
     P = d.shape[0]
     if grad.shape != (P,):
         raise ValueError(f"grad has shape {tuple(grad.shape)} but d has shape ({P},)")
-    if hasattr(F, "matvec") and not isinstance(F, np.ndarray):
-        if tuple(F.shape) != (P, P):
-            raise ValueError(f"F has shape {tuple(F.shape)}; expected ({P}, {P})")
-    else:
+    if is_ndarray(F) or not hasattr(F, "matvec"):  # else an operator
         _float_array(F, "F", 2, host_only=True)
-        if F.shape != (P, P):
-            raise ValueError(f"F has shape {tuple(F.shape)}; expected ({P}, {P})")
+    shape = tuple(getattr(F, "shape", ()))
+    if shape != (P, P):
+        raise ValueError(f"F has shape {shape}; expected ({P}, {P})")
 
 
-def quality_indicator(d, F, grad) -> float:
+def quality_indicator(d: FloatArray, F: FloatArray | LinearOperator, grad: FloatArray) -> float:
     r"""γ(d) = sqrt(dᵀ F d) / \|dᵀ ∇L\|; F dense (P, P) or a scipy LinearOperator.
 
     Scale-invariant; minimised by the exact natural gradient F⁺∇L. Compare directions
@@ -472,7 +479,7 @@ def quality_indicator(d, F, grad) -> float:
     return _quality.quality_indicator(d, F, grad)
 
 
-def relative_quality(d, F, grad) -> float:
+def relative_quality(d: FloatArray, F: FloatArray | LinearOperator, grad: FloatArray) -> float:
     """γ(d) / γ(grad)."""
     _check_quality_args(d, F, grad)
     return _quality.relative_quality(d, F, grad)

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
 
 from . import _checks
 from . import backends as _backends
 from ._atomic import deferred_interrupts
 from ._memory import Layout
+from ._types import FloatArray, Hyperparameter, missing_attribute
 from .refimpl import RULES
 from .refimpl.rule import Rule
 
@@ -35,19 +40,27 @@ class Optimizer:
 
     rule: Rule
 
-    def __init__(self, params, hyperparams: dict, *, flags=None, backend: str = "auto", check_finite: bool = True):
+    def __init__(
+        self,
+        params: Iterable[FloatArray],
+        hyperparams: Mapping[str, Any],
+        *,
+        flags: Iterable[bool] | None = None,
+        backend: str = "auto",
+        check_finite: bool = True,
+    ) -> None:
         self.params = _checks.check_params(params)
         self.flags = self._checked_flags(flags)
         if self.rule.tensor_flag is not None:
             setattr(self, self.rule.tensor_flag.name, self.flags)  # e.g. opt.coupled
         self.backend = _backends.select(backend, self.params, function=self.rule.step_function)
         self.xp = self.backend.array_module
-        self._dtypes = tuple({p.dtype: None for p in self.params})
+        self._dtypes: tuple[np.dtype[Any], ...] = tuple({p.dtype: None for p in self.params})
         self._hyperparams = self._checked(dict(hyperparams))
         self.check_finite = check_finite
         self.step_count = 0
         # Read-only mapping of tuples: the arrays the layout recorded are the ones stepped.
-        self.state = types.MappingProxyType(
+        self.state: Mapping[str, tuple[FloatArray, ...]] = types.MappingProxyType(
             {name: tuple(self._new_state(name, i, p) for i, p in enumerate(self.params)) for name in self.state_names}
         )
         self._layout = Layout(
@@ -55,22 +68,17 @@ class Optimizer:
             + [(f"state[{name!r}][{i}]", a) for name, arrays in self.state.items() for i, a in enumerate(arrays)]
         )
 
-    @property
-    def check_finite(self) -> bool:
-        """Refuse a step whose gradients hold NaN or Inf (one read of the gradients)."""
-        return self._check_finite
-
-    @check_finite.setter
-    def check_finite(self, value) -> None:
-        self._check_finite = _checks.check_bool("check_finite", value)
+    check_finite = _checks.bool_property(
+        "check_finite", "Refuse a step whose gradients hold NaN or Inf (one read of the gradients)."
+    )
 
     # ---- hyperparameters -------------------------------------------------
     @property
-    def hyperparams(self) -> dict:
+    def hyperparams(self) -> dict[str, Hyperparameter]:
         """A copy; change values with :meth:`set_hyperparams` (validated)."""
         return dict(self._hyperparams)
 
-    def set_hyperparams(self, **changes) -> None:
+    def set_hyperparams(self, **changes: Any) -> None:
         """Change hyperparameters (e.g. a learning-rate schedule); all or nothing."""
         unknown = set(changes) - set(self._hyperparams)
         if unknown:
@@ -82,23 +90,23 @@ class Optimizer:
         """The names of the rule's state arrays (one array of each per parameter), e.g. ("m", "v")."""
         return self.rule.state_names
 
-    def _checked(self, hp: dict) -> dict:
+    def _checked(self, hp: Mapping[str, Any]) -> dict[str, Hyperparameter]:
         return check_hyperparams(self.rule, hp, self._dtypes)
 
-    def _checked_flags(self, flags):
+    def _checked_flags(self, flags: Iterable[bool] | None) -> tuple[bool, ...] | None:
         return check_tensor_flags(self.rule, flags, self.params)
 
     @property
     def lr(self) -> float:
         """The learning rate; setting it (a schedule) is checked like every hyperparameter."""
-        return self._hyperparams["lr"]
+        return cast(float, self._hyperparams["lr"])
 
     @lr.setter
-    def lr(self, value) -> None:
+    def lr(self, value: float) -> None:
         self.set_hyperparams(lr=value)
 
     # ---- stepping ---------------------------------------------------------
-    def step(self, grads) -> None:
+    def step(self, grads: Sequence[FloatArray]) -> None:
         """Apply one update with ``grads`` (aligned with params). Rejected input changes nothing."""
         grads = self.checked_grads(grads)
         # A backend may fuse the finiteness check into the step's own first pass
@@ -111,7 +119,7 @@ class Optimizer:
                 self._refuse_non_finite(grads)
             self.step_count += 1
 
-    def checked_grads(self, grads) -> list:
+    def checked_grads(self, grads: Sequence[FloatArray]) -> list[FloatArray]:
         """The checks a step makes before reading any element: gradients aligned with the
         parameters, nothing reshaped, moved or made read-only since construction, and no
         gradient that aliases a parameter, the state or another gradient. O(number of
@@ -121,7 +129,7 @@ class Optimizer:
         self._layout.check_grads(grads)
         return grads
 
-    def _refuse_non_finite(self, grads):
+    def _refuse_non_finite(self, grads: Sequence[FloatArray]) -> None:
         bad = [i for i, g in enumerate(grads) if not self.backend.all_finite([g])]
         raise FloatingPointError(
             f"non-finite values (NaN or Inf) in grads{bad}; nothing was updated "
@@ -129,21 +137,22 @@ class Optimizer:
         )
 
     # ---- state ------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """A deep copy of everything needed to resume: step, hyperparameters, state arrays."""
+        state = {name: [a.copy() for a in arrays] for name, arrays in self.state.items()}
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "optimizer": type(self).__name__,
             "step": self.step_count,
             "hyperparams": self.hyperparams,
-            "state": {name: [a.copy() for a in arrays] for name, arrays in self.state.items()},
+            "state": state,
         }
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` exactly; checked in full before anything changes."""
         sd = state_dict
-        if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
+        if not _checks.is_dict(sd) or sd.get("format") != STATE_FORMAT:
             raise ValueError("not a fisheropt optimizer state dict")
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"state dict version {sd.get('version')!r} is not supported (expected {STATE_VERSION})")
@@ -153,11 +162,11 @@ class Optimizer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"state dict step must be a non-negative int, got {step!r}")
         hyperparams = sd.get("hyperparams")
-        if not isinstance(hyperparams, dict) or set(hyperparams) != set(self._hyperparams):
+        if not _checks.is_dict(hyperparams) or set(hyperparams) != set(self._hyperparams):
             raise ValueError("state dict hyperparameters do not match this optimizer's")
         hyperparams = self._checked(dict(hyperparams))
         state = sd.get("state")
-        if not isinstance(state, dict) or set(state) != set(self.state_names):
+        if not _checks.is_dict(state) or set(state) != set(self.state_names):
             raise ValueError(f"state dict state must have exactly the entries {self.state_names}")
         self._layout.verify()
         incoming = {name: self._checked_state(name, state[name]) for name in self.state_names}
@@ -169,13 +178,13 @@ class Optimizer:
             self.step_count = step
             self._hyperparams = hyperparams
 
-    def _checked_state(self, name: str, arrays) -> list:
+    def _checked_state(self, name: str, arrays: Any) -> list[FloatArray]:
         if isinstance(arrays, (str, bytes)) or not hasattr(arrays, "__len__"):
             raise ValueError(f"state[{name!r}] must be a list of arrays")
         arrays = list(arrays)
         if len(arrays) != len(self.params):
             raise ValueError(f"state[{name!r}] has {len(arrays)} arrays for {len(self.params)} params")
-        converted = []
+        converted: list[FloatArray] = []
         for i, (new, own) in enumerate(zip(arrays, self.state[name])):
             what = f"state[{name!r}][{i}]"
             if not hasattr(new, "dtype") or getattr(new.dtype, "kind", None) != "f":
@@ -200,13 +209,13 @@ class Optimizer:
     def _second_moments(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.rule.state if s.second_moment)
 
-    def _new_state(self, name: str, index: int, param):
+    def _new_state(self, name: str, index: int, param: FloatArray) -> FloatArray:
         spec = next(s for s in self.rule.state if s.name == name)
-        if spec.per_column and self.flags[index]:
+        if spec.per_column and self.flags is not None and self.flags[index]:
             return self.xp.zeros(param.shape[1], dtype=param.dtype)
         return self.xp.zeros_like(param)
 
-    def _apply(self, grads, step: int, *, checked: bool = False) -> bool:
+    def _apply(self, grads: Sequence[FloatArray], step: int, *, checked: bool = False) -> bool:
         """Exactly one backend call: it raises (or, ``checked``, returns False) before writing
         anything, or completes and returns True."""
         flag = self.rule.tensor_flag
@@ -227,17 +236,17 @@ class Optimizer:
         return f"{type(self).__name__}({len(self.params)} tensors, {hp}, backend={self.backend.NAME!r})"
 
 
-def check_hyperparams(rule: Rule, hp: dict, dtypes) -> dict:
+def check_hyperparams(rule: Rule, hp: Mapping[str, Any], dtypes: Iterable[np.dtype[Any]]) -> dict[str, Hyperparameter]:
     """Every hyperparameter of ``rule``, validated against its descriptor (ranges, pairs,
     finite and, where the kernels divide by it, normal in each parameter dtype)."""
     missing = [h.name for h in rule.hyperparams if h.name not in hp]
     if missing:
         raise TypeError(f"{rule.title}: missing hyperparameter(s) {', '.join(missing)}")
-    out = {}
+    out: dict[str, Hyperparameter] = {}
     for h in rule.hyperparams:
         value = hp[h.name]
         if h.names:
-            if not isinstance(value, (tuple, list)) or len(value) != len(h.names):
+            if not _checks.is_sequence(value) or len(value) != len(h.names):
                 raise ValueError(f"{h.name} must be a pair ({', '.join(h.names)}), got {value!r}")
             out[h.name] = tuple(
                 _checks.check_real(
@@ -253,7 +262,7 @@ def check_hyperparams(rule: Rule, hp: dict, dtypes) -> dict:
     return out
 
 
-def check_tensor_flags(rule: Rule, flags, params):
+def check_tensor_flags(rule: Rule, flags: Iterable[bool] | None, params: Sequence[Any]) -> tuple[bool, ...] | None:
     """The rule's per-tensor flags (Coupled Adam's ``coupled``), one bool per parameter; None if it has none."""
     flag = rule.tensor_flag
     if flag is None:
@@ -263,41 +272,62 @@ def check_tensor_flags(rule: Rule, flags, params):
         raise ValueError(f"{name} is required: one bool per parameter ({flag.doc})")
     if isinstance(flags, (str, bytes)) or not hasattr(flags, "__iter__"):
         raise TypeError(f"{name} must be a sequence of bools, one per parameter, got {type(flags).__name__}")
-    flags = list(flags)
-    if len(flags) != len(params):
-        raise ValueError(f"{name} has {len(flags)} entries for {len(params)} params")
-    flags = tuple(_checks.check_bool(f"{name}[{i}]", c) for i, c in enumerate(flags))
-    for i, (c, p) in enumerate(zip(flags, params)):
+    given = list(flags)
+    if len(given) != len(params):
+        raise ValueError(f"{name} has {len(given)} entries for {len(params)} params")
+    checked = tuple(_checks.check_bool(f"{name}[{i}]", c) for i, c in enumerate(given))
+    for i, (c, p) in enumerate(zip(checked, params)):
         if c and (p.ndim != 2 or p.shape[0] == 0):
             raise ValueError(
                 f"{name}[{i}] is True but params[{i}] has shape {tuple(p.shape)}; "
                 f"a {name} tensor must be 2-D (V×d, rows = vocabulary) with V ≥ 1"
             )
-    return flags
+    return checked
 
 
-def optimizer_class(rule: Rule) -> type:
-    """The :class:`Optimizer` subclass of ``rule``, with an explicit signature from its descriptor:
-    ``Cls(params, <hyperparameters with defaults>, [<tensor flag>], *, backend="auto", check_finite=True)``."""
+def constructor_signature(rule: Rule, middle: Sequence[inspect.Parameter] = ()) -> inspect.Signature:
+    """The signature of the constructor of a class of ``rule`` (of fisheropt or fisheropt.torch):
+    ``(self, params, <hyperparameters with defaults>, *middle, *, backend="auto", check_finite=True)``."""
     P = inspect.Parameter
     parameters = [P("self", P.POSITIONAL_ONLY), P("params", P.POSITIONAL_OR_KEYWORD)]
     parameters += [P(h.name, P.POSITIONAL_OR_KEYWORD, default=h.default) for h in rule.hyperparams]
-    if rule.tensor_flag is not None:
-        parameters.append(P(rule.tensor_flag.name, P.POSITIONAL_OR_KEYWORD, default=None))
-    parameters += [P("backend", P.KEYWORD_ONLY, default="auto"), P("check_finite", P.KEYWORD_ONLY, default=True)]
-    signature = inspect.Signature(parameters)
+    parameters += [
+        *middle,
+        P("backend", P.KEYWORD_ONLY, default="auto"),
+        P("check_finite", P.KEYWORD_ONLY, default=True),
+    ]
+    return inspect.Signature(parameters)
 
-    def __init__(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        del arguments["self"]
-        params, backend, check_finite = arguments.pop("params"), arguments.pop("backend"), arguments.pop("check_finite")
-        flags = arguments.pop(rule.tensor_flag.name) if rule.tensor_flag is not None else None
+
+def bind_constructor(
+    signature: inspect.Signature, self: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any], Any, Any]:
+    """(params, the other arguments by name, backend, check_finite) of a constructor call, bound to
+    ``signature`` (:func:`constructor_signature`) with the defaults applied."""
+    bound = signature.bind(self, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    del arguments["self"]
+    params, backend, check_finite = arguments.pop("params"), arguments.pop("backend"), arguments.pop("check_finite")
+    return params, arguments, backend, check_finite
+
+
+def optimizer_class(rule: Rule) -> type[Optimizer]:
+    """The :class:`Optimizer` subclass of ``rule``, with an explicit signature from its descriptor:
+    ``Cls(params, <hyperparameters with defaults>, [<tensor flag>], *, backend="auto", check_finite=True)``."""
+    flag = rule.tensor_flag
+    P = inspect.Parameter
+    signature = constructor_signature(
+        rule, [] if flag is None else [P(flag.name, P.POSITIONAL_OR_KEYWORD, default=None)]
+    )
+
+    def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
+        params, arguments, backend, check_finite = bind_constructor(signature, self, args, kwargs)
+        flags = arguments.pop(flag.name) if flag is not None else None
         Optimizer.__init__(self, params, arguments, flags=flags, backend=backend, check_finite=check_finite)
 
     __init__.__signature__ = signature
-    return type(
+    made = type(
         rule.title,
         (Optimizer,),
         {
@@ -308,6 +338,7 @@ def optimizer_class(rule: Rule) -> type:
             "__qualname__": rule.title,
         },
     )
+    return cast("type[Optimizer]", made)
 
 
 def _docstring(rule: Rule) -> str:
@@ -325,15 +356,25 @@ def _docstring(rule: Rule) -> str:
     return "\n".join(lines)
 
 
+if TYPE_CHECKING:
+
+    class RuleOptimizer(Optimizer):
+        """For type checkers only: a class of :data:`CLASSES`, whose signature is made from its rule."""
+
+        def __init__(
+            self,
+            params: Iterable[FloatArray],
+            *hyperparams: Any,
+            backend: str = "auto",
+            check_finite: bool = True,
+            **by_name: Any,
+        ) -> None: ...
+
+
 #: Rule name -> optimizer class, one per rule of the registry.
-CLASSES = {name: optimizer_class(rule) for name, rule in RULES.items()}
+CLASSES = cast("dict[str, type[RuleOptimizer]]", {name: optimizer_class(rule) for name, rule in RULES.items()})
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
-__all__ = [
-    "Optimizer",
-    "optimizer_class",
-    "check_hyperparams",
-    "check_tensor_flags",
-    "CLASSES",
-    "STATE_FORMAT",
-    *(c.__name__ for c in CLASSES.values()),
-]
+__getattr__: Callable[[str], type[RuleOptimizer]] = missing_attribute(__name__)  # types the classes
+__all__ = ["Optimizer", "optimizer_class", "check_hyperparams", "check_tensor_flags", "CLASSES", "STATE_FORMAT"]
+# The classes' names come from the registry at import, so a type checker cannot list them.
+__all__ += [c.__name__ for c in CLASSES.values()]  # pyright: ignore[reportUnsupportedDunderAll]

@@ -12,16 +12,20 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
+from ._checks import is_dict, is_ndarray
+from ._types import FloatArray
 from .optim import STATE_FORMAT
 
 _META_KEYS = ("format", "version", "optimizer", "step", "hyperparams")
 
 
-def save_state(state_dict: dict, path) -> None:
+def save_state(state_dict: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Write ``opt.state_dict()`` to exactly ``path`` (which must end in .npz), atomically.
 
     Arrays are stored bit for bit. The state dict is checked first: only float
@@ -35,7 +39,8 @@ def save_state(state_dict: dict, path) -> None:
         if hasattr(os, "fchmod"):
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+            entries: dict[str, Any] = {**arrays, "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+            np.savez(f, **entries)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,7 +50,7 @@ def save_state(state_dict: dict, path) -> None:
     _fsync_dir(path.parent)
 
 
-def load_state(path) -> dict:
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a file written by :func:`save_state` back into a state dict.
 
     Anything that is not such a file (a .npy, a text file, a damaged archive)
@@ -61,10 +66,11 @@ def load_state(path) -> dict:
         raise ValueError(f"{path} is not a fisheropt checkpoint (.npz): {exc}") from exc
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{path} is a single .npy array, not a fisheropt checkpoint (.npz)")
+    data = cast("np.lib.npyio.NpzFile[Any]", data)  # of arrays of any dtype
     with data:
         try:
             meta = json.loads(bytes(data["meta"]).decode())
-            if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            if not is_dict(meta) or meta.get("format") != STATE_FORMAT:
                 raise ValueError("its metadata does not name the fisheropt optimizer state format")
             layout = meta.pop("layout")
             state = {name: [data[f"state/{name}/{i}"] for i in range(n)] for name, n in layout.items()}
@@ -90,7 +96,7 @@ def load_state(path) -> dict:
     return {**meta, "state": state}
 
 
-def _checkpoint_path(path) -> Path:
+def _checkpoint_path(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         # np.savez would append ".npz" to a bare name, and load_state(path) would then not find it.
@@ -102,9 +108,9 @@ def _checkpoint_path(path) -> Path:
     return path
 
 
-def _encode(state_dict) -> tuple[dict, dict]:
+def _encode(state_dict: object) -> tuple[dict[str, FloatArray], dict[str, Any]]:
     """(arrays, metadata) of a state dict, refusing anything save_state cannot store exactly."""
-    if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+    if not is_dict(state_dict) or state_dict.get("format") != STATE_FORMAT:
         raise ValueError("not a fisheropt optimizer state dict (use opt.state_dict())")
     missing = [k for k in (*_META_KEYS, "state") if k not in state_dict]
     if missing:
@@ -115,9 +121,10 @@ def _encode(state_dict) -> tuple[dict, dict]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"state dict metadata is not plain JSON data: {exc}") from exc
     state = state_dict["state"]
-    if not isinstance(state, dict):
+    if not is_dict(state):
         raise ValueError("state dict 'state' must map names to lists of arrays")
-    arrays, layout = {}, {}
+    arrays: dict[str, FloatArray] = {}
+    layout: dict[str, int] = {}
     for name, tensors in state.items():
         if not isinstance(name, str) or "/" in name or isinstance(tensors, (str, bytes, dict)):
             raise ValueError(f"state entry {name!r} must be a name mapping to a list of arrays")
@@ -125,19 +132,20 @@ def _encode(state_dict) -> tuple[dict, dict]:
         layout[name] = len(tensors)
         for i, a in enumerate(tensors):
             a = _to_host(a)
-            if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+            dtype = getattr(a, "dtype", None)
+            if not is_ndarray(a) or getattr(dtype, "kind", None) != "f":
                 raise ValueError(
                     f"state[{name!r}][{i}] must be a float array, got "
-                    f"{type(a).__name__}{' of dtype ' + str(a.dtype) if hasattr(a, 'dtype') else ''}"
+                    f"{type(a).__name__}{'' if dtype is None else ' of dtype ' + str(dtype)}"
                 )
-            arrays[f"state/{name}/{i}"] = a
+            arrays[f"state/{name}/{i}"] = cast(FloatArray, a)
     meta["layout"] = layout
     return arrays, meta
 
 
-def _to_host(a):
+def _to_host(a: Any) -> Any:
     get = getattr(a, "get", None)  # CuPy arrays copy to the host with .get()
-    return get() if callable(get) and not isinstance(a, np.ndarray) else a
+    return get() if callable(get) and not is_ndarray(a) else a
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -8,7 +8,13 @@ MemoryError, say) has written nothing: the backends' all-or-nothing contract.
 The step index and every hyperparameter may be one value for all tensors or a
 sequence with one value per tensor (param groups with their own learning rate,
 parameters with their own step count, as in torch.optim): :func:`per_tensor`.
+
+Every rule's multi-tensor step, ``<rule>_step``, is :func:`rule_step` of its descriptor: the
+per-tensor ``update`` holds the math, and the step's signature follows from the descriptor's
+state and hyperparameters, so it is written nowhere by hand.
 """
+
+import inspect
 
 
 def step_tensors(update, params, grads, state, **values) -> None:
@@ -43,3 +49,31 @@ def per_tensor(n: int, **values) -> list[dict]:
         {name: value[i] if isinstance(value, (list, tuple)) else value for name, value in values.items()}
         for i in range(n)
     ]
+
+
+def rule_step(rule):
+    """``<rule>_step(params, grads, *state, *, step, <kernel hyperparameters>[, <tensor flag>])``:
+    the backend interface of ``rule``, in place, all tensors computed, then written.
+
+    Where the rule has a tensor flag (Coupled Adam's ``coupled``), a flagged tensor takes
+    ``rule.update`` and the others ``rule.update_unflagged``."""
+    flag = rule.tensor_flag.name if rule.tensor_flag else None
+
+    # Every keyword arrives in ``keywords``: the signature below is what callers and tools see.
+    def step(params, grads, *state, **keywords):
+        t = keywords.pop("step")
+        update = rule.update
+        if flag is not None:
+            update = [rule.update if f else rule.update_unflagged for f in keywords.pop(flag)]
+        step_tensors(update, params, grads, state, t=t, **keywords)
+
+    positional = ["params", "grads", *rule.state_names]
+    keywords = ["step", *(n for h in rule.hyperparams for n in h.kernel_names), *([flag] if flag else [])]
+    step.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in positional]
+        + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in keywords]
+    )
+    step.__name__ = step.__qualname__ = rule.step_function
+    step.__module__ = rule.update.__module__
+    step.__doc__ = f"{rule.title}, multi-tensor and in place: the backend interface (``rule_step`` of its RULE)."
+    return step

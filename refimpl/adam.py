@@ -15,8 +15,7 @@ corrections folded into scalars, in the order PyTorch evaluates it.
 
 import numpy as np
 
-from ._multi_tensor import step_tensors
-from .rule import Rule, StateArray, adam_coefficients, betas_param, eps_param, lr_param, weight_decay_param
+from .rule import FIRST_MOMENT, SECOND_MOMENT, Rule, adam_coefficients, adam_hyperparams, weight_decay_param
 
 
 def adam_update(theta, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay):
@@ -38,30 +37,16 @@ def adam_direction(m, v, *, t, lr, beta1, beta2, eps):
     return m.dtype.type(c["step_size"]) * (m / denom)
 
 
-def adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
-    """Multi-tensor, in place: the backend interface for Adam (all tensors computed, then written)."""
-    step_tensors(
-        adam_update, params, grads, (m, v), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
-    )
-
-
 RULE = Rule(
     name="adam",
     title="Adam",
     summary="Adam with L2 weight decay, as torch.optim.Adam",
     paper="Kingma & Ba, 2015",
-    step=adam_step,
     update=adam_update,
-    state=(
-        StateArray("m", "first moment (EMA of g)"),
-        StateArray("v", "second moment (EMA of g²)", second_moment=True),
-    ),
-    hyperparams=(
-        lr_param(1e-3),
-        betas_param((0.9, 0.999)),
-        eps_param(1e-8),
-        weight_decay_param(0.0, "L2 decay λ, added to the gradient"),
-    ),
+    state=(FIRST_MOMENT, SECOND_MOMENT),
+    hyperparams=adam_hyperparams(weight_decay_param(0.0, "L2 decay λ, added to the gradient")),
     coefficients=adam_coefficients,
     items_per_element=7,  # read θ, g, m, v; write θ, m, v
 )
+
+adam_step = RULE.step  # the multi-tensor, in-place form: refimpl/_multi_tensor.py

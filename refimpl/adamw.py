@@ -9,9 +9,8 @@ never enters the moments:
     \theta_t &= \theta - \frac{\alpha}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 """
 
-from ._multi_tensor import step_tensors
 from .adam import adam_direction
-from .rule import Rule, StateArray, adam_coefficients, betas_param, eps_param, lr_param, weight_decay_param
+from .rule import DECOUPLED_DECAY, FIRST_MOMENT, SECOND_MOMENT, Rule, adam_coefficients, adam_hyperparams
 
 
 def adamw_update(theta, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay):
@@ -22,30 +21,16 @@ def adamw_update(theta, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay):
     return theta - adam_direction(m, v, t=t, lr=lr, beta1=beta1, beta2=beta2, eps=eps), m, v
 
 
-def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
-    """Multi-tensor, in place: the backend interface for AdamW (all tensors computed, then written)."""
-    step_tensors(
-        adamw_update, params, grads, (m, v), t=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
-    )
-
-
 RULE = Rule(
     name="adamw",
     title="AdamW",
     summary="Adam with decoupled weight decay, as torch.optim.AdamW",
     paper="Loshchilov & Hutter, 2019",
-    step=adamw_step,
     update=adamw_update,
-    state=(
-        StateArray("m", "first moment (EMA of g)"),
-        StateArray("v", "second moment (EMA of g²)", second_moment=True),
-    ),
-    hyperparams=(
-        lr_param(1e-3),
-        betas_param((0.9, 0.999)),
-        eps_param(1e-8),
-        weight_decay_param(1e-2, "decoupled decay λ: θ ← θ(1 − αλ)"),
-    ),
+    state=(FIRST_MOMENT, SECOND_MOMENT),
+    hyperparams=adam_hyperparams(DECOUPLED_DECAY),
     coefficients=adam_coefficients,
     items_per_element=7,  # read θ, g, m, v; write θ, m, v
 )
+
+adamw_step = RULE.step  # the multi-tensor, in-place form: refimpl/_multi_tensor.py

@@ -21,46 +21,54 @@ memory). The rest is AdamW: per-element m, decoupled decay, bias corrections.
         \frac{m_{t,ij}}{\sqrt{\bar v_{t,j}}/\sqrt{1-\beta_2^t} + \epsilon}
 """
 
+from functools import partial
+
 import numpy as np
 
 from ._multi_tensor import step_tensors
 from .adam import adam_direction
 from .adamw import adamw_update
-from .rule import Rule, StateArray, TensorFlag, adam_coefficients, betas_param, eps_param, lr_param, weight_decay_param
+from .rule import DECOUPLED_DECAY, FIRST_MOMENT, Rule, StateArray, TensorFlag, adam_coefficients, adam_hyperparams
 
 
-def column_mean_of_squares(g):
-    r"""\frac1V \sum_i g_{ij}^2, accumulated in float64 and rounded to g's dtype."""
+def column_sums_of_squares(g):
+    r"""\sum_i g_{ij}^2 over the rows, in float64 (what the row shards of a tensor add up)."""
     g64 = g.astype(np.float64)
-    return np.mean(g64 * g64, axis=0).astype(g.dtype)
+    return np.sum(g64 * g64, axis=0)
 
 
-def coupled_adam_update(theta, g, m, v_col, *, t, lr, beta1, beta2, eps, weight_decay):
-    """One Coupled Adam step on one V×d tensor. Pure: returns (theta, m, v_col)."""
+def column_mean_of_squares(g, column_sums=None, rows=None):
+    r"""\frac1V \sum_i g_{ij}^2, accumulated in float64 and rounded to g's dtype; where g is a row
+    shard (spec/distributed.md §5), from the whole tensor's ``column_sums`` and V = ``rows``."""
+    if column_sums is None:
+        column_sums, rows = column_sums_of_squares(g), g.shape[0]
+    return (np.asarray(column_sums, np.float64) / rows).astype(g.dtype)
+
+
+def coupled_adam_update(theta, g, m, v_col, *, t, lr, beta1, beta2, eps, weight_decay, column_sums=None, rows=None):
+    """One Coupled Adam step on one V×d tensor (or a row shard of one: ``column_sums`` and ``rows``
+    of the whole, :func:`column_mean_of_squares`). Pure: returns (theta, m, v_col)."""
     theta = theta * (1 - lr * weight_decay)
     m = beta1 * m + (1 - beta1) * g
-    v_col = beta2 * v_col + (1 - beta2) * column_mean_of_squares(g)
+    v_col = beta2 * v_col + (1 - beta2) * column_mean_of_squares(g, column_sums, rows)
     return theta - adam_direction(m, v_col, t=t, lr=lr, beta1=beta1, beta2=beta2, eps=eps), m, v_col
 
 
-def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):
-    """Multi-tensor, in place: the backend interface for Coupled Adam (all tensors computed, then written).
+def coupled_adam_partials(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):
+    """Pass 1 of a sharded step: per coupled tensor, in order, its column sums over the local rows."""
+    return [column_sums_of_squares(g) for g, c in zip(grads, coupled) if c]
 
-    ``coupled[i]`` True: params[i] is a V×d embedding and v[i] its length-d shared
-    second moment; False: an ordinary tensor, updated by AdamW with v[i] like
-    params[i]."""
-    step_tensors(
-        [coupled_adam_update if c else adamw_update for c in coupled],
-        params,
-        grads,
-        (m, v),
-        t=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-    )
+
+def coupled_adam_apply(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled, column_sums, rows):
+    """Pass 2 of a sharded step: coupled tensor k (in order) with the column sums and row count of
+    its whole tensor, the others AdamW; in place, all computed, then written."""
+    whole = iter(zip(column_sums, rows))
+    updates = [
+        partial(coupled_adam_update, **dict(zip(("column_sums", "rows"), next(whole)))) if c else adamw_update
+        for c in coupled
+    ]
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    step_tensors(updates, params, grads, (m, v), t=step, **hp)
 
 
 RULE = Rule(
@@ -68,10 +76,10 @@ RULE = Rule(
     title="CoupledAdam",
     summary="AdamW with one second moment per column shared by an embedding's vocabulary rows",
     paper="Stollenwerk & Stollenwerk, 2025",
-    step=coupled_adam_step,
     update=coupled_adam_update,
+    update_unflagged=adamw_update,  # coupled[i] False: an ordinary tensor, updated by AdamW
     state=(
-        StateArray("m", "first moment (EMA of g)"),
+        FIRST_MOMENT,
         StateArray(
             "v",
             "second moment: per column (d,) for coupled tensors, else like θ",
@@ -80,12 +88,7 @@ RULE = Rule(
             reduced=True,
         ),
     ),
-    hyperparams=(
-        lr_param(1e-3),
-        betas_param((0.9, 0.999)),
-        eps_param(1e-8),
-        weight_decay_param(1e-2, "decoupled decay λ: θ ← θ(1 − αλ)"),
-    ),
+    hyperparams=adam_hyperparams(DECOUPLED_DECAY),
     coefficients=adam_coefficients,
     tensor_flag=TensorFlag(
         "coupled",
@@ -95,3 +98,5 @@ RULE = Rule(
     items_per_element=6,  # pass 1 read g; pass 2 read θ, g, m, write θ, m
     items_per_element_unflagged=7,  # AdamW
 )
+
+coupled_adam_step = RULE.step  # the multi-tensor, in-place form: refimpl/_multi_tensor.py

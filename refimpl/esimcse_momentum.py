@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fisheropt._checks import check_array_type, check_float_dtype, check_real, is_cupy_array
+from fisheropt._checks import check_array_type, check_float_dtype, check_real, check_same_shape_and_dtype, is_cupy_array
 
 MOMENTUM = 0.995
 
@@ -66,13 +66,7 @@ def check_ema_args(targets, sources, decay, *, device=False) -> float:
             )
         if not getattr(k.flags, "writeable", True):  # CuPy arrays have no such flag
             raise ValueError(f"targets[{i}] is read-only; ema_update writes it in place")
-        if q.shape != k.shape:
-            raise ValueError(f"sources[{i}] has shape {tuple(q.shape)} but targets[{i}] has shape {tuple(k.shape)}")
-        if q.dtype != k.dtype:
-            raise TypeError(
-                f"sources[{i}] has dtype {q.dtype.name} but targets[{i}] has dtype {k.dtype.name}; "
-                "mixed dtypes are not supported"
-            )
+        check_same_shape_and_dtype(q, k, f"sources[{i}]", f"targets[{i}]")
     return decay
 
 

@@ -12,9 +12,9 @@ meaning. For a sentence of N tokens:
 
 then k = min(dup_len, N) distinct positions are drawn uniformly without
 replacement (the first k of a uniform random permutation of 0..N−1) and each
-chosen token is duplicated in place (written twice, adjacent). The result has N + k tokens and the original order. The clamp to N
-only matters for N ≤ 1 (the paper's code would fail there); N = 0 is returned
-unchanged.
+chosen token is duplicated in place (written twice, adjacent). The result has
+N + k tokens and the original order. The clamp to N only matters for N ≤ 1 (the
+paper's code would fail there); N = 0 is returned unchanged.
 
 Randomness comes only from the ``numpy.random.Generator`` (or integer seed)
 passed in, so results are deterministic given a seed.

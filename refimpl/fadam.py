@@ -26,16 +26,24 @@ import math
 
 import numpy as np
 
-from ._multi_tensor import step_tensors
-from .rule import Hyperparam, Rule, StateArray, betas_param, eps_param, lr_param, weight_decay_param
+from ._multi_tensor import per_tensor, step_tensors
+from .rule import Hyperparam, Rule, StateArray, adam_hyperparams, weight_decay_param
+
+
+def sum_of_squares(x) -> float:
+    """Σx² over all elements, accumulated in float64 (what the shards of a tensor add up)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return float(np.sum(x64 * x64))
+
+
+def rms_of_sum(total, n) -> float:
+    """√(total/n): the root mean square of n elements from their sum of squares (0 when n = 0)."""
+    return math.sqrt(total / n) if n else 0.0
 
 
 def rms(x) -> float:
     """Root mean square over all elements, accumulated in float64 (0 for an empty tensor)."""
-    if x.size == 0:
-        return 0.0
-    x64 = np.asarray(x, dtype=np.float64)
-    return math.sqrt(np.mean(x64 * x64))
+    return rms_of_sum(sum_of_squares(x), x.size)
 
 
 def debiased_beta2(beta2, t):
@@ -66,45 +74,67 @@ def clip_scale(rms_x, c):
     return max(1.0, rms_x / c)
 
 
-def fadam_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
-    """One FAdam step on one tensor. Pure: returns (theta, m, f) as new arrays."""
+def fadam_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, weight_decay, sums=None, count=None):
+    """One FAdam step on one tensor. Pure: returns (theta, m, f) as new arrays.
+
+    Where θ is a shard of a whole tensor (spec/distributed.md §5), ``sums`` are the whole tensor's
+    (Σg², Σḡ², Σw̄²) (:func:`fadam_partial_sums` added over the shards) and ``count`` its size: the
+    three RMS values come from them instead of from this shard."""
+
+    def whole_rms(k, x):
+        return rms(x) if sums is None else rms_of_sum(sums[k], count)
+
     dtype = theta.dtype.type
     beta2_hat = debiased_beta2(beta2, t)
     f = dtype(beta2_hat) * f + dtype(1 - beta2_hat) * (g * g)
-    eps_t = adaptive_epsilon(rms(g), eps=eps, eps2=eps2, p=p, dtype=theta.dtype)
+    eps_t = adaptive_epsilon(whole_rms(0, g), eps=eps, eps2=eps2, p=p, dtype=theta.dtype)
     denom = f ** dtype(p) + eps_t
 
     g_bar = g / denom
-    g_bar = g_bar / dtype(clip_scale(rms(g_bar), clip))
+    g_bar = g_bar / dtype(clip_scale(whole_rms(1, g_bar), clip))
     m = dtype(beta1) * m + dtype(1 - beta1) * g_bar
 
     w_bar = theta / denom
-    w_bar = w_bar / dtype(clip_scale(rms(w_bar), clip))
+    w_bar = w_bar / dtype(clip_scale(whole_rms(2, w_bar), clip))
     theta = theta - dtype(lr) * (m + dtype(weight_decay) * w_bar)
     return theta, m, f
 
 
-def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
-    """Multi-tensor, in place: the backend interface for FAdam (all tensors computed, then written)."""
-    step_tensors(
-        fadam_update,
-        params,
-        grads,
-        (m, f),
-        t=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        eps2=eps2,
-        clip=clip,
-        p=p,
-        weight_decay=weight_decay,
-    )
+def fadam_partial_sums(theta, g, f, *, t, beta2, p, eps_t):
+    """This shard's (Σg², Σḡ², Σw̄²) in float64, ḡ and w̄ before clipping formed with ``eps_t``
+    (as :func:`fadam_update` forms them): its share of the sums behind the three RMS values."""
+    dtype = theta.dtype.type
+    beta2_hat = debiased_beta2(beta2, t)
+    denom = (dtype(beta2_hat) * f + dtype(1 - beta2_hat) * (g * g)) ** dtype(p) + dtype(eps_t)
+    return sum_of_squares(g), sum_of_squares(g / denom), sum_of_squares(theta / denom)
+
+
+def fadam_partials(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay, eps_t=None):
+    """Pass 1 of a sharded step: (T, 3) float64, :func:`fadam_partial_sums` of every tensor, with
+    ``eps_t`` (one per tensor; None: the guess ε^{2p}, which holds unless RMS(g) < ε/ε₂)."""
+    hp = per_tensor(len(params), t=step, beta2=beta2, eps=eps, eps2=eps2, p=p)
+    if eps_t is None:
+        eps_t = [
+            adaptive_epsilon(math.inf, eps=h["eps"], eps2=h["eps2"], p=h["p"], dtype=x.dtype)
+            for h, x in zip(hp, params)
+        ]
+    rows = [
+        fadam_partial_sums(theta, g, f_i, t=h["t"], beta2=h["beta2"], p=h["p"], eps_t=e)
+        for theta, g, f_i, h, e in zip(params, grads, f, hp, eps_t)
+    ]
+    return np.array(rows, dtype=np.float64).reshape(len(params), 3)
+
+
+def fadam_apply(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay, sums, counts):
+    """Pass 2 of a sharded step: :func:`fadam_update` of every tensor with its whole tensor's sums
+    (row of ``sums``) and size (``counts``); in place, all computed, then written."""
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+    sums = [tuple(row) for row in np.asarray(sums, np.float64)]
+    step_tensors(fadam_update, params, grads, (m, f), t=step, sums=sums, count=list(counts), **hp)
 
 
 def fadam_coefficients(t, *, beta2, **_):
-    r"""\hateta_2 of step t, in float64."""
+    r"""\hat\beta_2 of step t, in float64."""
     return {"beta2_hat": debiased_beta2(beta2, t)}
 
 
@@ -113,16 +143,12 @@ RULE = Rule(
     title="FAdam",
     summary="Adam corrected as natural-gradient descent with a diagonal Fisher",
     paper="Hwang, 2024",
-    step=fadam_step,
     update=fadam_update,
     state=(
         StateArray("m", "momentum of the clipped natural gradient", reduced=True),
         StateArray("f", "diagonal empirical Fisher (debiased EMA of g²)", second_moment=True),
     ),
-    hyperparams=(
-        lr_param(1e-3),
-        betas_param((0.9, 0.999)),
-        eps_param(1e-8),
+    hyperparams=adam_hyperparams(
         Hyperparam(
             "eps2",
             0.01,
@@ -154,3 +180,5 @@ RULE = Rule(
     coefficients=fadam_coefficients,
     items_per_element=10,  # pass 1 read θ, g, f, write f; pass 2 read θ, g, f, m, write θ, m
 )
+
+fadam_step = RULE.step  # the multi-tensor, in-place form: refimpl/_multi_tensor.py

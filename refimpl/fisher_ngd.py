@@ -99,21 +99,27 @@ def damped_condition(w, singular_damping=None):
     return kappa if singular_damping is None else max(kappa, float(w[-1]) / singular_damping)
 
 
-def solve_damped_gram(gram, rhs, damping, *, singular=False):
-    """(gram + damping I)^{-1} rhs in float64 for a symmetric PSD gram: Cholesky, once the condition
-    number of gram + λI (exact, from its eigenvalues; O(n³) like the factorisation) passed
-    check_condition.
+def checked_damped_gram(gram, damping, *, singular=False, xp=np):
+    """gram + λI in float64, once its condition number (exact, from its eigenvalues; O(n³) like
+    the factorisation that follows) passed check_condition. Every backend's solve starts here.
 
     ``singular``: the caller divides by λ afterwards (Woodbury, AᵀA singular), so the condition
     number that matters is that of AᵀA + λI, (‖gram‖ + λ)/λ."""
-    damped = np.asarray(gram, dtype=np.float64) + damping * np.eye(gram.shape[0])
-    w = np.linalg.eigvalsh(damped)
+    damped = xp.asarray(gram, dtype=xp.float64) + damping * xp.eye(gram.shape[0], dtype=xp.float64)
+    w = xp.linalg.eigvalsh(damped)
     check_condition(
         damped_condition(w, damping if singular else None),
         damping,
         float(w[-1]),
         "F + λI (singular, P > rank)" if singular else "the damped Gram matrix",
     )
+    return damped
+
+
+def solve_damped_gram(gram, rhs, damping, *, singular=False):
+    """(gram + damping I)^{-1} rhs in float64 for a symmetric PSD gram: Cholesky of the checked
+    :func:`checked_damped_gram`."""
+    damped = checked_damped_gram(gram, damping, singular=singular)
     factor = scipy.linalg.cho_factor(damped, lower=True, check_finite=False)
     return scipy.linalg.cho_solve(factor, np.asarray(rhs, dtype=np.float64), check_finite=False)
 

@@ -17,7 +17,6 @@ index does not enter.
 
 import numpy as np
 
-from ._multi_tensor import step_tensors
 from .rule import Rule, StateArray, betas_param, lr_param, weight_decay_param
 
 
@@ -30,11 +29,6 @@ def lion_update(theta, g, m, *, t, lr, beta1, beta2, weight_decay):
     return theta, m
 
 
-def lion_step(params, grads, m, *, step, lr, beta1, beta2, weight_decay):
-    """Multi-tensor, in place: the backend interface for Lion (all tensors computed, then written)."""
-    step_tensors(lion_update, params, grads, (m,), t=step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
-
-
 def lion_coefficients(t, **_):
     """No step-dependent scalars: Lion has no bias correction."""
     return {}
@@ -45,7 +39,6 @@ RULE = Rule(
     title="Lion",
     summary="the sign of an interpolated momentum, with decoupled weight decay",
     paper="Chen et al., 2023",
-    step=lion_step,
     update=lion_update,
     state=(StateArray("m", "momentum (EMA of g with β2)"),),
     hyperparams=(
@@ -56,3 +49,5 @@ RULE = Rule(
     coefficients=lion_coefficients,
     items_per_element=5,  # read θ, g, m; write θ, m
 )
+
+lion_step = RULE.step  # the multi-tensor, in-place form: refimpl/_multi_tensor.py

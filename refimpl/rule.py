@@ -13,6 +13,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
+
+from ._multi_tensor import rule_step
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,6 @@ class Rule:
     title: str  # class name: "FAdam"
     summary: str  # one line, for tables and docstrings
     paper: str
-    step: Callable  # reference multi-tensor in-place step (the backend interface)
     update: Callable  # pure single-tensor update: (theta, g, *state, t, **kernel hp) -> new arrays
     state: tuple[StateArray, ...]
     hyperparams: tuple[Hyperparam, ...]
@@ -88,7 +90,14 @@ class Rule:
     tensor_flag: TensorFlag | None = None
     # Items per element for a tensor whose flag is False (Coupled Adam's AdamW tensors).
     items_per_element_unflagged: int | None = None
+    # The update of a tensor whose flag is False (Coupled Adam's AdamW tensors).
+    update_unflagged: Callable | None = None
     extra: dict = field(default_factory=dict)
+
+    @cached_property
+    def step(self) -> Callable:
+        """The reference multi-tensor in-place step, ``<name>_step`` (the backend interface)."""
+        return rule_step(self)
 
     @property
     def reduces(self) -> bool:
@@ -153,3 +162,13 @@ def weight_decay_param(default: float, doc: str) -> Hyperparam:
 def adam_coefficients(t, *, lr, beta1, beta2, **_):
     r"""step size α/(1-β1^t) and \sqrt{1-β2^t}, in float64 (the order torch evaluates them)."""
     return {"step_size": lr / (1 - beta1**t), "bias_correction2_sqrt": math.sqrt(1 - beta2**t)}
+
+
+FIRST_MOMENT = StateArray("m", "first moment (EMA of g)")
+SECOND_MOMENT = StateArray("v", "second moment (EMA of g²)", second_moment=True)
+DECOUPLED_DECAY = weight_decay_param(1e-2, "decoupled decay λ: θ ← θ(1 − αλ)")  # AdamW's, Coupled Adam's
+
+
+def adam_hyperparams(*rest: Hyperparam) -> tuple[Hyperparam, ...]:
+    """Adam's lr = 1e-3, betas = (0.9, 0.999), eps = 1e-8, then the rule's own ``rest``, in kernel order."""
+    return (lr_param(1e-3), betas_param((0.9, 0.999)), eps_param(1e-8), *rest)

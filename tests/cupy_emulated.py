@@ -44,7 +44,8 @@ HAVE_CXX = emulator.compiler() is not None
 
 
 def _function(fn):
-    """The backend function ``fn`` (``all_finite``, ``<rule>_step[_checked]``) from its module."""
+    """The backend function ``fn`` (``all_finite``, ``<rule>_step[_checked]``, ``<rule>_partials`` and
+    ``<rule>_apply``) from its module."""
     for module in MODULES.values():
         if hasattr(module, fn):
             return getattr(module, fn)
@@ -84,7 +85,7 @@ class EmulatedBackend:
         )
 
     def __getattr__(self, fn):
-        # all_finite, <rule>_step, <rule>_step_checked: the modules' own functions on this engine
+        # all_finite, <rule>_step[_checked], <rule>_partials/_apply: the modules' own functions on this engine
         if fn.startswith("_"):
             raise AttributeError(fn)
         return getattr(Steps(self.engine), fn)
@@ -117,12 +118,38 @@ def _default_hp(rule):
     return dict(FHP) if rule == "fadam" else dict(LHP) if rule == "lion" else dict(HP)
 
 
+def fixed_problem(rule, shapes, dtypes, seed, **overrides):
+    """A problem for ``_run_both`` (the keys of ``problems``): unit scales, two steps from the first,
+    aligned arrays and the rule's default hyperparameters, unless ``overrides`` says otherwise."""
+    defaults = dict(scale=1.0, grad_scale=1.0, first_step=1, steps=2, misaligned=False, hp=_default_hp(rule))
+    return {**defaults, "shapes": shapes, "dtypes": dtypes, "seed": seed, **overrides}
+
+
 TOL = {np.dtype("float32"): (2e-5, 1e-6), np.dtype("float64"): (1e-12, 1e-13)}
 
 any_shape = st.one_of(st.lists(st.integers(0, 6), max_size=3).map(tuple), st.integers(1, 700).map(lambda n: (n,)))
 matrix_shape = st.one_of(
     st.tuples(st.integers(1, 9), st.integers(1, 7)), st.tuples(st.integers(1, 40), st.integers(30, 80))
 )
+
+
+#: the values each hyperparameter of a rule is drawn from (Adam's for AdamW and Coupled Adam)
+HP_CHOICES = {
+    "fadam": dict(
+        lr=[1e-3, 0.05],
+        beta1=[0.0, 0.9],
+        beta2=[0.5, 0.999],
+        eps=[1e-8, 1e-3],
+        eps2=[0.01, 0.1],
+        clip=[0.5, 1.0, 2.0],
+        p=[0.5, 1.0, 0.25],
+        weight_decay=[0.0, 0.1],
+    ),
+    "lion": dict(lr=[1e-4, 0.05], beta1=[0.0, 0.9], beta2=[0.5, 0.99], weight_decay=[0.0, 0.1, 1.0]),
+    "adam": dict(
+        lr=[1e-3, 0.05], beta1=[0.0, 0.5, 0.9], beta2=[0.5, 0.999], eps=[1e-8, 1e-3], weight_decay=[0.0, 0.01, 0.5]
+    ),
+}
 
 
 @st.composite
@@ -138,45 +165,11 @@ def problems(draw, rule):
     steps = draw(st.integers(1, 3))
     seed = draw(st.integers(0, 2**31 - 1))
     misaligned = draw(st.booleans())
-    if rule == "fadam":
-        hp = dict(
-            lr=draw(st.sampled_from([1e-3, 0.05])),
-            beta1=draw(st.sampled_from([0.0, 0.9])),
-            beta2=draw(st.sampled_from([0.5, 0.999])),
-            eps=draw(st.sampled_from([1e-8, 1e-3])),
-            eps2=draw(st.sampled_from([0.01, 0.1])),
-            clip=draw(st.sampled_from([0.5, 1.0, 2.0])),
-            p=draw(st.sampled_from([0.5, 1.0, 0.25])),
-            weight_decay=draw(st.sampled_from([0.0, 0.1])),
-        )
-    elif rule == "lion":
-        hp = dict(
-            lr=draw(st.sampled_from([1e-4, 0.05])),
-            beta1=draw(st.sampled_from([0.0, 0.9])),
-            beta2=draw(st.sampled_from([0.5, 0.99])),
-            weight_decay=draw(st.sampled_from([0.0, 0.1, 1.0])),
-        )
-    else:
-        hp = dict(
-            lr=draw(st.sampled_from([1e-3, 0.05])),
-            beta1=draw(st.sampled_from([0.0, 0.5, 0.9])),
-            beta2=draw(st.sampled_from([0.5, 0.999])),
-            eps=draw(st.sampled_from([1e-8, 1e-3])),
-            weight_decay=draw(st.sampled_from([0.0, 0.01, 0.5])),
-        )
+    hp = {name: draw(st.sampled_from(values)) for name, values in HP_CHOICES.get(rule, HP_CHOICES["adam"]).items()}
     if coupled:  # coupled and uncoupled (AdamW) tensors in one call, as the optimizer class makes it
         hp["coupled"] = draw(st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)))
-    return dict(
-        shapes=shapes,
-        dtypes=dtypes,
-        scale=scale,
-        grad_scale=grad_scale,
-        first_step=first_step,
-        steps=steps,
-        seed=seed,
-        misaligned=misaligned,
-        hp=hp,
-    )
+    drawn = dict(scale=scale, grad_scale=grad_scale, first_step=first_step, steps=steps, misaligned=misaligned)
+    return fixed_problem(rule, shapes, dtypes, seed, hp=hp, **drawn)
 
 
 def _hyperparams(rule, pb):

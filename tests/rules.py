@@ -32,6 +32,17 @@ def make_optimizer(rule_name, params, backend="numpy", **kw):
     return getattr(fo, rule.title)(params, backend=backend, **kw)
 
 
+def snapshot(opt):
+    """Everything a refused call must leave as it was: the bytes of params and state, the step count,
+    the hyperparameters."""
+    return (
+        [p.tobytes() for p in opt.params],
+        {k: [a.tobytes() for a in v] for k, v in opt.state.items()},
+        opt.step_count,
+        opt.hyperparams,
+    )
+
+
 def log_uniform(lo, hi):
     return st.floats(math.log10(lo), math.log10(hi)).map(lambda e: 10.0**e)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from conftest import host_backend_params
-from rules import CLASS_NAMES, make_optimizer
+from rules import CLASS_NAMES, make_optimizer, snapshot
 
 import fisheropt as fo
 from fisheropt.refimpl import RULES as REGISTRY
@@ -28,15 +28,6 @@ def _warm_optimizer(rule, backend, dtype=np.float64):
     for _ in range(2):  # non-zero state, so "untouched" is a real check
         opt.step([np.asarray(rng.standard_normal(p.shape), dtype=dtype) for p in params])
     return opt
-
-
-def _snapshot(opt):
-    return (
-        [p.tobytes() for p in opt.params],
-        {k: [a.tobytes() for a in v] for k, v in opt.state.items()},
-        opt.step_count,
-        opt.hyperparams,
-    )
 
 
 def _good_grads(opt):
@@ -104,10 +95,10 @@ BAD_GRADS = {
 def test_bad_grads_raise_and_change_nothing(backend, rule, case):
     make, exc, match = BAD_GRADS[case]
     opt = _warm_optimizer(rule, backend)
-    before = _snapshot(opt)
+    before = snapshot(opt)
     with pytest.raises(exc, match=match):
         opt.step(make(opt))
-    assert _snapshot(opt) == before
+    assert snapshot(opt) == before
     opt.step(_good_grads(opt))  # still usable afterwards
     assert opt.step_count == before[2] + 1
 
@@ -232,7 +223,7 @@ def test_param_made_read_only_after_construction(backend, rule):
     before the write into the read-only one failed."""
     opt = _warm_optimizer(rule, backend)
     opt.params[1].flags.writeable = False
-    before = _snapshot(opt)
+    before = snapshot(opt)
     with pytest.raises(ValueError, match=r"params\[1\] is read-only"):
         opt.step(_good_grads(opt))
-    assert _snapshot(opt) == before
+    assert snapshot(opt) == before

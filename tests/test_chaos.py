@@ -14,8 +14,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from rules import CLASS_NAMES as RULES
-from rules import make_optimizer
-from test_reliability import _injection_points, fail_on_call, mixed_model, snapshot
+from rules import make_optimizer, snapshot
+from test_reliability import _injection_points, fail_on_call, mixed_model
 
 import fisheropt as fo
 

@@ -5,8 +5,8 @@ Agreement tests run by two backends: ``emulated`` (the exact CUDA source, compil
 with a CUDA prelude, small block and chunk sizes so that every multi-chunk / multi-tile path
 is exercised, through the rule modules' own ``<rule>_step`` functions on an emulated engine)
 and ``cupy`` (marked ``gpu``; skipped with the registry's reason when CuPy or a GPU is absent).
-Then the registry's behaviour without a GPU, and GPU-only tests (the optimizer classes,
-DLPack, a large multi-chunk problem).
+The two passes of a sharded step (FSDP2 / DTensor) by both. Then the registry's behaviour
+without a GPU, and GPU-only tests (the optimizer classes, DLPack, a large multi-chunk problem).
 
 The backend's internals (tables, the engine's host logic, the CUDA text and its PTX, the
 package's plumbing without CuPy, the mutants): tests/backends/test_cupy_internals.py.
@@ -26,9 +26,9 @@ from cupy_emulated import (
     RULES,
     EmulatedBackend,
     _assert_agree,
-    _default_hp,
     _run_both,
     cuda_kernels,
+    fixed_problem,
     problems,
 )
 from hypothesis import given, settings
@@ -128,17 +128,9 @@ def test_rules_agree_with_the_reference(backend, rule, data):
 
 @pytest.mark.parametrize("rule", list(RULES))
 def test_results_are_deterministic(backend, rule):
-    pb = dict(
-        shapes=[(37, 61), (5, 3)] if rule == "coupled_adam" else [(37, 61), (700,), ()],
-        dtypes=["float32", "float64"] + ([] if rule == "coupled_adam" else ["float32"]),
-        scale=1.0,
-        grad_scale=1.0,
-        first_step=1,
-        steps=3,
-        seed=11,
-        misaligned=False,
-        hp=_default_hp(rule),
-    )
+    coupled = rule == "coupled_adam"
+    shapes = [(37, 61), (5, 3)] if coupled else [(37, 61), (700,), ()]
+    pb = fixed_problem(rule, shapes, ["float32", "float64", "float32"][: len(shapes)], seed=11, steps=3)
     _, first = _run_both(backend, rule, pb)
     _, second = _run_both(backend, rule, pb)
     _assert_agree(first, second, exact=True, magnitude=1)
@@ -404,19 +396,186 @@ def test_fadam_epsilon_follows_rms_of_tiny_gradients():
     """With eps2·RMS(g) < eps the adaptive epsilon depends on the float64 RMS reduction
     (it does not for ordinary gradients, where min(eps, eps2·RMS) = eps)."""
     emu = EmulatedBackend()
-    pb = dict(
-        shapes=[(37, 61), (700,), ()],
-        dtypes=["float32", "float64", "float32"],
-        scale=1.0,
-        grad_scale=1e-9,
-        first_step=1,
-        steps=3,
+    pb = fixed_problem(
+        "fadam",
+        [(37, 61), (700,), ()],
+        ["float32", "float64", "float32"],
         seed=2,
+        grad_scale=1e-9,
+        steps=3,
         misaligned=True,
         hp=dict(FHP, p=0.25),
     )
     ref, got = _run_both(emu, "fadam", pb)
     _assert_agree(ref, got, exact=False, magnitude=1e-9)
+
+
+# =====================================================================================
+# The two passes of a sharded step (FSDP2 / DTensor, spec/distributed.md §5)
+# =====================================================================================
+# (apply given a tensor's own partials is the single-process step, bit for bit:
+# tests/test_torch_fsdp.py, for every backend with the two passes, this one on the emulator)
+RANKS, SHARDED_STEPS = 3, 3
+SHARDED_SHAPES = [(70, 9), (129,), (2,), (3, 4), (2, 5), (0, 4)]  # by rows over 3 ranks: 2 rows give 1, 1, 0
+SHARDED_FHP = dict(FHP, lr=1e-2, clip=0.5)  # ḡ and w̄ clipped: their sums matter
+COUPLED = [True, False, False, True, True, False]  # Coupled Adam's coupled tensors (the others: AdamW)
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def _rows_of_rank(x, rank):
+    """Rank ``rank``'s share of x's rows, as FSDP2's Shard(0) (torch.chunk: trailing shards may be empty)."""
+    size = -(-x.shape[0] // RANKS)
+    return x[min(rank * size, x.shape[0]) : min((rank + 1) * size, x.shape[0])]
+
+
+def _sharded_problem(backend, dtype, tiny, coupled):
+    """(θ, the gradients of each step, the arrays of one process, those of each rank): θ, m = 0.1 and
+    f or v = 0.5 (Coupled Adam's v of shape (d,) where ``coupled``, whole on every rank). With ``tiny``
+    one tensor's gradient has RMS(g) < ε/ε₂, so that FAdam's ε_t is not the guess of pass 1."""
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(s).astype(dtype) for s in SHARDED_SHAPES]
+    grads = [
+        [
+            (rng.standard_normal(s) * (1e-12 if tiny and i == 1 else 1)).astype(dtype)
+            for i, s in enumerate(SHARDED_SHAPES)
+        ]
+        for _ in range(SHARDED_STEPS)
+    ]
+    m = [np.full_like(x, 0.1) for x in params]
+    second = [np.full(x.shape[1], 0.5, dtype) if c else np.full_like(x, 0.5) for x, c in zip(params, coupled)]
+    whole = [[backend.to_device(x) for x in arrays] for arrays in (params, m, second)]
+
+    def on_rank(x, r, replicated=False):
+        return backend.to_device(x if replicated else _rows_of_rank(x, r))
+
+    ranks = [
+        [
+            [on_rank(x, r) for x in params],
+            [on_rank(x, r) for x in m],
+            [on_rank(x, r, c) for x, c in zip(second, coupled)],
+        ]
+        for r in range(RANKS)
+    ]
+    return params, grads, whole, ranks
+
+
+def _local_grads(backend, g, r):
+    return [backend.to_device(_rows_of_rank(x, r)) for x in g]
+
+
+def _ordered_sum(per_rank):
+    """What every rank gets from the all-gather of its partials, added in rank order."""
+    total = np.array(per_rank[0], np.float64)
+    for values in per_rank[1:]:
+        total = total + values
+    return total
+
+
+def _assert_ranks_agree_with_one_process(backend, whole, ranks, coupled, dtype):
+    """Gathered over the ranks (a replicated v: every rank's copy, bitwise the same), within
+    spec/distributed.md §5.3's 4·K·n·ε₆₄ of the largest entry (the order of the float64 sums) of one
+    process; in float32 a scalar rounded to the parameter dtype may land on the neighbouring value,
+    one ulp of it more."""
+    tolerance = 4 * SHARDED_STEPS * (max(np.prod(s) for s in SHARDED_SHAPES) * EPS64 + float(np.finfo(dtype).eps))
+    for k, arrays in enumerate(whole):
+        for i, array in enumerate(arrays):
+            want, shards = backend.to_host(array), [backend.to_host(ranks[r][k][i]) for r in range(RANKS)]
+            if k == 2 and coupled[i]:
+                assert all(x.tobytes() == shards[0].tobytes() for x in shards), (k, i)
+            got = shards[0] if k == 2 and coupled[i] else np.concatenate(shards)
+            assert got.dtype == want.dtype and got.shape == want.shape, (k, i)
+            scale = max(float(np.abs(want).max(initial=0)), 1e-300)
+            err = float(np.abs(got.astype(np.float64) - want).max(initial=0)) / scale
+            assert err <= tolerance, (k, i, err, tolerance)
+
+
+def _other_backends():
+    return [fo.backends.get(name) for name in ("numpy", "numba") if name in fo.backends.available()]
+
+
+def _assert_pass1_wrote_nothing(backend, host, device):
+    for host_arrays, device_arrays in zip(host, device):
+        assert all(backend.to_host(a).tobytes() == x.tobytes() for a, x in zip(device_arrays, host_arrays))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiny", [False, True])
+def test_fadam_partials_agree_with_the_reference_and_numba(backend, dtype, tiny):
+    """Pass 1's (Σg², Σḡ², Σw̄²) per tensor, ε_t guessed and given: the reference's (the same quotients)
+    within the float64 summation-order bound 2nε₆₄; numba's (it multiplies by reciprocals, spec/fadam.md)
+    within a few ulp of the dtype more. Pass 1 writes nothing."""
+    params, grads, whole, _ = _sharded_problem(backend, dtype, tiny, [False] * len(SHARDED_SHAPES))
+    host = [[backend.to_host(x) for x in arrays] for arrays in whole]
+    g, n = [backend.to_device(x) for x in grads[0]], max(x.size for x in params)
+    for eps_t in (None, [1e-3, 1e-12, 2.0, 1e-8, 1e-8, 1e-8]):
+        got = backend.fadam_partials(whole[0], g, *whole[1:], step=2, **SHARDED_FHP, eps_t=eps_t)
+        assert isinstance(got, np.ndarray) and got.shape == (len(params), 3) and got.dtype == np.float64
+        for other in _other_backends():
+            want = other.fadam_partials(host[0], grads[0], *host[1:], step=2, **SHARDED_FHP, eps_t=eps_t)
+            ulps = 0 if other.NAME == "numpy" else 4 * float(np.finfo(dtype).eps)
+            np.testing.assert_allclose(got[:, 0], want[:, 0], rtol=2 * n * EPS64, atol=0, err_msg=other.NAME)
+            np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=2 * n * EPS64 + ulps, atol=0, err_msg=other.NAME)
+    _assert_pass1_wrote_nothing(backend, host, whole)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_coupled_adam_partials_agree_with_the_reference(backend, dtype):
+    """Pass 1's column sums of g² per coupled tensor, in order: within the float64 summation-order bound
+    2Vε₆₄ of the reference's and numba's. Pass 1 writes nothing."""
+    _, grads, whole, _ = _sharded_problem(backend, dtype, False, COUPLED)
+    host = [[backend.to_host(x) for x in arrays] for arrays in whole]
+    g = [backend.to_device(x) for x in grads[0]]
+    got = backend.coupled_adam_partials(whole[0], g, *whole[1:], step=2, coupled=COUPLED, **HP)
+    assert [(type(x), x.dtype, x.shape) for x in got] == [
+        (np.ndarray, np.float64, (s[1],)) for s, c in zip(SHARDED_SHAPES, COUPLED) if c
+    ]
+    for other in _other_backends():
+        want = other.coupled_adam_partials(host[0], grads[0], *host[1:], step=2, coupled=COUPLED, **HP)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=2 * SHARDED_SHAPES[0][0] * EPS64, atol=0, err_msg=other.NAME)
+    _assert_pass1_wrote_nothing(backend, host, whole)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiny", [False, True])
+def test_fadam_sharded_by_rows_agrees_with_one_process(backend, dtype, tiny):
+    """3 ranks (row shards, one empty), 3 steps, as fisheropt.torch.sharded runs them: every rank's pass 1,
+    the sums added in rank order, Σḡ², Σw̄² again with the true ε_t where it is not the guess (``tiny``),
+    every rank's pass 2 with the whole tensors' sums and sizes."""
+    sharded = pytest.importorskip("fisheropt.torch.sharded")
+    params, grads, whole, ranks = _sharded_problem(backend, dtype, tiny, [False] * len(SHARDED_SHAPES))
+    counts = [x.size for x in params]
+    for t, g in enumerate(grads, start=1):
+        backend.fadam_step(whole[0], [backend.to_device(x) for x in g], *whole[1:], step=t, **SHARDED_FHP)
+        local = [(p, _local_grads(backend, g, r), m, f) for r, (p, m, f) in enumerate(ranks)]
+        sums = _ordered_sum([backend.fadam_partials(*arrays, step=t, **SHARDED_FHP) for arrays in local])
+        redo, eps_t = sharded.true_epsilons(sums, counts, params, SHARDED_FHP)
+        assert bool(redo) == tiny
+        if redo:
+            subsets = [[[x[i] for i in redo] for x in arrays] for arrays in local]
+            again = [backend.fadam_partials(*subset, step=t, **SHARDED_FHP, eps_t=eps_t) for subset in subsets]
+            sums[redo, 1:] = _ordered_sum([x[:, 1:] for x in again])
+        for arrays in local:
+            backend.fadam_apply(*arrays, step=t, **SHARDED_FHP, sums=sums, counts=counts)
+    _assert_ranks_agree_with_one_process(backend, whole, ranks, [False] * len(SHARDED_SHAPES), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_coupled_adam_sharded_by_rows_agrees_with_one_process(backend, dtype):
+    """The coupled matrices split by rows over 3 ranks, v̄ whole on each (replicated), the others AdamW
+    on their row shards: every rank's column sums added in rank order, divided by the whole V."""
+    params, grads, whole, ranks = _sharded_problem(backend, dtype, False, COUPLED)
+    rows = [x.shape[0] for x, c in zip(params, COUPLED) if c]
+    for t, g in enumerate(grads, start=1):
+        backend.coupled_adam_step(
+            whole[0], [backend.to_device(x) for x in g], *whole[1:], step=t, coupled=COUPLED, **HP
+        )
+        local = [(p, _local_grads(backend, g, r), m, v) for r, (p, m, v) in enumerate(ranks)]
+        per_rank = [backend.coupled_adam_partials(*arrays, step=t, coupled=COUPLED, **HP) for arrays in local]
+        sums = [_ordered_sum([partials[k] for partials in per_rank]) for k in range(len(rows))]
+        for arrays in local:
+            backend.coupled_adam_apply(*arrays, step=t, coupled=COUPLED, **HP, column_sums=sums, rows=rows)
+    _assert_ranks_agree_with_one_process(backend, whole, ranks, COUPLED, dtype)
 
 
 # =====================================================================================
@@ -426,18 +585,8 @@ def test_fadam_epsilon_follows_rms_of_tiny_gradients():
 def test_production_block_and_chunk_sizes_on_the_emulator():
     emu = EmulatedBackend(block=cuda_kernels.BLOCK, chunk=cuda_kernels.CHUNK, min_rows=32, max_rows=256)
     for rule in ("adamw", "fadam", "coupled_adam", "lion"):
-        pb = dict(
-            shapes=[(70, 300)] if rule == "coupled_adam" else [(16384 + 5,), (3, 7)],
-            dtypes=["float32"] * (1 if rule == "coupled_adam" else 2),
-            scale=1.0,
-            grad_scale=1.0,
-            first_step=1,
-            steps=2,
-            seed=3,
-            misaligned=False,
-            hp=_default_hp(rule),
-        )
-        ref, got = _run_both(emu, rule, pb)
+        shapes = [(70, 300)] if rule == "coupled_adam" else [(16384 + 5,), (3, 7)]
+        ref, got = _run_both(emu, rule, fixed_problem(rule, shapes, ["float32"] * len(shapes), seed=3))
         _assert_agree(ref, got, exact=rule in EXACT_RULES, magnitude=1)
 
 
@@ -502,18 +651,7 @@ def test_large_multi_chunk_problem_agrees():
     backend = CupyBackend()
     for rule in RULES:
         shapes = [(4099, 257), (33,)] if rule != "coupled_adam" else [(4099, 257), (7, 3)]
-        pb = dict(
-            shapes=shapes,
-            dtypes=["float32", "float64"],
-            scale=1.0,
-            grad_scale=1.0,
-            first_step=1,
-            steps=2,
-            seed=5,
-            misaligned=False,
-            hp=_default_hp(rule),
-        )
-        ref, got = _run_both(backend, rule, pb)
+        ref, got = _run_both(backend, rule, fixed_problem(rule, shapes, ["float32", "float64"], seed=5))
         _assert_agree(ref, got, exact=rule in EXACT_RULES, magnitude=1)
     cupy.cuda.Device().synchronize()
 

@@ -164,12 +164,15 @@ def test_ema_edge_decays_and_tracking():
 
 
 # ---- InfoNCE loss -----------------------------------------------------------------
+def _cos(x, y):
+    return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+
 def _naive_loss(h, hp, neg, tau):
-    cos = lambda x, y: float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
     total = 0.0
     for i in range(len(h)):
-        logits = [cos(h[i], hp[j]) / tau for j in range(len(hp))]
-        logits += [cos(h[i], n) / tau for n in (neg if neg is not None else [])]
+        logits = [_cos(h[i], hp[j]) / tau for j in range(len(hp))]
+        logits += [_cos(h[i], n) / tau for n in (neg if neg is not None else [])]
         total -= logits[i] - math.log(sum(math.exp(x) for x in logits))
     return total / len(h)
 

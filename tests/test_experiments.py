@@ -1,5 +1,6 @@
 """Every experiment in --quick mode: it writes its report and plots, its metrics are
-finite, depend on the seed, and can be recomputed from the outputs it saved.
+finite, depend on the seed, and can be recomputed from the outputs it saved (ESimCSE's
+checks are in test_esimcse_experiment.py; the PyTorch experiments skip without torch).
 
 Each quick run is done once per module (fixtures) and shared by the checks.
 """
@@ -23,6 +24,7 @@ from fisheropt.workloads.models import MLP, load_digits_split  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OWN = ("coupled-adam", "ief", "fadam")
+TORCH = ("torch-lm", "ief-finetune")
 
 
 def _run(tmp_path_factory, name, seed=0):
@@ -44,6 +46,18 @@ def ief(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fadam(tmp_path_factory):
     return _run(tmp_path_factory, "fadam")
+
+
+@pytest.fixture(scope="module")
+def torch_lm(tmp_path_factory):
+    pytest.importorskip("torch")
+    return _run(tmp_path_factory, "torch-lm")
+
+
+@pytest.fixture(scope="module")
+def ief_finetune(tmp_path_factory):
+    pytest.importorskip("torch")
+    return _run(tmp_path_factory, "ief-finetune")
 
 
 def _check_outputs(out, result, n_png):
@@ -68,6 +82,17 @@ def _all_finite(rows, keys):
     return all(math.isfinite(float(r[k])) for r in rows for k in keys)
 
 
+def _runs(rows, name_key):
+    """The per-run rows by (name, seed); ``name_key``: the field that names the run's method."""
+    return {(r[name_key], r["seed"]): r for r in rows}
+
+
+def _assert_differ(runs, key, *pairs):
+    """``key`` differs between the two runs ((name, seed), (name, seed)) of each pair."""
+    for a, b in pairs:
+        assert runs[a][key] != runs[b][key], (key, a, b)
+
+
 def test_registry():
     assert set(OWN) <= set(experiments.EXPERIMENTS)
     for name in OWN:
@@ -75,6 +100,12 @@ def test_registry():
         assert experiments.describe(name)
     with pytest.raises(KeyError):
         experiments.get("no-such-experiment")
+
+
+@pytest.mark.parametrize(("name", "word"), [("torch-lm", "transformer"), ("ief-finetune", "LoRA")])
+def test_torch_experiments_registered(name, word):
+    assert experiments.EXPERIMENTS[name] == "fisheropt.experiments." + name.replace("-", "_")
+    assert word in experiments.describe(name)
 
 
 # ---- coupled-adam -------------------------------------------------------------
@@ -95,10 +126,9 @@ def test_coupled_adam_outputs(coupled):
 @pytest.mark.slow
 def test_coupled_adam_seeds_differ_and_metrics_recompute(coupled):
     out, result = coupled
-    rows = {(r["optimizer"], r["seed"]): r for r in result["per_seed"]}
-    assert rows[("AdamW", 0)]["isotropy"] != rows[("AdamW", 1)]["isotropy"]
-    assert rows[("AdamW", 0)]["val_loss"] != rows[("AdamW", 1)]["val_loss"]
-    assert rows[("AdamW", 0)]["isotropy"] != rows[("Coupled Adam", 0)]["isotropy"]
+    rows = _runs(result["per_seed"], "optimizer")
+    _assert_differ(rows, "isotropy", (("AdamW", 0), ("AdamW", 1)), (("AdamW", 0), ("Coupled Adam", 0)))
+    _assert_differ(rows, "val_loss", (("AdamW", 0), ("AdamW", 1)))
     saved = np.load(out / "embeddings.npz")
     for (opt, seed), row in rows.items():
         rep = embedding_report(saved[f"{opt.replace(' ', '_')}_seed{seed}"])
@@ -172,9 +202,8 @@ def test_fadam_outputs(fadam):
 @pytest.mark.slow
 def test_fadam_seeds_differ_and_accuracy_recomputes(fadam):
     out, result = fadam
-    runs = {(r["method"], r["seed"]): r for r in result["runs"]}
-    assert runs[("FAdam", 0)]["train_loss"] != runs[("FAdam", 1)]["train_loss"]
-    assert runs[("Adam", 0)]["train_loss"] != runs[("FAdam", 0)]["train_loss"]
+    runs = _runs(result["runs"], "method")
+    _assert_differ(runs, "train_loss", (("FAdam", 0), ("FAdam", 1)), (("Adam", 0), ("FAdam", 0)))
     saved = np.load(out / "final_params.npz")
     X_tr, y_tr, X_te, y_te = load_digits_split(seed=0)
     hidden = experiments.get("fadam").QUICK["hidden"]
@@ -184,6 +213,93 @@ def test_fadam_seeds_differ_and_accuracy_recomputes(fadam):
             p[...] = saved[f"{method}|seed0|{i}"]
         assert model.accuracy(X_te, y_te) == pytest.approx(runs[(method, 0)]["test_acc"])
         assert model.loss(X_tr, y_tr) / len(y_tr) == pytest.approx(runs[(method, 0)]["train_loss"], rel=1e-7)
+
+
+# ---- torch-lm (PyTorch) ------------------------------------------------------------
+@pytest.mark.slow
+def test_torch_lm_writes_report_plots_and_metrics(torch_lm):
+    out, result = torch_lm
+    report, metrics = _check_outputs(out, result, 4)
+    assert report.startswith("# ") and "Quick mode" in report and "| fot CoupledAdam |" in report
+    assert "import fisheropt.torch as fot" in report
+    names = [r["optimizer"] for r in result["rows"]]
+    assert names == ["torch AdamW", "fot AdamW", "fot FAdam", "fot CoupledAdam"]
+    for r in result["per_seed"]:
+        for k in ("val_loss", "isotropy", "mu_ratio", "opt_ms", "step_ms"):
+            assert math.isfinite(float(r[k])), (r["optimizer"], k)
+    assert metrics["backends"]["fot AdamW"] in ("numba", "numpy")
+
+
+@pytest.mark.slow
+def test_torch_lm_metrics_recompute_and_depend_on_the_seed(torch_lm):
+    out, result = torch_lm
+    E = np.load(out / "embeddings.npz")
+    for r in result["per_seed"]:
+        key = f"{r['optimizer'].replace(' ', '_')}_seed{r['seed']}"
+        rep = embedding_report(E[key])
+        assert rep["isotropy"] == pytest.approx(r["isotropy"], rel=1e-9)
+        assert rep["mu_ratio"] == pytest.approx(r["mu_ratio"], rel=1e-9)
+    a = E["fot_CoupledAdam_seed0"]
+    b = E["fot_CoupledAdam_seed1"]
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    # torch.optim.AdamW(fused=True) and fisheropt.torch.AdamW: the same rule, the same run
+    gap = result["verdict"]["max_val_loss_gap_fot_vs_torch_adamw"]
+    assert gap < 1e-3
+    d = np.abs(E["torch_AdamW_seed0"] - E["fot_AdamW_seed0"]).max()
+    assert d < 1e-4
+
+
+# ---- ief-finetune (PyTorch) ---------------------------------------------------------
+# torch's forward-mode AD scripts its decompositions on first use (torch's own DeprecationWarning)
+TORCH_JIT_WARNING = "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(TORCH_JIT_WARNING)
+def test_lora_model_trains_only_adapters_and_head():
+    torch = pytest.importorskip("torch")
+    import fisheropt.torch as fot
+    from fisheropt.experiments import ief_finetune
+
+    cfg = ief_finetune.QUICK
+    data = ief_finetune.load_tasks()
+    MLP, _ = ief_finetune.model_classes()
+    torch.manual_seed(0)
+    backbone = MLP(64, cfg["hidden"], 5)
+    model, trainable = ief_finetune.finetune_model(cfg, backbone, seed=0)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in trainable}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    X, y = data["fine"][0][:32], data["fine"][1][:32]
+    with torch.no_grad():
+        torch.testing.assert_close(model.fc1(X), backbone.fc1(X))  # B = 0: starts as the pretrained layer
+    opt = fot.NaturalGradient(model, kind="ief", lr=0.3, params=trainable)
+    opt.step(X, y)
+    opt.step(X, y)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert model.fc1.B.abs().max() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(TORCH_JIT_WARNING)
+def test_ief_finetune_writes_report_plots_and_metrics(ief_finetune):
+    from fisheropt.experiments.ief_finetune import OPTIMIZERS
+
+    out, result = ief_finetune
+    report, metrics = _check_outputs(out, result, 3)
+    assert report.startswith("# ") and "Quick mode" in report
+    for name in OPTIMIZERS:
+        assert f"| {name} |" in report
+    assert "Damping sweep" in report and "## Verdict" in report and "γ(d)/γ(∇L)" in report
+    assert [r["optimizer"] for r in result["rows"]] == list(OPTIMIZERS)
+    assert metrics["P"] > 0 and set(metrics["best_lr"]) == set(OPTIMIZERS)
+    ief = next(r for r in result["rows"] if r["optimizer"] == "iEF")
+    assert math.isfinite(ief["train_loss"]) and 0 < ief["quality"] < 10
+    for r in result["runs"]:
+        assert r["steps"] > 0 and math.isfinite(r["wall_s"])
+    # two seeds, different results
+    a, b = (r for r in result["runs"] if r["optimizer"] == "AdamW" and r["lr"] == result["rows"][4]["lr"])
+    assert a["seed"] != b["seed"] and a["train_loss"] != b["train_loss"]
 
 
 HP = dict(t=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1)

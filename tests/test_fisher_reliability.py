@@ -107,7 +107,7 @@ def test_ndarray_subclasses_scalars_and_other_tensors_are_refused(name):
 def test_torch_tensors_get_a_type_error_not_an_attribute_error():
     torch = pytest.importorskip("torch")
     pr = _random_problem(np.random.default_rng(3), 4, 3, 5)
-    for name, (fn, kwargs) in _calls(pr).items():
+    for fn, kwargs in _calls(pr).values():
         for arg, value in kwargs.items():
             if isinstance(value, np.ndarray):
                 with pytest.raises(TypeError, match=rf"{arg} must be .*ndarray.*torch"):

@@ -155,38 +155,13 @@ def test_many_tensors_one_call():
     params_r = [p.copy() for p in params]
     st_nb = [[np.zeros_like(p) for p in params] for _ in range(2)]
     st_r = [[np.zeros_like(p) for p in params] for _ in range(2)]
+    adamw_hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    fadam_hp = dict(adamw_hp, eps2=0.01, clip=1.0, p=0.5)
     for t in range(1, 4):
         grads = [randn(rng, p.shape, p.dtype) for p in params]
-        nb.adamw_step(params, grads, *st_nb, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-        ref.adamw_step(params_r, grads, *st_r, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-        nb.fadam_step(
-            params,
-            grads,
-            *st_nb,
-            step=t,
-            lr=1e-3,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            eps2=0.01,
-            clip=1.0,
-            p=0.5,
-            weight_decay=0.1,
-        )
-        ref.fadam_step(
-            params_r,
-            grads,
-            *st_r,
-            step=t,
-            lr=1e-3,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            eps2=0.01,
-            clip=1.0,
-            p=0.5,
-            weight_decay=0.1,
-        )
+        for backend, ps, state in ((nb, params, st_nb), (ref, params_r, st_r)):
+            backend.adamw_step(ps, grads, *state, step=t, **adamw_hp)
+            backend.fadam_step(ps, grads, *state, step=t, **fadam_hp)
     for a, b in zip(params + st_nb[0] + st_nb[1], params_r + st_r[0] + st_r[1]):
         assert_close(a, b, tol(b.dtype, 6), "many tensors")
 
@@ -252,3 +227,36 @@ def test_fused_check_accepts_huge_finite_float64_gradients():
     assert np.isinf(f[0]).all()  # g² overflowed: the step went ahead, as the reference's does
     for a, b in zip(params + m + f, params_r + m_r + f_r):
         assert_close(a, b, tol(b.dtype, 1), "huge finite gradient")
+
+
+_THREADS_SCRIPT = """
+import sys
+import torch
+import numba
+import numpy as np
+import fisheropt as fo
+
+other = 1 if numba.config.NUMBA_NUM_THREADS > 1 else 2  # differs from numba's count
+torch.get_num_threads()
+torch.set_num_threads(other)
+n = int(sys.argv[1])
+fo.AdamW([np.zeros(n, np.float32)], backend="numba").step([np.ones(n, np.float32)])
+print(torch.get_num_threads(), other)
+"""
+
+
+@pytest.mark.parametrize("elements", [10, 1 << 18], ids=["serial launch", "parallel launch"])
+def test_step_leaves_torchs_thread_count_alone(elements):
+    """numba's OpenMP layer sets OpenMP's thread count when it starts (the first parallel
+    launch in a process, hence a fresh one here), and torch reads that count: the step must
+    leave torch.get_num_threads() as the user set it."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(elements)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    got, want = result.stdout.split()
+    assert got == want, f"torch.get_num_threads() is {got} after a numba step, was set to {want}"

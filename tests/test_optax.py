@@ -20,6 +20,9 @@ keep JAX's default.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -496,6 +499,18 @@ def test_xla_cpu_flushes_subnormals():
         pytest.skip("a CPU property")
     x = jnp.asarray(np.float32(1e-40))
     assert float(jax.jit(lambda a: a * 2)(x)) == 0.0
+
+
+def test_xla_cpu_ftz_flag_does_not_keep_subnormals():
+    """XLA has an ``--xla_cpu_ftz`` flag (an unknown flag would abort), but the CPU runtime still
+    flushes with it set to false. If this starts failing, set the flag where the vectors run."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU property")
+    code = "import jax, numpy as np; print(float(jax.jit(lambda a: a * 2)(np.float32(1e-40))))"
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_ftz=false", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) == 0.0
 
 
 def test_state_is_a_pytree_of_the_registry_state():

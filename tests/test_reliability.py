@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 from conftest import host_backend_params
-from rules import CLASS_NAMES, make_optimizer
+from rules import CLASS_NAMES, make_optimizer, snapshot
 
 import fisheropt as fo
 from fisheropt.refimpl import RULES as REGISTRY
@@ -33,15 +33,6 @@ def mixed_model(rng, n=6):
 
 def grads_for(params, rng):
     return [np.asarray(rng.standard_normal(p.shape), dtype=p.dtype) for p in params]
-
-
-def snapshot(opt):
-    return (
-        [p.tobytes() for p in opt.params],
-        {k: [a.tobytes() for a in v] for k, v in opt.state.items()},
-        opt.step_count,
-        opt.hyperparams,
-    )
 
 
 # ---- 1. non-native byte order ------------------------------------------------------------
@@ -87,8 +78,9 @@ def test_overlap_check_cost_is_linear_in_tensors():
 
 # ---- 3. all or nothing -------------------------------------------------------------------
 def fail_on_call(monkeypatch, module, name, k, exc=MemoryError):
-    """Make ``module.name`` raise ``exc`` on its k-th call; returns a counter of calls made."""
-    original = getattr(module, name)
+    """Make ``module.name`` (``module[name]`` for a dict) raise ``exc`` on its k-th call;
+    returns a counter of calls made."""
+    original = module[name] if isinstance(module, dict) else getattr(module, name)
     calls = [0]
 
     def wrapper(*args, **kwargs):
@@ -97,7 +89,10 @@ def fail_on_call(monkeypatch, module, name, k, exc=MemoryError):
             raise exc("injected failure")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, name, wrapper)
+    if isinstance(module, dict):
+        monkeypatch.setitem(module, name, wrapper)
+    else:
+        monkeypatch.setattr(module, name, wrapper)
     return calls
 
 
@@ -105,13 +100,9 @@ def _injection_points(backend, rule):
     """(module or object, function name) pairs called between the step's start and its first write."""
     descriptor = next(r for r in REGISTRY.values() if r.title == rule)
     if backend == "numpy":
-        # the pure per-tensor updates the reference step computes before writing anything
-        module = sys.modules[descriptor.step.__module__]
-        return [
-            (module, name)
-            for name in dir(module)
-            if name.endswith("_update") and callable(getattr(module, name)) and name != "apply_updates"
-        ]
+        # The pure per-tensor updates the reference step computes before writing anything. The
+        # step reads them from the (frozen) descriptor at call time, so they are patched in its __dict__.
+        return [(vars(descriptor), name) for name in ("update", "update_unflagged") if getattr(descriptor, name)]
     from fisheropt.backends.numba import _core
 
     module = importlib.import_module(f"fisheropt.backends.numba.{descriptor.name}")

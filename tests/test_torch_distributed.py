@@ -5,17 +5,10 @@ Each world size is one launch of real processes (tests/distributed_workers/worke
 localhost, a free port), bounded by LAUNCH_TIMEOUT and killed on failure; the module-scoped fixtures
 run them once and the tests compare what the ranks saved with single-process runs made here."""
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
-from distributed_workers import common
+from distributed_workers import common, launcher
 
 import fisheropt.torch as fot
 from fisheropt import fisher
@@ -26,56 +19,11 @@ pytestmark = pytest.mark.skipif(
     reason="torch.distributed with gloo is not available",
 )
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_workers", "worker.py")
 LAUNCH_TIMEOUT = 240  # seconds per launch (all scenarios of one world size; ~40 s on 2 loaded cores)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world, scenarios, tmp_path):
-    """Run the scenarios on ``world`` processes; the list of what each rank saved (or pytest.fail)."""
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs, logs = [], []
-    try:
-        for r in range(world):
-            log = open(tmp_path / f"rank{r}.log", "w")
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, WORKER, str(r), str(world), str(port), str(tmp_path), ",".join(scenarios)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
-            )
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)  # this launch's own process group only
-                p.wait()
-        for log in logs:
-            log.close()
-    outs = []
-    for r, p in enumerate(procs):
-        path = tmp_path / f"rank{r}.pt"
-        out = torch.load(path, weights_only=False) if path.exists() else None
-        if out is None or "error" in out or p.returncode != 0:
-            text = (tmp_path / f"rank{r}.log").read_text()[-4000:]
-            why = out["error"] if out and "error" in out else f"exit code {p.returncode} (timeout {LAUNCH_TIMEOUT} s?)"
-            pytest.fail(f"rank {r} of {world} failed: {why}\n--- log ---\n{text}")
-        outs.append(out)
-    return outs
+    return launcher.launch("worker.py", world, scenarios, tmp_path, LAUNCH_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ torch = pytest.importorskip("torch")
 # torch's forward-mode AD scripts its decompositions on first use (torch's own DeprecationWarning)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
+from torch_models import TokenModel  # noqa: E402
+
 import fisheropt.torch as fot  # noqa: E402
 from fisheropt import fisher  # noqa: E402
 
@@ -247,22 +249,12 @@ def test_quality_is_logged_with_the_matrix_free_fisher(batch):
 
 def test_sequence_model_with_padding_steps_and_descends():
     torch.manual_seed(0)
-
-    class Seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(6, 4)
-            self.out = nn.Linear(4, 5)
-
-        def forward(self, ids):
-            return self.out(torch.tanh(self.emb(ids).cumsum(1)))
-
     ids = torch.randint(0, 6, (8, 6))
     y = torch.randint(0, 5, (8, 6))
     y[:, :2] = -100
     y[3] = -100  # a sample with no counted token is left out
     for kind in ("ief", "exact"):
-        m = Seq()
+        m = TokenModel(vocab=6, width=4, classes=5)
         opt = fot.NaturalGradient(m, kind=kind, lr=0.5, damping=1e-2)
         losses = [float(opt.step(ids, y)) for _ in range(5)]
         assert losses[-1] < losses[0]

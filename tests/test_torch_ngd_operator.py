@@ -9,6 +9,8 @@ torch = pytest.importorskip("torch")
 # torch's forward-mode AD scripts its decompositions on first use (torch's own DeprecationWarning)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
+from torch_models import TokenModel  # noqa: E402
+
 import fisheropt.torch as fot  # noqa: E402
 from fisheropt import fisher  # noqa: E402
 from fisheropt.torch.fisher_operator import operator_ngd_direction  # noqa: E402
@@ -79,17 +81,7 @@ def test_sampled_fisher_operator_matches_dense_sampled(batch):
 
 def test_sequence_operator_sums_over_counted_tokens():
     torch.manual_seed(2)
-
-    class Seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(5, 3)
-            self.out = nn.Linear(3, 4)
-
-        def forward(self, ids):
-            return self.out(torch.tanh(self.emb(ids).cumsum(1)))
-
-    m = Seq().double()
+    m = TokenModel(vocab=5, width=3, classes=4).double()
     ids = torch.randint(0, 5, (3, 4))
     y = torch.randint(0, 4, (3, 4))
     y[1, 2:] = -100

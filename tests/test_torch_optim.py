@@ -88,6 +88,18 @@ def fot_groups(rule, params, flags):
     return [{"params": yes, rule.tensor_flag.name: True}, {"params": no}], yes + no
 
 
+def step_with_twin(rng, steps, opt, params, fo_opt, arrays):
+    """``steps`` steps of ``opt`` and of its fisheropt twin ``fo_opt`` on the same gradients; then the
+    parameters must have the same bytes."""
+    for _ in range(steps):
+        grads = grads_for(rng, params)
+        set_grads(params, grads)
+        opt.step()
+        fo_opt.step([g.numpy() for g in grads])
+    for p, a in zip(params, arrays):
+        assert p.detach().numpy().tobytes() == a.tobytes()
+
+
 def snapshot(opt, params):
     return (
         [p.detach().clone() for p in params],
@@ -148,13 +160,7 @@ def test_same_bits_as_fisheropt(backend, name, dtype):
     fo_opt = getattr(fo, rule.title)(
         arrays, lr=3e-2, backend=backend, **({rule.tensor_flag.name: flags} if flags else {})
     )
-    for _ in range(5):
-        grads = grads_for(rng, params)
-        set_grads(params, grads)
-        opt.step()
-        fo_opt.step([g.numpy() for g in grads])
-    for p, a in zip(params, arrays):
-        assert p.detach().numpy().tobytes() == a.tobytes()
+    step_with_twin(rng, 5, opt, params, fo_opt, arrays)
     for i, p in enumerate(params):
         st = opt.state[p]
         assert int(st["step"]) == 5
@@ -484,14 +490,7 @@ def test_float32_and_float64_parameters_together():
     params = p32 + p64
     arrays = [p.detach().numpy().copy() for p in params]
     opt = fot.FAdam(params, backend="numpy")
-    ref = fo.FAdam(arrays, backend="numpy")
-    for _ in range(3):
-        grads = grads_for(rng, params)
-        set_grads(params, grads)
-        opt.step()
-        ref.step([g.numpy() for g in grads])
-    for p, a in zip(params, arrays):
-        assert p.detach().numpy().tobytes() == a.tobytes()
+    step_with_twin(rng, 3, opt, params, fo.FAdam(arrays, backend="numpy"), arrays)
 
 
 def test_named_parameters_give_names_in_messages():

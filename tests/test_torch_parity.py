@@ -38,21 +38,10 @@ def _run_both(cls_fo, cls_torch, dtype, backend, steps, **hp):
 # float32 at a few ulp of the parameter scale (1).
 @pytest.mark.parametrize("backend", host_backend_params())
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
-@pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_adam_matches_torch(backend, dtype, tol, wd):
-    worst = _run_both(
-        fo.Adam, torch.optim.Adam, dtype, backend, 60, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd
-    )
-    assert worst < tol
-
-
-@pytest.mark.parametrize("backend", host_backend_params())
-@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
-@pytest.mark.parametrize("wd", [0.0, 0.3])
-def test_adamw_matches_torch(backend, dtype, tol, wd):
-    worst = _run_both(
-        fo.AdamW, torch.optim.AdamW, dtype, backend, 60, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd
-    )
+@pytest.mark.parametrize("name,wd", [("Adam", 0.0), ("Adam", 0.1), ("AdamW", 0.0), ("AdamW", 0.3)])
+def test_matches_torch(backend, dtype, tol, name, wd):
+    cls_fo, cls_torch = getattr(fo, name), getattr(torch.optim, name)
+    worst = _run_both(cls_fo, cls_torch, dtype, backend, 60, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd)
     assert worst < tol
 
 

@@ -30,6 +30,13 @@ def set_grads(params, grads):
         p.grad = None if g is None else g.clone()
 
 
+def step_together(grads, *runs):
+    """One step of each (optimizer, its parameters) of ``runs``, all on the same gradients."""
+    for opt, params in runs:
+        set_grads(params, grads)
+        opt.step()
+
+
 def build(name, params, backend="numpy", **kw):
     rule = RULES[name]
     cls = getattr(fot, rule.title)
@@ -72,10 +79,7 @@ def test_resume_from_weights_only_checkpoint_is_bit_exact(backend, name):
     opt2 = build(name, resumed, backend)
     opt2.load_state_dict(sd)
     for g in grads[3:]:
-        set_grads(params, g)
-        set_grads(resumed, g)
-        opt.step()
-        opt2.step()
+        step_together(g, (opt, params), (opt2, resumed))
     for a, b in zip(params, resumed):
         assert a.detach().numpy().tobytes() == b.detach().numpy().tobytes()
     assert float(opt2.state[resumed[1]]["step"]) == 5 and float(opt2.state[resumed[0]]["step"]) == 6
@@ -85,11 +89,7 @@ def test_resume_from_weights_only_checkpoint_is_bit_exact(backend, name):
 
 
 def test_state_dict_is_plain_tensors_and_torch_keys():
-    rng = np.random.default_rng(2)
-    params = make_params(rng)
-    opt = fot.AdamW(params, backend="numpy")
-    set_grads(params, grads_for(rng, params))
-    opt.step()
+    opt, params = _trained()
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     for entry in sd["state"].values():
@@ -110,44 +110,48 @@ def test_checkpoint_exchange_with_torch_optim_both_ways(tmp_path, backend, name)
     init = make_params(rng)
     grads = [grads_for(rng, init) for _ in range(12)]
 
-    def groups(ps):
-        return [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "lr": 3e-2, "weight_decay": 0.0}]
+    def torch_opt(groups):
+        return TorchCls(groups, lr=1e-2, foreach=False)
 
-    def train(opt, sched, ps, gs):
+    def fot_opt(groups):
+        return FotCls(groups, lr=1e-2, backend=backend)
+
+    def start(make_opt, ps, file=None):
+        """An optimizer with two param groups over ``ps`` and its scheduler, resumed from ``file``."""
+        opt = make_opt([{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "lr": 3e-2, "weight_decay": 0.0}])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+        if file is not None:
+            checkpoint = torch.load(file, weights_only=True)
+            opt.load_state_dict(checkpoint["opt"])
+            sched.load_state_dict(checkpoint["sched"])
+        return opt, sched
+
+    def train(opt, sched, ps, gs, file=None):
         for g in gs:
             set_grads(ps, g)
             opt.step()
             sched.step()
+        if file is not None:
+            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, file)
+
+    def copies(ps):
+        return [torch.nn.Parameter(p.detach().clone()) for p in ps]
 
     # reference: torch all the way
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in init]
-    ropt = TorchCls(groups(ref), lr=1e-2, foreach=False)
-    rsched = torch.optim.lr_scheduler.StepLR(ropt, step_size=4, gamma=0.5)
+    ref = copies(init)
+    ropt, rsched = start(torch_opt, ref)
     train(ropt, rsched, ref, grads)
 
     # torch for 4 steps -> fot for 4 -> torch for 4
-    ps = [torch.nn.Parameter(p.detach().clone()) for p in init]
-    a = TorchCls(groups(ps), lr=1e-2, foreach=False)
-    sa = torch.optim.lr_scheduler.StepLR(a, step_size=4, gamma=0.5)
-    train(a, sa, ps, grads[:4])
-    torch.save({"opt": a.state_dict(), "sched": sa.state_dict()}, tmp_path / "a.pt")
-
-    ck = torch.load(tmp_path / "a.pt", weights_only=True)
-    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    b = FotCls(groups(ps2), lr=1e-2, backend=backend)
-    sb = torch.optim.lr_scheduler.StepLR(b, step_size=4, gamma=0.5)
-    b.load_state_dict(ck["opt"])
-    sb.load_state_dict(ck["sched"])
+    ps = copies(init)
+    a, sa = start(torch_opt, ps)
+    train(a, sa, ps, grads[:4], tmp_path / "a.pt")
+    ps2 = copies(ps)
+    b, sb = start(fot_opt, ps2, tmp_path / "a.pt")
     assert b.param_groups[1]["lr"] == a.param_groups[1]["lr"]
-    train(b, sb, ps2, grads[4:8])
-    torch.save({"opt": b.state_dict(), "sched": sb.state_dict()}, tmp_path / "b.pt")
-
-    ck = torch.load(tmp_path / "b.pt", weights_only=True)
-    ps3 = [torch.nn.Parameter(p.detach().clone()) for p in ps2]
-    c = TorchCls(groups(ps3), lr=1e-2, foreach=False)
-    sc = torch.optim.lr_scheduler.StepLR(c, step_size=4, gamma=0.5)
-    c.load_state_dict(ck["opt"])
-    sc.load_state_dict(ck["sched"])
+    train(b, sb, ps2, grads[4:8], tmp_path / "b.pt")
+    ps3 = copies(ps2)
+    c, sc = start(torch_opt, ps3, tmp_path / "b.pt")
     train(c, sc, ps3, grads[8:])
 
     for x, y in zip(ps3, ref):
@@ -155,11 +159,9 @@ def test_checkpoint_exchange_with_torch_optim_both_ways(tmp_path, backend, name)
     for x, y in zip(ps3, ref):
         assert float(c.state[x]["step"]) == float(ropt.state[y]["step"]) == 12
     # the exchange carried state: a fot optimizer that ignored the checkpoint ends elsewhere
-    ps4 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    d = FotCls(groups(ps4), lr=1e-2, backend=backend)
-    for g in grads[4:8]:
-        set_grads(ps4, g)
-        d.step()
+    ps4 = copies(ps)
+    d, sched_d = start(fot_opt, ps4)
+    train(d, sched_d, ps4, grads[4:8])
     assert max(float((x - y).detach().abs().max()) for x, y in zip(ps4, ps2)) > 1e-4
 
 
@@ -174,80 +176,94 @@ def _trained():
 
 
 def _mutations():
+    """name -> (an edit that makes a valid state dict bad, the message that refuses it)."""
+    found = {}
+
+    def refused_with(message):
+        def register(edit):
+            found[edit.__name__] = (edit, message)
+            return edit
+
+        return register
+
+    @refused_with(r"state\[1\].*'exp_avg'.*shape \(6,\).*\(5,\)")
     def shape(sd):
         sd["state"][1]["exp_avg"] = torch.zeros(6)
 
+    @refused_with("dtype torch.float64")
     def dtype(sd):
         sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].double()
 
+    @refused_with("NaN or Inf")
     def nan(sd):
         sd["state"][0]["exp_avg"][0, 0] = float("nan")
 
+    @refused_with("negative")
     def negative(sd):
         sd["state"][0]["exp_avg_sq"][0, 0] = -1.0
 
+    @refused_with("expected the entries")
     def missing(sd):
         del sd["state"][2]["exp_avg_sq"]
 
+    @refused_with("AMSGrad")
     def amsgrad_state(sd):
         sd["state"][0]["max_exp_avg_sq"] = sd["state"][0]["exp_avg_sq"].clone()
 
+    @refused_with("non-negative whole")
     def step_negative(sd):
         sd["state"][3]["step"] = torch.tensor(-1.0)
 
+    @refused_with("whole number")
     def step_fraction(sd):
         sd["state"][3]["step"] = torch.tensor(2.5)
 
+    @refused_with("2 parameter groups")
     def groups_count(sd):
         sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0]))
 
+    @refused_with("3 parameters")
     def params_count(sd):
         sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
 
+    @refused_with("lr must be >= 0")
     def bad_lr(sd):
         sd["param_groups"][0]["lr"] = -1.0
 
+    @refused_with("amsgrad=True")
     def amsgrad(sd):
         sd["param_groups"][0]["amsgrad"] = True
 
+    @refused_with("parameter id 99")
     def unknown_id(sd):
         sd["state"][99] = sd["state"][0]
 
+    @refused_with("must be a Tensor")
     def not_a_tensor(sd):
         sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].numpy()
 
+    @refused_with("missing hyperparameter 'betas'")
     def missing_hyper(sd):
         del sd["param_groups"][0]["betas"]
 
-    return {
-        "shape": (shape, r"state\[1\].*'exp_avg'.*shape \(6,\).*\(5,\)"),
-        "dtype": (dtype, "dtype torch.float64"),
-        "nan": (nan, "NaN or Inf"),
-        "negative": (negative, "negative"),
-        "missing": (missing, "expected the entries"),
-        "amsgrad_state": (amsgrad_state, "AMSGrad"),
-        "step_negative": (step_negative, "non-negative whole"),
-        "step_fraction": (step_fraction, "whole number"),
-        "groups_count": (groups_count, "2 parameter groups"),
-        "params_count": (params_count, "3 parameters"),
-        "bad_lr": (bad_lr, "lr must be >= 0"),
-        "amsgrad": (amsgrad, "amsgrad=True"),
-        "unknown_id": (unknown_id, "parameter id 99"),
-        "not_a_tensor": (not_a_tensor, "must be a Tensor"),
-        "missing_hyper": (missing_hyper, "missing hyperparameter 'betas'"),
-    }
+    return found
+
+
+def _differing_state_dict(opt):
+    """A valid copy of opt's state dict that differs from the live state, so that a partial load would show."""
+    sd = copy.deepcopy(opt.state_dict())
+    for entry in sd["state"].values():
+        entry["exp_avg"] = entry["exp_avg"] + 1.0
+        entry["step"] = entry["step"] + 5
+    sd["param_groups"][0]["lr"] = 0.5
+    return sd
 
 
 @pytest.mark.parametrize("mutation", sorted(_mutations()))
 def test_bad_state_dict_is_refused_and_changes_nothing(mutation):
     mutate, message = _mutations()[mutation]
     opt, params = _trained()
-    sd = copy.deepcopy(opt.state_dict())
-    # make the dict differ from the live state, so that a partial load would show
-    for entry in sd["state"].values():
-        entry["exp_avg"] = entry["exp_avg"] + 1.0
-        entry["step"] = entry["step"] + 5
-    sd["param_groups"][0]["lr"] = 0.5
+    sd = _differing_state_dict(opt)
     mutate(sd)
     before = snapshot(opt, params)
     with pytest.raises((ValueError, TypeError), match=message):
@@ -258,12 +274,7 @@ def test_bad_state_dict_is_refused_and_changes_nothing(mutation):
 def test_a_valid_dict_is_loaded_by_the_same_code():
     """The control for the refusals above: the same edits minus the bad one do load."""
     opt, params = _trained()
-    sd = copy.deepcopy(opt.state_dict())
-    for entry in sd["state"].values():
-        entry["exp_avg"] = entry["exp_avg"] + 1.0
-        entry["step"] = entry["step"] + 5
-    sd["param_groups"][0]["lr"] = 0.5
-    opt.load_state_dict(sd)
+    opt.load_state_dict(_differing_state_dict(opt))
     assert opt.param_groups[0]["lr"] == 0.5
     assert float(opt.state[params[0]]["step"]) == 7
 
@@ -336,11 +347,7 @@ def test_pickled_optimizer_keeps_training():
     opt.step()
     params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
     assert opt2.check_finite is False and opt2.backends == {"cpu": "numpy"}
-    g = grads_for(rng, params)
-    set_grads(params, g)
-    set_grads(params2, g)
-    opt.step()
-    opt2.step()
+    step_together(grads_for(rng, params), (opt, params), (opt2, params2))
     for a, b in zip(params, params2):
         assert a.detach().numpy().tobytes() == b.detach().numpy().tobytes()
     assert float(opt2.state[params2[0]]["step"]) == 2
@@ -354,20 +361,12 @@ def test_state_entry_replaced_as_a_whole_is_checked_and_adopted():
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = fot.AdamW(params, lr=1e-2, backend="numpy")
     ref = torch.optim.AdamW(twins, lr=1e-2, foreach=False)
-    g = grads_for(rng, params)
-    set_grads(params, g)
-    set_grads(twins, g)
-    opt.step()
-    ref.step()
+    step_together(grads_for(rng, params), (opt, params), (ref, twins))
     new = {"step": torch.tensor(7.0), "exp_avg": torch.full((4, 3), 0.1), "exp_avg_sq": torch.full((4, 3), 0.2)}
     opt.state[params[0]] = {k: v.clone() for k, v in new.items()}
     ref.state[twins[0]] = {k: v.clone() for k, v in new.items()}
     for _ in range(2):
-        g = grads_for(rng, params)
-        set_grads(params, g)
-        set_grads(twins, g)
-        opt.step()
-        ref.step()
+        step_together(grads_for(rng, params), (opt, params), (ref, twins))
     for p, t in zip(params, twins):
         np.testing.assert_allclose(p.detach().numpy(), t.detach().numpy(), rtol=0, atol=2e-6)
     assert float(opt.state[params[0]]["step"]) == 9

@@ -4,7 +4,9 @@ One module per update rule, beside its reference and its Numba version
 (backends/cupy/fadam.py next to refimpl/fadam.py and backends/numba/fadam.py):
 the rule's CUDA kernels (signature and body), how it plans its launches, and
 its ``<rule>_step`` (plus ``<rule>_step_checked`` where the finiteness check
-fuses into a pass the step makes anyway). ``finite`` has the pre-step check.
+fuses into a pass the step makes anyway, and ``<rule>_partials`` / ``<rule>_apply``,
+the two passes of a sharded step, where the rule reduces over whole tensors:
+spec/distributed.md §5). ``finite`` has the pre-step check.
 The shared machinery is in the underscore modules: ``_kernels`` (the CUDA
 header, table layouts and compile options, one translation unit per dtype),
 ``_plan`` (chunk and column tables, caches, grouping by dtype and host scalars,
@@ -25,13 +27,14 @@ rule without a module here is unavailable on this backend only.
   host-to-device copy).
 * ``step`` and every hyperparameter may be one value or one per tensor (param
   groups, per-parameter step counts): tensors of one dtype whose host scalars
-  (from the rule's descriptor, in float64) are bit-identical share a launch, and
+  (float64, from the rule's descriptor; those shared with the numba backend in
+  ``backends/_host.py``) are bit-identical share a launch, and
   every launch of the step is prepared before the first one runs (all or nothing).
 * No host synchronisation inside an unchecked step: FAdam's ε_t and clip
   scales, and Coupled Adam's column means, are computed on the device from
   deterministic float64 two-stage reductions (fixed order, no atomics).
   ``all_finite`` reads back one int; so do the checked steps, once, in place
-  of it.
+  of it. The sharded steps' pass 1 reads its float64 sums back.
 * Kernels run on CuPy's current stream. The cached scratch buffers belong to
   the layout, so do not run two steps with the same layout concurrently on
   different streams.

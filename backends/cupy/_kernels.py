@@ -6,8 +6,10 @@ that defines ``KERNELS`` (``finite``, ``adam``, ``fadam``, ``coupled_adam``,
 kernel) contributes :class:`Kernel` entries (signature and body) and, where it
 needs one, ``DEVICE_CODE`` (its ``__device__`` helpers). This module holds
 what they share: the header (types, vector loads and stores, the block
-reduction, the chunk loop), the layout constants of the planner's tables, the
-compile options, and the assembly of one translation unit per dtype.
+reduction, the chunk loop), the skeleton of the kernels that stream tensors
+through the chunk table (:func:`streaming_kernel`), the layout constants of the
+planner's tables, the compile options, and the assembly of one translation
+unit per dtype.
 ``_device.load_module`` compiles it with NVRTC (options below), ``_emulate``
 compiles the same text with g++ to run it on the CPU in the tests.
 
@@ -41,7 +43,8 @@ Layout shared with the planner (``_plan``)
   vector loads when every pointer of the tensor is 16-byte aligned; the same
   element-to-thread mapping otherwise, so results never depend on alignment);
 * meta, int64 rows of ``META_ROW`` = 8 per tensor: (size, first chunk, end chunk,
-  rows, cols, partial base, row chunks, 0);
+  rows, cols, then for coupled tensors: partial base, row tiles, first column of the
+  column totals);
 * pointer tables: one uint64 array per role (params, grads, m, v / f).
 """
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import textwrap
 from typing import NamedTuple
 
 CHUNK_ROW = 4  # int64 per row of the chunk table: tensor, start, stop, start % cols
@@ -83,6 +87,48 @@ class Kernel(NamedTuple):
     signature: list
     body: str
     kind: str = "elementwise"
+
+
+def streaming_kernel(arrays: dict, scalars: str, loop: str, *, written=(), before="", after="") -> Kernel:
+    """An elementwise kernel over the chunk table (one block per chunk): each thread loads a
+    group of VEC consecutive elements of every array, runs ``loop`` for each element ``k`` of
+    the group, stores the ``written`` arrays back and moves to its next group.
+
+    ``arrays``: the name of each array in the body (its group is ``<name>_group``) and its
+    pointer table; ``scalars``: the parameters after the pointer tables, in C
+    (``"int mode, T eps"``); ``before`` / ``after``: statements before and after the loop
+    over groups (accumulators, a flag). Alignment decides vector or scalar access per
+    tensor, never which elements a thread takes."""
+    names, tables = list(arrays), list(arrays.values())
+    signature = [
+        ("const long long*", "chunks"),
+        *[("const unsigned long long*", table) for table in tables],
+        *[tuple(parameter.strip().rsplit(" ", 1)) for parameter in scalars.split(",") if parameter.strip()],
+    ]
+    lines = [
+        "CHUNK_HEADER",
+        *[f"TENSOR({'T' if name in written else 'const T'}, {name}, {arrays[name]});" for name in names],
+        f"const bool aligned = aligned16({' | '.join(f'{table}[t]' for table in tables)});",
+        *_statements(before),
+        "FOR_GROUPS(base) {",
+        "    const bool full = aligned && base + VEC <= stop;",
+        "    T " + ", ".join(f"{name}_group[VEC]" for name in names) + ";",
+        *[f"    load_group({name}, base, stop, full, {name}_group);" for name in names],
+        "#pragma unroll",
+        "    for (int k = 0; k < VEC; ++k) {",
+        *["        " + statement for statement in _statements(loop)],
+        "    }",
+        *[f"    store_group({name}, base, stop, full, {name}_group);" for name in written],
+        "}",
+        *_statements(after),
+    ]
+    body = "\n".join(line if line.startswith("#") else "    " + line for line in lines)
+    return Kernel(signature, f"\n{body}\n")
+
+
+def _statements(text: str) -> list[str]:
+    """The lines of a piece of kernel text, without their common indentation."""
+    return textwrap.dedent(text).strip("\n").splitlines() if text.strip() else []
 
 
 def kernel_modules() -> tuple[str, ...]:

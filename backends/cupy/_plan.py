@@ -15,9 +15,10 @@ per-parameter step counts differ), the launches are (independent of the tensor
 count):
 
 * Adam / AdamW: 1 kernel (28 B/param in float32); Lion: 1 kernel (20 B/param);
-* FAdam: 3 passes + 2 one-block-per-tensor finalizers (44 B/param);
-* Coupled Adam: column sums, column finalize, update (24 B/param + the
-  float64 partial column sums, about 1/rows_per_tile of g);
+* FAdam: 3 passes (44 B/param), each of the first two followed by its per-tensor sums,
+  and 2 kernels of per-tensor scalars;
+* Coupled Adam: column sums per row tile, their column totals, v̄, update (24 B/param +
+  the float64 partial column sums, about 1/rows_per_tile of g);
 * all_finite: 1 kernel and one 4-byte device-to-host read (its only sync).
 
 Tables depend only on shapes, so they are built and uploaded once per layout
@@ -117,7 +118,8 @@ def coupled_tables(shapes, block: int = _kernels.BLOCK, **tile_kw):
 
 
 def meta_table(shapes, first, partial_base=None, n_row_tiles=None):
-    """Per-tensor rows of META_ROW int64: size, first chunk, end chunk, rows, cols, partial base, row tiles, 0."""
+    """Per-tensor rows of META_ROW int64: size, first chunk, end chunk, rows, cols, and for coupled tensors
+    (``partial_base`` given) partial base, row tiles, first column (of the plan's column totals)."""
     meta = np.zeros((len(shapes), _kernels.META_ROW), dtype=np.int64)
     for i, shape in enumerate(shapes):
         size = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
@@ -126,9 +128,10 @@ def meta_table(shapes, first, partial_base=None, n_row_tiles=None):
         meta[i, 2] = first[i + 1]
         if len(shape) == 2:
             meta[i, 3], meta[i, 4] = int(shape[0]), int(shape[1])
-    if partial_base is not None:
+    if partial_base is not None and n_row_tiles is not None:
         meta[:, 5] = partial_base
         meta[:, 6] = n_row_tiles
+        meta[1:, 7] = np.cumsum(meta[:-1, 4])
     return meta
 
 
@@ -201,12 +204,12 @@ class Plan:
         table, first = chunk_table(sizes, chunk, cols)
         self.n_chunks = int(table.shape[0])
         self.host = {"chunks": table, "first": first}
-        self.n_partial = 0
+        self.n_partial = self.n_columns = 0
         if kind == "coupled":
             tiles, col_tiles, partial_base, n_row_tiles, n_partial = coupled_tables(shapes, block, **tile_kw)
             meta = meta_table(shapes, first, partial_base, n_row_tiles)
             self.n_tiles, self.n_col_tiles = int(tiles.shape[0]), int(col_tiles.shape[0])
-            self.n_partial = int(n_partial)
+            self.n_partial, self.n_columns = int(n_partial), int(meta[:, 4].sum())
             self.host.update(tiles=tiles, col_tiles=col_tiles, meta=meta)
             self.tiles = launcher.upload(tiles if len(tiles) else np.zeros((1, _kernels.TILE_ROW), np.int64))
             self.col_tiles = launcher.upload(
@@ -217,8 +220,18 @@ class Plan:
             self.host["meta"] = meta
         self.chunks = launcher.upload(table if len(table) else np.zeros((1, _kernels.CHUNK_ROW), np.int64))
         self.meta = launcher.upload(meta)
+        # what the per-tensor scalars are means of: elements (FAdam's RMS), rows (Coupled Adam's column means)
+        self.host["counts"] = meta[:, 3].copy() if kind == "coupled" else meta[:, 0].copy()
+        self._counts = None
         self._launcher = launcher
         self._scratch: dict = {}
+
+    @property
+    def counts(self):
+        """Device int64 per tensor: its element count (coupled: its row count), uploaded on first use."""
+        if self._counts is None:
+            self._counts = self._launcher.upload(self.host["counts"])
+        return self._counts
 
     @property
     def tables(self) -> dict:
@@ -236,6 +249,20 @@ class Plan:
         if bufs is None:
             bufs = self._scratch[name] = tuple(self._launcher.empty_f64(max(1, int(n))) for n in sizes)
         return bufs
+
+
+class LaunchGroup:
+    """The tensors of a step that share their launches (one dtype, one set of host scalars): their
+    indices in the step's lists, their plan, and every kernel argument by name in ``args`` (the
+    plan's tables, the pointer tables of their slices, the host scalars; a rule adds its scratch)."""
+
+    def __init__(self, engine, dtype, scalars, plan, pointers, indices):
+        self.engine, self.dtype, self.scalars, self.plan, self.indices = engine, dtype, scalars, plan, indices
+        self.args = {**plan.tables, **pointers, **scalars}
+
+    def launch(self, name, grid, **given):
+        """Kernel ``name`` over ``grid`` blocks, its arguments from ``args`` and ``given``; nothing runs yet."""
+        return self.engine.prepared_from(name, self.dtype, grid, {**self.args, **given})
 
 
 class Engine:
@@ -345,8 +372,7 @@ class Engine:
         return [(dtype, row, idx) for (dtype, _), (row, idx) in out.items()]
 
     def launch_groups(self, kind: str, scalars, values: dict, **arrays):
-        """Per launch group of a step (:meth:`scalar_groups`): ``(dtype, host scalars, plan,
-        pointer tables)``.
+        """The :class:`LaunchGroup` of each launch group of a step (:meth:`scalar_groups`).
 
         ``arrays`` maps a kernel's pointer-table argument to the step's list for it
         (``param_ptrs=params, grad_ptrs=grads, ...``); the first list decides the groups and the
@@ -359,7 +385,18 @@ class Engine:
         for slot, (dtype, row, idx) in enumerate(self.scalar_groups(lists[0], values, scalars)):
             group = select(idx, *lists)
             plan = self.plan(kind, dtype, group[0], slot)
-            yield dtype, row, plan, {name: self.pointers(part) for name, part in zip(names, group)}
+            pointers = {name: self.pointers(part) for name, part in zip(names, group)}
+            yield LaunchGroup(self, dtype, row, plan, pointers, list(range(len(lists[0])) if idx is None else idx))
+
+    def streaming_launches(self, name: str, scalars, values: dict, arrays: dict, **extra) -> list:
+        """The launches of the streaming kernel ``name`` (``_kernels.streaming_kernel``) for one
+        step, one per launch group (:meth:`launch_groups` of ``arrays`` and ``values``), one
+        block per chunk; its arguments are the group's chunk table, pointer tables and host
+        scalars, and ``extra``. Nothing runs yet."""
+        return [
+            group.launch(name, group.plan.n_chunks, **extra)
+            for group in self.launch_groups("elem", scalars, values, **arrays)
+        ]
 
     # ---- launches ----------------------------------------------------------------
     @staticmethod
@@ -382,6 +419,27 @@ class Engine:
                 self.stats["launches"] += 1
                 self.launcher.launch(dtype, name, grid, args)
         self._generation += 1
+
+    def run_checked(self, reads, writes, flag, recheck) -> bool:
+        """Run ``reads``, then ``writes``, and return True; with a ``flag`` (set by check launches among
+        ``reads``), read it back in between, once: where it is set and ``recheck()`` (a closer look at
+        the input) returns False as well, return False instead, ``writes`` not run, nothing written."""
+        self.run(reads)
+        if flag is not None and self.flag_set(flag) and not recheck():
+            return False
+        self.run(writes)
+        return True
+
+    def upload(self, host):
+        """A device copy of the host array ``host`` (asynchronous)."""
+        return self.launcher.upload(np.ascontiguousarray(host))
+
+    @staticmethod
+    def download(buffer) -> np.ndarray:
+        """A float64 device buffer on the host (waits for the launches before it). ``tolist`` is the
+        one copy to the host that CuPy arrays (which refuse implicit conversion) and the emulator's
+        NumPy arrays both have; the buffers read back are small (per-tensor sums, column sums)."""
+        return np.array(buffer.tolist(), dtype=np.float64)
 
     def new_flag(self):
         """A device int, 0: set to 1 by the check kernels that see a non-finite value."""

@@ -9,19 +9,5 @@ __all__ = ["adamw_step"]
 def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
     """Multi-tensor, in place: the backend interface for AdamW (as torch.optim.AdamW)."""
     engine = current()
-    engine.run(
-        adam_launches(
-            engine,
-            params,
-            grads,
-            m,
-            v,
-            decoupled=True,
-            step=step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-        )
-    )
+    hyperparams = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    engine.run(adam_launches(engine, params, grads, m, v, decoupled=True, **hyperparams))

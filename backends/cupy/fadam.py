@@ -1,18 +1,32 @@
 """FAdam on the GPU: fused, multi-tensor CUDA kernels (reference: refimpl/fadam.py).
 
-Per dtype and set of host scalars, five launches whatever the number of tensors,
+Per dtype and set of host scalars, seven launches whatever the number of tensors,
 with no host synchronisation: ε_t and the two clip scales of every tensor are
 computed on the device from deterministic float64 two-stage reductions (fixed
-order, no atomics):
+order, no atomics).
+
+Pass 1 reads θ, g and f and writes scratch only (the sums, ε_t):
 
 1. ``sumsq``: per chunk, Σg² (read g, 4 B per float32 element);
-2. ``fadam_eps`` (one block per tensor): RMS(g) and ε_t = min(ε, ε₂·RMS(g))^{2p}, as
-   ``refimpl.fadam.adaptive_epsilon``;
-3. ``fadam_precond``: f ← β̂₂f + (1-β̂₂)g² (written), per chunk Σḡ² and Σw̄² (read θ, g, f;
-   write f: 16 B);
-4. ``fadam_scales`` (one block per tensor): the clip scales max(1, RMS/c);
-5. ``fadam_apply``: m ← β₁m + (1-β₁)ḡ/s_g, θ ← θ - lr(m + λ w̄/s_w) (read θ, g, m, f;
-   write θ, m: 24 B).
+2. ``fadam_tensor_sums`` (one block per tensor): each tensor's chunks added, Σg²;
+3. ``fadam_eps`` (a thread per tensor): ε_t = min(ε, ε₂·RMS(g))^{2p} from Σg² and the
+   element count, as ``refimpl.fadam.adaptive_epsilon``;
+4. ``fadam_sums``: per chunk Σḡ² and Σw̄², the new f ← β̂₂f + (1-β̂₂)g² formed and not
+   stored (read θ, g, f: 12 B);
+5. ``fadam_tensor_sums`` again: Σḡ², Σw̄² per tensor.
+
+Pass 2 writes:
+
+6. ``fadam_scales`` (a thread per tensor): the clip scales max(1, RMS/c);
+7. ``fadam_apply``: f ← β̂₂f + (1-β̂₂)g², m ← β₁m + (1-β₁)ḡ/s_g, θ ← θ - lr(m + λ w̄/s_w)
+   (read θ, g, m, f; write θ, m, f: 28 B).
+
+A sharded step (spec/distributed.md §5) is the same two passes: ``fadam_partials``
+runs pass 1 with ε_t given (the guess ε^{2p} by default) in place of launch 3 and
+reads the per-tensor sums back; ``fadam_apply`` takes the whole tensors' sums and
+element counts and runs launches 3, 6 and 7. With a tensor's own sums that is the
+single-process step, bit for bit (where ε₂·RMS(g) ≥ ε, ε_t is the host's ε^{2p}, the
+guess itself).
 
 Elementwise arithmetic in the parameter dtype in the reference's order (it
 divides, where the numba kernels multiply by reciprocals); β̂₂ comes from the
@@ -20,50 +34,88 @@ rule's descriptor. ``fadam_step_checked`` fuses the finiteness check into pass 1
 (see there).
 """
 
+import math
+import textwrap
+
 import numpy as np
 
-from fisheropt.refimpl.fadam import RULE
+from fisheropt.refimpl.fadam import RULE, adaptive_epsilon
 
-from ._kernels import Kernel
+from ._kernels import Kernel, streaming_kernel
 from ._plan import current
 from .finite import exactly_finite, partials_finite_launch
 
-__all__ = ["fadam_step", "fadam_step_checked", "fadam_launches"]
+__all__ = ["fadam_step", "fadam_step_checked", "fadam_partials", "fadam_apply"]
 
 DEVICE_CODE = r"""
 // f^p for FAdam: pow_mode 0 -> sqrt (p = 0.5), 1 -> f (p = 1), 2 -> pow(f, p).
 __device__ __forceinline__ T pow_p(T x, int pow_mode, T p) {
     return pow_mode == 0 ? {SQRT}(x) : (pow_mode == 1 ? x : {POW}(x, p));
 }
+
+// FAdam's new f: pass 1 forms it without storing it, so that it writes nothing; pass 2 stores it.
+__device__ __forceinline__ T fadam_new_f(T f, T g, T beta2_hat, T one_minus_beta2_hat) {
+    return beta2_hat * f + one_minus_beta2_hat * (g * g);
+}
+
+// A whole tensor's RMS from its float64 sum of squares and element count (0 when empty).
+__device__ __forceinline__ double fadam_rms(double total, long long n) {
+    return (n == 0) ? 0.0 : sqrt(total / (double)n);
+}
 """
 
-# Per tensor t, tensor_scalars[3t .. 3t+2] = (ε_t, clip scale of ḡ, clip scale of w̄) in float64.
+
+def _per_tensor(signature, body) -> Kernel:
+    """A kernel of per-tensor float64 scalar math: a thread per tensor t < n_tensors.
+
+    Per tensor t: tensor_sums[3t .. 3t+2] = (Σg², Σḡ², Σw̄²) and tensor_scalars[3t .. 3t+2] =
+    (ε_t, clip scale of ḡ, clip scale of w̄), float64."""
+    inner = textwrap.indent(textwrap.dedent(body).strip("\n"), "        ")
+    head = "const long long t = (long long)blockIdx.x * BLOCK + threadIdx.x;\n    if (t < n_tensors) {"
+    return Kernel([*signature, ("long long", "n_tensors")], f"\n    {head}\n{inner}\n    }}\n", kind="finalize")
+
+
 KERNELS = {
-    # ---- FAdam pass 1: per-chunk float64 sum of g^2 (for RMS(g)).
-    "sumsq": Kernel(
-        [("const long long*", "chunks"), ("const unsigned long long*", "grad_ptrs"), ("double*", "g2_partials")],
-        r"""
-    CHUNK_HEADER
-    TENSOR(const T, g, grad_ptrs);
-    const bool aligned = aligned16(grad_ptrs[t]);
-    double acc = 0;
-    FOR_GROUPS(base) {
-        const bool full = aligned && base + VEC <= stop;
-        T g_group[VEC];
-        load_group(g, base, stop, full, g_group);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) { const double x = (double)g_group[k]; acc += x * x; }
-    }
-    __shared__ double shared[BLOCK];
-    const double sum = block_sum(acc, shared);
-    if (threadIdx.x == 0) g2_partials[blockIdx.x] = sum;
-""",
+    "sumsq": streaming_kernel(
+        {"g": "grad_ptrs"},
+        "double* g2_partials",
+        "const double x = (double)g_group[k];\nacc += x * x;",
+        before="double acc = 0;",
+        after="""
+            __shared__ double shared[BLOCK];
+            const double sum = block_sum(acc, shared);
+            if (threadIdx.x == 0) g2_partials[blockIdx.x] = sum;
+        """,
     ),
-    # ---- FAdam finalize 1 (one block per tensor): eps_t from RMS(g), as refimpl.fadam.adaptive_epsilon.
-    "fadam_eps": Kernel(
+    # ---- one block per tensor: its chunks' partial sums (``width`` per chunk) added in a fixed
+    # tree, into tensor_sums[3t + first ...].
+    "fadam_tensor_sums": Kernel(
         [
             ("const long long*", "meta"),
-            ("const double*", "g2_partials"),
+            ("const double*", "partials"),
+            ("int", "width"),
+            ("int", "first"),
+            ("double*", "tensor_sums"),
+        ],
+        r"""
+    const long long* tensor_meta = meta + (long long)META_ROW * blockIdx.x;
+    const long long chunk_begin = tensor_meta[1], chunk_end = tensor_meta[2];
+    __shared__ double shared[BLOCK];
+    for (int k = 0; k < width; ++k) {
+        double acc = 0;
+        for (long long c = chunk_begin + threadIdx.x; c < chunk_end; c += BLOCK) acc += partials[width * c + k];
+        const double sum = block_sum(acc, shared);
+        if (threadIdx.x == 0) tensor_sums[3 * (long long)blockIdx.x + first + k] = sum;
+    }
+""",
+        kind="finalize",
+    ),
+    # ---- ε_t per tensor, as refimpl.fadam.adaptive_epsilon; where the min is ε, the host's ε^{2p}
+    # (the guess of a sharded pass 1, so that both sides agree to the bit).
+    "fadam_eps": _per_tensor(
+        [
+            ("const long long*", "counts"),
+            ("const double*", "tensor_sums"),
             ("double*", "tensor_scalars"),
             ("double", "eps"),
             ("double", "eps2"),
@@ -72,142 +124,59 @@ KERNELS = {
             ("T", "eps_pow_2p"),
             ("T", "tiny"),
         ],
-        r"""
-    const long long* tensor_meta = meta + (long long)META_ROW * blockIdx.x;
-    const long long n = tensor_meta[0], chunk_begin = tensor_meta[1], chunk_end = tensor_meta[2];
-    double acc = 0;
-    for (long long c = chunk_begin + threadIdx.x; c < chunk_end; c += BLOCK) acc += g2_partials[c];
-    __shared__ double shared[BLOCK];
-    const double sum = block_sum(acc, shared);
-    if (threadIdx.x == 0) {
-        const double rms = (n == 0) ? 0.0 : sqrt(sum / (double)n);
-        const double x = eps2 * rms;
-        const double smaller = (x < eps) ? x : eps;                     // Python min(eps, eps2*rms)
-        const double powered = two_p_is_one ? smaller : pow(smaller, two_p);  // ** (2p)
-        T eps_t = (T)powered;
-        if (eps_t == (T)0) eps_t = eps_pow_2p;                          // eps ** (2p) where that is 0
-        if (tiny > eps_t) eps_t = tiny;                                 // max(eps_t, finfo.tiny)
-        tensor_scalars[3 * blockIdx.x] = (double)eps_t;
-    }
-""",
-        kind="finalize",
+        """
+        const double x = eps2 * fadam_rms(tensor_sums[3 * t], counts[t]);
+        T eps_t = (x < eps) ? (T)(two_p_is_one ? x : pow(x, two_p)) : eps_pow_2p;  // min(eps, x) ** (2p)
+        if (eps_t == (T)0) eps_t = eps_pow_2p;  // eps ** (2p) where that is 0
+        if (tiny > eps_t) eps_t = tiny;  // max(eps_t, finfo.tiny)
+        tensor_scalars[3 * t] = (double)eps_t;
+        """,
     ),
-    # ---- FAdam pass 2: f update (written), float64 sums of g_bar^2 and w_bar^2 per chunk.
-    "fadam_precond": Kernel(
-        [
-            ("const long long*", "chunks"),
-            ("const unsigned long long*", "param_ptrs"),
-            ("const unsigned long long*", "grad_ptrs"),
-            ("const unsigned long long*", "f_ptrs"),
-            ("const double*", "tensor_scalars"),
-            ("double*", "clip_partials"),
-            ("T", "beta2_hat"),
-            ("T", "one_minus_beta2_hat"),
-            ("int", "pow_mode"),
-            ("T", "p"),
-        ],
-        r"""
-    CHUNK_HEADER
-    TENSOR(const T, theta, param_ptrs);
-    TENSOR(const T, g, grad_ptrs);
-    TENSOR(T, f, f_ptrs);
-    const bool aligned = aligned16(param_ptrs[t] | grad_ptrs[t] | f_ptrs[t]);
-    const T eps_t = (T)tensor_scalars[3 * t];
-    double sum_g_bar2 = 0, sum_w_bar2 = 0;
-    FOR_GROUPS(base) {
-        const bool full = aligned && base + VEC <= stop;
-        T theta_group[VEC], g_group[VEC], f_group[VEC];
-        load_group(theta, base, stop, full, theta_group);
-        load_group(g, base, stop, full, g_group);
-        load_group(f, base, stop, full, f_group);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            const T fi = beta2_hat * f_group[k] + one_minus_beta2_hat * (g_group[k] * g_group[k]);
-            f_group[k] = fi;
+    "fadam_sums": streaming_kernel(
+        {"theta": "param_ptrs", "g": "grad_ptrs", "f": "f_ptrs"},
+        "const double* tensor_scalars, double* clip_partials, T beta2_hat, T one_minus_beta2_hat, int pow_mode, T p",
+        """
+            const T fi = fadam_new_f(f_group[k], g_group[k], beta2_hat, one_minus_beta2_hat);
             const T denom = pow_p(fi, pow_mode, p) + eps_t;
-            const T g_bar = g_group[k] / denom;
-            const T w_bar = theta_group[k] / denom;
+            const double g_bar = (double)(g_group[k] / denom);
+            const double w_bar = (double)(theta_group[k] / denom);
             if (full || base + k < stop) {
-                const double g_bar64 = (double)g_bar;
-                const double w_bar64 = (double)w_bar;
-                sum_g_bar2 += g_bar64 * g_bar64;
-                sum_w_bar2 += w_bar64 * w_bar64;
+                sum_g_bar2 += g_bar * g_bar;
+                sum_w_bar2 += w_bar * w_bar;
             }
-        }
-        store_group(f, base, stop, full, f_group);
-    }
-    __shared__ double shared[BLOCK];
-    const double block_g_bar2 = block_sum(sum_g_bar2, shared);
-    const double block_w_bar2 = block_sum(sum_w_bar2, shared);
-    if (threadIdx.x == 0) {
-        clip_partials[2 * (long long)blockIdx.x] = block_g_bar2;
-        clip_partials[2 * (long long)blockIdx.x + 1] = block_w_bar2;
-    }
-""",
+        """,
+        before="const T eps_t = (T)tensor_scalars[3 * t];\ndouble sum_g_bar2 = 0, sum_w_bar2 = 0;",
+        after="""
+            __shared__ double shared[BLOCK];
+            const double block_g_bar2 = block_sum(sum_g_bar2, shared);
+            const double block_w_bar2 = block_sum(sum_w_bar2, shared);
+            if (threadIdx.x == 0) {
+                clip_partials[2 * (long long)blockIdx.x] = block_g_bar2;
+                clip_partials[2 * (long long)blockIdx.x + 1] = block_w_bar2;
+            }
+        """,
     ),
-    # ---- FAdam finalize 2 (one block per tensor): clip scales max(1, RMS/c) for g_bar and w_bar.
-    "fadam_scales": Kernel(
+    # ---- the clip scales max(1, RMS/c) of ḡ and w̄ per tensor.
+    "fadam_scales": _per_tensor(
         [
-            ("const long long*", "meta"),
-            ("const double*", "clip_partials"),
+            ("const long long*", "counts"),
+            ("const double*", "tensor_sums"),
             ("double*", "tensor_scalars"),
             ("double", "clip"),
         ],
-        r"""
-    const long long* tensor_meta = meta + (long long)META_ROW * blockIdx.x;
-    const long long n = tensor_meta[0], chunk_begin = tensor_meta[1], chunk_end = tensor_meta[2];
-    double sum_g_bar2 = 0, sum_w_bar2 = 0;
-    for (long long c = chunk_begin + threadIdx.x; c < chunk_end; c += BLOCK) {
-        sum_g_bar2 += clip_partials[2 * c];
-        sum_w_bar2 += clip_partials[2 * c + 1];
-    }
-    __shared__ double shared[BLOCK];
-    const double total_g_bar2 = block_sum(sum_g_bar2, shared);
-    const double total_w_bar2 = block_sum(sum_w_bar2, shared);
-    if (threadIdx.x == 0) {
-        const double ratio_g = ((n == 0) ? 0.0 : sqrt(total_g_bar2 / (double)n)) / clip;
-        const double ratio_w = ((n == 0) ? 0.0 : sqrt(total_w_bar2 / (double)n)) / clip;
-        tensor_scalars[3 * blockIdx.x + 1] = (ratio_g > 1.0) ? ratio_g : 1.0;    // Python max(1.0, rms/c)
-        tensor_scalars[3 * blockIdx.x + 2] = (ratio_w > 1.0) ? ratio_w : 1.0;
-    }
-""",
-        kind="finalize",
+        """
+        const double ratio_g = fadam_rms(tensor_sums[3 * t + 1], counts[t]) / clip;
+        const double ratio_w = fadam_rms(tensor_sums[3 * t + 2], counts[t]) / clip;
+        tensor_scalars[3 * t + 1] = (ratio_g > 1.0) ? ratio_g : 1.0;  // Python max(1.0, rms/c)
+        tensor_scalars[3 * t + 2] = (ratio_w > 1.0) ? ratio_w : 1.0;
+        """,
     ),
-    # ---- FAdam pass 3: momentum of the clipped natural gradient, preconditioned weight decay, θ.
-    "fadam_apply": Kernel(
-        [
-            ("const long long*", "chunks"),
-            ("const unsigned long long*", "param_ptrs"),
-            ("const unsigned long long*", "grad_ptrs"),
-            ("const unsigned long long*", "m_ptrs"),
-            ("const unsigned long long*", "f_ptrs"),
-            ("const double*", "tensor_scalars"),
-            ("int", "pow_mode"),
-            ("T", "p"),
-            ("T", "beta1"),
-            ("T", "one_minus_beta1"),
-            ("T", "lr"),
-            ("T", "weight_decay"),
-        ],
-        r"""
-    CHUNK_HEADER
-    TENSOR(T, theta, param_ptrs);
-    TENSOR(const T, g, grad_ptrs);
-    TENSOR(T, m, m_ptrs);
-    TENSOR(const T, f, f_ptrs);
-    const bool aligned = aligned16(param_ptrs[t] | grad_ptrs[t] | m_ptrs[t] | f_ptrs[t]);
-    const T eps_t = (T)tensor_scalars[3 * t];
-    const T clip_g = (T)tensor_scalars[3 * t + 1];
-    const T clip_w = (T)tensor_scalars[3 * t + 2];
-    FOR_GROUPS(base) {
-        const bool full = aligned && base + VEC <= stop;
-        T theta_group[VEC], g_group[VEC], m_group[VEC], f_group[VEC];
-        load_group(theta, base, stop, full, theta_group);
-        load_group(g, base, stop, full, g_group);
-        load_group(m, base, stop, full, m_group);
-        load_group(f, base, stop, full, f_group);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
+    "fadam_apply": streaming_kernel(
+        {"theta": "param_ptrs", "g": "grad_ptrs", "m": "m_ptrs", "f": "f_ptrs"},
+        "const double* tensor_scalars, T beta2_hat, T one_minus_beta2_hat, int pow_mode, T p, T beta1, "
+        "T one_minus_beta1, T lr, T weight_decay",
+        """
+            f_group[k] = fadam_new_f(f_group[k], g_group[k], beta2_hat, one_minus_beta2_hat);
             const T denom = pow_p(f_group[k], pow_mode, p) + eps_t;
             T g_bar = g_group[k] / denom;
             g_bar = g_bar / clip_g;
@@ -215,11 +184,13 @@ KERNELS = {
             T w_bar = theta_group[k] / denom;
             w_bar = w_bar / clip_w;
             theta_group[k] = theta_group[k] - lr * (m_group[k] + weight_decay * w_bar);
-        }
-        store_group(theta, base, stop, full, theta_group);
-        store_group(m, base, stop, full, m_group);
-    }
-""",
+        """,
+        written=("theta", "m", "f"),
+        before="""
+            const T eps_t = (T)tensor_scalars[3 * t];
+            const T clip_g = (T)tensor_scalars[3 * t + 1];
+            const T clip_w = (T)tensor_scalars[3 * t + 2];
+        """,
     ),
 }
 
@@ -245,63 +216,74 @@ def fadam_scalars(*, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     )
 
 
-def fadam_launches(engine, params, grads, m, f, *, check=False, flag=None, **hyperparams):
-    """(reductions, the rest): the launches of one step, every argument converted.
+def _groups(engine, params, grads, m, f, hyperparams) -> list:
+    """The step's launch groups (``_plan.LaunchGroup``), each with its scratch among its arguments."""
+    groups = list(
+        engine.launch_groups("elem", fadam_scalars, hyperparams, param_ptrs=params, grad_ptrs=grads, m_ptrs=m, f_ptrs=f)
+    )
+    for group in groups:
+        plan = group.plan
+        scratch = plan.scratch("fadam", plan.n_chunks, 2 * plan.n_chunks, 3 * plan.n_tensors, 3 * plan.n_tensors)
+        group.args.update(zip(("g2_partials", "clip_partials", "tensor_sums", "tensor_scalars"), scratch))
+        group.args.update(counts=plan.counts, n_tensors=plan.n_tensors, tiny=np.finfo(group.dtype).tiny)
+    return groups
 
-    The first list reads only (pass 1, and with ``check`` the test of its partial sums,
-    which sets ``flag``); the second writes. One set per dtype and set of host scalars,
-    each group with its own scratch."""
-    first, rest = [], []
-    for dtype, scalars, plan, pointers in engine.launch_groups(
-        "elem", fadam_scalars, hyperparams, param_ptrs=params, grad_ptrs=grads, m_ptrs=m, f_ptrs=f
-    ):
-        g2_partials, clip_partials, tensor_scalars = plan.scratch(
-            "fadam", plan.n_chunks, 2 * plan.n_chunks, 3 * plan.n_tensors
-        )
-        available = {
-            **plan.tables,
-            **pointers,
-            **scalars,
-            "g2_partials": g2_partials,
-            "clip_partials": clip_partials,
-            "tensor_scalars": tensor_scalars,
-            "tiny": np.finfo(dtype).tiny,
-        }
-        first.append(engine.prepared_from("sumsq", dtype, plan.n_chunks, available))
+
+def _launch(group, name, **given):
+    grid = group.plan.n_chunks  # the streaming kernels: a block per chunk
+    if name == "fadam_tensor_sums":
+        grid = group.plan.n_tensors  # a block per tensor
+    elif name in ("fadam_eps", "fadam_scales"):
+        grid = -(-group.plan.n_tensors // group.engine.block)  # a thread per tensor
+    return group.launch(name, grid, **given)
+
+
+def _pass1(group, *, epsilon: bool) -> list:
+    """Σg², (``epsilon``: ε_t from it,) Σḡ² and Σw̄², per chunk and per tensor: writes scratch only."""
+    g2 = _launch(group, "fadam_tensor_sums", partials=group.args["g2_partials"], width=1, first=0)
+    bars = _launch(group, "fadam_tensor_sums", partials=group.args["clip_partials"], width=2, first=1)
+    return [_launch(group, "sumsq"), g2, *_epsilon(group, epsilon), _launch(group, "fadam_sums"), bars]
+
+
+def _pass2(group, *, epsilon: bool) -> list:
+    """(``epsilon``: ε_t,) the clip scales and the update, from the per-tensor sums."""
+    return [*_epsilon(group, epsilon), _launch(group, "fadam_scales"), _launch(group, "fadam_apply")]
+
+
+def _epsilon(group, wanted: bool) -> list:
+    # ε_t from the per-tensor Σg²: between the sums of pass 1 in a single-process step, first in a
+    # sharded pass 2 (whose pass 1 used ε_t given from the host)
+    return [_launch(group, "fadam_eps")] if wanted else []
+
+
+def _launches(engine, params, grads, m, f, check, flag, hyperparams):
+    """(reads only, writes): the launches of one single-process step, every argument converted.
+
+    Pass 1 then pass 2, ε_t derived on the device in between; with ``check`` the first list is
+    Σg² per chunk and the test of those partial sums (which sets ``flag``), the rest the second."""
+    reads, writes = [], []
+    for group in _groups(engine, params, grads, m, f, hyperparams):
+        launches = _pass1(group, epsilon=True) + _pass2(group, epsilon=False)
+        reads.append(launches[0])
         if check:
-            first.append(partials_finite_launch(engine, dtype, g2_partials, plan.n_chunks, flag))
-        rest += [
-            engine.prepared_from(name, dtype, grid, available)
-            for name, grid in (
-                ("fadam_eps", plan.n_tensors),
-                ("fadam_precond", plan.n_chunks),
-                ("fadam_scales", plan.n_tensors),
-                ("fadam_apply", plan.n_chunks),
+            reads.append(
+                partials_finite_launch(engine, group.dtype, group.args["g2_partials"], group.plan.n_chunks, flag)
             )
-        ]
-    return first, rest
+        writes += launches[1:]
+    return reads, writes
+
+
+def _step(params, grads, m, f, check, hyperparams) -> bool:
+    engine = current()
+    flag = engine.new_flag() if check else None
+    reads, writes = _launches(engine, params, grads, m, f, check, flag, hyperparams)
+    return engine.run_checked(reads, writes, flag, lambda: exactly_finite(engine, grads))
 
 
 def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """Multi-tensor, in place: the backend interface for FAdam (no host synchronisation)."""
-    engine = current()
-    first, rest = fadam_launches(
-        engine,
-        params,
-        grads,
-        m,
-        f,
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        eps2=eps2,
-        clip=clip,
-        p=p,
-        weight_decay=weight_decay,
-    )
-    engine.run(first + rest)
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+    _step(params, grads, m, f, False, hp)
 
 
 def fadam_step_checked(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay) -> bool:
@@ -313,28 +295,40 @@ def fadam_step_checked(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2
     optimizer's separate all_finite pass over g: 44 B per float32 element instead of 48,
     and the same single host synchronisation per step. A float64 g above 1e154 overflows
     Σg² although finite: only then are the gradients read again, to tell the two apart."""
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+    return _step(params, grads, m, f, True, hp)
+
+
+def fadam_partials(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay, eps_t=None):
+    """Pass 1 of a sharded step (spec/distributed.md §5): (T, 3) float64 on the host, per tensor Σg²,
+    Σḡ², Σw̄² over its local elements, ḡ and w̄ formed with ``eps_t`` (one per tensor; None: the guess
+    ε^{2p}). Writes nothing but scratch; reads the sums back (one host synchronisation)."""
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
     engine = current()
-    flag = engine.new_flag()
-    first, rest = fadam_launches(
-        engine,
-        params,
-        grads,
-        m,
-        f,
-        check=True,
-        flag=flag,
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        eps2=eps2,
-        clip=clip,
-        p=p,
-        weight_decay=weight_decay,
-    )
-    engine.run(first)
-    if engine.flag_set(flag) and not exactly_finite(engine, grads):
-        return False
-    engine.run(rest)
-    return True
+    groups = _groups(engine, params, grads, m, f, hp)
+    for group in groups:
+        scalars = np.zeros((len(group.indices), 3))
+        if eps_t is None:
+            row = group.scalars
+            scalars[:, 0] = adaptive_epsilon(math.inf, eps=row["eps"], eps2=row["eps2"], p=row["p"], dtype=group.dtype)
+        else:  # as the kernels read ε_t: a value of the parameter dtype
+            scalars[:, 0] = np.asarray(eps_t, np.float64)[group.indices].astype(group.dtype)
+        group.args["tensor_scalars"] = engine.upload(scalars.ravel())
+    engine.run([launch for group in groups for launch in _pass1(group, epsilon=False)])
+    sums = np.zeros((len(params), 3))
+    for group in groups:
+        sums[group.indices] = engine.download(group.args["tensor_sums"])[: 3 * len(group.indices)].reshape(-1, 3)
+    return sums
+
+
+def fadam_apply(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay, sums, counts):
+    """Pass 2 of a sharded step (launches 3, 6, 7) on the local elements: ε_t, the clip scales and the
+    update from ``sums`` ((T, 3), each tensor's :func:`fadam_partials` added over its shards, Σḡ², Σw̄²
+    formed with the ε_t of that Σg²) and ``counts`` (the whole tensors' sizes)."""
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+    engine = current()
+    groups = _groups(engine, params, grads, m, f, hp)
+    for group in groups:
+        group.args["tensor_sums"] = engine.upload(np.asarray(sums, np.float64)[group.indices].ravel())
+        group.args["counts"] = engine.upload(np.asarray(counts, np.int64)[group.indices])
+    engine.run([launch for group in groups for launch in _pass2(group, epsilon=True)])

@@ -7,29 +7,19 @@ Coupled Adam) use it for ``<rule>_step_checked`` (see there), a non-finite g
 making its partial sum non-finite.
 """
 
-from ._kernels import Kernel
+from ._kernels import Kernel, streaming_kernel
 from ._plan import current
 
 __all__ = ["all_finite", "finite_launches", "partials_finite_launch", "exactly_finite"]
 
 KERNELS = {
     # ---- pre-step check: one int flag, set (never cleared) by any block that sees a NaN/Inf.
-    "all_finite": Kernel(
-        [("const long long*", "chunks"), ("const unsigned long long*", "grad_ptrs"), ("int*", "flag")],
-        r"""
-    CHUNK_HEADER
-    TENSOR(const T, g, grad_ptrs);
-    const bool aligned = aligned16(grad_ptrs[t]);
-    bool bad = false;
-    FOR_GROUPS(base) {
-        const bool full = aligned && base + VEC <= stop;
-        T g_group[VEC];
-        load_group(g, base, stop, full, g_group);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) bad = bad || !isfinite(g_group[k]);
-    }
-    if (bad) *flag = 1;
-""",
+    "all_finite": streaming_kernel(
+        {"g": "grad_ptrs"},
+        "int* flag",
+        "bad = bad || !isfinite(g_group[k]);",
+        before="bool bad = false;",
+        after="if (bad) *flag = 1;",
     ),
     # ---- the same flag from n float64 partial sums (one thread each).
     "finite_f64": Kernel(
@@ -48,10 +38,7 @@ def _no_scalars() -> dict:
 
 def finite_launches(engine, arrays, flag) -> list:
     """The launches that set ``flag`` when an element of ``arrays`` is NaN or ±Inf (one per dtype)."""
-    return [
-        engine.prepared_from("all_finite", dtype, plan.n_chunks, {**plan.tables, **pointers, "flag": flag})
-        for dtype, _, plan, pointers in engine.launch_groups("elem", _no_scalars, {}, grad_ptrs=arrays)
-    ]
+    return engine.streaming_launches("all_finite", _no_scalars, {}, dict(grad_ptrs=arrays), flag=flag)
 
 
 def partials_finite_launch(engine, dtype, partials, n, flag):

@@ -14,7 +14,7 @@ Same signatures as fisheropt.refimpl.fisher_ngd; arrays are cupy.ndarray.
 
 import cupy
 
-from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK, check_condition, damped_condition, sample_space_direction
+from fisheropt.refimpl.fisher_ngd import GRAM_BLOCK, checked_damped_gram, sample_space_direction
 
 __all__ = ["fisher_gram", "fisher_sample_space_direction", "solve_damped_gram"]
 
@@ -35,15 +35,7 @@ def solve_damped_gram(gram, rhs, damping, *, singular=False):
     """(gram + damping I)^{-1} rhs in float64 on the device, once check_condition accepted gram + λI
     (``singular``: as the reference's, for the Woodbury form; fisheropt._ngd uses it for the
     parameter-space solves of SF and the exact direction on the GPU)."""
-    n = gram.shape[0]
-    damped = gram.astype(cupy.float64, copy=False) + damping * cupy.eye(n, dtype=cupy.float64)
-    w = cupy.linalg.eigvalsh(damped)
-    check_condition(
-        damped_condition(w, damping if singular else None),
-        damping,
-        float(w[-1]),
-        "F + λI (singular, P > rank)" if singular else "the damped Gram matrix",
-    )
+    damped = checked_damped_gram(gram, damping, singular=singular, xp=cupy)
     # Imported here: cupyx.scipy.linalg loads cuBLAS/cuSOLVER at import time, and a missing CUDA
     # library must not make the whole backend unimportable.
     from cupyx.scipy.linalg import solve_triangular

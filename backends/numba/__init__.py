@@ -2,7 +2,8 @@
 
 One module per update rule, beside its reference (backends/numba/fadam.py next to
 refimpl/fadam.py), plus the shared machinery in ``_core`` (pointers, chunk
-tables, plan cache, launches). Same function names and signatures as the
+tables, plan cache, launches) and, shared with the cupy backend, the kernels'
+host scalars in ``backends/_host.py``. Same function names and signatures as the
 reference backend (fisheropt.backends.interface). Importing this module fails
 with ImportError when numba is missing, which the registry reports as the reason
 the backend is unavailable; a rule without a module here is unavailable on this

@@ -22,6 +22,9 @@ mistaken for a cached array, and the cache never keeps a model's memory alive. T
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.util
 import threading
 import weakref
 from collections import OrderedDict
@@ -52,17 +55,54 @@ KERNEL_LOCK = threading.RLock()
 
 
 def launch(kernel, n_elements, *args):
-    """Run a parallel kernel under the lock (one thread below SERIAL_BELOW elements)."""
+    """Run a parallel kernel under the lock (one thread below SERIAL_BELOW elements).
+
+    numba's OpenMP layer sets OpenMP's thread count to numba's when it starts (in the first
+    launch of a process), and where PyTorch's OpenMP runtime is the one numba calls, that
+    count is ``torch.get_num_threads()``: it is put back afterwards, whichever launch starts
+    the layer, so a step never changes torch's thread count."""
+    get_openmp_threads, set_openmp_threads = _openmp_thread_count()
     with KERNEL_LOCK:
-        if n_elements < SERIAL_BELOW:
-            threads = numba.get_num_threads()
-            if threads != 1:
-                numba.set_num_threads(1)
-                try:
-                    return kernel(*args)
-                finally:
-                    numba.set_num_threads(threads)
-        return kernel(*args)
+        openmp_threads = get_openmp_threads()
+        try:
+            if n_elements < SERIAL_BELOW:
+                threads = numba.get_num_threads()
+                if threads != 1:
+                    numba.set_num_threads(1)
+                    try:
+                        return kernel(*args)
+                    finally:
+                        numba.set_num_threads(threads)
+            return kernel(*args)
+        finally:
+            if get_openmp_threads() != openmp_threads:
+                set_openmp_threads(openmp_threads)
+
+
+@functools.cache
+def _openmp_thread_count():
+    """(get, set) of the OpenMP thread count that numba's "omp" layer changes; no-ops where
+    there is no OpenMP runtime."""
+    for library in _openmp_libraries():
+        if hasattr(library, "omp_get_max_threads"):
+            return library.omp_get_max_threads, library.omp_set_num_threads
+    return (lambda: 0), (lambda threads: None)
+
+
+def _openmp_libraries():
+    """Where numba's OpenMP layer finds the OpenMP functions it calls, in the order it looks:
+    the process's global scope (PyTorch loads its own libgomp there), then the layer's library
+    and the runtime it links."""
+    try:
+        yield ctypes.CDLL(None)
+    except (OSError, TypeError):  # no global scope to search on this platform
+        pass
+    spec = importlib.util.find_spec("numba.np.ufunc.omppool")
+    if spec is not None and spec.origin:
+        try:
+            yield ctypes.CDLL(spec.origin)
+        except OSError:  # its OpenMP runtime is missing: numba cannot run that layer either
+            pass
 
 
 def run_phases(reduce, apply, check: bool) -> bool:
@@ -272,13 +312,17 @@ def all_finite_at(p, n):
     return True
 
 
-def per_tensor_table(idx, row, values: dict, dtype) -> np.ndarray:
+def per_tensor_table(idx, row, values: dict, dtype, columns=None) -> np.ndarray:
     """(len(idx), number of scalars) array of ``dtype``: row i is ``row(**values_i)`` for tensor idx[i].
 
     A value in ``values`` is one for all tensors or a list/tuple with one per tensor
     (backends/interface.py). ``row`` returns the tensor's host scalars, computed in
     float64 by the rule's descriptor; they are rounded to the parameter dtype here,
-    once per distinct set of inputs (one in the usual case, a few with param groups)."""
+    once per distinct set of inputs (one in the usual case, a few with param groups).
+    With ``columns``, ``row`` returns them by name (backends/_host.py) and the table
+    holds the named ones, in that order."""
+    if columns is not None:
+        row = _named_columns(row, columns)
     varying = [k for k, v in values.items() if isinstance(v, (list, tuple))]
     if not varying:
         return np.tile(np.array(row(**values), dtype=dtype), (len(idx), 1))
@@ -290,6 +334,16 @@ def per_tensor_table(idx, row, values: dict, dtype) -> np.ndarray:
             rows[key] = row(**{**values, **dict(zip(varying, key))})
         table.append(rows[key])
     return np.array(table, dtype=dtype)
+
+
+def _named_columns(scalars, columns):
+    """A ``row`` for :func:`per_tensor_table`: the ``columns`` of the dict ``scalars(**values)``."""
+
+    def row(**values):
+        named = scalars(**values)
+        return [named[name] for name in columns]
+
+    return row
 
 
 def _chain(lists):

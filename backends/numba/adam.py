@@ -2,8 +2,8 @@
 
 One pass per step: read θ, g, m, v; write θ, m, v (28 B per float32 element).
 Arithmetic in the parameter dtype in the reference's order, every coefficient
-computed in float64 by the rule's descriptor and rounded to the parameter
-dtype on the host; no fastmath, no FMA contraction: float32 and float64
+computed in float64 on the host (backends/_host.py, from the rule's descriptor)
+and rounded to the parameter dtype; no fastmath, no FMA contraction: float32 and float64
 results equal the reference bit for bit (tested). Each tensor reads its own
 row of the coefficient table, so param groups with their own learning rate
 and parameters with their own step count still take one launch per dtype.
@@ -12,47 +12,61 @@ and parameters with their own step count still take one launch per dtype.
 import numpy as np
 from numba import njit, prange
 
-from fisheropt.refimpl.adam import RULE
+from fisheropt.backends._host import DECOUPLED_DECAY, L2_DECAY, adam_scalars
 
 from ._core import PLANS, addresses, as_pointer, dtype_groups, flat_chunks, per_tensor_table, run_all
 
 __all__ = ["adam_step", "adam_launches"]
 
-SCALED, L2 = 0, 1  # how weight decay enters, per tensor: θ·decay_coef (AdamW; Adam without decay: 1), g + λθ
+# The per-tensor table of host scalars (backends/_host.adam_scalars), in the kernel's column order.
+COLUMNS = (
+    "beta1",
+    "one_minus_beta1",
+    "beta2",
+    "one_minus_beta2",
+    "bias_correction2_sqrt",
+    "eps",
+    "step_size",
+    "weight_decay",
+    "decay_factor",
+)
 
 
 @njit(parallel=True, cache=True)
 def _adam_kernel(theta_addrs, grad_addrs, m_addrs, v_addrs, chunk_tensor, chunk_start, chunk_stop, coef, mode):
-    # coef[t] = (β1, 1-β1, β2, 1-β2, √(1-β2^t), ε, step size, decay_coef): decay_coef is the factor
-    # 1 - lr·λ for SCALED (1 for Adam without decay: θ·1 is θ, bit for bit) and λ for L2. One loop
-    # per mode: the mode is the same for every element of a chunk, and each loop vectorizes alone.
+    # coef[t]: COLUMNS in the parameter dtype; mode[t]: how weight decay enters (backends/_host.py).
+    # One loop per kind of decay: it is the same for every element of a chunk, and each loop
+    # vectorizes alone; no decay is the decoupled loop with the factor 1 (θ·1 is θ, bit for bit).
+    one = coef.dtype.type(1)
     for c in prange(chunk_tensor.size):
         t = chunk_tensor[c]
         beta1, one_minus_beta1, beta2, one_minus_beta2 = coef[t, 0], coef[t, 1], coef[t, 2], coef[t, 3]
-        bias_correction2_sqrt, eps, step_size, decay_coef = coef[t, 4], coef[t, 5], coef[t, 6], coef[t, 7]
+        bias_correction2_sqrt, eps, step_size = coef[t, 4], coef[t, 5], coef[t, 6]
         theta = as_pointer(theta_addrs[t], beta1)
         g = as_pointer(grad_addrs[t], beta1)
         m = as_pointer(m_addrs[t], beta1)
         v = as_pointer(v_addrs[t], beta1)
         start = chunk_start[c]
         stop = chunk_stop[c]
-        if mode[t] == SCALED:
+        if mode[t] == L2_DECAY:
+            weight_decay = coef[t, 7]
+            for i in range(start, stop):
+                ti = theta[i]
+                gi = g[i] + weight_decay * ti
+                mi = beta1 * m[i] + one_minus_beta1 * gi
+                vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
+                m[i] = mi
+                v[i] = vi
+                theta[i] = ti - step_size * (mi / (np.sqrt(vi) / bias_correction2_sqrt + eps))
+        else:
+            decay_factor = coef[t, 8] if mode[t] == DECOUPLED_DECAY else one
             for i in range(start, stop):
                 gi = g[i]
                 mi = beta1 * m[i] + one_minus_beta1 * gi
                 vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
                 m[i] = mi
                 v[i] = vi
-                theta[i] = theta[i] * decay_coef - step_size * (mi / (np.sqrt(vi) / bias_correction2_sqrt + eps))
-        else:
-            for i in range(start, stop):
-                ti = theta[i]
-                gi = g[i] + decay_coef * ti
-                mi = beta1 * m[i] + one_minus_beta1 * gi
-                vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
-                m[i] = mi
-                v[i] = vi
-                theta[i] = ti - step_size * (mi / (np.sqrt(vi) / bias_correction2_sqrt + eps))
+                theta[i] = theta[i] * decay_factor - step_size * (mi / (np.sqrt(vi) / bias_correction2_sqrt + eps))
 
 
 def build_flat_plan(lists):
@@ -66,20 +80,6 @@ def build_flat_plan(lists):
             (dt, idx, [addresses(lst, idx) for lst in lists], chunk_tensor, start, stop, first, sizes, int(sizes.sum()))
         )
     return plan
-
-
-def _l2(weight_decay, decoupled) -> bool:
-    return not decoupled and weight_decay != 0
-
-
-def _row(*, step, lr, beta1, beta2, eps, weight_decay, decoupled):
-    c = RULE.coefficients(step, lr=lr, beta1=beta1, beta2=beta2)
-    decay_coef = weight_decay if _l2(weight_decay, decoupled) else (1 - lr * weight_decay if decoupled else 1.0)
-    return (beta1, 1 - beta1, beta2, 1 - beta2, c["bias_correction2_sqrt"], eps, c["step_size"], decay_coef)
-
-
-def _mode(*, weight_decay, decoupled, **_):
-    return (L2 if _l2(weight_decay, decoupled) else SCALED,)
 
 
 def adam_launches(params, grads, m, v, *, decoupled, **hyperparams):
@@ -104,8 +104,8 @@ def adam_launches(params, grads, m, v, *, decoupled, **hyperparams):
                     chunk_tensor,
                     start,
                     stop,
-                    per_tensor_table(idx, _row, values, dt),
-                    per_tensor_table(idx, _mode, values, np.int64)[:, 0].copy(),
+                    per_tensor_table(idx, adam_scalars, values, dt, COLUMNS),
+                    per_tensor_table(idx, adam_scalars, values, np.int64, ("mode",))[:, 0].copy(),
                 ),
             )
         )
@@ -113,19 +113,6 @@ def adam_launches(params, grads, m, v, *, decoupled, **hyperparams):
 
 
 def adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
-    """Multi-tensor, in place: the backend interface for Adam."""
-    run_all(
-        adam_launches(
-            params,
-            grads,
-            m,
-            v,
-            decoupled=False,
-            step=step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-        )
-    )
+    """Multi-tensor, in place: the backend interface for Adam (L2 decay, as torch.optim.Adam)."""
+    hyperparams = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    run_all(adam_launches(params, grads, m, v, decoupled=False, **hyperparams))

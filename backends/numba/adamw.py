@@ -7,19 +7,6 @@ __all__ = ["adamw_step"]
 
 
 def adamw_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay):
-    """Multi-tensor, in place: the backend interface for AdamW."""
-    run_all(
-        adam_launches(
-            params,
-            grads,
-            m,
-            v,
-            decoupled=True,
-            step=step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-        )
-    )
+    """Multi-tensor, in place: the backend interface for AdamW (as torch.optim.AdamW)."""
+    hyperparams = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    run_all(adam_launches(params, grads, m, v, decoupled=True, **hyperparams))

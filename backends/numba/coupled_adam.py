@@ -22,14 +22,15 @@ from ._core import (
     all_finite_at,
     as_pointer,
     dtype_groups,
+    launch,
     per_tensor_table,
     row_chunks,
-    run_phases,
+    run_all,
 )
 from .adam import adam_launches
 from .finite import all_finite
 
-__all__ = ["coupled_adam_step", "coupled_adam_step_checked"]
+__all__ = ["coupled_adam_step", "coupled_adam_step_checked", "coupled_adam_partials", "coupled_adam_apply"]
 
 # At most this many row blocks per tensor in the column reduction, which bounds its
 # float64 partials to COUPLED_MAX_BLOCKS * d per tensor.
@@ -39,8 +40,6 @@ COUPLED_MAX_BLOCKS = 64
 @njit(parallel=True, cache=True)
 def _coupled_reduce(
     grad_addrs,
-    v_col_addrs,
-    rows,
     cols,
     block_tensor,
     block_start,
@@ -49,29 +48,20 @@ def _coupled_reduce(
     partial_offset,
     partials,
     column_offset,
-    v_col_new,
-    denominator,
+    column_sums,
     itemsize,
-    coef,
-    check,
+    one,
 ):
-    """Column means of g² over the V rows → v̄_new (into ``v_col_new``) and √v̄/bc2 + ε (into
-    ``denominator``), both at ``column_offset[t]`` per tensor.
-
-    coef[t] = (β1, 1-β1, β2, 1-β2, √(1-β2^t), ε, step size, 1 - lr·λ) in the parameter dtype.
-    Row block c covers rows block_start[c]..block_stop[c] of tensor block_tensor[c];
-    partials: its float64 column sums at partial_offset[c], zeroed by the caller. Returns False,
-    having written only scratch, when ``check`` and a coupled gradient holds NaN or Inf."""
-    n_blocks = block_tensor.size
-    n_tensors = rows.size
-    one = v_col_new.dtype.type(1)
-
-    # Pass 1: per row block, column sums of g² in float64 (rows in order within the block).
-    # (The partial row is addressed through a pointer: plain `partials[offset + j]` indexing keeps a
-    # negative-index check in the loop, which stops LLVM from vectorizing it.)
+    """Pass 1: Σ_i g²_ij over the rows of each tensor, float64, into ``column_sums`` at
+    ``column_offset[t]``. Row block c covers rows block_start[c]..block_stop[c] of tensor
+    block_tensor[c]; partials: its float64 column sums at partial_offset[c], zeroed by the
+    caller; the blocks of a tensor are added in order. Reads g; writes only those two."""
+    # Per row block (rows in order within the block). The partial row is addressed through a
+    # pointer: plain `partials[offset + j]` indexing keeps a negative-index check in the loop,
+    # which stops LLVM from vectorizing it.
     zero64 = np.float64(0.0)
     partials_addr = partials.ctypes.data
-    for c in prange(n_blocks):
+    for c in prange(block_tensor.size):
         t = block_tensor[c]
         d = cols[t]
         acc = as_pointer(partials_addr + 8 * partial_offset[c], zero64)
@@ -80,26 +70,21 @@ def _coupled_reduce(
             for j in range(d):
                 x = np.float64(row[j])
                 acc[j] += x * x
-
-    # Per tensor and column: mean over the V rows (blocks combined in order), v̄, denominator.
-    ok = np.ones(n_tensors, np.bool_)
-    for t in prange(n_tensors):
-        d = cols[t]
-        v_col = as_pointer(v_col_addrs[t], one)
-        beta2, one_minus_beta2, bias_correction2_sqrt, eps = coef[t, 2], coef[t, 3], coef[t, 4], coef[t, 5]
-        offset = column_offset[t]
-        for j in range(d):
+    for t in prange(cols.size):
+        for j in range(cols[t]):
             col_sum = 0.0
             for c in range(block_first[t], block_first[t + 1]):
                 col_sum += partials[partial_offset[c] + j]
-            if check and not np.isfinite(col_sum):
-                ok[t] = False  # NaN/Inf in g (or, float64, a g² that overflows: looked at below)
-            denominator[offset + j] = col_sum / rows[t]  # the column mean, rounded to the parameter dtype
-            vj = beta2 * v_col[j] + one_minus_beta2 * denominator[offset + j]
-            v_col_new[offset + j] = vj
-            denominator[offset + j] = np.sqrt(vj) / bias_correction2_sqrt + eps
-    for t in range(n_tensors):
-        if not ok[t] and not all_finite_at(as_pointer(grad_addrs[t], one), rows[t] * cols[t]):
+            column_sums[column_offset[t] + j] = col_sum
+
+
+@njit(cache=True)
+def _coupled_finite(column_sums, column_offset, rows, cols, grad_addrs, one):
+    # A NaN/Inf in g makes its column sum non-finite; so can a float64 g² that overflows:
+    # only then is the tensor read again, to tell the two apart.
+    for t in range(cols.size):
+        sums = column_sums[column_offset[t] : column_offset[t] + cols[t]]
+        if not np.isfinite(sums).all() and not all_finite_at(as_pointer(grad_addrs[t], one), rows[t] * cols[t]):
             return False
     return True
 
@@ -110,23 +95,32 @@ def _coupled_apply(
     grad_addrs,
     m_addrs,
     v_col_addrs,
+    counts,
     cols,
     update_tensor,
     update_start,
     update_stop,
     column_offset,
-    v_col_new,
+    column_sums,
     denominator,
     itemsize,
     coef,
 ):
-    """v̄ ← v̄_new; θ ← θ(1-lr·λ) - step_size · m/denominator_j with m ← β₁m + (1-β₁)g, over row
-    blocks (update_tensor, update_start, update_stop) of whole rows."""
-    one = v_col_new.dtype.type(1)
+    """Pass 2. Per column: v̄ ← β₂v̄ + (1-β₂)·(column sum / counts[t], the V rows of the whole tensor),
+    denominator_j = √v̄/bc2 + ε; then over row blocks (update_tensor, update_start, update_stop) of
+    whole rows: m ← β₁m + (1-β₁)g; θ ← θ(1-lr·λ) - step_size · m/denominator_j.
+
+    coef[t] = (β1, 1-β1, β2, 1-β2, √(1-β2^t), ε, step size, 1 - lr·λ) in the parameter dtype."""
+    one = denominator.dtype.type(1)
     for t in prange(cols.size):
         v_col = as_pointer(v_col_addrs[t], one)
+        beta2, one_minus_beta2, bias_correction2_sqrt, eps = coef[t, 2], coef[t, 3], coef[t, 4], coef[t, 5]
+        offset = column_offset[t]
         for j in range(cols[t]):
-            v_col[j] = v_col_new[column_offset[t] + j]
+            denominator[offset + j] = column_sums[offset + j] / counts[t]  # the mean, in the parameter dtype
+            vj = beta2 * v_col[j] + one_minus_beta2 * denominator[offset + j]
+            v_col[j] = vj
+            denominator[offset + j] = np.sqrt(vj) / bias_correction2_sqrt + eps
     denominator_addr = denominator.ctypes.data
     for c in prange(update_tensor.size):
         t = update_tensor[c]
@@ -185,81 +179,44 @@ def _row(*, step, lr, beta1, beta2, eps, weight_decay):
     return (beta1, 1 - beta1, beta2, 1 - beta2, c["bias_correction2_sqrt"], eps, c["step_size"], 1 - lr * weight_decay)
 
 
-def _coupled_launches(params, grads, m, v, check, hyperparams):
-    if not params:
-        return [], []
-    reduce, apply = [], []
-    for (
-        dt,
-        idx,
-        (theta_addrs, m_addrs, v_col_addrs),
-        rows,
-        cols,
-        block_tensor,
-        block_start,
-        block_stop,
-        block_first,
-        partial_offset,
-        partial_len,
-        update_tensor,
-        update_start,
-        update_stop,
-        column_offset,
-        column_len,
-        n,
-    ) in PLANS.get("coupled", (params, m, v), _build_plan):
-        grad_addrs = addresses(grads, idx)
-        coef = per_tensor_table(idx, _row, hyperparams, dt)
-        v_col_new, denominator = np.empty(column_len, dtype=dt), np.empty(column_len, dtype=dt)
-        reduce.append(
-            (
-                _coupled_reduce,
-                n,
-                (
-                    grad_addrs,
-                    v_col_addrs,
-                    rows,
-                    cols,
-                    block_tensor,
-                    block_start,
-                    block_stop,
-                    block_first,
-                    partial_offset,
-                    np.zeros(partial_len, np.float64),
-                    column_offset,
-                    v_col_new,
-                    denominator,
-                    dt.itemsize,
-                    coef,
-                    check,
-                ),
-            )
+class _Coupled:
+    """The coupled tensors of one dtype: their plan, and the step's scratch."""
+
+    def __init__(self, entry, grads, hyperparams):
+        (dt, self.idx, self.addrs, self.rows, self.cols, *self.blocks) = entry[:9]
+        (self.partial_offset, partial_len, *self.updates, self.column_offset, column_len, self.n) = entry[9:]
+        self.grad_addrs = addresses(grads, self.idx)
+        self.coef = per_tensor_table(self.idx, _row, hyperparams, dt)
+        self.one, self.partial_len = dt.type(1), partial_len
+        self.column_sums = np.empty(column_len, np.float64)
+        self.denominator = np.empty(column_len, dtype=dt)
+
+    def reduce(self) -> None:
+        partials = np.zeros(self.partial_len, np.float64)
+        args = (self.partial_offset, partials, self.column_offset, self.column_sums, self.one.itemsize, self.one)
+        launch(_coupled_reduce, self.n, self.grad_addrs, self.cols, *self.blocks, *args)
+
+    def finite(self) -> bool:
+        return _coupled_finite(self.column_sums, self.column_offset, self.rows, self.cols, self.grad_addrs, self.one)
+
+    def apply(self, counts) -> None:
+        theta_addrs, m_addrs, v_col_addrs = self.addrs
+        args = (counts, self.cols, *self.updates, self.column_offset, self.column_sums, self.denominator)
+        launch(
+            _coupled_apply,
+            self.n,
+            theta_addrs,
+            self.grad_addrs,
+            m_addrs,
+            v_col_addrs,
+            *args,
+            self.one.itemsize,
+            self.coef,
         )
-        apply.append(
-            (
-                _coupled_apply,
-                n,
-                (
-                    theta_addrs,
-                    grad_addrs,
-                    m_addrs,
-                    v_col_addrs,
-                    cols,
-                    update_tensor,
-                    update_start,
-                    update_stop,
-                    column_offset,
-                    v_col_new,
-                    denominator,
-                    dt.itemsize,
-                    coef,
-                ),
-            )
-        )
-    return reduce, apply
 
 
-def _step(params, grads, m, v, coupled, check, hyperparams) -> bool:
+def _split(params, grads, m, v, coupled, hyperparams):
+    """(the dtype groups of the coupled tensors, the AdamW launches of the others); prepared, nothing run."""
     coupled_idx = [i for i, c in enumerate(coupled) if c]
     adamw_idx = [i for i, c in enumerate(coupled) if not c]
 
@@ -268,12 +225,26 @@ def _step(params, grads, m, v, coupled, check, hyperparams) -> bool:
 
     coupled_hp = {k: (pick(coupled_idx, x) if isinstance(x, (list, tuple)) else x) for k, x in hyperparams.items()}
     adamw_hp = {k: (pick(adamw_idx, x) if isinstance(x, (list, tuple)) else x) for k, x in hyperparams.items()}
-    reduce, apply = _coupled_launches(*(pick(coupled_idx, lst) for lst in (params, grads, m, v)), check, coupled_hp)
+    lists = tuple(pick(coupled_idx, lst) for lst in (params, m, v))
+    groups = []
+    if coupled_idx:
+        grads_c = pick(coupled_idx, grads)
+        groups = [_Coupled(entry, grads_c, coupled_hp) for entry in PLANS.get("coupled", lists, _build_plan)]
     adamw = adam_launches(*(pick(adamw_idx, lst) for lst in (params, grads, m, v)), decoupled=True, **adamw_hp)
+    return groups, adamw, pick(adamw_idx, grads)
+
+
+def _step(params, grads, m, v, coupled, check, hyperparams) -> bool:
+    groups, adamw, adamw_grads = _split(params, grads, m, v, coupled, hyperparams)
     with KERNEL_LOCK:
-        if check and not all_finite(pick(adamw_idx, grads)):  # the AdamW tensors have no reduction to check in
-            return False
-        return run_phases(reduce, apply + adamw, check)
+        for group in groups:
+            group.reduce()
+        if check and not (all(group.finite() for group in groups) and all_finite(adamw_grads)):
+            return False  # (the AdamW tensors have no reduction to check in)
+        for group in groups:
+            group.apply(group.rows)
+        run_all(adamw)
+    return True
 
 
 def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):
@@ -281,26 +252,42 @@ def coupled_adam_step(params, grads, m, v, *, step, lr, beta1, beta2, eps, weigh
 
     ``coupled[i]`` True: a V×d tensor with v[i] of shape (d,); False: AdamW with
     v[i] like params[i]. Every launch of both kinds is prepared before any runs."""
-    _step(
-        params,
-        grads,
-        m,
-        v,
-        coupled,
-        False,
-        dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
-    )
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    _step(params, grads, m, v, coupled, False, hp)
 
 
 def coupled_adam_step_checked(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled) -> bool:
     """:func:`coupled_adam_step` that returns False, having written nothing, when a gradient
     holds NaN or Inf: the coupled ones are checked by the column sums they need anyway."""
-    return _step(
-        params,
-        grads,
-        m,
-        v,
-        coupled,
-        True,
-        dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
-    )
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    return _step(params, grads, m, v, coupled, True, hp)
+
+
+def coupled_adam_partials(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled):
+    """Pass 1 of a sharded step (spec/distributed.md §5): per coupled tensor, in order, its float64
+    column sums Σ_i g²_ij over the local rows ((d,) each). Writes nothing."""
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    groups, _adamw, _grads = _split(params, grads, m, v, coupled, hp)
+    out = [None] * sum(map(bool, coupled))
+    with KERNEL_LOCK:
+        for group in groups:
+            group.reduce()
+            for k, t in enumerate(group.idx):
+                start = group.column_offset[k]
+                out[t] = group.column_sums[start : start + group.cols[k]].copy()
+    return out
+
+
+def coupled_adam_apply(params, grads, m, v, *, step, lr, beta1, beta2, eps, weight_decay, coupled, column_sums, rows):
+    """Pass 2 of a sharded step: coupled tensor k (in order) takes the column sums ``column_sums[k]``
+    of all its V = ``rows[k]`` rows (added over the shards); the others AdamW. With the tensors' own
+    partials and row counts it is :func:`coupled_adam_step`, bit for bit."""
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    groups, adamw, _grads = _split(params, grads, m, v, coupled, hp)
+    with KERNEL_LOCK:
+        for group in groups:
+            for k, t in enumerate(group.idx):
+                start = group.column_offset[k]
+                group.column_sums[start : start + group.cols[k]] = column_sums[t]
+            group.apply(np.array([rows[t] for t in group.idx], np.int64))
+        run_all(adamw)

@@ -23,7 +23,7 @@ from numba.typed import List
 
 from fisheropt.refimpl.esimcse_momentum import check_ema_args, ema_coefficients
 
-from ._core import KERNEL_LOCK
+from ._core import run_all
 
 PARALLEL_THRESHOLD = 1 << 19
 
@@ -59,15 +59,9 @@ def ema_update(targets, sources, *, decay):
         ks.append(k.reshape(-1))  # C-contiguous: a view, written in place
         qs.append(np.ascontiguousarray(q).reshape(-1))
     # Every argument of every dtype's call is built before the first call writes (all or nothing).
-    calls = [
-        (
-            _ema_fused_parallel if sum(k.size for k in ks) >= PARALLEL_THRESHOLD else _ema_fused_serial,
-            List(ks),
-            List(qs),
-            *ema_coefficients(decay, dtype),
-        )
-        for dtype, (ks, qs) in groups.items()
-    ]
-    with KERNEL_LOCK:  # a parallel kernel from two Python threads at once aborts under "workqueue"
-        for kernel, *args in calls:
-            kernel(*args)
+    launches = []
+    for dtype, (ks, qs) in groups.items():
+        n = sum(k.size for k in ks)
+        kernel = _ema_fused_parallel if n >= PARALLEL_THRESHOLD else _ema_fused_serial
+        launches.append((kernel, n, (List(ks), List(qs), *ema_coefficients(decay, dtype))))
+    run_all(launches)

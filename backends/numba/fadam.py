@@ -14,12 +14,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from fisheropt.refimpl.fadam import RULE
+from fisheropt.refimpl.fadam import RULE, adaptive_epsilon
 
-from ._core import PLANS, addresses, all_finite_at, as_pointer, fma64, per_tensor_table, run_phases
+from ._core import KERNEL_LOCK, PLANS, addresses, all_finite_at, as_pointer, fma64, launch, per_tensor_table
 from .adam import build_flat_plan
 
-__all__ = ["fadam_step", "fadam_step_checked"]
+__all__ = ["fadam_step", "fadam_step_checked", "fadam_partials", "fadam_apply"]
 
 LANES = 64  # float64 accumulators per chunk in the reductions (vectorizable, fixed order)
 
@@ -80,12 +80,14 @@ def _new_f(f, g, i, beta2_hat, one_minus_beta2_hat):
 
 
 @njit(cache=True, inline="always")
-def _fadam_update(theta, g, m, i, r, beta1, one_minus_beta1, lr, weight_decay, inv_clip_g, inv_clip_w):
-    # Pass 2 for element i, r = 1/(f^p + ε_t): m ← β₁m + (1-β₁)ḡ/s_g;  θ ← θ - lr (m + λ w̄/s_w).
+def _fadam_update(theta, g, m, f, i, fi, r, k):
+    # Pass 2 for element i, r = 1/(f^p + ε_t), k = (β₁, 1-β₁, lr, λ, 1/s_g, 1/s_w):
+    # f ← fi (stored);  m ← β₁m + (1-β₁)ḡ/s_g;  θ ← θ - lr (m + λ w̄/s_w).
+    f[i] = fi
     ti = theta[i]
-    mi = beta1 * m[i] + one_minus_beta1 * ((g[i] * r) * inv_clip_g)
+    mi = k[0] * m[i] + k[1] * ((g[i] * r) * k[4])
     m[i] = mi
-    theta[i] = ti - lr * (mi + weight_decay * ((ti * r) * inv_clip_w))
+    theta[i] = ti - k[2] * (mi + k[3] * ((ti * r) * k[5]))
 
 
 @njit(cache=True, inline="always")
@@ -173,123 +175,100 @@ def _rms(total, n):
     return math.sqrt(total / n)
 
 
+# What pass 1 sums for a tensor (bits of its entry in ``mode``): Σg²; Σḡ² and Σw̄².
+SUM_G2, SUM_BARS = 1, 2
+SUM_ALL = SUM_G2 | SUM_BARS
+
+
 @njit(parallel=True, cache=True)
-def _fadam_reduce(
+def _fadam_partials(
     theta_addrs,
     grad_addrs,
     f_addrs,
-    sizes,
     chunk_tensor,
     chunk_start,
     chunk_stop,
     first,
-    scalars,
-    defer,
-    partials,
-    resum,
+    eps_t,
+    mode,
+    scratch,
+    sums,
     beta2_hat,
     one_minus_beta2_hat,
     p,
     pow_mode,
-    eps,
-    eps2,
-    two_p,
-    clip,
-    tiny,
-    check,
 ):
-    """Passes 1 and 1b and the per-tensor scalars; writes only the scratch arrays.
-
-    scalars (parameter dtype): ε_t per tensor, the two clip scales per tensor, then the guess.
-    defer (uint8 per tensor, kept in the plan): 1 = the guess failed on the last step.
-    partials (float64, 3 per chunk): Σg², Σḡ², Σw̄²; resum (uint8 per tensor, zeroed by the
-    caller): 1 = Σḡ², Σw̄² still to be (re)computed. Returns False, having written
-    nothing but scratch, when ``check`` and a gradient holds NaN or Inf.
-
-    The hyperparameters are scalar arguments, one launch per set of them (see
-    fadam_launches): read per tensor from a table inside the parallel loop, they kept
-    LLVM from vectorizing the sums (2-3x slower, measured)."""
+    """Pass 1: per tensor t, the float64 sums that mode[t] asks for into sums[t] (Σg², Σḡ², Σw̄²),
+    ḡ and w̄ formed with eps_t[t] (parameter dtype). Per chunk into ``scratch`` (3 per chunk),
+    then the chunks of each tensor added in chunk order. Reads θ, g, f; writes nothing else."""
     n_chunks = chunk_tensor.size
-    n_tensors = sizes.size
-    one = scalars.dtype.type(1)
-    guess = scalars[3 * n_tensors :]
-    guess[0] = eps**two_p  # ε^{2p}, rounded to the parameter dtype
-    if guess[0] < tiny:
-        guess[0] = tiny
-
-    # Pass 1: all three sums with the guessed ε_t; Σg² alone for deferred tensors.
+    one = eps_t.dtype.type(1)
     for c in prange(n_chunks):
         t = chunk_tensor[c]
         g = as_pointer(grad_addrs[t], one)
-        if defer[t] != 0:
-            partials[c] = _sumsq(g, chunk_start[c], chunk_stop[c])
-        else:
-            partials[c], partials[n_chunks + c], partials[2 * n_chunks + c] = _fadam_sums(
+        if mode[t] == SUM_G2:
+            scratch[c] = _sumsq(g, chunk_start[c], chunk_stop[c])
+        elif mode[t] != 0:
+            scratch[c], scratch[n_chunks + c], scratch[2 * n_chunks + c] = _fadam_sums(
                 as_pointer(theta_addrs[t], one),
                 g,
                 as_pointer(f_addrs[t], one),
                 chunk_start[c],
                 chunk_stop[c],
-                guess[0],
+                eps_t[t],
                 beta2_hat,
                 one_minus_beta2_hat,
                 p,
                 pow_mode,
                 one,
             )
+    for t in range(first.size - 1):
+        for k in range(3):
+            if mode[t] & (SUM_G2 if k == 0 else SUM_BARS):
+                total = 0.0
+                for c in range(first[t], first[t + 1]):
+                    total += scratch[k * n_chunks + c]
+                sums[t, k] = total
 
-    # Per tensor (chunk order): ε_t = min(ε, ε₂·RMS(g))^{2p} in float64, rounded to the
-    # parameter dtype; ε^{2p} where that is 0; then at least the dtype's smallest normal.
-    any_resum = False
-    for t in range(n_tensors):
-        sum_g2 = 0.0
-        for c in range(first[t], first[t + 1]):
-            sum_g2 += partials[c]
-        # A NaN/Inf in g makes Σg² non-finite; so can a float64 |g| above 1e154 (g² overflows):
-        # only then is the tensor read again, to tell the two apart.
-        if check and not np.isfinite(sum_g2) and not all_finite_at(as_pointer(grad_addrs[t], one), sizes[t]):
-            return False
-        x = eps2 * _rms(sum_g2, sizes[t])
+
+@njit(cache=True)
+def _fadam_epsilons(sums, counts, eps, eps2, two_p, tiny, guess, scalars, mode, failed):
+    """ε_t = min(ε, ε₂·RMS(g))^{2p} per tensor from Σg² (sums[:, 0]) and the element counts, in
+    float64, rounded to the parameter dtype into scalars[t]; ε^{2p} where that is 0; then at least
+    the dtype's smallest normal. failed[t]: ε_t is not the guess. mode[t] becomes SUM_BARS where
+    Σḡ², Σw̄² were summed with another ε_t (or not at all), else 0. Returns whether any is."""
+    again = False
+    for t in range(counts.size):
+        x = eps2 * _rms(sums[t, 0], counts[t])
         scalars[t] = (x if x < eps else eps) ** two_p  # rounded to the parameter dtype
         if scalars[t] == 0:
             scalars[t] = eps**two_p
         if scalars[t] < tiny:
             scalars[t] = tiny
-        if defer[t] != 0 or scalars[t] != guess[0]:
-            resum[t] = 1
-            any_resum = True
+        failed[t] = scalars[t] != guess
+        mode[t] = SUM_BARS if failed[t] or not mode[t] & SUM_BARS else 0
+        again |= mode[t] != 0
+    return again
 
-    # Pass 1b: Σḡ², Σw̄² with the true ε_t.
-    if any_resum:
-        for c in prange(n_chunks):
-            t = chunk_tensor[c]
-            if resum[t] != 0:
-                _sum_g2, partials[n_chunks + c], partials[2 * n_chunks + c] = _fadam_sums(
-                    as_pointer(theta_addrs[t], one),
-                    as_pointer(grad_addrs[t], one),
-                    as_pointer(f_addrs[t], one),
-                    chunk_start[c],
-                    chunk_stop[c],
-                    scalars[t],
-                    beta2_hat,
-                    one_minus_beta2_hat,
-                    p,
-                    pow_mode,
-                    one,
-                )
 
-    # Per tensor: clip scales max(1, RMS/c), rounded to the parameter dtype; the hint.
-    for t in range(n_tensors):
-        sum_gbar2 = 0.0
-        sum_wbar2 = 0.0
-        for c in range(first[t], first[t + 1]):
-            sum_gbar2 += partials[n_chunks + c]
-            sum_wbar2 += partials[2 * n_chunks + c]
-        y = _rms(sum_gbar2, sizes[t]) / clip
-        scalars[n_tensors + t] = y if y > 1.0 else 1.0
-        y = _rms(sum_wbar2, sizes[t]) / clip
-        scalars[2 * n_tensors + t] = y if y > 1.0 else 1.0
-        defer[t] = 1 if scalars[t] != guess[0] else 0
+@njit(cache=True)
+def _fadam_clip_scales(sums, counts, clip, scalars):
+    # max(1, RMS/c) of ḡ and w̄ per tensor, rounded to the parameter dtype, after the ε_t values.
+    n = counts.size
+    for t in range(n):
+        y = _rms(sums[t, 1], counts[t]) / clip
+        scalars[n + t] = y if y > 1.0 else 1.0
+        y = _rms(sums[t, 2], counts[t]) / clip
+        scalars[2 * n + t] = y if y > 1.0 else 1.0
+
+
+@njit(cache=True)
+def _fadam_finite(sums, grad_addrs, sizes, one):
+    # A NaN/Inf in g makes Σg² non-finite; so can a float64 |g| above 1e154 (g² overflows):
+    # only then is the tensor read again, to tell the two apart.
+    for t in range(sizes.size):
+        if not np.isfinite(sums[t, 0]) and not all_finite_at(as_pointer(grad_addrs[t], one), sizes[t]):
+            return False
     return True
 
 
@@ -312,8 +291,9 @@ def _fadam_apply(
     p,
     pow_mode,
 ):
-    """Pass 2: f ← β̂₂f + (1-β̂₂)g² (stored); m ← β₁m + (1-β₁)ḡ/clip_g; θ ← θ - lr (m + λ w̄/clip_w)."""
-    n_tensors = (scalars.size - 1) // 3
+    """Pass 2: f ← β̂₂f + (1-β̂₂)g² (stored); m ← β₁m + (1-β₁)ḡ/clip_g; θ ← θ - lr (m + λ w̄/clip_w).
+    scalars: ε_t, then the two clip scales, per tensor (parameter dtype)."""
+    n_tensors = scalars.size // 3
     one = scalars.dtype.type(1)
     for c in prange(chunk_tensor.size):
         t = chunk_tensor[c]
@@ -322,50 +302,20 @@ def _fadam_apply(
         m = as_pointer(m_addrs[t], one)
         f = as_pointer(f_addrs[t], one)
         eps_t = scalars[t]
-        inv_clip_g = one / scalars[n_tensors + t]
-        inv_clip_w = one / scalars[2 * n_tensors + t]
+        k = (beta1, one_minus_beta1, lr, weight_decay, one / scalars[n_tensors + t], one / scalars[2 * n_tensors + t])
         start, stop = chunk_start[c], chunk_stop[c]
         if pow_mode == 0:  # one loop per pow_mode: LLVM does not unswitch this one by itself
             for i in range(start, stop):
                 fi = _new_f(f, g, i, beta2_hat, one_minus_beta2_hat)
-                f[i] = fi
-                _fadam_update(
-                    theta,
-                    g,
-                    m,
-                    i,
-                    one / (np.sqrt(fi) + eps_t),
-                    beta1,
-                    one_minus_beta1,
-                    lr,
-                    weight_decay,
-                    inv_clip_g,
-                    inv_clip_w,
-                )
+                _fadam_update(theta, g, m, f, i, fi, one / (np.sqrt(fi) + eps_t), k)
         elif pow_mode == 1:
             for i in range(start, stop):
                 fi = _new_f(f, g, i, beta2_hat, one_minus_beta2_hat)
-                f[i] = fi
-                _fadam_update(
-                    theta, g, m, i, one / (fi + eps_t), beta1, one_minus_beta1, lr, weight_decay, inv_clip_g, inv_clip_w
-                )
+                _fadam_update(theta, g, m, f, i, fi, one / (fi + eps_t), k)
         else:
             for i in range(start, stop):
                 fi = _new_f(f, g, i, beta2_hat, one_minus_beta2_hat)
-                f[i] = fi
-                _fadam_update(
-                    theta,
-                    g,
-                    m,
-                    i,
-                    one / (fi**p + eps_t),
-                    beta1,
-                    one_minus_beta1,
-                    lr,
-                    weight_decay,
-                    inv_clip_g,
-                    inv_clip_w,
-                )
+                _fadam_update(theta, g, m, f, i, fi, one / (fi**p + eps_t), k)
 
 
 def _build_plan(lists):
@@ -376,107 +326,120 @@ def _build_plan(lists):
 def _row(*, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """The launch's host scalars: float64 from the descriptor (rounded per dtype below)."""
     beta2_hat = RULE.coefficients(step, beta2=beta2)["beta2_hat"]
-    return (
-        beta1,
-        1 - beta1,
-        beta2_hat,
-        1 - beta2_hat,
-        lr,
-        weight_decay,
-        p,
-        float(eps),
-        float(eps2),
-        float(2 * p),
-        float(clip),
-    )
+    return (beta1, 1 - beta1, beta2_hat, 1 - beta2_hat, lr, weight_decay, p, float(eps), float(eps2), clip)
 
 
-def fadam_launches(params, grads, m, f, *, check, **hyperparams):
-    """(reductions, updates): the launches of one step, every argument allocated.
+class _Launches:
+    """The tensors of one dtype and one set of hyperparameters (one set, so one of these per dtype,
+    unless param groups or per-parameter step counts differ): their plan, and the step's scratch."""
 
-    One pair of launches per dtype and distinct set of hyperparameters (one set, so one
-    pair per dtype, unless param groups or per-parameter step counts differ)."""
+    def __init__(self, dt, row, members, plan, grad_addrs):
+        T = dt.type
+        beta1, one_minus_beta1, beta2_hat, one_minus_beta2_hat, lr, weight_decay, p = (T(x) for x in row[:7])
+        self.members, self.grad_addrs, self.one, self.tiny = members, grad_addrs, T(1), np.finfo(dt).tiny
+        (_dt, _idx, (self.theta_addrs, self.m_addrs, self.f_addrs), *chunks, self.sizes, self.n, self.defer) = plan
+        self.chunks = tuple(chunks)  # chunk_tensor, start, stop, first
+        self.eps, self.eps2, self.clip = row[7], row[8], row[9]
+        self.two_p = float(2 * row[6])
+        self.pow_mode = _pow_mode(float(row[6]))
+        self.guess = adaptive_epsilon(math.inf, eps=row[7], eps2=row[8], p=float(row[6]), dtype=dt)
+        self.scalars = np.empty(3 * len(members), dtype=dt)  # ε_t | clip_g | clip_w
+        self.sums = np.zeros((len(members), 3), np.float64)
+        self.mode = np.full(len(members), SUM_ALL, np.uint8)
+        self.pass1 = (beta2_hat, one_minus_beta2_hat, p, self.pow_mode)
+        self.pass2 = (beta1, one_minus_beta1, beta2_hat, one_minus_beta2_hat, lr, weight_decay, p, self.pow_mode)
+
+    def partials(self, eps_t) -> None:
+        """Pass 1 for the tensors that ``mode`` selects, ḡ and w̄ with ``eps_t`` (one per tensor)."""
+        chunk_tensor, start, stop, first = self.chunks
+        scratch = np.empty(3 * chunk_tensor.size, np.float64)
+        args = (self.theta_addrs, self.grad_addrs, self.f_addrs, *self.chunks, eps_t, self.mode, scratch, self.sums)
+        launch(_fadam_partials, self.n, *args, *self.pass1)
+
+    def finite(self) -> bool:
+        return _fadam_finite(self.sums, self.grad_addrs, self.sizes, self.one)
+
+    def scales(self, counts, failed, *, resum=True) -> None:
+        """ε_t from Σg² (with ``resum``, Σḡ², Σw̄² summed again where they used another one), then
+        the clip scales."""
+        n = len(self.members)
+        args = (self.eps, self.eps2, self.two_p, self.tiny, self.guess, self.scalars, self.mode, failed)
+        if _fadam_epsilons(self.sums, counts, *args) and resum:
+            self.partials(self.scalars[:n])
+        _fadam_clip_scales(self.sums, counts, self.clip, self.scalars)
+
+    def apply(self) -> None:
+        chunk_tensor, start, stop, _first = self.chunks
+        args = (self.theta_addrs, self.grad_addrs, self.m_addrs, self.f_addrs, chunk_tensor, start, stop)
+        launch(_fadam_apply, self.n, *args, self.scalars, *self.pass2)
+
+
+def _launches(params, grads, m, f, hyperparams) -> list:
     sets: dict = {}
     rows = per_tensor_table(range(len(params)), _row, hyperparams, np.float64)
     for i, param in enumerate(params):
         sets.setdefault((param.dtype, tuple(rows[i])), []).append(i)
-    reduce, apply = [], []
+    out = []
     for (dt, row), members in sets.items():
-        T = dt.type
-        beta1, one_minus_beta1, beta2_hat, one_minus_beta2_hat, lr, weight_decay, p = (T(x) for x in row[:7])
-        eps, eps2, two_p, clip = row[7:]
-        pow_mode = _pow_mode(float(row[6]))
         lists = tuple([lst[i] for i in members] for lst in (params, m, f))
-        ((_dt, _idx, (theta_addrs, m_addrs, f_addrs), chunk_tensor, start, stop, first, sizes, n, defer),) = PLANS.get(
-            "fadam", lists, _build_plan
-        )
-        grad_addrs = addresses(grads, members)
-        scalars = np.empty(3 * len(members) + 1, dtype=dt)
-        reduce.append(
-            (
-                _fadam_reduce,
-                n,
-                (
-                    theta_addrs,
-                    grad_addrs,
-                    f_addrs,
-                    sizes,
-                    chunk_tensor,
-                    start,
-                    stop,
-                    first,
-                    scalars,
-                    defer,
-                    np.zeros(3 * chunk_tensor.size, np.float64),
-                    np.zeros(len(members), np.uint8),
-                    beta2_hat,
-                    one_minus_beta2_hat,
-                    p,
-                    pow_mode,
-                    eps,
-                    eps2,
-                    two_p,
-                    clip,
-                    np.finfo(dt).tiny,
-                    check,
-                ),
-            )
-        )
-        apply.append(
-            (
-                _fadam_apply,
-                n,
-                (
-                    theta_addrs,
-                    grad_addrs,
-                    m_addrs,
-                    f_addrs,
-                    chunk_tensor,
-                    start,
-                    stop,
-                    scalars,
-                    beta1,
-                    one_minus_beta1,
-                    beta2_hat,
-                    one_minus_beta2_hat,
-                    lr,
-                    weight_decay,
-                    p,
-                    pow_mode,
-                ),
-            )
-        )
-    return reduce, apply
+        (plan,) = PLANS.get("fadam", lists, _build_plan)
+        out.append(_Launches(dt, row, members, plan, addresses(grads, members)))
+    return out
+
+
+def _step(params, grads, m, f, check, hyperparams) -> bool:
+    """One process's step: pass 1 (guessed ε_t; Σg² alone where the hint says the guess will fail)
+    for every dtype group before anything is written, then ε_t and the clip scales, then pass 2."""
+    groups = _launches(params, grads, m, f, hyperparams)
+    with KERNEL_LOCK:
+        for group in groups:
+            group.mode[:] = np.where(group.defer != 0, SUM_G2, SUM_ALL)
+            group.partials(np.full(len(group.members), group.guess))
+        if check and not all(group.finite() for group in groups):
+            return False
+        for group in groups:
+            group.scales(group.sizes, group.defer)
+            group.apply()
+    return True
 
 
 def fadam_step(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay):
     """Multi-tensor, in place: the backend interface for FAdam."""
     hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
-    run_phases(*fadam_launches(params, grads, m, f, check=False, **hp), check=False)
+    _step(params, grads, m, f, False, hp)
 
 
 def fadam_step_checked(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay) -> bool:
     """:func:`fadam_step` with the finiteness check fused into pass 1: returns False, having
     written nothing, when a gradient holds NaN or Inf (no extra read of the gradients)."""
     hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
-    return run_phases(*fadam_launches(params, grads, m, f, check=True, **hp), check=True)
+    return _step(params, grads, m, f, True, hp)
+
+
+def fadam_partials(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay, eps_t=None):
+    """Pass 1 of a sharded step (spec/distributed.md §5): (T, 3) float64, per tensor Σg², Σḡ², Σw̄² over
+    its local elements, ḡ and w̄ formed with ``eps_t`` (one per tensor; None: the guess ε^{2p}).
+    Writes nothing."""
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+    out = np.zeros((len(params), 3), np.float64)
+    with KERNEL_LOCK:
+        for group in _launches(params, grads, m, f, hp):
+            dt = group.scalars.dtype
+            given = None if eps_t is None else np.asarray(eps_t, np.float64)[group.members].astype(dt)
+            group.partials(np.full(len(group.members), group.guess) if given is None else given)
+            out[group.members] = group.sums
+    return out
+
+
+def fadam_apply(params, grads, m, f, *, step, lr, beta1, beta2, eps, eps2, clip, p, weight_decay, sums, counts):
+    """Pass 2 of a sharded step: the update of the local elements from the whole tensors' sums
+    (``sums``: (T, 3) as :func:`fadam_partials` returns them, added over the shards, Σḡ² and Σw̄²
+    with the ε_t that Σg² gives) and element counts. With a tensor's own partials and size it is
+    :func:`fadam_step`, bit for bit."""
+    hp = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, eps2=eps2, clip=clip, p=p, weight_decay=weight_decay)
+    with KERNEL_LOCK:
+        for group in _launches(params, grads, m, f, hp):
+            group.sums[:] = np.asarray(sums, np.float64)[group.members]
+            failed = np.zeros(len(group.members), np.uint8)
+            group.scales(np.asarray(counts, np.int64)[group.members], failed, resum=False)
+            group.apply()

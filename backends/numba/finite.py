@@ -41,7 +41,7 @@ _FINITE_BITS = {
 def _finite_plan(signature):
     """signature: tuple of (dtype, size) per array -> [(dtype, idx, ctens, cstart, cstop)]."""
     groups: dict = {}
-    for i, (dt, n) in enumerate(signature):
+    for i, (dt, _size) in enumerate(signature):
         groups.setdefault(dt, []).append(i)
     plan = []
     for dt, idx in groups.items():

@@ -15,7 +15,7 @@ Same signatures as fisheropt.refimpl.fisher_ngd (the reference backend):
 import numba
 import numpy as np
 
-from fisheropt.refimpl.fisher_ngd import check_condition, damped_condition, sample_space_direction
+from fisheropt.refimpl.fisher_ngd import checked_damped_gram, sample_space_direction
 from fisheropt.refimpl.fisher_ngd import fisher_gram as _reference_gram
 
 __all__ = ["fisher_gram", "fisher_sample_space_direction"]
@@ -58,9 +58,7 @@ def _cholesky_solve(damped, rhs):
 
 
 def _solve_damped_gram(gram, rhs, damping):
-    damped = np.asarray(gram, dtype=np.float64) + damping * np.eye(gram.shape[0])
-    w = np.linalg.eigvalsh(damped)  # κ ≤ MAX_CONDITION makes the Cholesky below succeed
-    check_condition(damped_condition(w), damping, float(w[-1]), "the damped Gram matrix")
+    damped = checked_damped_gram(gram, damping)  # κ ≤ MAX_CONDITION: the Cholesky below succeeds
     return _cholesky_solve(damped, np.ascontiguousarray(rhs, dtype=np.float64))
 
 

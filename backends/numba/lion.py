@@ -7,10 +7,15 @@ rounded on the host, no FMA contraction: the same bits as the reference.
 
 from numba import njit, prange
 
+from fisheropt.backends._host import lion_scalars
+
 from ._core import PLANS, addresses, as_pointer, per_tensor_table, run_all
 from .adam import build_flat_plan
 
 __all__ = ["lion_step"]
+
+# The per-tensor table of host scalars (backends/_host.lion_scalars), in the kernel's column order.
+COLUMNS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "lr", "weight_decay")
 
 
 @njit(cache=True, inline="always")
@@ -25,7 +30,7 @@ def _sign(x, zero, one):
 
 @njit(parallel=True, cache=True)
 def _lion_kernel(theta_addrs, grad_addrs, m_addrs, chunk_tensor, chunk_start, chunk_stop, coef):
-    # coef[t] = (β1, 1-β1, β2, 1-β2, lr, λ) in the parameter dtype.
+    # coef[t]: COLUMNS in the parameter dtype.
     zero = coef.dtype.type(0)  # typed constants: a Python 1 would promote float32 sums to float64
     one = coef.dtype.type(1)
     for c in prange(chunk_tensor.size):
@@ -41,10 +46,6 @@ def _lion_kernel(theta_addrs, grad_addrs, m_addrs, chunk_tensor, chunk_start, ch
             ti = theta[i]
             theta[i] = ti - lr * (_sign(beta1 * mi + one_minus_beta1 * gi, zero, one) + weight_decay * ti)
             m[i] = beta2 * mi + one_minus_beta2 * gi
-
-
-def _row(*, step, lr, beta1, beta2, weight_decay):
-    return (beta1, 1 - beta1, beta2, 1 - beta2, lr, weight_decay)
 
 
 def lion_step(params, grads, m, *, step, lr, beta1, beta2, weight_decay):
@@ -64,7 +65,7 @@ def lion_step(params, grads, m, *, step, lr, beta1, beta2, weight_decay):
                     chunk_tensor,
                     start,
                     stop,
-                    per_tensor_table(idx, _row, values, dt),
+                    per_tensor_table(idx, lion_scalars, values, dt, COLUMNS),
                 ),
             )
             for dt, idx, (theta_addrs, m_addrs), chunk_tensor, start, stop, _first, _sizes, n in PLANS.get(

@@ -1,4 +1,5 @@
-"""Shared helpers for the demo and the experiments: progress bars, plots, Markdown.
+"""Shared helpers for the demo and the experiments: progress bars, thread limits, plots,
+Markdown tables, and the pieces every report has (title, file list, metrics.json, result).
 
 matplotlib (Agg, no display needed) and tqdm come with ``pip install fisheropt[demo]``;
 they are imported lazily so that ``import fisheropt`` never needs them.
@@ -48,8 +49,8 @@ def blas_threads(default: int = 1, *, numba: bool = False):
 
     ``numba=True`` gives Numba's thread pool (the fused optimizer kernels) the same
     limit, for runs whose tensors are too small for a thread team to pay off.
-    Everything is restored on exit. This is the one thread limiter of the demo and
-    the experiments."""
+    Everything is restored on exit. This is the one BLAS limiter of the demo and the
+    experiments (:func:`torch_threads` is torch's)."""
     value = os.environ.get("FISHEROPT_BLAS_THREADS", "").strip()
     n = int(value) if value.isdigit() else default
     with ExitStack() as limits:
@@ -81,6 +82,31 @@ def _numba_threads(n: int):
         numba.set_num_threads(old)
 
 
+def import_torch(experiment: str):
+    """The ``torch`` module; without PyTorch, an ImportError that names the experiment needing it."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is in the test and bench extras
+        raise ImportError(f"the {experiment} experiment needs PyTorch (pip install torch)") from exc
+    return torch
+
+
+@contextmanager
+def torch_threads(n: int, *, numba: bool = False):
+    """Context manager: torch's thread count set to ``n`` (0 leaves it alone), and with
+    ``numba=True`` Numba's too, so that torch's and fisheropt's kernels compare like with
+    like. Restored on exit, Numba's first: its OpenMP layer shares torch's thread count."""
+    import torch
+
+    with ExitStack() as limits:
+        if n > 0:
+            limits.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(n)
+            if numba:
+                limits.enter_context(_numba_threads(n))
+        yield
+
+
 def pyplot():
     """matplotlib.pyplot with the non-interactive Agg backend."""
     try:
@@ -93,6 +119,17 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, *, tight: bool = True) -> Path:
+    """Write ``fig`` to ``path`` (PNG; laid out tightly unless ``tight=False``, for a figure
+    with a layout engine of its own), close it and return the path."""
+    if tight:
+        fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
 def plot_curves(
     path: Path,
     curves: dict,
@@ -102,19 +139,21 @@ def plot_curves(
     ylabel: str,
     logy: bool = False,
     bands: dict | None = None,
-    xs: dict | None = None,
+    xs=None,
     logx: bool = False,
     marker: str | None = None,
     hline: float | None = None,
 ) -> Path:
     """One line per entry of ``curves`` (label -> y values); optional shaded ``bands``
-    (label -> (low, high)), x values (label -> xs), point ``marker`` and a dashed horizontal
-    reference line at ``hline``. Writes a PNG and returns its path."""
+    (label -> (low, high)), x values (label -> xs, or one sequence for every curve; 1, 2, ...
+    where none is given), point ``marker`` and a dashed horizontal reference line at
+    ``hline``. Writes a PNG and returns its path."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for label, ys in curves.items():
         ys = np.asarray(ys, dtype=float)
-        x = np.asarray(xs[label]) if xs and label in xs else np.arange(1, ys.size + 1)
+        x = xs.get(label) if isinstance(xs, dict) else xs
+        x = np.arange(1, ys.size + 1) if x is None else np.asarray(x)
         (line,) = ax.plot(x, ys, label=label, lw=1.4, marker=marker)
         if bands and label in bands:
             lo, hi = bands[label]
@@ -130,36 +169,34 @@ def plot_curves(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(curves) > 5 else 1)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_seed_curves(
-    out_dir: Path, histories: dict, names, seeds, metrics, *, x_key: str = "step", xlabel: str = "step"
+    out_dir: Path,
+    histories: dict,
+    names,
+    seeds,
+    metrics,
+    *,
+    x_key: str = "step",
+    xlabel: str = "step",
+    title: str = "{label} (mean over {n} seeds, band = min..max)",
 ) -> list[Path]:
     """One PNG ``<metric>.png`` per ``(metric, label, logy)`` of ``metrics``: per name, the mean
-    over ``seeds`` of ``histories[(name, seed)][metric]`` in its min..max band, against
-    ``histories[...][x_key]``. Returns the paths."""
-    xs = histories[(names[0], seeds[0])][x_key]
+    over ``seeds`` of ``histories[(name, seed)][metric]`` in its min..max band (the seeds'
+    curves cut to the shortest), against ``histories[(name, seeds[0])][x_key]``. ``title`` is
+    formatted with the ``label`` and ``n``, the number of seeds. Returns the paths."""
     plots = []
     for metric, label, logy in metrics:
-        curves, bands = {}, {}
+        curves, bands, xs = {}, {}, {}
         for name in names:
             curves[name], bands[name] = seed_band([histories[(name, s)][metric] for s in seeds])
+            xs[name] = histories[(name, seeds[0])][x_key][: len(curves[name])]
+        path = out_dir / f"{metric}.png"
+        title_text = title.format(label=label, n=len(seeds))
         plots.append(
-            plot_curves(
-                out_dir / f"{metric}.png",
-                curves,
-                bands=bands,
-                xs={n: xs for n in names},
-                logy=logy,
-                title=f"{label} (mean over {len(seeds)} seeds, band = min..max)",
-                xlabel=xlabel,
-                ylabel=label,
-            )
+            plot_curves(path, curves, bands=bands, xs=xs, logy=logy, title=title_text, xlabel=xlabel, ylabel=label)
         )
     return plots
 
@@ -176,11 +213,7 @@ def plot_bars(path: Path, labels, values, errors=None, *, title: str, ylabel: st
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def fmt(value, digits=4) -> str:
@@ -224,6 +257,18 @@ def text_table(rows: list[dict], columns: list[str] | None = None, headers: dict
     return "\n".join(lines)
 
 
+def evaluation_steps(steps: int, evaluations: int) -> set[int]:
+    """The steps of a ``steps``-step run at which to evaluate: ``evaluations`` + 1 of them,
+    evenly spaced, the first (0) and the last included."""
+    return set(np.linspace(0, steps, evaluations + 1).astype(int).tolist())
+
+
+def with_std(keys, std_of) -> list[str]:
+    """The columns ``keys`` in order, each key of ``std_of`` followed by its ``<key>_std``
+    column (as :func:`mean_std_columns` names it)."""
+    return [column for key in keys for column in ((key, f"{key}_std") if key in std_of else (key,))]
+
+
 def mean_std(values) -> tuple[float, float]:
     """(mean, sample standard deviation; 0 for one value)."""
     a = np.asarray(values, dtype=float)
@@ -236,6 +281,12 @@ def mean_std_columns(rows: list[dict], keys) -> dict:
     for key in keys:
         out[key], out[key + "_std"] = mean_std([r[key] for r in rows])
     return out
+
+
+def seed_values(rows, seeds, key, **match) -> list:
+    """``row[key]`` of each seed of ``seeds``, in that order, from the ``rows`` (one per run,
+    with a ``"seed"`` field) whose fields equal ``match``: the per-seed values to pair."""
+    return [next(r[key] for r in rows if r["seed"] == s and all(r[k] == v for k, v in match.items())) for s in seeds]
 
 
 def seed_band(runs) -> tuple:
@@ -297,19 +348,42 @@ def stopwatch():
     end.append(time.perf_counter())
 
 
+QUICK_NOTE = "**Quick mode** (smoke-test sizes; numbers are not meaningful)."
+
+
+def report_title(title: str, quick: bool) -> str:
+    """A report's first lines: ``# title``, then in quick mode :data:`QUICK_NOTE`."""
+    return f"# {title}\n\n{QUICK_NOTE if quick else ''}"
+
+
+def file_list(plots) -> str:
+    """The plots as the Markdown list that opens a report's "Files" section."""
+    return "\n".join(f"- `{Path(p).name}`" for p in plots)
+
+
 def write_report(out_dir: Path, text: str) -> Path:
     path = Path(out_dir) / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
 
 
+def publish(out_dir: Path, report: str, metrics: dict, *, plots, summary: str, **results) -> dict:
+    """Write ``report.md`` and ``metrics.json`` into ``out_dir`` and return the experiment's
+    result: ``results`` (its tables, ``rows`` first), then the paths of the ``plots`` and of
+    the report, and ``summary``, the text that ``fisheropt experiment`` prints."""
+    path = write_report(out_dir, report)
+    save_metrics(out_dir, metrics)
+    return {**results, "plots": [str(p) for p in plots], "report": str(path), "summary": summary}
+
+
 def save_metrics(out_dir: Path, payload: dict, name: str = "metrics.json") -> Path:
-    """Write the raw numbers next to the report (JSON, NaN/inf as strings)."""
+    """Write the raw numbers next to the report (JSON, NaN/inf as strings; a tuple key
+    such as ``(optimizer, seed)`` becomes ``"optimizer|seed"``)."""
     import json
 
     def clean(o):
         if isinstance(o, dict):
-            return {str(k): clean(v) for k, v in o.items()}
+            return {"|".join(map(str, k)) if isinstance(k, tuple) else str(k): clean(v) for k, v in o.items()}
         if isinstance(o, (list, tuple)):
             return [clean(v) for v in o]
         if isinstance(o, np.ndarray):

@@ -22,6 +22,7 @@ the report).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, d
     batch_rng = np.random.default_rng([seed, 2])
     drop_rng = np.random.default_rng([seed, 3])
     aug_rng = np.random.default_rng([seed, 4])
-    eval_at = set(np.linspace(0, cfg["steps"], cfg["evals"] + 1).astype(int).tolist())
+    eval_at = common.evaluation_steps(cfg["steps"], cfg["evals"])
     hist = {"step": [], "train_loss": [], "topic_auc": [], "neg_gap": []}
     running = []
     batches = _epoch_batches(len(train), cfg["batch"], batch_rng)
@@ -266,10 +267,7 @@ def _plot_length_curves(path, finals, init, key, xs, *, title, xlabel):
         ax.legend(fontsize=7)
     axes[0].set_ylabel("mean cosine similarity")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def _plot_align_uniform(path, finals, init):
@@ -293,10 +291,7 @@ def _plot_align_uniform(path, finals, init):
     ax.set_title("Wang & Isola alignment vs uniformity (held-out, one point per seed)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 # ---- the experiment -----------------------------------------------------------
@@ -410,7 +405,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
             common.plot_curves(
                 out_dir / f"{metric}.png",
                 curves,
-                xs={k: steps for k in curves},
+                xs=steps,
                 title=f"{label}, mean over {len(seeds)} seed(s)",
                 xlabel="step",
                 ylabel=label,
@@ -483,26 +478,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         similarity_improved=bool(sim_better),
     )
 
-    cols = [
-        "method",
-        "optimizer",
-        "train_loss",
-        "topic_auc",
-        "topic_auc_std",
-        "topic_nn",
-        "neg_gap",
-        "neg_gap_std",
-        "neg_corr",
-        "pos_gap",
-        "len_r2",
-        "align",
-        "uniform",
-        "tok_iso",
-        "tok_mu_ratio",
-        "tok_cond",
-        "sent_iso",
-        "sent_mu_ratio",
-    ]
+    cols = ["method", "optimizer", *common.with_std(SUMMARY_METRICS, ("topic_auc", "neg_gap"))]
     heads = {
         "train_loss": "loss",
         "topic_auc": "topic AUC",
@@ -522,21 +498,8 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         "sent_mu_ratio": "‖μ‖/‖e‖ (sent)",
     }
     table = common.markdown_table([init_row] + summary_rows, cols, heads)
-    seed_cols = [
-        "method",
-        "optimizer",
-        "seed",
-        "train_loss",
-        "topic_auc",
-        "topic_nn",
-        "neg_gap",
-        "neg_corr",
-        "len_r2",
-        "align",
-        "uniform",
-        "tok_iso",
-        "sent_iso",
-    ]
+    left_out = ("pos_gap", "tok_mu_ratio", "tok_cond", "sent_mu_ratio")  # of the per-seed table
+    seed_cols = ["method", "optimizer", "seed", *(k for k in SUMMARY_METRICS if k not in left_out)]
     n_params = sum(p.size for p in init)
 
     ablation_lines = ""
@@ -569,18 +532,18 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
             "call": "ESimCSE is",
         },
     )
-    coupled_lines = "\n".join(
-        f"  - {m}: Iso(E) {common.fmt(coupled[f'{m}|tok_iso']['diff'])} (higher in {coupled[f'{m}|tok_iso']['n_better']}/"
-        f"{coupled[f'{m}|tok_iso']['n']}: {coupled[f'{m}|tok_iso']['call']}), ‖μ‖/‖e‖ (E) "
-        f"{common.fmt(coupled[f'{m}|tok_mu_ratio']['diff'])} (lower in {coupled[f'{m}|tok_mu_ratio']['n_better']}/"
-        f"{coupled[f'{m}|tok_mu_ratio']['n']}: {coupled[f'{m}|tok_mu_ratio']['call']}), topic AUC "
-        f"{common.fmt(coupled[f'{m}|topic_auc']['diff'])} ({coupled[f'{m}|topic_auc']['call']})"
-        for m in METHODS
-    )
 
-    report = f"""# {TITLE}
+    def coupled_line(method):
+        iso, mu, auc = (coupled[f"{method}|{key}"] for key in ("tok_iso", "tok_mu_ratio", "topic_auc"))
+        return (
+            f"  - {method}: Iso(E) {common.fmt(iso['diff'])} (higher in {iso['n_better']}/{iso['n']}: {iso['call']}), "
+            f"‖μ‖/‖e‖ (E) {common.fmt(mu['diff'])} (lower in {mu['n_better']}/{mu['n']}: {mu['call']}), "
+            f"topic AUC {common.fmt(auc['diff'])} ({auc['call']})"
+        )
 
-{"**Quick mode** (smoke-test sizes; numbers are not meaningful)." if quick else ""}
+    coupled_lines = "\n".join(coupled_line(m) for m in METHODS)
+
+    report = f"""{common.report_title(TITLE, quick)}
 
 Claim (Wu et al. 2021): unsup-SimCSE's positives share their length, so the encoder learns
 "similar length ⇒ similar meaning"; ESimCSE (word-repetition positives + a momentum-contrast
@@ -602,7 +565,8 @@ STS with BERT-base). The paper shows the bias by splitting STS-B pairs at a leng
     (λ={MOMENTUM}, dropout off in the momentum encoder) as extra negatives. Batches are drawn epoch by
     epoch without replacement; queue rows that hold a sentence of the current batch (from an earlier
     step of a small corpus — impossible in the paper's single pass over 10⁶ sentences) are dropped
-    from the step's negatives: for its own anchor such a row is a false negative. The ablation "ESimCSE, unmasked queue" keeps them, to show what they do.
+    from the step's negatives: for its own anchor such a row is a false negative. \
+The ablation "ESimCSE, unmasked queue" keeps them, to show what they do.
 - Optimizers: Adam, FAdam ({FADAM_EXTRA}), Coupled Adam (token embedding E coupled); all with
   lr={HYPER["lr"]}, betas={HYPER["betas"]}, eps={HYPER["eps"]}, weight decay 0 (set once, not tuned per
   optimizer or method); {cfg["steps"]} steps; seeds {seeds}; same initialisation, batches and dropout stream
@@ -647,7 +611,8 @@ difference is within twice its standard error.
             "SimCSE training raised the gap above the untrained encoder's (" + common.fmt(init_res["neg_gap"]) + ").",
             "the gap is inherited from the random initialisation (untrained encoder: "
             + common.fmt(init_res["neg_gap"])
-            + ") and SimCSE training lowered it; in the paper the bias is attributed to SimCSE's same-length positives.",
+            + ") and SimCSE training lowered it; "
+            "in the paper the bias is attributed to SimCSE's same-length positives.",
         )
     }
 - {
@@ -684,31 +649,12 @@ toward the paper's result.
 
 ## Files
 
-{chr(10).join(f"- `{p.name}`" for p in plots)}
+{common.file_list(plots)}
 - `metrics.json`: every number above, with the curves.
 """
-    common.write_report(out_dir, report)
-    common.save_metrics(
-        out_dir,
-        {
-            "config": cfg,
-            "hyper": HYPER,
-            "seeds": seeds,
-            "summary": summary_rows,
-            "untrained": init_res,
-            "per_seed": per_seed,
-            "verdict": v,
-            "curves": {"|".join(map(str, k)): h for k, h in histories.items()},
-            "length_curves": {
-                "|".join(k): [{c: r[c] for c in ("neg_curve", "pos_curve")} for r in res] for k, res in finals.items()
-            },
-        },
-    )
-    return {
-        "rows": summary_rows,
-        "per_seed": per_seed,
-        "verdict": v,
-        "plots": [str(p) for p in plots],
-        "report": str(out_dir / "report.md"),
-        "summary": common.text_table([init_row] + summary_rows, cols, heads),
-    }
+    length_curves = {key: [{c: r[c] for c in ("neg_curve", "pos_curve")} for r in res] for key, res in finals.items()}
+    metrics: dict[str, Any] = dict(config=cfg, hyper=HYPER, seeds=seeds, summary=summary_rows, untrained=init_res)
+    metrics.update(per_seed=per_seed, verdict=v, curves=histories, length_curves=length_curves)
+    text = common.text_table([init_row] + summary_rows, cols, heads)
+    tables = dict(rows=summary_rows, per_seed=per_seed, verdict=v)
+    return common.publish(out_dir, report, metrics, plots=plots, summary=text, **tables)

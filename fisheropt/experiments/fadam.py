@@ -120,31 +120,19 @@ RECIPES = {
     "adamw-decay": dataclasses.replace(FADAM, decay=decoupled_decay),
 }
 METHODS = ("Adam", "AdamW", "FAdam", *(f"ablation: {k}" for k in ABLATIONS))
+FIT = ("train_loss", "test_loss", "test_acc")  # the final numbers of a run, averaged over seeds
 
 
-def fadam_ablation_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, weight_decay, variant=None):
-    """FAdam's update with one ablation: ``RECIPES[variant].update``.
+def fadam_ablation_update(theta, g, m, f, *, variant=None, **hyperparams):
+    """FAdam's update with one ablation: ``RECIPES[variant].update``, with the keyword
+    arguments of :func:`fisheropt.refimpl.fadam.fadam_update` (``t``, ``lr``, ...).
 
     ``variant=None`` is FAdam itself (:func:`fisheropt.refimpl.fadam.fadam_update`,
     bit for bit); ``"no-clip"``, ``"momentum-first"`` and ``"adamw-decay"`` change
     exactly one design choice. Pure: returns new (theta, m, f)."""
     if variant not in RECIPES:
         raise ValueError(f"unknown ablation {variant!r}; known: {', '.join(ABLATIONS)}")
-    return RECIPES[variant].update(
-        theta,
-        g,
-        m,
-        f,
-        t=t,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        eps2=eps2,
-        clip=clip,
-        p=p,
-        weight_decay=weight_decay,
-    )
+    return RECIPES[variant].update(theta, g, m, f, **hyperparams)
 
 
 class FAdamAblation:
@@ -232,9 +220,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                     "lr": lr,
                     "seed": s,
                     "diverged": hist["diverged"],
-                    "train_loss": hist["train_loss"][-1],
-                    "test_loss": hist["test_loss"][-1],
-                    "test_acc": hist["test_acc"][-1],
+                    **{key: hist[key][-1] for key in FIT},
                 }
             )
             if lr == cfg["main_lr"]:
@@ -248,7 +234,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
             "method": method,
             "lr": lr,
             "diverged": sum(r["diverged"] for r in rows),
-            **common.mean_std_columns(rows, ("train_loss", "test_loss", "test_acc")),
+            **common.mean_std_columns(rows, FIT),
         }
 
     main_rows = [summarize(m, cfg["main_lr"]) for m in METHODS]
@@ -263,31 +249,24 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         sweep_rows.append(row)
 
     # ---- plots --------------------------------------------------------------
-    plots = []
-    for key, label, logy in (("train_loss", "train loss (mean CE)", True), ("test_acc", "test accuracy", False)):
-        curves, bands, xs = {}, {}, {}
-        for m in METHODS:
-            curves[m], bands[m] = common.seed_band([histories[(m, cfg["main_lr"], s)][key] for s in seeds])
-            xs[m] = np.arange(len(curves[m]))
-        plots.append(
-            common.plot_curves(
-                out_dir / f"{key}.png",
-                curves,
-                bands=bands,
-                xs=xs,
-                logy=logy,
-                title=f"{label}, lr={cfg['main_lr']:g}, {len(seeds)} seeds (band = min..max)",
-                xlabel="epoch",
-                ylabel=label,
-            )
-        )
+    at_main_lr = {(m, s): histories[(m, cfg["main_lr"], s)] for m in METHODS for s in seeds}
+    plots = common.plot_seed_curves(
+        out_dir,
+        at_main_lr,
+        METHODS,
+        seeds,
+        (("train_loss", "train loss (mean CE)", True), ("test_acc", "test accuracy", False)),
+        x_key="epoch",
+        xlabel="epoch",
+        title=f"{{label}}, lr={cfg['main_lr']:g}, {{n}} seeds (band = min..max)",
+    )
     if len(cfg["lrs"]) > 1:
         curves = {m: [summarize(m, lr)["test_loss"] for lr in cfg["lrs"]] for m in METHODS}
         plots.append(
             common.plot_curves(
                 out_dir / "lr_sensitivity.png",
                 curves,
-                xs={m: list(cfg["lrs"]) for m in METHODS},
+                xs=list(cfg["lrs"]),
                 logy=True,
                 title="final test loss vs learning rate (mean over seeds)",
                 xlabel="learning rate",
@@ -299,12 +278,9 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     by = {r["method"]: r for r in main_rows}
     fa = by["FAdam"]
 
-    def per_seed(method, key):
-        rows = {r["seed"]: r[key] for r in results if r["method"] == method and r["lr"] == cfg["main_lr"]}
-        return [rows[s] for s in seeds]
-
     def cmp(method, other, key):
-        return common.paired_difference(per_seed(method, key), per_seed(other, key))
+        a, b = (common.seed_values(results, seeds, key, method=m, lr=cfg["main_lr"]) for m in (method, other))
+        return common.paired_difference(a, b)
 
     def diff_text(p):
         return f"paired difference {common.fmt(p['mean'])} ± {common.fmt(p['se'], 2)} (SE, n={p['n']})"
@@ -363,16 +339,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         '"beyond seed noise" means the 95 % Student-t interval of the mean paired difference excludes 0.)'
     )
 
-    cols = [
-        "method",
-        "train_loss",
-        "train_loss_std",
-        "test_loss",
-        "test_loss_std",
-        "test_acc",
-        "test_acc_std",
-        "diverged",
-    ]
+    cols = ["method", *common.with_std(FIT, FIT), "diverged"]
     heads = {
         "train_loss": "train loss",
         "train_loss_std": "± std",
@@ -382,9 +349,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
         "test_acc_std": "± std",
         "diverged": "diverged runs",
     }
-    report = f"""# {TITLE}
-
-{"**Quick mode** (smoke-test sizes; numbers are not meaningful)." if quick else ""}
+    report = f"""{common.report_title(TITLE, quick)}
 
 Claims (Hwang 2024): FAdam, Adam re-derived as natural-gradient descent with a diagonal
 empirical Fisher (valid for a log-likelihood loss), trains at least as well as Adam/AdamW;
@@ -416,29 +381,11 @@ and each method runs with one untuned setting (library defaults) per learning ra
 
 ## Files
 
-{chr(10).join(f"- `{p.name}`" for p in plots)}
+{common.file_list(plots)}
 - `final_params.npz`: final MLP parameters at lr={cfg["main_lr"]:g} (keys `method|seed<k>|<param index>`);
   `metrics.json`: every run's numbers and curves.
 """
-    common.write_report(out_dir, report)
-    common.save_metrics(
-        out_dir,
-        {
-            "config": cfg,
-            "seeds": seeds,
-            "split_seed": seed,
-            "main": main_rows,
-            "runs": results,
-            "verdict": verdict,
-            "curves": {f"{m}|{lr}|{s}": h for (m, lr, s), h in histories.items()},
-        },
-    )
-    return {
-        "rows": main_rows,
-        "runs": results,
-        "sweep": sweep_rows,
-        "verdict": verdict,
-        "plots": [str(p) for p in plots],
-        "report": str(out_dir / "report.md"),
-        "summary": common.text_table(main_rows, cols, heads),
-    }
+    metrics = dict(config=cfg, seeds=seeds, split_seed=seed, main=main_rows, runs=results, verdict=verdict)
+    text = common.text_table(main_rows, cols, heads)
+    tables = dict(rows=main_rows, runs=results, sweep=sweep_rows, verdict=verdict)
+    return common.publish(out_dir, report, dict(metrics, curves=histories), plots=plots, summary=text, **tables)

@@ -171,22 +171,28 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     }
 
     # ---- plots ----------------------------------------------------------------
-    plots = []
     lam_mid = cfg["dampings"][len(cfg["dampings"]) // 2]
-    curves = {k: [gmean(q(k, epoch=ep, damping=lam_mid)) for ep in cfg["checkpoints"]] for k in KINDS}
-    plots.append(
-        common.plot_curves(
+    plots = [
+        _quality_plot(
             out_dir / "quality_vs_epoch.png",
-            curves,
-            xs={k: list(cfg["checkpoints"]) for k in KINDS},
-            logy=True,
+            cfg["checkpoints"],
+            {k: [gmean(q(k, epoch=ep, damping=lam_mid)) for ep in cfg["checkpoints"]] for k in KINDS},
             title=f"γ(d)/γ(∇L) during training, damping {lam_mid:g} (geo-mean over seeds)",
             xlabel="epoch (Adam training)",
             ylabel="relative quality (lower is better)",
-        )
-    )
-    curves = {k: [gmean(q(k, damping=lam)) for lam in cfg["dampings"]] for k in KINDS}
-    plots.append(_loglog(out_dir / "quality_vs_damping.png", cfg["dampings"], curves))
+        ),
+        _quality_plot(
+            out_dir / "quality_vs_damping.png",
+            cfg["dampings"],
+            {k: [gmean(q(k, damping=lam)) for lam in cfg["dampings"]] for k in KINDS},
+            logx=True,
+            marker="o",
+            hline=1.0,
+            title="quality vs damping (geo-mean over seeds and checkpoints)",
+            xlabel="damping λ",
+            ylabel="γ(d)/γ(∇L) (lower is better)",
+        ),
+    ]
     plots.append(
         common.plot_curves(
             out_dir / "train_loss.png",
@@ -206,9 +212,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     best_at = [r["damping"] for r in by_damping if r["iEF"] <= min(r["SF"], r["EF"])]
     not_best_at = [r["damping"] for r in by_damping if r["damping"] not in best_at]
     dp_cols = ["damping", *KINDS]
-    report = f"""# {TITLE}
-
-{"**Quick mode** (smoke-test sizes; numbers are not meaningful)." if quick else ""}
+    report = f"""{common.report_title(TITLE, quick)}
 
 Claim (Wu et al. 2024): by the quality indicator γ(d) = √(dᵀFd)/|dᵀ∇L| (F = exact Fisher,
 reported as γ(d)/γ(∇L); lower is better, < 1 beats SGD, the exact natural gradient is optimal
@@ -268,31 +272,15 @@ paper's settings; the exact Fisher here is computed, not approximated.
 
 ## Files
 
-{chr(10).join(f"- `{p.name}`" for p in plots)}
+{common.file_list(plots)}
 - `metrics.json`: every (seed, epoch, damping, kind) quality value; `eval_batches.npz`: the probe batches.
 """
-    common.write_report(out_dir, report)
-    common.save_metrics(
-        out_dir,
-        {
-            "config": cfg,
-            "seeds": seeds,
-            "rows": rows,
-            "by_epoch": by_epoch,
-            "by_damping": by_damping,
-            "verdict": verdict,
-            "train_curves": {str(k): v for k, v in train_curves.items()},
-        },
+    metrics = dict(config=cfg, seeds=seeds, rows=rows, by_epoch=by_epoch, by_damping=by_damping, verdict=verdict)
+    text = common.text_table(by_epoch, ep_cols, ep_heads) + "\n\n" + common.text_table(by_damping, dp_cols)
+    tables = dict(rows=by_epoch, by_damping=by_damping, raw=rows, verdict=verdict)
+    return common.publish(
+        out_dir, report, dict(metrics, train_curves=train_curves), plots=plots, summary=text, **tables
     )
-    return {
-        "rows": by_epoch,
-        "by_damping": by_damping,
-        "raw": rows,
-        "verdict": verdict,
-        "plots": [str(p) for p in plots],
-        "report": str(out_dir / "report.md"),
-        "summary": common.text_table(by_epoch, ep_cols, ep_heads) + "\n\n" + common.text_table(by_damping, dp_cols),
-    }
 
 
 def _spread(rows, kind) -> float:
@@ -304,16 +292,6 @@ def _spread(rows, kind) -> float:
     return float(np.mean([max(v) / min(v) for v in groups.values()]))
 
 
-def _loglog(path, dampings, curves):
-    return common.plot_curves(
-        path,
-        curves,
-        xs={k: dampings for k in curves},
-        logx=True,
-        logy=True,
-        marker="o",
-        hline=1.0,
-        title="quality vs damping (geo-mean over seeds and checkpoints)",
-        xlabel="damping λ",
-        ylabel="γ(d)/γ(∇L) (lower is better)",
-    )
+def _quality_plot(path, grid, curves, **labels_and_style):
+    """γ(d)/γ(∇L) of each kind against ``grid`` (the checkpoints or the dampings), log scale."""
+    return common.plot_curves(path, curves, xs=grid, logy=True, **labels_and_style)

@@ -25,61 +25,37 @@ import math
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from . import _common as C
+from . import _common as common
 
 TITLE = "iEF as an optimizer: LoRA fine-tuning of a pretrained MLP (digits 0-4 → 5-9)"
 
 NGD_KINDS = {"iEF": "ief", "EF": "ef", "SF": "sf", "exact NGD": "exact"}
 OPTIMIZERS = ("iEF", "EF", "SF", "exact NGD", "AdamW", "SGD")
 
-FULL = dict(
-    hidden=128,
-    rank=4,
-    alpha=8.0,
-    pre_epochs=40,
-    epochs=15,
-    batch=64,
-    n_seeds=3,
-    damping=1e-3,
-    dampings=(1e-6, 1e-4, 1e-2, 1e-1, 1.0),
-    sweep_seeds=3,
-    quality_every=4,
-    threads=1,
-    lrs={
-        "iEF": (1.0, 3.0, 10.0, 30.0),
-        "EF": (0.003, 0.01, 0.03, 0.1),
-        "SF": (0.03, 0.1, 0.3),
-        "exact NGD": (0.03, 0.1, 0.3),
-        "AdamW": (3e-3, 1e-2, 3e-2, 1e-1),
-        "SGD": (0.03, 0.1, 0.3),
-    },
-)
-QUICK = dict(
-    hidden=48,
-    rank=2,
-    alpha=4.0,
-    pre_epochs=6,
-    epochs=1,
-    batch=64,
-    n_seeds=2,
-    damping=1e-3,
-    dampings=(1e-4, 1e-1),
-    sweep_seeds=1,
-    quality_every=3,
-    threads=1,
-    lrs={"iEF": (1.0,), "EF": (0.03,), "SF": (0.03,), "exact NGD": (0.1,), "AdamW": (3e-2,), "SGD": (0.1,)},
-)
+#: each optimizer's learning-rate grid; the best by mean final training loss is used
+LR_GRID = {
+    "iEF": (1.0, 3.0, 10.0, 30.0),
+    "EF": (0.003, 0.01, 0.03, 0.1),
+    "SF": (0.03, 0.1, 0.3),
+    "exact NGD": (0.03, 0.1, 0.3),
+    "AdamW": (3e-3, 1e-2, 3e-2, 1e-1),
+    "SGD": (0.03, 0.1, 0.3),
+}
+# The backbone and its LoRA adapters, the schedule; then the damping sweep, how often γ is
+# measured, torch's threads and the lr grid.
+FULL: dict[str, Any] = dict(hidden=128, rank=4, alpha=8.0, pre_epochs=40, epochs=15, batch=64, n_seeds=3, damping=1e-3)
+FULL.update(dampings=(1e-6, 1e-4, 1e-2, 1e-1, 1.0), sweep_seeds=3, quality_every=4, threads=1, lrs=LR_GRID)
+QUICK = dict(FULL, hidden=48, rank=2, alpha=4.0, pre_epochs=6, epochs=1, n_seeds=2, sweep_seeds=1, quality_every=3)
+QUICK["dampings"] = (1e-4, 1e-1)
+QUICK["lrs"] = {"iEF": (1.0,), "EF": (0.03,), "SF": (0.03,), "exact NGD": (0.1,), "AdamW": (3e-2,), "SGD": (0.1,)}
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - torch is in the test and bench extras
-        raise ImportError("the ief-finetune experiment needs PyTorch (pip install torch)") from exc
-    return torch
+    return common.import_torch("ief-finetune")
 
 
 def model_classes():
@@ -260,16 +236,12 @@ def run_one(cfg, data, backbone, name, lr, seed, damping):
 
 
 def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
-    torch = _torch()
+    _torch()  # without PyTorch, a clear error before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = QUICK if quick else FULL
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"] or threads)
-    try:
+    with common.torch_threads(cfg["threads"]):
         return _run(cfg, quick, out_dir, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _mean(rows, key):
@@ -282,13 +254,13 @@ def _run(cfg, quick, out_dir, seed):
 
     data = load_tasks(seed=0)
     seeds = [seed + i for i in range(cfg["n_seeds"])]
-    with C.stopwatch() as elapsed:
+    with common.stopwatch() as elapsed:
         backbone, pre_acc = pretrain(cfg, data, seed)
         _, trainable = finetune_model(cfg, backbone, seed)
         P = sum(p.numel() for p in trainable)
         P_total = sum(p.numel() for p in backbone.parameters())
         runs = []
-        bar = C.progress(
+        bar = common.progress(
             total=sum(len(cfg["lrs"][o]) for o in OPTIMIZERS) * len(seeds)
             + len(NGD_KINDS) * len(cfg["dampings"]) * cfg["sweep_seeds"],
             desc="ief-finetune",
@@ -326,8 +298,8 @@ def _run(cfg, quick, out_dir, seed):
     for name in OPTIMIZERS:
         rs = best(name)
         q = [v for r in rs for _, v in r["quality"]]
-        tl = C.mean_std([r["train_loss"] for r in rs])
-        ta = C.mean_std([r["test_acc"] for r in rs])
+        tl = common.mean_std([r["train_loss"] for r in rs])
+        ta = common.mean_std([r["test_acc"] for r in rs])
         main.append(
             {
                 "optimizer": name,
@@ -390,7 +362,7 @@ def _run(cfg, quick, out_dir, seed):
         lam, rs = min(
             options, key=lambda o: _mean(o[1], "train_loss") if math.isfinite(_mean(o[1], "train_loss")) else math.inf
         )
-        tl, ta = C.mean_std([r["train_loss"] for r in rs]), C.mean_std([r["test_acc"] for r in rs])
+        tl, ta = common.mean_std([r["train_loss"] for r in rs]), common.mean_std([r["test_acc"] for r in rs])
         tuned.append(
             {
                 "optimizer": name,
@@ -440,8 +412,12 @@ def _run(cfg, quick, out_dir, seed):
         vals = [v for v in vals if math.isfinite(v[0])]
         early_best[name] = min(vals) if vals else (math.nan, math.nan)
     early_grid_lowest = min((n for n in OPTIMIZERS if math.isfinite(early_best[n][0])), key=lambda n: early_best[n][0])
-    ief_vs_adamw = C.paired_difference([r["train_loss"] for r in best("iEF")], [r["train_loss"] for r in best("AdamW")])
-    acc_vs_adamw = C.paired_difference([r["test_acc"] for r in best("iEF")], [r["test_acc"] for r in best("AdamW")])
+    ief_vs_adamw = common.paired_difference(
+        [r["train_loss"] for r in best("iEF")], [r["train_loss"] for r in best("AdamW")]
+    )
+    acc_vs_adamw = common.paired_difference(
+        [r["test_acc"] for r in best("iEF")], [r["test_acc"] for r in best("AdamW")]
+    )
 
     def spread(name):
         vals = [
@@ -487,7 +463,7 @@ def _run(cfg, quick, out_dir, seed):
         for n in OPTIMIZERS
     }
     plots.append(
-        C.plot_curves(
+        common.plot_curves(
             out_dir / "train_loss.png",
             curves,
             logy=True,
@@ -508,7 +484,7 @@ def _run(cfg, quick, out_dir, seed):
             qxs[name], qcurves[name] = ks, [float(np.median(pts[k])) for k in ks]
     if qcurves:
         plots.append(
-            C.plot_curves(
+            common.plot_curves(
                 out_dir / "quality.png",
                 qcurves,
                 xs=qxs,
@@ -549,15 +525,14 @@ def _run(cfg, quick, out_dir, seed):
     }
     dcols = ["optimizer", "lr", *[f"{lam:g}" for lam in cfg["dampings"]]]
     acols = ["optimizer", *[f"acc {lam:g}" for lam in cfg["dampings"]]]
-    ief_sd = f"{C.fmt(ief_vs_adamw['mean'])} ± {C.fmt(ief_vs_adamw['t'] * ief_vs_adamw['se'])}"
+    ief_sd = f"{common.fmt(ief_vs_adamw['mean'])} ± {common.fmt(ief_vs_adamw['t'] * ief_vs_adamw['se'])}"
     sign_text = {
         -1: "lower than AdamW beyond seed noise",
         1: "higher than AdamW beyond seed noise",
         0: "not distinguishable from AdamW's at this number of seeds",
     }
-    report = f"""# {TITLE}
-
-{"**Quick mode** (smoke-test sizes; numbers are not meaningful)." if quick else ""}
+    early_grid = ", ".join(f"{n} {common.fmt(v[0])} (lr {common.fmt(v[1])})" for n, v in early_best.items())
+    report = f"""{common.report_title(TITLE, quick)}
 
 Claim (Wu et al. 2024): as an optimizer for parameter-efficient fine-tuning, exact iEF gives the
 lowest training loss and the best test performance on most tasks, better than well-tuned AdamW,
@@ -567,7 +542,7 @@ and is robust to damping; its direction approximates the exact natural gradient 
 
 - Pretraining (in the experiment): MLP 64-{cfg["hidden"]}-{cfg["hidden"]}-5 (tanh), all {P_total} parameters,
   `torch.optim.Adam(lr=3e-3)`, {cfg["pre_epochs"]} epochs on the digits 0-4 of scikit-learn's bundled digits
-  (test accuracy {C.fmt(pre_acc)}).
+  (test accuracy {common.fmt(pre_acc)}).
 - Fine-tuning: digits 5-9 ({data["fine"][0].shape[0]} training, {data["fine"][2].shape[0]} test samples), a new
   5-way head,
   LoRA adapters (rank {cfg["rank"]}, α = {cfg["alpha"]:g}, B = 0 at the start) on both hidden layers, the pretrained
@@ -580,23 +555,23 @@ and is robust to damping; its direction approximates the exact natural gradient 
   learning rate is the best of its grid by mean final training loss (table below).
 - γ(d)/γ(∇L) (exact Fisher, matrix-free `FisherOperator`, on the step's batch) every {cfg["quality_every"]} steps;
   the time it takes is excluded from ms/step. Wall time of the whole experiment: {wall:.1f} s; torch threads
-  {cfg["threads"]}. {C.environment_line()}.
+  {cfg["threads"]}. {common.environment_line()}.
 
 ## Results at each optimizer's best learning rate (mean over {len(seeds)} seeds)
 
-{C.markdown_table(main, cols, heads)}
+{common.markdown_table(main, cols, heads)}
 (γ(∇L)/γ(∇L) = 1 for SGD by definition; "train loss" is the mean cross-entropy over the whole
 fine-tuning training set after the last epoch.)
 
 ## With the damping tuned too (best of the sweep below, at the same lr)
 
-{C.markdown_table(tuned, ["optimizer", "lr", "damping", "train_loss", "train_sd", "test_acc", "test_sd"], heads)}
+{common.markdown_table(tuned, ["optimizer", "lr", "damping", "train_loss", "train_sd", "test_acc", "test_sd"], heads)}
 Lowest training loss: **{tuned_lowest}**; best test accuracy: {", ".join(tuned_best_acc)}.
 
 ## Learning-rate grid (mean over seeds; ← the lr used above; a diverged seed ends above its initial loss)
 
 {
-        C.markdown_table(
+        common.markdown_table(
             grid,
             ["optimizer", "lr", "early", "train_loss", "test_acc", "diverged", "best"],
             {
@@ -610,14 +585,14 @@ Lowest training loss: **{tuned_lowest}**; best test accuracy: {", ".join(tuned_b
     }
 ## Damping sweep (relative damping; final training loss, each kind at its best lr; {cfg["sweep_seeds"]} seed(s))
 
-{C.markdown_table(damp_rows, dcols)}
+{common.markdown_table(damp_rows, dcols)}
 Test accuracy in the same runs:
 
-{C.markdown_table(damp_rows, acols)}
+{common.markdown_table(damp_rows, acols)}
 Spread (max/min final training loss over the damping grid; 1 = insensitive):
 {
         ", ".join(
-            f"{n} {C.fmt(s[0])}"
+            f"{n} {common.fmt(s[0])}"
             + (f" (and {s[1]} of {len(cfg['dampings'])} dampings diverge or raise)" if s[1] else "")
             for n, s in spreads.items()
         )
@@ -625,27 +600,27 @@ Spread (max/min final training loss over the damping grid; 1 = insensitive):
 
 ## γ(d)/γ(∇L) along training (median over seeds; thirds of the run)
 
-{C.markdown_table(q_rows) if q_rows else "(not measured)"}
+{common.markdown_table(q_rows) if q_rows else "(not measured)"}
 ## Verdict
 
 - Training loss: lowest for **{lowest}**. iEF − AdamW (paired over seeds): {ief_sd} (95 % interval),
   {sign_text[ief_vs_adamw["sign"]]}.
   {
-        C.agreement(
+        common.agreement(
             lowest == "iEF" or (lowest == "exact NGD" and by["iEF"]["train_loss"] <= by["AdamW"]["train_loss"]),
             "iEF reaches the lowest training loss of the practical optimizers, below well-tuned AdamW.",
             f"{lowest} reaches a lower training loss than iEF at this scale.",
         )
     }
 - Early in training (after epoch {early_epoch} of {cfg["epochs"]}), at the lrs above, the lowest training loss is
-  **{early_lowest}**'s ({", ".join(f"{r['optimizer']} {C.fmt(r['early'])}" for r in main)}); the best early loss
-  over each whole lr grid: {", ".join(f"{n} {C.fmt(v[0])} (lr {C.fmt(v[1])})" for n, v in early_best.items())}:
+  **{early_lowest}**'s ({", ".join(f"{r['optimizer']} {common.fmt(r['early'])}" for r in main)}); the best early loss
+  over each whole lr grid: {early_grid}:
   lowest for **{early_grid_lowest}**.
-- Test accuracy: best for {", ".join(best_acc)} (iEF {C.fmt(by["iEF"]["test_acc"])},
-  AdamW {C.fmt(by["AdamW"]["test_acc"])};
-  iEF − AdamW {C.fmt(acc_vs_adamw["mean"])} ± {C.fmt(acc_vs_adamw["t"] * acc_vs_adamw["se"])}).
+- Test accuracy: best for {", ".join(best_acc)} (iEF {common.fmt(by["iEF"]["test_acc"])},
+  AdamW {common.fmt(by["AdamW"]["test_acc"])};
+  iEF − AdamW {common.fmt(acc_vs_adamw["mean"])} ± {common.fmt(acc_vs_adamw["t"] * acc_vs_adamw["se"])}).
   {
-        C.agreement(
+        common.agreement(
             "iEF" in best_acc,
             "iEF is (joint) best on test accuracy.",
             "iEF is not the best on test accuracy here (with a few hundred test samples, differences of one or two "
@@ -653,7 +628,7 @@ Spread (max/min final training loss over the damping grid; 1 = insensitive):
         )
     }
 - Damping: {
-        C.agreement(
+        common.agreement(
             robust,
             "iEF trains at every damping of the grid (none diverges or raises) and its "
             "final loss varies no more than that of any other natural-gradient optimizer that also "
@@ -661,9 +636,9 @@ Spread (max/min final training loss over the damping grid; 1 = insensitive):
             "iEF is not the least damping-sensitive of the natural-gradient optimizers here.",
         )
     }
-- Direction quality (median γ(d)/γ(∇L)): {", ".join(f"{n} {C.fmt(v)}" for n, v in qd.items())} (SGD = 1).
+- Direction quality (median γ(d)/γ(∇L)): {", ".join(f"{n} {common.fmt(v)}" for n, v in qd.items())} (SGD = 1).
   {
-        C.agreement(
+        common.agreement(
             qd.get("iEF", math.inf) < qd.get("EF", math.inf),
             "iEF's direction is closer to the exact natural gradient than EF's.",
             "EF's direction is as close or closer than iEF's here.",
@@ -675,47 +650,21 @@ T5/ViT models; read the verdicts as what happens at this scale.
 
 ## Files
 
-{chr(10).join(f"- `{p.name}`" for p in plots)}
+{common.file_list(plots)}
 - `metrics.json`: every run (optimizer, lr, seed, damping, curves, γ values, failures).
 """
-    C.write_report(out_dir, report)
-    C.save_metrics(
-        out_dir,
-        {
-            "config": cfg,
-            "seeds": seeds,
-            "P": P,
-            "pretrain_test_acc": pre_acc,
-            "best_lr": best_lr,
-            "main": main,
-            "tuned": tuned,
-            "lr_grid": grid,
-            "damping_sweep": damp_rows,
-            "quality": q_rows,
-            "verdict": verdict,
-            "runs": runs,
-            "sweep_runs": sweep,
-            "wall_s": wall,
-            "api": fot.NaturalGradient.__module__,
-        },
+    metrics: dict[str, Any] = dict(
+        config=cfg, seeds=seeds, P=P, pretrain_test_acc=pre_acc, best_lr=best_lr, main=main, tuned=tuned
     )
-    return {
-        "rows": main,
-        "tuned": tuned,
-        "lr_grid": grid,
-        "damping_sweep": damp_rows,
-        "quality": q_rows,
-        "verdict": verdict,
-        "runs": runs,
-        "sweep_runs": sweep,
-        "plots": [str(p) for p in plots],
-        "report": str(out_dir / "report.md"),
-        "summary": C.text_table(main, cols, heads) + "\n\n" + C.text_table(damp_rows, dcols),
-    }
+    metrics.update(lr_grid=grid, damping_sweep=damp_rows, quality=q_rows, verdict=verdict, runs=runs, sweep_runs=sweep)
+    metrics.update(wall_s=wall, api=fot.NaturalGradient.__module__)
+    text = common.text_table(main, cols, heads) + "\n\n" + common.text_table(damp_rows, dcols)
+    tables = dict(rows=main, tuned=tuned, lr_grid=grid, damping_sweep=damp_rows, quality=q_rows, verdict=verdict)
+    return common.publish(out_dir, report, metrics, plots=plots, summary=text, **tables, runs=runs, sweep_runs=sweep)
 
 
 def _damping_plot(path, dampings, rows):
-    plt = C.pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for r in rows:
         ys = [r[f"{lam:g}"] if isinstance(r[f"{lam:g}"], float) else math.nan for lam in dampings]
@@ -727,7 +676,4 @@ def _damping_plot(path, dampings, rows):
     ax.set_title("damping sweep (mean over seeds; missing = DampingTooSmall)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return common.save_figure(fig, path)

@@ -24,50 +24,37 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _common as C
+from . import _common as common
+from .coupled_adam import (
+    EMBEDDING_FILES,
+    EMBEDDING_PLOTS,
+    HEADS,
+    METRICS,
+    claim_lines,
+    final_values,
+    isotropy_claim,
+    new_history,
+    publish_claim,
+    record_evaluation,
+    run_key,
+    save_embeddings,
+)
 
 TITLE = "PyTorch: tied-embedding transformer LM with torch AdamW and fisheropt.torch optimizers"
 
-# threads: torch and numba threads during the run (the matrices are small; more threads only spin).
 FULL = dict(
-    vocab=2000,
-    dim=64,
-    layers=2,
-    heads=4,
-    context=32,
-    batch=32,
-    steps=800,
-    warmup=50,
-    evals=10,
-    n_seeds=3,
-    n_val=256,
-    threads=1,
+    vocab=2000, dim=64, layers=2, heads=4, context=32, batch=32, steps=800, warmup=50, evals=10, n_seeds=3, n_val=256
 )
+FULL["threads"] = 1  # torch's and numba's during the run (the matrices are small; more threads only spin)
 QUICK = dict(
-    vocab=300,
-    dim=32,
-    layers=1,
-    heads=2,
-    context=16,
-    batch=16,
-    steps=60,
-    warmup=5,
-    evals=3,
-    n_seeds=2,
-    n_val=48,
-    threads=1,
+    FULL, vocab=300, dim=32, layers=1, heads=2, context=16, batch=16, steps=60, warmup=5, evals=3, n_seeds=2, n_val=48
 )
 HYPER = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
 OPTIMIZERS = ("torch AdamW", "fot AdamW", "fot FAdam", "fot CoupledAdam")
-METRICS = ("val_loss", "isotropy", "mu_norm", "mu_ratio", "condition_number")
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - torch is in the test and bench extras
-        raise ImportError("the torch-lm experiment needs PyTorch (pip install torch)") from exc
-    return torch
+    return common.import_torch("torch-lm")
 
 
 def transformer_lm_class():
@@ -191,28 +178,21 @@ def schedule(cfg):
 def train_one(name, cfg, seed, data, *, desc=None):
     """Train one model; returns (final embedding (V×d, float64), history, timings)."""
     torch = _torch()
-    from fisheropt.refimpl.isotropy import embedding_report
-
     train, (val_x, val_y), _, _ = data
     model = build_model(cfg, seed)
     opt = make_optimizer(name, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg))
     rng = np.random.default_rng([seed, 11])  # batch order: the same for every optimizer
-    eval_at = set(np.linspace(0, cfg["steps"], cfg["evals"] + 1).astype(int).tolist())
-    hist = {"step": [], "train_loss": [], **{m: [] for m in METRICS}}
+    eval_at = common.evaluation_steps(cfg["steps"], cfg["evals"])
+    hist = new_history()
     run_loss, opt_times, step_times = [], [], []
-    for step in C.progress(range(cfg["steps"] + 1), desc=desc):
+    for step in common.progress(range(cfg["steps"] + 1), desc=desc):
         if step in eval_at:
             with torch.no_grad():
                 model.eval()
                 val = float(model.loss(val_x, val_y))
                 model.train()
-            rep = embedding_report(model.tok.weight.detach().double().numpy())
-            hist["step"].append(step)
-            hist["train_loss"].append(float(np.mean(run_loss)) if run_loss else float("nan"))
-            hist["val_loss"].append(val)
-            for key in ("isotropy", "mu_norm", "mu_ratio", "condition_number"):
-                hist[key].append(rep[key])
+            record_evaluation(hist, step, run_loss, val, model.tok.weight.detach().double().numpy())
             run_loss = []
         if step == cfg["steps"]:
             break
@@ -239,27 +219,8 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     cfg = dict(QUICK if quick else FULL)
     # The same number of threads for torch's and fisheropt's kernels (numba), so that step times compare
     # like with like; the matrices are small, and on a busy machine idle threads only get in the way.
-    threads = torch.get_num_threads()
-    numba = _numba()
-    numba_threads = numba.get_num_threads() if numba is not None else None
-    torch.set_num_threads(cfg["threads"] or threads)
-    if numba is not None:
-        numba.set_num_threads(min(cfg["threads"] or numba_threads, numba.config.NUMBA_NUM_THREADS))
-    try:
+    with common.torch_threads(cfg["threads"], numba=True):
         return _run(torch, cfg, quick=quick, out_dir=out_dir, seed=seed)
-    finally:
-        torch.set_num_threads(threads)
-        if numba is not None:
-            numba.set_num_threads(numba_threads)
-            torch.set_num_threads(threads)  # (numba's OpenMP layer shares torch's thread count)
-
-
-def _numba():
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba
 
 
 def _run(torch, cfg, *, quick: bool, out_dir: Path, seed: int) -> dict:
@@ -272,63 +233,30 @@ def _run(torch, cfg, *, quick: bool, out_dir: Path, seed: int) -> dict:
     n_params = sum(p.numel() for p in build_model(cfg, 0).parameters())
 
     per_seed, histories, final_E, backends = [], {}, {}, {}
-    with C.stopwatch() as elapsed:
+    with common.stopwatch() as elapsed:
         for s in seeds:
             for name in OPTIMIZERS:
                 E, hist, timings, backend = train_one(name, cfg, s, data, desc=f"{name} seed {s}")
                 backends[name] = backend
                 histories[(name, s)] = hist
-                final_E[f"{name.replace(' ', '_')}_seed{s}"] = E
-                per_seed.append(
-                    {
-                        "optimizer": name,
-                        "seed": s,
-                        "train_loss": hist["train_loss"][-1],
-                        **{m: hist[m][-1] for m in METRICS},
-                        **timings,
-                    }
-                )
-    np.savez(out_dir / "embeddings.npz", **final_E)
-    np.save(out_dir / "word_counts.npy", counts)
+                final_E[run_key(name, s)] = E
+                per_seed.append({"optimizer": name, "seed": s, **final_values(hist), **timings})
+    save_embeddings(out_dir, final_E, counts)
 
-    summary_rows = []
-    for name in OPTIMIZERS:
-        rows = [r for r in per_seed if r["optimizer"] == name]
-        row = {"optimizer": name, "backend": backends[name]}
-        for m in (*METRICS, "opt_ms", "step_ms"):
-            mean, std = C.mean_std([r[m] for r in rows])
-            row[m] = mean
-            row[m + "_std"] = std
-        summary_rows.append(row)
+    summary_rows = [
+        {
+            "optimizer": name,
+            "backend": backends[name],
+            **common.mean_std_columns([r for r in per_seed if r["optimizer"] == name], (*METRICS, "opt_ms", "step_ms")),
+        }
+        for name in OPTIMIZERS
+    ]
     by = {r["optimizer"]: r for r in summary_rows}
 
     # ---- plots -------------------------------------------------------------
-    steps = histories[(OPTIMIZERS[0], seeds[0])]["step"]
-    plots = []
-    for metric, label, logy in (
-        ("val_loss", "validation loss (nats/token)", False),
-        ("isotropy", "Iso(E)", True),
-        ("mu_ratio", "‖μ‖ / mean‖e_i‖", False),
-    ):
-        curves, bands = {}, {}
-        for name in OPTIMIZERS:
-            arr = np.array([histories[(name, s)][metric] for s in seeds], dtype=float)
-            curves[name] = arr.mean(axis=0)
-            bands[name] = (arr.min(axis=0), arr.max(axis=0))
-        plots.append(
-            C.plot_curves(
-                out_dir / f"{metric}.png",
-                curves,
-                bands=bands,
-                xs={n: steps for n in OPTIMIZERS},
-                logy=logy,
-                title=f"{label} (mean over {len(seeds)} seeds, band = min..max)",
-                xlabel="step",
-                ylabel=label,
-            )
-        )
+    plots = common.plot_seed_curves(out_dir, histories, OPTIMIZERS, seeds, EMBEDDING_PLOTS)
     plots.append(
-        C.plot_bars(
+        common.plot_bars(
             out_dir / "step_time.png",
             list(OPTIMIZERS),
             [by[n]["opt_ms"] for n in OPTIMIZERS],
@@ -339,92 +267,23 @@ def _run(torch, cfg, *, quick: bool, out_dir: Path, seed: int) -> dict:
     )
 
     # ---- verdict (computed, not assumed) ----------------------------------
-    def seed_values(opt, key):
-        return [next(r[key] for r in per_seed if r["optimizer"] == opt and r["seed"] == s) for s in seeds]
-
-    base, coupled = "fot AdamW", "fot CoupledAdam"
-    a, c = by[base], by[coupled]
-    iso_wins = sum(x > y for x, y in zip(seed_values(coupled, "isotropy"), seed_values(base, "isotropy")))
-    aniso_cut = (1 - c["isotropy"]) / (1 - a["isotropy"]) if a["isotropy"] < 1 else float("nan")
-    iso_agrees = iso_wins == len(seeds) and aniso_cut <= 0.5
-    loss_cmp = C.paired_difference(seed_values(coupled, "val_loss"), seed_values(base, "val_loss"))
-    loss_agrees = loss_cmp["sign"] <= 0
-    mu_agrees = c["mu_ratio"] < a["mu_ratio"]
-    adapter_gap = max(
-        abs(x - y) for x, y in zip(seed_values("fot AdamW", "val_loss"), seed_values("torch AdamW", "val_loss"))
-    )
-    verdict = {
-        "isotropy_wins": iso_wins,
-        "anisotropy_ratio_coupled_over_adamw": aniso_cut,
-        "val_loss_diff_coupled_minus_adamw": loss_cmp,
-        "isotropy_agrees": bool(iso_agrees),
-        "loss_agrees": bool(loss_agrees),
-        "mu_ratio_agrees": bool(mu_agrees),
-        "max_val_loss_gap_fot_vs_torch_adamw": adapter_gap,
-    }
-
-    def say(ok, yes, no):
-        return f"{C.AGREES}: {yes}" if ok else f"{C.DISAGREES}: {no}"
+    claim = isotropy_claim(per_seed, seeds, by, base="fot AdamW", coupled="fot CoupledAdam")
+    a, c = by["fot AdamW"], by["fot CoupledAdam"]
+    loss_cmp = claim["val_loss_diff_coupled_minus_adamw"]
+    fot_adamw, torch_adamw = (common.seed_values(per_seed, seeds, "val_loss", optimizer=n) for n in OPTIMIZERS[1::-1])
+    adapter_gap = max(abs(x - y) for x, y in zip(fot_adamw, torch_adamw))
+    verdict = {**claim, "max_val_loss_gap_fot_vs_torch_adamw": adapter_gap}
 
     if quick:
-        iso_line = f"{C.INCONCLUSIVE}: quick mode is a smoke test ({cfg['steps']} steps)."
-        loss_line = mu_line = iso_line
+        iso_line = mu_line = loss_line = f"{common.INCONCLUSIVE}: quick mode is a smoke test ({cfg['steps']} steps)."
     else:
-        iso_line = say(
-            iso_agrees,
-            "Coupled Adam's embeddings are markedly more isotropic (higher in every seed, anisotropy at least halved).",
-            "the isotropy gain is not the large, consistent gain the paper reports (criterion, fixed "
-            "before the runs: higher in every seed and 1 − Iso at least halved).",
-        )
-        mu_line = say(
-            mu_agrees, "Coupled Adam shrinks the common offset.", "Coupled Adam does not reduce the common offset here."
-        )
-        loss_line = say(
-            loss_agrees,
-            (
-                "better loss (beyond seed noise)."
-                if loss_cmp["sign"] < 0
-                else "equal loss within seed noise (95 % Student-t interval of the paired difference contains 0)."
-            ),
-            "Coupled Adam's validation loss is worse beyond seed noise here.",
-        )
+        iso_line, mu_line, loss_line = claim_lines(claim)
 
-    cols = [
-        "optimizer",
-        "backend",
-        "val_loss",
-        "val_loss_std",
-        "isotropy",
-        "isotropy_std",
-        "mu_ratio",
-        "condition_number",
-        "opt_ms",
-        "step_ms",
-    ]
-    heads = {
-        "val_loss": "val loss",
-        "val_loss_std": "± std",
-        "isotropy": "Iso(E)",
-        "isotropy_std": "± std",
-        "mu_ratio": "‖μ‖/mean‖e‖",
-        "condition_number": "cond(E)",
-        "opt_ms": "opt.step ms",
-        "step_ms": "train step ms",
-    }
-    seed_cols = [
-        "optimizer",
-        "seed",
-        "train_loss",
-        "val_loss",
-        "isotropy",
-        "mu_ratio",
-        "condition_number",
-        "opt_ms",
-        "step_ms",
-    ]
-    report = f"""# {TITLE}
-
-{"**Quick mode** (smoke-test sizes; numbers are not meaningful)." if quick else ""}
+    cols = ["optimizer", "backend", *common.with_std(METRICS[:2], METRICS[:2]), *METRICS[3:], "opt_ms", "step_ms"]
+    seed_cols = ["optimizer", "seed", "train_loss", "val_loss", "isotropy", *METRICS[3:], "opt_ms", "step_ms"]
+    heads = {**HEADS, "opt_ms": "opt.step ms", "step_ms": "train step ms"}
+    passes = cfg["steps"] * cfg["batch"] * cfg["context"] / train.numel()
+    report = f"""{common.report_title(TITLE, quick)}
 
 The switch from PyTorch is three lines:
 
@@ -445,8 +304,9 @@ more isotropic embeddings at equal or better loss. Here on a transformer, in PyT
   {cfg["context"]} tokens from the held-out last 10 %.
 - Model: GPT-style pre-LayerNorm transformer, {cfg["layers"]} layer(s), d={cfg["dim"]}, {cfg["heads"]} heads,
   context {cfg["context"]}, output projection tied to the token embedding E ({n_params} parameters, float32).
-- Training: {cfg["steps"]} steps of {cfg["batch"]} windows ({cfg["steps"] * cfg["batch"] * cfg["context"] / train.numel():.1f}
-  passes over the training tokens: compare train and validation loss for overfitting), warm-up {cfg["warmup"]} steps then cosine to 10 %
+- Training: {cfg["steps"]} steps of {cfg["batch"]} windows ({passes:.1f}
+  passes over the training tokens: compare train and validation loss for overfitting), \
+warm-up {cfg["warmup"]} steps then cosine to 10 %
   (`LambdaLR`), seeds {seeds}; every optimizer lr={HYPER["lr"]}, betas={HYPER["betas"]},
   weight_decay={HYPER["weight_decay"]}, other hyperparameters at their defaults (FAdam: eps2, clip, p;
   its weight decay is Fisher-preconditioned). Coupled Adam: `fot.coupled_param_groups(model)` (E coupled).
@@ -454,26 +314,28 @@ more isotropic embeddings at equal or better loss. Here on a transformer, in PyT
   {torch.get_num_threads()} thread(s) for torch and for numba.
 - Measures of the final E (`fisheropt.refimpl.isotropy`): Iso(E), ‖μ‖/mean‖e_i‖, cond(E), as in the
   coupled-adam experiment. Times: median per run of `opt.step()` and of forward + backward + step.
-- Wall time: {elapsed():.1f} s. {C.environment_line()}.
+- Wall time: {elapsed():.1f} s. {common.environment_line()}.
 
 ## Results (mean over seeds)
 
-{C.markdown_table(summary_rows, cols, heads)}
+{common.markdown_table(summary_rows, cols, heads)}
 ### Per seed
 
-{C.markdown_table(per_seed, seed_cols, heads)}
+{common.markdown_table(per_seed, seed_cols, heads)}
 ## Verdict
 
 - Adapter check: `fot.AdamW` and `torch.optim.AdamW(fused=True)` run the same rule; their final
-  validation losses differ by at most {C.fmt(adapter_gap)} nats over the seeds (float32 rounding,
+  validation losses differ by at most {common.fmt(adapter_gap)} nats over the seeds (float32 rounding,
   amplified by training).
-- Isotropy: Iso(E) {C.fmt(c["isotropy"])} (Coupled Adam) vs {C.fmt(a["isotropy"])} (AdamW); Coupled higher in
-  {iso_wins}/{len(seeds)} seeds; anisotropy 1 − Iso(E) Coupled/AdamW = {C.fmt(aniso_cut)}.
+- Isotropy: Iso(E) {common.fmt(c["isotropy"])} (Coupled Adam) vs {common.fmt(a["isotropy"])} (AdamW); Coupled higher in
+  {claim["isotropy_wins"]}/{len(seeds)} seeds; anisotropy 1 − Iso(E) Coupled/AdamW = \
+{common.fmt(claim["anisotropy_ratio_coupled_over_adamw"])}.
   {iso_line}
-- Mean embedding: ‖μ‖/mean‖e‖ {C.fmt(c["mu_ratio"])} (Coupled) vs {C.fmt(a["mu_ratio"])} (AdamW). {mu_line}
-- Loss: validation loss Coupled − AdamW, paired by seed: {C.fmt(loss_cmp["mean"])} ± {C.fmt(loss_cmp["se"], 2)}
+- Mean embedding: ‖μ‖/mean‖e‖ {common.fmt(c["mu_ratio"])} (Coupled) vs {common.fmt(a["mu_ratio"])} (AdamW). {mu_line}
+- Loss: validation loss Coupled − AdamW, paired by seed: {common.fmt(loss_cmp["mean"])} ± \
+{common.fmt(loss_cmp["se"], 2)}
   (SE, n={loss_cmp["n"]}). {loss_line}
-- FAdam: validation loss {C.fmt(by["fot FAdam"]["val_loss"])}, Iso(E) {C.fmt(by["fot FAdam"]["isotropy"])}
+- FAdam: validation loss {common.fmt(by["fot FAdam"]["val_loss"])}, Iso(E) {common.fmt(by["fot FAdam"]["isotropy"])}
   (not part of the claim; same learning rate as AdamW, untuned).
 
 A {n_params}-parameter model on a {train.numel()}-token corpus, not the paper's GPT-2-scale runs;
@@ -481,29 +343,9 @@ hyperparameters were set once and not tuned toward any result.
 
 ## Files
 
-{chr(10).join(f"- `{p.name}`" for p in plots)}
-- `embeddings.npz`: the final E of every run (keys `<optimizer>_seed<k>`), `word_counts.npy`;
-  `metrics.json`: every number above, with the curves.
+{common.file_list(plots)}
+{EMBEDDING_FILES}
 """
-    C.write_report(out_dir, report)
-    C.save_metrics(
-        out_dir,
-        {
-            "config": cfg,
-            "hyper": HYPER,
-            "seeds": seeds,
-            "summary": summary_rows,
-            "per_seed": per_seed,
-            "verdict": verdict,
-            "backends": backends,
-            "curves": {f"{n}|{s}": h for (n, s), h in histories.items()},
-        },
-    )
-    return {
-        "rows": summary_rows,
-        "per_seed": per_seed,
-        "verdict": verdict,
-        "plots": [str(p) for p in plots],
-        "report": str(out_dir / "report.md"),
-        "summary": C.text_table(summary_rows, cols, heads),
-    }
+    record = dict(config=cfg, hyper=HYPER, seeds=seeds, summary=summary_rows, per_seed=per_seed, verdict=verdict)
+    text = common.text_table(summary_rows, cols, heads)
+    return publish_claim(out_dir, report, record, histories=histories, plots=plots, summary=text, backends=backends)

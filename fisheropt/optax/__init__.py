@@ -26,11 +26,16 @@ x64 disabled as described in ``fisheropt/optax/_numerics.py``.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 try:
-    import jax  # noqa: F401
-    import optax  # noqa: F401
+    for _dependency in ("jax", "optax"):
+        importlib.import_module(_dependency)
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"fisheropt.optax needs jax and optax: pip install 'fisheropt[jax]' ({exc})") from exc
+
+import optax  # pyright: ignore[reportMissingTypeStubs]  # annotated, without a py.typed marker
 
 from fisheropt.refimpl import RULES
 
@@ -54,8 +59,6 @@ globals().update(TRANSFORMS)
 globals().update(BUILDING_BLOCKS)
 
 __all__ = [
-    *TRANSFORMS,
-    *BUILDING_BLOCKS,
     "TRANSFORMS",
     "BUILDING_BLOCKS",
     "FACTORISATIONS",
@@ -69,10 +72,14 @@ __all__ = [
     "exact_direction",
     "MissingRule",
 ]
+# The transformations' names come from the registry at import, so a type checker cannot list them.
+__all__ += [*TRANSFORMS, *BUILDING_BLOCKS]  # pyright: ignore[reportUnsupportedDunderAll]
 
 
-def __getattr__(name):
-    """A rule (or block) with JAX math whose descriptor is not in this installation's registry."""
+def __getattr__(name: str) -> Callable[..., optax.GradientTransformation]:
+    """A rule (or block) with JAX math whose descriptor is not in this installation's registry.
+
+    (Its return type types the transformations made above for type checkers, which cannot see them.)"""
     rule = name if name in MATH else BLOCKS[name][0] if name in BLOCKS else None
     if rule is not None:
         raise MissingRule(

@@ -15,8 +15,8 @@ these scalars are computed on the device, in one of two ways:
   float32 numbers (a 48-bit significand), with error-free transformations (TwoSum, and
   a TwoProd whose splitting masks bits, so that XLA's contraction of a·b + c into an FMA
   cannot break it; their rounded intermediates pass an optimization barrier, because
-  XLA's algebraic simplifier rewrites (b + 1) − 1 as b). 1 − βᵗ comes from a host table of β^(2^k) and 1 − β^(2^k) (float64)
-  combined over the bits of t with 1 − β^(a+b) = (1 − β^a) + β^a(1 − β^b), which never
+  XLA's algebraic simplifier rewrites (b + 1) − 1 as b). 1 − βᵗ comes from a host table of
+  β^(2^k) and 1 − β^(2^k) (float64) combined over the bits of t with 1 − β^(a+b) = (1 − β^a) + β^a(1 − β^b), which never
   cancels. The float-float value is within ~2⁻⁴⁵ of the float64 one, so rounding it to
   float32 gives the reference's float32 scalar except where the value lies within that
   distance of a rounding boundary. (Plain float32 would not do: β₂ = 0.999 rounded to
@@ -36,12 +36,15 @@ float arithmetic here can change that (see spec/vectors.md, "Functional implemen
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
 __all__ = [
     "x64_enabled",
@@ -63,7 +66,32 @@ def x64_enabled() -> bool:
     return bool(jax.config.read("jax_enable_x64"))
 
 
-def numbers():
+class Scalar(Protocol):
+    """A scalar of the step's host-precision arithmetic (an :class:`F64` or a :class:`DD`; an
+    operation takes another of the same class, or a float or array, which it converts)."""
+
+    def __add__(self, o: Any, /) -> Scalar: ...
+    def __radd__(self, o: Any, /) -> Scalar: ...
+    def __sub__(self, o: Any, /) -> Scalar: ...
+    def __rsub__(self, o: Any, /) -> Scalar: ...
+    def __mul__(self, o: Any, /) -> Scalar: ...
+    def __rmul__(self, o: Any, /) -> Scalar: ...
+    def __truediv__(self, o: Any, /) -> Scalar: ...
+    def __rtruediv__(self, o: Any, /) -> Scalar: ...
+    def sqrt(self) -> Scalar: ...
+    def value(self) -> jax.Array: ...
+    def round(self, dtype: DTypeLike) -> jax.Array: ...
+
+
+class Numbers(Protocol):
+    """The scalar class of the current trace (:class:`F64` or :class:`DD`, see :func:`numbers`)."""
+
+    def const(self, v: float, /) -> Scalar: ...
+    def of(self, v: ArrayLike, /) -> Scalar: ...
+    def one_minus_pow(self, beta: float, n: ArrayLike, /) -> Scalar: ...
+
+
+def numbers() -> Numbers:
     """The scalar class for the current trace: F64 with x64, DD without."""
     return F64 if x64_enabled() else DD
 
@@ -74,7 +102,7 @@ class F64:
 
     __slots__ = ("x",)
 
-    def __init__(self, x):
+    def __init__(self, x: ArrayLike) -> None:
         self.x = jnp.asarray(x, jnp.float64)
 
     @classmethod
@@ -82,50 +110,50 @@ class F64:
         return cls(np.float64(v))
 
     @classmethod
-    def of(cls, v) -> F64:
+    def of(cls, v: ArrayLike) -> F64:
         """A traced scalar (a schedule's learning rate) or a Python float."""
         return cls(v)
 
     @staticmethod
-    def _x(o):
+    def _x(o: F64 | ArrayLike) -> jax.Array:
         return o.x if isinstance(o, F64) else jnp.asarray(o, jnp.float64)
 
-    def __add__(self, o):
+    def __add__(self, o: F64 | ArrayLike) -> F64:
         return F64(self.x + self._x(o))
 
-    def __radd__(self, o):
+    def __radd__(self, o: F64 | ArrayLike) -> F64:
         return F64(self._x(o) + self.x)
 
-    def __sub__(self, o):
+    def __sub__(self, o: F64 | ArrayLike) -> F64:
         return F64(self.x - self._x(o))
 
-    def __rsub__(self, o):
+    def __rsub__(self, o: F64 | ArrayLike) -> F64:
         return F64(self._x(o) - self.x)
 
-    def __mul__(self, o):
+    def __mul__(self, o: F64 | ArrayLike) -> F64:
         return F64(self.x * self._x(o))
 
-    def __rmul__(self, o):
+    def __rmul__(self, o: F64 | ArrayLike) -> F64:
         return F64(self._x(o) * self.x)
 
-    def __truediv__(self, o):
+    def __truediv__(self, o: F64 | ArrayLike) -> F64:
         return F64(self.x / self._x(o))
 
-    def __rtruediv__(self, o):
+    def __rtruediv__(self, o: F64 | ArrayLike) -> F64:
         return F64(self._x(o) / self.x)
 
-    def sqrt(self):
+    def sqrt(self) -> F64:
         return F64(jnp.sqrt(self.x))
 
-    def value(self):
+    def value(self) -> jax.Array:
         """The value in the scalar dtype (float64)."""
         return self.x
 
-    def round(self, dtype):
+    def round(self, dtype: DTypeLike) -> jax.Array:
         return self.x.astype(dtype)
 
     @staticmethod
-    def one_minus_pow(beta: float, n) -> F64:
+    def one_minus_pow(beta: float, n: ArrayLike) -> F64:
         """1 − βⁿ as the reference computes it: ``1 - beta**n`` in float64 (n ≥ 0, traced int)."""
         return F64(1.0 - jnp.power(jnp.float64(beta), jnp.asarray(n).astype(jnp.float64)))
 
@@ -137,24 +165,24 @@ class F64:
 _barrier = lax.optimization_barrier
 
 
-def _two_sum(a, b):
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     s = _barrier(a + b)
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
 
 
-def _quick_two_sum(a, b):
+def _quick_two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     s = _barrier(a + b)
     return s, b - (s - a)
 
 
-def _split(a):
+def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """a = hi + lo exactly, each with a 12-bit significand (by masking bits: no FMA can interfere)."""
     hi = _barrier(lax.bitcast_convert_type(lax.bitcast_convert_type(a, jnp.uint32) & _MASK32, jnp.float32))
     return hi, a - hi
 
 
-def _two_prod(a, b):
+def _two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """p + e = a·b exactly (Dekker); every product below is exact, so an FMA changes nothing."""
     p = _barrier(a * b)
     ah, al = _split(a)
@@ -163,11 +191,11 @@ def _two_prod(a, b):
     return p, e
 
 
-def _f32(x):
+def _f32(x: ArrayLike) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def _dd(raw, s, e):
+def _dd(raw: jax.Array, s: jax.Array, e: jax.Array) -> DD:
     """Normalise s + e; where the float32 result ``raw`` is not finite, the result is ``raw``
     itself (Inf or NaN propagate as in float64; the error terms would turn them into NaN)."""
     hi, lo = _quick_two_sum(s, e)
@@ -175,7 +203,7 @@ def _dd(raw, s, e):
     return DD(jnp.where(ok, hi, raw), jnp.where(ok, lo, 0.0))
 
 
-def _dd_where(ok, s, c):
+def _dd_where(ok: jax.Array, s: jax.Array, c: jax.Array) -> DD:
     """s + c normalised where ``ok``, else s alone (sqrt of 0, Inf or NaN)."""
     hi, lo = _quick_two_sum(s, c)
     return DD(jnp.where(ok, hi, s), jnp.where(ok, lo, 0.0))
@@ -186,7 +214,7 @@ class DD:
 
     __slots__ = ("hi", "lo")
 
-    def __init__(self, hi, lo=None):
+    def __init__(self, hi: ArrayLike, lo: ArrayLike | None = None) -> None:
         self.hi = _f32(hi)
         self.lo = jnp.zeros((), jnp.float32) if lo is None else _f32(lo)
 
@@ -200,48 +228,48 @@ class DD:
         return cls(hi, np.float32(v - float(hi)))
 
     @classmethod
-    def of(cls, v) -> DD:
+    def of(cls, v: ArrayLike) -> DD:
         if isinstance(v, (int, float)):
             return cls.const(v)
         return cls(jnp.asarray(v).astype(jnp.float32))
 
     @staticmethod
-    def _d(o):
+    def _d(o: DD | ArrayLike) -> DD:
         return o if isinstance(o, DD) else DD.of(o)
 
-    def __add__(self, o):
+    def __add__(self, o: DD | ArrayLike) -> DD:
         o = self._d(o)
         s, e = _two_sum(self.hi, o.hi)
         return _dd(s, s, e + (self.lo + o.lo))
 
     __radd__ = __add__
 
-    def __neg__(self):
+    def __neg__(self) -> DD:
         return DD(-self.hi, -self.lo)
 
-    def __sub__(self, o):
+    def __sub__(self, o: DD | ArrayLike) -> DD:
         return self + (-self._d(o))
 
-    def __rsub__(self, o):
+    def __rsub__(self, o: DD | ArrayLike) -> DD:
         return self._d(o) - self
 
-    def __mul__(self, o):
+    def __mul__(self, o: DD | ArrayLike) -> DD:
         o = self._d(o)
         p, e = _two_prod(self.hi, o.hi)
         return _dd(p, p, e + (self.hi * o.lo + self.lo * o.hi))
 
     __rmul__ = __mul__
 
-    def __truediv__(self, o):
+    def __truediv__(self, o: DD | ArrayLike) -> DD:
         o = self._d(o)
         q1 = self.hi / o.hi
         r = self - o * DD(jnp.where(jnp.isfinite(q1), q1, 0.0))
         return _dd(q1, q1, r.hi / o.hi)
 
-    def __rtruediv__(self, o):
+    def __rtruediv__(self, o: DD | ArrayLike) -> DD:
         return self._d(o) / self
 
-    def sqrt(self):
+    def sqrt(self) -> DD:
         s = jnp.sqrt(self.hi)
         ok = jnp.isfinite(s) & (s > 0)
         s_ok = jnp.where(ok, s, 1.0)
@@ -249,17 +277,17 @@ class DD:
         r = (self.hi - p) - e + self.lo
         return _dd_where(ok, s, r / (2 * s_ok))
 
-    def value(self):
+    def value(self) -> jax.Array:
         """The value in the scalar dtype (float32)."""
         return self.hi
 
-    def round(self, dtype):
+    def round(self, dtype: DTypeLike) -> jax.Array:
         # hi is the float32 nearest to hi + lo (normalised): the rounding of the float-float value.
         hi = jnp.where(jnp.isfinite(self.hi), self.hi + self.lo, self.hi)
         return hi.astype(dtype)
 
     @staticmethod
-    def one_minus_pow(beta: float, n) -> DD:
+    def one_minus_pow(beta: float, n: ArrayLike) -> DD:
         """1 − βⁿ for a traced int n ≥ 0: products of β^(2^k) over the bits of n, with the
         complement carried along (1 − β^(a+b) = (1 − β^a) + β^a (1 − β^b)): no cancellation."""
         beta = float(beta)
@@ -286,11 +314,13 @@ class DD:
 
 
 @jax.jit
-def _complement_of_power(p_hi, p_lo, c_hi, c_lo, n):
+def _complement_of_power(
+    p_hi: jax.Array, p_lo: jax.Array, c_hi: jax.Array, c_lo: jax.Array, n: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """1 − βⁿ from the tables of β^(2^k) and 1 − β^(2^k) (float-float), over the 31 bits of n.
     A module-level jitted function: eager calls reuse one compilation."""
 
-    def body(k, carry):
+    def body(k: int, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         ph, pl, ch, cl = carry
         acc_p, acc_c = DD(ph, pl), DD(ch, cl)
         pk, ck = DD(p_hi[k], p_lo[k]), DD(c_hi[k], c_lo[k])
@@ -318,13 +348,15 @@ def _complement_of_power(p_hi, p_lo, c_hi, c_lo, n):
 _UP = np.float32(2.0**64)  # scale for sums whose squares may have underflowed
 _DOWN = np.float32(2.0**-80)  # scale for sums that overflowed: (2^128·2^-80)² = 2^96, n·2^96 < 2^128
 _ONE = np.float32(1.0)
+#: make(*operands) -> the arrays whose squares are summed (module-level: it is a static jit argument).
+Reduced = Callable[..., Sequence[jax.Array]]
 
 
-def _add_pairs(a, b):
+def _add_pairs(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
     return tuple(x + y for x, y in zip(a, b))
 
 
-def _sums(xs, axis):
+def _sums(xs: Sequence[jax.Array], axis: int | None) -> list[jax.Array]:
     """Σx² for each x: one single-output reduce for one array (XLA:CPU's vectorised kernel), one
     variadic reduce for several (one loop over the operands: the kernel cannot take a traced scalar
     such as ε_t, so separate sums made XLA materialise f^p + ε_t for them)."""
@@ -336,7 +368,7 @@ def _sums(xs, axis):
 
 
 @partial(jax.jit, static_argnames=("make", "axis"))
-def _sums_sq_f32(operands, make, axis):
+def _sums_sq_f32(operands: tuple[jax.Array, ...], make: Reduced, axis: int | None) -> list[tuple[jax.Array, jax.Array]]:
     """Σx² for each x of ``make(*operands)`` (float32), in float32 without float32's overflow and
     underflow of the squares (float64's result, up to the order of the additions).
 
@@ -351,19 +383,19 @@ def _sums_sq_f32(operands, make, axis):
     small = np.float32(min(max(n, 1) * 2.0**-101, 1e38))
     needs = jnp.any(jnp.stack([jnp.any(~(jnp.isfinite(p) & (p >= small))) for p in plain]))
 
-    def scaled(ops):
+    def scaled(ops: tuple[jax.Array, ...]) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         cs = [jnp.where(jnp.isfinite(p), jnp.where(p >= small, _ONE, _UP), _DOWN) for p in plain]
         ys = [y * (c if axis is None else c[None, ...]) for y, c in zip(make(*ops), cs)]
         return tuple(_sums(ys, axis)), tuple(_ONE / c for c in cs)
 
-    def fast(ops):
+    def fast(ops: tuple[jax.Array, ...]) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         return tuple(plain), tuple(jnp.ones(p.shape, jnp.float32) for p in plain)
 
     sums, inv = lax.cond(needs, scaled, fast, tuple(operands))
     return list(zip(sums, inv))
 
 
-def rms_of(make, operands, N):
+def rms_of(make: Reduced, operands: tuple[jax.Array, ...], N: Numbers) -> list[Scalar]:
     """[RMS(x) for x in make(*operands)] as N values: √(mean(x²)), squares and sums in float64
     (x64) or emulated in float32 (:func:`_sums_sq_f32`); 0 for an empty tensor."""
     xs_shape = jax.eval_shape(lambda *o: make(*o), *operands)
@@ -375,7 +407,7 @@ def rms_of(make, operands, N):
         sums = _sums(xs, None)
         # the barrier keeps XLA from rewriting sqrt(x·x) as |x| for one element (x² may underflow)
         return [F64(jnp.sqrt(lax.optimization_barrier(s) / np.float64(size))) for s in sums]
-    out = []
+    out: list[Scalar] = []
     for s, inv_c in _sums_sq_f32(tuple(operands), make, None):
         s = lax.optimization_barrier(s)
         # float32 from here: the sum carries ~1 ulp (XLA's order); float-float would not help
@@ -383,16 +415,16 @@ def rms_of(make, operands, N):
     return out
 
 
-def _identity(*xs):
+def _identity(*xs: jax.Array) -> tuple[jax.Array, ...]:
     return xs
 
 
-def rms(x, N):
+def rms(x: jax.Array, N: Numbers) -> Scalar:
     """RMS(x) of one array."""
     return rms_of(_identity, (x.astype(jnp.float32) if N is DD else x,), N)[0]
 
 
-def column_mean_of_squares(g, dtype, N):
+def column_mean_of_squares(g: jax.Array, dtype: DTypeLike, N: Numbers) -> jax.Array:
     r"""\frac1V \sum_i g_{ij}^2 for a V×d tensor, accumulated in float64 (or emulated), rounded to dtype."""
     V = g.shape[0]
     if N is F64:
@@ -404,13 +436,13 @@ def column_mean_of_squares(g, dtype, N):
 
 
 # ---- FAdam's scalars -------------------------------------------------------------------------
-def _exponent_limits(dtype):
+def _exponent_limits(dtype: DTypeLike) -> tuple[float, float]:
     info = np.finfo(dtype)
     # log2 of the smallest normal, and the largest log2 that rounds to 0 (half the smallest subnormal)
     return float(np.log2(info.tiny)), float(np.log2(info.smallest_subnormal)) - 1.0
 
 
-def power(x, p: float, dtype):
+def power(x: jax.Array, p: float, dtype: DTypeLike) -> jax.Array:
     """x**p as the spec evaluates it: sqrt for p = 0.5, x itself for p = 1, else pow (p rounded)."""
     if p == 0.5:
         return jnp.sqrt(x)
@@ -419,7 +451,7 @@ def power(x, p: float, dtype):
     return x ** jnp.asarray(p, dtype)
 
 
-def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype, N):
+def adaptive_epsilon(rms_g: Scalar, *, eps: float, eps2: float, p: float, dtype: DTypeLike, N: Numbers) -> jax.Array:
     r"""ε_t = min(ε, ε₂·RMS(g))^{2p} rounded to ``dtype``; ε^{2p} where that is 0; at least the
     smallest normal number (refimpl.fadam.adaptive_epsilon).
 
@@ -445,7 +477,7 @@ def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype, N):
     return jnp.where(zero, jnp.asarray(floor, dtype), jnp.where(log_y < log_tiny, tiny, jnp.maximum(y, tiny)))
 
 
-def clip_scale(rms_x, clip: float, dtype, N):
+def clip_scale(rms_x: Scalar, clip: float, dtype: DTypeLike, N: Numbers) -> jax.Array:
     """max(1, RMS(x)/c) rounded to dtype (rounding is monotone, so max after rounding is the same)."""
     if N is DD:
         r = (rms_x.value() / np.float32(clip)).astype(dtype)  # float32 RMS: one more rounding is noise

@@ -15,43 +15,53 @@ suite's ``fisher_gram`` / ``fisher_sample_space_direction`` through
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
-import optax
+import optax  # pyright: ignore[reportMissingTypeStubs]  # annotated, without a py.typed marker
 
 from fisheropt.refimpl import RULES
+from fisheropt.refimpl.rule import Rule
 
 from . import TRANSFORMS, natural_gradient, transforms
 
 __all__ = ["functional_steps", "functional_step"]
 
 
-def _registry_hyperparams(rule, kernel_hp: dict):
+#: step(params, grads, state, *, step, **hyperparams) -> (params, state), as the vectors call it.
+FunctionalStep = Callable[..., tuple[list[Any], dict[str, list[Any]]]]
+
+
+def _registry_hyperparams(rule: Rule, kernel_hp: Mapping[str, Any]) -> dict[str, Any]:
     """The case's kernel keyword arguments (beta1, beta2, ...) as the registry names them (betas)."""
-    out = {}
+    out: dict[str, Any] = {}
     for h in rule.hyperparams:
         out[h.name] = tuple(kernel_hp[n] for n in h.names) if h.names else kernel_hp[h.name]
     return out
 
 
-def functional_step(rule, *, jit: bool = True):
+def functional_step(rule: Rule, *, jit: bool = True) -> FunctionalStep:
     """``step(params, grads, state, *, step, **hyperparams) -> (params, state)`` for ``rule``
     through ``fisheropt.optax.<rule>`` and ``optax.apply_updates``."""
     names = rule.state_names
     flag = rule.tensor_flag
-    cache = {}
+    cache: dict[object, tuple[optax.GradientTransformation, Callable[..., Any]]] = {}
 
-    def step(params, grads, state, *, step, **hp):
+    def step(
+        params: Sequence[Any], grads: Sequence[Any], state: Mapping[str, Sequence[Any]], *, step: int, **hp: Any
+    ) -> tuple[list[Any], dict[str, list[Any]]]:
         flags = hp.pop(flag.name) if flag is not None else None
         key = (tuple(sorted(hp.items())), tuple(flags) if flags is not None else None)
         if key not in cache:
             kw = _registry_hyperparams(rule, hp)
             lr = kw.pop("lr")
-            if flag is not None:
+            if flag is not None and flags is not None:
                 kw[flag.name] = [bool(c) for c in flags]
             tx = TRANSFORMS[rule.name](learning_rate=lr, **kw)
 
-            def apply(params, grads, state):
+            def apply(params: list[Any], grads: list[Any], state: Any) -> tuple[Any, Any]:
                 updates, new_state = tx.update(grads, state, params)
                 return optax.apply_updates(params, updates), new_state
 
@@ -65,18 +75,20 @@ def functional_step(rule, *, jit: bool = True):
     return step
 
 
-def _fisher_gram(G):
+def _fisher_gram(G: jax.Array) -> jax.Array:
     return natural_gradient.fisher_gram(G)
 
 
-def _fisher_sample_space_direction(G, rhs, damping):
+def _fisher_sample_space_direction(G: jax.Array, rhs: jax.Array, damping: float) -> jax.Array:
     return natural_gradient.fisher_sample_space_direction(G, rhs, damping)
 
 
-def functional_steps(*, jit: bool = True) -> dict:
+def functional_steps(*, jit: bool = True) -> dict[str, Callable[..., Any]]:
     """{reference function name: functional JAX implementation} for the update-rule suites
     (every rule of the registry) and the Fisher suite."""
-    out = {rule.step_function: functional_step(rule, jit=jit) for name, rule in RULES.items() if name in TRANSFORMS}
+    out: dict[str, Callable[..., Any]] = {
+        rule.step_function: functional_step(rule, jit=jit) for name, rule in RULES.items() if name in TRANSFORMS
+    }
     out["fisher_gram"] = jax.jit(_fisher_gram) if jit else _fisher_gram
     out["fisher_sample_space_direction"] = (
         jax.jit(_fisher_sample_space_direction) if jit else _fisher_sample_space_direction

@@ -25,12 +25,16 @@ functions cannot raise under ``jit``: a damping too small for the dtype gives an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jax.flatten_util import ravel_pytree
+from jax.typing import ArrayLike
 
+from .._types import PyTree
 from ._numerics import x64_enabled
 
 __all__ = [
@@ -47,11 +51,11 @@ __all__ = [
 ]
 
 
-def _acc_dtype():
+def _acc_dtype() -> type[Any]:
     return jnp.float64 if x64_enabled() else jnp.float32
 
 
-def per_sample_grads(loss_fn, params, *batch):
+def per_sample_grads(loss_fn: Callable[..., jax.Array], params: PyTree, *batch: ArrayLike) -> jax.Array:
     """G (N, P): row n = ∇θ ``loss_fn(params, *sample_n)``, where ``batch`` holds arrays whose
     leading axis is the sample index (``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, ...))``).
     Columns follow :func:`jax.flatten_util.ravel_pytree` of the params."""
@@ -61,28 +65,28 @@ def per_sample_grads(loss_fn, params, *batch):
     return jnp.concatenate([leaf.reshape(n, -1) for leaf in leaves], axis=1)
 
 
-def logit_grad_sq_norms(logits, labels):
+def logit_grad_sq_norms(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """s (N,): sₙ = ‖softmax(zₙ) − e_{yₙ}‖² (the squared gradient of the loss w.r.t. the logits)."""
     p = jax.nn.softmax(logits, axis=-1)
     r = p - jax.nn.one_hot(labels, logits.shape[-1], dtype=p.dtype)
     return jnp.sum(r * r, axis=-1)
 
 
-def fisher_gram(G):
+def fisher_gram(G: jax.Array) -> jax.Array:
     """K = GGᵀ, (N, N), accumulated in float64 with x64 (float32 without)."""
     acc = _acc_dtype()
     Ga = G.astype(acc)
     return jnp.matmul(Ga, Ga.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def _solve_damped(K, rhs, damping):
+def _solve_damped(K: jax.Array, rhs: jax.Array, damping: ArrayLike) -> jax.Array:
     n = K.shape[0]
     Kd = K + jnp.asarray(damping, K.dtype) * jnp.eye(n, dtype=K.dtype)
     c, lower = jsl.cho_factor(Kd, lower=True)
     return jsl.cho_solve((c, lower), rhs.astype(K.dtype))
 
 
-def fisher_sample_space_direction(G, rhs, damping):
+def fisher_sample_space_direction(G: jax.Array, rhs: ArrayLike, damping: ArrayLike) -> jax.Array:
     """d = Gᵀ(GGᵀ + λI)⁻¹ rhs = (GᵀG + λI)⁻¹Gᵀ rhs, (P,) in G's dtype, through the smaller Gram
     (refimpl.fisher_ngd.sample_space_direction); rhs scaled by a power of two into [1, 2)
     for the solve and d scaled back (exact)."""
@@ -103,22 +107,24 @@ def fisher_sample_space_direction(G, rhs, damping):
     return jnp.ldexp(d, shift.astype(jnp.int32)).astype(G.dtype)
 
 
-def ef_direction(G, damping):
+def ef_direction(G: jax.Array, damping: ArrayLike) -> jax.Array:
     """EF: d = Gᵀ(GGᵀ + λI)⁻¹1 = (EF + λI)⁻¹∇L."""
     return fisher_sample_space_direction(G, jnp.ones(G.shape[0], _acc_dtype()), damping)
 
 
-def ief_direction(G, s, damping):
+def ief_direction(G: jax.Array, s: jax.Array, damping: ArrayLike) -> jax.Array:
     """iEF (Wu et al. 2024, Eq. 8): d = Gᵀ(GGᵀ + λI)⁻¹s — fisheropt.fisher.ngd_direction("ief", ...)."""
     return fisher_sample_space_direction(G, s, damping)
 
 
-def batch_gradient(G):
+def batch_gradient(G: jax.Array) -> jax.Array:
     """∇L = Gᵀ1 = Σₙ gₙ."""
     return jnp.sum(G.astype(_acc_dtype()), axis=0)
 
 
-def fisher_matvec(logits_fn, params, *inputs):
+def fisher_matvec(
+    logits_fn: Callable[..., jax.Array], params: PyTree, *inputs: ArrayLike
+) -> Callable[[PyTree], PyTree]:
     r"""The exact Fisher (= GGN of softmax cross-entropy, sum over the batch) as a function
     v ↦ F v on pytrees like ``params``: F v = Σₙ Jₙᵀ Hₙ Jₙ v with Hₙ w = pₙ⊙w − pₙ(pₙᵀw).
 
@@ -129,7 +135,7 @@ def fisher_matvec(logits_fn, params, *inputs):
     vjp = jax.linear_transpose(jvp, params)
     p = jax.nn.softmax(logits, axis=-1)
 
-    def matvec(v):
+    def matvec(v: PyTree) -> PyTree:
         jv = jvp(v)
         hjv = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
         return vjp(hjv)[0]
@@ -137,11 +143,20 @@ def fisher_matvec(logits_fn, params, *inputs):
     return matvec
 
 
-def exact_direction(logits_fn, params, inputs, labels, damping, *, tol=1e-10, maxiter=None):
+def exact_direction(
+    logits_fn: Callable[..., jax.Array],
+    params: PyTree,
+    inputs: ArrayLike,
+    labels: jax.Array,
+    damping: ArrayLike,
+    *,
+    tol: float = 1e-10,
+    maxiter: int | None = None,
+) -> PyTree:
     """Exact natural gradient (F + λI)⁻¹∇L for the sum cross-entropy loss, by conjugate gradients
     on :func:`fisher_matvec` (matrix-free), as a pytree like ``params``."""
 
-    def loss(p):
+    def loss(p: PyTree) -> jax.Array:
         z = logits_fn(p, inputs)
         return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), labels[:, None], axis=-1))
 
@@ -149,7 +164,7 @@ def exact_direction(logits_fn, params, inputs, labels, damping, *, tol=1e-10, ma
     mv = fisher_matvec(logits_fn, params, inputs)
     lam = damping
 
-    def damped(v):
+    def damped(v: PyTree) -> PyTree:
         return jax.tree.map(lambda a, b: a + lam * b, mv(v), v)
 
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -25,21 +25,24 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
+import optax  # pyright: ignore[reportMissingTypeStubs]  # annotated, without a py.typed marker
+from jax import Array, lax
+from jax.typing import ArrayLike, DTypeLike
 
 from fisheropt.optim import check_hyperparams, check_tensor_flags
 from fisheropt.refimpl import RULES
-from fisheropt.refimpl.rule import Rule
+from fisheropt.refimpl.rule import Hyperparam, Rule
 
+from .._types import PyTree
 from . import _numerics as nu
+from ._numerics import Numbers, Scalar
 
 __all__ = [
     "MATH",
@@ -65,15 +68,27 @@ class MissingRule(AttributeError):
 # (the scalar arithmetic, for reductions). It returns (form, value, new_state):
 #   form "delta": theta_new = theta - value (exactly: the update is -value);
 #   form "theta": value is theta_new itself.
-def _c(x, dt):
+#: A tensor flag (Coupled Adam's ``coupled``): a pytree of bools like the params, or a function
+#: params -> such a pytree.
+Flags = PyTree | Callable[[PyTree], PyTree]
+#: The kernel hyperparameters of a rule (Python floats), as Rule.kernel_kwargs gives them.
+KernelHP = Mapping[str, float]
+#: The step's scalars rounded to the compute dtype, by name.
+StepScalars = Mapping[str, jax.Array]
+Arrays = Sequence[Array]
+#: (form, value, new state) of a leaf function, see above.
+LeafResult = tuple[str, jax.Array, tuple[jax.Array, ...]]
+
+
+def _c(x: ArrayLike, dt: DTypeLike) -> jax.Array:
     return jnp.asarray(x, dt)
 
 
-def _adam_scalars(N, count, lr, hp):
+def _adam_scalars(N: Numbers, count: jax.Array, lr: ArrayLike, hp: KernelHP) -> dict[str, Scalar]:
     """α/(1−β₁ᵗ), √(1−β₂ᵗ) (refimpl.rule.adam_coefficients), and AdamW's 1 − αλ."""
     t = count + 1
     lr_n = N.of(lr)
-    out = {
+    out: dict[str, Scalar] = {
         "step_size": lr_n / N.one_minus_pow(hp["beta1"], t),
         "bias_correction2_sqrt": N.one_minus_pow(hp["beta2"], t).sqrt(),
     }
@@ -83,18 +98,20 @@ def _adam_scalars(N, count, lr, hp):
     return out
 
 
-def _adam_direction(m, v, sc, hp, dt):
+def _adam_direction(m: jax.Array, v: jax.Array, sc: StepScalars, hp: KernelHP, dt: DTypeLike) -> jax.Array:
     denom = jnp.sqrt(v) / sc["bias_correction2_sqrt"] + _c(hp["eps"], dt)
     return sc["step_size"] * (m / denom)
 
 
-def _moments(g, m, v, hp, dt):
+def _moments(g: jax.Array, m: jax.Array, v: jax.Array, hp: KernelHP, dt: DTypeLike) -> tuple[jax.Array, jax.Array]:
     m = _c(hp["beta1"], dt) * m + _c(1 - hp["beta1"], dt) * g
     v = _c(hp["beta2"], dt) * v + _c(1 - hp["beta2"], dt) * (g * g)
     return m, v
 
 
-def _adam_leaf(theta, g, state, sc, hp, dt, flagged, N):
+def _adam_leaf(
+    theta: Any, g: Array, state: Arrays, sc: StepScalars, hp: KernelHP, dt: DTypeLike, flagged: bool, N: Numbers
+) -> LeafResult:
     m, v = state
     if hp["weight_decay"] != 0:
         g = g + _c(hp["weight_decay"], dt) * theta
@@ -102,7 +119,9 @@ def _adam_leaf(theta, g, state, sc, hp, dt, flagged, N):
     return "delta", _adam_direction(m, v, sc, hp, dt), (m, v)
 
 
-def _adamw_leaf(theta, g, state, sc, hp, dt, flagged, N):
+def _adamw_leaf(
+    theta: Any, g: Array, state: Arrays, sc: StepScalars, hp: KernelHP, dt: DTypeLike, flagged: bool, N: Numbers
+) -> LeafResult:
     m, v = state
     m, v = _moments(g, m, v, hp, dt)
     step = _adam_direction(m, v, sc, hp, dt)
@@ -111,7 +130,9 @@ def _adamw_leaf(theta, g, state, sc, hp, dt, flagged, N):
     return "theta", theta * sc["decay"] - step, (m, v)
 
 
-def _coupled_adam_leaf(theta, g, state, sc, hp, dt, flagged, N):
+def _coupled_adam_leaf(
+    theta: Any, g: Array, state: Arrays, sc: StepScalars, hp: KernelHP, dt: DTypeLike, flagged: bool, N: Numbers
+) -> LeafResult:
     if not flagged:
         return _adamw_leaf(theta, g, state, sc, hp, dt, flagged, N)
     m, v_col = state
@@ -123,32 +144,34 @@ def _coupled_adam_leaf(theta, g, state, sc, hp, dt, flagged, N):
     return "theta", theta * sc["decay"] - step, (m, v_col)
 
 
-def _fadam_scalars(N, count, lr, hp):
+def _fadam_scalars(N: Numbers, count: jax.Array, lr: ArrayLike, hp: KernelHP) -> dict[str, Scalar]:
     r"""β̂₂ = β₂(1−β₂^{t−1})/(1−β₂ᵗ) and 1 − β̂₂ (refimpl.fadam.debiased_beta2), and α."""
     beta2 = hp["beta2"]
     b2h = (N.const(beta2) * N.one_minus_pow(beta2, count)) / N.one_minus_pow(beta2, count + 1)
     return {"beta2_hat": b2h, "one_minus_beta2_hat": 1.0 - b2h, "lr": N.of(lr)}
 
 
-def _unshared(g):
+def _unshared(g: jax.Array) -> tuple[jax.Array]:
     # (rms_of squares a copy of g behind a barrier: XLA would otherwise merge its g·g with the
     # Fisher update's (CSE) and materialise the shared g² for the reduction)
     return (g,)
 
 
 @functools.cache
-def _preconditioned(p: float, decay: bool):
+def _preconditioned(p: float, decay: bool) -> nu.Reduced:
     """make(g, θ, f, ε_t) -> (ḡ, w̄) = (g, θ)/(f^p + ε_t) unclipped (w̄ only with weight decay);
     one function object per (p, decay), so that the jitted reduction is compiled once."""
 
-    def make(g, theta, f, eps_t):
+    def make(g: jax.Array, theta: jax.Array, f: jax.Array, eps_t: jax.Array) -> tuple[jax.Array, ...]:
         denom = nu.power(f, p, f.dtype) + eps_t
         return (g / denom, theta / denom) if decay else (g / denom,)
 
     return make
 
 
-def _fadam_leaf(theta, g, state, sc, hp, dt, flagged, N):
+def _fadam_leaf(
+    theta: Any, g: Array, state: Arrays, sc: StepScalars, hp: KernelHP, dt: DTypeLike, flagged: bool, N: Numbers
+) -> LeafResult:
     m, f = state
     p, decay = hp["p"], hp["weight_decay"] != 0
     f = sc["beta2_hat"] * f + sc["one_minus_beta2_hat"] * (g * g)
@@ -171,11 +194,13 @@ def _fadam_leaf(theta, g, state, sc, hp, dt, flagged, N):
     return "delta", sc["lr"] * (m3 + _c(hp["weight_decay"], dt) * (w_bar / s_w)), (m, f)
 
 
-def _lion_scalars(N, count, lr, hp):
+def _lion_scalars(N: Numbers, count: jax.Array, lr: ArrayLike, hp: KernelHP) -> dict[str, Scalar]:
     return {"lr": N.of(lr)}
 
 
-def _lion_leaf(theta, g, state, sc, hp, dt, flagged, N):
+def _lion_leaf(
+    theta: Any, g: Array, state: Arrays, sc: StepScalars, hp: KernelHP, dt: DTypeLike, flagged: bool, N: Numbers
+) -> LeafResult:
     r"""Chen et al. 2023: c = β₁m + (1−β₁)g; θ ← θ − α(sign c + λθ); m ← β₂m + (1−β₂)g (sign 0 = 0)."""
     (m,) = state
     c = _c(hp["beta1"], dt) * m + _c(1 - hp["beta1"], dt) * g
@@ -190,10 +215,10 @@ def _lion_leaf(theta, g, state, sc, hp, dt, flagged, N):
 class Math:
     """The JAX math of one rule: step scalars, per-tensor update, and whether θ is needed."""
 
-    scalars: Callable  # (N, count, lr, kernel hp) -> {name: N value}
-    leaf: Callable  # see above
-    needs_theta: Callable  # (kernel hp) -> bool
-    state_names: tuple  # the registry's state names this math expects, in order
+    scalars: Callable[[Numbers, jax.Array, ArrayLike, KernelHP], dict[str, Scalar]]  # the step's scalars
+    leaf: Callable[..., LeafResult]  # see above
+    needs_theta: Callable[[KernelHP], bool]
+    state_names: tuple[str, ...]  # the registry's state names this math expects, in order
 
 
 #: Rule name -> its ``Math`` (the JAX math of the rule, in the order of its spec page).
@@ -242,10 +267,10 @@ FACTORISATIONS = {
 
 
 # ---- state -------------------------------------------------------------------------------------
-_STATE_CLASSES: dict = {}
+_STATE_CLASSES: dict[str, type[Any]] = {}
 
 
-def state_class(name: str, fields: tuple) -> type:
+def state_class(name: str, fields: tuple[str, ...]) -> type[Any]:
     """A NamedTuple ``name`` with ``count`` and the state arrays (a pytree; picklable: it is
     registered as an attribute of this module)."""
     cls = _STATE_CLASSES.get(name)
@@ -258,7 +283,7 @@ def state_class(name: str, fields: tuple) -> type:
     return cls
 
 
-def compute_dtype(param_dtype, state_dtype=None) -> np.dtype:
+def compute_dtype(param_dtype: DTypeLike, state_dtype: DTypeLike | None = None) -> np.dtype[Any]:
     """The dtype of the state and of the arithmetic for a parameter of ``param_dtype``."""
     pdt = np.dtype(param_dtype)
     if not jnp.issubdtype(pdt, jnp.floating):
@@ -279,7 +304,9 @@ def compute_dtype(param_dtype, state_dtype=None) -> np.dtype:
 
 
 # ---- the transformation ----------------------------------------------------------------------
-def _resolve_flags(rule: Rule, flags, params, leaves, treedef):
+def _resolve_flags(
+    rule: Rule, flags: Flags | None, params: PyTree, leaves: Sequence[jax.Array], treedef: Any
+) -> list[bool] | None:
     flag = rule.tensor_flag
     if flag is None:
         return None
@@ -294,16 +321,16 @@ def _resolve_flags(rule: Rule, flags, params, leaves, treedef):
         flat = treedef.flatten_up_to(flags)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{flag.name} must have the structure of the params (one bool per array): {exc}") from None
-    return list(check_tensor_flags(rule, flat, leaves))
+    return list(check_tensor_flags(rule, flat, leaves) or ())
 
 
 def transformation(
     rule: Rule,
-    hp: dict,
-    learning_rate,
+    hp: Mapping[str, Any],
+    learning_rate: float | optax.Schedule,
     *,
-    flags=None,
-    state_dtype=None,
+    flags: Flags | None = None,
+    state_dtype: DTypeLike | None = None,
     direction: bool = False,
     state_name: str | None = None,
 ) -> optax.GradientTransformation:
@@ -325,12 +352,12 @@ def transformation(
     if callable(learning_rate):
         check_dtypes_hp["lr"] = rule.defaults()["lr"]
 
-    def init_fn(params):
+    def init_fn(params: PyTree) -> Any:
         leaves, treedef = jax.tree.flatten(params)
         dts = [compute_dtype(p.dtype, state_dtype) for p in leaves]
         check_hyperparams(rule, check_dtypes_hp, sorted(set(dts), key=str))
         fl = _resolve_flags(rule, flags, params, leaves, treedef)
-        arrays = {}
+        arrays: dict[str, PyTree] = {}
         for name, col in zip(names, per_column):
             arrays[name] = treedef.unflatten(
                 [
@@ -340,14 +367,14 @@ def transformation(
             )
         return State(jnp.zeros([], jnp.int32), **arrays)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates: PyTree, state: Any, params: PyTree | None = None) -> tuple[PyTree, Any]:
         N = nu.numbers()
         count = state.count
         lr = learning_rate(count) if callable(learning_rate) else learning_rate
         scalars = math.scalars(N, count, lr, kernel_hp)
-        rounded = {}
+        rounded: dict[np.dtype[Any], dict[str, jax.Array]] = {}
 
-        def sc_for(dt):
+        def sc_for(dt: np.dtype[Any]) -> dict[str, jax.Array]:
             if dt not in rounded:
                 rounded[dt] = {k: v.round(dt) for k, v in scalars.items()}
             return rounded[dt]
@@ -355,7 +382,8 @@ def transformation(
         g_leaves, treedef = jax.tree.flatten(updates)
         s_leaves = [treedef.flatten_up_to(getattr(state, name)) for name in names]
         p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(g_leaves)
-        out_u, out_s = [], [[] for _ in names]
+        out_u: list[jax.Array] = []
+        out_s: list[list[jax.Array]] = [[] for _ in names]
         for i, g in enumerate(g_leaves):
             theta = p_leaves[i]
             st = tuple(s[i] for s in s_leaves)
@@ -377,6 +405,7 @@ def transformation(
             elif form == "delta" and pdt == dt:
                 u = -value  # θ + (−x) == θ − x exactly
             else:
+                assert theta is not None and theta_c is not None  # needs_theta: checked above
                 new_theta = (theta_c - value if form == "delta" else value).astype(pdt)
                 # θ_new − θ is exact when they are within a factor 2 (Sterbenz), so apply_updates
                 # gives θ_new; where θ_new == θ (also ±Inf) the update is 0, not Inf − Inf.
@@ -394,7 +423,7 @@ def transformation(
 _P = inspect.Parameter
 
 
-def _hp_doc(rule: Rule, h, skip=()) -> str:
+def _hp_doc(h: Hyperparam) -> str:
     rng = []
     if h.low is not None:
         rng.append(f"{'>' if h.low_open else '>='} {h.low:g}")
@@ -405,21 +434,21 @@ def _hp_doc(rule: Rule, h, skip=()) -> str:
     return f"    {name}: {h.doc}{extra}; default {h.default!r}; {' and '.join(rng) or 'any real'}."
 
 
-def _validated(rule: Rule, values: dict, learning_rate) -> dict:
+def _validated(rule: Rule, values: Mapping[str, Any], learning_rate: object) -> dict[str, Any]:
     hp = dict(values)
     if callable(learning_rate):
         hp["lr"] = rule.defaults()["lr"]  # a schedule is checked for being callable only
     elif learning_rate is not None:
         hp["lr"] = learning_rate
-    out = check_hyperparams(rule, hp, ())
+    out: dict[str, Any] = dict(check_hyperparams(rule, hp, ()))
     if callable(learning_rate):
         out["lr"] = learning_rate
     return out
 
 
-def rule_transform(rule: Rule) -> Callable:
+def rule_transform(rule: Rule) -> Callable[..., optax.GradientTransformation]:
     """``<rule>(learning_rate, <hyperparameters>, [<flag>], *, state_dtype=None)`` for ``rule``."""
-    params = []
+    params: list[inspect.Parameter] = []
     for h in rule.hyperparams:
         params.append(_P("learning_rate" if h.name == "lr" else h.name, _P.POSITIONAL_OR_KEYWORD, default=h.default))
     if rule.tensor_flag is not None:
@@ -427,7 +456,7 @@ def rule_transform(rule: Rule) -> Callable:
     params.append(_P("state_dtype", _P.KEYWORD_ONLY, default=None))
     sig = inspect.Signature(params)
 
-    def constructor(*args, **kwargs):
+    def constructor(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         a = dict(bound.arguments)
@@ -437,7 +466,7 @@ def rule_transform(rule: Rule) -> Callable:
         if not callable(lr) and not isinstance(lr, (int, float)) or isinstance(lr, bool):
             raise TypeError(f"learning_rate must be a float or a schedule (a callable count -> value), got {lr!r}")
         hp = _validated(rule, a, lr)
-        lr_value = hp["lr"] if callable(hp["lr"]) else float(hp["lr"])
+        lr_value = cast("optax.Schedule", hp["lr"]) if callable(hp["lr"]) else float(hp["lr"])
         return transformation(rule, hp, lr_value, flags=flags, state_dtype=state_dtype)
 
     constructor.__signature__ = sig
@@ -455,7 +484,7 @@ def rule_transform(rule: Rule) -> Callable:
         f"Spec: spec/{rule.spec_page}; hyperparameters, defaults and ranges from fisheropt.refimpl.RULES"
         f"[{rule.name!r}] (checked here, and against the parameter dtypes at init).\n\n"
         "Args:\n"
-        + "\n".join(_hp_doc(rule, h) for h in rule.hyperparams)
+        + "\n".join(_hp_doc(h) for h in rule.hyperparams)
         + "\n"
         + flag_doc
         + "    state_dtype: dtype of the state and the arithmetic (default: the parameter dtype for float32/"
@@ -466,7 +495,7 @@ def rule_transform(rule: Rule) -> Callable:
     return constructor
 
 
-def block(name: str) -> Callable:
+def block(name: str) -> Callable[..., optax.GradientTransformation]:
     """The building block ``name`` of :data:`BLOCKS` (no learning rate), from the registry."""
     rule_name, fixed = BLOCKS[name]
     rule = RULES[rule_name]
@@ -481,7 +510,7 @@ def block(name: str) -> Callable:
     sig = inspect.Signature(params)
     state_name = "".join(w.capitalize() for w in name.split("_")[:2]) + rule.title + "State"  # ScaleByFAdamState
 
-    def constructor(*args, **kwargs):
+    def constructor(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         a = dict(bound.arguments)
@@ -503,6 +532,6 @@ def block(name: str) -> Callable:
             else " (weight decay included: it does not factorise, see spec/fadam.md)"
         )
         + f"; chain with optax.scale_by_learning_rate. Spec: spec/{rule.spec_page}.\n\nArgs:\n"
-        + "\n".join(_hp_doc(rule, h) for h in rule.hyperparams if h.name != "lr" and h.name not in fixed)
+        + "\n".join(_hp_doc(h) for h in rule.hyperparams if h.name != "lr" and h.name not in fixed)
     )
     return constructor

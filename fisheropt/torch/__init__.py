@@ -17,18 +17,27 @@ NumPy reference); CUDA tensors through DLPack by the cupy backend, on torch's
 current stream. See :mod:`fisheropt.torch.optim`.
 """
 
-from . import distributed  # noqa: F401  (torch.distributed: spec/distributed.md)
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .._types import missing_attribute
+from . import distributed as distributed  # torch.distributed: spec/distributed.md
 from .fisher_operator import CGConvergenceWarning, CGNotConverged, FisherOperator, conjugate_gradient
 from .groups import coupled_param_groups, embedding_parameters
 from .natural_gradient import NaturalGradient
 from .optim import CLASSES, COMPILE_MESSAGE, Optimizer, optimizer_class
 from .per_sample import ParamLayout, logit_jacobians, per_sample_grads
 
+if TYPE_CHECKING:
+    from .optim import RuleOptimizer
+
 # One class per rule: Adam, AdamW, CoupledAdam, FAdam, ...
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
+__getattr__: Callable[[str], type[RuleOptimizer]] = missing_attribute(__name__)  # types the classes
 
 __all__ = [
-    *(cls.__name__ for cls in CLASSES.values()),
     "Optimizer",
     "optimizer_class",
     "CLASSES",
@@ -44,3 +53,5 @@ __all__ = [
     "CGNotConverged",
     "CGConvergenceWarning",
 ]
+# The classes' names come from the registry at import, so a type checker cannot list them.
+__all__ += [cls.__name__ for cls in CLASSES.values()]  # pyright: ignore[reportUnsupportedDunderAll]

@@ -18,25 +18,35 @@ the elements; a tensor flagged by a rule's tensor flag (Coupled Adam's
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any, NoReturn
+
 import numpy as np
+import numpy.typing as npt
 import torch
 
 #: torch dtype -> NumPy dtype of the parameters fisheropt can update.
-SUPPORTED_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+SUPPORTED_DTYPES: dict[torch.dtype, np.dtype[Any]] = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
 SUPPORTED_TEXT = "torch.float32 and torch.float64"
+#: Where a tensor lives, as the optimizers key their backends: "cpu", or the CUDA device index.
+DeviceKey = str | int | None
 
 
 class UnsupportedTensor(TypeError):
     """A parameter or gradient fisheropt.torch cannot update (the message says why and what to do)."""
 
 
-def device_key(t: torch.Tensor):
+def device_key(t: torch.Tensor) -> DeviceKey:
     """'cpu', or the CUDA device index (an int)."""
     dev = t.device
     return "cpu" if dev.type == "cpu" else dev.index
 
 
-def check_param(p, label: str) -> None:
+def check_param(p: object, label: str) -> None:
     """Refuse a parameter tensor the kernels cannot update in place."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(
@@ -70,7 +80,7 @@ def check_param(p, label: str) -> None:
     memory_order(p, label)  # raises for a layout with gaps or overlaps
 
 
-def memory_order(t: torch.Tensor, label: str):
+def memory_order(t: torch.Tensor, label: str) -> tuple[int, ...] | None:
     """None when ``t`` is C-contiguous; else the permutation of its dimensions that lists them
     from the largest stride to the smallest, under which it is C-contiguous (channels_last,
     a transposed matrix). Refuses tensors whose elements are not one dense block."""
@@ -86,21 +96,26 @@ def memory_order(t: torch.Tensor, label: str):
     )
 
 
-def host_view(t: torch.Tensor, order) -> np.ndarray:
+def host_view(t: torch.Tensor, order: tuple[int, ...] | None) -> npt.NDArray[Any]:
     """The NumPy array on ``t``'s memory (no copy), in memory order when ``order`` is given."""
+    return _detached(t, order).numpy()
+
+
+def _detached(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """``t`` detached, its dimensions permuted to ``order`` when given (a view: no copy)."""
     t = t.detach()
-    if order is not None:
-        t = t.permute(order)
-    return t.numpy()
+    return t if order is None else t.permute(order)
 
 
-def cupy_views(backend, tensors, order_of) -> list:
+def cupy_views(
+    backend: ModuleType, tensors: Sequence[torch.Tensor], order_of: Callable[[int], tuple[int, ...] | None]
+) -> list[Any]:
     """CuPy arrays on the memory of CUDA ``tensors`` (DLPack, no copy; see backends/cupy/optim.py)."""
-    prepared = [t.detach() if order_of(i) is None else t.detach().permute(order_of(i)) for i, t in enumerate(tensors)]
+    prepared = [_detached(t, order_of(i)) for i, t in enumerate(tensors)]
     return backend.from_dlpack_list(prepared)
 
 
-def explain_bad_grad(g, p, label: str) -> None:
+def explain_bad_grad(g: object, p: torch.Tensor, label: str) -> NoReturn:
     """Raise the error that says why ``g`` cannot be the gradient of ``p`` (``label``)."""
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"{label}.grad is a {type(g).__name__}, not a Tensor")
@@ -118,7 +133,7 @@ def explain_bad_grad(g, p, label: str) -> None:
     raise ValueError(f"{label}: its gradient cannot be read (shape {tuple(g.shape)}, strides {tuple(g.stride())})")
 
 
-def grad_tensor(g, p, label: str, order) -> torch.Tensor:
+def grad_tensor(g: object, p: torch.Tensor, label: str, order: tuple[int, ...] | None) -> torch.Tensor:
     """``g`` as a tensor laid out like the parameter's view (memory order), detached; a
     contiguous copy only when autograd produced another layout (gradients are read, never
     written, so a copy changes nothing but speed)."""
@@ -138,3 +153,14 @@ def grad_tensor(g, p, label: str, order) -> torch.Tensor:
     if not g.is_contiguous():
         g = g.contiguous()
     return g
+
+
+def from_numpy(a: npt.NDArray[Any]) -> torch.Tensor:
+    """``torch.from_numpy``, annotated (torch's is not): a tensor on ``a``'s memory, no copy."""
+    return torch.from_numpy(a)
+
+
+def row_sq_norms(X: torch.Tensor) -> torch.Tensor:
+    """The squared norm of each row of a 2-D tensor, as float64 (norms computed in ``X``'s dtype)."""
+    norms: torch.Tensor = torch.linalg.vector_norm(X, dim=1)
+    return norms.to(torch.float64).square()

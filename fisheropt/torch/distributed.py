@@ -170,6 +170,10 @@ def _repartition(blocks_of, rows_per_rank, width, cols: Columns, group, dtype, d
     return recv.reshape(sum(int(n) for n in rows_per_rank), width)
 
 
+# all_gather_into_tensor's new name (torch >= 2.12 warns on the old one).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _reduce(buf: torch.Tensor, group, ordered: bool) -> torch.Tensor:
     """Sum of ``buf`` over the group: one all_reduce, or (ordered) an all-gather summed in rank order."""
     if not ordered:
@@ -177,7 +181,7 @@ def _reduce(buf: torch.Tensor, group, ordered: bool) -> torch.Tensor:
         return buf
     R, _ = _group_info(group)
     out = torch.empty(R * buf.numel(), dtype=buf.dtype, device=buf.device)
-    dist.all_gather_into_tensor(out, buf.reshape(-1).contiguous(), group=group)
+    _all_gather(out, buf.reshape(-1).contiguous(), group=group)
     out = out.reshape((R,) + tuple(buf.shape))
     total = out[0].clone()
     for k in range(1, R):
@@ -259,7 +263,7 @@ def ngd_direction(
         [int(G.shape[0]), m_local, P, 1 if dtype == torch.float64 else 0], dtype=torch.int64, device=comm_device
     )
     shapes = torch.empty(R * 4, dtype=torch.int64, device=comm_device)
-    dist.all_gather_into_tensor(shapes, shape, group=group)
+    _all_gather(shapes, shape, group=group)
     shapes = shapes.reshape(R, 4)
     info["collectives"] += 1
     info["bytes_sent"] += 32
@@ -379,7 +383,7 @@ def gather_columns(d_local: torch.Tensor, P: int, group=None, columns=None) -> t
     padded = torch.zeros(width, dtype=d_local.dtype, device=d_local.device)
     padded[: d_local.numel()] = d_local
     out = torch.empty(R * width, dtype=d_local.dtype, device=d_local.device)
-    dist.all_gather_into_tensor(out, padded, group=group)
+    _all_gather(out, padded, group=group)
     out = out.reshape(R, width)
     d = torch.empty(P, dtype=d_local.dtype, device=d_local.device)
     for j in range(R):

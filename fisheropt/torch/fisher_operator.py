@@ -42,12 +42,18 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import torch
+from scipy.sparse.linalg import LinearOperator  # pyright: ignore[reportMissingTypeStubs]  # scipy ships no annotations
+from torch import nn
 
-from .per_sample import ParamLayout, _Batch, _check_chunk, _check_output, logit_statistics
+from .._checks import positive_int
+from ._tensors import from_numpy
+from .per_sample import CheckedBatch, ParamLayout, check_chunk, check_output, logit_statistics
 
 __all__ = [
     "FisherOperator",
@@ -80,7 +86,7 @@ class CGResult(NamedTuple):
     ``residual`` (true relative residual ‖b − (F+λI)x‖/‖b‖); ``error_bound`` (‖r‖/(λ‖x‖) ≥
     ‖x − x*‖/‖x‖; inf when λ = 0); ``converged``."""
 
-    x: object
+    x: torch.Tensor | np.ndarray[Any, np.dtype[np.float64]]  # the kind of b
     iterations: int
     matvecs: int
     residual: float
@@ -88,15 +94,28 @@ class CGResult(NamedTuple):
     converged: bool
 
 
-def _copy(a):
-    return a.clone() if isinstance(a, torch.Tensor) else a.copy()
+#: A float64 vector: a torch tensor or a NumPy array (a solve keeps the kind of its right-hand side).
+_Vector = TypeVar("_Vector", torch.Tensor, npt.NDArray[np.float64])
 
 
-def _norm(a) -> float:
+def _copy(a: _Vector) -> _Vector:
+    return a.clone() if isinstance(a, torch.Tensor) else np.copy(a, order="C")
+
+
+def _norm(a: _Vector) -> float:
     return math.sqrt(max(float(a @ a), 0.0))
 
 
-def conjugate_gradient(matvec, b, *, damping=0.0, rtol=1e-6, maxiter=None, certify=None, on_fail="warn"):
+def conjugate_gradient(
+    matvec: Callable[[_Vector], _Vector],
+    b: _Vector,
+    *,
+    damping: float = 0.0,
+    rtol: float = 1e-6,
+    maxiter: int | None = None,
+    certify: float | None = None,
+    on_fail: str = "warn",
+) -> CGResult:
     r"""Solve :math:`(M+\lambda I)x = b` for a symmetric positive semi-definite ``matvec`` (M), λ = ``damping``.
 
     ``b``: a float64 (P,) torch tensor or NumPy array (``matvec`` takes and returns the same kind).
@@ -111,16 +130,16 @@ def conjugate_gradient(matvec, b, *, damping=0.0, rtol=1e-6, maxiter=None, certi
     damping = float(damping)
     if not (damping >= 0.0 and math.isfinite(damping)):
         raise ValueError(f"damping must be a finite real >= 0, got {damping!r}")
-    if not (isinstance(rtol, numbers.Real) and 0.0 < rtol < 1.0):
+    if not _in_unit_interval(rtol):
         raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}")
     P = b.shape[0]
-    maxiter = P if maxiter is None else maxiter
-    if isinstance(maxiter, bool) or not isinstance(maxiter, numbers.Integral) or maxiter < 1:
+    cap = P if maxiter is None else positive_int(maxiter)
+    if cap is None:
         raise ValueError(f"maxiter must be a positive integer, got {maxiter!r}")
     if certify is not None and (damping == 0.0 or not 0.0 < certify < 1.0):
         raise ValueError("certify needs damping > 0 and a bound in (0, 1)")
 
-    def apply(v):
+    def apply(v: _Vector) -> _Vector:
         out = matvec(v)
         return out + damping * v if damping else out
 
@@ -138,7 +157,7 @@ def conjugate_gradient(matvec, b, *, damping=0.0, rtol=1e-6, maxiter=None, certi
     while True:
         p = _copy(r)
         rr = float(r @ r)
-        while it < maxiter:
+        while it < cap:
             rn = math.sqrt(rr)
             if rn <= target and (half_cert is None or rn <= half_cert * _norm(x)):
                 break
@@ -165,7 +184,7 @@ def conjugate_gradient(matvec, b, *, damping=0.0, rtol=1e-6, maxiter=None, certi
         res = _norm(r)
         xn = _norm(x)
         ok = res <= target and (certify is None or res <= certify * damping * xn)
-        if ok or it >= maxiter or restarts >= _MAX_RESTARTS or breakdown is not None:
+        if ok or it >= cap or restarts >= _MAX_RESTARTS or breakdown is not None:
             break
         restarts += 1
     bound = res / (damping * xn) if damping > 0 and xn > 0 else math.inf
@@ -183,7 +202,7 @@ def conjugate_gradient(matvec, b, *, damping=0.0, rtol=1e-6, maxiter=None, certi
             )
         msg = (
             f"conjugate gradients did not converge: {what} after {it} iterations "
-            f"(maxiter={maxiter}, damping={damping:.3g}); raise maxiter or the damping, or loosen rtol "
+            f"(maxiter={cap}, damping={damping:.3g}); raise maxiter or the damping, or loosen rtol "
             "(a float32 model's products limit the attainable residual to about 1e-6·κ)"
         )
         if on_fail == "raise":
@@ -212,26 +231,26 @@ class FisherOperator:
 
     def __init__(
         self,
-        model,
-        inputs,
-        targets=None,
+        model: nn.Module,
+        inputs: torch.Tensor | Sequence[torch.Tensor],
+        targets: torch.Tensor | None = None,
         *,
-        kind="exact",
-        params=None,
-        n_samples=1,
-        labels_sampled=None,
-        generator=None,
-        chunk_size=None,
-        ignore_index=-100,
-        mode="auto",
-        layout=None,
-    ):
+        kind: str = "exact",
+        params: Iterable[Any] | None = None,
+        n_samples: int = 1,
+        labels_sampled: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        chunk_size: int | None = None,
+        ignore_index: int = -100,
+        mode: str = "auto",
+        layout: ParamLayout | None = None,
+    ) -> None:
         if kind not in ("exact", "sf"):
             raise ValueError(f"kind must be 'exact' or 'sf', got {kind!r}")
         if mode not in ("auto", "jvp", "vjp"):
             raise ValueError(f"mode must be 'auto', 'jvp' or 'vjp', got {mode!r}")
-        chunk_size = _check_chunk(chunk_size)
-        batch = _Batch(model, inputs, targets, params, ignore_index, layout)
+        chunk_size = check_chunk(chunk_size)
+        batch = CheckedBatch(model, inputs, targets, params, ignore_index, layout)
         self.kind, self.mode = kind, mode
         self._batch = batch
         self.layout = batch.layout
@@ -242,11 +261,15 @@ class FisherOperator:
         self._primals = self.layout.primals()
         self._chunk = batch.N if chunk_size is None else min(chunk_size, batch.N)
         self._cache = self._chunk >= batch.N  # one chunk: keep its forward pass for every product
-        self._vjps = {}
-        logits = []
+        self._vjps: dict[int, Callable[..., tuple[torch.Tensor, ...]]] = {}
+        logits: list[torch.Tensor] = []
         for a, b, args, _ in batch.chunks(self._chunk):
-            out, vjp_fn = torch.func.vjp(lambda *ps, args=args: batch.call(ps, args), *self._primals)
-            _check_output(out, b - a, batch.targets[a:b] if batch.targets is not None else None)
+
+            def forward(*ps: torch.Tensor, args: tuple[torch.Tensor, ...] = args) -> torch.Tensor:
+                return batch.call(ps, args)
+
+            out, vjp_fn = torch.func.vjp(forward, *self._primals)[:2]  # (output, vjp function)
+            check_output(out, b - a, batch.targets[a:b] if batch.targets is not None else None)
             logits.append(out.detach())
             if self._cache:
                 self._vjps[a] = vjp_fn
@@ -261,18 +284,20 @@ class FisherOperator:
         self.probs = self.stats.probs  # (M, C) float64
         self.mask = self.stats.mask.to(torch.float64)  # (M,)
         self._rows_per_sample = self.probs.shape[0] // self.N  # 1, or T
-        self.labels_sampled = None
+        self.labels_sampled: torch.Tensor | None = None
         if kind == "sf":
-            self.labels_sampled = self._sample_labels(n_samples, labels_sampled, generator)
+            self.labels_sampled = sampled = self._sample_labels(n_samples, labels_sampled, generator)
             M = self.probs.shape[0]
             ar = torch.arange(M, device=self.probs.device)
-            R = self.probs.unsqueeze(0).repeat(self.labels_sampled.shape[0], 1, 1)  # (K, M, C)
+            R = self.probs.unsqueeze(0).repeat(sampled.shape[0], 1, 1)  # (K, M, C)
             for k in range(R.shape[0]):
-                R[k, ar, self.labels_sampled[k]] -= 1.0
+                R[k, ar, sampled[k]] -= 1.0
             self._R = R * self.mask[None, :, None]
         self.products = 0
 
-    def _sample_labels(self, n_samples, labels_sampled, generator):
+    def _sample_labels(
+        self, n_samples: object, labels_sampled: object, generator: torch.Generator | None
+    ) -> torch.Tensor:
         M = self.probs.shape[0]
         if labels_sampled is not None:
             if (
@@ -285,13 +310,14 @@ class FisherOperator:
             if int(labels_sampled.min()) < 0 or int(labels_sampled.max()) >= self.C:
                 raise ValueError(f"labels_sampled must lie in 0..{self.C - 1}")
             return labels_sampled.to(self.probs.device, torch.long)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+        count = positive_int(n_samples)
+        if count is None:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        draws = torch.multinomial(self.probs, int(n_samples), replacement=True, generator=generator)
+        draws = torch.multinomial(self.probs, count, replacement=True, generator=generator)
         return draws.T.contiguous()
 
     # ---- the curvature in logit space --------------------------------------------------
-    def _curvature(self, u, rows):
+    def _curvature(self, u: torch.Tensor, rows: slice) -> torch.Tensor:
         """H u (exact) or (1/K) Σ_k r_k r_kᵀ u (sf) on logit rows ``rows`` (a slice), float64, masked."""
         m = self.mask[rows, None]
         if self.kind == "exact":
@@ -301,13 +327,12 @@ class FisherOperator:
         return (R * (R * u.unsqueeze(0)).sum(2, keepdim=True)).mean(0)
 
     # ---- products ---------------------------------------------------------------------
-    def _vjp_fn(self, a, args):
+    def _vjp_fn(self, a: int, args: tuple[torch.Tensor, ...]) -> Callable[..., tuple[torch.Tensor, ...]]:
         if self._cache:
             return self._vjps[a]
-        _, fn = torch.func.vjp(lambda *ps: self._batch.call(ps, args), *self._primals)
-        return fn
+        return torch.func.vjp(lambda *ps: self._batch.call(ps, args), *self._primals)[1]
 
-    def _jvp(self, a, args, tangents):
+    def _jvp(self, a: int, args: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if self.mode in ("auto", "jvp"):
             try:
                 return torch.func.jvp(lambda *ps: self._batch.call(ps, args), self._primals, tangents)[1]
@@ -320,7 +345,9 @@ class FisherOperator:
         zeros = torch.zeros((min(self._chunk, self.N - a), *ref.shape[1:]), dtype=ref.dtype, device=ref.device)
         return torch.func.vjp(fn, zeros)[1](tangents)[0]
 
-    def _apply(self, v64: torch.Tensor, curvature=None) -> torch.Tensor:
+    def _apply(
+        self, v64: torch.Tensor, curvature: Callable[[torch.Tensor, slice], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         lay = self.layout
         tangents = tuple(t.to(lay.dtype) for t in lay.unflatten(v64))
         out = torch.zeros(self.P, dtype=torch.float64, device=lay.device)
@@ -335,15 +362,17 @@ class FisherOperator:
         self.products += 1
         return out
 
-    def matvec(self, v):
+    def matvec(self, v: _Vector) -> _Vector:
         """F v (undamped), float64; ``v`` a (P,) torch tensor or NumPy array."""
-        as_numpy = isinstance(v, np.ndarray)
-        t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(-1)) if as_numpy else v
+        if isinstance(v, np.ndarray):
+            t = from_numpy(np.ascontiguousarray(v, dtype=np.float64).ravel())
+            return self._apply(self._checked_vector(t)).cpu().numpy()
+        return self._apply(self._checked_vector(v))
+
+    def _checked_vector(self, t: object) -> torch.Tensor:
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != self.P:
             raise ValueError(f"v must be a vector of length P={self.P}")
-        t = t.to(device=self.layout.device, dtype=torch.float64)
-        out = self._apply(t)
-        return out.cpu().numpy() if as_numpy else out
+        return t.to(device=self.layout.device, dtype=torch.float64)
 
     __matmul__ = matvec
 
@@ -371,30 +400,37 @@ class FisherOperator:
             raise ValueError("loss() needs the targets the operator was built with")
         return float(self.stats.losses.sum())
 
-    def as_linear_operator(self):
+    def as_linear_operator(self) -> LinearOperator:
         """A SciPy ``LinearOperator`` (P, P), float64, symmetric (matvec = rmatvec = F v)."""
-        from scipy.sparse.linalg import LinearOperator
 
-        return LinearOperator(
-            self.shape,
-            matvec=lambda v: self.matvec(np.asarray(v).reshape(-1)),
-            rmatvec=lambda v: self.matvec(np.asarray(v).reshape(-1)),
-            dtype=np.float64,
-        )
+        def product(v: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+            return self.matvec(np.asarray(v, dtype=np.float64).ravel())
 
-    def solve(self, b, damping, *, rtol=DEFAULT_CG_RTOL, maxiter=DEFAULT_CG_MAXITER, certify=None, on_fail="warn"):
+        # scipy has no annotations, and pyright takes LinearOperator's factory for its abstract constructor.
+        return LinearOperator(self.shape, matvec=product, rmatvec=product, dtype=np.float64)  # pyright: ignore[reportCallIssue]
+
+    def solve(
+        self,
+        b: torch.Tensor | npt.ArrayLike,
+        damping: float,
+        *,
+        rtol: float = DEFAULT_CG_RTOL,
+        maxiter: int = DEFAULT_CG_MAXITER,
+        certify: float | None = None,
+        on_fail: str = "warn",
+    ) -> CGResult:
         r""":math:`(F+\lambda I)^{-1}b` by :func:`conjugate_gradient` on these products; a :class:`CGResult`."""
         t = torch.as_tensor(b).to(device=self.layout.device, dtype=torch.float64)
         return conjugate_gradient(
             self._apply, t, damping=damping, rtol=rtol, maxiter=maxiter, certify=certify, on_fail=on_fail
         )
 
-    def relative_quality(self, d, grad) -> float:
+    def relative_quality(self, d: torch.Tensor | npt.ArrayLike, grad: torch.Tensor | npt.ArrayLike) -> float:
         r"""γ(d)/γ(∇L) with this F (two products): γ(v) = √(vᵀFv)/\|vᵀ∇L\|; below 1 beats plain SGD."""
         d = torch.as_tensor(d).to(device=self.layout.device, dtype=torch.float64)
         g = torch.as_tensor(grad).to(device=self.layout.device, dtype=torch.float64)
 
-        def gamma(v):
+        def gamma(v: torch.Tensor) -> float:
             vFv = max(float(v @ self._apply(v)), 0.0)
             vg = abs(float(v @ g))
             return math.inf if vg == 0.0 else math.sqrt(vFv) / vg
@@ -402,11 +438,21 @@ class FisherOperator:
         gg = gamma(g)
         return gamma(d) / gg if gg > 0 else math.nan
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"FisherOperator(kind={self.kind!r}, N={self.N}, C={self.C}, P={self.P}, mode={self.mode!r})"
 
 
-def operator_ngd_direction(F, *, damping, G=None, grad=None, rtol=1e-10, maxiter=None, certify=1e-6, on_fail="raise"):
+def operator_ngd_direction(
+    F: LinearOperator,
+    *,
+    damping: float,
+    G: npt.NDArray[np.floating[Any]] | None = None,
+    grad: npt.NDArray[np.floating[Any]] | None = None,
+    rtol: float = 1e-10,
+    maxiter: int | None = None,
+    certify: float | None = 1e-6,
+    on_fail: str = "raise",
+) -> npt.NDArray[np.floating[Any]]:
     r"""The exact natural-gradient direction :math:`(F+\lambda I)^{-1}\nabla L` from an operator (NumPy).
 
     The hook proposed for ``fisheropt.fisher.ngd_direction("exact", G=G, F=F, damping=λ)`` (``F`` in
@@ -434,13 +480,13 @@ def operator_ngd_direction(F, *, damping, G=None, grad=None, rtol=1e-10, maxiter
         raise ValueError(f"{name} must be a non-empty {ndim}-dimensional array, got shape {a.shape}")
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or Inf")
-    b = G.sum(axis=0, dtype=np.float64) if G is not None else grad.astype(np.float64)
+    b = a.sum(axis=0, dtype=np.float64) if ndim == 2 else a.astype(np.float64)
     P = b.shape[0]
     if not callable(getattr(F, "matvec", None)) or tuple(getattr(F, "shape", ())) != (P, P):
         raise ValueError(f"F must be a linear operator of shape ({P}, {P}) with a matvec method")
 
-    def mv(v):
-        return np.asarray(F.matvec(v), dtype=np.float64).reshape(-1)
+    def mv(v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.asarray(F.matvec(v), dtype=np.float64).ravel()  # pyright: ignore[reportUnknownMemberType]  # scipy
 
     try:
         res = conjugate_gradient(
@@ -457,9 +503,14 @@ def operator_ngd_direction(F, *, damping, G=None, grad=None, rtol=1e-10, maxiter
             f"{exc} (damping={damping:.3g} may be too small for this operator; spec/fisher.md §3, Accuracy)"
         ) from None
     x = res.x
+    assert isinstance(x, np.ndarray)  # as b
     if not np.isfinite(x).all():
         raise ValueError("the direction overflows (a larger damping shrinks it)")
     return x.astype(G.dtype) if G is not None else x
 
 
 _ = ParamLayout  # re-exported name used in the docs
+
+
+def _in_unit_interval(value: object) -> bool:
+    return isinstance(value, numbers.Real) and 0.0 < float(value) < 1.0

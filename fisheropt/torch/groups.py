@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch import nn
+
+from .per_sample import check_module
 
 __all__ = ["coupled_param_groups", "embedding_parameters"]
 
 
-def embedding_parameters(model: nn.Module, *, extra=(), exclude=()) -> list:
+def embedding_parameters(
+    model: nn.Module,
+    *,
+    extra: Iterable[torch.Tensor | nn.Module] = (),
+    exclude: Iterable[torch.Tensor | nn.Module] = (),
+) -> list[torch.Tensor]:
     """The vocabulary matrices of ``model``: the weight of every ``nn.Embedding`` and
     ``nn.EmbeddingBag`` (a tied output projection *is* that weight, so it is covered),
     plus ``extra`` (parameters or modules with a ``weight``, e.g. an untied output layer),
     minus ``exclude`` (e.g. positional embeddings written as ``nn.Embedding``)."""
 
-    def weights(items, what):
-        out = []
+    def weights(items: Iterable[object], what: str) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
         for x in items:
             if isinstance(x, nn.Module):
                 w = getattr(x, "weight", None)
@@ -29,7 +39,8 @@ def embedding_parameters(model: nn.Module, *, extra=(), exclude=()) -> list:
         return out
 
     skip = {id(w) for w in weights(exclude, "exclude")}
-    found, seen = [], set()
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             if module.sparse and id(module.weight) not in skip:
@@ -51,7 +62,14 @@ def embedding_parameters(model: nn.Module, *, extra=(), exclude=()) -> list:
     return found
 
 
-def coupled_param_groups(model: nn.Module, *, extra=(), exclude=(), named: bool = True, **options) -> list[dict]:
+def coupled_param_groups(
+    model: nn.Module,
+    *,
+    extra: Iterable[torch.Tensor | nn.Module] = (),
+    exclude: Iterable[torch.Tensor | nn.Module] = (),
+    named: bool = True,
+    **options: Any,
+) -> list[dict[str, Any]]:
     """Param groups for :class:`fisheropt.torch.CoupledAdam`: ``[{"params": <embeddings>,
     "coupled": True, **options}, {"params": <everything else>, "coupled": False, **options}]``.
 
@@ -63,8 +81,7 @@ def coupled_param_groups(model: nn.Module, *, extra=(), exclude=(), named: bool 
 
     >>> opt = fisheropt.torch.CoupledAdam(coupled_param_groups(model, weight_decay=0.1), lr=3e-4)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     if "params" in options or "coupled" in options:
         raise TypeError(
             "options are group hyperparameters (lr, weight_decay, ...); 'params' and 'coupled' are set here"
@@ -85,10 +102,13 @@ def coupled_param_groups(model: nn.Module, *, extra=(), exclude=(), named: bool 
             raise ValueError(
                 f"{name} has shape {tuple(p.shape)}; a coupled tensor must be 2-D (V×d, rows = vocabulary)"
             )
-    item = (lambda n, p: (n, p)) if named else (lambda n, p: p)
+
+    def item(n: str, p: nn.Parameter) -> tuple[str, nn.Parameter] | nn.Parameter:
+        return (n, p) if named else p
+
     coupled = [item(n, p) for n, p in named_params if id(p) in flagged]
     rest = [item(n, p) for n, p in named_params if id(p) not in flagged]
-    groups = [{"params": coupled, "coupled": True, **options}]
+    groups: list[dict[str, Any]] = [{"params": coupled, "coupled": True, **options}]
     if rest:
         groups.append({"params": rest, "coupled": False, **options})
     return groups

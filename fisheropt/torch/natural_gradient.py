@@ -63,21 +63,29 @@ matrix-free products).
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.optim.optimizer import ParamsT
 
 from .. import backends as _backends
 from .. import fisher as _fisher
+from .._checks import check_real, is_ndarray, is_sequence, positive_int
+from ._tensors import from_numpy, row_sq_norms
 from .fisher_operator import DEFAULT_CG_MAXITER, DEFAULT_CG_RTOL, FisherOperator
 from .per_sample import (
+    CheckedBatch,
     ParamLayout,
-    _Batch,
-    _check_chunk,
+    check_chunk,
+    check_module,
     logit_jacobians,
     logit_statistics,
     per_sample_grads,
@@ -93,29 +101,14 @@ EXACT_METHODS = ("auto", "woodbury", "cg")
 DEFAULT_JACOBIAN_BYTES = 128 * 2**20
 
 
-def _real(name, value, *, low=None, high=None, low_open=False, high_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
-    if (
-        not math.isfinite(v)
-        or (low is not None and (v < low or (low_open and v == low)))
-        or (high is not None and (v > high or (high_open and v == high)))
-    ):
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-        raise ValueError(f"{name} must be finite{', ' + lo if lo else ''}{' and ' + hi if hi else ''}; got {value!r}")
-    return v
+_blas_controller: Any = None  # threadpoolctl's ThreadpoolController, made at the first limit
 
 
-_blas_controller = None
-
-
-def _blas_limit(n):
+def _blas_limit(n: int) -> AbstractContextManager[object]:
     """Limit the BLAS thread pools to ``n`` threads for the duration (threadpoolctl; no-op without it)."""
     global _blas_controller
     try:
-        from threadpoolctl import ThreadpoolController
+        from threadpoolctl import ThreadpoolController  # pyright: ignore[reportMissingTypeStubs]  # unannotated
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         return nullcontext()
     if _blas_controller is None:
@@ -123,21 +116,21 @@ def _blas_limit(n):
     return _blas_controller.limit(limits=int(n), user_api="blas")
 
 
-def _to_array(t: torch.Tensor):
+def _to_array(t: torch.Tensor) -> Any:
     """A NumPy (CPU) or CuPy (CUDA) array on the tensor's memory, no copy."""
     t = t.detach()
     if t.device.type == "cpu":
         return t.numpy()
     try:
-        import cupy
+        cupy = importlib.import_module("cupy")  # optional: CUDA only
     except ImportError as exc:  # pragma: no cover - GPU only
         raise RuntimeError("CUDA parameters need the cupy backend for the direction solve (pip install cupy)") from exc
     return cupy.from_dlpack(t)
 
 
-def _from_array(a, device) -> torch.Tensor:
-    if isinstance(a, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+def _from_array(a: Any, device: torch.device) -> torch.Tensor:
+    if is_ndarray(a):
+        return from_numpy(np.ascontiguousarray(a)).to(device)
     return torch.from_dlpack(a).to(device)  # pragma: no cover - GPU only
 
 
@@ -150,58 +143,56 @@ class NaturalGradient(torch.optim.Optimizer):
 
     def __init__(
         self,
-        model,
-        kind="ief",
-        lr=0.1,
-        damping=1e-3,
+        model: nn.Module,
+        kind: str = "ief",
+        lr: float = 0.1,
+        damping: float = 1e-3,
         *,
-        params=None,
-        damping_mode="relative",
-        momentum=0.0,
-        weight_decay=0.0,
-        backend="auto",
-        exact_method="auto",
-        n_samples=1,
-        generator=None,
-        chunk_size=None,
-        ignore_index=-100,
-        cg_rtol=DEFAULT_CG_RTOL,
-        cg_maxiter=DEFAULT_CG_MAXITER,
-        on_cg_fail="warn",
-        track_quality=False,
-        blas_threads=None,
-        jacobian_budget=DEFAULT_JACOBIAN_BYTES,
-        jvp_mode="auto",
-        keep_buffers=True,
-        process_group=None,
-    ):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+        params: ParamsT | None = None,
+        damping_mode: str = "relative",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        backend: str = "auto",
+        exact_method: str = "auto",
+        n_samples: int = 1,
+        generator: torch.Generator | None = None,
+        chunk_size: int | None = None,
+        ignore_index: int = -100,
+        cg_rtol: float = DEFAULT_CG_RTOL,
+        cg_maxiter: int = DEFAULT_CG_MAXITER,
+        on_cg_fail: str = "warn",
+        track_quality: bool = False,
+        blas_threads: int | None = None,
+        jacobian_budget: float = DEFAULT_JACOBIAN_BYTES,
+        jvp_mode: str = "auto",
+        keep_buffers: bool = True,
+        process_group: torch.distributed.ProcessGroup | None = None,
+    ) -> None:
+        check_module(model)
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode must be 'relative' or 'absolute', got {damping_mode!r}")
         if exact_method not in EXACT_METHODS:
             raise ValueError(f"exact_method must be one of {EXACT_METHODS}, got {exact_method!r}")
-        if not isinstance(backend, str) or (backend != "auto" and backend not in _backends.KNOWN):
+        if backend != "auto" and not _backends.is_known(backend):
             raise ValueError(f"unknown backend {backend!r}; use 'auto' or one of {', '.join(_backends.KNOWN)}")
         if on_cg_fail not in ("warn", "raise"):
             raise ValueError(f"on_cg_fail must be 'warn' or 'raise', got {on_cg_fail!r}")
         if jvp_mode not in ("auto", "jvp", "vjp"):
             raise ValueError(f"jvp_mode must be 'auto', 'jvp' or 'vjp', got {jvp_mode!r}")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+        samples = positive_int(n_samples)
+        if samples is None:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        if isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, numbers.Integral) or cg_maxiter < 1:
+        iterations = positive_int(cg_maxiter)
+        if iterations is None:
             raise ValueError(f"cg_maxiter must be a positive integer, got {cg_maxiter!r}")
-        _real("cg_rtol", cg_rtol, low=0.0, high=1.0, low_open=True, high_open=True)
-        bad_threads = isinstance(blas_threads, bool) or not isinstance(blas_threads, numbers.Integral)
-        if blas_threads is not None and (bad_threads or blas_threads < 1):
+        check_real("cg_rtol", cg_rtol, low=0.0, high=1.0, low_open=True, high_open=True)
+        if blas_threads is not None and positive_int(blas_threads) is None:
             raise ValueError(f"blas_threads must be a positive integer or None, got {blas_threads!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        _real("jacobian_budget", jacobian_budget, low=0.0)
+        _check_generator(generator)
+        _check_index(ignore_index)
+        check_real("jacobian_budget", jacobian_budget, low=0.0)
         if process_group is not None and kind not in ("ief", "ef"):
             raise NotImplementedError(
                 f"kind {kind!r} with a process_group: only 'ief' and 'ef' are assembled across "
@@ -213,46 +204,46 @@ class NaturalGradient(torch.optim.Optimizer):
         self.damping_mode = damping_mode
         self.backend = backend
         self.exact_method = exact_method
-        self.n_samples = int(n_samples)
+        self.n_samples = samples
         self.generator = generator
-        self.chunk_size = _check_chunk(chunk_size)
+        self.chunk_size = check_chunk(chunk_size)
         self.ignore_index = int(ignore_index)
-        self.cg_rtol, self.cg_maxiter, self.on_cg_fail = float(cg_rtol), int(cg_maxiter), on_cg_fail
+        self.cg_rtol, self.cg_maxiter, self.on_cg_fail = float(cg_rtol), iterations, on_cg_fail
         self.track_quality = bool(track_quality)
         self.blas_threads = blas_threads
         self.jacobian_budget = float(jacobian_budget)
         self.jvp_mode = jvp_mode
         self.keep_buffers = bool(keep_buffers)
-        self._buffer = None
-        self.last_stats = {}
-        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        self._buffer: torch.Tensor | None = None
+        self.last_stats: dict[str, Any] = {}
+        defaults: dict[str, Any] = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         self._check_group(defaults, "defaults")
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:
                 raise ValueError("the model has no parameter with requires_grad=True; pass params=...")
-        elif isinstance(params, torch.Tensor):
+        elif _is_tensor(params):
             raise TypeError("params must be an iterable of tensors or param-group dicts, not a single Tensor")
         super().__init__(params, defaults)
         self._layout = self._make_layout()
 
     # ---- groups and layout -------------------------------------------------------------
     @staticmethod
-    def _check_group(group, where):
+    def _check_group(group: dict[str, Any], where: str) -> tuple[float, float, float, float]:
         try:
-            lr = _real("lr", group["lr"], low=0.0)
-            momentum = _real("momentum", group.get("momentum", 0.0), low=0.0, high=1.0, high_open=True)
-            wd = _real("weight_decay", group.get("weight_decay", 0.0), low=0.0)
-            damping = _real("damping", group["damping"], low=0.0, low_open=True)
+            lr = check_real("lr", group["lr"], low=0.0)
+            momentum = check_real("momentum", group.get("momentum", 0.0), low=0.0, high=1.0, high_open=True)
+            wd = check_real("weight_decay", group.get("weight_decay", 0.0), low=0.0)
+            damping = check_real("damping", group["damping"], low=0.0, low_open=True)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
         return lr, momentum, wd, damping
 
-    def _make_layout(self):
+    def _make_layout(self) -> ParamLayout:
         params = [p for g in self.param_groups for p in g["params"]]
         return ParamLayout(self.model, params)
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (``torch.optim.Optimizer.add_param_group``); its parameters must be
         parameters of the model, and its hyperparameters are checked."""
         super().add_param_group(param_group)
@@ -264,7 +255,7 @@ class NaturalGradient(torch.optim.Optimizer):
                 self.param_groups.pop()
                 raise
 
-    def _hyper(self):
+    def _hyper(self) -> tuple[list[tuple[float, float, float, float]], float]:
         rows = [self._check_group(g, f"param_groups[{i}]") for i, g in enumerate(self.param_groups)]
         dampings = {r[3] for r in rows}
         if len(dampings) > 1:
@@ -283,7 +274,10 @@ class NaturalGradient(torch.optim.Optimizer):
         return self._layout
 
     # ---- the step -----------------------------------------------------------------------
-    def step(self, inputs=None, targets=None):
+    # A step takes the batch, not torch.optim's closure (it computes the gradients itself).
+    def step(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, inputs: torch.Tensor | Sequence[torch.Tensor] | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One natural-gradient step on the batch (``inputs``, ``targets``); returns the summed loss (0-d tensor).
 
         Raises before writing anything (module docstring, Guarantees)."""
@@ -308,10 +302,10 @@ class NaturalGradient(torch.optim.Optimizer):
         self.last_stats = stats
         return torch.tensor(loss, dtype=self._layout.dtype)
 
-    def _lambda(self, damping, scale):
+    def _lambda(self, damping: float, scale: float) -> float:
         return damping * scale if self.damping_mode == "relative" else damping
 
-    def _solve_ngd(self, kind, **kw):
+    def _solve_ngd(self, kind: str, **kw: Any) -> Any:
         """fisheropt.fisher.ngd_direction with BLAS limited; DampingTooSmall re-raised with the step's context."""
         n = self.blas_threads or torch.get_num_threads()
         try:
@@ -323,14 +317,16 @@ class NaturalGradient(torch.optim.Optimizer):
                 f"{exc}; the parameters are unchanged"
             ) from None
 
-    def _direction(self, inputs, targets, damping):
+    def _direction(
+        self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor, damping: float
+    ) -> tuple[torch.Tensor, float, dict[str, Any]]:
         lay = self._layout
         kind = self.kind
-        stats = {"kind": kind, "damping_mode": self.damping_mode}
+        stats: dict[str, Any] = {"kind": kind, "damping_mode": self.damping_mode}
         if kind in ("ief", "ef"):
             return self._gram_direction(inputs, targets, damping, stats)
         method = self.exact_method
-        batch = _Batch(self.model, inputs, targets, None, self.ignore_index, lay)
+        batch = CheckedBatch(self.model, inputs, targets, None, self.ignore_index, lay)
         if method == "auto":
             rows = int(batch.valid.sum())
             method = (
@@ -341,7 +337,9 @@ class NaturalGradient(torch.optim.Optimizer):
             return self._woodbury_direction(batch, damping, stats)
         return self._cg_direction(batch, damping, stats)
 
-    def _finish(self, d64, grad, op_builder, stats):
+    def _finish(
+        self, d64: torch.Tensor, grad: torch.Tensor, op_builder: Callable[[], FisherOperator], stats: dict[str, Any]
+    ) -> dict[str, Any]:
         if self.track_quality:
             t = time.perf_counter()
             op = op_builder()
@@ -349,7 +347,9 @@ class NaturalGradient(torch.optim.Optimizer):
             stats["time_quality"] = time.perf_counter() - t
         return stats
 
-    def _exact_operator(self, inputs, targets):
+    def _exact_operator(
+        self, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor | None
+    ) -> FisherOperator:
         return FisherOperator(
             self.model,
             inputs,
@@ -361,16 +361,19 @@ class NaturalGradient(torch.optim.Optimizer):
             mode=self.jvp_mode,
         )
 
-    def _distributed_gram_direction(self, G, s, loss_local, damping, stats):
+    def _distributed_gram_direction(
+        self, G: torch.Tensor, s: torch.Tensor, loss_local: float, damping: float, stats: dict[str, Any]
+    ) -> tuple[torch.Tensor, float, dict[str, Any]]:
         """EF/iEF of the group's global batch (fisheropt.torch.distributed): this rank's samples'
         gradients go in, the whole direction comes out on every rank (a replicated model)."""
         from . import distributed as _dist
 
         lay, group = self._layout, self.process_group
         t = time.perf_counter()
-        sq = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()
+        sq = row_sq_norms(G)
         totals = torch.tensor([float(sq.sum()), float(G.shape[0]), loss_local], dtype=torch.float64)
-        torch.distributed.all_reduce(totals, group=group)  # a NaN on any rank reaches every rank
+        # A NaN on any rank reaches every rank. (torch does not annotate all_reduce.)
+        torch.distributed.all_reduce(totals, group=group)  # pyright: ignore[reportUnknownMemberType]
         total_sq, N, loss = float(totals[0]), int(totals[1]), float(totals[2])
         if not math.isfinite(total_sq):
             raise ValueError("the per-sample gradients are not finite on some rank; the parameters are unchanged")
@@ -386,7 +389,7 @@ class NaturalGradient(torch.optim.Optimizer):
         if scale == 0.0:
             d = torch.zeros(lay.P, dtype=lay.dtype, device=lay.device)
         else:
-            comm = {}
+            comm: dict[str, Any] = {}
             try:
                 with _blas_limit(self.blas_threads or torch.get_num_threads()):
                     d_local = _dist.ngd_direction(
@@ -407,10 +410,16 @@ class NaturalGradient(torch.optim.Optimizer):
         stats["time_solve"] = time.perf_counter() - t
         return d, loss, stats
 
-    def _gram_direction(self, inputs, targets, damping, stats):
+    def _gram_direction(
+        self,
+        inputs: torch.Tensor | Sequence[torch.Tensor],
+        targets: torch.Tensor,
+        damping: float,
+        stats: dict[str, Any],
+    ) -> tuple[torch.Tensor, float, dict[str, Any]]:
         lay = self._layout
         t = time.perf_counter()
-        G, logits, _ = per_sample_grads(
+        grads, logits, _ = per_sample_grads(
             self.model,
             inputs,
             targets,
@@ -420,20 +429,19 @@ class NaturalGradient(torch.optim.Optimizer):
             out=self._g_buffer(inputs, lay),
         )
         st = logit_statistics(logits, targets, self.ignore_index)
-        counts = torch.zeros(G.shape[0], dtype=torch.float64, device=G.device).index_add_(
+        counts = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device).index_add_(
             0, st.sample, st.mask.to(torch.float64)
         )
         keep = counts > 0
         if self.process_group is None and not bool(keep.any()):
             raise ValueError(f"every target of the batch equals ignore_index={self.ignore_index}: nothing to fit")
-        s = st.s
-        if not bool(keep.all()):  # samples with no counted token: zero rows, left out of the solve
-            G, s = G[keep], s[keep]
+        # Samples with no counted token: zero rows, left out of the solve.
+        G, s = (grads, st.s) if bool(keep.all()) else (grads[keep], st.s[keep])
         stats["time_grads"] = time.perf_counter() - t
         if self.process_group is not None:
             return self._distributed_gram_direction(G, s, float(st.losses.sum()), damping, stats)
         t = time.perf_counter()
-        sq = torch.linalg.vector_norm(G, dim=1).to(torch.float64).square()  # diag(GGᵀ): one read of G
+        sq = row_sq_norms(G)  # diag(GGᵀ): one read of G
         if not bool(torch.isfinite(sq).all()):
             raise ValueError(
                 "the per-sample gradients are not finite (NaN/Inf in the model's outputs or "
@@ -448,25 +456,25 @@ class NaturalGradient(torch.optim.Optimizer):
         if scale == 0.0:  # every per-sample gradient is 0: so are ∇L and the direction
             d = torch.zeros(lay.P, dtype=lay.dtype, device=lay.device)
         else:
-            kw = {"G": _to_array(G), "damping": lam}
+            kw: dict[str, Any] = {"G": _to_array(G), "damping": lam}
             if self.kind == "ief":
                 kw["s"] = _to_array(s.to(torch.float64).contiguous())
             d = _from_array(self._solve_ngd(self.kind, **kw), lay.device)
         stats["time_solve"] = time.perf_counter() - t
 
-        def grad():
+        def grad() -> torch.Tensor:
             return G.sum(0, dtype=torch.float64)
 
         if self.track_quality:
             self._finish(d, grad(), lambda: self._exact_operator(inputs, targets), stats)
         return d, loss, stats
 
-    def _g_buffer(self, inputs, lay):
+    def _g_buffer(self, inputs: object, lay: ParamLayout) -> torch.Tensor | None:
         """The (N, P) buffer G is written into, kept between steps of the same batch size (a fresh N·P
         allocation costs page faults at every step); None when ``keep_buffers`` is False."""
         if not self.keep_buffers:
             return None
-        first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        first = inputs[0] if is_sequence(inputs) else inputs
         if not isinstance(first, torch.Tensor) or first.dim() == 0:
             return None  # the validation in per_sample_grads says why
         shape = (first.shape[0], lay.P)
@@ -476,15 +484,18 @@ class NaturalGradient(torch.optim.Optimizer):
             self._buffer = buf = torch.empty(shape, dtype=lay.dtype, device=lay.device)
         return buf
 
-    def _sampled(self, probs, K):
+    def _sampled(self, probs: torch.Tensor, K: int) -> torch.Tensor:
         return torch.multinomial(probs, K, replacement=True, generator=self.generator).T.contiguous()
 
-    def _woodbury_direction(self, batch, damping, stats):
+    def _woodbury_direction(
+        self, batch: CheckedBatch, damping: float, stats: dict[str, Any]
+    ) -> tuple[torch.Tensor, float, dict[str, Any]]:
         lay = self._layout
         t = time.perf_counter()
         J = logit_jacobians(self.model, batch.inputs, layout=lay, chunk_size=self.chunk_size)
         with torch.no_grad():
             logits = self.model(*batch.inputs)
+        assert batch.targets is not None  # step() requires targets
         st = logit_statistics(logits, batch.targets, self.ignore_index)
         C = batch.C
         Jr = J.reshape(-1, C, lay.P)
@@ -525,7 +536,7 @@ class NaturalGradient(torch.optim.Optimizer):
         if scale == 0.0:
             d = torch.zeros(lay.P, dtype=lay.dtype, device=lay.device)
         else:
-            kw = {"G": G_tok, "J": J_np, "probs": p_np, "damping": lam}
+            kw: dict[str, Any] = {"G": G_tok, "J": J_np, "probs": p_np, "damping": lam}
             if ls is not None:
                 kw["labels_sampled"] = _to_array(ls)
             d = _from_array(self._solve_ngd(self.kind, **kw), lay.device)
@@ -535,7 +546,9 @@ class NaturalGradient(torch.optim.Optimizer):
             self._finish(d, grad, lambda: self._exact_operator(batch.inputs, batch.targets), stats)
         return d, loss, stats
 
-    def _cg_direction(self, batch, damping, stats):
+    def _cg_direction(
+        self, batch: CheckedBatch, damping: float, stats: dict[str, Any]
+    ) -> tuple[torch.Tensor, float, dict[str, Any]]:
         lay = self._layout
         t = time.perf_counter()
         op = FisherOperator(
@@ -557,13 +570,15 @@ class NaturalGradient(torch.optim.Optimizer):
         if not bool(torch.isfinite(grad).all()) or not math.isfinite(loss):
             raise ValueError("the loss or its gradient is not finite; the parameters are unchanged")
         scale = 0.0
+        targets = batch.targets
+        assert targets is not None  # step() requires targets
         if self.damping_mode == "relative":
             # tr F (or tr SF) / N, estimated without bias from per-sample gradients at labels drawn from the model
             ls = op.labels_sampled if op.labels_sampled is not None else self._sampled(op.probs, 1)
             total = 0.0
             for k in range(ls.shape[0]):
                 y = torch.where(op.stats.mask, ls[k], torch.full_like(ls[k], self.ignore_index))
-                y = y.reshape(batch.targets.shape)
+                y = y.reshape(targets.shape)
                 total += float(
                     per_sample_sq_norms(
                         self.model,
@@ -591,6 +606,7 @@ class NaturalGradient(torch.optim.Optimizer):
         else:
             res = op.solve(grad, lam, rtol=self.cg_rtol, maxiter=self.cg_maxiter, on_fail=self.on_cg_fail)
             d64 = res.x
+            assert isinstance(d64, torch.Tensor)  # as grad
             stats.update(
                 cg_iterations=res.iterations,
                 cg_matvecs=res.matvecs,
@@ -608,11 +624,11 @@ class NaturalGradient(torch.optim.Optimizer):
         return d64.to(lay.dtype), loss, stats
 
     @torch.no_grad()
-    def _update(self, d, rows):
+    def _update(self, d: torch.Tensor, rows: Sequence[tuple[float, float, float, float]]) -> None:
         """θ ← θ − lr (buf) − lr·wd·θ for every group: new buffers made first, then written."""
         lay = self._layout
         pieces = dict(zip(map(id, lay.params), lay.unflatten(d)))
-        plan = []
+        plan: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor | None, float, float]] = []
         for g, (lr, mom, wd, _) in zip(self.param_groups, rows):
             for p in g["params"]:
                 dp = pieces[id(p)].to(p.dtype)
@@ -629,3 +645,17 @@ class NaturalGradient(torch.optim.Optimizer):
             if buf is not None:
                 st["momentum_buffer"] = buf
             st["step"] = st.get("step", torch.tensor(0.0)) + 1
+
+
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _check_index(ignore_index: object) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def _is_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor)

@@ -34,26 +34,33 @@ import inspect
 import math
 import numbers
 import warnings
-from contextlib import ExitStack, nullcontext
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import numpy as np
+import numpy.typing as npt
 import torch
+from torch.optim.optimizer import ParamsT
 
 from .. import _checks
 from .. import backends as _backends
 from .._atomic import deferred_interrupts
 from .._memory import Layout, MemoryOverlap, check_disjoint, data_pointers
-from ..optim import check_hyperparams, check_tensor_flags
+from ..optim import bind_constructor, check_hyperparams, check_tensor_flags, constructor_signature
 from ..refimpl import RULES
-from ..refimpl.rule import Rule
+from ..refimpl.rule import Rule, StateArray
 from . import _tensors as T
+from . import sharded as S
 
 try:  # float32 (float64 when that is torch's default dtype), as torch.optim stores "step"
-    from torch.optim.optimizer import _get_scalar_dtype
+    # torch's own rule (private and unannotated)
+    from torch.optim.optimizer import _get_scalar_dtype  # pyright: ignore[reportPrivateUsage, reportUnknownVariableType]
 except ImportError:  # pragma: no cover - older or newer torch
 
-    def _get_scalar_dtype():
+    def _get_scalar_dtype() -> torch.dtype:
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
@@ -81,7 +88,7 @@ class Option:
     """A torch.optim option: its default and the values fisheropt accepts (others: ``why``)."""
 
     default: object
-    accepted: tuple
+    accepted: tuple[object, ...]
     why: str = ""
     in_signature: bool = True
     positional: bool = False
@@ -113,7 +120,7 @@ class TorchCounterpart:
     """A rule that torch.optim implements too: its class and the options of that class."""
 
     name: str
-    options: dict = field(default_factory=dict)
+    options: Mapping[str, Option] = field(default_factory=dict[str, Option])
 
 
 _AMSGRAD = Option(False, (False,), "amsgrad=True (AMSGrad) is not supported", positional=True)
@@ -172,6 +179,7 @@ _TORCH_FOREIGN = (
 )
 
 _MISSING = object()
+DeviceKey = T.DeviceKey
 
 
 _tensor_numpy = torch.Tensor.numpy
@@ -183,6 +191,23 @@ class _Resync(Exception):
 
 class _Record:
     """What the optimizer keeps for one parameter: its views, its state and where it is."""
+
+    param: torch.Tensor
+    label: str
+    dev: DeviceKey
+    fast: bool  # a C-contiguous CPU tensor: its gradient's view is checked on the fast path
+    order: tuple[int, ...] | None  # T.memory_order
+    view: Any  # the NumPy (CPU) or CuPy (CUDA) array on the parameter's memory
+    shape: tuple[int, ...]
+    np_dtype: np.dtype[Any]
+    ptr: int
+    tdtype: torch.dtype
+    tshape: torch.Size
+    tstride: tuple[int, ...]
+    flag: bool
+    st: dict[str, torch.Tensor] | None  # its entry of Optimizer.state, None before its first step
+    state_views: tuple[Any, ...] | None  # views of st's tensors, in rule.state order
+    step_np: npt.NDArray[Any] | None  # the view of st["step"]
 
     __slots__ = (
         "param",
@@ -203,7 +228,7 @@ class _Record:
         "step_np",
     )
 
-    def state_shape(self, spec):
+    def state_shape(self, spec: StateArray) -> tuple[int, ...]:
         if spec.per_column and self.flag:
             return (self.param.shape[1],)
         return tuple(self.param.shape)
@@ -212,17 +237,32 @@ class _Record:
 class _Group:
     __slots__ = ("group", "params", "records", "raw", "kernel_kw", "flag", "dtypes")
 
+    group: dict[str, Any]  # the entry of param_groups
+    params: list[torch.Tensor]
+    records: list[_Record]
+    raw: tuple[Any, ...] | None  # the option values last validated (None: validate at the next step)
+    kernel_kw: dict[str, Any]
+    flag: bool
+    dtypes: tuple[np.dtype[Any], ...]
+
 
 class _Batch:
     """The tensors of one device that take part in a step, in kernel order."""
 
     __slots__ = ("backend", "dev", "grads", "new", "params", "records", "runs", "state_rows", "states", "steps")
 
-    def __init__(self, dev, backend):
+    def __init__(self, dev: DeviceKey, backend: ModuleType) -> None:
         self.dev, self.backend = dev, backend
-        self.records, self.grads, self.steps, self.state_rows, self.new = [], [], [], [], []
-        self.params = self.states = None  # made by _prepare
-        self.runs = []  # (_Group, count): consecutive tensors of one param group
+        self.records: list[_Record] = []
+        self.grads: list[Any] = []
+        self.steps: list[int] = []
+        self.state_rows: list[Sequence[Any]] = []
+        # (record, its new state entry, views of the entry's tensors, view of its step): made
+        # by the step, visible in Optimizer.state once the step has run.
+        self.new: list[tuple[_Record, dict[str, torch.Tensor], list[Any], npt.NDArray[Any]]] = []
+        self.params: list[Any] = []  # made by _prepare
+        self.states: list[list[Any]] = []  # made by _prepare
+        self.runs: list[tuple[_Group, int]] = []  # (_Group, count): consecutive tensors of one param group
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -231,11 +271,14 @@ class Optimizer(torch.optim.Optimizer):
     Subclasses are made by :func:`optimizer_class`; ``fisheropt.torch.FAdam`` etc."""
 
     rule: Rule
-    options: dict  # torch option name -> Option (COMMON_OPTIONS and the counterpart's)
-    state_keys: tuple  # torch state key of each of rule.state
+    options: dict[str, Option]  # torch option name -> Option (COMMON_OPTIONS and the counterpart's)
+    state_keys: tuple[str, ...]  # torch state key of each of rule.state
+    _check_finite: bool
 
-    def __init__(self, params, defaults: dict, *, backend: str = "auto", check_finite: bool = True):
-        if not isinstance(backend, str) or (backend != "auto" and backend not in _backends.KNOWN):
+    def __init__(
+        self, params: ParamsT, defaults: dict[str, Any], *, backend: str = "auto", check_finite: bool = True
+    ) -> None:
+        if backend != "auto" and not _backends.is_known(backend):
             raise ValueError(f"unknown backend {backend!r}; use 'auto' or one of {', '.join(_backends.KNOWN)}")
         self._backend_name = backend
         self.check_finite = check_finite
@@ -253,10 +296,11 @@ class Optimizer(torch.optim.Optimizer):
             )
 
     def _init_private(self) -> None:
-        self._records = {}  # parameter tensor -> _Record
-        self._groups = []  # one _Group per entry of param_groups
-        self._layouts = {}  # device key -> Layout of every parameter and state view (None: stale)
-        self._backends = {}  # device key -> backend module
+        self._records: dict[torch.Tensor, _Record] = {}  # parameter tensor -> _Record
+        self._groups: list[_Group] = []  # one _Group per entry of param_groups
+        # device key -> Layout of every parameter and state view (None: stale)
+        self._layouts: dict[DeviceKey, Layout | None] = {}
+        self._backends: dict[DeviceKey, ModuleType] = {}  # device key -> backend module
         self._scalar_dtype = _get_scalar_dtype()
         self._flag_name = self.rule.tensor_flag.name if self.rule.tensor_flag is not None else None
         self._group_keys = (
@@ -272,26 +316,23 @@ class Optimizer(torch.optim.Optimizer):
         self._raw_keys = self._group_keys + self._foreign
 
     # ---- options -------------------------------------------------------------
-    @property
-    def check_finite(self) -> bool:
-        """Refuse a step whose gradients hold NaN or Inf (one read of the gradients), as fisheropt.*."""
-        return self._check_finite
-
-    @check_finite.setter
-    def check_finite(self, value) -> None:
-        self._check_finite = _checks.check_bool("check_finite", value)
+    check_finite = _checks.bool_property(
+        "check_finite", "Refuse a step whose gradients hold NaN or Inf (one read of the gradients), as fisheropt.*."
+    )
 
     @property
-    def backends(self) -> dict:
+    def backends(self) -> dict[str, str]:
         """Device ('cpu', 'cuda:0', ...) -> name of the backend that updates its tensors."""
         return {("cpu" if k == "cpu" else f"cuda:{k}"): b.NAME for k, b in self._backends.items()}
 
-    def _validate_group(self, group: dict, dtypes, where: str):
+    def _validate_group(
+        self, group: Mapping[str, Any], dtypes: Iterable[np.dtype[Any]], where: str
+    ) -> tuple[dict[str, Any], bool]:
         """(kernel keyword hyperparameters, tensor flag) of a param group, or a clear error."""
         rule = self.rule
         for k in self._foreign_set.intersection(group):
             value = group[k]
-            if value is not None and value is not False and not (isinstance(value, numbers.Number) and value == 0):
+            if value is not None and value is not False and not _checks.is_zero_number(value):
                 raise ValueError(
                     f"{where}: {k}={value!r} is not an option of {type(self).__name__} (it would be ignored)"
                 )
@@ -304,13 +345,13 @@ class Optimizer(torch.optim.Optimizer):
                     f"{where}: {name}={value!r} is not supported by {type(self).__name__}"
                     + (f": {opt.why}" if opt.why else f" (accepted: {opt.accepted})")
                 )
-        hp = {}
+        hp: dict[str, Any] = {}
         for h in rule.hyperparams:
             if h.name not in group:
                 raise ValueError(f"{where}: missing hyperparameter {h.name!r} of {type(self).__name__}")
             value = group[h.name]
             if isinstance(value, torch.Tensor) or (
-                isinstance(value, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in value)
+                _checks.is_sequence(value) and any(isinstance(x, torch.Tensor) for x in value)
             ):
                 raise TypeError(
                     f"{where}: {h.name} is a Tensor; fisheropt.torch takes Python numbers (a Tensor "
@@ -318,19 +359,20 @@ class Optimizer(torch.optim.Optimizer):
                 )
             hp[h.name] = value
         try:
-            hp = check_hyperparams(rule, hp, dtypes)
+            checked = check_hyperparams(rule, hp, dtypes)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
         flag = False
         if self._flag_name is not None:
             flag = _checks.check_bool(f"{where}: {self._flag_name}", group.get(self._flag_name, False))
-        return rule.kernel_kwargs(hp), flag
+        return rule.kernel_kwargs(checked), flag
 
     # ---- parameters and groups --------------------------------------------------
-    @torch._disable_dynamo
-    def add_param_group(self, param_group: dict) -> None:
+    # torch's private decorator, as torch.optim.Optimizer.add_param_group
+    @torch._disable_dynamo  # pyright: ignore[reportPrivateUsage, reportPrivateImportUsage]
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (``{"params": [...], "lr": ...}``), as torch.optim; checked in full first."""
-        if not isinstance(param_group, dict):
+        if not _checks.is_dict(param_group):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         if "params" not in param_group:
             raise ValueError("a param group needs a 'params' entry (a list of tensors)")
@@ -364,7 +406,13 @@ class Optimizer(torch.optim.Optimizer):
         for dev in devices:
             self._layouts[dev] = None
 
-    def _build_group(self, group: dict, gi: int, taken: dict, reuse: dict) -> _Group:
+    def _build_group(
+        self,
+        group: dict[str, Any],
+        gi: int,
+        taken: Mapping[torch.Tensor, tuple[int, int]],
+        reuse: Mapping[torch.Tensor, _Record],
+    ) -> _Group:
         """Validate one (normalized) group and make the records of its parameters; changes nothing."""
         params = group["params"]
         names = group.get("param_names")
@@ -373,7 +421,7 @@ class Optimizer(torch.optim.Optimizer):
             f"{where}['params'][{i}]" + (f" ({names[i]!r})" if names and i < len(names) else "")
             for i in range(len(params))
         ]
-        seen = {}
+        seen: dict[torch.Tensor, int] = {}
         for i, p in enumerate(params):
             T.check_param(p, labels[i])
             if not (p.is_leaf or p.retains_grad):
@@ -389,7 +437,7 @@ class Optimizer(torch.optim.Optimizer):
                 )
         dtypes = tuple({T.SUPPORTED_DTYPES[p.dtype]: None for p in params})
         kernel_kw, flag = self._validate_group(group, dtypes, where)
-        records = []
+        records: list[_Record] = []
         for i, p in enumerate(params):
             old = reuse.get(p)
             if (
@@ -424,7 +472,7 @@ class Optimizer(torch.optim.Optimizer):
         info.raw = self._raw(group)
         return info
 
-    def _new_record(self, p, label: str, flag: bool) -> _Record:
+    def _new_record(self, p: torch.Tensor, label: str, flag: bool) -> _Record:
         order = T.memory_order(p, label)
         dev = T.device_key(p)
         rec = _Record()
@@ -432,16 +480,16 @@ class Optimizer(torch.optim.Optimizer):
         rec.ptr, rec.tdtype, rec.tshape, rec.tstride = p.data_ptr(), p.dtype, p.size(), tuple(p.stride())
         backend = self._backend_for(dev, p, label)
         if dev == "cpu":
-            rec.view = T.host_view(p, order)
+            rec.view = T.host_view(S.local(p), order)  # a DTensor: its local shard
         else:
             with self._device_context(dev):
                 rec.view = T.cupy_views(backend, [p], lambda i: order)[0]
         rec.shape, rec.np_dtype = rec.view.shape, rec.view.dtype
-        rec.fast = dev == "cpu" and order is None
+        rec.fast = dev == "cpu" and order is None and not S.is_sharded(p)
         rec.st = rec.state_views = rec.step_np = None
         return rec
 
-    def _backend_for(self, dev, p, label):
+    def _backend_for(self, dev: DeviceKey, p: torch.Tensor, label: str) -> ModuleType:
         backend = self._backends.get(dev)
         if backend is not None:
             return backend
@@ -459,19 +507,21 @@ class Optimizer(torch.optim.Optimizer):
         self._backends[dev] = backend
         return backend
 
-    def _check_disjoint(self, dev, records) -> None:
+    def _check_disjoint(self, dev: DeviceKey, records: Iterable[_Record]) -> None:
         named = [(r.label, r.view) for r in records if r.dev == dev]
         check_disjoint(named)
 
-    def _raw(self, group: dict) -> tuple:
+    def _raw(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
         """The group's option values as last validated (lists as tuples: a list edited in place differs)."""
-        return tuple(tuple(v) if isinstance(v, list) else v for v in map(group.get, self._raw_keys))
+        return tuple(tuple(cast("list[Any]", v)) if isinstance(v, list) else v for v in map(group.get, self._raw_keys))
 
     def _resync(self) -> None:
         """Rebuild the records from ``param_groups`` (changed without add_param_group, or unpickled)."""
-        groups, records, taken = [], {}, {}
+        groups: list[_Group] = []
+        records: dict[torch.Tensor, _Record] = {}
+        taken: dict[torch.Tensor, tuple[int, int]] = {}
         for gi, group in enumerate(self.param_groups):
-            if not isinstance(group, dict) or "params" not in group:
+            if not _checks.is_dict(group) or "params" not in group:
                 raise ValueError(f"param_groups[{gi}] is not a param group (a dict with 'params')")
             params, names = _split_names(group["params"])
             norm = dict(group)
@@ -488,7 +538,7 @@ class Optimizer(torch.optim.Optimizer):
                 records[r.param] = r
         for dev in {r.dev for r in records.values()}:
             self._check_disjoint(dev, list(records.values()))
-        for gi, (group, info) in enumerate(zip(self.param_groups, groups)):
+        for group, info in zip(self.param_groups, groups):
             group["params"] = info.params
             if "param_names" in info.group and info.group is not group:
                 group["param_names"] = info.group["param_names"]
@@ -499,7 +549,13 @@ class Optimizer(torch.optim.Optimizer):
         self._layouts = {dev: None for dev in {r.dev for r in records.values()}}
 
     # ---- stepping ------------------------------------------------------------------
-    def step(self, closure=None):
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter that has a gradient (``closure``: re-evaluates the loss,
         as in torch.optim). Parameters whose ``.grad`` is None are left alone. A step that raises
         has changed nothing."""
@@ -510,7 +566,8 @@ class Optimizer(torch.optim.Optimizer):
         self._update()
         return loss
 
-    @torch.compiler.disable(reason=COMPILE_MESSAGE)
+    # torch.compiler.disable is not annotated
+    @torch.compiler.disable(reason=COMPILE_MESSAGE)  # pyright: ignore[reportUntypedFunctionDecorator, reportUnknownMemberType]
     def _update(self) -> None:
         # numba's OpenMP threading layer and torch share libgomp in one process, and a numba
         # launch sets OpenMP's thread count: torch's intra-op thread count is put back after it
@@ -534,11 +591,15 @@ class Optimizer(torch.optim.Optimizer):
         # (it returns False having written nothing); with several devices it runs first on all of them.
         function = self.rule.step_function
         fused = self._check_finite and len(batches) == 1 and hasattr(batches[0].backend, function + "_checked")
-        calls = [self._prepare(b, separate_check=self._check_finite and not fused) for b in batches]
+        # DTensor shards: the ranks agree on finiteness in the step's collective (S.step), never alone.
+        sharded = any(S.is_sharded(r.param) for b in batches for r in b.records)
+        calls = [self._prepare(b, separate_check=self._check_finite and not fused and not sharded) for b in batches]
         with deferred_interrupts():
             for b, (steps, kwargs) in zip(batches, calls):
                 with self._device_context(b.dev):
-                    if fused:
+                    if sharded:
+                        S.step(self, b, steps, kwargs)
+                    elif fused:
                         done = getattr(b.backend, function + "_checked")(
                             b.params, b.grads, *b.states, step=steps, **kwargs
                         )
@@ -548,14 +609,16 @@ class Optimizer(torch.optim.Optimizer):
                         getattr(b.backend, function)(b.params, b.grads, *b.states, step=steps, **kwargs)
                 self._commit(b)
 
-    def _collect(self) -> list:
+    def _collect(self) -> list[_Batch]:
         """Every parameter with a gradient, checked, with its views, grouped by device (nothing written)."""
         if len(self._groups) != len(self.param_groups):
             raise _Resync
-        batches = {}
+        batches: dict[DeviceKey, _Batch] = {}
         state_get = self.state.get
         numpy_of = _tensor_numpy
-        dev, b = None, None
+        # The device and batch of the previous parameter (set at the first one: no device is _MISSING).
+        dev: object = _MISSING
+        b = cast(_Batch, None)
         for gi, group in enumerate(self.param_groups):
             info = self._groups[gi]
             params = group["params"] if info.group is group else None
@@ -563,7 +626,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise _Resync
             raw = self._raw(group)
             try:  # equal values of the same types (a Tensor lr equal to the old float is not the same)
-                same = raw == info.raw and all(type(x) is type(y) for x, y in zip(raw, info.raw))
+                same = (
+                    info.raw is not None and raw == info.raw and all(type(x) is type(y) for x, y in zip(raw, info.raw))
+                )
             except Exception:  # e.g. a Tensor hyperparameter: validation says what is wrong
                 same = False
             if not same:
@@ -615,17 +680,18 @@ class Optimizer(torch.optim.Optimizer):
                         b.grads.append(gv)
                         b.steps.append(1)
                         continue
+                # rec.st is set, so are its views (set together); no check in this per-parameter loop.
                 b.records.append(rec)
                 b.grads.append(gv)
-                b.state_rows.append(rec.state_views)
-                b.steps.append(int(rec.step_np) + 1)
+                b.state_rows.append(rec.state_views)  # pyright: ignore[reportArgumentType]
+                b.steps.append(int(rec.step_np) + 1)  # pyright: ignore[reportArgumentType]
             for key, x in batches.items():
                 n = len(x.records) - starts.get(key, 0)
                 if n:
                     x.runs.append((info, n))
         return list(batches.values())
 
-    def _grad_view(self, rec, p, g):
+    def _grad_view(self, rec: _Record, p: torch.Tensor, g: torch.Tensor) -> Any:
         """The gradient of ``p`` as an array laid out like ``rec.view``, or the error that says why not."""
         if (
             p.data_ptr() != rec.ptr
@@ -639,48 +705,48 @@ class Optimizer(torch.optim.Optimizer):
                 f"{tuple(rec.tshape)}): assigning p.data, model.to(...) or resize_() gives it other memory. "
                 "Build the optimizer after moving or converting the model."
             )
-        gt = T.grad_tensor(g, p, rec.label, rec.order)
+        gt = T.grad_tensor(S.local(g), S.local(p), rec.label, rec.order)
         if rec.dev == "cpu":
             return gt.numpy()
         return gt  # CUDA: made a CuPy view on torch's stream in _prepare
 
-    def _new_state(self, rec, batch) -> None:
+    def _new_state(self, rec: _Record, batch: _Batch) -> None:
         """Allocate the zero state of ``rec`` (made visible in ``self.state`` by _commit, if the step runs)."""
         p = rec.param.detach()
-        tensors, views = {}, []
+        tensors: dict[str, torch.Tensor] = {}
+        views: list[Any] = []
         for spec, key in zip(self.rule.state, self.state_keys):
             if spec.per_column and rec.flag:
-                t = p.new_zeros(p.shape[1])
+                t = S.column_state(p)
                 order = None
             else:
                 t = torch.zeros_like(p, memory_format=torch.preserve_format)
                 order = rec.order
             tensors[key] = t
-            views.append(T.host_view(t, order) if rec.dev == "cpu" else (t, order))
+            views.append(T.host_view(S.local(t), order) if rec.dev == "cpu" else (t, order))
         step_t = torch.zeros((), dtype=self._scalar_dtype)
         st = {"step": step_t, **tensors}
         batch.new.append((rec, st, views, step_t.numpy()))
         batch.state_rows.append(views)
 
-    def _adopt(self, rec, st: dict) -> None:
+    def _adopt(self, rec: _Record, st: object) -> None:
         """Use the state dict ``st`` found in ``self.state`` for ``rec`` (unpickled, or set by hand)."""
         where = f"state of {rec.label}"
         expected = {"step", *self.state_keys}
-        if not isinstance(st, dict) or set(st) != expected:
-            got = sorted(st) if isinstance(st, dict) else type(st).__name__
+        if not _checks.is_dict(st) or set(st) != expected:
+            got = sorted(st) if _checks.is_dict(st) else type(st).__name__
             raise ValueError(f"{where}: expected the entries {sorted(expected)}, got {got}")
         step = _checked_step(st["step"], where)
-        views = []
+        views: list[Any] = []
         for spec, key in zip(self.rule.state, self.state_keys):
-            t = st[key]
             shape = rec.state_shape(spec)
-            _check_state_tensor(t, rec, shape, f"{where}[{key!r}]", second_moment=spec.second_moment)
+            t = _check_state_tensor(st[key], rec, shape, f"{where}[{key!r}]", second_moment=spec.second_moment)
             if t.device != rec.param.device:
                 raise ValueError(f"{where}[{key!r}] is on {t.device}; the parameter is on {rec.param.device}")
             order = rec.order if t.size() == rec.tshape and not (spec.per_column and rec.flag) else None
             if (t.permute(order) if order is not None else t).is_contiguous() is False:
                 raise ValueError(f"{where}[{key!r}] is not laid out like its parameter (strides {tuple(t.stride())})")
-            views.append(T.host_view(t, order) if rec.dev == "cpu" else (t, order))
+            views.append(T.host_view(S.local(t), order) if rec.dev == "cpu" else (t, order))
         step_t = st["step"]
         if not (
             isinstance(step_t, torch.Tensor)
@@ -694,12 +760,12 @@ class Optimizer(torch.optim.Optimizer):
         rec.st, rec.state_views, rec.step_np = st, tuple(views), step_t.numpy()
         self._layouts[rec.dev] = None
 
-    def _cupy_state(self, dev, pairs):
+    def _cupy_state(self, dev: DeviceKey, pairs: Sequence[tuple[torch.Tensor, tuple[int, ...] | None]]) -> list[Any]:
         backend = self._backends[dev]
         with self._device_context(dev):
             return T.cupy_views(backend, [t for t, _ in pairs], lambda i: pairs[i][1])
 
-    def _device_context(self, dev):
+    def _device_context(self, dev: DeviceKey) -> AbstractContextManager[object]:
         """CuPy on torch's current stream of the CUDA device ``dev`` (nothing for the CPU)."""
         if dev == "cpu":
             return nullcontext()
@@ -710,7 +776,7 @@ class Optimizer(torch.optim.Optimizer):
         stack.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, dev))
         return stack
 
-    def _refuse_non_finite(self, b: _Batch):
+    def _refuse_non_finite(self, b: _Batch) -> None:
         with self._device_context(b.dev):
             bad = [r.label for r, g in zip(b.records, b.grads) if not b.backend.all_finite([g])]
         raise FloatingPointError(
@@ -719,15 +785,18 @@ class Optimizer(torch.optim.Optimizer):
             "such steps by itself)"
         )
 
-    def _prepare(self, b: _Batch, *, separate_check: bool):
+    def _prepare(self, b: _Batch, *, separate_check: bool) -> tuple[int | list[int], dict[str, Any]]:
         """Checks that read the gradients (overlap, finiteness) and the kernel arguments; writes nothing."""
         if b.dev != "cpu":
             with self._device_context(b.dev):
                 b.grads = T.cupy_views(b.backend, list(b.grads), lambda i: None)
                 for k, (rec, st, views, step_np) in enumerate(b.new):
                     b.new[k] = (rec, st, self._cupy_state(b.dev, views), step_np)
-                new_views = {id(rec): views for rec, st, views, step_np in b.new}
-                b.state_rows = [new_views.get(id(rec), rec.state_views) for rec in b.records]
+                new_views = {id(rec): views for rec, _, views, _ in b.new}
+                # Every record has views: the new ones in b.new, the others their own.
+                b.state_rows = cast(
+                    "list[Sequence[Any]]", [new_views.get(id(rec), rec.state_views) for rec in b.records]
+                )
         b.params = [r.view for r in b.records]
         b.states = [list(col) for col in zip(*b.state_rows)] if b.state_rows else [[] for _ in self.state_keys]
         layout = self._layouts.get(b.dev)
@@ -750,7 +819,7 @@ class Optimizer(torch.optim.Optimizer):
                 self._refuse_non_finite(b)
         steps = b.steps
         step = steps[0] if min(steps) == max(steps) else list(steps)
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         runs = b.runs
         for name in runs[0][0].kernel_kw:
             values = [info.kernel_kw[name] for info, _ in runs]
@@ -770,11 +839,12 @@ class Optimizer(torch.optim.Optimizer):
         if b.new:
             self._layouts[b.dev] = None
         for rec, t in zip(b.records, b.steps):
-            rec.step_np[()] = t
+            rec.step_np[()] = t  # pyright: ignore[reportOptionalSubscript]  # every record of the step has its state
 
     # ---- state ---------------------------------------------------------------------
-    @torch._disable_dynamo
-    def load_state_dict(self, state_dict: dict) -> None:
+    # torch's private decorator, as torch.optim.Optimizer.load_state_dict
+    @torch._disable_dynamo  # pyright: ignore[reportPrivateUsage, reportPrivateImportUsage]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer or of its torch.optim counterpart (same keys).
 
         Everything is checked before anything changes: the number of groups and of
@@ -782,7 +852,7 @@ class Optimizer(torch.optim.Optimizer):
         refused), hyperparameters and options, every state entry's keys, shape, dtype,
         finiteness and sign (second moments are >= 0), and step counts. State is then
         copied into this optimizer's own tensors (their memory does not move)."""
-        if not isinstance(state_dict, dict):
+        if not _checks.is_dict(state_dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -793,20 +863,21 @@ class Optimizer(torch.optim.Optimizer):
             info.group is not g for info, g in zip(self._groups, self.param_groups)
         ):
             self._resync()
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+        if not _checks.is_dict(state_dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state dict (it needs 'state' and 'param_groups')")
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
-        if not isinstance(saved_groups, (list, tuple)) or not isinstance(saved_state, dict):
+        if not _checks.is_sequence(saved_groups) or not _checks.is_dict(saved_state):
             raise ValueError("state dict: 'param_groups' must be a list and 'state' a dict")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"the state dict has {len(saved_groups)} parameter groups; this optimizer has {len(self.param_groups)}"
             )
-        id_map, new_groups = {}, []
+        id_map: dict[object, _Record] = {}
+        new_groups: list[dict[str, Any]] = []
         for gi, (group, saved, info) in enumerate(zip(self.param_groups, saved_groups, self._groups)):
             where = f"param_groups[{gi}]"
-            if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+            if not _checks.is_dict(saved) or not _checks.is_sequence(saved.get("params")):
                 raise ValueError(f"state dict {where} is not a param group (a dict with a 'params' list)")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -822,7 +893,8 @@ class Optimizer(torch.optim.Optimizer):
                             "(parameters in another order?); nothing was loaded"
                         )
             for pid, rec in zip(saved["params"], info.records):
-                if not isinstance(pid, numbers.Integral) or isinstance(pid, bool) or pid in id_map:
+                # ids: ints (torch.optim), or parameter names (torch.distributed.checkpoint.state_dict)
+                if isinstance(pid, bool) or not isinstance(pid, (numbers.Integral, str)) or pid in id_map:
                     raise ValueError(f"state dict {where} has an invalid or repeated parameter id {pid!r}")
                 id_map[pid] = rec
             new = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
@@ -840,9 +912,9 @@ class Optimizer(torch.optim.Optimizer):
             if "param_names" in group and "param_names" not in new:
                 new["param_names"] = group["param_names"]
             new_groups.append(new)
-        incoming = {}
+        incoming: dict[torch.Tensor, tuple[_Record, tuple[int, list[torch.Tensor]]]] = {}
         for pid, entry in saved_state.items():
-            if isinstance(entry, dict) and not entry:
+            if _checks.is_dict(entry) and not entry:
                 continue  # an empty entry (defaultdict access) is no state, as in torch.optim
             rec = id_map.get(pid)
             if rec is None:
@@ -851,10 +923,10 @@ class Optimizer(torch.optim.Optimizer):
                 )
             incoming[rec.param] = (rec, self._checked_entry(entry, rec, f"state[{pid!r}] ({rec.label})"))
         # Everything checked. Allocate what is missing, then copy in place.
-        fresh = {}
-        for p, (rec, (step, tensors)) in incoming.items():
+        fresh: dict[torch.Tensor, tuple[_Record, dict[str, torch.Tensor], list[Any], npt.NDArray[Any]]] = {}
+        for p, (rec, _) in incoming.items():
             if rec.st is None or self.state.get(p) is not rec.st:
-                batch = _Batch(rec.dev, None)
+                batch = _Batch(rec.dev, self._backends[rec.dev])
                 self._new_state(rec, batch)
                 fresh[p] = batch.new[0]
         with deferred_interrupts():
@@ -866,6 +938,7 @@ class Optimizer(torch.optim.Optimizer):
                     self.state[p] = st
                     rec.st, rec.state_views, rec.step_np = st, tuple(views), step_np
                     self._layouts[rec.dev] = None
+                assert rec.st is not None and rec.step_np is not None  # allocated above if it was not
                 for key, t in zip(self.state_keys, tensors):
                     rec.st[key].copy_(t)
                 rec.step_np[()] = step
@@ -882,31 +955,32 @@ class Optimizer(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _checked_entry(self, entry, rec, where):
+    def _checked_entry(self, entry: object, rec: _Record, where: str) -> tuple[int, list[torch.Tensor]]:
         expected = {"step", *self.state_keys}
-        if not isinstance(entry, dict) or set(entry) != expected:
-            got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        if not _checks.is_dict(entry) or set(entry) != expected:
+            got = sorted(map(str, entry)) if _checks.is_dict(entry) else type(entry).__name__
             extra = (
                 " (amsgrad state: AMSGrad is not supported)"
-                if isinstance(entry, dict) and "max_exp_avg_sq" in entry
+                if _checks.is_dict(entry) and "max_exp_avg_sq" in entry
                 else ""
             )
             raise ValueError(f"{where}: expected the entries {sorted(expected)}, got {got}{extra}")
         step = _checked_step(entry["step"], where)
-        tensors = []
+        tensors: list[torch.Tensor] = []
         for spec, key in zip(self.rule.state, self.state_keys):
-            t = entry[key]
-            _check_state_tensor(t, rec, rec.state_shape(spec), f"{where}[{key!r}]", second_moment=spec.second_moment)
-            tensors.append(t)
+            shape = rec.state_shape(spec)
+            tensors.append(
+                _check_state_tensor(entry[key], rec, shape, f"{where}[{key!r}]", second_moment=spec.second_moment)
+            )
         return step, tensors
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_backend_name"] = self._backend_name
         state["_check_finite"] = self._check_finite
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         backend, check = state.pop("_backend_name", "auto"), state.pop("_check_finite", True)
         super().__setstate__(state)
         self._backend_name, self._check_finite = backend, check
@@ -918,17 +992,18 @@ class Optimizer(torch.optim.Optimizer):
         return text[:-1] + f"backends: {self.backends or self._backend_name}\n)"
 
 
-def _check_grad_overlap(layout, b) -> None:
+def _check_grad_overlap(layout: Layout, b: _Batch) -> None:
     """No gradient may share memory with a parameter, optimizer state or another gradient
     (the kernels run in parallel and would race); names the two tensors. One sort of byte ranges."""
     grads = b.grads
     extra = [(ptr, ptr + g.nbytes, 1, i) for i, (ptr, g) in enumerate(zip(data_pointers(grads), grads)) if g.nbytes]
     ranges = sorted(layout.tagged_ranges + extra)
-    for (_, e0, k0, x), (s1, _, k1, y) in zip(ranges, ranges[1:]):
+    for (_, e0, _, x), (s1, _, _, y) in zip(ranges, ranges[1:]):
         if s1 < e0:
+            # A parameter's or state's range has its name (tag 0), a gradient's its index (tag 1).
             names = [
-                x if k0 == 0 else f"the gradient of {b.records[x].label}",
-                y if k1 == 0 else f"the gradient of {b.records[y].label}",
+                x if isinstance(x, str) else f"the gradient of {b.records[x].label}",
+                y if isinstance(y, str) else f"the gradient of {b.records[y].label}",
             ]
             names.sort(key=lambda name: name.startswith("the gradient"))
             raise MemoryOverlap(
@@ -938,7 +1013,7 @@ def _check_grad_overlap(layout, b) -> None:
             )
 
 
-def _split_names(params):
+def _split_names(params: Any) -> tuple[list[Any], list[Any] | None]:
     """(list of tensors, list of names or None) from what add_param_group accepts."""
     if isinstance(params, torch.Tensor):
         return [params], None
@@ -962,7 +1037,7 @@ def _split_names(params):
     return items, None
 
 
-def _checked_step(value, where: str) -> int:
+def _checked_step(value: object, where: str) -> int:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex():
             raise ValueError(f"{where}['step'] must be one real number, got a tensor of shape {tuple(value.shape)}")
@@ -975,7 +1050,10 @@ def _checked_step(value, where: str) -> int:
     return int(value)
 
 
-def _check_state_tensor(t, rec, shape, where: str, *, second_moment: bool) -> None:
+def _check_state_tensor(
+    t: object, rec: _Record, shape: Sequence[int], where: str, *, second_moment: bool
+) -> torch.Tensor:
+    """``t``, if it can be the state entry ``where`` of ``rec``'s parameter; else a ValueError that says why."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{where} must be a Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -988,10 +1066,11 @@ def _check_state_tensor(t, rec, shape, where: str, *, second_moment: bool) -> No
         raise ValueError(f"{where} holds NaN or Inf; a moment estimate is always finite")
     if second_moment and t.numel() and bool((t < 0).any()):
         raise ValueError(f"{where} has negative entries; it is an average of squares (>= 0)")
+    return t
 
 
 # ---- one class per rule --------------------------------------------------------------
-def optimizer_class(rule: Rule) -> type:
+def optimizer_class(rule: Rule) -> type[Optimizer]:
     """The torch.optim.Optimizer subclass of ``rule``, called as::
 
         Cls(params, <hyperparameters with fisheropt's defaults>, [amsgrad=False], *, [<tensor flag>=False],
@@ -1010,26 +1089,18 @@ def optimizer_class(rule: Rule) -> type:
         raise ValueError(f"{rule.title}: state keys {state_keys} collide")
 
     P = inspect.Parameter
-    parameters = [P("self", P.POSITIONAL_ONLY), P("params", P.POSITIONAL_OR_KEYWORD)]
-    parameters += [P(h.name, P.POSITIONAL_OR_KEYWORD, default=h.default) for h in rule.hyperparams]
-    parameters += [
+    middle = [
         P(n, P.POSITIONAL_OR_KEYWORD, default=o.default) for n, o in options.items() if o.positional and o.in_signature
     ]
     if rule.tensor_flag is not None:
-        parameters.append(P(rule.tensor_flag.name, P.KEYWORD_ONLY, default=False))
-    parameters += [
+        middle.append(P(rule.tensor_flag.name, P.KEYWORD_ONLY, default=False))
+    middle += [
         P(n, P.KEYWORD_ONLY, default=o.default) for n, o in options.items() if not o.positional and o.in_signature
     ]
-    parameters += [P("backend", P.KEYWORD_ONLY, default="auto"), P("check_finite", P.KEYWORD_ONLY, default=True)]
-    signature = inspect.Signature(parameters)
+    signature = constructor_signature(rule, middle)
 
-    def __init__(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        del arguments["self"]
-        params, backend, check_finite = arguments.pop("params"), arguments.pop("backend"), arguments.pop("check_finite")
-        defaults = dict(arguments)
+    def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
+        params, defaults, backend, check_finite = bind_constructor(signature, self, args, kwargs)
         for name, opt in options.items():
             defaults.setdefault(name, opt.default)
         Optimizer.__init__(self, params, defaults, backend=backend, check_finite=check_finite)
@@ -1045,10 +1116,10 @@ def optimizer_class(rule: Rule) -> type:
         "__module__": "fisheropt.torch",
         "__qualname__": rule.title,
     }
-    return type(rule.title, (Optimizer,), namespace)
+    return cast("type[Optimizer]", type(rule.title, (Optimizer,), namespace))
 
 
-def _docstring(rule: Rule, counterpart, state_keys) -> str:
+def _docstring(rule: Rule, counterpart: TorchCounterpart | None, state_keys: Sequence[str]) -> str:
     lines = [
         f"{rule.summary} ({rule.paper}), as a torch.optim.Optimizer. Spec: spec/{rule.spec_page}.",
         "",
@@ -1082,5 +1153,15 @@ def _docstring(rule: Rule, counterpart, state_keys) -> str:
     return "\n".join(lines)
 
 
+if TYPE_CHECKING:
+
+    class RuleOptimizer(Optimizer):
+        """For type checkers only: a class of :data:`CLASSES`, whose signature is made from its rule."""
+
+        def __init__(
+            self, params: ParamsT, *hyperparams: Any, backend: str = "auto", check_finite: bool = True, **by_name: Any
+        ) -> None: ...
+
+
 #: Rule name -> torch optimizer class, one per rule of the registry.
-CLASSES = {name: optimizer_class(rule) for name, rule in RULES.items()}
+CLASSES = cast("dict[str, type[RuleOptimizer]]", {name: optimizer_class(rule) for name, rule in RULES.items()})

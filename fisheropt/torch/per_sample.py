@@ -31,10 +31,14 @@ a model in ``eval()`` mode. Dropout draws an independent mask per sample (``rand
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
+
+from .._checks import is_dict, is_named_pair, is_sequence, positive_int
+from ._tensors import row_sq_norms
 
 __all__ = [
     "ParamLayout",
@@ -66,9 +70,8 @@ class ParamLayout:
     flattened in C order.
     """
 
-    def __init__(self, model, params=None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+    def __init__(self, model: nn.Module, params: Iterable[Any] | None = None) -> None:
+        check_module(model)
         named = list(model.named_parameters())  # tied weights once, under their first name
         name_of = {id(p): n for n, p in named}
         if params is None:
@@ -76,7 +79,7 @@ class ParamLayout:
             if not chosen:
                 raise ValueError("the model has no parameter with requires_grad=True; pass params=...")
         else:
-            chosen = []
+            chosen: list[tuple[str, nn.Parameter]] = []
             for i, item in enumerate(_flatten_params(params)):
                 if not isinstance(item, torch.Tensor):
                     raise TypeError(f"params[{i}] is a {type(item).__name__}, not a tensor")
@@ -86,10 +89,10 @@ class ParamLayout:
                         f"params[{i}] (shape {tuple(item.shape)}) is not a parameter of the model "
                         "(pass tensors from model.parameters(), e.g. the LoRA adapters)"
                     )
-                chosen.append((name, item))
+                chosen.append((name, cast(nn.Parameter, item)))  # a parameter of the model, by identity
             if not chosen:
                 raise ValueError("params is empty")
-        seen = {}
+        seen: dict[int, int] = {}
         for i, (name, p) in enumerate(chosen):
             if id(p) in seen:
                 raise ValueError(f"parameter {name!r} is listed twice (params[{seen[id(p)]}] and params[{i}])")
@@ -123,28 +126,28 @@ class ParamLayout:
         if self.P == 0:
             raise ValueError("the selected parameters have no entries (P = 0)")
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.params)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"ParamLayout({len(self.params)} tensors, P={self.P}, {self.dtype})"
 
-    def primals(self) -> tuple:
+    def primals(self) -> tuple[torch.Tensor, ...]:
         """The parameters, detached (the point at which torch.func differentiates)."""
         return tuple(p.detach() for p in self.params)
 
-    def unflatten(self, vec: torch.Tensor) -> list:
+    def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat (P,) tensor shaped like the parameters (same dtype as ``vec``)."""
         vec = torch.as_tensor(vec)
         if vec.dim() != 1 or vec.shape[0] != self.P:
             raise ValueError(f"a flat vector of this layout has shape ({self.P},), got {tuple(vec.shape)}")
         return [vec[a:b].view(s) for a, b, s in zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
 
-    def unflatten_dict(self, vec: torch.Tensor) -> dict:
+    def unflatten_dict(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{name: view}`` of a flat (P,) tensor, for ``torch.func.functional_call``."""
         return dict(zip(self.names, self.unflatten(vec)))
 
-    def flatten(self, tensors, dtype=None) -> torch.Tensor:
+    def flatten(self, tensors: Iterable[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
         """One (P,) tensor from tensors shaped like the parameters (e.g. their ``.grad``)."""
         tensors = list(tensors)
         if len(tensors) != len(self.params):
@@ -156,14 +159,14 @@ class ParamLayout:
         return self.flatten([p.detach() for p in self.params])
 
 
-def _flatten_params(params):
+def _flatten_params(params: Any) -> list[object]:
     if isinstance(params, torch.Tensor):
         return [params]
-    out = []
+    out: list[object] = []
     for item in params:
-        if isinstance(item, dict):
+        if is_dict(item):
             out.extend(_flatten_params(item.get("params", [])))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        elif is_named_pair(item):
             out.append(item[1])
         else:
             out.append(item)
@@ -171,9 +174,11 @@ def _flatten_params(params):
 
 
 # ---- checks -----------------------------------------------------------------------
-def _check_batchnorm(model):
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+def _check_batchnorm(model: nn.Module) -> None:
+    modules = cast("Iterator[tuple[str, nn.Module]]", model.named_modules())  # torch does not annotate it
+    for name, mod in modules:
+        # _BatchNorm: torch's base of every batch-norm layer (it has no public name)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:  # pyright: ignore[reportPrivateUsage]
             raise ValueError(
                 f"{name or type(mod).__name__} is a BatchNorm layer in training mode: it mixes the "
                 "samples of the batch, so per-sample gradients and the per-sample Fisher are not "
@@ -181,11 +186,12 @@ def _check_batchnorm(model):
             )
 
 
-def _as_inputs(inputs):
+def _as_inputs(inputs: object) -> tuple[tuple[torch.Tensor, ...], int]:
     """A tuple of tensors with a common leading batch dimension N, and N."""
-    items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    items: tuple[object, ...] = tuple(inputs) if is_sequence(inputs) else (inputs,)
     if not items:
         raise ValueError("inputs is empty")
+    tensors: list[torch.Tensor] = []
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
@@ -194,15 +200,16 @@ def _as_inputs(inputs):
             )
         if t.dim() == 0:
             raise ValueError("inputs must have a leading batch dimension N")
-    N = items[0].shape[0]
-    if any(t.shape[0] != N for t in items):
-        raise ValueError(f"the input tensors have different batch sizes {[t.shape[0] for t in items]}")
+        tensors.append(t)
+    N = tensors[0].shape[0]
+    if any(t.shape[0] != N for t in tensors):
+        raise ValueError(f"the input tensors have different batch sizes {[t.shape[0] for t in tensors]}")
     if N == 0:
         raise ValueError("the batch is empty (N = 0)")
-    return tuple(items), N
+    return tuple(tensors), N
 
 
-def _check_targets(targets, N, device):
+def _check_targets(targets: object, N: int, device: torch.device) -> torch.Tensor:
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of class indices, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
@@ -216,13 +223,13 @@ def _check_targets(targets, N, device):
     return targets
 
 
-def _check_output(out, N, targets, where="the model"):
+def check_output(out: object, N: int, targets: torch.Tensor | None, where: str = "the model") -> torch.Tensor:
     """The logits (N, C) or (N, T, C) of a model output, with a clear error otherwise."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"{where} returned a {type(out).__name__}; natural-gradient methods need a model that "
-            "returns a logits tensor of shape (N, C) (or (N, T, C) for sequences): wrap it, e.g. "
-            "lambda x: model(x).logits"
+            "returns a logits tensor of shape (N, C) (or (N, T, C) for sequences): wrap it in an "
+            "nn.Module whose forward returns them (e.g. model(x).logits)"
         )
     if not out.dtype.is_floating_point:
         raise TypeError(f"{where} returned a {out.dtype} tensor; expected float logits")
@@ -242,7 +249,7 @@ def _check_output(out, N, targets, where="the model"):
     return out
 
 
-def _check_target_values(targets, C, ignore_index):
+def _check_target_values(targets: torch.Tensor, C: int, ignore_index: int) -> torch.Tensor:
     valid = targets != ignore_index
     if bool(valid.any()):
         v = targets[valid]
@@ -254,24 +261,33 @@ def _check_target_values(targets, C, ignore_index):
     return valid
 
 
-def _check_chunk(chunk_size):
+def check_chunk(chunk_size: object) -> int | None:
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    size = positive_int(chunk_size)
+    if size is None:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return int(chunk_size)
+    return size
 
 
-def _chunk_len(chunk_size, N, bytes_per_sample):
+def _chunk_len(chunk_size: int | None, N: int, bytes_per_sample: int) -> int:
     if chunk_size is not None:
         return min(chunk_size, N)
     return max(1, min(N, DEFAULT_CHUNK_BYTES // max(1, bytes_per_sample)))
 
 
-class _Batch:
+class CheckedBatch:
     """A validated (model, layout, inputs, targets) with the model's output checked once."""
 
-    def __init__(self, model, inputs, targets, params, ignore_index, layout=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor | Sequence[torch.Tensor],
+        targets: torch.Tensor | None,
+        params: Iterable[Any] | None,
+        ignore_index: object,
+        layout: ParamLayout | None = None,
+    ) -> None:
         self.layout = layout if layout is not None else ParamLayout(model, params)
         _check_batchnorm(model)
         self.inputs, self.N = _as_inputs(inputs)
@@ -286,7 +302,7 @@ class _Batch:
         # One sample through the model: the output's type and shape, before anything is vmapped.
         with torch.no_grad():
             probe = model(*(t[:1] for t in self.inputs))
-        _check_output(probe, 1, None if self.targets is None else self.targets[:1])
+        check_output(probe, 1, None if self.targets is None else self.targets[:1])
         self.C = probe.shape[-1]
         self.seq = probe.dim() == 3
         self.out_dtype = probe.dtype
@@ -298,17 +314,17 @@ class _Batch:
                 )
             self.valid = _check_target_values(self.targets, self.C, self.ignore_index)
 
-    def call(self, ptensors, args):
+    def call(self, ptensors: Sequence[torch.Tensor], args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The model's logits at parameters ``ptensors`` (a tuple in layout order) for a batch ``args``."""
         return torch.func.functional_call(self.model, dict(zip(self.layout.names, ptensors)), args)
 
-    def chunks(self, size):
+    def chunks(self, size: int) -> Iterator[tuple[int, int, tuple[torch.Tensor, ...], torch.Tensor | None]]:
         for a in range(0, self.N, size):
             b = min(self.N, a + size)
             yield a, b, tuple(t[a:b] for t in self.inputs), (None if self.targets is None else self.targets[a:b])
 
 
-def _ce_sum(logits, y, ignore_index):
+def _ce_sum(logits: torch.Tensor, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
     C = logits.shape[-1]
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, C), y.reshape(-1), ignore_index=ignore_index, reduction="sum"
@@ -324,7 +340,15 @@ class PerSampleGrads(NamedTuple):
 
 
 def per_sample_grads(
-    model, inputs, targets, *, params=None, chunk_size=None, ignore_index=-100, layout=None, out=None
+    model: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    params: Iterable[Any] | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    layout: ParamLayout | None = None,
+    out: torch.Tensor | None = None,
 ) -> PerSampleGrads:
     r"""Per-sample gradients of the summed softmax cross-entropy: ``(G, logits, layout)``.
 
@@ -341,72 +365,90 @@ def per_sample_grads(
     steps saves the page faults of a fresh N·P allocation, which on some machines cost more than
     the gradients themselves).
     """
-    chunk_size = _check_chunk(chunk_size)
-    batch = _Batch(model, inputs, targets, params, ignore_index, layout)
+    chunk_size = check_chunk(chunk_size)
+    batch = CheckedBatch(model, inputs, targets, params, ignore_index, layout)
     if batch.targets is None:
         raise ValueError("per_sample_grads needs targets")
     lay = batch.layout
     ii = batch.ignore_index
     itemsize = torch.empty((), dtype=lay.dtype).element_size()
 
-    def sample_loss(ptensors, args, y):
+    def sample_loss(
+        ptensors: tuple[torch.Tensor, ...], args: tuple[torch.Tensor, ...], y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = batch.call(ptensors, tuple(a.unsqueeze(0) for a in args))[0]
         return _ce_sum(out, y, ii), out
 
     per_sample = torch.func.vmap(
         torch.func.grad(sample_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different"
     )
-    if out is None:
-        G = torch.empty((batch.N, lay.P), dtype=lay.dtype, device=lay.device)
-    else:
-        if (
-            not isinstance(out, torch.Tensor)
-            or tuple(out.shape) != (batch.N, lay.P)
-            or out.dtype != lay.dtype
-            or out.device != lay.device
-            or not out.is_contiguous()
-        ):
-            raise ValueError(f"out must be a contiguous ({batch.N}, {lay.P}) {lay.dtype} tensor on {lay.device}")
-        G = out
+    G = (
+        torch.empty((batch.N, lay.P), dtype=lay.dtype, device=lay.device)
+        if out is None
+        else _checked_out(out, (batch.N, lay.P), lay)
+    )
     logits = None
     primals = lay.primals()
     for a, b, args, y in batch.chunks(_chunk_len(chunk_size, batch.N, lay.P * itemsize)):
-        grads, out = per_sample(primals, args, y)
+        assert y is not None  # batch.targets is (checked above)
+        grads, z = per_sample(primals, args, y)
         for g, o0, o1 in zip(grads, lay.offsets[:-1], lay.offsets[1:]):
             G[a:b, o0:o1] = g.reshape(b - a, -1)
         if logits is None:
-            logits = torch.empty((batch.N, *out.shape[1:]), dtype=out.dtype, device=out.device)
-        logits[a:b] = out.detach()
-        del grads, out
+            logits = torch.empty((batch.N, *z.shape[1:]), dtype=z.dtype, device=z.device)
+        logits[a:b] = z.detach()
+        del grads, z
+    assert logits is not None  # N >= 1 (_as_inputs)
     return PerSampleGrads(G, logits, lay)
 
 
-def logit_jacobians(model, inputs, *, params=None, chunk_size=None, layout=None) -> torch.Tensor:
+def _checked_out(out: object, shape: tuple[int, int], lay: ParamLayout) -> torch.Tensor:
+    """``out`` if it can hold G: a C-contiguous tensor of ``shape`` with the parameters' dtype and device."""
+    if (
+        not isinstance(out, torch.Tensor)
+        or tuple(out.shape) != shape
+        or out.dtype != lay.dtype
+        or out.device != lay.device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(f"out must be a contiguous ({shape[0]}, {shape[1]}) {lay.dtype} tensor on {lay.device}")
+    return out
+
+
+def logit_jacobians(
+    model: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    params: Iterable[Any] | None = None,
+    chunk_size: int | None = None,
+    layout: ParamLayout | None = None,
+) -> torch.Tensor:
     r"""Logits Jacobians ``J`` (N, C, P) — or (N, T, C, P) for sequence models — in the parameters'
     dtype: :math:`J_n = \partial z_n/\partial\theta` (``vmap`` over ``jacrev``: C backward passes per
     sample). N·C·P numbers: for small P and tests; the matrix-free
     :class:`fisheropt.torch.FisherOperator` never builds it."""
-    chunk_size = _check_chunk(chunk_size)
-    batch = _Batch(model, inputs, None, params, -100, layout)
+    chunk_size = check_chunk(chunk_size)
+    batch = CheckedBatch(model, inputs, None, params, -100, layout)
     lay = batch.layout
 
-    def sample_logits(ptensors, args):
+    def sample_logits(ptensors: tuple[torch.Tensor, ...], args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return batch.call(ptensors, tuple(a.unsqueeze(0) for a in args))[0]
 
     jac = torch.func.vmap(torch.func.jacrev(sample_logits), in_dims=(None, 0), randomness="different")
-    J = None
+    jacobians: torch.Tensor | None = None  # J, allocated when the first chunk gives its shape
     itemsize = torch.empty((), dtype=lay.dtype).element_size()
     primals = lay.primals()
-    rows = None
+    rows = torch.Size()
     for a, b, args, _ in batch.chunks(_chunk_len(chunk_size, batch.N, lay.P * itemsize * batch.C * 8)):
         parts = jac(primals, args)
-        if J is None:
+        if jacobians is None:
             rows = parts[0].shape[1 : parts[0].dim() - len(lay.shapes[0])]  # (C,) or (T, C)
-            J = torch.empty((batch.N, *rows, lay.P), dtype=lay.dtype, device=lay.device)
+            jacobians = torch.empty((batch.N, *rows, lay.P), dtype=lay.dtype, device=lay.device)
         for g, o0, o1 in zip(parts, lay.offsets[:-1], lay.offsets[1:]):
-            J[a:b, ..., o0:o1] = g.reshape(b - a, *rows, -1)
+            jacobians[a:b, ..., o0:o1] = g.reshape(b - a, *rows, -1)
         del parts
-    return J
+    assert jacobians is not None  # N >= 1 (_as_inputs)
+    return jacobians
 
 
 class LogitStatistics(NamedTuple):
@@ -425,7 +467,7 @@ class LogitStatistics(NamedTuple):
     losses: torch.Tensor
 
 
-def logit_statistics(logits, targets, ignore_index=-100) -> LogitStatistics:
+def logit_statistics(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> LogitStatistics:
     """:class:`LogitStatistics` of ``logits`` (N, C) or (N, T, C) and integer ``targets``."""
     N, C = logits.shape[0], logits.shape[-1]
     z = logits.detach().reshape(-1, C).to(torch.float64)
@@ -445,33 +487,54 @@ def logit_statistics(logits, targets, ignore_index=-100) -> LogitStatistics:
     return LogitStatistics(probs, mask, sample, labels, s, losses)
 
 
-def batch_gradient(model, inputs, targets, *, params=None, ignore_index=-100, layout=None):
+def batch_gradient(
+    model: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    params: Iterable[Any] | None = None,
+    ignore_index: int = -100,
+    layout: ParamLayout | None = None,
+) -> tuple[torch.Tensor, float, torch.Tensor]:
     r"""(∇L as a float64 (P,) tensor, the summed loss, the logits) with one ordinary batch backward
     (``torch.func.grad`` of the summed cross-entropy; no per-sample gradients)."""
-    batch = _Batch(model, inputs, targets, params, ignore_index, layout)
-    lay = batch.layout
+    batch = CheckedBatch(model, inputs, targets, params, ignore_index, layout)
+    lay, y = batch.layout, batch.targets
+    if y is None:
+        raise ValueError("batch_gradient needs targets")
 
-    def total(ptensors):
+    def total(ptensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         out = batch.call(ptensors, batch.inputs)
-        _check_output(out, batch.N, batch.targets)
-        return _ce_sum(out, batch.targets, batch.ignore_index), out
+        check_output(out, batch.N, y)
+        return _ce_sum(out, y, batch.ignore_index), out
 
     grads, out = torch.func.grad(total, has_aux=True)(lay.primals())
     g = torch.cat([t.reshape(-1).to(torch.float64) for t in grads])
-    stats = logit_statistics(out, batch.targets, batch.ignore_index)
+    stats = logit_statistics(out, y, batch.ignore_index)
     return g, float(stats.losses.sum()), out.detach()
 
 
 def per_sample_sq_norms(
-    model, inputs, targets, *, params=None, chunk_size=None, ignore_index=-100, layout=None
+    model: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    params: Iterable[Any] | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    layout: ParamLayout | None = None,
 ) -> torch.Tensor:
     r""":math:`\lVert\nabla_\theta l_n\rVert^2` (N,) float64, chunk by chunk, without storing G."""
-    chunk_size = _check_chunk(chunk_size)
-    batch = _Batch(model, inputs, targets, params, ignore_index, layout)
+    chunk_size = check_chunk(chunk_size)
+    batch = CheckedBatch(model, inputs, targets, params, ignore_index, layout)
+    if batch.targets is None:
+        raise ValueError("per_sample_sq_norms needs targets")
     lay = batch.layout
     ii = batch.ignore_index
 
-    def sample_loss(ptensors, args, y):
+    def sample_loss(
+        ptensors: tuple[torch.Tensor, ...], args: tuple[torch.Tensor, ...], y: torch.Tensor
+    ) -> torch.Tensor:
         return _ce_sum(batch.call(ptensors, tuple(a.unsqueeze(0) for a in args))[0], y, ii)
 
     per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
@@ -479,6 +542,13 @@ def per_sample_sq_norms(
     itemsize = torch.empty((), dtype=lay.dtype).element_size()
     primals = lay.primals()
     for a, b, args, y in batch.chunks(_chunk_len(chunk_size, batch.N, lay.P * itemsize)):
+        assert y is not None  # batch.targets is (checked above)
         for g in per_sample(primals, args, y):
-            out[a:b] += torch.linalg.vector_norm(g.reshape(b - a, -1), dim=1).to(torch.float64).square()
+            out[a:b] += row_sq_norms(g.reshape(b - a, -1))
     return out
+
+
+def check_module(model: object) -> None:
+    """Refuse a ``model`` that is not a ``torch.nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")

@@ -291,7 +291,7 @@ def run_case(case: dict, namespace, to_device=None) -> list[str]:
             got = {"params": params, "state": dict(zip(case["state_order"], state))}
             messages += compare(got, want, tol, f"{case['name']} step {t}")
         return messages
-    args = {k: _convert_tree(v, conv) for k, v in decode(case["args"]).items()}
+    args = convert_arrays(decode(case["args"]), conv)
     if kind == "function":
         out = fn(**args)
         out = list(out) if isinstance(out, tuple) else [out]
@@ -303,12 +303,15 @@ def run_case(case: dict, namespace, to_device=None) -> list[str]:
     raise ValueError(f"unknown case kind {kind!r}")
 
 
-def _convert_tree(v, conv):
-    if isinstance(v, np.ndarray):
-        return conv(v)
-    if isinstance(v, list):
-        return [_convert_tree(x, conv) for x in v]
-    return v
+def convert_arrays(tree, to_array):
+    """``tree`` (arrays in lists and dicts, as decoded) with ``to_array`` applied to every array."""
+    if isinstance(tree, np.ndarray):
+        return to_array(tree)
+    if isinstance(tree, list):
+        return [convert_arrays(v, to_array) for v in tree]
+    if isinstance(tree, dict):
+        return {k: convert_arrays(v, to_array) for k, v in tree.items()}
+    return tree
 
 
 def _to_numpy(x):

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import numpy as np
-
-from . import VECTOR_DIR, compare, decode, load_suite
+from . import VECTOR_DIR, compare, convert_arrays, decode, load_suite
 
 __all__ = ["run_functional_case", "run_functional_suite", "lookup"]
 
@@ -42,16 +40,6 @@ def lookup(implementations, function: str) -> Callable:
     elif hasattr(implementations, function):
         return getattr(implementations, function)
     raise KeyError(f"no functional implementation of {function!r}")
-
-
-def _convert(tree, to_array):
-    if isinstance(tree, np.ndarray):
-        return to_array(tree)
-    if isinstance(tree, list):
-        return [_convert(v, to_array) for v in tree]
-    if isinstance(tree, dict):
-        return {k: _convert(v, to_array) for k, v in tree.items()}
-    return tree
 
 
 def _step_tolerance(case):
@@ -72,21 +60,21 @@ def run_functional_case(case: dict, implementations, *, to_array: Callable | Non
     if kind == "optimizer":
         inputs = decode(case["inputs"])
         order = case["state_order"]
-        params = _convert(inputs["params"], conv)
-        state = {k: _convert(inputs["state"][k], conv) for k in order}
+        params = convert_arrays(inputs["params"], conv)
+        state = {k: convert_arrays(inputs["state"][k], conv) for k in order}
         hp = dict(case["hyperparams"])
         messages = []
         for offset, (grads, want) in enumerate(zip(inputs["grads"], decode(case["expected"]))):
             t = inputs["first_step"] + offset
             try:
-                params, state = fn(params, _convert(grads, conv), state, step=t, **hp)
+                params, state = fn(params, convert_arrays(grads, conv), state, step=t, **hp)
             except Exception as exc:  # an implementation that raises fails the case, with the reason
                 return messages + [f"{case['name']} step {t}: raised {type(exc).__name__}: {exc}"]
             params, state = list(params), {k: list(state[k]) for k in order}
             got = {"params": params, "state": state}
             messages += compare(got, want, tol, f"{case['name']} step {t}")
         return messages
-    args = _convert(decode(case["args"]), conv)
+    args = convert_arrays(decode(case["args"]), conv)
     expected = decode(case["expected"])
     try:
         out = fn(**args)

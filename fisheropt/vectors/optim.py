@@ -703,6 +703,15 @@ def _fadam_cases(rule):
 LION_DECAY = 0.1
 
 
+def _near_tiny(rng, shapes, dt):
+    """Normal g of 1 to 8 times the smallest normal number: (1 − β₁)·g and (1 − β₂)·g are subnormal."""
+    tiny = float(np.finfo(dt).tiny)
+    return [
+        np.asarray(np.where(rng.standard_normal(s) < 0, -1.0, 1.0) * rng.uniform(1, 8, s) * tiny, dtype=dt)
+        for s in shapes
+    ]
+
+
 def _lion_cases(rule):
     """Sign arguments that are subnormal (a flush-to-zero build makes them 0), ±Inf (sign ±1,
     θ finite, m = ±Inf from then on) and NaN (sign(NaN) = NaN: θ and m NaN there), for
@@ -717,21 +726,13 @@ def _lion_cases(rule):
         big = 0.9 * float(np.finfo(dt).max)
 
         rng = np.random.default_rng(20)
-
-        def near_tiny():
-            # normal g of 1 to 8 times the smallest normal number: (1 − β₁)·g and (1 − β₂)·g are subnormal
-            return [
-                np.asarray(np.where(rng.standard_normal(s) < 0, -1.0, 1.0) * rng.uniform(1, 8, s) * tiny, dtype=dt)
-                for s in shapes
-            ]
-
         params = _draw(rng, shapes, 1e-3, dt)
         cases.append(
             rule.case(
                 f"{short}_sign_argument_subnormal",
                 dt,
                 params=params,
-                grads=[near_tiny() for _ in range(3)],
+                grads=[_near_tiny(rng, shapes, dt) for _ in range(3)],
                 description=f"|g| of 1 to 8 × {tiny:g} (normal): c = (1 − β₁)·g at step 1 and m are subnormal, "
                 "and sign(c) = ±1 moves θ by α; flushed to zero, c = 0 and θ stays",
                 tags=["tiny"],

@@ -128,11 +128,11 @@ class _Classifier(FlatParams):
         """(logits (N, C), cache for the backward pass)."""
         raise NotImplementedError
 
-    def _backward(self, X, cache, dlogits):
+    def _backward(self, X, cache, dlogits, /):
         """Per-sample gradients (N, P) from dlogits = dl_n/dz_n (N, C)."""
         raise NotImplementedError
 
-    def _batch_grads(self, X, cache, dlogits):
+    def _batch_grads(self, X, cache, dlogits, /):
         """[dL/dparam for param in params] with L = sum_n l_n, from dlogits (N, C)."""
         raise NotImplementedError
 
@@ -243,12 +243,12 @@ class SoftmaxRegression(_Classifier):
         W, b = self.params
         return X @ W + b, None
 
-    def _backward(self, X, cache, dlogits):
+    def _backward(self, X, cache, dlogits, /):
         N = X.shape[0]
         dW = (X[:, :, None] * dlogits[:, None, :]).reshape(N, -1)
         return np.concatenate([dW, dlogits], axis=1).astype(self.dtype, copy=False)
 
-    def _batch_grads(self, X, cache, dlogits):
+    def _batch_grads(self, X, cache, dlogits, /):
         return [X.T @ dlogits, dlogits.sum(axis=0)]
 
 
@@ -281,14 +281,14 @@ class MLP(_Classifier):
         """dl/d(X W1 + b1), (N, H): back through W2 and tanh."""
         return (dlogits @ self.params[2].T) * (1 - hidden * hidden)
 
-    def _backward(self, X, hidden, dlogits):
+    def _backward(self, X, hidden, dlogits, /):
         N = X.shape[0]
         dpre = self._dpreactivation(hidden, dlogits)
         dW1 = (X[:, :, None] * dpre[:, None, :]).reshape(N, -1)
         dW2 = (hidden[:, :, None] * dlogits[:, None, :]).reshape(N, -1)
         return np.concatenate([dW1, dpre, dW2, dlogits], axis=1).astype(self.dtype, copy=False)
 
-    def _batch_grads(self, X, hidden, dlogits):
+    def _batch_grads(self, X, hidden, dlogits, /):
         dpre = self._dpreactivation(hidden, dlogits)
         return [X.T @ dpre, dpre.sum(axis=0), hidden.T @ dlogits, dlogits.sum(axis=0)]
 
@@ -312,9 +312,9 @@ def load_digits_split(seed=0, test_fraction=0.25, dtype=np.float64):
     dtype = float_dtype(dtype)
     if not (0.0 < float(test_fraction) < 1.0):
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
-    data = load_digits()
-    X = np.asarray(data.data, dtype=np.float64)
-    y = np.asarray(data.target, dtype=np.int64)
+    features, labels = load_digits(return_X_y=True)
+    X = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
     rng = np.random.default_rng(seed)
     order = rng.permutation(X.shape[0])
     n_test = round(test_fraction * X.shape[0])

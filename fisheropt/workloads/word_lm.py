@@ -110,6 +110,7 @@ class WordLM(FlatParams):
     def loss(self, contexts, targets, *, chunk=4096) -> float:
         """MEAN cross-entropy (nats per token), evaluated in chunks to bound memory."""
         context_ids, y = self._check(contexts, targets)
+        assert y is not None  # targets were given
         total = 0.0
         for start in range(0, context_ids.shape[0], chunk):
             z = self._forward(context_ids[start : start + chunk])[0]

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import types
+from functools import partial
 
 import numpy as np
 import pytest
@@ -32,12 +33,14 @@ from cupy_emulated import (
     _run_both,
     cuda_kernels,
     emulator,
+    fixed_problem,
     planner,
 )
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fisheropt import refimpl
+from fisheropt.backends import interface
 
 NVCC = shutil.which("nvcc")
 
@@ -119,68 +122,22 @@ def test_rows_per_tile_bounds():
 
 
 def test_kernel_args_have_the_exact_c_types():
-    args = planner.kernel_args(
-        "adam",
-        "float32",
-        dict(
-            chunks="C",
-            param_ptrs="P",
-            grad_ptrs="G",
-            m_ptrs="M",
-            v_ptrs="V",
-            mode=2,
-            weight_decay=0.1,
-            decay_factor=0.99,
-            beta1=0.9,
-            one_minus_beta1=0.1,
-            beta2=0.999,
-            one_minus_beta2=1e-3,
-            step_size=1e-3,
-            bias_correction2_sqrt=0.5,
-            eps=1e-8,
-        ),
-    )
+    pointers = dict(chunks="C", param_ptrs="P", grad_ptrs="G", m_ptrs="M", v_ptrs="V", mode=2)
+    moments = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=1e-3)
+    scalars = dict(weight_decay=0.1, decay_factor=0.99, step_size=1e-3, bias_correction2_sqrt=0.5, eps=1e-8)
+    args = planner.kernel_args("adam", "float32", {**pointers, **moments, **scalars})
     assert args[:5] == ["C", "P", "G", "M", "V"]
     assert type(args[5]) is np.int32
     assert all(type(a) is np.float32 for a in args[6:])
     assert args[7] == np.float32(0.99)
-    e = planner.kernel_args(
-        "fadam_eps",
-        "float32",
-        dict(
-            meta=1,
-            g2_partials=2,
-            tensor_scalars=3,
-            eps=1e-8,
-            eps2=0.01,
-            two_p=1.0,
-            two_p_is_one=1,
-            eps_pow_2p=1e-8,
-            tiny=1e-38,
-        ),
-    )
-    assert [type(a) for a in e[3:]] == [np.float64, np.float64, np.float64, np.int32, np.float32, np.float32]
-    d = planner.kernel_args(
-        "adam",
-        "float64",
-        dict(
-            chunks=0,
-            param_ptrs=0,
-            grad_ptrs=0,
-            m_ptrs=0,
-            v_ptrs=0,
-            mode=0,
-            weight_decay=0,
-            decay_factor=1,
-            beta1=0.9,
-            one_minus_beta1=0.1,
-            beta2=0.9,
-            one_minus_beta2=0.1,
-            step_size=1,
-            bias_correction2_sqrt=1,
-            eps=1e-8,
-        ),
-    )
+    eps_buffers = dict(counts=1, tensor_sums=2, tensor_scalars=3)
+    eps_scalars = dict(eps=1e-8, eps2=0.01, two_p=1.0, two_p_is_one=1, eps_pow_2p=1e-8, tiny=1e-38, n_tensors=4)
+    e = planner.kernel_args("fadam_eps", "float32", {**eps_buffers, **eps_scalars})
+    want = [np.float64, np.float64, np.float64, np.int32, np.float32, np.float32, np.int64]
+    assert [type(a) for a in e[3:]] == want
+    # Python ints given for T parameters are converted as well
+    ints = dict(weight_decay=0, decay_factor=1, step_size=1, bias_correction2_sqrt=1)
+    d = planner.kernel_args("adam", "float64", {**pointers, "mode": 0, **moments, **ints, "eps": 1e-8})
     assert all(type(a) is np.float64 for a in d[6:])
     with pytest.raises(TypeError, match="missing"):
         planner.kernel_args("sumsq", "float32", dict(chunks=0, grad_ptrs=0))
@@ -231,12 +188,17 @@ def _model(n_layers, dtype=np.float32):
     return [np.zeros(s, dtype) for s in shapes]
 
 
+#: a step's launches after the first (the one that reads g): pass 1's sums, then pass 2
+FADAM_WRITES = ["fadam_tensor_sums", "fadam_eps", "fadam_sums", "fadam_tensor_sums", "fadam_scales", "fadam_apply"]
+COUPLED_WRITES = ["coupled_column_sums", "coupled_v", "coupled_apply"]
+
+
 @pytest.mark.parametrize(
     "rule,expected",
     [
         ("adam", ["adam"]),
-        ("fadam", ["sumsq", "fadam_eps", "fadam_precond", "fadam_scales", "fadam_apply"]),
-        ("coupled", ["colsumsq", "coupled_v", "coupled_apply"]),
+        ("fadam", ["sumsq", *FADAM_WRITES]),
+        ("coupled", ["colsumsq", *COUPLED_WRITES]),
         ("lion", ["lion"]),
     ],
 )
@@ -401,28 +363,51 @@ def test_checked_steps_read_the_flag_once_before_any_write(rule):
     steps = Steps(planner.Engine(launcher))
     params, grads, m, v = _adam_problem([((6, 4), np.float32), ((5,), np.float32), ((3, 2), np.float64)])
     if rule == "fadam":
-        run = lambda: steps.fadam_step_checked(params, grads, m, v, step=1, **FHP)  # noqa: E731
+        run = partial(steps.fadam_step_checked, params, grads, m, v, step=1, **FHP)
         reads_only = ["sumsq", "finite_f64", "sumsq", "finite_f64"]
-        writes = ["fadam_eps", "fadam_precond", "fadam_scales", "fadam_apply"] * 2
+        writes = FADAM_WRITES * 2
     else:
         v = [np.zeros(4, np.float32), np.zeros(5, np.float32), np.zeros(2, np.float64)]
-        run = lambda: steps.coupled_adam_step_checked(
-            params,
-            grads,
-            m,
-            v,
-            step=1,  # noqa: E731
-            coupled=[True, False, True],
-            **HP,
-        )
+        run = partial(steps.coupled_adam_step_checked, params, grads, m, v, step=1, coupled=[True, False, True], **HP)
         reads_only = ["colsumsq", "finite_f64", "colsumsq", "finite_f64", "all_finite"]
-        writes = ["coupled_v", "coupled_apply"] * 2 + ["adam"]
+        writes = COUPLED_WRITES * 2 + ["adam"]
     assert run() is True
     assert [n for _, n, _ in launcher.launches] == reads_only + writes and launcher.reads == 1
     launcher.launches.clear()
     launcher.reads, launcher.flag_value = 0, 1  # a non-finite partial sum, and (re-read) a non-finite g
     assert run() is False
     assert [n for _, n, _ in launcher.launches] == reads_only + ["all_finite"] * 2 and launcher.reads == 2
+
+
+def test_sharded_passes_split_the_steps_launches():
+    """A sharded step's two passes launch the single-process step's kernels: pass 1 those that read
+    θ, g, f and write scratch (FAdam's ε_t given, not derived), pass 2 the rest, with the whole
+    tensors' sums and counts; per dtype group, in the same order."""
+    launcher = RecordingLauncher()
+    steps = Steps(planner.Engine(launcher))
+    params, grads, m, v = _adam_problem([((6, 4), np.float32), ((5, 2), np.float64), ((3, 2), np.float32)])
+
+    def launched(run):
+        launcher.launches.clear()
+        launcher.args.clear()
+        run()
+        return [n for _, n, _ in launcher.launches]
+
+    pass1 = launched(lambda: steps.fadam_partials(params, grads, m, v, step=1, **FHP))
+    assert pass1 == ["sumsq", "fadam_tensor_sums", "fadam_sums", "fadam_tensor_sums"] * 2
+    counts = [240, 10, 6]  # the whole tensors' sizes, in the order of the tensors
+    pass2 = launched(lambda: steps.fadam_apply(params, grads, m, v, step=1, **FHP, sums=np.ones((3, 3)), counts=counts))
+    assert pass2 == ["fadam_eps", "fadam_scales", "fadam_apply"] * 2
+    assert [list(a["counts"]) for a in launcher.args if "n_tensors" in a] == [[240, 6]] * 2 + [[10]] * 2
+    step = launched(lambda: steps.fadam_step(params, grads, m, v, step=1, **FHP))
+    assert step == ["sumsq"] * 2 + FADAM_WRITES * 2  # every group's first read, then the rest
+    coupled, v_col = [True, False, True], [np.zeros(4, np.float32), np.zeros((5, 2)), np.zeros(2, np.float32)]
+    pass1 = launched(lambda: steps.coupled_adam_partials(params, grads, m, v_col, step=1, coupled=coupled, **HP))
+    assert pass1 == ["colsumsq", "coupled_column_sums"]
+    sums = [np.ones(4), np.ones(2)]
+    apply = partial(steps.coupled_adam_apply, params, grads, m, v_col, step=1, coupled=coupled, **HP)
+    assert launched(lambda: apply(column_sums=sums, rows=[60, 3])) == ["coupled_v", "coupled_apply", "adam"]
+    assert list(launcher.args[0]["counts"]) == [60, 3] and list(launcher.args[0]["column_sums"]) == [1.0] * 6
 
 
 # =====================================================================================
@@ -485,8 +470,9 @@ def _check_ptx(ptx: str, dtype: str) -> None:
     for name in ("adam", "coupled_apply", "all_finite", "sumsq", "lion"):
         assert not re.search(rf"\bfma\.rn\.{bits}", entries[f"fo_{name}_{sfx}"]), f"contracted FMA in {name}"
         assert ".ftz" not in entries[f"fo_{name}_{sfx}"], name
-    for name in ("adam", "fadam_precond", "fadam_apply", "coupled_apply", "all_finite", "sumsq", "lion"):
-        assert f"ld.global.{w}" in entries[f"fo_{name}_{sfx}"], f"no 16-byte global loads in {name}"
+    for name in ("adam", "fadam_sums", "fadam_apply", "coupled_apply", "all_finite", "sumsq", "lion"):
+        # (.nc: through the read-only data cache, where the kernel writes none of the arrays it reads)
+        assert re.search(rf"ld\.global(\.nc)?\.{w}", entries[f"fo_{name}_{sfx}"]), f"no 16-byte global loads in {name}"
     for name in ("adam", "fadam_apply", "coupled_apply", "lion"):
         assert f"st.global.{w}" in entries[f"fo_{name}_{sfx}"], name
     if dtype == "float32":
@@ -535,9 +521,10 @@ def test_nvcc_compiles_for_h100_without_ftz_or_contraction(dtype, tmp_path):
 # CPU: the package's plumbing without CuPy (signatures, rule discovery, the NVRTC launcher)
 # =====================================================================================
 def test_step_functions_have_the_reference_signatures_without_importing_cupy():
-    """Each function is defined in its module (finite.py, <rule>.py), which imports no cupy:
-    compare its source (AST) and the function itself with the reference's signature;
-    ``<rule>_step_checked`` takes the same arguments and returns bool."""
+    """Each function of the update rules and of the sharded steps is defined in its module
+    (finite.py, <rule>.py), which imports no cupy: compare its source (AST) and the function
+    itself with the reference's signature; ``<rule>_step_checked`` takes the same arguments and
+    returns bool."""
     import ast
     import inspect
 
@@ -545,8 +532,8 @@ def test_step_functions_have_the_reference_signatures_without_importing_cupy():
     from fisheropt.backends.interface import FAMILIES
 
     checked_found = []
-    for fn in FAMILIES["update rules"]:
-        module = "finite" if fn == "all_finite" else fn[: -len("_step")]
+    for fn in FAMILIES["update rules"] + FAMILIES["sharded"]:
+        module = "finite" if fn == "all_finite" else fn.rsplit("_", 1)[0]  # <rule>_step, _partials, _apply
         path = CUPY_DIR / f"{module}.py"
         assert path.exists(), f"{fn}: no backends/cupy/{module}.py"
         tree = ast.parse(path.read_text())
@@ -565,7 +552,9 @@ def test_step_functions_have_the_reference_signatures_without_importing_cupy():
             want_pos = [n for n, p in ref.parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
             want_kw = [n for n, p in ref.parameters.items() if p.kind == p.KEYWORD_ONLY]
             assert (pos, kwonly) == (want_pos, want_kw), name
-            assert not a.defaults and not any(a.kw_defaults), name
+            defaults = [ast.unparse(d) if d is not None else None for d in a.kw_defaults]
+            want_defaults = [None if p.default is p.empty else repr(p.default) for p in ref.parameters.values()]
+            assert not a.defaults and defaults == want_defaults[len(want_pos) :], name
             ret = ref.return_annotation
             got = ast.unparse(defs[name].returns) if defs[name].returns is not None else None
             want = (
@@ -614,6 +603,7 @@ def _check_stubbed_package(pkg, stub):
         "owns",
         "fadam_step_checked",
         "coupled_adam_step_checked",
+        *interface.SHARDED_FUNCTIONS,  # the sharded family: FSDP2 / DTensor parameters on CUDA
         "fisher_gram",
         "fisher_sample_space_direction",
         "ema_update",
@@ -704,16 +694,14 @@ def test_agreement_checks_catch_a_broken_kernel(mutant):
     assert cuda_kernels.source("float32").count(before) >= 1, "mutation anchor not found: update the test"
     emu = EmulatedBackend(transform=lambda src: src.replace(before, after))
     shapes = [(37, 61), (5, 3)] if rule == "coupled_adam" else [(37, 61), (700,)]
-    pb = dict(
-        shapes=shapes,
-        dtypes=["float32"] * 2,
-        scale=1.0,
-        grad_scale=1e-9 if rule == "fadam" else 1.0,
-        first_step=1,
-        steps=2,
+    fadam = rule == "fadam"
+    pb = fixed_problem(
+        rule,
+        shapes,
+        ["float32"] * 2,
         seed=4,
-        misaligned=False,
-        hp=dict(FHP, clip=0.5) if rule == "fadam" else dict(HP),
+        grad_scale=1e-9 if fadam else 1.0,
+        hp=dict(FHP, clip=0.5) if fadam else dict(HP),
     )
     ref, got = _run_both(emu, rule, pb)
     with pytest.raises(AssertionError):

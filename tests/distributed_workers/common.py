@@ -97,3 +97,31 @@ def fisher_problem(rank, world, seed=0, empty_rank=None, dtype=torch.float64):
     G = torch.einsum("ncp,nc->np", J, r)
     s = (r * r).sum(1)
     return G.to(dtype), s, J, probs, labels, ls
+
+
+# ---- FSDP2 / DTensor (tests/test_torch_fsdp.py) ----------------------------------------------------
+class ShardLM(TinyLM):
+    """TinyLM and a (2,) gain: under Shard(0) on 3 ranks its shards hold 1, 1 and 0 elements (one empty);
+    the other tensors split unevenly (13 rows: 5, 5, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain[0] + self.gain[1]
+
+
+def make_shard_model():
+    torch.manual_seed(0)
+    return ShardLM().to(torch.float64)
+
+
+def synthetic_grads(step, shapes, dtype=torch.float64):
+    """Full gradients of ``step``, the same on every rank and for every world size; tensor 1 is tiny
+    on odd steps (RMS(g) < ε/ε₂: FAdam's guessed ε_t fails, the second collective runs)."""
+    g = torch.Generator().manual_seed(5000 + step)
+    grads = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    if step % 2 and len(grads) > 1:
+        grads[1] = grads[1] * 1e-12
+    return grads

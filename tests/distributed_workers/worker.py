@@ -1,11 +1,10 @@
 """One rank of tests/test_torch_distributed.py: python worker.py RANK WORLD PORT OUTDIR SCENARIOS.
 
-Runs the comma-separated scenarios (ddp, zero, finite, ngd) on a gloo group over localhost and saves
-what the test compares to OUTDIR/rank{RANK}.pt. Any exception is saved too (and the exit code is 1)."""
+Runs the comma-separated scenarios (ddp, zero, finite, ngd, natgrad) on a gloo group over localhost and
+saves what the test compares to OUTDIR/rank{RANK}.pt (launcher.run_worker)."""
 
 import os
 import sys
-import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -179,30 +178,7 @@ def run_natgrad(rank, world, out):
 
 SCENARIOS = {"ddp": run_ddp, "zero": run_zero, "finite": run_finite, "ngd": run_ngd, "natgrad": run_natgrad}
 
-
-def main():
-    rank, world, port, outdir, scenarios = (
-        int(sys.argv[1]),
-        int(sys.argv[2]),
-        int(sys.argv[3]),
-        sys.argv[4],
-        sys.argv[5],
-    )
-    out = {"rank": rank, "world": world}
-    code = 0
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        for name in scenarios.split(","):
-            SCENARIOS[name](rank, world, out)
-    except BaseException:
-        out["error"] = traceback.format_exc()
-        code = 1
-    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    if code == 0:
-        dist.barrier()
-    dist.destroy_process_group()
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    main()
+    from launcher import run_worker
+
+    run_worker(SCENARIOS)
