@@ -359,16 +359,10 @@ def _docstring(rule: Rule) -> str:
 if TYPE_CHECKING:
 
     class RuleOptimizer(Optimizer):
-        """For type checkers only: a class of :data:`CLASSES`, whose signature is made from its rule."""
+        """For type checkers only: a class of :data:`CLASSES`, whose signature is made from its rule
+        at import: ``(params, <hyperparameters>, [<tensor flag>], *, backend, check_finite)``."""
 
-        def __init__(
-            self,
-            params: Iterable[FloatArray],
-            *hyperparams: Any,
-            backend: str = "auto",
-            check_finite: bool = True,
-            **by_name: Any,
-        ) -> None: ...
+        def __init__(self, params: Iterable[FloatArray], *args: Any, **kwargs: Any) -> None: ...
 
 
 #: Rule name -> optimizer class, one per rule of the registry.

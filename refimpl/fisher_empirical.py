@@ -11,28 +11,31 @@ probabilities :math:`p_n` and labels :math:`y_n`:
 Inputs are assumed valid (fisheropt.fisher validates).
 """
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 
-def logit_residuals(probs, labels):
+def logit_residuals(probs: npt.NDArray[Any], labels: npt.NDArray[Any]):
     """R (N, C): r_n = p_n - e_{y_n} = d l_n / d z_n."""
     R = probs.copy()
     R[np.arange(R.shape[0]), labels] -= 1
     return R
 
 
-def per_sample_grads(J, probs, labels):
+def per_sample_grads(J: npt.NDArray[Any], probs: npt.NDArray[Any], labels: npt.NDArray[Any]):
     """G (N, P): g_n = J_n^T (p_n - e_{y_n})."""
     return np.einsum("ncp,nc->np", J, logit_residuals(probs, labels))
 
 
-def logit_grad_sq_norms(probs, labels):
+def logit_grad_sq_norms(probs: npt.NDArray[Any], labels: npt.NDArray[Any]):
     """s (N,): s_n = ||p_n - e_{y_n}||^2 (the logits-level gradient norms squared)."""
     R = logit_residuals(probs, labels)
     return np.einsum("nc,nc->n", R, R)
 
 
-def empirical(G):
+def empirical(G: npt.NDArray[Any]):
     """EF = G^T G, dense (P, P), accumulated in float64 and returned in G's dtype."""
     G64 = G.astype(np.float64)
     return (G64.T @ G64).astype(G.dtype)

@@ -12,7 +12,10 @@ exact natural-gradient direction is solved in that NC-dimensional space
 (fisher_ngd.exact_direction) without forming F.
 """
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 
 def logit_hessians(probs):
@@ -37,7 +40,7 @@ def fisher_factor(J, probs, xp=np):
     return A.reshape(N * C, P)
 
 
-def exact(J, probs):
+def exact(J: npt.NDArray[Any], probs: npt.NDArray[Any]):
     """F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n, dense (P, P), float64 accumulation, J's dtype."""
     J64 = J.astype(np.float64)
     H = logit_hessians(probs.astype(np.float64))

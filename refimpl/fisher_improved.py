@@ -10,7 +10,10 @@ with small :math:`s_n`, no longer dominate the update). The paper uses the same 
 convention (its Eq. 1 and Eq. 14), so there is no factor of N.
 """
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 
 def scaled_rows(G, s):
@@ -19,7 +22,7 @@ def scaled_rows(G, s):
     return G.astype(np.float64) / np.sqrt(s.astype(np.float64))[:, None]
 
 
-def improved_empirical(G, s):
+def improved_empirical(G: npt.NDArray[Any], s: npt.NDArray[Any]):
     """iEF = G^T diag(s)^{-1} G, dense (P, P), float64 accumulation, G's dtype. Needs s > 0."""
     Gt = scaled_rows(G, s)
     return (Gt.T @ Gt).astype(G.dtype)

@@ -38,8 +38,11 @@ backend's pieces as arguments: :func:`sample_space_direction`, :func:`factor_dir
 """
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import scipy.linalg
 
 from .fisher_exact import fisher_factor
@@ -265,7 +268,15 @@ def exact_cg_solve(J, probs, grad, damping, *, tol=1e-10, maxiter=None, xp=np):
     return conjugate_gradient(matvec, grad, xp=xp, tol=tol, maxiter=maxiter, damping=damping)
 
 
-def conjugate_gradient(matvec, b, *, xp=np, tol=1e-10, maxiter=1000, damping=0.0):
+def conjugate_gradient(
+    matvec: Callable[[Any], Any],
+    b: npt.NDArray[Any],
+    *,
+    xp: Any = np,
+    tol: float = 1e-10,
+    maxiter: int = 1000,
+    damping: float = 0.0,
+):
     """CG for a symmetric positive-definite operator M ⪰ λI (λ = ``damping``), float64.
 
     Stops when ||r|| <= tol·||b|| and ||r|| <= ½·MAX_ERROR·λ·||x||. The second is a certificate:

@@ -4,7 +4,10 @@ Each operator is symmetric, float64, of shape (P, P) and optionally damped
 (:math:`+\lambda I`); a matvec costs O(N·C·P) (or O(N·P)) and stores nothing P×P.
 """
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 from scipy.sparse.linalg import LinearOperator
 
 
@@ -17,10 +20,11 @@ def _damped_operator(P, product, damping):
         out = product(v)
         return out + damping * v if damping else out
 
-    return LinearOperator((P, P), matvec=matvec, rmatvec=matvec, dtype=np.float64)
+    # scipy has no annotations, and pyright takes LinearOperator's factory for its abstract constructor.
+    return LinearOperator((P, P), matvec=matvec, rmatvec=matvec, dtype=np.float64)  # pyright: ignore[reportCallIssue]
 
 
-def exact_operator(J, probs, damping=0.0):
+def exact_operator(J: npt.NDArray[Any], probs: npt.NDArray[Any], damping: float = 0.0):
     """v -> (sum_n J_n^T (diag p_n - p_n p_n^T) J_n + λI) v."""
     J64 = J.astype(np.float64)
     p = probs.astype(np.float64)
@@ -33,7 +37,7 @@ def exact_operator(J, probs, damping=0.0):
     return _damped_operator(J.shape[2], product, damping)
 
 
-def empirical_operator(G, damping=0.0):
+def empirical_operator(G: npt.NDArray[Any], damping: float = 0.0):
     """v -> (G^T G + λI) v."""
     G64 = G.astype(np.float64)
 
@@ -43,7 +47,7 @@ def empirical_operator(G, damping=0.0):
     return _damped_operator(G.shape[1], product, damping)
 
 
-def improved_operator(G, s, damping=0.0):
+def improved_operator(G: npt.NDArray[Any], s: npt.NDArray[Any], damping: float = 0.0):
     """v -> (G^T diag(s)^{-1} G + λI) v = (G̃ᵀG̃ + λI) v with rows g_n/√s_n (no overflow of g_n/s_n)."""
     from .fisher_improved import scaled_rows
 
@@ -55,7 +59,9 @@ def improved_operator(G, s, damping=0.0):
     return _damped_operator(G.shape[1], product, damping)
 
 
-def sampled_operator(J, probs, labels_sampled, damping=0.0):
+def sampled_operator(
+    J: npt.NDArray[Any], probs: npt.NDArray[Any], labels_sampled: npt.NDArray[Any], damping: float = 0.0
+):
     """v -> (Ĝ^T Ĝ + λI) v with Ĝ from labels_sampled (K, N)."""
     from .fisher_sampled import sampled_grads
 

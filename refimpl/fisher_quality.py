@@ -9,7 +9,10 @@ over d with :math:`d^\top\nabla L\ne0`, by the exact natural gradient
 It is reported relative to SGD, :math:`\gamma(d)/\gamma(\nabla L)`; below 1 beats SGD.
 """
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 
 def _apply(F, d):
@@ -18,7 +21,7 @@ def _apply(F, d):
     return np.asarray(F, dtype=np.float64) @ d
 
 
-def quality_indicator(d, F, grad):
+def quality_indicator(d: npt.NDArray[Any], F: Any, grad: npt.NDArray[Any]) -> float:
     r"""γ(d) = sqrt(d^T F d) / \|d^T grad\| in float64 (inf when d^T grad = 0)."""
     d = np.asarray(d, dtype=np.float64)
     grad = np.asarray(grad, dtype=np.float64)
@@ -29,6 +32,6 @@ def quality_indicator(d, F, grad):
     return float(np.sqrt(dFd) / dg)
 
 
-def relative_quality(d, F, grad):
+def relative_quality(d: npt.NDArray[Any], F: Any, grad: npt.NDArray[Any]) -> float:
     """γ(d) / γ(grad): the indicator relative to plain gradient descent."""
     return quality_indicator(d, F, grad) / quality_indicator(grad, F, grad)

@@ -11,10 +11,13 @@ with :math:`\hat G\in\mathbb R^{KN\times P}` the rows :math:`\hat g_{kn}/\sqrt K
 (row index k*N + n). :math:`\mathbb E[\mathrm{SF}] = F`.
 """
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 
-def sample_labels(probs, n_samples, rng):
+def sample_labels(probs: npt.NDArray[Any], n_samples: int, rng: np.random.Generator):
     """(K, N) int64 labels with labels[k, n] ~ Categorical(probs[n]) (inverse-CDF sampling)."""
     p = probs.astype(np.float64)
     cdf = np.cumsum(p, axis=1)
@@ -43,7 +46,7 @@ def sampled_grads(J, probs, labels_sampled, xp=np, dtype=None):
     return Gh.reshape(K * N, J.shape[2])
 
 
-def sampled(J, probs, labels_sampled):
+def sampled(J: npt.NDArray[Any], probs: npt.NDArray[Any], labels_sampled: npt.NDArray[Any]):
     """SF = Ĝ^T Ĝ, dense (P, P), float64 accumulation, J's dtype."""
     Gh = sampled_grads(J, probs, labels_sampled).astype(np.float64)
     return (Gh.T @ Gh).astype(J.dtype)

@@ -11,9 +11,10 @@ a kernel module per fused backend).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from ._multi_tensor import rule_step
 
@@ -27,7 +28,7 @@ class Hyperparam:
     the kernels divide by it (an eps that is 0 in float32 turns 0/0 into NaN)."""
 
     name: str
-    default: float | tuple
+    default: float | tuple[float, ...]
     doc: str
     low: float | None = None
     high: float | None = None
@@ -79,23 +80,23 @@ class Rule:
     title: str  # class name: "FAdam"
     summary: str  # one line, for tables and docstrings
     paper: str
-    update: Callable  # pure single-tensor update: (theta, g, *state, t, **kernel hp) -> new arrays
+    update: Callable[..., Any]  # pure single-tensor update: (theta, g, *state, t, **kernel hp) -> new arrays
     state: tuple[StateArray, ...]
     hyperparams: tuple[Hyperparam, ...]
     # Host-side scalar coefficients of step t (float64): coefficients(t, **kernel hp) -> dict.
     # Every backend rounds these to the parameter dtype instead of recomputing them.
-    coefficients: Callable
+    coefficients: Callable[..., dict[str, float]]
     # Bytes moved per element by the fused backends' schedule, in units of the itemsize.
     items_per_element: int
     tensor_flag: TensorFlag | None = None
     # Items per element for a tensor whose flag is False (Coupled Adam's AdamW tensors).
     items_per_element_unflagged: int | None = None
     # The update of a tensor whose flag is False (Coupled Adam's AdamW tensors).
-    update_unflagged: Callable | None = None
-    extra: dict = field(default_factory=dict)
+    update_unflagged: Callable[..., Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
     @cached_property
-    def step(self) -> Callable:
+    def step(self) -> Callable[..., Any]:
         """The reference multi-tensor in-place step, ``<name>_step`` (the backend interface)."""
         return rule_step(self)
 
@@ -116,12 +117,12 @@ class Rule:
     def spec_page(self) -> str:
         return f"{self.name}.md"
 
-    def defaults(self) -> dict:
+    def defaults(self) -> dict[str, float | tuple[float, ...]]:
         return {h.name: h.default for h in self.hyperparams}
 
-    def kernel_kwargs(self, hyperparams: dict) -> dict:
+    def kernel_kwargs(self, hyperparams: Mapping[str, Any]) -> dict[str, Any]:
         """Hyperparameters as the step functions take them (pairs split: betas -> beta1, beta2)."""
-        out = {}
+        out: dict[str, Any] = {}
         for h in self.hyperparams:
             value = hyperparams[h.name]
             if h.names:

@@ -17,6 +17,7 @@ like-for-like baseline (the paper's "Adam" baseline also uses decoupled decay).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,12 @@ from . import _common as common
 
 TITLE = "Coupled Adam: embedding isotropy of a tied-embedding word LM"
 
-FULL = dict(vocab=2000, dim=32, context=3, hidden=64, batch=128, steps=1200, evals=12, n_seeds=3, n_val=None)
-QUICK = dict(vocab=400, dim=16, context=2, hidden=32, batch=64, steps=120, evals=4, n_seeds=2, n_val=1500)
+FULL: dict[str, Any] = dict(
+    vocab=2000, dim=32, context=3, hidden=64, batch=128, steps=1200, evals=12, n_seeds=3, n_val=None
+)
+QUICK: dict[str, Any] = dict(
+    vocab=400, dim=16, context=2, hidden=32, batch=64, steps=120, evals=4, n_seeds=2, n_val=1500
+)
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 OPTIMIZERS = ("AdamW", "Coupled Adam")
 # The claim's measures, shared with the torch-lm experiment (the same claim on a transformer):

@@ -39,8 +39,12 @@ from . import _common as common
 
 TITLE = "ESimCSE vs unsup-SimCSE: length bias of a tiny sentence encoder"
 
-FULL = dict(dim=64, out_dim=64, batch=64, steps=500, evals=10, n_seeds=3, n_eval=400, dropout=0.1, ablations=True)
-QUICK = dict(dim=16, out_dim=16, batch=32, steps=40, evals=2, n_seeds=1, n_eval=120, dropout=0.1, ablations=False)
+FULL: dict[str, Any] = dict(
+    dim=64, out_dim=64, batch=64, steps=500, evals=10, n_seeds=3, n_eval=400, dropout=0.1, ablations=True
+)
+QUICK: dict[str, Any] = dict(
+    dim=16, out_dim=16, batch=32, steps=40, evals=2, n_seeds=1, n_eval=120, dropout=0.1, ablations=False
+)
 MAX_TOKENS = 32  # sentence length range kept from the corpus: 5..32 words
 MIN_TOKENS = 5
 MAX_LEN = 48  # position table; a repeated 32-word sentence has at most 42 tokens

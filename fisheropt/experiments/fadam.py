@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +33,8 @@ from . import _common as common
 
 TITLE = "FAdam vs Adam/AdamW on the digits MLP, with ablations"
 
-FULL = dict(hidden=64, batch=64, epochs=40, n_seeds=5, lrs=(1e-3, 3e-3, 1e-2), main_lr=3e-3)
-QUICK = dict(hidden=32, batch=64, epochs=4, n_seeds=2, lrs=(3e-3,), main_lr=3e-3)
+FULL: dict[str, Any] = dict(hidden=64, batch=64, epochs=40, n_seeds=5, lrs=(1e-3, 3e-3, 1e-2), main_lr=3e-3)
+QUICK: dict[str, Any] = dict(hidden=32, batch=64, epochs=4, n_seeds=2, lrs=(3e-3,), main_lr=3e-3)
 BETAS = (0.9, 0.999)
 FADAM_HP = dict(eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1)  # fo.FAdam defaults
 

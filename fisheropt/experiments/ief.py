@@ -17,6 +17,7 @@ and probabilities; every direction comes from :func:`fisheropt.fisher.ngd_direct
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from . import _common as common
 
 TITLE = "iEF: quality of natural-gradient approximations during training"
 
-FULL = dict(
+FULL: dict[str, Any] = dict(
     hidden=32,
     batch=64,
     checkpoints=(0, 1, 3, 10, 30),
@@ -37,7 +38,9 @@ FULL = dict(
     dampings=(1e-6, 1e-4, 1e-2, 1.0, 1e2),
     lr=1e-3,
 )
-QUICK = dict(hidden=16, batch=64, checkpoints=(0, 2), eval_n=32, n_seeds=2, dampings=(1e-4, 1.0), lr=1e-3)
+QUICK: dict[str, Any] = dict(
+    hidden=16, batch=64, checkpoints=(0, 2), eval_n=32, n_seeds=2, dampings=(1e-4, 1.0), lr=1e-3
+)
 KINDS = ("exact", "iEF", "SF", "EF")  # display names; fisher kinds are lower-case
 
 

@@ -35,7 +35,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(f"fisheropt.optax needs jax and optax: pip install 'fisheropt[jax]' ({exc})") from exc
 
-import optax  # pyright: ignore[reportMissingTypeStubs]  # annotated, without a py.typed marker
+import optax
 
 from fisheropt.refimpl import RULES
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax  # pyright: ignore[reportMissingTypeStubs]  # annotated, without a py.typed marker
+import optax
 
 from fisheropt.refimpl import RULES
 from fisheropt.refimpl.rule import Rule

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax  # pyright: ignore[reportMissingTypeStubs]  # annotated, without a py.typed marker
+import optax
 from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
 

@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,11 @@ BASELINE = {
     "fadam": "pytorch_optimizer FAdam",
     "coupled_adam": "torch foreach CoupledAdam",
 }
-HYPER = {"adamw": dict(lr=1e-3, weight_decay=0.01), "fadam": dict(lr=1e-3), "coupled_adam": dict(lr=1e-3)}
+HYPER: dict[str, dict[str, Any]] = {
+    "adamw": dict(lr=1e-3, weight_decay=0.01),
+    "fadam": dict(lr=1e-3),
+    "coupled_adam": dict(lr=1e-3),
+}
 # The ~17 M-parameter transformer: every word of the corpus (~3000), d=512, 5 layers.
 LM = dict(vocab=100_000, dim=512, layers=5, heads=8, context=64, batch=8)
 LM_QUICK = dict(vocab=2000, dim=128, layers=2, heads=4, context=32, batch=8)

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -200,7 +202,17 @@ def _check_tensor(t, name, ndim, *, floating=True):
 
 # ---- the direction --------------------------------------------------------------------------
 def ngd_direction(
-    kind, *, G, damping, s=None, A=None, group=None, columns=None, ordered=False, backend="auto", stats=None
+    kind: str,
+    *,
+    G: torch.Tensor,
+    damping: float,
+    s: torch.Tensor | None = None,
+    A: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    columns: Sequence[int] | Sequence[torch.Tensor] | None = None,
+    ordered: bool = False,
+    backend: str = "auto",
+    stats: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     r"""This rank's slice :math:`d_{C_r}` of the natural-gradient direction of the *global* batch.
 
@@ -374,7 +386,12 @@ def ngd_direction(
     return d
 
 
-def gather_columns(d_local: torch.Tensor, P: int, group=None, columns=None) -> torch.Tensor:
+def gather_columns(
+    d_local: torch.Tensor,
+    P: int,
+    group: dist.ProcessGroup | None = None,
+    columns: Sequence[int] | Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The whole d (P,) on every rank from the ranks' slices (one all-gather of P numbers): what a
     replicated (DDP) model applies. ``columns`` as given to :func:`ngd_direction`."""
     R, _ = _group_info(group)

@@ -1156,11 +1156,10 @@ def _docstring(rule: Rule, counterpart: TorchCounterpart | None, state_keys: Seq
 if TYPE_CHECKING:
 
     class RuleOptimizer(Optimizer):
-        """For type checkers only: a class of :data:`CLASSES`, whose signature is made from its rule."""
+        """For type checkers only: a class of :data:`CLASSES`, whose signature is made from its rule
+        at import (:func:`optimizer_class`)."""
 
-        def __init__(
-            self, params: ParamsT, *hyperparams: Any, backend: str = "auto", check_finite: bool = True, **by_name: Any
-        ) -> None: ...
+        def __init__(self, params: ParamsT, *args: Any, **kwargs: Any) -> None: ...
 
 
 #: Rule name -> torch optimizer class, one per rule of the registry.

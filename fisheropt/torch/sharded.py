@@ -24,6 +24,7 @@ the others ``Replicate``).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from .. import backends as _backends
 from ..refimpl.fadam import adaptive_epsilon, rms_of_sum
 from .distributed import _reduce
 
+if TYPE_CHECKING:  # fisheropt.torch.optim imports this module
+    import fisheropt.torch.optim
+
 __all__ = ["is_sharded", "local", "column_state", "Sharding", "step", "true_epsilons", "Stats", "STATS"]
 
 try:  # torch.distributed.tensor: torch >= 2.4 (DTensor's public home)
@@ -41,7 +45,7 @@ except ImportError:  # pragma: no cover - torch without DTensor
     DTensor = Replicate = Shard = None
 
 
-def is_sharded(t) -> bool:
+def is_sharded(t: object) -> bool:
     """Whether ``t`` is a DTensor (a parameter of FSDP2 or of ``distribute_tensor``)."""
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -100,7 +104,12 @@ class Stats:
 STATS = Stats()
 
 
-def step(opt, b, steps, kwargs) -> None:
+def step(
+    opt: fisheropt.torch.optim.Optimizer,
+    b: fisheropt.torch.optim._Batch,
+    steps: int | list[int],
+    kwargs: dict[str, Any],
+) -> None:
     """One step of the batch ``b`` of ``opt`` (fisheropt.torch.optim) whose parameters include DTensors.
     Every rank of the shard group must call it (``opt.step()``) with the same parameters."""
     labels = [r.label for r in b.records]

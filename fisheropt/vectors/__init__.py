@@ -35,6 +35,7 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def encode(value):
     return value
 
 
-def decode(value):
+def decode(value: Any) -> Any:
     if is_encoded_array(value):
         return decode_array(value)
     if isinstance(value, list):
@@ -314,7 +315,7 @@ def convert_arrays(tree, to_array):
     return tree
 
 
-def _to_numpy(x):
+def _to_numpy(x: Any) -> Any:
     get = getattr(x, "get", None)
     if callable(get) and not isinstance(x, np.ndarray) and type(x).__module__.startswith("cupy"):
         return get()

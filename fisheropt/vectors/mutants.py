@@ -136,7 +136,9 @@ def shared_optimizer_mutants(name: str, base=refimpl) -> dict[str, tuple[str, ob
     from .optim import case_rule
 
     rule = case_rule(name)
-    out = {"never_update_theta": ("θ is never written (state is)", _wrap(base, _never_update_theta))}
+    out: dict[str, tuple[str, object]] = {
+        "never_update_theta": ("θ is never written (state is)", _wrap(base, _never_update_theta))
+    }
     if rule.step_matters:
         out["step_ahead"] = (
             "step index off by one: t + 1 (a 0-based counter incremented before use, twice)",

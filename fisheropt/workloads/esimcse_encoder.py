@@ -26,13 +26,22 @@ the tokens that occur. Computed in the params' dtype.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 PAD = 0
 COUPLED = (True, False, False, False)
 PARAM_NAMES = ("token_embedding", "position_embedding", "projection", "projection_bias")
 
 
-def init_params(vocab_size: int, max_len: int, dim: int, out_dim: int, *, rng=None, dtype=np.float64):
+def init_params(
+    vocab_size: int,
+    max_len: int,
+    dim: int,
+    out_dim: int,
+    *,
+    rng: np.random.Generator | None = None,
+    dtype: DTypeLike = np.float64,
+):
     """Fresh parameters: N(0, 1/d) embeddings, N(0, 1/d) projection, zero bias."""
     generator = np.random.default_rng(rng)  # a Generator passes through unchanged
     std = 1.0 / np.sqrt(dim)

@@ -32,6 +32,7 @@ and the flat-parameter views of :class:`FlatParams`.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 __all__ = [
     "MLP",
@@ -57,7 +58,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def float_dtype(dtype) -> np.dtype:
+def float_dtype(dtype: DTypeLike) -> np.dtype:
     """``dtype`` as a NumPy dtype; TypeError unless it is float32 or float64."""
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
@@ -230,7 +231,7 @@ class SoftmaxRegression(_Classifier):
     :math:`\mathcal N(0, 0.01^2)` with ``numpy.random.default_rng(seed)``, b = 0.
     """
 
-    def __init__(self, n_features, n_classes, *, seed=0, dtype=np.float64):
+    def __init__(self, n_features: int, n_classes: int, *, seed: int = 0, dtype: DTypeLike = np.float64) -> None:
         self.n_features = positive_int("n_features", n_features)
         self.n_classes = positive_int("n_classes", n_classes)
         self.dtype = float_dtype(dtype)
@@ -261,7 +262,9 @@ class MLP(_Classifier):
     drawn with ``numpy.random.default_rng(seed)``.
     """
 
-    def __init__(self, n_features, n_hidden, n_classes, *, seed=0, dtype=np.float64):
+    def __init__(
+        self, n_features: int, n_hidden: int, n_classes: int, *, seed: int = 0, dtype: DTypeLike = np.float64
+    ) -> None:
         self.n_features = positive_int("n_features", n_features)
         self.n_hidden = positive_int("n_hidden", n_hidden)
         self.n_classes = positive_int("n_classes", n_classes)
@@ -293,7 +296,7 @@ class MLP(_Classifier):
         return [X.T @ dpre, dpre.sum(axis=0), hidden.T @ dlogits, dlogits.sum(axis=0)]
 
 
-def load_digits_split(seed=0, test_fraction=0.25, dtype=np.float64):
+def load_digits_split(seed: int = 0, test_fraction: float = 0.25, dtype: DTypeLike = np.float64):
     """scikit-learn's bundled 8x8 digits (1797 samples, 64 features, 10 classes).
 
     Returns ``(X_train, y_train, X_test, y_test)``: a seeded random split

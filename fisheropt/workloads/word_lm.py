@@ -40,6 +40,7 @@ import re
 from collections import Counter
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .models import FlatParams, float_dtype, log_softmax, positive_int
 
@@ -55,7 +56,17 @@ class WordLM(FlatParams):
     (larger than GPT-2's 0.02 so that the tiny model trains in a few hundred
     steps), W1 ~ N(0, 1/(kd)), W2 ~ N(0, 1/H), biases 0."""
 
-    def __init__(self, vocab_size, dim=32, context=3, hidden=64, *, seed=0, dtype=np.float64, embed_std=0.1):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 32,
+        context: int = 3,
+        hidden: int = 64,
+        *,
+        seed: int = 0,
+        dtype: DTypeLike = np.float64,
+        embed_std: float = 0.1,
+    ) -> None:
         self.V, self.d, self.k, self.H = (
             positive_int(name, value)
             for name, value in (("vocab_size", vocab_size), ("dim", dim), ("context", context), ("hidden", hidden))
@@ -158,7 +169,7 @@ def make_windows(ids, context):
     return ids[idx], ids[context:].copy()
 
 
-def load_pydoc_corpus(vocab_size=2000, val_fraction=0.1):
+def load_pydoc_corpus(vocab_size: int = 2000, val_fraction: float = 0.1):
     """The English text of CPython's ``help()`` topics as word ids, offline.
 
     Topics are read in sorted-key order and concatenated; the last
