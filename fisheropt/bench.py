@@ -148,16 +148,15 @@ def problem_shapes(rule: str, size):
 
 
 def moved_bytes(rule: str, shapes, coupled, itemsize: int) -> int:
+    descriptor = REGISTRY[rule]
     total = 0
     for s, c in zip(shapes, coupled):
-        n = math.prod(s)
-        descriptor = REGISTRY[rule]
-        items = (
-            descriptor.items_per_element
-            if (descriptor.tensor_flag is None or c)
-            else descriptor.items_per_element_unflagged
-        )
-        total += n * items * itemsize
+        items = descriptor.items_per_element
+        if descriptor.tensor_flag is not None and not c:
+            items = descriptor.items_per_element_unflagged
+            if items is None:
+                raise ValueError(f"rule {rule!r} gives no items_per_element_unflagged for its unflagged tensors")
+        total += math.prod(s) * items * itemsize
     return total
 
 
@@ -371,7 +370,7 @@ def validation_cost(rules, backend: str, repeats: int, out=sys.stdout) -> list[d
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fisheropt bench",
-        description=__doc__.split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0],  # no docstrings under python -OO
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(

@@ -26,6 +26,8 @@ NotImplementedError (asv reports a skipped benchmark); the timing needs only Num
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 
@@ -45,7 +47,6 @@ def ceiling_kernel():
         except ImportError as exc:
             raise NotImplementedError(f"the bandwidth ceiling needs numba: {exc}") from exc
 
-        @intrinsic
         def as_pointer(typingctx, address, like):
             """The int ``address`` as a pointer to ``typeof(like)`` elements (an inttoptr)."""
             if not isinstance(address, types.Integer):
@@ -57,12 +58,16 @@ def ceiling_kernel():
 
             return ptrty(address, like), codegen
 
+        # Compiled code calls it without the typing context, which @intrinsic drops: numba
+        # ships no annotations to tell a type checker so.
+        pointer_to = cast("Callable[[Any, Any], Any]", intrinsic(as_pointer))
+
         @njit(parallel=True, cache=True)
         def axpy_chunks(a_addr, b_addr, chunk_tensor, chunk_start, chunk_stop, s):
             for c in prange(chunk_tensor.size):
                 t = chunk_tensor[c]
-                a = as_pointer(a_addr[t], s)
-                b = as_pointer(b_addr[t], s)
+                a = pointer_to(a_addr[t], s)
+                b = pointer_to(b_addr[t], s)
                 for i in range(chunk_start[c], chunk_stop[c]):
                     a[i] += s * b[i]
 

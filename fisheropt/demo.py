@@ -113,6 +113,7 @@ def train(method, backend, data, cfg, seed):
     model = MLP(X_tr.shape[1], cfg["hidden"], 10, seed=seed)
     rng = np.random.default_rng([seed, 5])
     transfer = _Transfer(backend)
+    opt, device_params = None, []  # an adaptive rule's optimizer and the parameters it updates
     if method in ADAPTIVE:
         device_params = [transfer.to(p) for p in model.params]
         opt = make_optimizer(ADAPTIVE[method], device_params, backend)
@@ -124,7 +125,7 @@ def train(method, backend, data, cfg, seed):
             idx = order[start : start + cfg["batch"]]
             X, y = X_tr[idx], y_tr[idx]
             t0 = time.perf_counter()
-            if method in ADAPTIVE:
+            if opt is not None:
                 _, grads = model.loss_and_grads(X, y)
                 opt.step([transfer.to(g / idx.size) for g in grads])
                 if transfer.device:

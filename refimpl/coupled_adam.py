@@ -42,6 +42,8 @@ def column_mean_of_squares(g, column_sums=None, rows=None):
     shard (spec/distributed.md §5), from the whole tensor's ``column_sums`` and V = ``rows``."""
     if column_sums is None:
         column_sums, rows = column_sums_of_squares(g), g.shape[0]
+    elif rows is None:
+        raise ValueError("the column sums of a row shard need the whole tensor's row count, rows")
     return (np.asarray(column_sums, np.float64) / rows).astype(g.dtype)
 
 

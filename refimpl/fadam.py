@@ -25,6 +25,7 @@ Per tensor, with RMS(x) = \sqrt{\mathrm{mean}(x^2)} over the whole tensor:
 import math
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from ._multi_tensor import per_tensor, step_tensors
 from .rule import Hyperparam, Rule, StateArray, adam_hyperparams, weight_decay_param
@@ -51,7 +52,7 @@ def debiased_beta2(beta2, t):
     return beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
 
 
-def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype=np.float64):
+def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype: DTypeLike = np.float64):
     r"""\epsilon_t = \min(\epsilon, \epsilon_2 RMS(g))^{2p}, as a value of ``dtype``.
 
     Computed in float64, rounded to the parameter dtype. Where it comes out 0,

@@ -158,7 +158,7 @@ NONFINITE_GRAM = (
 )
 
 
-def check_gram(gram, dtype=np.float64, xp=np):
+def check_gram(gram, dtype: npt.DTypeLike = np.float64, xp=np):
     """The O(N) guard on a Gram matrix's diagonal (squared row or column norms of G): non-finite iff
     G holds NaN/Inf (or a squared norm overflows), so G itself never needs a separate pass; and
     all of it so small that the products underflowed, where the Gram would have lost its precision."""

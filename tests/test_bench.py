@@ -1,6 +1,7 @@
 """fisheropt.bench: the ceiling crosses the same buffers as the step, and rows come out whole;
 fisheropt/bench_ceiling.py stands alone, as the asv benchmarks load it against old commits."""
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -63,3 +64,19 @@ def test_bench_ceiling_loads_by_path_without_fisheropt(monkeypatch):
     run, _ = alone.ceiling_on(a, b, scale=1.0, chunk=1 << 10)
     run()
     assert all(np.array_equal(x, y + z) for x, y, z in zip(a, before, b))  # every element, once
+
+
+def test_parser_builds_without_docstrings(monkeypatch):
+    """Under ``python -OO`` a module's __doc__ is None; the command line must still build."""
+    monkeypatch.setattr(bench, "__doc__", None)
+    assert bench.build_parser().parse_args(["--sizes", "2^10"]).sizes == [1 << 10]
+
+
+def test_moved_bytes_names_a_missing_unflagged_count(monkeypatch):
+    """A rule with a tensor flag but no byte count for its unflagged tensors: a clear error."""
+    flagged = next(name for name, rule in bench.REGISTRY.items() if rule.tensor_flag is not None)
+    rule = dataclasses.replace(bench.REGISTRY[flagged], items_per_element_unflagged=None)
+    monkeypatch.setitem(bench.REGISTRY, flagged, rule)
+    assert bench.moved_bytes(flagged, [(4, 3)], [True], 4) == 12 * rule.items_per_element * 4
+    with pytest.raises(ValueError, match="items_per_element_unflagged"):
+        bench.moved_bytes(flagged, [(4, 3)], [False], 4)

@@ -7,6 +7,7 @@ Each quick run is done once per module (fixtures) and shared by the checks.
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -433,3 +434,16 @@ def test_demo_prints_its_table_before_plotting(tmp_path, monkeypatch, capsys):
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert all(method in report for method in demo.METHODS) and ".png" not in report
     assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+
+
+def test_progress_without_tqdm_is_the_bare_loop_and_a_silent_bar(monkeypatch):
+    """tqdm is optional: without it the loops run bare and the hand-advanced bars do nothing."""
+    from fisheropt.experiments import _common
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # the import now raises ImportError
+    items = [1, 2, 3]
+    assert _common.progress(items) is items
+    bar = _common.progress_bar(3, desc="x")
+    assert not hasattr(bar, "n")  # not a tqdm bar
+    bar.update(1)
+    bar.close()

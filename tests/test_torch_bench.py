@@ -48,3 +48,11 @@ def test_training_measurement_runs():
     assert [r["optimizer"] for r in rows] == ["fot AdamW", "torch AdamW(fused)"]
     assert rows[1]["vs_torch_fused_adamw"] == pytest.approx(1.0)
     assert info["params_M"] > 0
+
+
+def test_command_line_builds_without_docstrings(monkeypatch, capsys):
+    """Under ``python -OO`` a module's __doc__ is None; ``--help`` must still work."""
+    monkeypatch.setattr(bench, "__doc__", None)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--help"])
+    assert exit_.value.code == 0 and "--rules" in capsys.readouterr().out

@@ -28,6 +28,8 @@ import importlib.util
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, cast
 
 import numba
 import numpy as np
@@ -127,7 +129,17 @@ def run_all(launches) -> None:
             launch(kernel, n, *args)
 
 
-@intrinsic
+_Args = ParamSpec("_Args")
+
+
+def _intrinsic(typing: Callable[Concatenate[Any, _Args], object]) -> Callable[_Args, Any]:
+    """numba's ``@intrinsic``, with the signature numba gives the function it returns: the typing
+    function's without its first argument, the typing context (numba ships no annotations, so a
+    checker would see the typing function's own signature at every call)."""
+    return cast("Callable[_Args, Any]", intrinsic(typing))
+
+
+@_intrinsic
 def as_pointer(typingctx, address, like):
     """``as_pointer(addr, x)``: the int ``addr`` as a pointer to ``typeof(x)`` elements."""
     if not isinstance(address, types.Integer):
@@ -141,7 +153,7 @@ def as_pointer(typingctx, address, like):
     return sig, codegen
 
 
-@intrinsic
+@_intrinsic
 def fma64(typingctx, a, b, c):
     """``fma64(a, b, c)``: a·b + c in float64 with a single rounding (``llvm.fma``).
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange
-from numba.typed import List
+from numba.typed.typedlist import List  # its home: checkers read numba.typed's lazy __getattr__ as a module
 
 from fisheropt.refimpl.esimcse_momentum import check_ema_args, ema_coefficients
 

@@ -333,7 +333,7 @@ class _Launches:
     """The tensors of one dtype and one set of hyperparameters (one set, so one of these per dtype,
     unless param groups or per-parameter step counts differ): their plan, and the step's scratch."""
 
-    def __init__(self, dt, row, members, plan, grad_addrs):
+    def __init__(self, dt: np.dtype, row, members, plan, grad_addrs):
         T = dt.type
         beta1, one_minus_beta1, beta2_hat, one_minus_beta2_hat, lr, weight_decay, p = (T(x) for x in row[:7])
         self.members, self.grad_addrs, self.one, self.tiny = members, grad_addrs, T(1), np.finfo(dt).tiny
@@ -342,7 +342,7 @@ class _Launches:
         self.eps, self.eps2, self.clip = row[7], row[8], row[9]
         self.two_p = float(2 * row[6])
         self.pow_mode = _pow_mode(float(row[6]))
-        self.guess = adaptive_epsilon(math.inf, eps=row[7], eps2=row[8], p=float(row[6]), dtype=dt)
+        self.guess = adaptive_epsilon(math.inf, eps=row[7], eps2=row[8], p=float(row[6]), dtype=T)
         self.scalars = np.empty(3 * len(members), dtype=dt)  # ε_t | clip_g | clip_w
         self.sums = np.zeros((len(members), 3), np.float64)
         self.mode = np.full(len(members), SUM_ALL, np.uint8)

@@ -12,28 +12,59 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 DEMO_EXTRA_HINT = "install the demo extra: pip install 'fisheropt[demo]'"
 
 
-def progress(iterable=None, *, total=None, desc=None, leave=False, **kwargs):
-    """A tqdm progress bar on stderr; shown on a terminal, silent otherwise.
+T = TypeVar("T")
 
-    ``FISHEROPT_PROGRESS=1`` forces it on, ``=0`` off. Falls back to the bare
-    iterable when tqdm is not installed."""
+
+class ProgressBar(Protocol):
+    """A bar advanced by hand: ``update(n)`` after each unit of work, ``close()`` at the end."""
+
+    def update(self, n: int = 1) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class _NoBar:
+    """The :class:`ProgressBar` without tqdm: does nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tqdm(iterable: Iterable[Any] | None, total: int | None, desc: str | None, leave: bool) -> Any:
+    """A tqdm bar on stderr, shown on a terminal and silent otherwise (``FISHEROPT_PROGRESS=1``
+    forces it on, ``=0`` off); None when tqdm is not installed."""
     flag = os.environ.get("FISHEROPT_PROGRESS")
     disable = None if flag is None else flag.strip() in ("0", "", "false", "no")
     try:
         from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the demo extra
-        return iterable if iterable is not None else range(total or 0)
-    return tqdm(
-        iterable, total=total, desc=desc, leave=leave, disable=disable, dynamic_ncols=True, file=sys.stderr, **kwargs
-    )
+    except ImportError:  # tqdm is in the demo extra; the runs go on without a bar
+        return None
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=disable, dynamic_ncols=True, file=sys.stderr)
+
+
+def progress(iterable: Iterable[T], *, desc: str | None = None, leave: bool = False) -> Iterable[T]:
+    """``iterable`` with a progress bar (see :func:`_tqdm`); the bare iterable without tqdm."""
+    bar = _tqdm(iterable, None, desc, leave)
+    return iterable if bar is None else bar
+
+
+def progress_bar(total: int, *, desc: str | None = None) -> ProgressBar:
+    """A progress bar over ``total`` units advanced by hand; one that does nothing without tqdm."""
+    bar = _tqdm(None, total, desc, False)
+    return _NoBar() if bar is None else bar
 
 
 @contextmanager
@@ -71,11 +102,13 @@ def _numba_threads(n: int):
     """Numba's thread count (of this thread) set to at most ``n``, restored afterwards."""
     try:
         import numba
+        from numba.core import config
     except ImportError:  # pragma: no cover - numba is in the demo extra
         yield
         return
+    most: int = config.NUMBA_NUM_THREADS  # pyright: ignore[reportAttributeAccessIssue]  # set at numba's import
     old = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(n, most)))
     try:
         yield
     finally:

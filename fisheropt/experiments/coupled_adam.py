@@ -180,18 +180,19 @@ def _pc_scatter(path, E_by_opt, counts):
     coloured by log word frequency: a common offset shows as a displaced cloud."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, len(E_by_opt), figsize=(5.5 * len(E_by_opt), 4.6), dpi=110, layout="constrained")
+    scatters = []
     for ax, (name, E) in zip(np.atleast_1d(axes), E_by_opt.items()):
         E = np.asarray(E, dtype=np.float64)
         _, _, Vt = np.linalg.svd(E, full_matrices=False)
         P = E @ Vt[:2].T
-        sc = ax.scatter(P[:, 0], P[:, 1], c=np.log10(counts + 1), s=4, cmap="viridis")
+        scatters.append(ax.scatter(P[:, 0], P[:, 1], c=np.log10(counts + 1), s=4, cmap="viridis"))
         ax.scatter([0], [0], marker="+", c="red", s=80)
         mu = E.mean(axis=0) @ Vt[:2].T
         ax.annotate("", xy=mu, xytext=(0, 0), arrowprops=dict(arrowstyle="->", color="red"))
         ax.set_title(name)
         ax.set_aspect("equal", adjustable="datalim")
         ax.grid(alpha=0.3)
-    fig.colorbar(sc, ax=axes, label="log10(train count + 1)")
+    fig.colorbar(scatters[-1], ax=axes, label="log10(train count + 1)")
     fig.suptitle("final embeddings on their top-2 right singular vectors (uncentred); red arrow: mean μ")
     return common.save_figure(fig, path, tight=False)  # laid out by "constrained"
 

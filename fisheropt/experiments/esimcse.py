@@ -72,6 +72,32 @@ def _make_optimizer(name, params):
     raise ValueError(name)
 
 
+class _MomentumNegatives:
+    """ESimCSE's momentum encoder and its queue of past batches' embeddings (with their sentence ids)."""
+
+    def __init__(self, params, out_dim, batch):
+        self.momentum = [p.copy() for p in params]
+        self.embeddings = MomentumQueue(out_dim, default_queue_size(batch))
+        self.sentence_ids = MomentumQueue(1, default_queue_size(batch))
+
+    def negatives(self, idx, masks_own_sentences):
+        # On ~2k sentences the queue often holds a sentence of this very batch,
+        # a false negative for its own anchor (impossible in the paper's single
+        # pass over 10⁶ sentences); such rows are dropped — for the other anchors
+        # that sentence is an in-batch negative anyway.
+        negatives = self.embeddings.negatives()
+        if masks_own_sentences:
+            negatives = negatives[~np.isin(self.sentence_ids.negatives()[:, 0], idx)]
+        return negatives
+
+    def push(self, backend, params, tokens, lengths, idx):
+        # MoCo order: update the momentum encoder, encode this batch with it
+        # (dropout off), then enqueue — the next step sees it as negatives.
+        backend.ema_update(self.momentum, params, decay=MOMENTUM)
+        self.embeddings.enqueue(enc.forward(self.momentum, tokens, lengths)[0])
+        self.sentence_ids.enqueue(idx[:, None])
+
+
 def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, desc=None):
     """Train one encoder; returns (params, history, backend name).
 
@@ -87,9 +113,7 @@ def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, d
     repeats_words = method in ("ESimCSE", "SimCSE + repetition", "ESimCSE, unmasked queue")
     uses_momentum_queue = method in ("ESimCSE", "SimCSE + queue", "ESimCSE, unmasked queue")
     masks_own_sentences = method != "ESimCSE, unmasked queue"
-    momentum = [p.copy() for p in params] if uses_momentum_queue else None
-    queue = MomentumQueue(cfg["out_dim"], default_queue_size(cfg["batch"])) if uses_momentum_queue else None
-    queue_sentence_ids = MomentumQueue(1, default_queue_size(cfg["batch"])) if uses_momentum_queue else None
+    queue = _MomentumNegatives(params, cfg["out_dim"], cfg["batch"]) if uses_momentum_queue else None
     batch_rng = np.random.default_rng([seed, 2])
     drop_rng = np.random.default_rng([seed, 3])
     aug_rng = np.random.default_rng([seed, 4])
@@ -115,25 +139,13 @@ def train_one(method, opt_name, cfg, seed, train, vocab_size, *, eval_fn=None, d
         t2, l2 = enc.pad_batch(pos, MAX_LEN)
         z1, c1 = enc.forward(params, t1, l1, dropout=cfg["dropout"], rng=drop_rng)
         z2, c2 = enc.forward(params, t2, l2, dropout=cfg["dropout"], rng=drop_rng)
-        negatives = None
-        if uses_momentum_queue:
-            # On ~2k sentences the queue often holds a sentence of this very batch,
-            # a false negative for its own anchor (impossible in the paper's single
-            # pass over 10⁶ sentences); such rows are dropped — for the other anchors
-            # that sentence is an in-batch negative anyway.
-            negatives = queue.negatives()
-            if masks_own_sentences:
-                negatives = negatives[~np.isin(queue_sentence_ids.negatives()[:, 0], idx)]
+        negatives = None if queue is None else queue.negatives(idx, masks_own_sentences)
         loss, g1, g2 = info_nce_with_grad(z1, z2, negatives, tau=TEMPERATURE)
         grads = [a + b for a, b in zip(enc.backward(params, c1, g1), enc.backward(params, c2, g2))]
         opt.step(grads)
         running.append(loss)
-        if uses_momentum_queue:
-            # MoCo order: update the momentum encoder, encode this batch with it
-            # (dropout off), then enqueue — the next step sees it as negatives.
-            backend.ema_update(momentum, params, decay=MOMENTUM)
-            queue.enqueue(enc.forward(momentum, t1, l1)[0])
-            queue_sentence_ids.enqueue(idx[:, None])
+        if queue is not None:
+            queue.push(backend, params, t1, l1, idx)
     return params, hist, backend.NAME
 
 
@@ -199,7 +211,7 @@ class Evaluator:
         i, j = self.pairs
         cos_neg = np.einsum("nd,nd->n", U[i], U[j])
         short = self.pair_dl <= SHORT_GAP
-        out = {
+        out: dict[str, Any] = {
             "neg_gap": float(cos_neg[short].mean() - cos_neg[~short].mean()),
             "topic_auc": _auc(cos_neg, self.same_topic),
         }

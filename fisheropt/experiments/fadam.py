@@ -173,7 +173,7 @@ def train_one(method, lr, seed, data, cfg, *, desc=None):
     opt, _ = make_optimizer(method, model.params, lr)
     rng = np.random.default_rng([seed, 11])
     N = X_tr.shape[0]
-    hist = {"epoch": [], "train_loss": [], "test_loss": [], "test_acc": []}
+    hist: dict[str, Any] = {"epoch": [], "train_loss": [], "test_loss": [], "test_acc": []}
     diverged = False
 
     def record(epoch):

@@ -77,7 +77,8 @@ def fisher_top_eigenvalue(F) -> float:
     """Largest eigenvalue of the (summed-loss) exact Fisher, matrix-free (Lanczos)."""
     from scipy.sparse.linalg import eigsh
 
-    return float(eigsh(F, k=1, which="LA", return_eigenvectors=False, tol=1e-6, v0=np.ones(F.shape[0]))[0])
+    top = eigsh(F, k=1, which="LA", return_eigenvectors=False, tol=1e-6, v0=np.ones(F.shape[0]))  # pyright: ignore[reportArgumentType]  # unannotated; tol's default 0 reads as int
+    return float(top[0])
 
 
 def evaluate_checkpoint(model, X, y, dampings, rng):
@@ -109,7 +110,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
             eval_batches[f"seed{s}"] = eval_idx
             Xe, ye = X_tr[eval_idx], y_tr[eval_idx]
             curve = []
-            bar = common.progress(total=last, desc=f"ief seed {s}")
+            bar = common.progress_bar(last, desc=f"ief seed {s}")
             for epoch in range(last + 1):
                 if epoch in cfg["checkpoints"]:
                     results = evaluate_checkpoint(model, Xe, ye, cfg["dampings"], rng)
@@ -124,10 +125,8 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
                     idx = order[start : start + cfg["batch"]]
                     _, grads = model.loss_and_grads(X_tr[idx], y_tr[idx])
                     opt.step([g / idx.size for g in grads])
-                if hasattr(bar, "update"):
-                    bar.update(1)
-            if hasattr(bar, "close"):
-                bar.close()
+                bar.update(1)
+            bar.close()
             train_curves[s] = curve
     np.savez(out_dir / "eval_batches.npz", **eval_batches)
 
@@ -211,7 +210,7 @@ def run(*, quick: bool, out_dir: Path, seed: int = 0) -> dict:
     ep_cols = ["epoch", "train_loss", "lam_max", *KINDS]
     ep_heads = {"train_loss": "train loss", "lam_max": "λmax(F)"}
     gap = {k: gmean(q(k)) for k in KINDS}
-    closest = min(("iEF", "SF", "EF"), key=gap.get)
+    closest = min(("iEF", "SF", "EF"), key=gap.__getitem__)
     best_at = [r["damping"] for r in by_damping if r["iEF"] <= min(r["SF"], r["EF"])]
     not_best_at = [r["damping"] for r in by_damping if r["damping"] not in best_at]
     dp_cols = ["damping", *KINDS]

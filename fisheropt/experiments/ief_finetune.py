@@ -163,8 +163,9 @@ def run_one(cfg, data, backbone, name, lr, seed, damping):
     model, trainable = finetune_model(cfg, backbone, seed)
     steps_per_epoch = math.ceil(X.shape[0] / cfg["batch"])
     total = cfg["epochs"] * steps_per_epoch
+    ngd = None  # the natural-gradient optimizer, which takes the batch in its step
     if name in NGD_KINDS:
-        opt = fot.NaturalGradient(
+        opt = ngd = fot.NaturalGradient(
             model,
             kind=NGD_KINDS[name],
             lr=lr,
@@ -184,17 +185,17 @@ def run_one(cfg, data, backbone, name, lr, seed, damping):
     for _ in range(cfg["epochs"]):
         for idx in torch.randperm(X.shape[0], generator=g).split(cfg["batch"]):
             t = time.perf_counter()
-            if name in NGD_KINDS:
-                opt.track_quality = k % cfg["quality_every"] == 0
+            if ngd is not None:
+                ngd.track_quality = k % cfg["quality_every"] == 0
                 try:
                     with warnings.catch_warnings():  # a diverging run overflows inside the solve, then raises
                         warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
-                        opt.step(X[idx], y[idx])
+                        ngd.step(X[idx], y[idx])
                 except ValueError as exc:  # DampingTooSmall (a ValueError): recorded, run stops
                     failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     break
-                if opt.track_quality:
-                    quality.append((k, opt.last_stats["quality"]))
+                if ngd.track_quality:
+                    quality.append((k, ngd.last_stats["quality"]))
             else:
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
@@ -203,7 +204,7 @@ def run_one(cfg, data, backbone, name, lr, seed, damping):
             step_times.append(
                 time.perf_counter()
                 - t
-                - (opt.last_stats.get("time_quality", 0.0) if name in NGD_KINDS and opt.track_quality else 0.0)
+                - (ngd.last_stats.get("time_quality", 0.0) if ngd is not None and ngd.track_quality else 0.0)
             )
             k += 1
         if failure:
@@ -260,8 +261,8 @@ def _run(cfg, quick, out_dir, seed):
         P = sum(p.numel() for p in trainable)
         P_total = sum(p.numel() for p in backbone.parameters())
         runs = []
-        bar = common.progress(
-            total=sum(len(cfg["lrs"][o]) for o in OPTIMIZERS) * len(seeds)
+        bar = common.progress_bar(
+            sum(len(cfg["lrs"][o]) for o in OPTIMIZERS) * len(seeds)
             + len(NGD_KINDS) * len(cfg["dampings"]) * cfg["sweep_seeds"],
             desc="ief-finetune",
         )
@@ -269,8 +270,7 @@ def _run(cfg, quick, out_dir, seed):
             for lr in cfg["lrs"][name]:
                 for s in seeds:
                     runs.append(run_one(cfg, data, backbone, name, lr, s, cfg["damping"]))
-                    if hasattr(bar, "update"):
-                        bar.update(1)
+                    bar.update(1)
         best_lr = {}
         for name in OPTIMIZERS:
             scores = {
@@ -278,16 +278,14 @@ def _run(cfg, quick, out_dir, seed):
                 for lr in cfg["lrs"][name]
             }
             finite = {lr: v for lr, v in scores.items() if math.isfinite(v)}
-            best_lr[name] = min(finite, key=finite.get) if finite else cfg["lrs"][name][0]
+            best_lr[name] = min(finite, key=finite.__getitem__) if finite else cfg["lrs"][name][0]
         sweep = []
         for name in NGD_KINDS:
             for lam in cfg["dampings"]:
                 for s in seeds[: cfg["sweep_seeds"]]:
                     sweep.append(run_one(cfg, data, backbone, name, best_lr[name], s, lam))
-                    if hasattr(bar, "update"):
-                        bar.update(1)
-        if hasattr(bar, "close"):
-            bar.close()
+                    bar.update(1)
+        bar.close()
     wall = elapsed()
 
     # ---- tables -----------------------------------------------------------------

@@ -27,7 +27,8 @@ import itertools
 import json
 import math
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, overload
 
 import numpy as np
 
@@ -59,6 +60,15 @@ def _torch():
 # ---- the comparison implementation of Coupled Adam ------------------------------------------
 def foreach_coupled_adam_class():
     torch = _torch()
+    # torch.optim's own multi-tensor ops; torch leaves them out of its exports, hence one ignore each.
+    foreach_mul_ = torch._foreach_mul_  # pyright: ignore[reportPrivateImportUsage]  # unexported
+    foreach_lerp_ = torch._foreach_lerp_  # pyright: ignore[reportPrivateImportUsage]  # unexported
+    foreach_addcmul_ = torch._foreach_addcmul_  # pyright: ignore[reportPrivateImportUsage]  # unexported
+    foreach_sqrt_ = torch._foreach_sqrt_  # pyright: ignore[reportPrivateImportUsage]  # unexported
+    foreach_sqrt = torch._foreach_sqrt  # pyright: ignore[reportPrivateImportUsage]  # unexported
+    foreach_div_ = torch._foreach_div_  # pyright: ignore[reportPrivateImportUsage]  # unexported
+    foreach_add_ = torch._foreach_add_  # pyright: ignore[reportPrivateImportUsage]  # unexported
+    foreach_addcdiv_ = torch._foreach_addcdiv_  # pyright: ignore[reportPrivateImportUsage]  # unexported
 
     class ForeachCoupledAdam(torch.optim.Optimizer):
         """Coupled Adam in torch ``_foreach`` ops, as the official implementation defines it: AdamW,
@@ -68,8 +78,14 @@ def foreach_coupled_adam_class():
         def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
             super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, coupled=False))
 
+        @overload
+        def step(self, closure: None = None) -> None: ...
+
+        @overload
+        def step(self, closure: Callable[[], float]) -> float: ...
+
         @torch.no_grad()
-        def step(self, closure=None):
+        def step(self, closure: Callable[[], float] | None = None) -> float | None:
             loss = None
             if closure is not None:
                 with torch.enable_grad():
@@ -90,24 +106,24 @@ def foreach_coupled_adam_class():
                 vs = [self.state[p]["exp_avg_sq"] for p in ps]
                 step = self.state[ps[0]]["step"]
                 lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-                torch._foreach_mul_(ps, 1 - lr * wd)
-                torch._foreach_lerp_(ms, gs, 1 - b1)
-                torch._foreach_mul_(vs, b2)
-                torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+                foreach_mul_(ps, 1 - lr * wd)
+                foreach_lerp_(ms, gs, 1 - b1)
+                foreach_mul_(vs, b2)
+                foreach_addcmul_(vs, gs, gs, value=1 - b2)
                 step_size = lr / (1 - b1**step)
                 bc2 = math.sqrt(1 - b2**step)
                 if group["coupled"]:
                     denom = [v.mean(dim=0, keepdim=True) for v in vs]
-                    torch._foreach_sqrt_(denom)
+                    foreach_sqrt_(denom)
                 else:
-                    denom = torch._foreach_sqrt(vs)
-                torch._foreach_div_(denom, bc2)
-                torch._foreach_add_(denom, eps)
+                    denom = foreach_sqrt(vs)
+                foreach_div_(denom, bc2)
+                foreach_add_(denom, eps)
                 if group["coupled"]:
                     for p, m, d in zip(ps, ms, denom):
                         p.addcdiv_(m, d, value=-step_size)
                 else:
-                    torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
+                    foreach_addcdiv_(ps, ms, denom, value=-step_size)
             return loss
 
     return ForeachCoupledAdam
@@ -138,8 +154,10 @@ def problem(name, *, quick=False, seed=0):
         x, y = lm_batch(train, cfg, rng)
         model.loss(x, y).backward()
         params = list(model.parameters())
-        grads = [p.grad.detach().clone() for p in params]
+        grads = []
         for p in params:
+            assert p.grad is not None, "the backward pass reaches every parameter of the model"
+            grads.append(p.grad.detach().clone())
             p.grad = None
         coupled = [p is model.tok.weight for p in params]
         return params, grads, coupled, f"transformer LM (d={cfg['dim']}, {cfg['layers']} layers, V={cfg['vocab']})"
@@ -175,10 +193,10 @@ def _fot(rule, params, coupled, check_finite):
 
 
 def _fo(rule, params, coupled, check_finite):
-    import fisheropt as fo
+    from fisheropt.optim import CLASSES
 
     arrays = [p.detach().numpy() for p in params]
-    cls = getattr(fo, fo.optim.CLASSES[rule].__name__)
+    cls = CLASSES[rule]
     kw = {"coupled": coupled} if rule == "coupled_adam" else {}
     return cls(arrays, check_finite=check_finite, **kw, **HYPER[rule])
 
@@ -206,6 +224,16 @@ def _baseline(rule, params, coupled, share_with=None):
     raise ValueError(rule)
 
 
+def _stepper(opt, check_finite: bool, *args):
+    """The timed unit: ``opt.step(*args)`` with its finite check set to ``check_finite``."""
+
+    def run():
+        opt.check_finite = check_finite
+        opt.step(*args)
+
+    return run
+
+
 def measure_steps(rule, prob, *, repeats=7, quick=False, baseline=True, adapter=True, seed=0):
     """One row: medians (ms) of fot (check_finite False/True), fo (False/True) and the baseline."""
     torch = _torch()
@@ -222,26 +250,15 @@ def measure_steps(rule, prob, *, repeats=7, quick=False, baseline=True, adapter=
     }
     fot_opt = _fot(rule, params, coupled, check_finite=False)
     row["backend"] = fot_opt.backends.get("cpu")
-
-    def fot_step(check):
-        def run():
-            fot_opt.check_finite = check
-            fot_opt.step()
-
-        return run
-
     if adapter:  # pass 1: fot and fo on the same memory
         fo_opt = _fo(rule, params, coupled, check_finite=False)
-
-        def fo_step(check):
-            def run():
-                fo_opt.check_finite = check
-                fo_opt.step(arrays)
-
-            return run
-
         times = interleaved_times(
-            {"fot": fot_step(False), "fo": fo_step(False), "fot+finite": fot_step(True), "fo+finite": fo_step(True)},
+            {
+                "fot": _stepper(fot_opt, False),
+                "fo": _stepper(fo_opt, False, arrays),
+                "fot+finite": _stepper(fot_opt, True),
+                "fo+finite": _stepper(fo_opt, True, arrays),
+            },
             repeats,
         )
         row.update({f"{k}_ms": float(np.median(v)) * 1e3 for k, v in times.items()})
@@ -255,15 +272,14 @@ def measure_steps(rule, prob, *, repeats=7, quick=False, baseline=True, adapter=
             base = _baseline(rule, params, coupled, share_with=fot_opt if rule == "adamw" else None)
         except ImportError as exc:
             row["baseline_missing"] = str(exc)
-            base = None
-        if base is not None:
+        else:
 
             def base_step():
                 with torch.no_grad():
                     base.step()
 
             med = interleaved_medians(
-                {"fot ": fot_step(False), "base": base_step, "fot+finite ": fot_step(True)},
+                {"fot ": _stepper(fot_opt, False), "base": base_step, "fot+finite ": _stepper(fot_opt, True)},
                 repeats,
                 pause={"base": 0.02},
             )
@@ -273,7 +289,7 @@ def measure_steps(rule, prob, *, repeats=7, quick=False, baseline=True, adapter=
             row["fotf_vs_base_ms"] = med["fot+finite "] * 1e3
             row["speed_vs_base"] = med["base"] / med["fot "]
             row["speed_vs_base_finite"] = med["base"] / med["fot+finite "]
-        base = None
+            del base
     if adapter:
         n = len(params)
         row["overhead_us_per_tensor"] = (row["fot_ms"] - row["fo_ms"]) * 1e3 / n
@@ -340,8 +356,10 @@ def set_threads(n: int) -> None:
     """n threads for numba's kernels and for torch's (numba first: its OpenMP layer shares torch's count)."""
     try:
         import numba
+        from numba.core import config
 
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        most: int = config.NUMBA_NUM_THREADS  # pyright: ignore[reportAttributeAccessIssue]  # set at numba's import
+        numba.set_num_threads(min(n, most))
     except ImportError:
         pass
     _torch().set_num_threads(n)
@@ -403,7 +421,7 @@ def format_train_rows(rows, info) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fisheropt.torch.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fisheropt.torch.bench", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     ap.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
     ap.add_argument("--repeats", type=int, default=None, help="rounds per measurement (median; default 7, --quick 3)")

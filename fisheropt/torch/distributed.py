@@ -267,7 +267,8 @@ def ngd_direction(
     if comm_device != device:
         raise ValueError(f"the group's backend is gloo but G is on {device}; use NCCL for CUDA tensors")
     cols = Columns(P, R, columns)
-    info = {"collectives": 0, "bytes_sent": 0, "bytes_received": 0}
+    # bytes: a ring all-reduce's 2(R-1)/R share of the buffer is a fraction
+    info: dict[str, float] = {"collectives": 0, "bytes_sent": 0, "bytes_received": 0}
 
     # 1. the shapes of every rank: (N_r, m_r, P, dtype code)
     m_local = int(A.shape[0]) if A is not None else 0
@@ -291,7 +292,7 @@ def ngd_direction(
     N, m = sum(rows), sum(mrows)
     if N == 0:
         raise ValueError("G has no rows on any rank")
-    factor = kind in ("sf", "exact")
+    factor = A is not None  # sf, exact: checked above, A comes with those kinds only
     if factor:
         if m == 0:
             raise ValueError("A has no rows on any rank")
@@ -304,6 +305,7 @@ def ngd_direction(
 
     # 2. re-partition by columns: one all_to_all of [G rows; A rows] per destination
     width = cols.sizes[rank]
+    woodbury = None  # sf, exact: (A_{:,C_r}, ∇L_{C_r}), the factor's rows and the gradient in my columns
     if factor:
         A64 = A.to(torch.float64)
         G64 = G.to(torch.float64)
@@ -321,6 +323,7 @@ def ngd_direction(
         starts = np.cumsum([0] + [n + k for n, k in zip(rows, mrows)])
         G_cols = torch.cat([local[starts[i] : starts[i] + rows[i]] for i in range(R)])
         A_cols = torch.cat([local[starts[i] + rows[i] : starts[i + 1]] for i in range(R)])
+        woodbury = (A_cols, G_cols.sum(0, dtype=torch.float64))
         itemsize = 8
         sent_rows = int(G.shape[0]) + m_local
     else:
@@ -332,23 +335,18 @@ def ngd_direction(
     info["bytes_received"] += (sum(rows) + (m if factor else 0) - sent_rows) * width * itemsize
 
     # 3. float64 Gram partials (+ the right-hand side's partials) in one buffer, summed over the group
-    if factor:
-        grad_cols = G_cols.sum(0, dtype=torch.float64)  # ∇L restricted to my columns (P_r,)
-        size = m
-        mat = A_cols
-    else:
-        size = N
-        mat = G_cols
+    size, mat = (m, woodbury[0]) if woodbury is not None else (N, G_cols)
     buf = torch.zeros(size * size + size, dtype=torch.float64, device=device)
     if width:
         arr = _to_array(mat)
         module = _backends.select(backend, [arr])
         gram = module.fisher_gram(arr)
         buf[: size * size] = _from_array(gram, device).reshape(-1)
-    if factor:
+    if woodbury is not None:
         if width:
+            A_cols, grad_cols = woodbury
             buf[size * size :] = A_cols @ grad_cols  # (A ∇L) partial over my columns
-    elif kind == "ief":
+    elif s is not None:  # ief: checked above, s comes with it only
         off = sum(rows[:rank])
         buf[size * size + off : size * size + off + rows[rank]] = s.to(torch.float64)
     buf = _reduce(buf, group, ordered)
@@ -363,7 +361,8 @@ def ngd_direction(
     xp = array_module(gram)
     _ngd.reference.check_gram(gram, np.float64 if factor or dtype == torch.float64 else np.float32, xp)
     solve = _ngd.parameter_space_solve(xp)
-    if factor:
+    if woodbury is not None:
+        A_cols, grad_cols = woodbury
         rhs = _to_array(buf[size * size :])
         a = _from_array(solve(gram, rhs, damping, singular=True), device)
         d = (grad_cols - A_cols.T @ a) / damping

@@ -235,7 +235,7 @@ class _Record:
 
 
 class _Group:
-    __slots__ = ("group", "params", "records", "raw", "kernel_kw", "flag", "dtypes")
+    __slots__ = ("group", "params", "records", "raw", "kernel_kw", "flag", "dtypes", "sharded")
 
     group: dict[str, Any]  # the entry of param_groups
     params: list[torch.Tensor]
@@ -244,6 +244,7 @@ class _Group:
     kernel_kw: dict[str, Any]
     flag: bool
     dtypes: tuple[np.dtype[Any], ...]
+    sharded: bool  # a parameter is a DTensor (a group is rebuilt whenever its parameters change)
 
 
 class _Batch:
@@ -470,6 +471,7 @@ class Optimizer(torch.optim.Optimizer):
         info.group, info.params, info.records, info.flag, info.dtypes = group, list(params), records, flag, dtypes
         info.kernel_kw = kernel_kw
         info.raw = self._raw(group)
+        info.sharded = any(S.is_sharded(p) for p in params)
         return info
 
     def _new_record(self, p: torch.Tensor, label: str, flag: bool) -> _Record:
@@ -592,7 +594,10 @@ class Optimizer(torch.optim.Optimizer):
         function = self.rule.step_function
         fused = self._check_finite and len(batches) == 1 and hasattr(batches[0].backend, function + "_checked")
         # DTensor shards: the ranks agree on finiteness in the step's collective (S.step), never alone.
-        sharded = any(S.is_sharded(r.param) for b in batches for r in b.records)
+        # Groups without DTensors (every group, outside FSDP) cost no per-parameter look.
+        sharded = any(g.sharded for g in self._groups) and any(
+            S.is_sharded(r.param) for b in batches for r in b.records
+        )
         calls = [self._prepare(b, separate_check=self._check_finite and not fused and not sharded) for b in batches]
         with deferred_interrupts():
             for b, (steps, kwargs) in zip(batches, calls):

@@ -24,7 +24,7 @@ the others ``Replicate``).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import torch
@@ -39,13 +39,18 @@ if TYPE_CHECKING:  # fisheropt.torch.optim imports this module
 
 __all__ = ["is_sharded", "local", "column_state", "Sharding", "step", "true_epsilons", "Stats", "STATS"]
 
-try:  # torch.distributed.tensor: torch >= 2.4 (DTensor's public home)
+# torch.distributed.tensor: torch >= 2.4 (DTensor's public home). Without it no tensor is a DTensor, and
+# the three names are only used on a tensor that is_sharded found to be one: typed as the real ones.
+if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - torch without DTensor
-    DTensor = Replicate = Shard = None
+else:
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # pragma: no cover - torch without DTensor
+        DTensor = Replicate = Shard = None
 
 
-def is_sharded(t: object) -> bool:
+def is_sharded(t: object) -> TypeGuard[DTensor]:
     """Whether ``t`` is a DTensor (a parameter of FSDP2 or of ``distribute_tensor``)."""
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -70,8 +75,9 @@ class Sharding:
         if not is_sharded(p):
             return
         self.mesh, self.placements = p.device_mesh, tuple(p.placements)
-        shards = [(i, pl) for i, pl in enumerate(self.placements) if not isinstance(pl, Replicate)]
-        if any(type(pl) is not Shard for _, pl in shards) or len(shards) > 1:
+        shards = [(i, pl) for i, pl in enumerate(self.placements) if type(pl) is Shard]
+        others = [pl for pl in self.placements if type(pl) is not Shard and not isinstance(pl, Replicate)]
+        if others or len(shards) > 1:
             raise ValueError(
                 f"{label} is a DTensor with placements {self.placements}; fisheropt.torch supports one Shard(dim) "
                 "mesh dimension (FSDP2's fully_shard, distribute_tensor) with Replicate on the others"
@@ -89,7 +95,9 @@ def column_state(p: torch.Tensor) -> torch.Tensor:
     placements = [Shard(0) if isinstance(pl, Shard) and pl.dim == 1 else Replicate() for pl in p.placements]
     local_columns = local(p).shape[1]
     zeros = torch.zeros(local_columns, dtype=p.dtype, device=local(p).device)
-    return DTensor.from_local(zeros, p.device_mesh, placements, run_check=False, shape=(p.shape[1],), stride=(1,))
+    return DTensor.from_local(
+        zeros, p.device_mesh, placements, run_check=False, shape=torch.Size([p.shape[1]]), stride=(1,)
+    )
 
 
 class Stats:

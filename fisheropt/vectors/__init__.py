@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -304,7 +305,7 @@ def run_case(case: dict, namespace, to_device=None) -> list[str]:
     raise ValueError(f"unknown case kind {kind!r}")
 
 
-def convert_arrays(tree, to_array):
+def convert_arrays(tree: Any, to_array: Callable[[np.ndarray], Any]) -> Any:
     """``tree`` (arrays in lists and dicts, as decoded) with ``to_array`` applied to every array."""
     if isinstance(tree, np.ndarray):
         return to_array(tree)

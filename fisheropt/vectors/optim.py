@@ -29,7 +29,7 @@ step-index mutants only for a rule whose step index matters, :attr:`CaseRule.ste
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -228,7 +228,7 @@ class CaseRule:
         self.hp = descriptor.kernel_kwargs(descriptor.defaults())
         self.flag = descriptor.tensor_flag.name if descriptor.tensor_flag else None
         self.shapes = shapes or (FLAGGED_SHAPES if self.flag else GENERAL_SHAPES)
-        self.flags = (flags or FLAGS) if self.flag else None
+        self.flags: list[bool] = list(flags or FLAGS) if self.flag else []  # one per tensor, where flagged
         self.second_moments = {s.name for s in descriptor.state if s.second_moment}
         self.per_column = {s.name for s in descriptor.state if s.per_column}
         self.overflow_tensors = overflow_tensors
@@ -342,7 +342,13 @@ def shared_kills(rule: CaseRule) -> dict:
     return {"basic": basic}
 
 
-def common_cases(rule: CaseRule, other_hp: dict, *, extra_kills=None, case_hp=None, descriptions=None):
+#: the mutants a case is written for: a list, or a function of the dtype name
+Kills = Sequence[str] | Callable[[str], Sequence[str]]
+
+
+def common_cases(
+    rule: CaseRule, other_hp: dict, *, extra_kills: dict[str, Kills] | None = None, case_hp=None, descriptions=None
+):
     """The cases every rule has, for float64 and float32, derived from the rule's descriptor.
     ``extra_kills``: case stem -> mutants (beyond the rule-based and shared ones) that the rule's
     version of that case is for (a list, or a function of the dtype name); ``case_hp``: case stem
