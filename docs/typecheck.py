@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print("pyright is not installed: pip install 'pyright[nodejs]'", file=sys.stderr)
         return 2
     links = lay_out()
-    proc = subprocess.run([pyright, "--outputjson"], cwd=ROOT, capture_output=True, text=True)
+    # --project: this repository's configuration, never a pyrightconfig.json found above it.
+    command = [pyright, "--outputjson", "--project", str(ROOT / "pyproject.toml")]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     try:
         report = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         f"pyright: {summary.get('filesAnalyzed')} files, {summary.get('errorCount')} errors, "
         f"{summary.get('warningCount')} warnings"
     )
+    if not summary.get("filesAnalyzed"):
+        print("pyright checked no file: the configuration did not reach build/typecheck", file=sys.stderr)
+        return 1
     return proc.returncode
 
 
