@@ -38,7 +38,6 @@ def adam_direction(m, v, *, t, lr, beta1, beta2, eps):
 
 
 RULE = Rule(
-    name="adam",
     title="Adam",
     summary="Adam with L2 weight decay, as torch.optim.Adam",
     paper="Kingma & Ba, 2015",

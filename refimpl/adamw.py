@@ -22,7 +22,6 @@ def adamw_update(theta, g, m, v, *, t, lr, beta1, beta2, eps, weight_decay):
 
 
 RULE = Rule(
-    name="adamw",
     title="AdamW",
     summary="Adam with decoupled weight decay, as torch.optim.AdamW",
     paper="Loshchilov & Hutter, 2019",

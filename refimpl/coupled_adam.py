@@ -74,7 +74,6 @@ def coupled_adam_apply(params, grads, m, v, *, step, lr, beta1, beta2, eps, weig
 
 
 RULE = Rule(
-    name="coupled_adam",
     title="CoupledAdam",
     summary="AdamW with one second moment per column shared by an embedding's vocabulary rows",
     paper="Stollenwerk & Stollenwerk, 2025",

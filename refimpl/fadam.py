@@ -140,7 +140,6 @@ def fadam_coefficients(t, *, beta2, **_):
 
 
 RULE = Rule(
-    name="fadam",
     title="FAdam",
     summary="Adam corrected as natural-gradient descent with a diagonal Fisher",
     paper="Hwang, 2024",

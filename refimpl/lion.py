@@ -35,7 +35,6 @@ def lion_coefficients(t, **_):
 
 
 RULE = Rule(
-    name="lion",
     title="Lion",
     summary="the sign of an interpolated momentum, with decoupled weight decay",
     paper="Chen et al., 2023",

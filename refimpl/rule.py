@@ -76,7 +76,6 @@ class TensorFlag:
 class Rule:
     """An update rule, as the reference defines it and as every backend and adapter uses it."""
 
-    name: str  # module, suite and kernel-function stem: "fadam" -> fadam_step
     title: str  # class name: "FAdam"
     summary: str  # one line, for tables and docstrings
     paper: str
@@ -94,6 +93,13 @@ class Rule:
     # The update of a tensor whose flag is False (Coupled Adam's AdamW tensors).
     update_unflagged: Callable[..., Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict[str, Any])
+    # Module, suite and kernel-function stem ("fadam" -> fadam_step): by default the name of the
+    # module that defines ``update``, refimpl/<name>.py, so it is written in one place.
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.update.__module__.rpartition(".")[2])
 
     @cached_property
     def step(self) -> Callable[..., Any]:
