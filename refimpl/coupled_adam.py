@@ -65,10 +65,13 @@ def coupled_adam_apply(params, grads, m, v, *, step, lr, beta1, beta2, eps, weig
     """Pass 2 of a sharded step: coupled tensor k (in order) with the column sums and row count of
     its whole tensor, the others AdamW; in place, all computed, then written."""
     whole = iter(zip(column_sums, rows))
-    updates = [
-        partial(coupled_adam_update, **dict(zip(("column_sums", "rows"), next(whole)))) if c else adamw_update
-        for c in coupled
-    ]
+    updates = []
+    for c in coupled:
+        if c:
+            sums_k, rows_k = next(whole)
+            updates.append(partial(coupled_adam_update, column_sums=sums_k, rows=rows_k))
+        else:
+            updates.append(adamw_update)
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     step_tensors(updates, params, grads, (m, v), t=step, **hp)
 

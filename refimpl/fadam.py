@@ -70,6 +70,13 @@ def adaptive_epsilon(rms_g, *, eps, eps2, p, dtype: DTypeLike = np.float64):
     return max(eps_t, np.finfo(dtype).tiny)
 
 
+def fisher_ema(f, g, *, t, beta2):
+    r"""f_t = \hat\beta_2 f_{t-1} + (1-\hat\beta_2)\,g^2, in f's dtype (the scalars from float64)."""
+    dtype = f.dtype.type
+    beta2_hat = debiased_beta2(beta2, t)
+    return dtype(beta2_hat) * f + dtype(1 - beta2_hat) * (g * g)
+
+
 def clip_scale(rms_x, c):
     """max(1, RMS(x)/c): divide by this to cap RMS(x) at c (the paper's form)."""
     return max(1.0, rms_x / c)
@@ -86,8 +93,7 @@ def fadam_update(theta, g, m, f, *, t, lr, beta1, beta2, eps, eps2, clip, p, wei
         return rms(x) if sums is None else rms_of_sum(sums[k], count)
 
     dtype = theta.dtype.type
-    beta2_hat = debiased_beta2(beta2, t)
-    f = dtype(beta2_hat) * f + dtype(1 - beta2_hat) * (g * g)
+    f = fisher_ema(f, g, t=t, beta2=beta2)
     eps_t = adaptive_epsilon(whole_rms(0, g), eps=eps, eps2=eps2, p=p, dtype=theta.dtype)
     denom = f ** dtype(p) + eps_t
 
@@ -105,8 +111,7 @@ def fadam_partial_sums(theta, g, f, *, t, beta2, p, eps_t):
     """This shard's (Σg², Σḡ², Σw̄²) in float64, ḡ and w̄ before clipping formed with ``eps_t``
     (as :func:`fadam_update` forms them): its share of the sums behind the three RMS values."""
     dtype = theta.dtype.type
-    beta2_hat = debiased_beta2(beta2, t)
-    denom = (dtype(beta2_hat) * f + dtype(1 - beta2_hat) * (g * g)) ** dtype(p) + dtype(eps_t)
+    denom = fisher_ema(f, g, t=t, beta2=beta2) ** dtype(p) + dtype(eps_t)
     return sum_of_squares(g), sum_of_squares(g / denom), sum_of_squares(theta / denom)
 
 

@@ -47,11 +47,34 @@ LR_GRID = {
 }
 # The backbone and its LoRA adapters, the schedule; then the damping sweep, how often γ is
 # measured, torch's threads and the lr grid.
-FULL: dict[str, Any] = dict(hidden=128, rank=4, alpha=8.0, pre_epochs=40, epochs=15, batch=64, n_seeds=3, damping=1e-3)
-FULL.update(dampings=(1e-6, 1e-4, 1e-2, 1e-1, 1.0), sweep_seeds=3, quality_every=4, threads=1, lrs=LR_GRID)
-QUICK = dict(FULL, hidden=48, rank=2, alpha=4.0, pre_epochs=6, epochs=1, n_seeds=2, sweep_seeds=1, quality_every=3)
-QUICK["dampings"] = (1e-4, 1e-1)
-QUICK["lrs"] = {"iEF": (1.0,), "EF": (0.03,), "SF": (0.03,), "exact NGD": (0.1,), "AdamW": (3e-2,), "SGD": (0.1,)}
+FULL: dict[str, Any] = dict(
+    hidden=128,
+    rank=4,
+    alpha=8.0,
+    pre_epochs=40,
+    epochs=15,
+    batch=64,
+    n_seeds=3,
+    damping=1e-3,
+    dampings=(1e-6, 1e-4, 1e-2, 1e-1, 1.0),
+    sweep_seeds=3,
+    quality_every=4,
+    threads=1,
+    lrs=LR_GRID,
+)
+QUICK = dict(
+    FULL,
+    hidden=48,
+    rank=2,
+    alpha=4.0,
+    pre_epochs=6,
+    epochs=1,
+    n_seeds=2,
+    sweep_seeds=1,
+    quality_every=3,
+    dampings=(1e-4, 1e-1),
+    lrs={"iEF": (1.0,), "EF": (0.03,), "SF": (0.03,), "exact NGD": (0.1,), "AdamW": (3e-2,), "SGD": (0.1,)},
+)
 
 
 def _torch():

@@ -42,10 +42,21 @@ from .coupled_adam import (
 
 TITLE = "PyTorch: tied-embedding transformer LM with torch AdamW and fisheropt.torch optimizers"
 
+# threads: torch's and numba's during the run (the matrices are small; more threads only spin)
 FULL = dict(
-    vocab=2000, dim=64, layers=2, heads=4, context=32, batch=32, steps=800, warmup=50, evals=10, n_seeds=3, n_val=256
+    vocab=2000,
+    dim=64,
+    layers=2,
+    heads=4,
+    context=32,
+    batch=32,
+    steps=800,
+    warmup=50,
+    evals=10,
+    n_seeds=3,
+    n_val=256,
+    threads=1,
 )
-FULL["threads"] = 1  # torch's and numba's during the run (the matrices are small; more threads only spin)
 QUICK = dict(
     FULL, vocab=300, dim=32, layers=1, heads=2, context=16, batch=16, steps=60, warmup=5, evals=3, n_seeds=2, n_val=48
 )
