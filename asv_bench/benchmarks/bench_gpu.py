@@ -111,9 +111,11 @@ def fo_step_ms(rule, shapes, dtype="float32", reps=30) -> float:
     params, grads, m, v = make_problem(rule, shapes, dtype)
     state = {"t": 0}
 
+    flags = {"coupled": [True] * len(params)} if rule == "coupled_adam" else {}  # every tensor V×d
+
     def step():
         state["t"] += 1
-        fn(params, grads, m, v, step=state["t"], **HP[rule])
+        fn(params, grads, m, v, step=state["t"], **HP[rule], **flags)
 
     return gpu_time_ms(step, reps=reps)
 
