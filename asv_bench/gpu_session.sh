@@ -7,7 +7,8 @@
 #
 # Installs this checkout's wheel into a private folder (no build there; PYTHONSAFEPATH keeps
 # the repository's top-level fisheropt/ folder from shadowing the installed package), runs
-# every GPU-marked test, then asv_bench/gpu_validate.py's benchmarks.
+# every GPU-marked test, the optax golden vectors on XLA:GPU, then asv_bench/gpu_validate.py's
+# benchmarks.
 set -u
 OUT=${OUT:-/tmp/fisheropt-gpu}
 mkdir -p "$OUT"
@@ -22,6 +23,14 @@ timeout_arg=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 
 python3 -m pytest -m gpu tests -q -rs -p no:cacheprovider $timeout_arg --continue-on-collection-errors \
     ${FO_PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"
 echo "pytest exit: ${PIPESTATUS[0]}"
+# fisheropt.optax on XLA:GPU, where subnormals are kept (XLA:CPU flushes them): every golden-vector
+# case must pass there, the "subnormal" ones included (test_optax_vectors.py xfails nothing on a GPU)
+if python3 -c "import jax, optax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then
+    python3 -m pytest tests/test_optax_vectors.py -q -rxs -p no:cacheprovider $timeout_arg 2>&1 | tee -a "$OUT/tests.log"
+    echo "optax pytest exit: ${PIPESTATUS[0]}"
+else
+    echo "optax: no JAX with a GPU backend here; skipped"
+fi
 # the cupy backend's NVRTC checks (PTX of every kernel: no FMA contraction, no ftz, vector
 # loads; the launcher's compile and disk cache) need CuPy's NVRTC but no GPU, so they carry
 # no gpu mark and skip on machines without CuPy: run them here, where CuPy is

@@ -9,8 +9,9 @@
 1. prints the device and the versions in play;
 2. runs every GPU test (``pytest -m gpu tests``), then this backend's whole test file
    (its CPU and emulator tests too);
-3. measures, in this process: the device-to-device copy bandwidth, each update rule on
-   one 2^27-parameter float32 tensor and on a 148-tensor transformer-like list, and
+3. measures, in this process: the device-to-device copy bandwidth, each update rule of
+   the registry with a CuPy kernel (bench_gpu.gpu_rules) on one 2^27-parameter float32
+   tensor and on a 148-tensor transformer-like list (bench_gpu.case_shapes), and
    torch.optim.Adam/AdamW(fused=True) on the same shapes; checks one AdamW step
    against torch's on the large tensor;
 4. prints the table (ms, GB/s, ratio to the copy, speed-up over torch fused) and the
@@ -112,6 +113,7 @@ def check_against_torch(cupy) -> str:
     if not torch.cuda.is_available():
         return "skipped (torch without CUDA)"
     import fisheropt as fo
+    from fisheropt.refimpl import RULES
 
     backend = fo.backends.get("cupy")
     n = B.LARGE
@@ -120,18 +122,18 @@ def check_against_torch(cupy) -> str:
     p.grad = torch.randn(n, device="cuda", generator=gen) * 1e-2
     ours = [cupy.from_dlpack(p.detach().clone())]
     g = [cupy.from_dlpack(p.grad)]
-    m, v = [cupy.zeros_like(ours[0])], [cupy.zeros_like(ours[0])]
-    hp = B.HP["adamw"]
+    state = [[cupy.zeros_like(ours[0])] for _ in RULES["adamw"].state]  # m, v
+    hp = B.kernel_hyperparams("adamw")
     opt = torch.optim.AdamW(
         [p], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"], weight_decay=hp["weight_decay"], fused=True
     )
     for t in (1, 2, 3):
         opt.step()
-        backend.adamw_step(ours, g, m, v, step=t, **hp)
+        backend.adamw_step(ours, g, *state, step=t, **hp)
     torch.cuda.synchronize()
     diff = float(cupy.max(cupy.abs(ours[0] - cupy.from_dlpack(p.detach()))))
     scale = float(cupy.max(cupy.abs(ours[0])))
-    del p, ours, g, m, v, opt
+    del p, ours, g, state, opt
     torch.cuda.empty_cache()
     cupy.get_default_memory_pool().free_all_blocks()
     ok = diff <= 1e-6 * max(scale, 1.0)
@@ -145,28 +147,27 @@ def benchmarks(cupy, quick: bool) -> tuple[list[dict], float]:
     copy = B.copy_gbps(B.LARGE, reps=reps)
     cupy.get_default_memory_pool().free_all_blocks()
     rows = []
-    cases = {"2^27 x1": [(B.LARGE,)], "transformer x148": B.transformer_shapes()}
+    cases = {"2^27 x1": "large", "transformer x148": "transformer"}  # row label -> bench_gpu case
     torch_ms = {}
-    for case, shapes in cases.items():
-        for decoupled in (False, True):
-            torch_ms[(case, decoupled)] = B.torch_fused_ms(shapes, decoupled=decoupled, reps=reps)
-    for case, shapes in cases.items():
-        for rule in ("adam", "adamw", "fadam", "coupled_adam"):
-            s = shapes
-            if rule == "coupled_adam":
-                s = [(B.LARGE // 1024, 1024)] if case.startswith("2^27") else [x for x in shapes if len(x) == 2]
+    for label, case in cases.items():
+        for rule, decoupled in B.TORCH_FUSED.items():
+            torch_ms[(label, rule)] = B.torch_fused_ms(B.case_shapes(case), decoupled=decoupled, reps=reps)
+    for label, case in cases.items():
+        for rule in B.gpu_rules():
+            s = B.case_shapes(case, rule)
             n = sum(int(np.prod(x)) for x in s)
             ms = B.fo_step_ms(rule, s, reps=reps)
             cupy.get_default_memory_pool().free_all_blocks()
-            gbps = B.BYTES_PER_PARAM[rule] * 4 * n / (ms * 1e-3) / 1e9
-            t_ms = torch_ms.get((case, rule == "adamw")) if rule in ("adam", "adamw") else None
+            nbytes = B.step_bytes(rule, s)
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            t_ms = torch_ms.get((label, rule))  # None: no torch fused counterpart, or no CUDA torch
             rows.append(
                 {
-                    "case": case,
+                    "case": label,
                     "rule": rule,
                     "tensors": len(s),
                     "params": n,
-                    "bytes_per_param": B.BYTES_PER_PARAM[rule] * 4,
+                    "bytes_per_param": nbytes / n,
                     "ms": ms,
                     "GB/s": gbps,
                     "ratio_to_copy": gbps / copy,
@@ -220,7 +221,7 @@ def print_table(info, rows, copy):
         tm = f"{r['torch_fused_ms']:.3f}" if r["torch_fused_ms"] else "-"
         sp = f"{r['speedup_vs_torch_fused']:.2f}" if r["speedup_vs_torch_fused"] else "-"
         print(
-            f"{r['case']:<18}{r['rule']:<14}{r['tensors']:>8}{r['params']:>13,}{r['bytes_per_param']:>9}"
+            f"{r['case']:<18}{r['rule']:<14}{r['tensors']:>8}{r['params']:>13,}{r['bytes_per_param']:>9.4g}"
             f"{r['ms']:>9.3f}{r['GB/s']:>8.0f}{r['ratio_to_copy']:>7.2f}{tm:>16}{sp:>11}"
         )
 
@@ -232,7 +233,7 @@ def targets(rows) -> list[tuple[str, bool | None]]:
             out.append(
                 (f"{r['rule']} 2^27: >= 0.85 of copy bandwidth ({r['ratio_to_copy']:.2f})", r["ratio_to_copy"] >= 0.85)
             )
-        if r["rule"] in ("adam", "adamw"):
+        if r["rule"] in B.TORCH_FUSED:  # the others have no torch comparison, hence no such target
             sp = r["speedup_vs_torch_fused"]
             out.append(
                 (

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import fisheropt.backends
 from fisheropt import refimpl
+from fisheropt.refimpl import esimcse_momentum
 
 HOST_PACKAGE = "_fisheropt_cupy_host"
 CUPY_DIR = Path(fisheropt.backends.__file__).parent / "cupy"
@@ -33,7 +34,7 @@ def _host_modules():
 
 
 cuda_kernels, planner, emulator = _host_modules()
-#: the step-function modules (finite and one per rule with a module), imported without cupy
+#: the step-function modules (finite, one per rule with a module, and esimcse), imported without cupy
 MODULES = {
     m: importlib.import_module(f"{HOST_PACKAGE}.{m}")
     for m in cuda_kernels.kernel_modules()
@@ -44,8 +45,8 @@ HAVE_CXX = emulator.compiler() is not None
 
 
 def _function(fn):
-    """The backend function ``fn`` (``all_finite``, ``<rule>_step[_checked]``, ``<rule>_partials`` and
-    ``<rule>_apply``) from its module."""
+    """The backend function ``fn`` (``all_finite``, ``<rule>_step[_checked]``, ``<rule>_partials``,
+    ``<rule>_apply`` and ``ema_update``) from its module."""
     for module in MODULES.values():
         if hasattr(module, fn):
             return getattr(module, fn)
@@ -85,7 +86,8 @@ class EmulatedBackend:
         )
 
     def __getattr__(self, fn):
-        # all_finite, <rule>_step[_checked], <rule>_partials/_apply: the modules' own functions on this engine
+        # all_finite, <rule>_step[_checked], <rule>_partials/_apply, ema_update: the modules' own functions
+        # on this engine
         if fn.startswith("_"):
             raise AttributeError(fn)
         return getattr(Steps(self.engine), fn)
@@ -219,6 +221,18 @@ def _run_both(backend, rule, pb):
             dev_p, [backend.to_device(x, pb["misaligned"]) for x in g], *dev_s, step=t, **_hyperparams(rule, pb)
         )
     return (ref_p, ref_s), ([backend.to_host(p) for p in dev_p], [[backend.to_host(a) for a in s] for s in dev_s])
+
+
+def ema_both(backend, targets, sources, decay, *, misaligned=False, updates=1):
+    """``ema_update`` (ESimCSE's momentum encoder) by the reference and by ``backend`` from the same
+    NumPy arrays, ``updates`` times: (the reference's targets, the backend's back on the host)."""
+    want = [t.copy() for t in targets]
+    dev_targets = [backend.to_device(t, misaligned) for t in targets]
+    dev_sources = [backend.to_device(q, misaligned) for q in sources]
+    for _ in range(updates):
+        esimcse_momentum.ema_update(want, sources, decay=decay)
+        backend.ema_update(dev_targets, dev_sources, decay=decay)
+    return want, [backend.to_host(t) for t in dev_targets]
 
 
 def _assert_agree(ref, got, *, exact, magnitude):

@@ -5,7 +5,8 @@ Agreement tests run by two backends: ``emulated`` (the exact CUDA source, compil
 with a CUDA prelude, small block and chunk sizes so that every multi-chunk / multi-tile path
 is exercised, through the rule modules' own ``<rule>_step`` functions on an emulated engine)
 and ``cupy`` (marked ``gpu``; skipped with the registry's reason when CuPy or a GPU is absent).
-The two passes of a sharded step (FSDP2 / DTensor) by both. Then the registry's behaviour
+ESimCSE's momentum-encoder update ``ema_update`` (esimcse.py's kernel) and the two passes of a
+sharded step (FSDP2 / DTensor) by both. Then the registry's behaviour
 without a GPU, and GPU-only tests (the optimizer classes, DLPack, a large multi-chunk problem).
 
 The backend's internals (tables, the engine's host logic, the CUDA text and its PTX, the
@@ -15,6 +16,7 @@ package's plumbing without CuPy, the mutants): tests/backends/test_cupy_internal
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from cupy_emulated import (
     _assert_agree,
     _run_both,
     cuda_kernels,
+    ema_both,
     fixed_problem,
     problems,
 )
@@ -36,6 +39,8 @@ from hypothesis import strategies as st
 
 import fisheropt as fo
 from fisheropt import refimpl, vectors
+from fisheropt.refimpl import esimcse_momentum
+from fisheropt.refimpl.esimcse_momentum import MOMENTUM
 
 
 def _cupy_reason():
@@ -237,6 +242,126 @@ def test_lion_exact_cancellation_does_not_move_theta(backend, dtype):
     _assert_bits(backend.to_host(dev_m[0]), want[1][0], "m")
 
 
+# ---- ESimCSE momentum encoder (ema_update): bit for bit -------------------------------------
+#: sizes around the emulator's chunk (96) and the vector widths (4, 2): partial groups, a partial
+#: last chunk, a scalar, an empty tensor
+EMA_SHAPES = [(701,), (37, 5), (97,), (3,), (), (1,), (0, 3), (2, 96)]
+EMA_DECAYS = [MOMENTUM, 0.0, 1.0, 0.5, 0.999999]
+
+
+def _ema_tensors(shapes, dtypes, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return [[np.asarray(rng.standard_normal(s) * scale, dtype=d) for s, d in zip(shapes, dtypes)] for _ in range(2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay", EMA_DECAYS)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_ema_update_is_bitwise_the_reference(backend, dtype, decay, misaligned):
+    """Three updates of tensors of every size class, aligned (16-byte vector access) or not."""
+    for scale in (1.0, 1e-30, 1e30):
+        targets, sources = _ema_tensors(EMA_SHAPES, [dtype] * len(EMA_SHAPES), seed=3, scale=scale)
+        want, got = ema_both(backend, targets, sources, decay, misaligned=misaligned, updates=3)
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_bits(g, w, f"targets[{i}] scale {scale}")
+
+
+_EMA_EDGE = {  # _EDGE, with the smallest normal numbers: their products with λ are subnormal
+    "float32": _EDGE["float32"] + [1.1754944e-38, -1.1754944e-38, 1.7e-38],
+    "float64": _EDGE["float64"] + [2.2250738585072014e-308, -2.2250738585072014e-308, 3e-308],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay", EMA_DECAYS)
+def test_ema_update_edge_values_are_bitwise_the_reference(backend, dtype, decay):
+    """Every pair (θ_k, θ_q) of zeros of both signs, ±1, subnormals, the smallest normals (whose
+    products are subnormal), NaN, ±Inf and huge values: IEEE's results in the dtype, with no
+    flush-to-zero (a subnormal input or product is kept) and the sign of zero kept."""
+    vals = np.array(_EMA_EDGE[dtype], dtype=dtype)
+    theta_k, theta_q = (np.ascontiguousarray(a) for a in np.meshgrid(vals, vals, indexing="ij"))
+    want, got = ema_both(backend, [theta_k], [theta_q], decay)
+    _assert_bits(got[0], want[0], "targets")
+
+
+def test_ema_update_keeps_float32_subnormals(backend):
+    """θ of magnitude ~1e-40 (float32 subnormals) and results that become subnormal (λ·θ_k for θ_k
+    near the smallest normal): a GPU that flushes them (CuPy's ElementwiseKernel compiles with
+    -ftz=true) gives 0 where the reference gives, e.g., -1.45e-40."""
+    tiny = np.finfo(np.float32).tiny
+    rng = np.random.default_rng(21)
+    shapes = [(3, 4), (7,), (), (129,)]
+    targets = [rng.uniform(-2.5e-40, 2.5e-40, s).astype(np.float32) for s in shapes]
+    sources = [rng.uniform(-2.5e-40, 2.5e-40, s).astype(np.float32) for s in shapes]
+    targets.append(np.array([tiny, -tiny, 1.001 * tiny, -1.5 * tiny], np.float32))  # λ·θ_k subnormal
+    sources.append(np.array([0.0, -0.0, tiny, 1e-45], np.float32))
+    want, got = ema_both(backend, targets, sources, MOMENTUM)
+    flat = np.concatenate([w.ravel() for w in want])
+    assert np.count_nonzero((flat != 0) & (np.abs(flat) < tiny)) > 100  # the check has subnormals to see
+    for i, (g, w) in enumerate(zip(got, want)):
+        _assert_bits(g, w, f"targets[{i}]")
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_ema_update_mixed_dtypes_strided_sources_and_empty_tensors(backend, misaligned):
+    """float32 and float64 tensors in one call, sources of any strides (sliced, transposed, reversed:
+    read, never written), zero-size tensors; an empty call is a no-op."""
+    rng = np.random.default_rng(8)
+    dtypes = ["float32", "float64", "float32", "float64", "float32", "float64"]
+    shapes = [(40, 12), (33, 7), (0,), (5, 0), (701,), (9, 4)]
+    targets = [np.asarray(rng.standard_normal(s), dtype=d) for s, d in zip(shapes, dtypes)]
+    bases = [  # device arrays whose views are the sources
+        np.asarray(rng.standard_normal((40, 24)), np.float32),  # [:, ::2]
+        np.asarray(rng.standard_normal((7, 33)), np.float64),  # .T
+        np.zeros(0, np.float32),
+        np.zeros((5, 0), np.float64),
+        np.asarray(rng.standard_normal(1402), np.float32),  # [::2]
+        np.asarray(rng.standard_normal((9, 4)), np.float64),  # [::-1, ::-1]
+    ]
+    views = [lambda a: a[:, ::2], lambda a: a.T, lambda a: a, lambda a: a, lambda a: a[::2], lambda a: a[::-1, ::-1]]
+    host_sources = [view(b) for view, b in zip(views, bases)]
+    dev_bases = [backend.to_device(b, misaligned) for b in bases]
+    dev_sources = [view(b) for view, b in zip(views, dev_bases)]
+    assert not dev_sources[0].flags.c_contiguous and not dev_sources[5].flags.c_contiguous
+    want = [t.copy() for t in targets]
+    dev_targets = [backend.to_device(t, misaligned) for t in targets]
+    esimcse_momentum.ema_update(want, host_sources, decay=0.9)
+    backend.ema_update(dev_targets, dev_sources, decay=0.9)
+    for i, (t, w) in enumerate(zip(dev_targets, want)):
+        _assert_bits(backend.to_host(t), w, f"targets[{i}]")
+    for i, (b, h) in enumerate(zip(dev_bases, bases)):
+        np.testing.assert_array_equal(backend.to_host(b), h, err_msg=f"source {i} written")
+    backend.ema_update([], [], decay=0.9)
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    decay=st.floats(0.0, 1.0),
+    exp=st.sampled_from([-42, -39, -30, -3, 0, 3, 30]),
+    dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=4),
+    misaligned=st.booleans(),
+)
+@settings(max_examples=15)
+def test_ema_update_agrees_with_the_reference_property(backend, seed, decay, exp, dtypes, misaligned):
+    rng = np.random.default_rng(seed)
+    shapes = [tuple(rng.integers(0, 40, rng.integers(0, 3))) for _ in dtypes]
+    targets, sources = _ema_tensors(shapes, dtypes, seed, scale=10.0**exp)
+    want, got = ema_both(backend, targets, sources, decay, misaligned=misaligned)
+    for i, (g, w) in enumerate(zip(got, want)):
+        _assert_bits(g, w, f"targets[{i}]")
+
+
+def test_ema_update_passes_the_esimcse_vectors(backend):
+    """Every golden case of spec/vectors/esimcse.json (``ema_float32_subnormal`` among them), also on
+    misaligned arrays."""
+    cases = [c for c in vectors.load_suite("esimcse")["cases"] if c["function"] == "ema_update"]
+    assert "ema_float32_subnormal" in [c["name"] for c in cases]
+    for misaligned in (False, True):
+        to_device = partial(backend.to_device, misaligned=misaligned)
+        failures = [message for case in cases for message in vectors.run_case(case, backend, to_device=to_device)]
+        assert failures == [], misaligned
+
+
 # ---- per-tensor hyperparameters (param groups, per-parameter step counts) ----------------
 def _per_tensor_problem(rule, seed):
     rng = np.random.default_rng(seed)
@@ -379,7 +504,8 @@ def test_fused_check_accepts_huge_finite_float64_gradients(backend, rule):
 
 @pytest.mark.parametrize("suite", sorted(vectors.SUITES))
 def test_spec_vectors(backend, suite):
-    """Every suite; the emulator only has the update rules, the real backend must run every case."""
+    """Every suite; the emulator only has the update rules and ema_update (the streaming kernels), the
+    real backend must run every case."""
     failures, ran = [], 0
     for case in vectors.load_suite(suite)["cases"]:
         if backend.name == "emulated" and not hasattr(backend, case["function"]):
@@ -387,7 +513,7 @@ def test_spec_vectors(backend, suite):
         failures += vectors.run_case(case, backend, to_device=backend.to_device)
         ran += 1
     if ran == 0:
-        pytest.skip(f"suite {suite}: no update-rule cases (emulator covers the update rules only)")
+        pytest.skip(f"suite {suite}: no case the emulator runs (the update rules and ema_update only)")
     assert failures == []
 
 
@@ -588,6 +714,10 @@ def test_production_block_and_chunk_sizes_on_the_emulator():
         shapes = [(70, 300)] if rule == "coupled_adam" else [(16384 + 5,), (3, 7)]
         ref, got = _run_both(emu, rule, fixed_problem(rule, shapes, ["float32"] * len(shapes), seed=3))
         _assert_agree(ref, got, exact=rule in EXACT_RULES, magnitude=1)
+    targets, sources = _ema_tensors([(16384 + 5,), (3, 7)], ["float32", "float64"], seed=3, scale=1e-39)
+    want, got = ema_both(emu, targets, sources, MOMENTUM, misaligned=True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        _assert_bits(g, w, f"ema targets[{i}]")
 
 
 # =====================================================================================

@@ -1,24 +1,25 @@
 """The ESimCSE momentum-encoder kernel ``ema_update`` on every backend: bit-for-bit
-agreement with the NumPy reference (Numba on the CPU; CuPy on a GPU, and its kernel
-text compiled for the CPU by g++ where no GPU is present)."""
+agreement with the NumPy reference (Numba on the CPU; CuPy on a GPU). The CuPy kernel's
+agreement on the CPU emulator (every edge value, subnormals, strides, alignment, the golden
+vectors) is in tests/test_cupy_backend.py, its PTX and engine checks in
+tests/backends/test_cupy_internals.py."""
 
-import ctypes
+import ast
 import importlib.util
 import inspect
-import re
-import shutil
-import subprocess
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import gpu_skip_reason
+from cupy_emulated import MODULES as CUPY_MODULES
+from cupy_emulated import EmulatedBackend, cuda_kernels
+from cupy_emulated import planner as cupy_planner
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fisheropt as fo
-import fisheropt.backends
 from fisheropt.backends import FUNCTIONS
 from fisheropt.refimpl.esimcse_momentum import MOMENTUM
 from fisheropt.refimpl.esimcse_momentum import ema_update as ref_ema
@@ -53,6 +54,7 @@ def test_ema_update_is_in_the_interface_and_the_reference():
     for name in fo.backends.available():
         fn = fo.backends.get(name).ema_update
         assert inspect.signature(fn) == inspect.signature(ref_ema), name
+    assert inspect.signature(CUPY_MODULES["esimcse"].ema_update) == inspect.signature(ref_ema)  # without cupy
 
 
 # ---- Numba ------------------------------------------------------------------------
@@ -102,8 +104,13 @@ def test_numba_mixed_dtypes_strided_sources_and_parallel_path():
 
 # ---- validation: every backend refuses bad input before writing anything ---------------
 def _host_ema_backends():
-    names = ["numpy"] + (["numba"] if importlib.util.find_spec("numba") else [])
-    return {name: (ref_ema if name == "numpy" else _numba_module().ema_update) for name in names}
+    """The backends' ema_update on NumPy arrays; the cupy backend's through its engine on the CPU
+    emulator (check_ema_args wants NumPy arrays there, CuPy arrays on the package's engine)."""
+    backends = {"numpy": ref_ema}
+    if importlib.util.find_spec("numba"):
+        backends["numba"] = _numba_module().ema_update
+    backends["cupy-emulated"] = EmulatedBackend().ema_update
+    return backends
 
 
 def _bad_calls():
@@ -166,7 +173,7 @@ def test_ema_update_validation_is_shared(monkeypatch):
     """One validator (refimpl's check_ema_args) for the three backends, called once per update."""
     from fisheropt.refimpl import esimcse_momentum
 
-    assert _cupy_esimcse_source_module().check_ema_args is esimcse_momentum.check_ema_args
+    assert CUPY_MODULES["esimcse"].check_ema_args is esimcse_momentum.check_ema_args
     if importlib.util.find_spec("numba"):
         assert _numba_module().check_ema_args is esimcse_momentum.check_ema_args
     calls = []
@@ -177,10 +184,19 @@ def test_ema_update_validation_is_shared(monkeypatch):
 
 
 def test_cupy_module_refuses_host_arrays_before_building_its_kernel():
-    m = _cupy_esimcse_source_module()
+    """On an engine that launches on CuPy arrays (every engine but the tests' CPU emulation), NumPy
+    arrays are refused by check_ema_args before the engine is used: nothing built, uploaded or run."""
+
+    class UntouchableLauncher:
+        block = cuda_kernels.BLOCK
+        host_arrays = False  # as the CuPy launcher: it takes device arrays
+
+        def __getattr__(self, name):
+            raise AssertionError(f"the launcher was used ({name}) before the arguments were checked")
+
     with pytest.raises(TypeError, match=r"targets\[0\] is a numpy array.*cupy"):
-        m.ema_update([np.zeros(3)], [np.ones(3)], decay=0.5)
-    assert m._kernel is None
+        with cupy_planner.using(cupy_planner.Engine(UntouchableLauncher())):
+            CUPY_MODULES["esimcse"].ema_update([np.zeros(3)], [np.ones(3)], decay=0.5)
 
 
 def test_numba_registry_backend_uses_the_kernel():
@@ -190,85 +206,30 @@ def test_numba_registry_backend_uses_the_kernel():
     assert fo.backends.get("numba").ema_update is N.ema_update
 
 
-# ---- CuPy: kernel text, on the CPU --------------------------------------------------
-def _cupy_esimcse_source_module():
-    """backends/cupy/esimcse.py loaded on its own (cupy is imported only when the kernel is built)."""
-    path = Path(fisheropt.backends.__file__).parent / "cupy" / "esimcse.py"
-    spec = importlib.util.spec_from_file_location("_fisheropt_cupy_esimcse_text", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cupy_kernel_text_never_leaves_rounding_to_the_compiler():
-    m = _cupy_esimcse_source_module()
-    assert m.IN_PARAMS == "T q, T a, T b" and m.OUT_PARAMS == "T k"
-    # every product and sum goes through the round-to-nearest intrinsics (no FMA contraction)
-    assert not re.search(r"[*+]", m.BODY.split("=", 1)[1])
-    for intrinsic in ("__fmul_rn", "__fadd_rn", "__dmul_rn", "__dadd_rn"):
-        assert intrinsic in m.PREAMBLE
-    assert inspect.signature(m.ema_update) == inspect.signature(ref_ema)
-
-
-_HARNESS = r"""
-#define __device__
-#define __forceinline__ inline
-static inline float  __fmul_rn(float x, float y)   { volatile float r = x * y; return r; }
-static inline float  __fadd_rn(float x, float y)   { volatile float r = x + y; return r; }
-static inline double __dmul_rn(double x, double y) { volatile double r = x * y; return r; }
-static inline double __dadd_rn(double x, double y) { volatile double r = x + y; return r; }
-PREAMBLE
-template <class T> static void run(const T* Q, T a, T b, T* K, long n) {
-    for (long i = 0; i < n; ++i) { T& k = K[i]; const T q = Q[i]; BODY }
-}
-extern "C" void ema_f32(const float* q, float a, float b, float* k, long n) { run<float>(q, a, b, k, n); }
-extern "C" void ema_f64(const double* q, double a, double b, double* k, long n) { run<double>(q, a, b, k, n); }
-"""
-
-
-@pytest.fixture(scope="module")
-def emulated_kernel(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler to run the CUDA kernel text on the CPU")
-    m = _cupy_esimcse_source_module()
-    d = tmp_path_factory.mktemp("ema_kernel")
-    (d / "k.cpp").write_text(_HARNESS.replace("PREAMBLE", m.PREAMBLE).replace("BODY", m.BODY))
-    subprocess.run(
-        [cxx, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(d / "k.so"), str(d / "k.cpp")],
-        check=True,
-        capture_output=True,
+# ---- CuPy: the backend's own kernel, compiled without flush-to-zero -------------------------
+def test_cupy_ema_is_a_streaming_kernel_of_the_backend():
+    """Not a cupy.ElementwiseKernel (CuPy compiles those with -ftz=true, flushing float32
+    subnormals): a kernel of backends/cupy/_kernels, compiled by _device with COMPILE_OPTIONS (no
+    flush-to-zero, no contraction) and run by the CPU emulator in tests/test_cupy_backend.py."""
+    m = CUPY_MODULES["esimcse"]
+    assert "esimcse" in cuda_kernels.kernel_modules() and set(m.KERNELS) == {"esimcse_ema"}
+    assert cuda_kernels.kernels()["esimcse_ema"] is m.KERNELS["esimcse_ema"]
+    assert "esimcse_ema" in cuda_kernels.ELEMENTWISE
+    assert {"--ftz=false", "--fmad=false"} <= set(cuda_kernels.COMPILE_OPTIONS)
+    for dtype in ("float32", "float64"):
+        assert f"fo_esimcse_ema_{cuda_kernels.suffix(dtype)}(" in cuda_kernels.source(dtype)
+    # the reference's order: round(round(λ·θ_k) + round((1−λ)·θ_q)), two products and a sum
+    assert "target_group[k] = decay * target_group[k] + one_minus_decay * source_group[k];" in (
+        m.KERNELS["esimcse_ema"].body
     )
-    lib = ctypes.CDLL(str(d / "k.so"))
-
-    def ema_update(targets, sources, *, decay):
-        for k, q in zip(targets, sources):
-            flat_k = np.ascontiguousarray(k)
-            flat_q = np.ascontiguousarray(q)
-            a, b = m.ema_coefficients(decay, k.dtype)
-            ctype = ctypes.c_float if k.dtype == np.float32 else ctypes.c_double
-            fn = lib.ema_f32 if k.dtype == np.float32 else lib.ema_f64
-            fn(
-                flat_q.ctypes.data_as(ctypes.c_void_p),
-                ctype(a),
-                ctype(b),
-                flat_k.ctypes.data_as(ctypes.c_void_p),
-                ctypes.c_long(flat_k.size),
-            )
-            k[...] = flat_k
-
-    return ema_update
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("decay", [MOMENTUM, 0.0, 1.0, 0.9])
-def test_cupy_kernel_text_on_the_cpu_equals_reference(emulated_kernel, dtype, decay):
-    for scale in (1.0, 1e-30, 1e30):
-        k, q = _tensors(dtype, 3, scale=scale)
-        k_ref = [a.copy() for a in k]
-        emulated_kernel(k, q, decay=decay)
-        ref_ema(k_ref, q, decay=decay)
-        _assert_bitwise(k, k_ref)
+    tree = ast.parse(Path(m.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(name.split(".")[0] == "cupy" for name in imported)
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not names & {"ElementwiseKernel", "RawKernel", "RawModule"}
+    assert inspect.signature(m.ema_update) == inspect.signature(ref_ema)
 
 
 # ---- CuPy on a GPU ------------------------------------------------------------------

@@ -35,6 +35,7 @@ import fisheropt as fo  # noqa: E402
 import fisheropt.optax as foo  # noqa: E402
 from fisheropt.optax import _numerics as nu  # noqa: E402
 from fisheropt.optax import transforms  # noqa: E402
+from fisheropt.optax.conformance import interpreted, interpreter_keeps_subnormals  # noqa: E402
 from fisheropt.refimpl import RULES  # noqa: E402
 
 RULE_NAMES = sorted(RULES)
@@ -511,6 +512,43 @@ def test_xla_cpu_ftz_flag_does_not_keep_subnormals():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split()[-1]) == 0.0
+
+
+def test_interpreter_keeps_subnormals_and_agrees_with_jit():
+    """The StableHLO reference interpreter (conformance.interpreted) is IEEE: it keeps the
+    subnormals XLA:CPU flushes, and on normal numbers it computes what jit does."""
+    assert interpreter_keeps_subnormals()
+    sub = np.asarray([1e-40, -3e-42, 2**-149], np.float32)
+    np.testing.assert_array_equal(interpreted(lambda a: a * np.float32(3))(sub), sub * np.float32(3))
+    rng = np.random.default_rng(5)
+    x, y = (np.asarray(rng.standard_normal((3, 4)), np.float32) for _ in range(2))
+
+    def f(a, *, b):
+        return {"s": jnp.sqrt(jnp.abs(a)) / (b * b + 1), "n": jnp.sum(a * b, axis=0)}
+
+    got, want = interpreted(f)(x, b=y), jax.jit(f)(x, b=y)
+    for k in want:  # XLA may contract a·b + c into an FMA: a few ulps
+        np.testing.assert_allclose(got[k], np.asarray(want[k]), rtol=4 * np.finfo(np.float32).eps, atol=1e-6)
+
+
+def test_interpreter_refuses_custom_calls():
+    """A LAPACK custom call would abort the process inside the interpreter: refused before."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("LAPACK custom calls are the CPU lowering")
+    spd = np.eye(3, dtype=np.float32) * 2
+    with pytest.raises(ValueError, match="custom call"):
+        interpreted(jnp.linalg.cholesky)(spd)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 112, 2**12 + 5, 2**20, 2**23 - 1])
+def test_float32_rms_without_x64_keeps_every_subnormal(k):
+    """RMS (float-float mode) of data as small as the smallest subnormal, run by the IEEE
+    interpreter (XLA:CPU would flush the inputs): the float64 result, rounded. Squares of such data
+    underflow float32 even after a 2^64 scaling (a FAdam vector failed on XLA:GPU that way)."""
+    x = np.asarray([k, -k, k // 2, 0], np.float32) * np.float32(2.0**-149)
+    got = interpreted(lambda a: nu.rms(a, nu.DD).round(jnp.float32))(x)
+    want = np.float32(math.sqrt(np.mean(x.astype(np.float64) ** 2)))
+    assert want > 0 and abs(float(got) - float(want)) <= float(np.spacing(want)), (got, want)
 
 
 def test_state_is_a_pytree_of_the_registry_state():

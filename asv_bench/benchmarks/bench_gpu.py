@@ -4,19 +4,106 @@ The measurement helpers here are also used by asv_bench/gpu_validate.py, which
 prints the whole table (GB/s, ratio to an in-process device-to-device copy,
 ratio to torch.optim.AdamW(fused=True)) in one command.
 
-Bytes per parameter (float32), counted as the minimum traffic of each rule:
-Adam/AdamW read θ, g, m, v and write θ, m, v: 28 B; FAdam reads g (RMS), then
-θ, g, f and writes f (preconditioner RMS), then reads θ, g, m, f and writes
-θ, m: 44 B; Coupled Adam reads g (column sums), then θ, g, m and writes θ, m:
-24 B (+ the float64 column partial sums, ~1/rows_per_tile of g, not counted).
+Every fact about a rule comes from its descriptor in the registry
+(``fisheropt.refimpl.RULES``): which rules run (every rule with a kernel module
+``backends/cupy/<name>.py``: :func:`gpu_rules`), their hyperparameters (the
+defaults, with the deliberate :data:`OVERRIDES`), their state arrays
+(``Rule.state``) and tensor flag (``Rule.tensor_flag``), and the bytes a step
+moves (``fisheropt.bench.moved_bytes``, from ``Rule.items_per_element``: the
+spec's fused schedule, e.g. Adam 7 itemsizes per parameter, read θ, g, m, v and
+write θ, m, v). GB/s count those bytes, as ``fisheropt bench`` does, also where
+a kernel moves more (CuPy's FAdam reads g once more, for RMS(g): 11 itemsizes
+against the schedule's 10; Coupled Adam's float64 column partial sums are not
+counted).
+
+fisheropt is imported inside the functions (the rule list of the asv class
+tolerates a fisheropt without the registry), and CuPy only where a GPU runs:
+asv discovers these benchmarks on machines without CuPy and runs them against
+old commits (``setup`` skips there).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-BYTES_PER_PARAM = {"adam": 7, "adamw": 7, "fadam": 11, "coupled_adam": 6}  # × itemsize
 LARGE = 2**27
+COLUMNS = 1024  # a rule with a tensor flag (V×d matrices) steps the large case as LARGE/COLUMNS × COLUMNS
+
+# Deliberate departures from the descriptors' defaults, {rule: {hyperparameter: value}} by the
+# descriptor's names ("betas", not "beta1"), for a default that would leave a path of the kernel
+# unexercised. None is needed now: AdamW's and Coupled Adam's default decay (1e-2) and FAdam's (0.1)
+# run their decay paths; Adam's 0 is torch.optim.Adam's default too, the configuration compared with
+# torch fused; Lion's kernel computes its decay term whatever its value.
+OVERRIDES: dict[str, dict[str, float]] = {}
+
+# The rules with a torch.optim fused counterpart: rule -> decoupled (torch AdamW) or not (Adam).
+# The others (FAdam, Coupled Adam, Lion) have none: their rows show no torch comparison.
+TORCH_FUSED = {"adam": False, "adamw": True}
+
+
+def gpu_rules() -> list[str]:
+    """The registry's rules that have a CuPy kernel module (``backends/cupy/<name>.py`` of the
+    installed fisheropt), in registry order: the rules benchmarked here. Imports no CuPy."""
+    import fisheropt.backends
+    from fisheropt.refimpl import RULES
+
+    kernels = Path(str(fisheropt.backends.__file__)).parent / "cupy"
+    return [name for name in RULES if (kernels / f"{name}.py").is_file()]
+
+
+def _asv_rules() -> list[str]:
+    try:
+        return gpu_rules()
+    except ImportError:  # a fisheropt without the registry (an old commit): no rule to list
+        return []
+
+
+def kernel_hyperparams(rule: str) -> dict[str, float]:
+    """The hyperparameter keywords of ``rule``'s step function: the descriptor's defaults with
+    :data:`OVERRIDES`, pairs split into their kernel names (betas -> beta1, beta2)."""
+    from fisheropt.refimpl import RULES
+
+    descriptor = RULES[rule]
+    return descriptor.kernel_kwargs({**descriptor.defaults(), **OVERRIDES.get(rule, {})})
+
+
+def tensor_flags(rule: str, n: int) -> dict[str, list[bool]]:
+    """The keyword of the rule's tensor flag (Coupled Adam's ``coupled``) with all ``n`` tensors
+    flagged (a flagged rule gets V×d matrices only: :func:`case_shapes`); {} for a rule without."""
+    from fisheropt.refimpl import RULES
+
+    flag = RULES[rule].tensor_flag
+    return {} if flag is None else {flag.name: [True] * n}
+
+
+def case_shapes(case: str, rule: str | None = None) -> list[tuple[int, ...]]:
+    """The tensor shapes of ``case``: "large" (one 2^27-parameter tensor) or "transformer"
+    (:func:`transformer_shapes`), as ``rule`` steps them. A rule with a tensor flag, which requires
+    V×d matrices, gets the large tensor as rows of COLUMNS and the transformer's matrices only;
+    the other rules (and ``rule`` None: torch's baselines) get every shape."""
+    flagged = False
+    if rule is not None:
+        from fisheropt.refimpl import RULES
+
+        flagged = RULES[rule].tensor_flag is not None
+    if case == "large":
+        return [(LARGE // COLUMNS, COLUMNS)] if flagged else [(LARGE,)]
+    if case == "transformer":
+        shapes = transformer_shapes()
+        return [s for s in shapes if len(s) == 2] if flagged else shapes
+    raise ValueError(f"unknown case {case!r}; cases: 'large', 'transformer'")
+
+
+def step_bytes(rule: str, shapes, dtype="float32") -> int:
+    """Bytes one step of ``rule`` moves over ``shapes`` (all flagged where the rule has a flag):
+    ``fisheropt.bench.moved_bytes``, the descriptor's ``items_per_element`` × the itemsize."""
+    from fisheropt.bench import moved_bytes
+
+    flags = tensor_flags(rule, len(shapes))
+    flagged = next(iter(flags.values()), [False] * len(shapes))
+    return moved_bytes(rule, shapes, flagged, np.dtype(dtype).itemsize)
 
 
 def transformer_shapes(layers: int = 12, d: int = 768, vocab: int = 8192, ctx: int = 1024):
@@ -79,45 +166,49 @@ def copy_gbps(n: int = LARGE, dtype="float32", reps: int = 30) -> float:
     return 2 * n * np.dtype(dtype).itemsize / (ms * 1e-3) / 1e9
 
 
-def make_problem(rule, shapes, dtype="float32", seed=0):
-    """Device params, grads and state for ``rule`` (CuPy arrays)."""
-    import cupy
+def make_problem(rule, shapes, dtype="float32", seed=0, xp=None):
+    """(params, grads, *state) for ``rule``, arrays of the module ``xp`` (CuPy by default).
 
-    rng = cupy.random.default_rng(seed)
+    The state lists are the descriptor's (``Rule.state``, in its order, as the step function
+    takes them): zeros shaped like each parameter, or (d,) for a ``per_column`` array of a
+    flagged V×d tensor (every tensor is flagged where the rule has a flag: :func:`tensor_flags`)."""
+    if xp is None:
+        import cupy as xp
+    from fisheropt.refimpl import RULES
+
+    descriptor = RULES[rule]
+    flagged = descriptor.tensor_flag is not None
+    rng = xp.random.default_rng(seed)
     params = [rng.standard_normal(s, dtype=dtype) for s in shapes]
     grads = [rng.standard_normal(s, dtype=dtype) * 1e-2 for s in shapes]
-    m = [cupy.zeros_like(p) for p in params]
-    if rule == "coupled_adam":
-        v = [cupy.zeros(s[1], dtype=dtype) for s in shapes]
-    else:
-        v = [cupy.zeros_like(p) for p in params]
-    return params, grads, m, v
+    state = [
+        [xp.zeros(s[1] if spec.per_column and flagged else s, dtype=dtype) for s in shapes] for spec in descriptor.state
+    ]
+    return (params, grads, *state)
 
 
-HP = {
-    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0),
-    "adamw": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
-    "fadam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, eps2=0.01, clip=1.0, p=0.5, weight_decay=0.1),
-    "coupled_adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
-}
+def make_step(rule, shapes, dtype="float32", *, backend="cupy", xp=None):
+    """A callable taking one step of ``rule`` (``Rule.step_function`` of ``backend``, no
+    finiteness check) on a fresh :func:`make_problem`, its step count advancing from 1."""
+    import fisheropt as fo
+    from fisheropt.refimpl import RULES
+
+    fn = getattr(fo.backends.get(backend), RULES[rule].step_function)
+    params, grads, *state = make_problem(rule, shapes, dtype, xp=xp)
+    hyperparams = kernel_hyperparams(rule)
+    flags = tensor_flags(rule, len(shapes))
+    count = {"t": 0}
+
+    def step():
+        count["t"] += 1
+        fn(params, grads, *state, step=count["t"], **hyperparams, **flags)
+
+    return step
 
 
 def fo_step_ms(rule, shapes, dtype="float32", reps=30) -> float:
-    """Median time of one backend step (no finiteness check) in ms."""
-    import fisheropt as fo
-
-    backend = fo.backends.get("cupy")
-    fn = getattr(backend, f"{rule}_step")
-    params, grads, m, v = make_problem(rule, shapes, dtype)
-    state = {"t": 0}
-
-    flags = {"coupled": [True] * len(params)} if rule == "coupled_adam" else {}  # every tensor V×d
-
-    def step():
-        state["t"] += 1
-        fn(params, grads, m, v, step=state["t"], **HP[rule], **flags)
-
-    return gpu_time_ms(step, reps=reps)
+    """Time of one cupy backend step (no finiteness check) in ms, by :func:`gpu_time_ms`."""
+    return gpu_time_ms(make_step(rule, shapes, dtype), reps=reps)
 
 
 def torch_fused_ms(shapes, *, decoupled=True, dtype="float32", reps=30) -> float | None:
@@ -136,7 +227,7 @@ def torch_fused_ms(shapes, *, decoupled=True, dtype="float32", reps=30) -> float
         p.grad = torch.randn(s, device="cuda", dtype=tdt, generator=gen) * 1e-2
         params.append(p)
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    hp = HP["adamw" if decoupled else "adam"]
+    hp = kernel_hyperparams("adamw" if decoupled else "adam")  # the same values as our rows
     opt = cls(
         params,
         lr=hp["lr"],
@@ -164,9 +255,10 @@ def torch_fused_ms(shapes, *, decoupled=True, dtype="float32", reps=30) -> float
 
 # ---- asv -------------------------------------------------------------------------
 class GPUUpdateRules:
-    """asv: GB/s of each rule on one 2^27-parameter float32 tensor and on a 148-tensor model."""
+    """asv: GB/s of each rule with a CuPy kernel (:func:`gpu_rules`) on one 2^27-parameter
+    float32 tensor and on a 148-tensor model (:func:`case_shapes`)."""
 
-    params = (["adam", "adamw", "fadam", "coupled_adam"], ["large", "transformer"])
+    params = (_asv_rules(), ["large", "transformer"])
     param_names = ["rule", "case"]
     unit = "GB/s"
     timeout = 600
@@ -174,17 +266,17 @@ class GPUUpdateRules:
     def setup(self, rule, case):
         if cupy_or_none() is None:
             raise NotImplementedError("cupy backend unavailable (no GPU)")
+        try:
+            from fisheropt.bench import moved_bytes  # noqa: F401
+        except ImportError as exc:
+            raise NotImplementedError(f"this fisheropt predates the rule registry: {exc}") from exc
+        if rule not in gpu_rules():
+            raise NotImplementedError(f"no cupy kernel for {rule} in this fisheropt")
 
     def track_gbps(self, rule, case):
-        if case == "large":
-            shapes = [(LARGE // 1024, 1024)] if rule == "coupled_adam" else [(LARGE,)]
-        else:
-            shapes = transformer_shapes()
-            if rule == "coupled_adam":
-                shapes = [s for s in shapes if len(s) == 2]
-        n = sum(int(np.prod(s)) for s in shapes)
+        shapes = case_shapes(case, rule)
         ms = fo_step_ms(rule, shapes)
-        return BYTES_PER_PARAM[rule] * 4 * n / (ms * 1e-3) / 1e9
+        return step_bytes(rule, shapes) / (ms * 1e-3) / 1e9
 
 
 class GPUCopy:

@@ -25,6 +25,7 @@ class CupyLauncher:
     """The launcher interface of ``_plan.Engine`` on CuPy arrays and RawModules."""
 
     block = _kernels.BLOCK
+    host_arrays = False  # its kernels take CuPy arrays
 
     def __init__(self):
         self._modules: dict = {}

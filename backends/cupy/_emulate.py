@@ -129,6 +129,8 @@ _CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "double": ctypes
 class CpuLauncher:
     """The launcher interface of ``_plan.Engine`` on NumPy arrays and the CPU emulation."""
 
+    host_arrays = True  # its kernels take NumPy arrays (what ema_update's argument check accepts)
+
     def __init__(self, block: int = 32, transform=None):
         self.block = int(block)
         self.transform = transform

@@ -132,12 +132,15 @@ def _statements(text: str) -> list[str]:
 
 
 def kernel_modules() -> tuple[str, ...]:
-    """The modules of this package that may hold kernels: the pre-step check, then one per
-    rule of the registry (a rule without a module, or whose module has no ``KERNELS``,
-    has no kernels here; ``adamw`` runs Adam's)."""
+    """The modules of this package that may hold kernels: the pre-step check, one per rule
+    of the registry (a rule without a module, or whose module has no ``KERNELS``, has no
+    kernels here; ``adamw`` runs Adam's), then ``esimcse``."""
     from fisheropt.refimpl import RULES
 
-    return ("finite", *RULES)
+    # esimcse is no update rule, so RULES does not name it; its momentum-encoder EMA is a
+    # streaming kernel all the same, and must be compiled here with COMPILE_OPTIONS (no
+    # flush-to-zero, no contraction), emulated and checked with the others.
+    return ("finite", *RULES, "esimcse")
 
 
 _REGISTRY: dict | None = None

@@ -23,7 +23,7 @@ these scalars are computed on the device, in one of two ways:
   float32 is off by 1.3e-8, and 1 − β₂ᵗ at t = 1000 then by 7.6e-6 relative, four times
   the vectors' tolerance; ``jnp.expm1`` in float32 is up to 5 ulp off.)
   Reductions of float32 data are float32 sums (XLA's order: measured within ~1e-7
-  relative up to 4M elements), redone on data scaled by 2^-80 or 2^64 (exact) when the
+  relative up to 4M elements), redone on data scaled by 2^-80 or 2^88 (exact) when the
   plain sum overflowed or may have lost small squares to underflow, so that squares
   which overflow or underflow float32 but not float64 still give the float64 result;
   RMS and clip scales from them are float32 (a float32 sum carries ~1 ulp anyway).
@@ -345,7 +345,11 @@ def _complement_of_power(
 # recomputes them), so nothing the size of a parameter is materialised for a reduction. The
 # operands pass an optimization barrier first, so that XLA does not merge (CSE) the reduction's
 # squares with the same squares elsewhere (FAdam's g·g) and materialise them to share them.
-_UP = np.float32(2.0**64)  # scale for sums whose squares may have underflowed
+# Scale for sums whose squares may have underflowed: the smallest subnormal x = 2^-149 becomes
+# 2^-61, whose square 2^-122 is normal (2^64 lost squares of |x| < 2^-138 to underflow: a subnormal
+# gradient then looked like a zero one and FAdam took ε^{2p} for ε_t). The scaled path is taken only
+# for sums below n·2^-101, so the scaled sum stays below n·2^75: no overflow.
+_UP = np.float32(2.0**88)
 _DOWN = np.float32(2.0**-80)  # scale for sums that overflowed: (2^128·2^-80)² = 2^96, n·2^96 < 2^128
 _ONE = np.float32(1.0)
 #: make(*operands) -> the arrays whose squares are summed (module-level: it is a static jit argument).
@@ -374,7 +378,7 @@ def _sums_sq_f32(operands: tuple[jax.Array, ...], make: Reduced, axis: int | Non
 
     The plain sums, where finite and large enough that no square can have been lost to underflow
     (squares below 2^-126 flush to zero on XLA:CPU: at most n·2^-126, < 2^-25 of a sum ≥ n·2^-101);
-    otherwise, in a second pass (``cond``: taken only then), the sums of (x·c)² with c = 2^64
+    otherwise, in a second pass (``cond``: taken only then), the sums of (x·c)² with c = 2^88
     (small data) or 2^-80 (overflow), both exact scalings. Returns [(sum of (x·c)², 1/c)].
     Jitted at module level (``make`` a module-level function) so that eager calls compile once."""
     xs = make(*lax.optimization_barrier(tuple(operands)))

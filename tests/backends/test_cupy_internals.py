@@ -32,6 +32,7 @@ from cupy_emulated import (
     _assert_agree,
     _run_both,
     cuda_kernels,
+    ema_both,
     emulator,
     fixed_problem,
     planner,
@@ -39,8 +40,9 @@ from cupy_emulated import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fisheropt import refimpl
+from fisheropt import refimpl, vectors
 from fisheropt.backends import interface
+from fisheropt.refimpl import esimcse_momentum
 
 NVCC = shutil.which("nvcc")
 
@@ -410,6 +412,55 @@ def test_sharded_passes_split_the_steps_launches():
     assert list(launcher.args[0]["counts"]) == [60, 3] and list(launcher.args[0]["column_sums"]) == [1.0] * 6
 
 
+def test_ema_update_makes_one_launch_per_dtype_with_the_references_coefficients():
+    """ESimCSE's momentum encoder: one launch per dtype whatever the number of tensors, its scalars
+    λ and 1 − λ computed in float64 and rounded once to the dtype (``ema_coefficients``), not
+    1 − round(λ) in the dtype (which differs, e.g. for λ = 0.995 in float32)."""
+    ema_launches = MODULES["esimcse"].ema_launches
+    assert np.float32(1 - 0.995) != np.float32(1) - np.float32(0.995)  # the rounding that matters here
+    for n_layers in (1, 37):
+        launcher = RecordingLauncher()
+        engine = planner.Engine(launcher)
+        targets = _model(n_layers) + _model(1, np.float64)
+        sources = [np.ones_like(t) for t in targets]
+        for decay in (0.995, 1 / 3, 0.1, 0.999999, 0.0, 1.0):
+            launcher.launches.clear()
+            launcher.args.clear()
+            engine.run(ema_launches(engine, targets, sources, decay))
+            assert [(d, n) for d, n, _ in launcher.launches] == [("float32", "esimcse_ema"), ("float64", "esimcse_ema")]
+            for (dtype, _, _), args in zip(launcher.launches, launcher.args):
+                want = esimcse_momentum.ema_coefficients(decay, dtype)
+                got = (args["decay"], args["one_minus_decay"])
+                assert [type(x) for x in got] == [type(x) for x in want]
+                assert [x.tobytes() for x in got] == [x.tobytes() for x in want], (decay, dtype)
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler for the emulator")
+def test_ema_update_that_cannot_be_prepared_writes_nothing():
+    """All or nothing: an upload that fails while the float64 group is prepared leaves the float32
+    targets, prepared before, unwritten: nothing is launched before every launch is prepared."""
+    emu = EmulatedBackend()
+    launcher = emu.engine.launcher
+    upload, uploads = launcher.upload, []
+
+    def failing_upload(host):
+        uploads.append(1)
+        if len(uploads) == 5:  # float32: chunks, meta, targets' and sources' pointers; then float64's chunks
+            raise MemoryError("out of device memory")
+        return upload(host)
+
+    launcher.upload = failing_upload
+    targets = [np.zeros(7, np.float32), np.zeros(5, np.float64)]
+    strided = np.ones((5, 2))[:, 0]
+    with pytest.raises(MemoryError):
+        emu.ema_update(targets, [np.ones(7, np.float32), strided], decay=0.5)
+    assert len(uploads) == 5 and launcher.calls == []
+    assert not targets[0].any() and not targets[1].any()
+    launcher.upload = upload
+    emu.ema_update(targets, [np.ones(7, np.float32), strided], decay=0.5)  # and then it works
+    assert (targets[0] == 0.5).all() and (targets[1] == 0.5).all()
+
+
 # =====================================================================================
 # CPU: the generated CUDA text, and its PTX (NVRTC or nvcc, no GPU)
 # =====================================================================================
@@ -467,16 +518,16 @@ def _check_ptx(ptx: str, dtype: str) -> None:
     assert set(entries) == {cuda_kernels.kernel_name(n, dtype) for n in cuda_kernels.SIGNATURES}
     sfx, w = cuda_kernels.suffix(dtype), ("v4.f32" if dtype == "float32" else "v2.f64")
     bits = "f32" if dtype == "float32" else "f64"
-    for name in ("adam", "coupled_apply", "all_finite", "sumsq", "lion"):
+    for name in ("adam", "coupled_apply", "all_finite", "sumsq", "lion", "esimcse_ema"):
         assert not re.search(rf"\bfma\.rn\.{bits}", entries[f"fo_{name}_{sfx}"]), f"contracted FMA in {name}"
         assert ".ftz" not in entries[f"fo_{name}_{sfx}"], name
-    for name in ("adam", "fadam_sums", "fadam_apply", "coupled_apply", "all_finite", "sumsq", "lion"):
+    for name in ("adam", "fadam_sums", "fadam_apply", "coupled_apply", "all_finite", "sumsq", "lion", "esimcse_ema"):
         # (.nc: through the read-only data cache, where the kernel writes none of the arrays it reads)
         assert re.search(rf"ld\.global(\.nc)?\.{w}", entries[f"fo_{name}_{sfx}"]), f"no 16-byte global loads in {name}"
-    for name in ("adam", "fadam_apply", "coupled_apply", "lion"):
+    for name in ("adam", "fadam_apply", "coupled_apply", "lion", "esimcse_ema"):
         assert f"st.global.{w}" in entries[f"fo_{name}_{sfx}"], name
     if dtype == "float32":
-        for name in ("adam", "lion"):
+        for name in ("adam", "lion", "esimcse_ema"):
             assert not re.search(r"\.(add|mul|div|sqrt)\.rn\.f64", entries[f"fo_{name}_f32"]), (
                 f"float64 math in {name}_f32"
             )
@@ -706,3 +757,39 @@ def test_agreement_checks_catch_a_broken_kernel(mutant):
     ref, got = _run_both(emu, rule, pb)
     with pytest.raises(AssertionError):
         _assert_agree(ref, got, exact=False, magnitude=max(pb["grad_scale"], 1e-9))
+
+
+#: CUDA's flush-to-zero (-ftz=true, as CuPy's ElementwiseKernel compiles), on the emulator: every
+#: float32 operand and result of the EMA that is subnormal becomes a zero of its sign
+EMA_LINE = "target_group[k] = decay * target_group[k] + one_minus_decay * source_group[k];"
+EMA_FLUSHED = (
+    "target_group[k] = fo_ftz(fo_ftz(decay * fo_ftz(target_group[k])) + "
+    "fo_ftz(one_minus_decay * fo_ftz(source_group[k])));"
+)
+FTZ_HELPER = "static inline T fo_ftz(T x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign((T)0, x) : x; }\n"
+
+
+def _flush_float32_ema(src):
+    if "typedef float T;" not in src:
+        return src
+    entry = 'extern "C" __global__ void __launch_bounds__(BLOCK) fo_esimcse_ema_f32('
+    assert src.count(entry) == 1 and src.count(EMA_LINE) == 1, "mutation anchor not found: update the test"
+    return src.replace(entry, FTZ_HELPER + entry).replace(EMA_LINE, EMA_FLUSHED)
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler for the emulator")
+def test_ema_agreement_catches_a_kernel_that_flushes_subnormals():
+    """The EMA kernel as a GPU would run it with flush-to-zero: the bitwise comparison catches it on
+    float32 subnormals (the golden case ``ema_float32_subnormal`` included), and only there."""
+    emu = EmulatedBackend(transform=_flush_float32_ema)
+    rng = np.random.default_rng(21)
+    normal = [rng.standard_normal(s).astype(np.float32) for s in [(37, 5), (3,)] * 2]
+    want, got = ema_both(emu, normal[:2], normal[2:], 0.995)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)  # the mutant is the kernel wherever nothing is subnormal
+    subnormal = [rng.uniform(-2.5e-40, 2.5e-40, (37, 5)).astype(np.float32) for _ in range(2)]
+    want, got = ema_both(emu, subnormal[:1], subnormal[1:], 0.995)
+    assert np.count_nonzero(want[0]) > 100 and not np.any(got[0])  # all flushed, where the reference has values
+    case = next(c for c in vectors.load_suite("esimcse")["cases"] if c["name"] == "ema_float32_subnormal")
+    assert vectors.run_case(case, emu, to_device=emu.to_device) != []
+    assert vectors.run_case(case, EmulatedBackend(), to_device=emu.to_device) == []
