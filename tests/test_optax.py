@@ -126,8 +126,10 @@ class Tolerance:
         assert np.all(err <= tol), f"state {key} at step {k}: excess {np.max(err - tol):.3g}"
 
 
-def run_against_reference(rule, dtype, seed, *, steps=8, jit=True, hp=None):
-    """A trajectory of foo.<rule> and fo.<Rule>(backend="numpy") on the same random pytree."""
+def run_against_reference(rule, dtype, seed, *, steps=8, jit=True, hp=None, interpret=False, grad_exponents=(-2, 2)):
+    """A trajectory of foo.<rule> and fo.<Rule>(backend="numpy") on the same random pytree, the
+    update jitted, eager, or (``interpret``) update and apply run by the StableHLO interpreter;
+    gradients of each leaf's scale times 10^u, u uniform in ``grad_exponents``."""
     rng = np.random.default_rng(seed)
     leaves, treedef = random_tree(rng, rule)
     hp = hp or sample_hyperparams(rule, rng)
@@ -140,17 +142,27 @@ def run_against_reference(rule, dtype, seed, *, steps=8, jit=True, hp=None):
     P = treedef.unflatten([jnp.asarray(p) for p in params])
     state = tx.init(P)
     update = jax.jit(tx.update) if jit else tx.update
+
+    def update_and_apply(g, st, p):
+        updates, st = tx.update(g, st, p)
+        return optax.apply_updates(p, updates), st
+
+    interpreted_step = interpreted(update_and_apply)
     tol = Tolerance(dtype)
     for k in range(1, steps + 1):
         grads = [
-            np.asarray(rng.standard_normal(s) * c * 10.0 ** rng.uniform(-2, 2), dtype) for s, c in zip(leaves, scale)
+            np.asarray(rng.standard_normal(s) * c * 10.0 ** rng.uniform(*grad_exponents), dtype)
+            for s, c in zip(leaves, scale)
         ]
         if k == 3:
             grads = [np.zeros_like(g) for g in grads]  # a zero-gradient step
         before = [p.astype(np.float64) for p in ref.params]
         ref.step([g.copy() for g in grads])
-        updates, state = update(treedef.unflatten([jnp.asarray(g) for g in grads]), state, P)
-        P = optax.apply_updates(P, updates)
+        if interpret:
+            P, state = interpreted_step(treedef.unflatten(grads), state, P)
+        else:
+            updates, state = update(treedef.unflatten([jnp.asarray(g) for g in grads]), state, P)
+            P = optax.apply_updates(P, updates)
         for i, (got, want) in enumerate(zip(jax.tree.leaves(P), ref.params)):
             assert got.dtype == want.dtype and got.shape == want.shape
             tol.theta(i, k, got, want, before[i])
@@ -253,6 +265,19 @@ def test_matches_numpy_reference_on_random_pytrees(name, dtype):
             run_against_reference(rule, dtype, seed=seed, steps=16, hp=rule.defaults())
         else:
             run_against_reference(rule, dtype, seed=seed, steps=8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", RULE_NAMES)
+def test_matches_numpy_reference_with_subnormal_gradients_interpreted(name, dtype):
+    """Gradients down to the dtype's subnormals (float32 ~1e-45..1e-36, float64 ~1e-320..1e-300),
+    which XLA:CPU flushes: the same programs run by the StableHLO interpreter (IEEE) follow the
+    reference, 6 steps, hyperparameters from the typical ranges."""
+    rule = RULES[name]
+    seed = sum(map(ord, "subnormal" + name + dtype))
+    exponents = (-44, -36) if dtype == "float32" else (-320, -300)
+    with _x64(dtype):
+        run_against_reference(rule, dtype, seed=seed, steps=6, interpret=True, grad_exponents=exponents)
 
 
 def test_jit_and_eager_agree():
@@ -549,6 +574,26 @@ def test_float32_rms_without_x64_keeps_every_subnormal(k):
     got = interpreted(lambda a: nu.rms(a, nu.DD).round(jnp.float32))(x)
     want = np.float32(math.sqrt(np.mean(x.astype(np.float64) ** 2)))
     assert want > 0 and abs(float(got) - float(want)) <= float(np.spacing(want)), (got, want)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.75, 1.0])
+def test_adaptive_epsilon_without_x64_from_any_rms(p):
+    """ε_t (float-float mode, run by the IEEE interpreter) against refimpl.fadam.adaptive_epsilon for
+    RMS(g) from float32's smallest subnormals to overflowing squares: within 4 ulp (an RMS below the
+    normal range keeps its bits through the unscaled factor of ScaledDD)."""
+    import fisheropt.refimpl.fadam as ref_fadam
+
+    eps, eps2 = 1e-8, 0.01
+    eps_t = interpreted(
+        lambda a: nu.adaptive_epsilon(nu.rms(a, nu.DD), eps=eps, eps2=eps2, p=p, dtype=jnp.float32, N=nu.DD)
+    )
+    rng = np.random.default_rng(int(p * 100))
+    for exponent in [-45, -44, -42, -40, -38, -30, -12, -6, 0, 10, 20]:
+        x = np.asarray(rng.standard_normal(7) * 10.0**exponent, np.float32)
+        want = ref_fadam.adaptive_epsilon(ref_fadam.rms(x), eps=eps, eps2=eps2, p=p, dtype=np.float32)
+        got = eps_t(x)
+        assert got.dtype == np.float32
+        assert abs(float(got) - float(want)) <= 4 * float(np.spacing(want)), (exponent, got, want)
 
 
 def test_state_is_a_pytree_of_the_registry_state():

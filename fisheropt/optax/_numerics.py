@@ -26,7 +26,9 @@ these scalars are computed on the device, in one of two ways:
   relative up to 4M elements), redone on data scaled by 2^-80 or 2^88 (exact) when the
   plain sum overflowed or may have lost small squares to underflow, so that squares
   which overflow or underflow float32 but not float64 still give the float64 result;
-  RMS and clip scales from them are float32 (a float32 sum carries ~1 ulp anyway).
+  RMS and clip scales from them are float32 (a float32 sum carries ~1 ulp anyway). An RMS
+  keeps its unscaled factor and the scale (:class:`ScaledDD`): below float32's normal range
+  the RMS itself has lost bits, and FAdam's ε_t = (ε₂·RMS)^{2p} is formed from the factors.
 
 Both produce values of the scalar classes below, which the rules round with
 ``.round(dtype)``. XLA:CPU flushes subnormal numbers to zero (inputs and results); no
@@ -51,6 +53,7 @@ __all__ = [
     "numbers",
     "F64",
     "DD",
+    "ScaledDD",
     "rms",
     "rms_of",
     "column_mean_of_squares",
@@ -313,6 +316,21 @@ class DD:
         return DD(ch, cl)
 
 
+class ScaledDD(DD):
+    """The RMS of float32 data (:func:`rms_of` without x64): a :class:`DD` whose value is
+    ``unscaled · inv_scale``, kept with its two factors. ``inv_scale`` is 1, 2^-88 or 2^80 (the
+    exact rescaling of :func:`_sums_sq_f32`) and ``unscaled`` lies in float32's normal range: where
+    the RMS itself is below it (a subnormal, a few significant bits left) FAdam's ε_t is computed
+    from the factors, which lost nothing."""
+
+    __slots__ = ("unscaled", "inv_scale")
+
+    def __init__(self, unscaled: jax.Array, inv_scale: jax.Array) -> None:
+        super().__init__(unscaled * inv_scale)  # exact, or rounded once where it is subnormal
+        self.unscaled = unscaled
+        self.inv_scale = inv_scale
+
+
 @jax.jit
 def _complement_of_power(
     p_hi: jax.Array, p_lo: jax.Array, c_hi: jax.Array, c_lo: jax.Array, n: jax.Array
@@ -415,7 +433,7 @@ def rms_of(make: Reduced, operands: tuple[jax.Array, ...], N: Numbers) -> list[S
     for s, inv_c in _sums_sq_f32(tuple(operands), make, None):
         s = lax.optimization_barrier(s)
         # float32 from here: the sum carries ~1 ulp (XLA's order); float-float would not help
-        out.append(DD(jnp.sqrt(s / np.float32(size)) * inv_c))  # exact scaling, or +Inf on overflow
+        out.append(ScaledDD(jnp.sqrt(s / np.float32(size)), inv_c))  # exact scaling, or +Inf on overflow
     return out
 
 
@@ -461,24 +479,54 @@ def adaptive_epsilon(rms_g: Scalar, *, eps: float, eps2: float, p: float, dtype:
 
     The two guards are decided on log₂ of the unrounded value, not on the rounded one:
     XLA:CPU flushes subnormal results to zero, so a value the reference rounds to a subnormal
-    (and then raises to the smallest normal) would otherwise look like 0."""
+    (and then raises to the smallest normal) would otherwise look like 0. Where ε is the smaller,
+    ε^{2p} is the host's float64 value rounded once, as the reference's."""
     log_tiny, log_zero = _exponent_limits(dtype)
-    floor = max(np.dtype(dtype).type(eps ** (2 * p)), np.finfo(dtype).tiny)  # host, as the reference
-    m = N.const(eps2) * rms_g if N is F64 else DD(np.float32(eps2) * rms_g.value())
-    mv = m.value()
-    sd = mv.dtype
-    # log2(min(ε, ε₂·RMS)) from log2(RMS): exact enough for the decisions, never flushed
-    log_m = jnp.fmin(jnp.asarray(math.log2(eps), sd), jnp.asarray(math.log2(eps2), sd) + jnp.log2(rms_g.value()))
-    log_y = jnp.asarray(2 * p, sd) * log_m
-    m_val = jnp.fmin(jnp.asarray(eps, sd), mv)  # fmin: a NaN RMS gives ε, as Python's min
-    if 2 * p == 1.0:
-        y = jnp.where(mv < eps, m.round(dtype), jnp.asarray(eps, dtype))
-    else:
-        y_s = jnp.where(m_val > 0, m_val ** jnp.asarray(2 * p, sd), jnp.exp2(log_y))
-        y = y_s.astype(dtype)
-    zero = ~(log_y > log_zero)  # also RMS = 0 (log = -inf)
+    eps_pow = np.dtype(dtype).type(eps ** (2 * p))  # host, as the reference
+    floor = max(eps_pow, np.finfo(dtype).tiny)
     tiny = jnp.asarray(np.finfo(dtype).tiny, dtype)
+    if N is F64:
+        m = N.const(eps2) * rms_g
+        mv = m.value()
+        # log₂ from log₂ RMS: ε₂·RMS may be flushed where RMS is not
+        log_m = jnp.fmin(jnp.float64(math.log2(eps)), jnp.float64(math.log2(eps2)) + jnp.log2(rms_g.value()))
+        smaller = mv < eps  # False for NaN: ε, as Python's min(ε, nan)
+        if 2 * p == 1.0:
+            y = m.round(dtype)
+        else:  # (a flushed m, 0 on XLA:CPU: its log, which does not flush, gives the value)
+            y = jnp.where(mv > 0, mv ** jnp.float64(2 * p), jnp.exp2(jnp.float64(2 * p) * log_m)).astype(dtype)
+    else:
+        y, log_m, smaller = _eps2_rms_power(rms_g, eps=eps, eps2=eps2, p=p, dtype=dtype)
+    log_y = 2 * p * log_m
+    y = jnp.where(smaller, y, jnp.asarray(eps_pow, dtype))
+    zero = ~(log_y > log_zero)  # also RMS = 0 (log = -inf)
     return jnp.where(zero, jnp.asarray(floor, dtype), jnp.where(log_y < log_tiny, tiny, jnp.maximum(y, tiny)))
+
+
+def _eps2_rms_power(
+    rms_g: Scalar, *, eps: float, eps2: float, p: float, dtype: DTypeLike
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Without x64: ((ε₂·RMS)^{2p} rounded to dtype, log₂ min(ε, ε₂·RMS), whether ε₂·RMS < ε),
+    from the RMS's unscaled factor (:class:`ScaledDD`), so that an RMS below float32's normal range
+    loses no bits: with RMS = r·s (s = 1, 2^-88 or 2^80), (ε₂·RMS)^{2p} = (ε₂r)^{2p}·s^{2p}, formed as
+    ((ε₂r)^p·s^p)², each factor normal wherever the result is (~4 ulp; plain pow where s = 1)."""
+    if isinstance(rms_g, ScaledDD):
+        r, inv = rms_g.unscaled, rms_g.inv_scale
+    else:
+        r, inv = rms_g.value(), jnp.float32(1)
+    up, down = inv < 1, inv > 1  # data scaled up by 2^88 (small), down by 2^-80 (overflowed)
+    u = np.float32(eps2) * r  # ε₂·RMS / s, normal
+    log_s = jnp.where(up, np.float32(-88), jnp.where(down, np.float32(80), np.float32(0)))
+    log_m = jnp.fmin(np.float32(math.log2(eps)), np.float32(math.log2(eps2)) + jnp.log2(r) + log_s)
+    # ε₂·RMS < ε, compared as u < ε/s (a power-of-two scaling of ε: exact unless ε/s is subnormal)
+    eps_over_s = jnp.where(up, np.float32(eps * 2.0**88), jnp.where(down, np.float32(eps * 2.0**-80), np.float32(eps)))
+    smaller = u < eps_over_s
+    if 2 * p == 1.0:
+        return (u * inv).astype(dtype), log_m, smaller  # exact scaling, or one rounding to a subnormal
+    plain = u ** np.float32(2 * p)
+    half = (u ** np.float32(p)) * jnp.where(up, np.float32(2.0 ** (-88 * p)), np.float32(2.0 ** (80 * p)))
+    y = jnp.where(up | down, half * half, plain)
+    return y.astype(dtype), log_m, smaller
 
 
 def clip_scale(rms_x: Scalar, clip: float, dtype: DTypeLike, N: Numbers) -> jax.Array:
