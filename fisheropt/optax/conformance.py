@@ -60,7 +60,8 @@ def interpreted(fn: Callable[..., Any]) -> Callable[..., Any]:
         arrays = [np.asarray(x) for x in leaves]
         key = (treedef, tuple((a.shape, a.dtype) for a in arrays), jax.config.read("jax_enable_x64"))
         if key not in cache:
-            lowered = jax.jit(fn, keep_unused=True).lower(*args, **kwargs)
+            # lowered for the CPU whatever the default backend: the interpreter runs on the host
+            lowered = jax.jit(fn, keep_unused=True).trace(*args, **kwargs).lower(lowering_platforms=("cpu",))
             module = lowered.compiler_ir("stablehlo")
             if not isinstance(module, ir.Module):
                 raise RuntimeError("jax lowered no StableHLO module")
