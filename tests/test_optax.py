@@ -147,7 +147,7 @@ def run_against_reference(rule, dtype, seed, *, steps=8, jit=True, hp=None, inte
         updates, st = tx.update(g, st, p)
         return optax.apply_updates(p, updates), st
 
-    interpreted_step = interpreted(update_and_apply)
+    interpreted_step = interpreted(update_and_apply) if interpret else None
     tol = Tolerance(dtype)
     for k in range(1, steps + 1):
         grads = [
@@ -158,7 +158,7 @@ def run_against_reference(rule, dtype, seed, *, steps=8, jit=True, hp=None, inte
             grads = [np.zeros_like(g) for g in grads]  # a zero-gradient step
         before = [p.astype(np.float64) for p in ref.params]
         ref.step([g.copy() for g in grads])
-        if interpret:
+        if interpreted_step is not None:
             P, state = interpreted_step(treedef.unflatten(grads), state, P)
         else:
             updates, state = update(treedef.unflatten([jnp.asarray(g) for g in grads]), state, P)
