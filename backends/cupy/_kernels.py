@@ -3,8 +3,9 @@
 The kernels themselves live beside their rules: each module of this package
 that defines ``KERNELS`` (``finite``, ``adam``, ``fadam``, ``coupled_adam``,
 ``lion``, one per rule of :data:`fisheropt.refimpl.RULES` that has a fused GPU
-kernel, and ``esimcse``, the momentum encoder's update) contributes :class:`Kernel` entries (signature and body) and, where it
-needs one, ``DEVICE_CODE`` (its ``__device__`` helpers). This module holds
+kernel, and ``esimcse``, the momentum encoder's update) contributes
+:class:`Kernel` entries (signature and body) and, where it needs one,
+``DEVICE_CODE`` (its ``__device__`` helpers). This module holds
 what they share: the header (types, vector loads and stores, the block
 reduction, the chunk loop), the skeleton of the kernels that stream tensors
 through the chunk table (:func:`streaming_kernel`), the layout constants of the
